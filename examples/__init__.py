@@ -1,0 +1,1 @@
+"""End-to-end examples composed from the gr-stack packages (run from the repository root)."""

@@ -1,0 +1,1 @@
+"""Infrastructure shared by the example trainers: typed TOML configs, checkpoints, run logging."""

@@ -1,0 +1,1 @@
+"""HSTU / SASRec next-item retrieval trainer (the main job): ``python -m examples.retrieval --help``."""

@@ -1,0 +1,87 @@
+"""Config schema of the retrieval trainer; TOML files under ``examples/configs/`` mirror it section by section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gr_models.modules.hstu import HSTUConfig
+from gr_models.modules.sasrec import SASRecConfig
+
+
+@dataclass
+class SyntheticDataConfig:
+    num_users: int = 2000
+    num_items: int = 1000
+    num_topics: int = 20
+    min_seq_len: int = 10
+    max_seq_len: int = 120
+    zipf_exponent: float = 1.1
+    topic_stickiness: float = 0.8
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["synthetic", "ml-100k", "ml-1m", "ml-20m"] = "synthetic"
+    data_dir: str | None = None  # local MovieLens folder; None: the download cache
+    download: bool = True
+    min_interactions: int = 3  # leave-one-out needs >= 3 (train, validation, test)
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+    def __post_init__(self) -> None:
+        if self.min_interactions < 3:
+            raise ValueError(f"min_interactions must be >= 3 for a leave-one-out split, got {self.min_interactions}")
+
+
+@dataclass
+class ModelConfig:
+    encoder: Literal["hstu", "sasrec"] = "hstu"
+    embedding_dim: int = 50
+    max_seq_len: int = 200
+    dropout: float = 0.2
+    hstu: HSTUConfig = field(default_factory=HSTUConfig)
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    num_negatives: int = 128
+    temperature: float = 0.05
+    negatives: Literal["uniform", "in_batch"] = "uniform"
+    eval_every: int = 5  # epochs between validations
+    early_stop_patience: int = 0  # validations without improvement before stopping; 0 = never stop early
+    select_metric: str = "ndcg@10"  # validation metric that picks the best checkpoint
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int = 0  # torch intra-op threads; 0 = torch default
+    checkpoint_every_steps: int = 0  # extra mid-epoch checkpoints; 0 = end of epoch only
+    max_steps: int = 0  # stop (and checkpoint) after this many optimizer steps; 0 = no limit
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "eval_every", "num_negatives"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/retrieval"
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bars
+
+
+@dataclass
+class RetrievalExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

@@ -1,0 +1,56 @@
+"""Relative attention bias from token positions and log-bucketed time gaps (HSTU's rab)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from gr_models.jagged import jagged_to_padded
+
+
+def log_time_buckets(time_delta: torch.Tensor, num_buckets: int, log_base: float = math.exp(0.301)) -> torch.Tensor:
+    """Bucket index of a time gap: ``floor(log_base(max(|dt|, 1)))`` clipped to ``[0, num_buckets]``.
+
+    Gaps of 0 or 1 second fall into bucket 0; each bucket spans a factor of ``log_base`` (about 1.35 by default,
+    so 128 buckets cover gaps beyond 10^16 s: in practice the clip only guards against garbage timestamps).
+    """
+    if num_buckets < 1:
+        raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
+    if log_base <= 1.0:
+        raise ValueError(f"log_base must be > 1, got {log_base}")
+    gaps = time_delta.abs().clamp(min=1).to(torch.float64)
+    return (torch.log(gaps) / math.log(log_base)).floor().to(torch.int64).clamp(0, num_buckets)
+
+
+class RelativeBucketedTimeAndPositionBias(nn.Module):
+    """``rab[b, 0, i, j] = w_pos[j - i] + w_time[bucket(t_query[i] - t[j])]`` on padded ``[B, 1, N, N]``.
+
+    ``t_query[i]`` is the time at which the prediction of row ``i`` is made: the timestamp of the next event
+    (the target's timestamp, i.e. the request time at serving), so the model knows how long after each history
+    event the recommendation is asked for. The bias is shared by all heads.
+    """
+
+    def __init__(self, max_seq_len: int, num_time_buckets: int = 128, log_base: float = math.exp(0.301)) -> None:
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        self.num_time_buckets = num_time_buckets
+        self.log_base = log_base
+        self.position_weights = nn.Parameter(torch.empty(2 * max_seq_len - 1).normal_(std=0.02))
+        self.time_weights = nn.Parameter(torch.empty(num_time_buckets + 1).normal_(std=0.02))
+
+    def forward(
+        self, timestamps: torch.Tensor, query_timestamps: torch.Tensor, seq_offsets: torch.Tensor, max_seq_len: int
+    ) -> torch.Tensor:
+        """``timestamps``/``query_timestamps``: jagged ``[total]`` int64. Returns ``[B, 1, N, N]``, N = max_seq_len."""
+        if max_seq_len > self.max_seq_len:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the bias table's {self.max_seq_len}")
+        n = max_seq_len
+        key_t = jagged_to_padded(timestamps, seq_offsets, n)
+        query_t = jagged_to_padded(query_timestamps, seq_offsets, n)
+        buckets = log_time_buckets(query_t.unsqueeze(2) - key_t.unsqueeze(1), self.num_time_buckets, self.log_base)
+        idx = torch.arange(n, device=timestamps.device)
+        rel = idx.view(1, n) - idx.view(n, 1) + self.max_seq_len - 1  # j - i, shifted to be >= 0
+        bias = self.position_weights[rel].unsqueeze(0) + self.time_weights[buckets]
+        return bias.unsqueeze(1)

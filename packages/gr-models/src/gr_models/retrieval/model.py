@@ -1,0 +1,86 @@
+"""Next-item retrieval model: item input embeddings -> sequence encoder -> L2-normalised query embeddings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gr_models.data.batching import SequenceBatch
+from gr_models.modules.hstu import HSTUConfig, HSTUEncoder
+from gr_models.modules.input_embedding import ItemInputEmbedding
+from gr_models.modules.sasrec import SASRecConfig, SASRecEncoder
+
+
+@dataclass
+class RetrievalModelConfig:
+    """Which encoder and how large. ``embedding_dim``, ``max_seq_len`` and ``dropout`` are copied into the
+    encoder config so the two never disagree."""
+
+    num_items: int
+    encoder: Literal["hstu", "sasrec"] = "hstu"
+    embedding_dim: int = 50
+    max_seq_len: int = 200
+    dropout: float = 0.2
+    hstu: HSTUConfig = field(default_factory=HSTUConfig)
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ("hstu", "sasrec"):
+            raise ValueError(f"encoder must be 'hstu' or 'sasrec', got {self.encoder!r}")
+        for sub in (self.hstu, self.sasrec):
+            sub.embedding_dim = self.embedding_dim
+            sub.max_seq_len = self.max_seq_len
+            sub.dropout = self.dropout
+            sub.__post_init__()
+
+
+def request_timestamps(batch: SequenceBatch) -> torch.Tensor:
+    """Per sequence, the time the next item is predicted for: ``[B]``."""
+    if batch.history_offsets is not None:  # evaluation batch: one target per sequence
+        return batch.target_timestamps
+    return batch.target_timestamps[batch.seq_offsets[1:] - 1]
+
+
+def query_timestamps(timestamps: torch.Tensor, seq_offsets: torch.Tensor, request: torch.Tensor) -> torch.Tensor:
+    """Time at which row i predicts: the timestamp of token i + 1, or the request time for the last token."""
+    shifted = torch.roll(timestamps, -1)
+    if timestamps.numel():
+        last = seq_offsets[1:] - 1
+        nonempty = seq_offsets[1:] > seq_offsets[:-1]
+        shifted[last[nonempty]] = request[nonempty]
+    return shifted
+
+
+class RetrievalModel(nn.Module):
+    def __init__(self, config: RetrievalModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.input_embedding = ItemInputEmbedding(
+            config.num_items, config.embedding_dim, config.max_seq_len, config.dropout
+        )
+        self.encoder: nn.Module = (
+            HSTUEncoder(config.hstu) if config.encoder == "hstu" else SASRecEncoder(config.sasrec)
+        )
+
+    def forward(self, batch: SequenceBatch) -> torch.Tensor:
+        """L2-normalised query embedding of every input position: ``[total, D]``."""
+        x, _ = self.input_embedding(batch.features, batch.seq_offsets, batch.max_seq_len)
+        q_ts = query_timestamps(batch.timestamps, batch.seq_offsets, request_timestamps(batch))
+        h = self.encoder(x, batch.seq_offsets, batch.max_seq_len, batch.timestamps, q_ts)
+        return F.normalize(h, dim=-1)
+
+    def item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """L2-normalised output-side item embeddings (shared with the input table), any id shape."""
+        return F.normalize(self.input_embedding.embed_ids(item_ids), dim=-1)
+
+    def all_item_embeddings(self) -> torch.Tensor:
+        device = self.input_embedding.position_embeddings.weight.device
+        return self.item_embeddings(torch.arange(self.config.num_items, device=device))
+
+
+def build_retrieval_model(config: RetrievalModelConfig) -> RetrievalModel:
+    return RetrievalModel(config)
