@@ -110,6 +110,9 @@ class RetrievalTrainer:
             "train_wall_s": 0.0,
             "train_sequences": 0,
             "train_tokens": 0,
+            "epoch_loss_sum": 0.0,  # running sum over the epoch in progress (checkpointed for exact resume)
+            "epoch_batches": 0,
+            "train_loss_history": [],  # mean training loss of every finished epoch
             "finished": False,
         }
         if resume:
@@ -202,6 +205,8 @@ class RetrievalTrainer:
             st["train_sequences"] += len(batch)
             st["train_tokens"] += int(batch.target_items.numel())
             loss_value = float(loss.detach())
+            st["epoch_loss_sum"] += loss_value
+            st["epoch_batches"] += 1
             bar.set_postfix(loss=f"{loss_value:.4f}")
             self._scalar("train/loss", loss_value, st["global_step"])
             if tc.checkpoint_every_steps and st["global_step"] % tc.checkpoint_every_steps == 0:
@@ -211,9 +216,11 @@ class RetrievalTrainer:
             if tc.max_steps and st["global_step"] >= tc.max_steps:
                 self.state["train_wall_s"] += time.perf_counter() - t_start
                 return False
-        self.state["train_wall_s"] += time.perf_counter() - t_start
-        self.state["epoch"] = epoch + 1
-        self.state["batch_in_epoch"] = 0
+        st = self.state
+        st["train_wall_s"] += time.perf_counter() - t_start
+        st["train_loss_history"].append(st["epoch_loss_sum"] / max(st["epoch_batches"], 1))
+        self._scalar("train/epoch_loss", st["train_loss_history"][-1], epoch + 1)
+        st["epoch"], st["batch_in_epoch"], st["epoch_loss_sum"], st["epoch_batches"] = epoch + 1, 0, 0.0, 0
         return True
 
     def _validate(self, epoch: int) -> bool:
@@ -287,6 +294,7 @@ class RetrievalTrainer:
             "train_sequences_per_s": round(st["train_sequences"] / wall, 2) if wall > 0 else None,
             "train_tokens_per_s": round(st["train_tokens"] / wall, 1) if wall > 0 else None,
             "val_history": st["val_history"],
+            "train_loss_history": st["train_loss_history"],
             "config": to_dict(self.config),
             "torch": torch.__version__,
             "device": str(self.device),

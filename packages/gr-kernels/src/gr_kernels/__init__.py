@@ -1,3 +1,32 @@
-"""gr-kernels: HSTU attention ops for generative recommenders."""
+"""gr-kernels: HSTU attention ops for generative recommenders.
+
+``hstu_attention`` is a ``torch.library`` custom op (``gr_kernels::hstu_attention_fwd``/``_bwd``) with autograd
+and fake impls; implementations plug in through the backend registry (``register_backend``).
+"""
+
+from gr_kernels.backends import (
+    AttentionCall,
+    HSTUAttentionBackend,
+    available_backends,
+    get_backend,
+    register_backend,
+    unregister_backend,
+)
+from gr_kernels.hstu_attention import hstu_attention
+from gr_kernels.masks import hstu_valid_mask
+from gr_kernels.reference import reference_backward, reference_forward
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AttentionCall",
+    "HSTUAttentionBackend",
+    "available_backends",
+    "get_backend",
+    "hstu_attention",
+    "hstu_valid_mask",
+    "reference_backward",
+    "reference_forward",
+    "register_backend",
+    "unregister_backend",
+]

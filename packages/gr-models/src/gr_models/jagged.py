@@ -20,8 +20,8 @@ def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
 
 def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int, padding_value: float = 0.0) -> torch.Tensor:
     """``[total, D]`` jagged -> ``[B, max_len, D]`` padded (differentiable)."""
-    if values.dim() == 1:
-        return torch.ops.fbgemm.jagged_1d_to_dense(values, offsets, max_len, padding_value)
+    if values.dim() == 1:  # fbgemm's 1-D variant is for integer ids (int padding)
+        return torch.ops.fbgemm.jagged_1d_to_dense(values, offsets, max_len, int(padding_value))
     return torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max_len], padding_value)
 
 

@@ -43,19 +43,28 @@ class HSTUConfig:
         for name in ("embedding_dim", "num_blocks", "num_heads", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"HSTUConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.attention_dim is None or self.hidden_dim is None:
-            if self.embedding_dim % self.num_heads:
-                raise ValueError(
-                    f"embedding_dim {self.embedding_dim} is not divisible by num_heads {self.num_heads}; "
-                    "set attention_dim and hidden_dim explicitly"
-                )
-            self.attention_dim = self.attention_dim or self.embedding_dim // self.num_heads
-            self.hidden_dim = self.hidden_dim or self.embedding_dim // self.num_heads
+        if (self.attention_dim is None or self.hidden_dim is None) and self.embedding_dim % self.num_heads:
+            raise ValueError(
+                f"embedding_dim {self.embedding_dim} is not divisible by num_heads {self.num_heads}; "
+                "set attention_dim and hidden_dim explicitly"
+            )
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"HSTUConfig.{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.alpha is None:
-            self.alpha = 1.0 / math.sqrt(self.attention_dim)
+
+    # Defaults are resolved on read, not stored: an owner (e.g. RetrievalModelConfig) may still change
+    # embedding_dim after construction.
+    @property
+    def qk_dim(self) -> int:
+        return self.attention_dim or self.embedding_dim // self.num_heads
+
+    @property
+    def v_dim(self) -> int:
+        return self.hidden_dim or self.embedding_dim // self.num_heads
+
+    @property
+    def qk_scale(self) -> float:
+        return self.alpha if self.alpha is not None else 1.0 / math.sqrt(self.qk_dim)
 
 
 class HSTUBlock(nn.Module):
@@ -65,8 +74,7 @@ class HSTUBlock(nn.Module):
     def __init__(self, config: HSTUConfig) -> None:
         super().__init__()
         self.config = config
-        h, dqk, dv = config.num_heads, config.attention_dim, config.hidden_dim
-        assert dqk is not None and dv is not None
+        h, dqk, dv = config.num_heads, config.qk_dim, config.v_dim
         self._split = [h * dv, h * dv, h * dqk, h * dqk]
         self.input_norm = nn.LayerNorm(config.embedding_dim, eps=config.layer_norm_eps)
         self.uvqk = nn.Linear(config.embedding_dim, sum(self._split))
@@ -85,12 +93,12 @@ class HSTUBlock(nn.Module):
         h = cfg.num_heads
         u, v, q, k = F.silu(self.uvqk(self.input_norm(x))).split(self._split, dim=-1)
         attn = gr_kernels.hstu_attention(
-            q.reshape(-1, h, cfg.attention_dim),
-            k.reshape(-1, h, cfg.attention_dim),
-            v.reshape(-1, h, cfg.hidden_dim),
+            q.reshape(-1, h, cfg.qk_dim),
+            k.reshape(-1, h, cfg.qk_dim),
+            v.reshape(-1, h, cfg.v_dim),
             seq_offsets,
             max_seq_len,
-            alpha=cfg.alpha,
+            alpha=cfg.qk_scale,
             scaling_seqlen=cfg.max_seq_len,
             causal=cfg.causal,
             max_attn_len=cfg.max_attn_len,
@@ -99,7 +107,7 @@ class HSTUBlock(nn.Module):
             training=self.training,
             backend=cfg.attention_backend,
         )
-        y = u * self.attn_norm(attn.reshape(-1, h * cfg.hidden_dim))
+        y = u * self.attn_norm(attn.reshape(-1, h * cfg.v_dim))
         return x + self.output(self.dropout(y))
 
 

@@ -28,7 +28,13 @@ class SASRecConfig:
                 raise ValueError(f"SASRecConfig.{name} must be positive, got {getattr(self, name)}")
         if self.embedding_dim % self.num_heads:
             raise ValueError(f"embedding_dim {self.embedding_dim} is not divisible by num_heads {self.num_heads}")
-        self.ffn_dim = self.ffn_dim or self.embedding_dim
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"SASRecConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        return self.ffn_dim or self.embedding_dim
 
 
 class SASRecBlock(nn.Module):
@@ -43,7 +49,10 @@ class SASRecBlock(nn.Module):
         self.attn_out = nn.Linear(d, d)
         self.ffn_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.ffn = nn.Sequential(
-            nn.Linear(d, config.ffn_dim), nn.ReLU(), nn.Dropout(config.dropout), nn.Linear(config.ffn_dim, d)
+            nn.Linear(d, config.ffn_hidden_dim),
+            nn.ReLU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.ffn_hidden_dim, d),
         )
         self.dropout = nn.Dropout(config.dropout)
 
