@@ -94,7 +94,7 @@ def main() -> int:
     ap.add_argument("--runs-dir", default=str(REPO / "runs" / "ml100k-quality"))
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "ml-100k"))
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
 
     results: dict = {"machine": machine()}
     t0 = time.time()

@@ -37,27 +37,30 @@ def hstu_valid_mask(
     lengths = lengths.to(torch.int64).view(-1, 1, 1)
     i = torch.arange(n, device=device).view(1, n, 1)
     j = torch.arange(n, device=device).view(1, 1, n)
-    targets = torch.zeros_like(lengths) if num_targets is None else num_targets.to(torch.int64).view(-1, 1, 1)
-    hist = lengths - targets
-    ctx = hist.clamp(max=contextual_seq_len)
-
-    in_seq = (i < lengths) & (j < lengths)
-    tgt_i, tgt_j = i >= hist, j >= hist
-    ctx_i, ctx_j = i < ctx, j < ctx
 
     near = (j <= i) if causal else torch.ones(1, n, n, dtype=torch.bool, device=device)
     if max_attn_len > 0:
         near = near & ((i - j).abs() <= max_attn_len)
+    if num_targets is None and contextual_seq_len == 0:
+        # Fast path (plain sequences): the [N, N] pattern is shared, only the lengths differ per sequence.
+        return near & (i < lengths) & (j < lengths)
+
+    targets = torch.zeros_like(lengths) if num_targets is None else num_targets.to(torch.int64).view(-1, 1, 1)
+    hist = lengths - targets
+    ctx = hist.clamp(max=contextual_seq_len)
+    in_seq = (i < lengths) & (j < lengths)
+    tgt_i, tgt_j = i >= hist, j >= hist
+    ctx_i, ctx_j = i < ctx, j < ctx
     history_rows = ~tgt_i & ~tgt_j & (ctx_i | ctx_j | near)
+    if num_targets is None:
+        return in_seq & history_rows
 
     target_reach = torch.ones_like(tgt_j) if max_attn_len <= 0 else (hist - j <= max_attn_len)
     target_rows_on_history = tgt_i & ~tgt_j & (ctx_j | target_reach)
-
     same_group = torch.div(i - hist, target_group_size, rounding_mode="floor") == torch.div(
         j - hist, target_group_size, rounding_mode="floor"
     )
     if causal:
         same_group = same_group & (j <= i)
     target_rows_on_targets = tgt_i & tgt_j & same_group
-
     return in_seq & (history_rows | target_rows_on_history | target_rows_on_targets)

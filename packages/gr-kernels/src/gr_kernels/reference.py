@@ -27,25 +27,25 @@ class MaskSpec:
     target_group_size: int
 
 
-def jagged_index(seq_offsets: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence index, position within the sequence) of every jagged row."""
+def jagged_index(seq_offsets: torch.Tensor, total: int, max_seq_len: int) -> torch.Tensor:
+    """Row of every jagged token in the flattened padded ``[B * max_seq_len]`` layout."""
     offsets = seq_offsets.to(torch.int64)
     lengths = offsets[1:] - offsets[:-1]
-    batch = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total)
-    pos = torch.arange(total, device=offsets.device) - offsets[:-1][batch]
-    return batch, pos
+    starts = torch.repeat_interleave(offsets[:-1], lengths, output_size=total)
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total)
+    return torch.arange(total, device=offsets.device) - starts + seq * max_seq_len
 
 
-def _pad(x: torch.Tensor, batch: torch.Tensor, pos: torch.Tensor, num_seqs: int, n: int) -> torch.Tensor:
+def _pad(x: torch.Tensor, rows: torch.Tensor, num_seqs: int, n: int) -> torch.Tensor:
     """``[T, H, D]`` -> ``[B, H, N, D]`` with zeros past each length."""
-    out = x.new_zeros(num_seqs, n, x.shape[1], x.shape[2])
-    out[batch, pos] = x
-    return out.transpose(1, 2)
+    out = x.new_zeros(num_seqs * n, x.shape[1], x.shape[2]).index_copy_(0, rows, x)
+    return out.view(num_seqs, n, x.shape[1], x.shape[2]).transpose(1, 2)
 
 
-def _unpad(x: torch.Tensor, batch: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def _unpad(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``[B, H, N, D]`` -> ``[T, H, D]``."""
-    return x.transpose(1, 2)[batch, pos]
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b * n, h, d).index_select(0, rows)
 
 
 def _dropout_keep(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> torch.Tensor:
@@ -70,9 +70,9 @@ class _Scores:
     ) -> None:
         self.num_seqs = seq_offsets.numel() - 1
         self.n = max_seq_len
-        self.batch, self.pos = jagged_index(seq_offsets, q.shape[0])
-        self.qp = _pad(q, self.batch, self.pos, self.num_seqs, self.n)
-        self.kp = _pad(k, self.batch, self.pos, self.num_seqs, self.n)
+        self.rows = jagged_index(seq_offsets, q.shape[0], self.n)
+        self.qp = _pad(q, self.rows, self.num_seqs, self.n)
+        self.kp = _pad(k, self.rows, self.num_seqs, self.n)
         s = self.qp @ self.kp.transpose(-1, -2)
         if rab is not None:
             s = s + rab.to(s.dtype)
@@ -114,9 +114,9 @@ def reference_forward(
     if q.shape[0] == 0:
         return v.new_zeros(v.shape)
     sc = _Scores(q, k, seq_offsets, max_seq_len, alpha, mask, num_targets, rab)
-    vp = _pad(v, sc.batch, sc.pos, sc.num_seqs, sc.n)
+    vp = _pad(v, sc.rows, sc.num_seqs, sc.n)
     p = torch.nn.functional.silu(sc.z) * sc.weights(scaling_seqlen, dropout_p, dropout_seed)
-    return _unpad(p @ vp, sc.batch, sc.pos)
+    return _unpad(p @ vp, sc.rows)
 
 
 def reference_backward(
@@ -138,8 +138,8 @@ def reference_backward(
         drab = None if rab is None else torch.zeros_like(rab)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), drab
     sc = _Scores(q, k, seq_offsets, max_seq_len, alpha, mask, num_targets, rab)
-    vp = _pad(v, sc.batch, sc.pos, sc.num_seqs, sc.n)
-    dop = _pad(grad_out.to(v.dtype), sc.batch, sc.pos, sc.num_seqs, sc.n)
+    vp = _pad(v, sc.rows, sc.num_seqs, sc.n)
+    dop = _pad(grad_out.to(v.dtype), sc.rows, sc.num_seqs, sc.n)
     w = sc.weights(scaling_seqlen, dropout_p, dropout_seed)
     sig = torch.sigmoid(sc.z)
     p = sc.z * sig * w
@@ -152,8 +152,8 @@ def reference_backward(
     if rab is not None:
         drab = (ds.sum(dim=1, keepdim=True) if rab.shape[1] == 1 else ds).to(rab.dtype)
     return (
-        _unpad(dq, sc.batch, sc.pos),
-        _unpad(dk, sc.batch, sc.pos),
-        _unpad(dv, sc.batch, sc.pos),
+        _unpad(dq, sc.rows),
+        _unpad(dk, sc.rows),
+        _unpad(dv, sc.rows),
         drab,
     )

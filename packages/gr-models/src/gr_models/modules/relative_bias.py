@@ -20,7 +20,7 @@ def log_time_buckets(time_delta: torch.Tensor, num_buckets: int, log_base: float
         raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
     if log_base <= 1.0:
         raise ValueError(f"log_base must be > 1, got {log_base}")
-    gaps = time_delta.abs().clamp(min=1).to(torch.float64)
+    gaps = time_delta.abs().clamp(min=1).to(torch.float32)
     return (torch.log(gaps) / math.log(log_base)).floor().to(torch.int64).clamp(0, num_buckets)
 
 
