@@ -15,9 +15,19 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = {"gr-kernels": "gr_kernels", "gr-dynemb": "gr_dynemb", "gr-models": "gr_models", "gr-parallel": "gr_parallel"}
+PACKAGES = {
+    "gr-kernels": "gr_kernels",
+    "gr-dynemb": "gr_dynemb",
+    "gr-models": "gr_models",
+    "gr-parallel": "gr_parallel",
+}
 # Allowed first-party edges: gr-kernels <- gr-models <- gr-parallel -> gr-dynemb.
-ALLOWED = {"gr-kernels": set(), "gr-dynemb": set(), "gr-models": {"gr-kernels"}, "gr-parallel": {"gr-models", "gr-dynemb"}}
+ALLOWED = {
+    "gr-kernels": set(),
+    "gr-dynemb": set(),
+    "gr-models": {"gr-kernels"},
+    "gr-parallel": {"gr-models", "gr-dynemb"},
+}
 
 
 def _pyproject(name: str) -> dict:

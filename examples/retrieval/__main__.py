@@ -1,8 +1,8 @@
 """CLI of the retrieval trainer.
 
-    python -m examples.retrieval                                   # synthetic data, runs anywhere
-    python -m examples.retrieval --config examples/configs/ml-100k.toml --set data.data_dir=../shared/data/ml-100k
-    python -m examples.retrieval --config ... --output-dir runs/x --resume
+python -m examples.retrieval                                   # synthetic data, runs anywhere
+python -m examples.retrieval --config examples/configs/ml-100k.toml --set data.data_dir=../shared/data/ml-100k
+python -m examples.retrieval --config ... --output-dir runs/x --resume
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+
+from examples.common.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from examples.common.config import to_dict
+from examples.retrieval.config import DataConfig, RetrievalExperimentConfig
 from gr_models.data.batching import EpochBatchSampler, NextItemEvalDataset, NextItemTrainDataset, make_dataloader
 from gr_models.data.interactions import InteractionLog
 from gr_models.data.movielens import load_movielens
@@ -17,11 +22,6 @@ from gr_models.data.sequences import build_user_sequences, leave_one_out_split
 from gr_models.data.synthetic import SyntheticConfig, generate_synthetic
 from gr_models.retrieval import RankingMetrics, RetrievalModelConfig, SampledSoftmaxLoss, evaluate_retrieval
 from gr_models.retrieval.model import RetrievalModel
-from tqdm.auto import tqdm
-
-from examples.common.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
-from examples.common.config import to_dict
-from examples.retrieval.config import DataConfig, RetrievalExperimentConfig
 
 log = logging.getLogger("examples.retrieval")
 

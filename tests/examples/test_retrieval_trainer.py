@@ -34,9 +34,16 @@ def _config(tmp: Path, *extra: str) -> RetrievalExperimentConfig:
 
 def test_cli_end_to_end_on_synthetic_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    rc = main(["--config", "examples/configs/synthetic.toml", "--output-dir", str(out), "--quiet", *sum(
-        (["--set", s] for s in [*TINY[:-1], "train.epochs=2", "output.tensorboard=true"]), []
-    )])
+    rc = main(
+        [
+            "--config",
+            "examples/configs/synthetic.toml",
+            "--output-dir",
+            str(out),
+            "--quiet",
+            *[arg for s in [*TINY[:-1], "train.epochs=2", "output.tensorboard=true"] for arg in ("--set", s)],
+        ]
+    )
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     for key in ("hr@1", "hr@10", "hr@50", "hr@200", "ndcg@10", "ndcg@50", "ndcg@200", "mrr"):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from gr_models.modules.relative_bias import RelativeBucketedTimeAndPositionBias, log_time_buckets
 from gr_models.retrieval.evaluation import target_ranks
 from gr_models.retrieval.losses import SampledSoftmaxLoss

@@ -38,11 +38,14 @@ def _check_structure(
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if seq_offsets.dim() != 1 or seq_offsets.numel() < 1 or seq_offsets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"seq_offsets must be a 1-D int32/int64 tensor [B + 1], got {seq_offsets.dtype} "
-                         f"{tuple(seq_offsets.shape)}")
+        raise ValueError(
+            f"seq_offsets must be a 1-D int32/int64 tensor [B + 1], got {seq_offsets.dtype} {tuple(seq_offsets.shape)}"
+        )
     devices = {t.device for t in (q, k, v, seq_offsets, num_targets, rab) if t is not None}
     if len(devices) != 1:
-        raise ValueError(f"q, k, v, seq_offsets, num_targets and rab must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(
+            f"q, k, v, seq_offsets, num_targets and rab must be on one device, got {sorted(map(str, devices))}"
+        )
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
     if scaling_seqlen is not None and scaling_seqlen < 1:
@@ -59,12 +62,19 @@ def _check_structure(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     num_seqs = seq_offsets.numel() - 1
     if num_targets is not None and (num_targets.shape != (num_seqs,) or num_targets.is_floating_point()):
-        raise ValueError(f"num_targets must be an integer tensor [B={num_seqs}], got {num_targets.dtype} "
-                         f"{tuple(num_targets.shape)}")
+        raise ValueError(
+            f"num_targets must be an integer tensor [B={num_seqs}], got {num_targets.dtype} {tuple(num_targets.shape)}"
+        )
     if rab is not None:
-        if rab.dim() != 4 or rab.shape[0] != num_seqs or rab.shape[1] not in (1, q.shape[1]) or rab.shape[2:] != (
-            max_seq_len,
-            max_seq_len,
+        if (
+            rab.dim() != 4
+            or rab.shape[0] != num_seqs
+            or rab.shape[1] not in (1, q.shape[1])
+            or rab.shape[2:]
+            != (
+                max_seq_len,
+                max_seq_len,
+            )
         ):
             raise ValueError(
                 f"rab must be [B={num_seqs}, 1 or heads={q.shape[1]}, max_seq_len={max_seq_len}, "
@@ -80,8 +90,10 @@ def _check_values(
     """Checks that read tensor values (a host sync on GPU; skip with validate=False)."""
     offsets = seq_offsets.detach().to("cpu", torch.int64)
     if int(offsets[0]) != 0 or int(offsets[-1]) != q.shape[0]:
-        raise ValueError(f"seq_offsets must start at 0 and end at total_tokens={q.shape[0]}, got "
-                         f"{int(offsets[0])}..{int(offsets[-1])}")
+        raise ValueError(
+            f"seq_offsets must start at 0 and end at total_tokens={q.shape[0]}, got "
+            f"{int(offsets[0])}..{int(offsets[-1])}"
+        )
     lengths = offsets[1:] - offsets[:-1]
     if (lengths < 0).any():
         raise ValueError(f"seq_offsets must be non-decreasing (sequence {int(torch.argmax((lengths < 0).int()))})")

@@ -68,7 +68,18 @@ def hstu_attention_bwd(
     """Returns (dq, dk, dv, drab); drab is an empty ``[0]`` tensor when there is no rab (ops return tensors)."""
     mask = MaskSpec(causal, max_attn_len, contextual_seq_len, target_group_size)
     dq, dk, dv, drab = get_backend(backend).backward(
-        grad_out, q, k, v, seq_offsets, max_seq_len, alpha, scaling_seqlen, mask, num_targets, rab, dropout_p,
+        grad_out,
+        q,
+        k,
+        v,
+        seq_offsets,
+        max_seq_len,
+        alpha,
+        scaling_seqlen,
+        mask,
+        num_targets,
+        rab,
+        dropout_p,
         dropout_seed,
     )
     if drab is None:

@@ -7,10 +7,9 @@ forms are only built where an op needs them (attention scores); the data path ne
 
 from __future__ import annotations
 
-import torch
-
 # Importing fbgemm_gpu registers torch.ops.fbgemm (jagged <-> padded conversions with autograd).
 import fbgemm_gpu  # noqa: F401
+import torch
 
 
 def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
@@ -18,7 +17,9 @@ def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
     return torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.to(torch.int64))
 
 
-def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int, padding_value: float = 0.0) -> torch.Tensor:
+def jagged_to_padded(
+    values: torch.Tensor, offsets: torch.Tensor, max_len: int, padding_value: float = 0.0
+) -> torch.Tensor:
     """``[total, D]`` jagged -> ``[B, max_len, D]`` padded (differentiable)."""
     if values.dim() == 1:  # fbgemm's 1-D variant is for integer ids (int padding)
         return torch.ops.fbgemm.jagged_1d_to_dense(values, offsets, max_len, int(padding_value))

@@ -152,9 +152,10 @@ def _locate_bad_line(path: Path, spec: MovieLensSpec) -> DataFormatError:
             text = line.rstrip("\r\n")
             fields = text.split(spec.separator)
             if len(fields) != 4:
-                return DataFormatError(f"{path}:{lineno}: expected 4 fields separated by {spec.separator!r}, "
-                                       f"got {len(fields)}: {text!r}")
-            for what, value in zip(("user id", "item id", "timestamp"), (fields[0], fields[1], fields[3])):
+                return DataFormatError(
+                    f"{path}:{lineno}: expected 4 fields separated by {spec.separator!r}, got {len(fields)}: {text!r}"
+                )
+            for what, value in zip(("user id", "item id", "timestamp"), (fields[0], fields[1], fields[3]), strict=True):
                 if not value.strip().isdigit():
                     return DataFormatError(f"{path}:{lineno}: {what} must be a non-negative integer, got {value!r}")
             try:
@@ -175,7 +176,11 @@ def parse_ratings(path: Path, spec: MovieLensSpec) -> np.ndarray:
         delimiter = "\t"
     try:
         data = np.loadtxt(
-            text_source, delimiter=delimiter, dtype=np.float64, skiprows=1 if spec.has_header else 0, ndmin=2,
+            text_source,
+            delimiter=delimiter,
+            dtype=np.float64,
+            skiprows=1 if spec.has_header else 0,
+            ndmin=2,
             encoding="latin-1",
         )
     except ValueError:
@@ -211,8 +216,14 @@ def _info_limits(path: Path, spec: MovieLensSpec) -> MovieLensSpec:
         if len(parts) == 2 and parts[0].isdigit():
             counts[parts[1]] = int(parts[0])
     return MovieLensSpec(
-        spec.name, spec.url, spec.md5, spec.ratings_file, spec.separator, spec.has_header,
-        counts.get("users", spec.max_user_id), counts.get("items", spec.max_item_id),
+        spec.name,
+        spec.url,
+        spec.md5,
+        spec.ratings_file,
+        spec.separator,
+        spec.has_header,
+        counts.get("users", spec.max_user_id),
+        counts.get("items", spec.max_item_id),
     )
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import gr_kernels
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gr_kernels
 from gr_models.modules.relative_bias import RelativeBucketedTimeAndPositionBias
 
 

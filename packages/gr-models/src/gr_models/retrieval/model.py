@@ -62,9 +62,7 @@ class RetrievalModel(nn.Module):
         self.input_embedding = ItemInputEmbedding(
             config.num_items, config.embedding_dim, config.max_seq_len, config.dropout
         )
-        self.encoder: nn.Module = (
-            HSTUEncoder(config.hstu) if config.encoder == "hstu" else SASRecEncoder(config.sasrec)
-        )
+        self.encoder: nn.Module = HSTUEncoder(config.hstu) if config.encoder == "hstu" else SASRecEncoder(config.sasrec)
 
     def forward(self, batch: SequenceBatch) -> torch.Tensor:
         """L2-normalised query embedding of every input position: ``[total, D]``."""
