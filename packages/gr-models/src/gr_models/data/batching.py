@@ -1,11 +1,11 @@
-"""Next-item datasets and jagged batches: sequences are concatenated, never padded, in the data path."""
+"""Next-item datasets and jagged batches: sequences are concatenated, never padded, anywhere in the data path."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
-from typing import Literal, NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -14,85 +14,111 @@ from torchrec import KeyedJaggedTensor
 
 from gr_models.data.sequences import LeaveOneOutSplit, UserSequences
 
-log = logging.getLogger("gr_models.data")
+logger = logging.getLogger("gr_models.data")
 
 ITEM_FEATURE = "item"
 
 
 @dataclass
 class SequenceBatch:
-    """A batch of B jagged sequences.
+    """B jagged sequences; sequence ``b`` is ``features.values()[seq_offsets[b]:seq_offsets[b + 1]]``.
 
-    Training batches carry a target for every input position (``target_items[total]``: the next item);
-    evaluation batches carry one held-out target per sequence (``target_items[B]``) and the user's full history
-    (``history_offsets``/``history_items``) so that it can be removed from the ranking.
+    Training batches hold a target for every input position (``target_items[total]``: the item that followed it).
+    Evaluation batches hold one held-out target per sequence (``target_items[B]``) and the user's whole history
+    before the target (``history_offsets`` / ``history_items``), which the ranking must exclude.
     """
 
-    user_ids: torch.Tensor
-    features: KeyedJaggedTensor
-    timestamps: torch.Tensor
-    seq_offsets: torch.Tensor
-    max_seq_len: int
-    target_items: torch.Tensor
-    target_timestamps: torch.Tensor
-    history_offsets: torch.Tensor | None = None
-    history_items: torch.Tensor | None = None
+    user_ids: torch.Tensor  # int64 [B]
+    features: KeyedJaggedTensor  # key ITEM_FEATURE: input item ids, jagged
+    timestamps: torch.Tensor  # int64 [total], aligned with features.values()
+    seq_offsets: torch.Tensor  # int64 [B + 1], == features.offsets()
+    max_seq_len: int  # longest input sequence of this batch
+    target_items: torch.Tensor  # train: int64 [total]; eval: int64 [B]
+    target_timestamps: torch.Tensor  # same shape as target_items
+    history_offsets: torch.Tensor | None = None  # eval only: int64 [B + 1]
+    history_items: torch.Tensor | None = None  # eval only: int64 [history total]
 
     def __len__(self) -> int:
         return int(self.user_ids.numel())
 
+    @property
+    def is_eval(self) -> bool:
+        return self.history_offsets is not None
+
+    def _map(self, fn: Callable[[Any], Any]) -> SequenceBatch:
+        def optional(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else fn(x)
+
+        return SequenceBatch(
+            user_ids=fn(self.user_ids),
+            features=fn(self.features),
+            timestamps=fn(self.timestamps),
+            seq_offsets=fn(self.seq_offsets),
+            max_seq_len=self.max_seq_len,
+            target_items=fn(self.target_items),
+            target_timestamps=fn(self.target_timestamps),
+            history_offsets=optional(self.history_offsets),
+            history_items=optional(self.history_items),
+        )
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SequenceBatch:
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            moved[f.name] = value.to(device, non_blocking=non_blocking) if hasattr(value, "to") else value
-        return SequenceBatch(**moved)
+        return self._map(lambda x: x.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> SequenceBatch:
-        pinned = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            pinned[f.name] = value.pin_memory() if hasattr(value, "pin_memory") else value
-        return SequenceBatch(**pinned)
+        """Called by DataLoader(pin_memory=True) so host-to-device copies can be asynchronous."""
+        return self._map(lambda x: x.pin_memory())
 
 
 class SequenceExample(NamedTuple):
+    """One dataset item; ``history`` is None for training examples."""
+
     user: int
-    items: np.ndarray
-    timestamps: np.ndarray
-    target_items: np.ndarray  # [L] for training, [1] for evaluation
+    items: np.ndarray  # int64 [L] input items, oldest first
+    timestamps: np.ndarray  # int64 [L]
+    target_items: np.ndarray  # training: int64 [L] (next item per position); evaluation: int64 [1]
     target_timestamps: np.ndarray
-    history: np.ndarray | None  # evaluation only: every item the user had before the target
+    history: np.ndarray | None  # evaluation: every item of the user before the target
 
 
 class NextItemTrainDataset(Dataset[SequenceExample]):
-    """One example per user: the most recent ``max_seq_len + 1`` training items; inputs predict the next item."""
+    """One example per user over the training sequences (``split.train``).
+
+    The example keeps the user's most recent ``max_seq_len + 1`` training items ``s``: inputs ``s[:-1]``, targets
+    ``s[1:]``. A user with fewer than 2 training items has no (input, next item) pair and yields no example; such
+    users are counted in ``num_skipped_users`` and logged once here.
+    """
 
     def __init__(self, train: UserSequences, max_seq_len: int) -> None:
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
-        self.seqs = train
+        self.sequences = train
         self.max_seq_len = max_seq_len
-        self.positions = np.flatnonzero(train.lengths >= 2)
-        skipped = len(train) - len(self.positions)
-        if skipped:
-            log.info("%d users have fewer than 2 training items and yield no training example", skipped)
-        self.num_skipped_users = skipped
+        self.positions = np.flatnonzero(train.lengths >= 2)  # sequence index of each example
+        self.num_skipped_users = len(train) - len(self.positions)
+        if self.num_skipped_users:
+            logger.info(
+                "NextItemTrainDataset: %d of %d users have fewer than 2 training items and yield no example",
+                self.num_skipped_users,
+                len(train),
+            )
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def __getitem__(self, idx: int) -> SequenceExample:
         p = int(self.positions[idx])
-        keep = self.max_seq_len + 1
-        items = self.seqs.items_of(p)[-keep:]
-        ts = self.seqs.timestamps_of(p)[-keep:]
-        return SequenceExample(int(self.seqs.users[p]), items[:-1], ts[:-1], items[1:], ts[1:], None)
+        items = self.sequences.items_of(p)[-(self.max_seq_len + 1) :]
+        stamps = self.sequences.timestamps_of(p)[-(self.max_seq_len + 1) :]
+        return SequenceExample(int(self.sequences.users[p]), items[:-1], stamps[:-1], items[1:], stamps[1:], None)
 
 
 class NextItemEvalDataset(Dataset[SequenceExample]):
-    """Validation: history = training items, target = second-to-last item. Test: history = all but the last
-    item, target = the last. The model sees the most recent ``max_seq_len`` history items."""
+    """One example per user of ``split.full``.
+
+    ``"valid"``: history = the training sequence (all but the last 2 items), target = the second-to-last item.
+    ``"test"``: history = all but the last item, target = the last item. The model input is the most recent
+    ``max_seq_len`` history items; ``history`` carries the whole history, to be removed from the ranking.
+    """
 
     def __init__(self, split: LeaveOneOutSplit, stage: Literal["valid", "test"], max_seq_len: int) -> None:
         if stage not in ("valid", "test"):
@@ -102,91 +128,105 @@ class NextItemEvalDataset(Dataset[SequenceExample]):
         self.split = split
         self.stage = stage
         self.max_seq_len = max_seq_len
-        self.history_drop = 2 if stage == "valid" else 1
+        self._held_out = 2 if stage == "valid" else 1  # events after the end of the history
+        if stage == "valid":
+            self._targets, self._target_ts = split.valid_targets, split.valid_target_timestamps
+        else:
+            self._targets, self._target_ts = split.test_targets, split.test_target_timestamps
 
     def __len__(self) -> int:
         return len(self.split.full)
 
     def __getitem__(self, idx: int) -> SequenceExample:
         full = self.split.full
-        history = full.items_of(idx)[: -self.history_drop]
-        ts = full.timestamps_of(idx)[: -self.history_drop]
-        if self.stage == "valid":
-            target, target_ts = self.split.valid_targets[idx], self.split.valid_target_timestamps[idx]
-        else:
-            target, target_ts = self.split.test_targets[idx], self.split.test_target_timestamps[idx]
+        history = full.items_of(idx)[: -self._held_out]
+        stamps = full.timestamps_of(idx)[: -self._held_out]
         return SequenceExample(
             int(full.users[idx]),
             history[-self.max_seq_len :],
-            ts[-self.max_seq_len :],
-            np.array([target], dtype=np.int64),
-            np.array([target_ts], dtype=np.int64),
+            stamps[-self.max_seq_len :],
+            self._targets[idx : idx + 1],
+            self._target_ts[idx : idx + 1],
             history,
         )
 
 
-def _cat(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+def _concat(arrays: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(arrays).astype(np.int64, copy=False))
 
 
 def _offsets(lengths: torch.Tensor) -> torch.Tensor:
-    return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    return offsets
 
 
 def collate_sequences(examples: Sequence[SequenceExample]) -> SequenceBatch:
-    """Concatenates examples into a jagged SequenceBatch (item ids as a TorchRec KeyedJaggedTensor)."""
+    """Concatenates examples into one jagged SequenceBatch (no padding); item ids travel as a KeyedJaggedTensor."""
     if len(examples) == 0:
         raise ValueError("empty batch: collate_sequences got no examples")
-    lengths = torch.tensor([len(e.items) for e in examples], dtype=torch.int64)
-    values = _cat([e.items for e in examples])
     is_eval = examples[0].history is not None
     if any((e.history is not None) != is_eval for e in examples):
         raise ValueError("cannot mix training and evaluation examples in one batch")
+    lengths = torch.tensor([len(e.items) for e in examples], dtype=torch.int64)
+    offsets = _offsets(lengths)
     history_offsets = history_items = None
     if is_eval:
-        history_offsets = _offsets(torch.tensor([len(e.history) for e in examples], dtype=torch.int64))
-        history_items = _cat([e.history for e in examples])
+        histories = [e.history for e in examples if e.history is not None]
+        history_offsets = _offsets(torch.tensor([len(h) for h in histories], dtype=torch.int64))
+        history_items = _concat(histories)
     return SequenceBatch(
         user_ids=torch.tensor([e.user for e in examples], dtype=torch.int64),
-        features=KeyedJaggedTensor(keys=[ITEM_FEATURE], values=values, lengths=lengths),
-        timestamps=_cat([e.timestamps for e in examples]),
-        seq_offsets=_offsets(lengths),
+        features=KeyedJaggedTensor(
+            keys=[ITEM_FEATURE], values=_concat([e.items for e in examples]), lengths=lengths, offsets=offsets
+        ),
+        timestamps=_concat([e.timestamps for e in examples]),
+        seq_offsets=offsets,
         max_seq_len=int(lengths.max()),
-        target_items=_cat([e.target_items for e in examples]),
-        target_timestamps=_cat([e.target_timestamps for e in examples]),
+        target_items=_concat([e.target_items for e in examples]),
+        target_timestamps=_concat([e.target_timestamps for e in examples]),
         history_offsets=history_offsets,
         history_items=history_items,
     )
 
 
 class EpochBatchSampler:
-    """Deterministic, resumable batches of indices.
+    """Deterministic, resumable batches of example indices (a ``batch_sampler`` for DataLoader).
 
-    The order of epoch ``e`` is a permutation drawn from ``np.random.default_rng([seed, e])``: independent of every
-    global RNG, so a resumed run sees the same batches. ``start_batch`` skips the first batches of the epoch
-    (a run resumed mid-epoch).
+    The order of epoch ``e`` is ``np.random.default_rng([seed, e]).permutation(num_examples)`` (or ``0..n-1``
+    without shuffling): a pure function of (seed, epoch), independent of every global RNG. ``start_batch`` skips
+    the first batches of the epoch, for a run resumed mid-epoch; ``set_epoch`` resets it to its argument (0 by
+    default). ``len()`` is the number of batches of a whole epoch, skipped ones included.
     """
 
     def __init__(
-        self, num_examples: int, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool = False
+        self,
+        num_examples: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool = False,
+        start_batch: int = 0,
     ) -> None:
+        if num_examples < 1:
+            raise ValueError(f"EpochBatchSampler needs at least one example, got num_examples={num_examples}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_examples < 1:
-            raise ValueError("EpochBatchSampler needs at least one example")
         self.num_examples = num_examples
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
-        self.start_batch = 0
+        self.start_batch = start_batch
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch = epoch
-        self.start_batch = 0
+        self.start_batch = start_batch
 
     def order(self) -> np.ndarray:
+        """Example indices of the current epoch, in the order they are served."""
         if not self.shuffle:
             return np.arange(self.num_examples)
         return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_examples)
@@ -197,15 +237,29 @@ class EpochBatchSampler:
         return -(-self.num_examples // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self.start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {self.start_batch}")
         order = self.order()
         for b in range(self.start_batch, len(self)):
             yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
 
 
-def make_dataloader(dataset: Dataset[SequenceExample], sampler: EpochBatchSampler, num_workers: int = 0) -> DataLoader:
-    # A private generator: DataLoader draws a worker base seed from its generator every time an iterator is
-    # created; from the global one that draw would shift every later random number of a run resumed mid-epoch.
+def make_dataloader(
+    dataset: Dataset[SequenceExample],
+    sampler: EpochBatchSampler,
+    num_workers: int = 0,
+    *,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader serving ``sampler``'s batches of ``dataset`` as SequenceBatch."""
+    # DataLoader draws a base seed for workers from its generator each time an iterator starts; a private
+    # generator keeps that draw from advancing the global torch RNG (which would break exact resume).
     generator = torch.Generator().manual_seed(sampler.seed)
     return DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_sequences, num_workers=num_workers, generator=generator
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_sequences,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=generator,
     )
