@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import io
-import itertools
 import logging
 import os
 import re
@@ -24,7 +23,9 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -115,6 +116,7 @@ MOVIELENS_DATASETS: dict[str, MovieLensSpec] = {
 
 _ROW_DTYPE = np.dtype([("user", np.int64), ("item", np.int64), ("rating", np.float64), ("timestamp", np.int64)])
 _INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
+_BLOCK_BYTES = 1 << 23  # parse unit: bounds the line-by-line scan after an error to one block
 
 
 def get_spec(name: str) -> MovieLensSpec:
@@ -133,18 +135,20 @@ def _candidates(spec: MovieLensSpec, data_dir: Path) -> list[Path]:
     return [data_dir / spec.ratings_file, data_dir / spec.name / spec.ratings_file]
 
 
+def _in_data_dir(spec: MovieLensSpec, data_dir: PathLike) -> Path | None:
+    root = Path(data_dir).expanduser()
+    if root.is_file() and root.name == spec.ratings_file:
+        return root
+    return next((p for p in _candidates(spec, root) if p.is_file()), None)
+
+
 def find_ratings_file(name: str, data_dir: PathLike | None = None, cache_dir: PathLike | None = None) -> Path | None:
     """The ratings file in ``data_dir`` (itself the file, the folder holding it, or that folder's parent), else in
     the cache's ``<name>/`` folder; None when absent."""
     spec = get_spec(name)
-    paths = []
-    if data_dir is not None:
-        root = Path(data_dir).expanduser()
-        if root.is_file() and root.name == spec.ratings_file:
-            return root
-        paths += _candidates(spec, root)
-    paths.append(Path(cache_dir or default_cache_dir()).expanduser() / spec.name / spec.ratings_file)
-    return next((p for p in paths if p.is_file()), None)
+    found = _in_data_dir(spec, data_dir) if data_dir is not None else None
+    cached = Path(cache_dir or default_cache_dir()).expanduser() / spec.name / spec.ratings_file
+    return found or (cached if cached.is_file() else None)
 
 
 # ----------------------------------------------------------------------------------------------- download
@@ -165,9 +169,10 @@ def file_digest(path: Path, algorithm: str) -> str:
 def verify_checksum(path: Path, spec: MovieLensSpec) -> None:
     digest = file_digest(path, spec.checksum_algorithm)
     if digest != spec.checksum:
+        origin = f"published by GroupLens at {spec.url}.md5" if spec.checksum_algorithm == "md5" else "pinned"
         raise ChecksumError(
             f"checksum mismatch for {path}: {spec.checksum_algorithm} {digest}, expected {spec.checksum} "
-            f"(published by GroupLens at {spec.url}.md5); the archive is corrupt, truncated or not {spec.name}"
+            f"({origin}); the archive is corrupt, truncated or not {spec.name}"
         )
 
 
@@ -305,94 +310,103 @@ def _line_problem(text: str, spec: MovieLensSpec, limits: _Limits) -> str | None
     return _value_problem(values[0], values[1], rating, values[2], limits)
 
 
-def _locate_bad_line(path: Path, spec: MovieLensSpec, limits: _Limits, fallback: str) -> DataFormatError:
-    """Slow path, run only after the vectorised parse failed: the first bad line, as ``path:line: problem``."""
-    first = 2 if spec.header is not None else 1
-    with open(path, encoding="latin-1") as f:
-        if spec.header is not None:
-            f.readline()
-        for lineno, line in enumerate(f, start=first):
-            text = line.rstrip("\r\n")
-            problem = _line_problem(text, spec, limits)
-            if problem is not None:
-                return DataFormatError(f"{path}:{lineno}: {problem} ({text!r})")
-    return DataFormatError(f"{path}: could not be parsed as {spec.name} ratings ({fallback})")
+def _scan_block(path: Path, block: bytes, first_lineno: int, spec: MovieLensSpec, limits: _Limits) -> str | None:
+    """Slow path, run only on a block the vectorised parse rejected: ``path:line: problem (text)`` of its first bad
+    line, or None."""
+    lines = block.decode("latin-1").split("\n")
+    if block.endswith(b"\n"):
+        lines.pop()
+    for lineno, line in enumerate(lines, start=first_lineno):
+        text = line.rstrip("\r")
+        problem = _line_problem(text, spec, limits)
+        if problem is not None:
+            return f"{path}:{lineno}: {problem} ({text!r})"
+    return None
 
 
-def _count_lines(path: Path) -> int:
-    lines, last = 0, b"\n"
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            lines += chunk.count(b"\n")
-            last = chunk[-1:]
-    return lines + (last != b"\n")  # a last line without newline still counts
+def _blocks(f: io.BufferedReader, first_lineno: int) -> Iterator[tuple[int, bytes]]:
+    """The rest of ``f`` in blocks of whole lines, each with the 1-based number of its first line."""
+    rest = b""
+    while chunk := f.read(_BLOCK_BYTES):
+        data = rest + chunk
+        cut = data.rfind(b"\n") + 1
+        block, rest = data[:cut], data[cut:]
+        if block:
+            yield first_lineno, block
+            first_lineno += block.count(b"\n")
+    if rest:
+        yield first_lineno, rest  # last line without a trailing newline
 
 
-def parse_ratings(path: Path, spec: MovieLensSpec) -> np.ndarray:
-    """Reads a ratings file into a structured array (user, item, rating, timestamp) with every row validated.
-
-    Raises DataFormatError naming ``path:line`` for the first malformed line, or the file when it is empty.
-    """
-    path = Path(path)
-    limits = _limits(spec, path)
-    with open(path, "rb") as f:
-        first_line = f.readline()
-    if not first_line:
-        raise DataFormatError(f"{path}: file is empty (expected {spec.name} ratings)")
-    header_lines = 0
-    if spec.header is not None:
-        text = first_line.decode("latin-1").rstrip("\r\n")
-        if text.strip() != spec.header:
-            raise DataFormatError(f"{path}:1: expected the header {spec.header!r} ({text!r})")
-        header_lines = 1
-    expected_rows = _count_lines(path) - header_lines
-    if expected_rows == 0:
-        raise DataFormatError(f"{path}: no ratings after the header")
-
-    source: Path | io.BytesIO = path
-    delimiter = spec.separator
-    if len(delimiter) > 1:  # loadtxt takes one-character delimiters: map '::' to a tab that no valid line holds
-        raw = path.read_bytes()
-        if b"\t" in raw:
-            raise _locate_bad_line(path, spec, limits, "tab character in a '::'-separated file")
-        source, delimiter = io.BytesIO(raw.replace(spec.separator.encode(), b"\t")), "\t"
-    try:
-        rows = np.loadtxt(
-            source,
-            dtype=_ROW_DTYPE,
-            delimiter=delimiter,
-            skiprows=header_lines,
-            comments=None,  # a '#' line is malformed, not a comment
-            ndmin=1,
-            encoding="latin-1",
-        )
-    except ValueError as e:
-        raise _locate_bad_line(path, spec, limits, str(e)) from None
-    if len(rows) != expected_rows:  # loadtxt skips blank lines silently; we do not
-        raise _locate_bad_line(path, spec, limits, f"{len(rows)} rows parsed from {expected_rows} lines")
+def _parse_block(path: Path, block: bytes, first_lineno: int, spec: MovieLensSpec, limits: _Limits) -> np.ndarray:
+    num_lines = block.count(b"\n") + (not block.endswith(b"\n"))
+    text, delimiter = block, spec.separator
+    if len(delimiter) > 1:  # loadtxt takes one-character delimiters: map '::' to a tab, which no valid line holds
+        text = None if b"\t" in block else block.replace(delimiter.encode(), b"\t")
+        delimiter = "\t"
+    rows = None
+    if text is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "input contained no data": a blank block, see below
+                rows = np.loadtxt(
+                    io.BytesIO(text),
+                    dtype=_ROW_DTYPE,
+                    delimiter=delimiter,
+                    comments=None,  # a '#' line is malformed, not a comment
+                    ndmin=1,
+                    encoding="latin-1",
+                )
+        except ValueError:
+            rows = None
+    if rows is None or len(rows) != num_lines:  # loadtxt skips blank lines silently; we do not
+        problem = _scan_block(path, block, first_lineno, spec, limits)
+        raise DataFormatError(problem or f"{path}:{first_lineno}: lines from here could not be parsed as {spec.name}")
 
     lo, hi = limits.rating_range
-    bad = (
-        (rows["user"] < 1)
-        | (rows["item"] < 1)
-        | (rows["timestamp"] < 0)
-        | ~((rows["rating"] >= lo) & (rows["rating"] <= hi))
-    )
+    bad = (rows["user"] < 1) | (rows["item"] < 1) | (rows["timestamp"] < 0)
+    bad |= ~((rows["rating"] >= lo) & (rows["rating"] <= hi))  # written this way round to catch NaN
     if limits.max_user_id is not None:
         bad |= rows["user"] > limits.max_user_id
     if limits.max_item_id is not None:
         bad |= rows["item"] > limits.max_item_id
     if bad.any():
-        r = int(np.argmax(bad))
-        row = rows[r]
-        problem = _value_problem(
-            int(row["user"]), int(row["item"]), float(row["rating"]), int(row["timestamp"]), limits
+        r = int(np.argmax(bad))  # every line is a row (checked above), so row r is line first_lineno + r
+        user, item, rating, timestamp = rows[r].tolist()
+        text = block.decode("latin-1").split("\n")[r].rstrip("\r")
+        raise DataFormatError(
+            f"{path}:{first_lineno + r}: {_value_problem(user, item, rating, timestamp, limits)} ({text!r})"
         )
-        lineno = r + 1 + header_lines  # no blank lines (checked above), so row r is this line
-        with open(path, encoding="latin-1") as f:
-            text = next(itertools.islice(f, lineno - 1, None)).rstrip("\r\n")
-        raise DataFormatError(f"{path}:{lineno}: {problem} ({text!r})")
     return rows
+
+
+def parse_ratings(path: PathLike, spec: MovieLensSpec) -> np.ndarray:
+    """Reads a ratings file into a structured array (user, item, rating, timestamp) with every row validated.
+
+    Blocks of ~8 MB are parsed by ``numpy.loadtxt`` and checked array-wide; a block that fails is scanned line by
+    line to name its first bad line, so an error costs at most one block of slow parsing. Raises DataFormatError
+    naming ``path:line`` (or the file, when it is empty).
+    """
+    path = Path(path)
+    limits = _limits(spec, path)
+    parts = []
+    with open(path, "rb") as f:
+        first_line = f.readline()
+        if not first_line:
+            raise DataFormatError(f"{path}: file is empty (expected {spec.name} ratings)")
+        first_lineno = 1
+        if spec.header is not None:
+            text = first_line.decode("latin-1").rstrip("\r\n")
+            if text.strip() != spec.header:
+                raise DataFormatError(f"{path}:1: expected the header {spec.header!r} ({text!r})")
+            first_lineno = 2
+        else:
+            f.seek(0)
+        for lineno, block in _blocks(f, first_lineno):
+            parts.append(_parse_block(path, block, lineno, spec, limits))
+    if not parts:
+        raise DataFormatError(f"{path}: no ratings after the header")
+    return np.concatenate(parts)
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -411,21 +425,18 @@ def load_movielens(
     """
     spec = get_spec(name)
     cache = Path(cache_dir or default_cache_dir()).expanduser()
-    path = find_ratings_file(name, data_dir, cache)
+    path = _in_data_dir(spec, data_dir) if data_dir is not None else None
     if path is None:
-        looked = _candidates(spec, Path(data_dir).expanduser()) if data_dir is not None else []
-        looked.append(cache / spec.name / spec.ratings_file)
-        where = ", ".join(str(p) for p in looked)
-        if not download:
+        cached = cache / spec.name / spec.ratings_file
+        if not cached.is_file() and not download:
+            looked = [*_candidates(spec, Path(data_dir).expanduser()), cached] if data_dir is not None else [cached]
             raise FileNotFoundError(
-                f"{spec.name}: {spec.ratings_file} not found (looked in {where}) and download=False; pass data_dir "
-                f"pointing at the extracted {spec.name} folder, or allow the download"
+                f"{spec.name}: {spec.ratings_file} not found (looked in {', '.join(map(str, looked))}) and "
+                f"download=False; pass data_dir pointing at the extracted {spec.name} folder, or allow the download"
             )
-        if data_dir is not None:
-            logger.warning(
-                "%s: %s not found in %s; using the download cache %s", spec.name, spec.ratings_file, data_dir, cache
-            )
-        path = download_movielens(name, cache)
+        if data_dir is not None:  # the caller named a folder: say that another copy is used
+            logger.warning("%s: no %s in %s; using the cache %s", spec.name, spec.ratings_file, data_dir, cache)
+        path = cached if cached.is_file() else download_movielens(name, cache)
     rows = parse_ratings(path, spec)
     log = InteractionLog.from_raw(
         raw_users=rows["user"],
