@@ -1,11 +1,10 @@
 """gr-kernels: HSTU attention ops for generative recommenders.
 
-``hstu_attention`` is a ``torch.library`` custom op (``gr_kernels::hstu_attention_fwd``/``_bwd``) with autograd
-and fake impls; implementations plug in through the backend registry (``register_backend``).
+``hstu_attention`` runs the ``torch.library`` custom ops ``gr_kernels::hstu_attention_fwd``/``_bwd`` (autograd and
+fake impls included); implementations plug in through the backend registry (``register_backend``).
 """
 
 from gr_kernels.backends import (
-    AttentionCall,
     HSTUAttentionBackend,
     available_backends,
     get_backend,
@@ -14,13 +13,16 @@ from gr_kernels.backends import (
 )
 from gr_kernels.hstu_attention import hstu_attention
 from gr_kernels.masks import hstu_valid_mask
-from gr_kernels.reference import reference_backward, reference_forward
+from gr_kernels.params import AttentionCall, HSTUParams
+from gr_kernels.reference import ReferenceBackend, reference_backward, reference_forward
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionCall",
     "HSTUAttentionBackend",
+    "HSTUParams",
+    "ReferenceBackend",
     "available_backends",
     "get_backend",
     "hstu_attention",

@@ -1,75 +1,100 @@
 """Backend registry of ``hstu_attention``: where native kernels (CUTLASS sm90, Triton, ...) plug in.
 
-A backend provides ``forward`` and ``backward`` with the reference's signatures (see ``gr_kernels.reference``)
-and ``supports(call) -> str | None`` (None = can run this call, else the human-readable reason it cannot).
-``backend="auto"`` picks the highest-priority backend that supports the call; every higher-priority backend it
-skips is logged once per (backend, reason).
+A backend is any object with
+
+- ``priority: int`` -- ``backend="auto"`` tries higher priorities first (ties: earlier registration first);
+- ``supports(call: AttentionCall) -> str | None`` -- None if it can run the call, else a human-readable reason;
+- ``forward(q, k, v, seq_offsets, num_targets, rab, params: HSTUParams) -> Tensor``;
+- ``backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params) -> (dq, dk, dv, drab or None)``,
+
+with the semantics of ``gr_kernels.reference``. The built-in ``"reference"`` backend supports every call and is
+always tried last. When ``"auto"`` skips a backend it logs one line per (backend, reason) per process on the
+``gr_kernels`` logger at INFO level; under ``torch.compile`` the choice is made while tracing, where nothing is
+logged (Dynamo cannot trace logging calls), so run one eager call to see the reasons.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
+from torch import Tensor
 
-from gr_kernels.reference import reference_backward, reference_forward
+from gr_kernels.params import AttentionCall, HSTUParams
+from gr_kernels.reference import ReferenceBackend
 
 log = logging.getLogger("gr_kernels")
 
-
-@dataclass(frozen=True)
-class AttentionCall:
-    """What a backend may need to know to decide whether it can run a call (no tensor values)."""
-
-    device: torch.device
-    dtype: torch.dtype
-    num_heads: int
-    attention_dim: int
-    hidden_dim: int
-    max_seq_len: int
-    causal: bool
-    max_attn_len: int
-    contextual_seq_len: int
-    has_targets: bool
-    target_group_size: int
-    has_rab: bool
-    rab_heads: int
-    dropout_p: float
-    requires_grad: bool
+REFERENCE = "reference"
 
 
-@dataclass(frozen=True)
-class HSTUAttentionBackend:
-    name: str
-    forward: Callable[..., torch.Tensor]
-    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
-    supports: Callable[[AttentionCall], str | None]
-    priority: int = 0
+@runtime_checkable
+class HSTUAttentionBackend(Protocol):
+    priority: int
+
+    def supports(self, call: AttentionCall) -> str | None: ...
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        seq_offsets: Tensor,
+        num_targets: Tensor | None,
+        rab: Tensor | None,
+        params: HSTUParams,
+    ) -> Tensor: ...
+
+    def backward(
+        self,
+        grad_out: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        seq_offsets: Tensor,
+        num_targets: Tensor | None,
+        rab: Tensor | None,
+        params: HSTUParams,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]: ...
 
 
-_BACKENDS: dict[str, HSTUAttentionBackend] = {}
+_BACKENDS: dict[str, HSTUAttentionBackend] = {REFERENCE: ReferenceBackend()}
 _LOGGED_SKIPS: set[tuple[str, str]] = set()
 
 
-def register_backend(backend: HSTUAttentionBackend, *, replace: bool = False) -> None:
-    if backend.name in ("auto", "") or not backend.name.isidentifier():
-        raise ValueError(f"invalid backend name {backend.name!r}")
-    if backend.name in _BACKENDS and not replace:
-        raise ValueError(f"backend {backend.name!r} is already registered (pass replace=True to override it)")
-    _BACKENDS[backend.name] = backend
+def register_backend(name: str, backend: HSTUAttentionBackend, *, replace: bool = False) -> None:
+    """Registers ``backend`` under ``name``; ``replace=True`` overrides an existing registration."""
+    if not isinstance(name, str) or not name.isidentifier() or name == "auto":
+        raise ValueError(f"backend name must be a Python identifier other than 'auto', got {name!r}")
+    if name == REFERENCE:
+        raise ValueError("the 'reference' backend is built in and cannot be replaced")
+    for attr in ("forward", "backward", "supports"):
+        if not callable(getattr(backend, attr, None)):
+            raise TypeError(f"backend {name!r} has no callable {attr}()")
+    if not isinstance(getattr(backend, "priority", None), int):
+        raise TypeError(f"backend {name!r} needs an int priority, got {getattr(backend, 'priority', None)!r}")
+    if name in _BACKENDS and not replace:
+        raise ValueError(f"backend {name!r} is already registered (pass replace=True to override it)")
+    _BACKENDS[name] = backend
 
 
 def unregister_backend(name: str) -> None:
-    if name == "reference":
-        raise ValueError("the reference backend cannot be unregistered")
+    """Removes a registered backend (no-op if absent); the reference cannot be removed."""
+    if name == REFERENCE:
+        raise ValueError("the 'reference' backend cannot be unregistered")
     _BACKENDS.pop(name, None)
 
 
+def _ranked() -> list[str]:
+    # sorted() is stable, so equal priorities keep registration order; the reference always comes last.
+    natives = sorted((n for n in _BACKENDS if n != REFERENCE), key=lambda n: -_BACKENDS[n].priority)
+    return [*natives, REFERENCE]
+
+
 def available_backends() -> list[str]:
-    """Registered backend names, highest priority first."""
-    return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)]
+    """Registered backend names in the order ``backend="auto"`` tries them."""
+    return _ranked()
 
 
 def get_backend(name: str) -> HSTUAttentionBackend:
@@ -80,29 +105,26 @@ def get_backend(name: str) -> HSTUAttentionBackend:
 
 
 def resolve_backend(name: str, call: AttentionCall) -> str:
-    """Concrete backend name for ``name`` ("auto" or a registered name) and this call."""
+    """Concrete backend name for ``name`` ("auto" or a registered name) and this call.
+
+    Raises ValueError for an unknown name or a forced backend that cannot run the call.
+    """
     if name != "auto":
-        backend = get_backend(name)
-        reason = backend.supports(call)
+        reason = get_backend(name).supports(call)
         if reason is not None:
             raise ValueError(f"hstu_attention backend {name!r} cannot run this call: {reason}")
         return name
-    for backend in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
-        reason = backend.supports(call)
+    for candidate in _ranked():
+        reason = _BACKENDS[candidate].supports(call)
         if reason is None:
-            return backend.name
-        if (backend.name, reason) not in _LOGGED_SKIPS:
-            _LOGGED_SKIPS.add((backend.name, reason))
-            log.info("hstu_attention: backend %r not used: %s", backend.name, reason)
-    raise RuntimeError("no hstu_attention backend supports this call")  # unreachable: reference supports all
+            return candidate
+        if not torch.compiler.is_compiling():
+            _log_skip_once(candidate, reason)
+    raise RuntimeError("no hstu_attention backend supports this call")  # unreachable: the reference runs all
 
 
-register_backend(
-    HSTUAttentionBackend(
-        name="reference",
-        forward=reference_forward,
-        backward=reference_backward,
-        supports=lambda call: None,
-        priority=-100,
-    )
-)
+def _log_skip_once(name: str, reason: str) -> None:
+    if (name, reason) in _LOGGED_SKIPS:
+        return
+    _LOGGED_SKIPS.add((name, reason))
+    log.info("hstu_attention: backend %r not used: %s", name, " ".join(reason.split()))

@@ -5,114 +5,130 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from gr_kernels import ops  # noqa: F401  (registers the custom ops)
-from gr_kernels.backends import AttentionCall, resolve_backend
+from gr_kernels.backends import resolve_backend
+from gr_kernels.params import AttentionCall, HSTUParams
+
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_INDEX = (torch.int32, torch.int64)
+
+
+def _is_int(x: object) -> bool:
+    # SymInt: dynamic shapes under torch.compile; bool is an int subclass but never a meaningful length.
+    return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
 
 
 def _check_structure(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    seq_offsets: torch.Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
     max_seq_len: int,
     alpha: float,
     scaling_seqlen: int | None,
     max_attn_len: int,
     contextual_seq_len: int,
-    num_targets: torch.Tensor | None,
+    num_targets: Tensor | None,
     target_group_size: int,
-    rab: torch.Tensor | None,
+    rab: Tensor | None,
     dropout_p: float,
 ) -> None:
-    """Shape/dtype/device/scalar checks: no tensor values are read, so no device sync."""
+    """Shape, dtype, device and scalar checks. They read no tensor values, so they never sync a device."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("seq_offsets", seq_offsets)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise ValueError(f"{name} must be [total_tokens, heads, dim], got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if k.shape != q.shape:
         raise ValueError(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
     if v.shape[:2] != q.shape[:2]:
         raise ValueError(f"v must be [total_tokens={q.shape[0]}, heads={q.shape[1]}, hidden_dim], got {tuple(v.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if seq_offsets.dim() != 1 or seq_offsets.numel() < 1 or seq_offsets.dtype not in (torch.int32, torch.int64):
+    if q.shape[1] < 1 or q.shape[2] < 1 or v.shape[2] < 1:
+        raise ValueError(f"heads and dims must be >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    if seq_offsets.dim() != 1 or seq_offsets.numel() < 1 or seq_offsets.dtype not in _INDEX:
         raise ValueError(
             f"seq_offsets must be a 1-D int32/int64 tensor [B + 1], got {seq_offsets.dtype} {tuple(seq_offsets.shape)}"
         )
-    devices = {t.device for t in (q, k, v, seq_offsets, num_targets, rab) if t is not None}
-    if len(devices) != 1:
-        raise ValueError(
-            f"q, k, v, seq_offsets, num_targets and rab must be on one device, got {sorted(map(str, devices))}"
-        )
-    if max_seq_len < 1:
-        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
-    if scaling_seqlen is not None and scaling_seqlen < 1:
-        raise ValueError(f"scaling_seqlen must be >= 1, got {scaling_seqlen}")
-    if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be finite, got {alpha}")
-    if max_attn_len < 0:
-        raise ValueError(f"max_attn_len must be >= 0 (0 = no local window), got {max_attn_len}")
-    if contextual_seq_len < 0:
-        raise ValueError(f"contextual_seq_len must be >= 0, got {contextual_seq_len}")
-    if target_group_size < 1:
-        raise ValueError(f"target_group_size must be >= 1, got {target_group_size}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    for name, t in (("k", k), ("v", v), ("seq_offsets", seq_offsets), ("num_targets", num_targets), ("rab", rab)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all tensors must share a device")
+
+    if not _is_int(max_seq_len) or max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be an int >= 1, got {max_seq_len!r}")
+    if scaling_seqlen is not None and (not _is_int(scaling_seqlen) or scaling_seqlen < 1):
+        raise ValueError(f"scaling_seqlen must be None or an int >= 1, got {scaling_seqlen!r}")
+    if not isinstance(alpha, (int, float, torch.SymFloat)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite float, got {alpha!r}")
+    if not _is_int(max_attn_len) or max_attn_len < 0:
+        raise ValueError(f"max_attn_len must be an int >= 0 (0 = no local window), got {max_attn_len!r}")
+    if not _is_int(contextual_seq_len) or contextual_seq_len < 0:
+        raise ValueError(f"contextual_seq_len must be an int >= 0, got {contextual_seq_len!r}")
+    if not _is_int(target_group_size) or target_group_size < 1:
+        raise ValueError(f"target_group_size must be an int >= 1, got {target_group_size!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
     num_seqs = seq_offsets.numel() - 1
-    if num_targets is not None and (num_targets.shape != (num_seqs,) or num_targets.is_floating_point()):
-        raise ValueError(
-            f"num_targets must be an integer tensor [B={num_seqs}], got {num_targets.dtype} {tuple(num_targets.shape)}"
-        )
+    if num_targets is not None and (
+        not isinstance(num_targets, Tensor) or num_targets.dtype not in _INDEX or num_targets.shape != (num_seqs,)
+    ):
+        got = f"{num_targets.dtype} {tuple(num_targets.shape)}" if isinstance(num_targets, Tensor) else num_targets
+        raise ValueError(f"num_targets must be an int32/int64 tensor [B={num_seqs}], got {got}")
     if rab is not None:
+        if not isinstance(rab, Tensor):
+            raise TypeError(f"rab must be None or a torch.Tensor, got {type(rab).__name__}")
+        want = f"[B={num_seqs}, 1 or heads={q.shape[1]}, max_seq_len={max_seq_len}, max_seq_len={max_seq_len}]"
         if (
             rab.dim() != 4
             or rab.shape[0] != num_seqs
             or rab.shape[1] not in (1, q.shape[1])
-            or rab.shape[2:]
-            != (
-                max_seq_len,
-                max_seq_len,
-            )
+            or rab.shape[2] != max_seq_len
+            or rab.shape[3] != max_seq_len
         ):
-            raise ValueError(
-                f"rab must be [B={num_seqs}, 1 or heads={q.shape[1]}, max_seq_len={max_seq_len}, "
-                f"max_seq_len={max_seq_len}], got {tuple(rab.shape)}"
-            )
-        if not rab.is_floating_point():
-            raise TypeError(f"rab must be floating point, got {rab.dtype}")
+            raise ValueError(f"rab must be {want}, got {tuple(rab.shape)}")
+        if rab.dtype not in _FLOATS:
+            raise TypeError(f"rab must be float32, float64, bfloat16 or float16, got {rab.dtype}")
 
 
-def _check_values(
-    q: torch.Tensor, seq_offsets: torch.Tensor, max_seq_len: int, num_targets: torch.Tensor | None
-) -> None:
-    """Checks that read tensor values (a host sync on GPU; skip with validate=False)."""
-    offsets = seq_offsets.detach().to("cpu", torch.int64)
-    if int(offsets[0]) != 0 or int(offsets[-1]) != q.shape[0]:
-        raise ValueError(
-            f"seq_offsets must start at 0 and end at total_tokens={q.shape[0]}, got "
-            f"{int(offsets[0])}..{int(offsets[-1])}"
-        )
+def _check_values(q: Tensor, seq_offsets: Tensor, max_seq_len: int, num_targets: Tensor | None) -> None:
+    """Checks that read tensor values: one device-to-host copy (a sync on GPU), skipped with ``validate=False``."""
+    parts = [seq_offsets.detach().to(torch.int64)]
+    if num_targets is not None:
+        parts.append(num_targets.detach().to(torch.int64))
+    values = torch.cat(parts).cpu()
+    num_seqs = seq_offsets.numel() - 1
+    offsets, targets = values[: num_seqs + 1], values[num_seqs + 1 :]
+    first, last = int(offsets[0]), int(offsets[-1])
+    if first != 0 or last != q.shape[0]:
+        raise ValueError(f"seq_offsets must start at 0 and end at total_tokens={q.shape[0]}, got {first}..{last}")
     lengths = offsets[1:] - offsets[:-1]
     if (lengths < 0).any():
-        raise ValueError(f"seq_offsets must be non-decreasing (sequence {int(torch.argmax((lengths < 0).int()))})")
-    if lengths.numel() and int(lengths.max()) > max_seq_len:
-        b = int(torch.argmax(lengths))
+        b = int(torch.nonzero(lengths < 0)[0])
+        raise ValueError(f"seq_offsets must be non-decreasing, but seq_offsets[{b + 1}] < seq_offsets[{b}]")
+    if (lengths > max_seq_len).any():
+        b = int(torch.nonzero(lengths > max_seq_len)[0])
         raise ValueError(f"sequence {b} has length {int(lengths[b])} > max_seq_len={max_seq_len}")
     if num_targets is not None:
-        t = num_targets.detach().to("cpu", torch.int64)
-        bad = (t < 0) | (t > lengths)
+        bad = (targets < 0) | (targets > lengths)
         if bad.any():
-            b = int(torch.argmax(bad.int()))
-            raise ValueError(f"num_targets[{b}]={int(t[b])} must lie in [0, length={int(lengths[b])}]")
+            b = int(torch.nonzero(bad)[0])
+            raise ValueError(
+                f"num_targets[{b}]={int(targets[b])} must lie in [0, length of sequence {b}={int(lengths[b])}]"
+            )
 
 
 def hstu_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    seq_offsets: torch.Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
     max_seq_len: int,
     *,
     alpha: float,
@@ -120,59 +136,94 @@ def hstu_attention(
     causal: bool = True,
     max_attn_len: int = 0,
     contextual_seq_len: int = 0,
-    num_targets: torch.Tensor | None = None,
+    num_targets: Tensor | None = None,
     target_group_size: int = 1,
-    rab: torch.Tensor | None = None,
+    rab: Tensor | None = None,
     dropout_p: float = 0.0,
     training: bool = True,
     backend: str = "auto",
     validate: bool = True,
-) -> torch.Tensor:
-    """HSTU attention over jagged sequences: ``O = (SiLU(alpha * (Q K^T + rab)) * mask) V / N``.
+) -> Tensor:
+    """HSTU attention over jagged sequences: per sequence and head, ``O = (SiLU(alpha (Q K^T + rab)) * mask) V / N``.
 
     Args:
-        q, k: ``[total_tokens, heads, attention_dim]``; v: ``[total_tokens, heads, hidden_dim]``; sequence ``b`` is
-            rows ``seq_offsets[b]:seq_offsets[b + 1]``.
-        seq_offsets: int32/int64 ``[B + 1]``, from 0 to total_tokens.
-        max_seq_len: upper bound on every length; also the size of ``rab``'s last two dimensions.
-        alpha: scale of ``Q K^T + rab`` before the SiLU.
+        q, k: ``[total_tokens, heads, attn_dim]``; v: ``[total_tokens, heads, hidden_dim]``; float32/float64/
+            bfloat16/float16, one dtype and device. Sequence ``b`` is rows ``seq_offsets[b]:seq_offsets[b + 1]``.
+        seq_offsets: int32/int64 ``[B + 1]``, non-decreasing from 0 to total_tokens. ``B = 0`` (``[0]``) and empty
+            sequences are allowed; their outputs are empty.
+        max_seq_len: int >= 1 and >= every length; the padded size of ``rab`` and the default ``N``.
+        alpha: finite scale of ``Q K^T + rab`` before the SiLU.
         scaling_seqlen: the ``N`` the output is divided by; default ``max_seq_len``.
-        causal, max_attn_len, contextual_seq_len, num_targets, target_group_size: the mask, see
-            ``gr_kernels.masks`` (``max_attn_len=0``: no window; ``num_targets``: int ``[B]`` candidates at the end
-            of each sequence).
-        rab: optional relative attention bias ``[B, 1 or heads, max_seq_len, max_seq_len]``; receives a gradient.
-        dropout_p: attention dropout on the masked weights, applied when ``training``; the mask is drawn from a
-            seed taken from torch's default generator, so ``torch.manual_seed`` makes it reproducible.
-        backend: "auto" (the best registered backend that supports the call) or a registered name.
-        validate: also run the checks that read tensor values (a device sync on GPU).
+        causal, max_attn_len, contextual_seq_len, num_targets, target_group_size: the mask. For a sequence of length
+            ``L`` with ``T = num_targets[b]`` targets at its end (int32/int64 ``[B]``, ``0 <= T <= L``; ``T = 0``
+            when None), history ``Hh = L - T`` and context ``C = min(contextual_seq_len, Hh)``, query ``i`` sees key
+            ``j`` iff:
 
-    Returns ``[total_tokens, heads, hidden_dim]`` in q's dtype. Empty sequences and an empty batch are allowed.
+            - ``j >= Hh`` (target column): ``i`` is a target of the same group of ``target_group_size``
+              consecutive targets, and ``j <= i`` (also when ``causal=False``);
+            - ``j < C`` (context column): always;
+            - ``i < C`` (context row), ``j < Hh``: always (whole history, no causality or window);
+            - ``i >= Hh`` (target row), ``C <= j < Hh``: ``max_attn_len == 0 or Hh - j <= max_attn_len``;
+            - otherwise (``C <= i, j < Hh``): ``j <= i`` if causal, and ``|i - j| <= max_attn_len`` if it is > 0.
+
+            See ``gr_kernels.masks`` and ``hstu_valid_mask`` for the dense mask.
+        rab: optional relative attention bias ``[B, 1 or heads, max_seq_len, max_seq_len]`` (row = query position,
+            column = key position; broadcast over heads when its dim 1 is 1), cast to q's dtype. Receives a gradient
+            of its own shape and dtype (summed over heads when shared).
+        dropout_p: inverted dropout on the masked weights ``SiLU(...) * mask / N``, applied only when ``training``.
+            The keep-mask comes from a seed drawn from torch's default CPU generator, so ``torch.manual_seed``
+            reproduces it and the backward regenerates the same mask. Drawing it reads a Python int, a graph break
+            under ``torch.compile`` (so ``fullgraph=True`` needs ``dropout_p=0`` or ``training=False``).
+        backend: ``"auto"`` (highest-priority registered backend that supports the call) or a registered name.
+        validate: also run the checks that read tensor values (offsets from 0 to total_tokens and non-decreasing,
+            lengths <= max_seq_len, ``0 <= num_targets <= length``). They cost one device-to-host copy, a sync on
+            GPU; pass False on hot paths whose inputs are known good. Skipped inside ``torch.compile`` graphs,
+            which cannot read tensor values without a graph break.
+
+    Returns:
+        ``[total_tokens, heads, hidden_dim]`` in q's dtype.
+
+    Raises:
+        ValueError / TypeError naming the offending argument; ValueError for an unknown backend (listing the
+        registered ones) or a forced backend that cannot run the call (with its reason).
     """
     _check_structure(q, k, v, seq_offsets, max_seq_len, alpha, scaling_seqlen, max_attn_len, contextual_seq_len,
                      num_targets, target_group_size, rab, dropout_p)  # fmt: skip
-    if validate:
+    if validate and not torch.compiler.is_compiling():
         _check_values(q, seq_offsets, max_seq_len, num_targets)
-    p = dropout_p if training else 0.0
+    p = float(dropout_p) if training else 0.0
+    # Drawn from the default CPU generator: reproducible under torch.manual_seed and no device sync.
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0.0 else 0
+    params = HSTUParams(
+        max_seq_len=max_seq_len,
+        alpha=float(alpha),
+        scaling_seqlen=max_seq_len if scaling_seqlen is None else scaling_seqlen,
+        causal=bool(causal),
+        max_attn_len=max_attn_len,
+        contextual_seq_len=contextual_seq_len,
+        target_group_size=target_group_size,
+        dropout_p=p,
+        dropout_seed=seed,
+    )
     call = AttentionCall(
+        params=params,
         device=q.device,
         dtype=q.dtype,
         num_heads=q.shape[1],
         attention_dim=q.shape[2],
         hidden_dim=v.shape[2],
-        max_seq_len=max_seq_len,
-        causal=causal,
-        max_attn_len=max_attn_len,
-        contextual_seq_len=contextual_seq_len,
+        offsets_dtype=seq_offsets.dtype,
         has_targets=num_targets is not None,
-        target_group_size=target_group_size,
-        has_rab=rab is not None,
         rab_heads=0 if rab is None else rab.shape[1],
-        dropout_p=p,
         requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rab) if t is not None),
     )
     name = resolve_backend(backend, call)
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0.0 else 0
+    if rab is not None and rab.dtype != q.dtype:
+        # The op computes in q's dtype; casting here (differentiably) lets e.g. an fp32 bias meet autocast's bf16
+        # q/k/v, and its gradient comes back in rab's own dtype.
+        rab = rab.to(q.dtype)
     return torch.ops.gr_kernels.hstu_attention_fwd(
-        q, k, v, seq_offsets, max_seq_len, float(alpha), int(scaling_seqlen or max_seq_len), causal, max_attn_len,
-        contextual_seq_len, num_targets, target_group_size, rab, float(p), seed, name,
+        q, k, v, seq_offsets, num_targets, rab, params.max_seq_len, params.alpha, params.scaling_seqlen,
+        params.causal, params.max_attn_len, params.contextual_seq_len, params.target_group_size, params.dropout_p,
+        params.dropout_seed, name,
     )  # fmt: skip

@@ -1,0 +1,132 @@
+"""The backend registry: auto selection, skip logging, forced backends, dispatch of forward and backward."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch import Tensor
+
+import gr_kernels
+from gr_kernels import AttentionCall, HSTUParams, ReferenceBackend, hstu_attention
+from gr_kernels.backends import resolve_backend
+
+
+class SpyBackend(ReferenceBackend):
+    """Runs the reference, records which of its methods ran, and supports only what ``rule`` allows."""
+
+    def __init__(self, priority: int, rule: Callable[[AttentionCall], str | None]) -> None:
+        self.priority = priority
+        self.rule = rule
+        self.calls: list[str] = []
+
+    def supports(self, call: AttentionCall) -> str | None:
+        return self.rule(call)
+
+    def forward(self, *args: object) -> Tensor:
+        self.calls.append("forward")
+        return super().forward(*args)  # type: ignore[arg-type]
+
+    def backward(self, *args: object) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        self.calls.append("backward")
+        return super().backward(*args)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def registered() -> Iterator[list[str]]:
+    """Names registered during a test; unregistered afterwards whatever happens."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        gr_kernels.unregister_backend(name)
+    assert gr_kernels.available_backends() == ["reference"]
+
+
+def _register(names: list[str], name: str, backend: object) -> None:
+    gr_kernels.register_backend(name, backend)  # type: ignore[arg-type]
+    names.append(name)
+
+
+@pytest.fixture
+def x(jagged: Callable):
+    return jagged([2, 3], heads=1, attn_dim=4, hidden_dim=4, seed=6)
+
+
+def _run(x, **kw: object) -> Tensor:
+    return hstu_attention(x.q, x.k, x.v, x.seq_offsets, x.max_seq_len, alpha=1.0, **kw)  # type: ignore[arg-type]
+
+
+def test_reference_is_builtin_and_auto_default(x) -> None:
+    assert gr_kernels.available_backends() == ["reference"]
+    call = AttentionCall(
+        HSTUParams(4, 1.0, 4), torch.device("cpu"), torch.float32, 1, 4, 4, torch.int64, False, 0, False
+    )
+    assert resolve_backend("auto", call) == "reference"
+    torch.testing.assert_close(_run(x), _run(x, backend="reference"), rtol=0, atol=0)
+
+
+def test_auto_skips_unsupported_with_one_log_line(x, registered: list[str], caplog: pytest.LogCaptureFixture) -> None:
+    picky = SpyBackend(10, lambda c: None if c.dtype == torch.float16 else "needs float16 inputs")
+    _register(registered, "picky_test", picky)
+    assert gr_kernels.available_backends() == ["picky_test", "reference"]
+    with caplog.at_level(logging.INFO, logger="gr_kernels"):
+        _run(x)
+        _run(x).sum().backward()
+    lines = [r.getMessage() for r in caplog.records if r.name == "gr_kernels"]
+    assert lines == ["hstu_attention: backend 'picky_test' not used: needs float16 inputs"]
+    assert picky.calls == []  # auto fell back to the reference
+    # Once supported, auto picks it, and autograd dispatches the backward to the same backend.
+    q, k, v = (t.detach().half().requires_grad_() for t in (x.q, x.k, x.v))
+    out = hstu_attention(q, k, v, x.seq_offsets, x.max_seq_len, alpha=1.0)
+    out.float().sum().backward()
+    assert picky.calls == ["forward", "backward"] and out.dtype == torch.float16
+
+
+def test_priorities_order_the_auto_choice(x, registered: list[str]) -> None:
+    low, high = SpyBackend(1, lambda c: None), SpyBackend(5, lambda c: None)
+    _register(registered, "low_test", low)
+    _register(registered, "high_test", high)
+    assert gr_kernels.available_backends() == ["high_test", "low_test", "reference"]
+    _run(x)
+    assert high.calls == ["forward"] and low.calls == []
+    _run(x, backend="low_test")
+    assert low.calls == ["forward"]
+
+
+def test_forced_backends(x, registered: list[str]) -> None:
+    _register(registered, "never_test", SpyBackend(10, lambda c: "head dim must be a multiple of 64"))
+    with pytest.raises(ValueError, match="backend 'never_test' cannot run this call: head dim must be a multiple"):
+        _run(x, backend="never_test")
+    with pytest.raises(ValueError, match=r"unknown hstu_attention backend 'nope'; registered: \['never_test', 'refer"):
+        _run(x, backend="nope")
+
+
+def test_registration_errors(registered: list[str]) -> None:
+    _register(registered, "dup_test", SpyBackend(1, lambda c: None))
+    with pytest.raises(ValueError, match="already registered"):
+        gr_kernels.register_backend("dup_test", SpyBackend(1, lambda c: None))
+    gr_kernels.register_backend("dup_test", SpyBackend(2, lambda c: None), replace=True)
+    with pytest.raises(ValueError, match="built in"):
+        gr_kernels.register_backend("reference", ReferenceBackend())
+    with pytest.raises(ValueError, match="cannot be unregistered"):
+        gr_kernels.unregister_backend("reference")
+    with pytest.raises(ValueError, match="identifier other than 'auto'"):
+        gr_kernels.register_backend("auto", ReferenceBackend())
+    with pytest.raises(TypeError, match="no callable backward"):
+        gr_kernels.register_backend("bad_test", type("B", (), {"priority": 1, "forward": print, "supports": print})())
+    with pytest.raises(TypeError, match="int priority"):
+        gr_kernels.register_backend("bad_test", type("B", (ReferenceBackend,), {"priority": None})())
+
+
+def test_supports_sees_call_metadata(jagged: Callable, registered: list[str]) -> None:
+    seen: list[AttentionCall] = []
+    _register(registered, "probe_test", SpyBackend(1, lambda c: seen.append(c) or "probe only"))
+    x = jagged([2, 3], heads=2, attn_dim=4, hidden_dim=3, rab_heads=1, seed=1, dtype=torch.float32)
+    hstu_attention(x.q, x.k, x.v, x.seq_offsets.int(), x.max_seq_len, alpha=0.5, rab=x.rab, dropout_p=0.1,
+                   num_targets=torch.tensor([0, 1]), max_attn_len=2, training=False)  # fmt: skip
+    (call,) = seen
+    assert (call.num_heads, call.attention_dim, call.hidden_dim, call.rab_heads) == (2, 4, 3, 1)
+    assert call.dtype == torch.float32 and call.offsets_dtype == torch.int32 and call.has_targets
+    assert call.params.max_attn_len == 2 and call.params.dropout_p == 0.0 and call.requires_grad
