@@ -80,6 +80,8 @@ def markdown(results: dict, command: str) -> str:
             "",
             f"HSTU vs SASRec, test NDCG@10: {h:.4f} vs {b:.4f} ({100 * (h - b) / b:+.1f}% for HSTU), one seed each.",
         ]
+    for note in results.get("notes", []):  # observations added by the person who ran it, kept in the JSON
+        lines += ["", note]
     if "hstu" in results:
         t = results["hstu"]["test"]
         verdict = all(t[k] >= v for k, v in TARGETS.items())
