@@ -5,20 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from gr_models.data.synthetic import SyntheticConfig
 from gr_models.modules.hstu import HSTUConfig
 from gr_models.modules.sasrec import SASRecConfig
-
-
-@dataclass
-class SyntheticDataConfig:
-    num_users: int = 2000
-    num_items: int = 1000
-    num_topics: int = 20
-    min_seq_len: int = 10
-    max_seq_len: int = 120
-    zipf_exponent: float = 1.1
-    topic_stickiness: float = 0.8
-    seed: int = 0
 
 
 @dataclass
@@ -27,7 +16,9 @@ class DataConfig:
     data_dir: str | None = None  # local MovieLens folder; None: the download cache
     download: bool = True
     min_interactions: int = 3  # leave-one-out needs >= 3 (train, validation, test)
-    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    synthetic: SyntheticConfig = field(
+        default_factory=SyntheticConfig
+    )  # [data.synthetic], used when dataset = "synthetic"
 
     def __post_init__(self) -> None:
         if self.min_interactions < 3:

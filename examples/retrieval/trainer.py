@@ -19,7 +19,7 @@ from gr_models.data.batching import EpochBatchSampler, NextItemEvalDataset, Next
 from gr_models.data.interactions import InteractionLog
 from gr_models.data.movielens import load_movielens
 from gr_models.data.sequences import build_user_sequences, leave_one_out_split
-from gr_models.data.synthetic import SyntheticConfig, generate_synthetic
+from gr_models.data.synthetic import generate_synthetic
 from gr_models.retrieval import RankingMetrics, RetrievalModelConfig, SampledSoftmaxLoss, evaluate_retrieval
 from gr_models.retrieval.model import RetrievalModel
 
@@ -32,7 +32,7 @@ RESULTS_FILE = "results.json"
 
 def load_interactions(cfg: DataConfig) -> InteractionLog:
     if cfg.dataset == "synthetic":
-        return generate_synthetic(SyntheticConfig(**dataclasses.asdict(cfg.synthetic)))
+        return generate_synthetic(cfg.synthetic)
     return load_movielens(cfg.dataset, cfg.data_dir, download=cfg.download)
 
 
