@@ -31,6 +31,7 @@ class ModelConfig:
     embedding_dim: int = 50
     max_seq_len: int = 200
     dropout: float = 0.2
+    position_init_std: float | None = None  # None: the item embeddings' std
     hstu: HSTUConfig = field(default_factory=HSTUConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
 

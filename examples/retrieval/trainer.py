@@ -91,6 +91,7 @@ class RetrievalTrainer:
             embedding_dim=mc.embedding_dim,
             max_seq_len=mc.max_seq_len,
             dropout=mc.dropout,
+            position_init_std=mc.position_init_std,
             hstu=dataclasses.replace(mc.hstu),
             sasrec=dataclasses.replace(mc.sasrec),
         )

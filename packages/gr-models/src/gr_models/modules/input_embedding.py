@@ -28,6 +28,7 @@ class ItemInputEmbedding(nn.Module):
         feature_name: str = "item",
         table_name: str = "item_table",
         init_std: float = 0.02,
+        position_init_std: float | None = None,
     ) -> None:
         super().__init__()
         if num_items <= 0 or embedding_dim <= 0 or max_seq_len <= 0:
@@ -57,7 +58,10 @@ class ItemInputEmbedding(nn.Module):
             device=torch.device("cpu"),
         )
         self.position_embeddings = nn.Embedding(max_seq_len, embedding_dim)
-        nn.init.trunc_normal_(self.position_embeddings.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
+        # Positions default to the item init; the HSTU reference design uses sqrt(1/D), i.e. the same scale as the
+        # sqrt(D)-scaled item embeddings they are added to.
+        pos_std = init_std if position_init_std is None else position_init_std
+        nn.init.trunc_normal_(self.position_embeddings.weight, std=pos_std, a=-2 * pos_std, b=2 * pos_std)
         self.dropout = nn.Dropout(dropout)
 
     def lookup(self, features: KeyedJaggedTensor) -> torch.Tensor:

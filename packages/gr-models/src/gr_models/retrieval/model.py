@@ -25,6 +25,7 @@ class RetrievalModelConfig:
     embedding_dim: int = 50
     max_seq_len: int = 200
     dropout: float = 0.2
+    position_init_std: float | None = None  # None: the item embeddings' std (0.02)
     hstu: HSTUConfig = field(default_factory=HSTUConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
 
@@ -60,7 +61,11 @@ class RetrievalModel(nn.Module):
         super().__init__()
         self.config = config
         self.input_embedding = ItemInputEmbedding(
-            config.num_items, config.embedding_dim, config.max_seq_len, config.dropout
+            config.num_items,
+            config.embedding_dim,
+            config.max_seq_len,
+            config.dropout,
+            position_init_std=config.position_init_std,
         )
         self.encoder: nn.Module = HSTUEncoder(config.hstu) if config.encoder == "hstu" else SASRecEncoder(config.sasrec)
 
