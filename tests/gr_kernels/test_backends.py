@@ -34,6 +34,15 @@ class SpyBackend(ReferenceBackend):
         return super().backward(*args)  # type: ignore[arg-type]
 
 
+@pytest.fixture(autouse=True)
+def only_reference() -> Iterator[None]:
+    """These tests reason about a registry holding only the reference: the built-in "cutlass" backend steps aside."""
+    saved = gr_kernels.get_backend("cutlass")
+    gr_kernels.unregister_backend("cutlass")
+    yield
+    gr_kernels.register_backend("cutlass", saved, replace=True)
+
+
 @pytest.fixture
 def registered() -> Iterator[list[str]]:
     """Names registered during a test; unregistered afterwards whatever happens."""

@@ -11,6 +11,7 @@ from gr_kernels.backends import (
     register_backend,
     unregister_backend,
 )
+from gr_kernels.cutlass_backend import CutlassBackend, native_available
 from gr_kernels.hstu_attention import hstu_attention
 from gr_kernels.masks import hstu_valid_mask
 from gr_kernels.params import AttentionCall, HSTUParams
@@ -18,8 +19,12 @@ from gr_kernels.reference import ReferenceBackend, reference_backward, reference
 
 __version__ = "0.1.0"
 
+# Registered even without the compiled module: "auto" then logs once why it is skipped.
+register_backend("cutlass", CutlassBackend())
+
 __all__ = [
     "AttentionCall",
+    "CutlassBackend",
     "HSTUAttentionBackend",
     "HSTUParams",
     "ReferenceBackend",
@@ -27,6 +32,7 @@ __all__ = [
     "get_backend",
     "hstu_attention",
     "hstu_valid_mask",
+    "native_available",
     "reference_backward",
     "reference_forward",
     "register_backend",

@@ -1,0 +1,67 @@
+// Python binding of the native HSTU kernels. Tensors cross as raw device addresses and strides, the stream as its
+// cudaStream_t handle: no torch C++ headers, so one build serves every torch version.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "hstu/params.h"
+
+namespace py = pybind11;
+using gr_kernels::HstuFwdParams;
+
+namespace {
+
+template <typename T>
+T* as_ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void hstu_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
+              py::tuple q_strides, py::tuple k_strides, py::tuple v_strides, py::tuple o_strides,
+              std::uintptr_t seq_offsets, std::uintptr_t num_targets, std::uintptr_t rab, int rab_heads,
+              int batch, int heads, int head_dim, int max_seq_len, float alpha, int scaling_seqlen, bool causal,
+              int max_attn_len, int contextual_seq_len, int target_group_size, int dtype, std::uintptr_t stream) {
+  HstuFwdParams p;
+  p.q = as_ptr<const void>(q);
+  p.k = as_ptr<const void>(k);
+  p.v = as_ptr<const void>(v);
+  p.out = as_ptr<void>(out);
+  p.q_row_stride = q_strides[0].cast<int64_t>();
+  p.q_head_stride = q_strides[1].cast<int64_t>();
+  p.k_row_stride = k_strides[0].cast<int64_t>();
+  p.k_head_stride = k_strides[1].cast<int64_t>();
+  p.v_row_stride = v_strides[0].cast<int64_t>();
+  p.v_head_stride = v_strides[1].cast<int64_t>();
+  p.o_row_stride = o_strides[0].cast<int64_t>();
+  p.o_head_stride = o_strides[1].cast<int64_t>();
+  p.seq_offsets = as_ptr<const int32_t>(seq_offsets);
+  p.num_targets = as_ptr<const int32_t>(num_targets);
+  p.rab = as_ptr<const void>(rab);
+  p.rab_heads = rab_heads;
+  p.batch = batch;
+  p.heads = heads;
+  p.head_dim = head_dim;
+  p.max_seq_len = max_seq_len;
+  p.alpha = alpha;
+  if (scaling_seqlen <= 0) throw std::invalid_argument("scaling_seqlen must be positive");
+  p.inv_scaling_seqlen = 1.0f / static_cast<float>(scaling_seqlen);
+  p.causal = causal;
+  p.max_attn_len = max_attn_len;
+  p.contextual_seq_len = contextual_seq_len;
+  if (target_group_size <= 0) throw std::invalid_argument("target_group_size must be positive");
+  p.target_group_size = target_group_size;
+  if (dtype != 0 && dtype != 1) throw std::invalid_argument("dtype must be 0 (bfloat16) or 1 (float16)");
+  p.dtype = static_cast<gr_kernels::DType>(dtype);
+  const char* err = gr_kernels::hstu_fwd(p, as_ptr<void>(stream));
+  if (err != nullptr && err[0] != '\0') throw std::runtime_error(std::string("hstu_fwd: ") + err);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "gr_kernels native HSTU attention kernels (CUDA)";
+  m.def("hstu_fwd", &hstu_fwd, "HSTU attention forward on jagged q/k/v (raw device pointers)");
+  m.def("compiled_archs", &gr_kernels::compiled_archs, "CUDA architectures this build holds code for");
+}

@@ -1,0 +1,246 @@
+// HSTU attention forward: O = (SiLU(alpha (Q K^T + rab)) * mask) V / N on jagged sequences.
+//
+// Structure (per CTA = BLOCK_M query rows of one sequence and head):
+//   prologue  : Q tile -> shared memory (cp.async, zero-filled past the sequence end)
+//   mainloop  : for each key tile: K, V -> shared; S = Q K^T (tensor cores); P = SiLU(alpha (S + rab)) * mask / N in
+//               registers; O += P V with P fed straight from the S accumulators (their layout is the A operand's)
+//   epilogue  : O (fp32 registers) -> bf16/fp16 rows of the jagged output
+// Unlike softmax attention there is no running max or rescaling: each key tile's contribution is final.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "hstu/kernel_traits.h"
+#include "hstu/mask.h"
+#include "hstu/params.h"
+
+namespace gr_kernels {
+namespace detail {
+
+__device__ __forceinline__ float fast_sigmoid(float x) {
+  // sigmoid(x) = 0.5 tanh(x / 2) + 0.5: one MUFU.TANH instead of an exp and a reciprocal.
+  float t;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(0.5f * x));
+  return fmaf(0.5f, t, 0.5f);
+}
+
+template <typename Element>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+template <typename Element>
+__device__ __forceinline__ float to_float(Element x);
+
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) {
+  return __half2float(x);
+}
+
+// Copies `rows` rows of a [rows, kHeadDim] gmem slab (row stride in elements) into a swizzled smem tile;
+// rows at or past `valid_rows` are zero-filled.
+template <typename Traits, int kRows>
+__device__ __forceinline__ void load_tile(typename Traits::Element* smem, const typename Traits::Element* gmem,
+                                          int64_t row_stride, int valid_rows) {
+  using Element = typename Traits::Element;
+  using Copy = cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>;
+  constexpr int kChunks = kRows * Traits::kChunksPerRow;
+  for (int c = threadIdx.x; c < kChunks; c += Traits::kThreads) {
+    const int row = c / Traits::kChunksPerRow;
+    const int col = (c % Traits::kChunksPerRow) * 8;
+    const bool pred = row < valid_rows;
+    const Element* src = gmem + (pred ? row * row_stride : 0) + col;
+    Copy::copy(*reinterpret_cast<const cute::uint128_t*>(src),
+               *reinterpret_cast<cute::uint128_t*>(smem + Traits::swizzle(row, col)), pred);
+  }
+}
+
+}  // namespace detail
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFwdParams p) {
+  using Element = typename Traits::Element;
+  using Mma = typename Traits::Mma;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kNTiles = kBlockN / 8;    // n8 tiles of S per warp
+  constexpr int kDTiles = kHeadDim / 8;   // n8 tiles of O per warp
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Element* sQ = reinterpret_cast<Element*>(smem_raw);
+  Element* sK = sQ + Traits::kTileQElems;
+  Element* sV = sK + Traits::kTileKVElems;
+
+  const int m_block = blockIdx.x;
+  const int head = blockIdx.y;
+  const int b = blockIdx.z;
+  const int seq_start = p.seq_offsets[b];
+  const int length = p.seq_offsets[b + 1] - seq_start;
+  const int m0 = m_block * kBlockM;
+  if (m0 >= length) return;
+
+  const int targets = p.num_targets == nullptr ? 0 : min(max(p.num_targets[b], 0), length);
+  SequenceMask mask;
+  mask.length = length;
+  mask.history = length - targets;
+  mask.context = min(p.contextual_seq_len, mask.history);
+  mask.max_attn_len = p.max_attn_len;
+  mask.group_size = p.target_group_size;
+  mask.causal = p.causal;
+
+  // Key tiles that can hold a visible key: causal rows (targets included) see j <= i, except context rows.
+  int n_end = length;
+  if (p.causal && m0 >= mask.context) n_end = min(length, m0 + kBlockM);
+  int n_start = 0;
+  if (p.max_attn_len > 0 && mask.context == 0 && targets == 0) n_start = max(0, m0 - p.max_attn_len) / kBlockN * kBlockN;
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4;  // accumulator row inside the 8-row half
+  const int tq = lane % 4; // accumulator column pair
+
+  const Element* q = static_cast<const Element*>(p.q) + int64_t(seq_start + m0) * p.q_row_stride +
+                     int64_t(head) * p.q_head_stride;
+  detail::load_tile<Traits, kBlockM>(sQ, q, p.q_row_stride, length - m0);
+  cute::cp_async_fence();
+
+  float o_acc[kDTiles][4];
+#pragma unroll
+  for (int t = 0; t < kDTiles; ++t) o_acc[t][0] = o_acc[t][1] = o_acc[t][2] = o_acc[t][3] = 0.f;
+
+  const Element* rab = nullptr;
+  if (p.rab != nullptr) {
+    const int rab_head = p.rab_heads == 1 ? 0 : head;
+    rab = static_cast<const Element*>(p.rab) + (int64_t(b) * p.rab_heads + rab_head) * p.max_seq_len * p.max_seq_len;
+  }
+
+  // ldmatrix lane roles (see kernel_traits.h): which row / 8-column chunk this lane addresses.
+  const int ld_mat = lane / 8;
+  const int ld_row = lane % 8;
+
+  for (int n0 = n_start; n0 < n_end; n0 += kBlockN) {
+    const Element* k = static_cast<const Element*>(p.k) + int64_t(seq_start + n0) * p.k_row_stride +
+                       int64_t(head) * p.k_head_stride;
+    const Element* v = static_cast<const Element*>(p.v) + int64_t(seq_start + n0) * p.v_row_stride +
+                       int64_t(head) * p.v_head_stride;
+    detail::load_tile<Traits, kBlockN>(sK, k, p.k_row_stride, length - n0);
+    detail::load_tile<Traits, kBlockN>(sV, v, p.v_row_stride, length - n0);
+    cute::cp_async_fence();
+    cute::cp_async_wait<0>();
+    __syncthreads();
+
+    // S = Q K^T for this warp's 16 rows x kBlockN keys.
+    float s[kNTiles][4];
+#pragma unroll
+    for (int t = 0; t < kNTiles; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim; kk += 16) {
+      uint32_t a[4];
+      const int a_row = warp * 16 + ld_row + (ld_mat & 1) * 8;
+      const int a_col = kk + (ld_mat >> 1) * 8;
+      cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sQ + Traits::swizzle(a_row, a_col)),
+                                    a[0], a[1], a[2], a[3]);
+#pragma unroll
+      for (int j = 0; j < kNTiles / 2; ++j) {
+        uint32_t bk[4];
+        const int b_row = j * 16 + ld_row + (ld_mat >> 1) * 8;
+        const int b_col = kk + (ld_mat & 1) * 8;
+        cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sK + Traits::swizzle(b_row, b_col)),
+                                      bk[0], bk[1], bk[2], bk[3]);
+        Mma::fma(s[2 * j][0], s[2 * j][1], s[2 * j][2], s[2 * j][3], a[0], a[1], a[2], a[3], bk[0], bk[1],
+                 s[2 * j][0], s[2 * j][1], s[2 * j][2], s[2 * j][3]);
+        Mma::fma(s[2 * j + 1][0], s[2 * j + 1][1], s[2 * j + 1][2], s[2 * j + 1][3], a[0], a[1], a[2], a[3], bk[2],
+                 bk[3], s[2 * j + 1][0], s[2 * j + 1][1], s[2 * j + 1][2], s[2 * j + 1][3]);
+      }
+    }
+
+    // P = SiLU(alpha (S + rab)) * mask / N, packed as the A operand of P V.
+    uint32_t pa[kNTiles / 2][4];
+#pragma unroll
+    for (int t = 0; t < kNTiles; ++t) {
+      float pv[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = m0 + warp * 16 + g + (e >> 1) * 8;
+        const int j = n0 + t * 8 + tq * 2 + (e & 1);
+        float x = s[t][e];
+        const bool valid = mask(i, j);
+        if (rab != nullptr && valid) x += detail::to_float(rab[int64_t(i) * p.max_seq_len + j]);
+        const float z = p.alpha * x;
+        pv[e] = valid ? z * detail::fast_sigmoid(z) * p.inv_scaling_seqlen : 0.f;
+      }
+      pa[t / 2][(t & 1) * 2 + 0] = detail::pack2<Element>(pv[0], pv[1]);
+      pa[t / 2][(t & 1) * 2 + 1] = detail::pack2<Element>(pv[2], pv[3]);
+    }
+
+    // O += P V: V tile read transposed (ldmatrix.trans) as the col-major B operand.
+#pragma unroll
+    for (int kc = 0; kc < kNTiles / 2; ++kc) {
+#pragma unroll
+      for (int dj = 0; dj < kDTiles / 2; ++dj) {
+        uint32_t bv[4];
+        const int v_row = kc * 16 + ld_row + (ld_mat & 1) * 8;
+        const int v_col = dj * 16 + (ld_mat >> 1) * 8;
+        cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(sV + Traits::swizzle(v_row, v_col)),
+                                      bv[0], bv[1], bv[2], bv[3]);
+        float* o0 = o_acc[2 * dj];
+        float* o1 = o_acc[2 * dj + 1];
+        Mma::fma(o0[0], o0[1], o0[2], o0[3], pa[kc][0], pa[kc][1], pa[kc][2], pa[kc][3], bv[0], bv[1], o0[0], o0[1],
+                 o0[2], o0[3]);
+        Mma::fma(o1[0], o1[1], o1[2], o1[3], pa[kc][0], pa[kc][1], pa[kc][2], pa[kc][3], bv[2], bv[3], o1[0], o1[1],
+                 o1[2], o1[3]);
+      }
+    }
+    __syncthreads();  // the next tile overwrites sK / sV
+  }
+
+  // Epilogue: rows past the sequence end belong to no output row.
+  Element* out = static_cast<Element*>(p.out) + int64_t(seq_start) * p.o_row_stride + int64_t(head) * p.o_head_stride;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = m0 + warp * 16 + g + half * 8;
+    if (i >= length) continue;
+#pragma unroll
+    for (int t = 0; t < kDTiles; ++t) {
+      *reinterpret_cast<uint32_t*>(out + int64_t(i) * p.o_row_stride + t * 8 + tq * 2) =
+          detail::pack2<Element>(o_acc[t][half * 2], o_acc[t][half * 2 + 1]);
+    }
+  }
+}
+
+// Host side: launches hstu_fwd_kernel for one (dtype, head dim) instantiation.
+template <typename Element, int kHeadDim>
+const char* run_hstu_fwd(const HstuFwdParams& p, cudaStream_t stream) {
+  using Traits = HstuFwdTraits<Element, kHeadDim, 64, 64>;
+  auto kernel = hstu_fwd_kernel<Traits>;
+  constexpr int smem = Traits::kSmemBytes;
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return cudaGetErrorString(err);
+  }
+  dim3 grid((p.max_seq_len + Traits::kBlockM - 1) / Traits::kBlockM, p.heads, p.batch);
+  if (grid.x == 0 || p.batch == 0 || p.heads == 0) return "";
+  kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? "" : cudaGetErrorString(err);
+}
+
+}  // namespace gr_kernels

@@ -1,0 +1,31 @@
+// Which key a query may attend to: the device-side twin of gr_kernels/masks.py (see its docstring for the rules).
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace gr_kernels {
+
+struct SequenceMask {
+  int length;         // L: tokens of this sequence
+  int history;        // Hh = L - targets
+  int context;        // C = min(contextual_seq_len, Hh)
+  int max_attn_len;   // W, 0 = unlimited
+  int group_size;     // G
+  bool causal;
+
+  __device__ __forceinline__ bool operator()(int i, int j) const {
+    if (i >= length || j >= length) return false;
+    const bool tgt_i = i >= history, tgt_j = j >= history;
+    if (tgt_j) {
+      // Targets see targets of their own group at or before themselves only.
+      return tgt_i && (i - history) / group_size == (j - history) / group_size && j <= i;
+    }
+    if (j < context) return true;
+    if (tgt_i) return max_attn_len == 0 || history - j <= max_attn_len;
+    if (i < context) return true;
+    const bool near = causal ? j <= i : true;
+    return near && (max_attn_len == 0 || (i - j <= max_attn_len && j - i <= max_attn_len));
+  }
+};
+
+}  // namespace gr_kernels

@@ -1,0 +1,48 @@
+// Plain-data arguments of one HSTU attention launch. Filled on the host from Python (raw device pointers and
+// strides), so the native module never needs torch's C++ headers.
+#pragma once
+
+#include <cstdint>
+
+namespace gr_kernels {
+
+enum class DType : int { kBFloat16 = 0, kFloat16 = 1 };
+
+struct HstuFwdParams {
+  // Jagged [total, heads, dim] tensors; the last dim is contiguous, rows 16-byte aligned.
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  int64_t q_row_stride = 0, q_head_stride = 0;
+  int64_t k_row_stride = 0, k_head_stride = 0;
+  int64_t v_row_stride = 0, v_head_stride = 0;
+  int64_t o_row_stride = 0, o_head_stride = 0;
+
+  const int32_t* seq_offsets = nullptr;  // [batch + 1]
+  const int32_t* num_targets = nullptr;  // [batch] or null
+
+  // Optional relative attention bias, contiguous [batch, rab_heads, max_seq_len, max_seq_len], same dtype as q.
+  const void* rab = nullptr;
+  int rab_heads = 0;
+
+  int batch = 0;
+  int heads = 0;
+  int head_dim = 0;
+  int max_seq_len = 0;
+  float alpha = 1.0f;
+  float inv_scaling_seqlen = 1.0f;  // 1 / N of O = (SiLU(alpha (QK^T + rab)) * mask) V / N
+  bool causal = true;
+  int max_attn_len = 0;
+  int contextual_seq_len = 0;
+  int target_group_size = 1;
+  DType dtype = DType::kBFloat16;
+};
+
+// Launches the forward kernel on `stream` (a cudaStream_t). Returns an empty string on success, else the reason.
+const char* hstu_fwd(const HstuFwdParams& params, void* stream);
+
+// Architectures this build holds device code for, e.g. "90a".
+const char* compiled_archs();
+
+}  // namespace gr_kernels

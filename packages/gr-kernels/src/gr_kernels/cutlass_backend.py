@@ -1,0 +1,119 @@
+"""The native CUDA backend ``"cutlass"``: CuTe tensor-core kernels from ``gr_kernels._C`` (built when nvcc is found).
+
+The extension takes raw device pointers, strides and the current CUDA stream, so it is independent of the torch
+version and never synchronises with the host; outputs are allocated through torch's caching allocator, which keeps
+it usable under CUDA graph capture.
+
+Status: the forward pass is native. The backward pass still runs the PyTorch reference (``reference_backward``);
+the native backward is the next step of the kernels work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gr_kernels.params import AttentionCall, HSTUParams
+from gr_kernels.reference import reference_backward
+
+try:
+    from gr_kernels import _C  # type: ignore[attr-defined]
+except ImportError as e:  # a pure-Python install: no nvcc at build time, or GR_KERNELS_CUDA=off
+    _C = None
+    _IMPORT_ERROR = str(e)
+else:
+    _IMPORT_ERROR = ""
+
+HEAD_DIMS = (64, 128, 256)
+_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+
+
+def native_available() -> bool:
+    """True when this install holds the compiled CUDA kernels."""
+    return _C is not None
+
+
+def _row_aligned(t: Tensor) -> bool:
+    # ldmatrix/cp.async move 16-byte chunks: the last dim must be contiguous and rows/heads 16-byte aligned.
+    elems = 16 // t.element_size()
+    return t.stride(-1) == 1 and t.stride(0) % elems == 0 and t.stride(1) % elems == 0 and t.data_ptr() % 16 == 0
+
+
+class CutlassBackend:
+    """``hstu_attention`` on Hopper (sm90) through the compiled kernels; see the module docstring."""
+
+    priority = 100
+
+    def supports(self, call: AttentionCall) -> str | None:
+        if _C is None:
+            return f"gr-kernels was installed without its CUDA kernels ({_IMPORT_ERROR or 'no nvcc at build time'})"
+        if call.device.type != "cuda":
+            return f"inputs are on {call.device.type}, not CUDA"
+        major, minor = torch.cuda.get_device_capability(call.device)
+        if (major, minor) != (9, 0):
+            return f"the kernels are built for sm90 (Hopper); this GPU is sm{major}{minor}"
+        if call.dtype not in _DTYPES:
+            return f"dtype {call.dtype} is not bfloat16 or float16"
+        if call.attention_dim != call.hidden_dim or call.attention_dim not in HEAD_DIMS:
+            return (
+                f"head dims q/k {call.attention_dim}, v {call.hidden_dim}: the kernels need equal dims in {HEAD_DIMS}"
+            )
+        if call.params.dropout_p > 0.0:
+            return "attention dropout is not implemented in the native kernels"
+        return None
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        seq_offsets: Tensor,
+        num_targets: Tensor | None,
+        rab: Tensor | None,
+        params: HSTUParams,
+    ) -> Tensor:
+        q, k, v = (t if _row_aligned(t) else t.contiguous() for t in (q, k, v))
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        offsets = seq_offsets.to(torch.int32).contiguous()
+        targets = None if num_targets is None else num_targets.to(torch.int32).contiguous()
+        bias = None if rab is None else rab.to(q.dtype).contiguous()
+        _C.hstu_fwd(
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            out.data_ptr(),
+            (q.stride(0), q.stride(1)),
+            (k.stride(0), k.stride(1)),
+            (v.stride(0), v.stride(1)),
+            (out.stride(0), out.stride(1)),
+            offsets.data_ptr(),
+            0 if targets is None else targets.data_ptr(),
+            0 if bias is None else bias.data_ptr(),
+            0 if bias is None else bias.shape[1],
+            offsets.numel() - 1,
+            q.shape[1],
+            q.shape[2],
+            params.max_seq_len,
+            params.alpha,
+            params.scaling_seqlen,
+            params.causal,
+            params.max_attn_len,
+            params.contextual_seq_len,
+            params.target_group_size,
+            _DTYPES[q.dtype],
+            torch.cuda.current_stream(q.device).cuda_stream,
+        )
+        return out
+
+    def backward(
+        self,
+        grad_out: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        seq_offsets: Tensor,
+        num_targets: Tensor | None,
+        rab: Tensor | None,
+        params: HSTUParams,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        return reference_backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params)

@@ -1,0 +1,241 @@
+"""Benchmark of HSTU attention backends against torch SDPA on the same shapes, in one run.
+
+For every case (head dim, max length, uniform or jagged lengths, mask, rab on/off) and direction (fwd, bwd) it times
+our backends (``cutlass``, ``reference``, later ``triton``) and torch's ``scaled_dot_product_attention`` (causal
+softmax, FLASH and CUDNN backends; no rab or targets, so only for the plain causal cases), and reports TFLOP/s with
+FLOPs = 2 * H * D * sum(L_i^2) forward (the causal half of 4 * H * D * L^2) and 2.5x that backward.
+
+Writes ``docs/benchmarks/hstu_attention.{json,md,png}`` (``--out`` prefix) and prints the table.
+
+    python tools/bench_hstu_attention.py                      # the full grid (an H200 takes a few minutes)
+    python tools/bench_hstu_attention.py --quick              # head dims 128/256, lengths 1024/4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENS_PER_BATCH = 32 * 4096  # batch = TOKENS_PER_BATCH // max_seq_len: B=32 at T=4096
+REFERENCE_MAX_BYTES = 24 * 2**30  # the reference materialises [B, H, N, N] fp32 scores several times
+
+
+def lengths_for(batch: int, max_len: int, jagged: bool) -> list[int]:
+    if not jagged:
+        return [max_len] * batch
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(1, max_len + 1, (batch,), generator=gen).tolist()
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def hstu_case(backend: str, lengths: list[int], heads: int, dim: int, mask: str, rab: bool, direction: str):
+    import gr_kernels
+
+    dev, dtype = "cuda", torch.bfloat16
+    n = max(lengths)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, heads, dim, device=dev, dtype=dtype) * 0.5 for _ in range(3))
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=dev)
+    bias = torch.randn(len(lengths), 1, n, n, device=dev, dtype=dtype) * 0.1 if rab else None
+    targets = None
+    if mask == "causal_targets":
+        targets = torch.tensor([min(16, max(length - 1, 0)) for length in lengths], device=dev)
+    kw = dict(alpha=1.0 / dim**0.5, num_targets=targets, rab=bias, backend=backend)
+    if direction == "fwd":
+        return lambda: gr_kernels.hstu_attention(q, k, v, offsets, n, **kw)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = gr_kernels.hstu_attention(*leaves, offsets, n, **kw)
+    grad = torch.randn_like(out)
+    return lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)
+
+
+def sdpa_case(kind: str, lengths: list[int], heads: int, dim: int, direction: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[kind]
+    dev, dtype = "cuda", torch.bfloat16
+    if len(set(lengths)) != 1:
+        # Jagged: SDPA's varlen path is the nested-tensor one; time the padded batch instead would inflate FLOPs,
+        # so jagged SDPA cases are run as nested tensors (FLASH supports them; cuDNN may not).
+        qs = [torch.randn(heads, length, dim, device=dev, dtype=dtype) for length in lengths]
+        q = torch.nested.nested_tensor(qs, layout=torch.jagged)
+        k = torch.nested.nested_tensor([torch.randn_like(t) for t in qs], layout=torch.jagged)
+        v = torch.nested.nested_tensor([torch.randn_like(t) for t in qs], layout=torch.jagged)
+    else:
+        q, k, v = (torch.randn(len(lengths), heads, lengths[0], dim, device=dev, dtype=dtype) for _ in range(3))
+
+    def fwd(*args):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(*args, is_causal=True)
+
+    if direction == "fwd":
+        return lambda: fwd(q, k, v)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = fwd(*leaves)
+    grad = torch.randn_like(out)
+    return lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--backends", nargs="+", default=["cutlass", "reference", "sdpa_flash", "sdpa_cudnn"])
+    ap.add_argument("--directions", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "hstu_attention"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import gr_kernels
+
+    dims = [128, 256]
+    max_lens = [1024, 4096] if args.quick else [256, 512, 1024, 2048, 4096, 8192]
+    records = []
+    for dim in dims:
+        for max_len in max_lens:
+            batch = max(1, TOKENS_PER_BATCH // max_len)
+            for jagged in (False, True):
+                lengths = lengths_for(batch, max_len, jagged)
+                fwd_flops = 2 * args.heads * dim * sum(length * length for length in lengths)
+                for mask in ("causal", "causal_targets"):
+                    for rab in (False, True):
+                        for backend in args.backends:
+                            is_sdpa = backend.startswith("sdpa")
+                            if is_sdpa and (mask != "causal" or rab):
+                                continue  # softmax SDPA has no targets mask or rab: compared on plain causal only
+                            if backend == "reference" and batch * args.heads * max_len**2 * 4 > REFERENCE_MAX_BYTES:
+                                continue
+                            for direction in args.directions:
+                                rec = dict(
+                                    backend=backend,
+                                    device=torch.cuda.get_device_name(0),
+                                    dtype="bfloat16",
+                                    batch=batch,
+                                    heads=args.heads,
+                                    head_dim=dim,
+                                    max_seq_len=max_len,
+                                    jagged=jagged,
+                                    mask=mask,
+                                    rab=rab,
+                                    direction=direction,
+                                )
+                                try:
+                                    if is_sdpa:
+                                        fn = sdpa_case(backend, lengths, args.heads, dim, direction)
+                                    else:
+                                        fn = hstu_case(backend, lengths, args.heads, dim, mask, rab, direction)
+                                    ms = time_ms(fn)
+                                except Exception as e:  # a backend that cannot run a case is recorded, not fatal
+                                    rec.update(ms=None, tflops=None, error=f"{type(e).__name__}: {e}"[:300])
+                                else:
+                                    flops = fwd_flops * (2.5 if direction == "bwd" else 1.0)
+                                    rec.update(ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1))
+                                records.append(rec)
+                                print(json.dumps(rec), flush=True)
+                                torch.cuda.empty_cache()
+    meta = {
+        "command": "python tools/bench_hstu_attention.py " + " ".join(sys.argv[1:]),
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gr_kernels": gr_kernels.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "flops": "fwd = 2*H*D*sum(L_i^2); bwd = 2.5 x fwd",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
+    table = markdown(meta, records)
+    out.with_suffix(".md").write_text(table)
+    plot(records, out.with_suffix(".png"))
+    print(table)
+    return 0
+
+
+def markdown(meta: dict, records: list[dict]) -> str:
+    lines = [
+        "# HSTU attention benchmark (bf16, TFLOP/s)",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Device: {meta['device']}; torch {meta['torch']} (CUDA {meta['cuda']}); gr-kernels {meta['gr_kernels']}; "
+        f"{meta['date']}. FLOPs: {meta['flops']}.",
+        "",
+        "| head dim | max len | batch | jagged | mask | rab | dir | " + " | ".join(_backends(records)) + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(_backends(records)),
+    ]
+    keys = ["head_dim", "max_seq_len", "batch", "jagged", "mask", "rab", "direction"]
+    rows: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        rows.setdefault(tuple(r[k] for k in keys), {})[r["backend"]] = r
+    for key, by_backend in rows.items():
+        cells = []
+        for b in _backends(records):
+            r = by_backend.get(b)
+            cells.append("-" if r is None else ("err" if r["tflops"] is None else f"{r['tflops']:.0f}"))
+        lines.append("| " + " | ".join(str(x) for x in key) + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _backends(records: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["backend"] for r in records))
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
+    for row, dim in enumerate((128, 256)):
+        for col, direction in enumerate(("fwd", "bwd")):
+            ax = axes[row][col]
+            for backend in _backends(records):
+                pts = sorted(
+                    (r["max_seq_len"], r["tflops"])
+                    for r in records
+                    if r["backend"] == backend
+                    and r["head_dim"] == dim
+                    and r["direction"] == direction
+                    and not r["jagged"]
+                    and r["mask"] == "causal"
+                    and not r["rab"]
+                    and r["tflops"] is not None
+                )
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=backend)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"head dim {dim}, {direction}, uniform causal")
+            ax.set_xlabel("max sequence length")
+            ax.set_ylabel("TFLOP/s")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
