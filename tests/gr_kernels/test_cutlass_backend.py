@@ -180,17 +180,71 @@ def test_forward_hypothesis(data: st.DataObject) -> None:
     )
 
 
+def _check_backward(lengths, heads, dim, dtype, *, seed=0, rab_heads=0, num_targets=0, max_seq_len=None, **kw):
+    """dq, dk, dv (and drab) of the kernel vs an fp32 reference: error <= 5x the reference's own error in ``dtype``."""
+    (q, k, v), (q32, k32, v32), offsets, n, rab, targets = _inputs(
+        lengths, heads, dim, dtype, seed, rab_heads, num_targets, max_seq_len
+    )
+    alpha = kw.pop("alpha", 1.0 / dim**0.5)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(q.device)
+
+    def grads(backend: str, tensors: list[torch.Tensor], bias: torch.Tensor | None, g: torch.Tensor):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        b = None if bias is None else bias.detach().clone().requires_grad_()
+        out = hstu_attention(*leaves, offsets, n, alpha=alpha, num_targets=targets, rab=b, backend=backend, **kw)
+        out.backward(g)
+        return [t.grad for t in leaves] + ([] if b is None else [b.grad])
+
+    low_rab = None if rab is None else rab.to(dtype)
+    got = grads("cutlass", [q, k, v], low_rab, grad.to(dtype))
+    ref_low = grads("reference", [q, k, v], low_rab, grad.to(dtype))
+    exact = grads("reference", [q32, k32, v32], rab, grad)
+    for name, g_, r_, e_ in zip(["dq", "dk", "dv", "drab"], got, ref_low, exact, strict=False):
+        assert g_.dtype == r_.dtype and g_.shape == e_.shape, name
+        if e_.numel() == 0:
+            continue
+        err = (g_.float() - e_).abs().max().item()
+        ref_err = (r_.float() - e_).abs().max().item()
+        assert err <= 5 * ref_err + 1e-5, f"{name}: kernel error {err:.3e} > 5 x reference-{dtype} error {ref_err:.3e}"
+
+
 @needs_sm90
 @pytest.mark.gpu
-def test_backward_matches_reference() -> None:
-    # The backward currently runs the reference on the same saved inputs: gradients must equal it exactly.
-    (q, k, v), _, offsets, n, rab, targets = _inputs([5, 90, 200], 2, 64, torch.bfloat16, 3, 1, 4)
-    rab = rab.to(torch.bfloat16)
-    grads = []
-    for backend in ("cutlass", "reference"):
-        leaves = [t.detach().requires_grad_() for t in (q, k, v, rab)]
-        out = hstu_attention(*leaves[:3], offsets, n, alpha=0.125, num_targets=targets, rab=leaves[3], backend=backend)
-        out.float().square().sum().backward()
-        grads.append([t.grad for t in leaves])
-    for got, want in zip(*grads, strict=True):
-        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+@pytest.mark.parametrize("mask", sorted(MASKS))
+@pytest.mark.parametrize("rab_heads", [0, 1, 2])
+def test_backward_masks_and_rab(mask: str, rab_heads: int) -> None:
+    _check_backward([0, 1, 130, 77, 200], 2, 64, torch.bfloat16, rab_heads=rab_heads, **MASKS[mask])
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_backward_dtypes_and_head_dims(dtype: torch.dtype, dim: int) -> None:
+    # 256 runs the reference backward today (see cutlass_backend); the same bound holds trivially there.
+    _check_backward([1, 65, 300, 129], 2, dim, dtype, rab_heads=1, num_targets=4, max_seq_len=333)
+
+
+@needs_sm90
+@pytest.mark.gpu
+@settings(max_examples=30, deadline=None, database=None)
+@given(data=st.data())
+def test_backward_hypothesis(data: st.DataObject) -> None:
+    lengths = data.draw(st.lists(st.integers(0, 260), min_size=1, max_size=5))
+    kw = {
+        "causal": data.draw(st.booleans()),
+        "max_attn_len": data.draw(st.sampled_from([0, 0, 1, 16, 100])),
+        "contextual_seq_len": data.draw(st.sampled_from([0, 0, 1, 4])),
+        "num_targets": data.draw(st.sampled_from([0, 0, 1, 5])),
+        "target_group_size": data.draw(st.sampled_from([1, 2])),
+    }
+    _check_backward(
+        lengths,
+        data.draw(st.integers(1, 3)),
+        data.draw(st.sampled_from([64, 128])),
+        data.draw(st.sampled_from([torch.bfloat16, torch.float16])),
+        seed=data.draw(st.integers(0, 1000)),
+        rab_heads=data.draw(st.sampled_from([0, 1])),
+        alpha=data.draw(st.sampled_from([1.0, 0.1])),
+        **kw,
+    )

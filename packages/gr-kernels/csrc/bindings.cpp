@@ -18,24 +18,21 @@ T* as_ptr(std::uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
-void hstu_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
-              py::tuple q_strides, py::tuple k_strides, py::tuple v_strides, py::tuple o_strides,
-              std::uintptr_t seq_offsets, std::uintptr_t num_targets, std::uintptr_t rab, int rab_heads,
-              int batch, int heads, int head_dim, int max_seq_len, float alpha, int scaling_seqlen, bool causal,
-              int max_attn_len, int contextual_seq_len, int target_group_size, int dtype, std::uintptr_t stream) {
-  HstuFwdParams p;
+// Arguments shared by forward and backward, in this order, after the kernel-specific pointers.
+void fill_common(HstuFwdParams& p, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, py::tuple q_strides,
+                 py::tuple k_strides, py::tuple v_strides, std::uintptr_t seq_offsets, std::uintptr_t num_targets,
+                 std::uintptr_t rab, int rab_heads, int batch, int heads, int head_dim, int max_seq_len, float alpha,
+                 int scaling_seqlen, bool causal, int max_attn_len, int contextual_seq_len, int target_group_size,
+                 int dtype) {
   p.q = as_ptr<const void>(q);
   p.k = as_ptr<const void>(k);
   p.v = as_ptr<const void>(v);
-  p.out = as_ptr<void>(out);
   p.q_row_stride = q_strides[0].cast<int64_t>();
   p.q_head_stride = q_strides[1].cast<int64_t>();
   p.k_row_stride = k_strides[0].cast<int64_t>();
   p.k_head_stride = k_strides[1].cast<int64_t>();
   p.v_row_stride = v_strides[0].cast<int64_t>();
   p.v_head_stride = v_strides[1].cast<int64_t>();
-  p.o_row_stride = o_strides[0].cast<int64_t>();
-  p.o_head_stride = o_strides[1].cast<int64_t>();
   p.seq_offsets = as_ptr<const int32_t>(seq_offsets);
   p.num_targets = as_ptr<const int32_t>(num_targets);
   p.rab = as_ptr<const void>(rab);
@@ -54,8 +51,45 @@ void hstu_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr
   p.target_group_size = target_group_size;
   if (dtype != 0 && dtype != 1) throw std::invalid_argument("dtype must be 0 (bfloat16) or 1 (float16)");
   p.dtype = static_cast<gr_kernels::DType>(dtype);
-  const char* err = gr_kernels::hstu_fwd(p, as_ptr<void>(stream));
-  if (err != nullptr && err[0] != '\0') throw std::runtime_error(std::string("hstu_fwd: ") + err);
+}
+
+void check(const char* err, const char* what) {
+  if (err != nullptr && err[0] != '\0') throw std::runtime_error(std::string(what) + ": " + err);
+}
+
+void hstu_fwd(std::uintptr_t out, py::tuple o_strides, std::uintptr_t stream, std::uintptr_t q, std::uintptr_t k,
+              std::uintptr_t v, py::tuple q_strides, py::tuple k_strides, py::tuple v_strides,
+              std::uintptr_t seq_offsets, std::uintptr_t num_targets, std::uintptr_t rab, int rab_heads, int batch,
+              int heads, int head_dim, int max_seq_len, float alpha, int scaling_seqlen, bool causal,
+              int max_attn_len, int contextual_seq_len, int target_group_size, int dtype) {
+  HstuFwdParams p;
+  fill_common(p, q, k, v, q_strides, k_strides, v_strides, seq_offsets, num_targets, rab, rab_heads, batch, heads,
+              head_dim, max_seq_len, alpha, scaling_seqlen, causal, max_attn_len, contextual_seq_len,
+              target_group_size, dtype);
+  p.out = as_ptr<void>(out);
+  p.o_row_stride = o_strides[0].cast<int64_t>();
+  p.o_head_stride = o_strides[1].cast<int64_t>();
+  check(gr_kernels::hstu_fwd(p, as_ptr<void>(stream)), "hstu_fwd");
+}
+
+void hstu_bwd(std::uintptr_t dout, py::tuple do_strides, std::uintptr_t dq_accum, std::uintptr_t dk,
+              std::uintptr_t dv, std::uintptr_t drab_accum, std::uintptr_t stream, std::uintptr_t q, std::uintptr_t k,
+              std::uintptr_t v, py::tuple q_strides, py::tuple k_strides, py::tuple v_strides,
+              std::uintptr_t seq_offsets, std::uintptr_t num_targets, std::uintptr_t rab, int rab_heads, int batch,
+              int heads, int head_dim, int max_seq_len, float alpha, int scaling_seqlen, bool causal,
+              int max_attn_len, int contextual_seq_len, int target_group_size, int dtype) {
+  gr_kernels::HstuBwdParams p;
+  fill_common(p, q, k, v, q_strides, k_strides, v_strides, seq_offsets, num_targets, rab, rab_heads, batch, heads,
+              head_dim, max_seq_len, alpha, scaling_seqlen, causal, max_attn_len, contextual_seq_len,
+              target_group_size, dtype);
+  p.dout = as_ptr<const void>(dout);
+  p.do_row_stride = do_strides[0].cast<int64_t>();
+  p.do_head_stride = do_strides[1].cast<int64_t>();
+  p.dq_accum = as_ptr<float>(dq_accum);
+  p.dk = as_ptr<void>(dk);
+  p.dv = as_ptr<void>(dv);
+  p.drab_accum = as_ptr<float>(drab_accum);
+  check(gr_kernels::hstu_bwd(p, as_ptr<void>(stream)), "hstu_bwd");
 }
 
 }  // namespace
@@ -63,5 +97,6 @@ void hstu_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gr_kernels native HSTU attention kernels (CUDA)";
   m.def("hstu_fwd", &hstu_fwd, "HSTU attention forward on jagged q/k/v (raw device pointers)");
+  m.def("hstu_bwd", &hstu_bwd, "HSTU attention backward: dq (fp32, accumulated), dk, dv, drab (fp32, accumulated)");
   m.def("compiled_archs", &gr_kernels::compiled_archs, "CUDA architectures this build holds code for");
 }

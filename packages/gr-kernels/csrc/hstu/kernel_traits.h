@@ -50,4 +50,26 @@ struct HstuFwdTraits {
   }
 };
 
+// Backward: one CTA owns kBlockN keys (16 per warp) of one (sequence, head) and walks the query tiles of kBlockM
+// rows that can see them, accumulating dK and dV in registers; dQ partials go to an fp32 buffer with atomics.
+template <typename Element_, int kHeadDim_>
+struct HstuBwdTraits {
+  using Element = Element_;
+  using Mma = typename MmaAtom<Element>::Op;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockN = 64;  // keys per CTA
+  static constexpr int kBlockM = 32;  // queries per step
+  static constexpr int kWarps = kBlockN / 16;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kChunksPerRow = kHeadDim / 8;
+  static_assert(kHeadDim % 64 == 0, "head dim must be a multiple of 64 (swizzle spans 8 chunks)");
+  static constexpr int kDxStride = kBlockM + 8;  // padded rows of the dX^T tile: conflict-free ldmatrix
+  static constexpr int kSmemElems = 2 * kBlockN * kHeadDim + 2 * kBlockM * kHeadDim + kBlockN * kDxStride;
+  static constexpr int kSmemBytes = kSmemElems * int(sizeof(Element));
+
+  __device__ __forceinline__ static int swizzle(int row, int col) {
+    return row * kHeadDim + (((col >> 3) ^ (row & 7)) << 3) + (col & 7);
+  }
+};
+
 }  // namespace gr_kernels

@@ -39,6 +39,19 @@ struct HstuFwdParams {
   DType dtype = DType::kBFloat16;
 };
 
+// Backward: the forward's arguments plus the output gradient and the gradient buffers. dq and drab are fp32
+// accumulators (zero-initialised by the caller) that several CTAs add into; dk and dv are written once, in q's dtype.
+struct HstuBwdParams : HstuFwdParams {
+  const void* dout = nullptr;  // [total, heads, dim], same strides rule as q
+  int64_t do_row_stride = 0, do_head_stride = 0;
+  float* dq_accum = nullptr;   // [total, heads, dim] contiguous fp32
+  void* dk = nullptr;          // [total, heads, dim] contiguous
+  void* dv = nullptr;          // [total, heads, dim] contiguous
+  float* drab_accum = nullptr; // [batch, rab_heads, max_seq_len, max_seq_len] fp32, or null without rab
+};
+
+const char* hstu_bwd(const HstuBwdParams& params, void* stream);
+
 // Launches the forward kernel on `stream` (a cudaStream_t). Returns an empty string on success, else the reason.
 const char* hstu_fwd(const HstuFwdParams& params, void* stream);
 

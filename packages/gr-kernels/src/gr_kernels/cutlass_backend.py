@@ -4,8 +4,9 @@ The extension takes raw device pointers, strides and the current CUDA stream, so
 version and never synchronises with the host; outputs are allocated through torch's caching allocator, which keeps
 it usable under CUDA graph capture.
 
-Status: the forward pass is native. The backward pass still runs the PyTorch reference (``reference_backward``);
-the native backward is the next step of the kernels work.
+Status: forward native for head dims 64/128/256; backward native for 64/128 (dq and drab accumulate in fp32
+buffers, cast once at the end); a head-dim-256 backward still runs the PyTorch reference (``reference_backward``):
+its dK + dV accumulators do not fit one warp's registers in this kernel generation.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ else:
     _IMPORT_ERROR = ""
 
 HEAD_DIMS = (64, 128, 256)
+BWD_HEAD_DIMS = (64, 128)
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 
 
@@ -72,37 +74,10 @@ class CutlassBackend:
         rab: Tensor | None,
         params: HSTUParams,
     ) -> Tensor:
-        q, k, v = (t if _row_aligned(t) else t.contiguous() for t in (q, k, v))
+        q, k, v = (_aligned(t) for t in (q, k, v))
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        offsets = seq_offsets.to(torch.int32).contiguous()
-        targets = None if num_targets is None else num_targets.to(torch.int32).contiguous()
-        bias = None if rab is None else rab.to(q.dtype).contiguous()
-        _C.hstu_fwd(
-            q.data_ptr(),
-            k.data_ptr(),
-            v.data_ptr(),
-            out.data_ptr(),
-            (q.stride(0), q.stride(1)),
-            (k.stride(0), k.stride(1)),
-            (v.stride(0), v.stride(1)),
-            (out.stride(0), out.stride(1)),
-            offsets.data_ptr(),
-            0 if targets is None else targets.data_ptr(),
-            0 if bias is None else bias.data_ptr(),
-            0 if bias is None else bias.shape[1],
-            offsets.numel() - 1,
-            q.shape[1],
-            q.shape[2],
-            params.max_seq_len,
-            params.alpha,
-            params.scaling_seqlen,
-            params.causal,
-            params.max_attn_len,
-            params.contextual_seq_len,
-            params.target_group_size,
-            _DTYPES[q.dtype],
-            torch.cuda.current_stream(q.device).cuda_stream,
-        )
+        args, _ = _common_args(q, k, v, seq_offsets, num_targets, rab, params)
+        _C.hstu_fwd(out.data_ptr(), (out.stride(0), out.stride(1)), _stream(q), *args)
         return out
 
     def backward(
@@ -116,4 +91,71 @@ class CutlassBackend:
         rab: Tensor | None,
         params: HSTUParams,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        return reference_backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params)
+        if q.shape[-1] not in BWD_HEAD_DIMS:
+            return reference_backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params)
+        q, k, v, grad_out = (_aligned(t) for t in (q, k, v, grad_out))
+        total, heads, dim = q.shape
+        dq = torch.zeros(total, heads, dim, dtype=torch.float32, device=q.device)
+        dk = torch.empty(total, heads, dim, dtype=q.dtype, device=q.device)
+        dv = torch.empty(total, heads, dim, dtype=q.dtype, device=q.device)
+        drab = None if rab is None else torch.zeros(rab.shape, dtype=torch.float32, device=q.device)
+        args, _ = _common_args(q, k, v, seq_offsets, num_targets, rab, params)
+        _C.hstu_bwd(
+            grad_out.data_ptr(),
+            (grad_out.stride(0), grad_out.stride(1)),
+            dq.data_ptr(),
+            dk.data_ptr(),
+            dv.data_ptr(),
+            0 if drab is None else drab.data_ptr(),
+            _stream(q),
+            *args,
+        )
+        return dq.to(q.dtype), dk, dv, None if drab is None else drab.to(rab.dtype)
+
+
+def _aligned(t: Tensor) -> Tensor:
+    return t if _row_aligned(t) else t.contiguous()
+
+
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _common_args(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
+    num_targets: Tensor | None,
+    rab: Tensor | None,
+    params: HSTUParams,
+) -> tuple[tuple, list[Tensor]]:
+    """The positional arguments both kernels share, and the temporaries they point into (kept alive by the caller's
+    stream order: torch's allocator does not reuse a block before the stream's queued work is done)."""
+    offsets = seq_offsets.to(torch.int32).contiguous()
+    targets = None if num_targets is None else num_targets.to(torch.int32).contiguous()
+    bias = None if rab is None else rab.to(q.dtype).contiguous()
+    args = (
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        (q.stride(0), q.stride(1)),
+        (k.stride(0), k.stride(1)),
+        (v.stride(0), v.stride(1)),
+        offsets.data_ptr(),
+        0 if targets is None else targets.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        0 if bias is None else bias.shape[1],
+        offsets.numel() - 1,
+        q.shape[1],
+        q.shape[2],
+        params.max_seq_len,
+        params.alpha,
+        params.scaling_seqlen,
+        params.causal,
+        params.max_attn_len,
+        params.contextual_seq_len,
+        params.target_group_size,
+        _DTYPES[q.dtype],
+    )
+    return args, [t for t in (offsets, targets, bias) if t is not None]
