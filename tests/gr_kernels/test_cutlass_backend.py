@@ -8,6 +8,8 @@ outputs that are exactly representable).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 
 import pytest
 import torch
@@ -26,6 +28,18 @@ needs_sm90 = pytest.mark.skipif(not ON_SM90, reason="needs an sm90 GPU and gr-ke
 def _call(device: str, dtype: torch.dtype = torch.bfloat16, dim: int = 64, dropout: float = 0.0) -> AttentionCall:
     params = HSTUParams(8, 1.0, 8, dropout_p=dropout)
     return AttentionCall(params, torch.device(device), dtype, 2, dim, dim, torch.int64, False, 0, False)
+
+
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None or os.environ.get("GR_KERNELS_CUDA", "auto").lower() == "off",
+    reason="no nvcc on this machine (or GR_KERNELS_CUDA=off): the install is pure Python by design",
+)
+def test_install_compiled_the_cuda_kernels() -> None:
+    # Where nvcc exists (CI's CPU machines included) the package build must have compiled the CUDA sources.
+    assert native_available(), "nvcc is on PATH but gr_kernels._C is missing: the CUDA build was skipped or failed"
+    from gr_kernels import _C
+
+    assert "90a" in _C.compiled_archs().split(";")
 
 
 def test_registered_ahead_of_the_reference() -> None:

@@ -81,15 +81,31 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
   const int ld_mat = lane / 8;
   const int ld_row = lane % 8;
 
+  // Software pipeline with one K and one V buffer: the next K tile streams in while this tile's P V runs, the next
+  // V tile while the next S = Q K^T runs (cp.async groups: Q+K0, V0, then K_next, V_next alternately).
+  const Element* k_base = static_cast<const Element*>(p.k) + int64_t(seq_start) * p.k_row_stride +
+                          int64_t(head) * p.k_head_stride;
+  const Element* v_base = static_cast<const Element*>(p.v) + int64_t(seq_start) * p.v_row_stride +
+                          int64_t(head) * p.v_head_stride;
+  if (n_start < n_end) {
+    detail::load_tile<Traits, kBlockN>(sK, k_base + int64_t(n_start) * p.k_row_stride, p.k_row_stride,
+                                       length - n_start);
+  }
+  cute::cp_async_fence();
+  if (n_start < n_end) {
+    detail::load_tile<Traits, kBlockN>(sV, v_base + int64_t(n_start) * p.v_row_stride, p.v_row_stride,
+                                       length - n_start);
+  }
+  cute::cp_async_fence();
+
+  // Tiles whose every (i, j) is visible need no per-element mask: all rows and columns in the history, no window,
+  // and (causal) every key at or before every query.
+  const bool rows_plain = m0 + kBlockM <= mask.history && p.max_attn_len == 0;
+
   for (int n0 = n_start; n0 < n_end; n0 += kBlockN) {
-    const Element* k = static_cast<const Element*>(p.k) + int64_t(seq_start + n0) * p.k_row_stride +
-                       int64_t(head) * p.k_head_stride;
-    const Element* v = static_cast<const Element*>(p.v) + int64_t(seq_start + n0) * p.v_row_stride +
-                       int64_t(head) * p.v_head_stride;
-    detail::load_tile<Traits, kBlockN>(sK, k, p.k_row_stride, length - n0);
-    detail::load_tile<Traits, kBlockN>(sV, v, p.v_row_stride, length - n0);
-    cute::cp_async_fence();
-    cute::cp_async_wait<0>();
+    const bool has_next = n0 + kBlockN < n_end;
+    const bool full_tile = rows_plain && n0 + kBlockN <= mask.history && (!p.causal || n0 + kBlockN - 1 <= m0);
+    cute::cp_async_wait<1>();  // Q and this K have landed (this V may still be in flight)
     __syncthreads();
 
     // S = Q K^T for this warp's 16 rows x kBlockN keys.
@@ -117,6 +133,13 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
       }
     }
 
+    __syncthreads();  // every warp is done with sK
+    if (has_next) {
+      detail::load_tile<Traits, kBlockN>(sK, k_base + int64_t(n0 + kBlockN) * p.k_row_stride, p.k_row_stride,
+                                         length - n0 - kBlockN);
+    }
+    cute::cp_async_fence();
+
     // P = SiLU(alpha (S + rab)) * mask / N, packed as the A operand of P V.
     uint32_t pa[kNTiles / 2][4];
 #pragma unroll
@@ -127,7 +150,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
         const int i = m0 + warp * 16 + g + (e >> 1) * 8;
         const int j = n0 + t * 8 + tq * 2 + (e & 1);
         float x = s[t][e];
-        const bool valid = mask(i, j);
+        const bool valid = full_tile || mask(i, j);
         if (rab != nullptr && valid) x += detail::to_float(rab[int64_t(i) * p.max_seq_len + j]);
         const float z = p.alpha * x;
         pv[e] = valid ? z * detail::fast_sigmoid(z) * p.inv_scaling_seqlen : 0.f;
@@ -135,6 +158,9 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
       pa[t / 2][(t & 1) * 2 + 0] = detail::pack2<Element>(pv[0], pv[1]);
       pa[t / 2][(t & 1) * 2 + 1] = detail::pack2<Element>(pv[2], pv[3]);
     }
+
+    cute::cp_async_wait<1>();  // this V has landed (the next K may still be in flight)
+    __syncthreads();
 
     // O += P V: V tile read transposed (ldmatrix.trans) as the col-major B operand.
 #pragma unroll
@@ -154,7 +180,12 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
                  o1[2], o1[3]);
       }
     }
-    __syncthreads();  // the next tile overwrites sK / sV
+    __syncthreads();  // every warp is done with sV
+    if (has_next) {
+      detail::load_tile<Traits, kBlockN>(sV, v_base + int64_t(n0 + kBlockN) * p.v_row_stride, p.v_row_stride,
+                                         length - n0 - kBlockN);
+    }
+    cute::cp_async_fence();
   }
 
   // Epilogue: rows past the sequence end belong to no output row.
