@@ -1,8 +1,39 @@
 """gr-dynemb: dynamic (hash-table) embedding tables for TorchRec.
 
-The table implementation (native CPU/CUDA hash table, eviction, admission, tiers, sharder) is tracked by the
-gr-dynemb issue; this package currently provides only its distribution metadata so that the monorepo layout,
-dependency graph and install tests are in place.
+``DynamicHashTable`` is the native collision-free int64 -> row table (host memory, multi-threaded C++) with scores,
+eviction policies, growth and export; ``DynamicEmbedding`` is an embedding module over it with admission and fused
+backward optimizers (SGD, Adagrad, row-wise Adagrad, Adam). The CUDA table, host tier, TorchRec sharder and
+checkpoints are the next steps of the gr-dynemb issue.
 """
 
+from gr_dynemb.embedding import DynamicEmbedding, DynamicEmbeddingConfig, FusedOptimizerConfig
+from gr_dynemb.table import (
+    BUCKET_SIZE,
+    EVICTED,
+    FOUND,
+    INSERTED,
+    REJECTED,
+    RESERVED_KEYS,
+    DynamicHashTable,
+    DynamicTableConfig,
+    InitializerConfig,
+    TableFullError,
+)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "BUCKET_SIZE",
+    "EVICTED",
+    "FOUND",
+    "INSERTED",
+    "REJECTED",
+    "RESERVED_KEYS",
+    "DynamicEmbedding",
+    "DynamicEmbeddingConfig",
+    "DynamicHashTable",
+    "DynamicTableConfig",
+    "FusedOptimizerConfig",
+    "InitializerConfig",
+    "TableFullError",
+]

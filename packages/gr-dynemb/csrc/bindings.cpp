@@ -1,0 +1,94 @@
+// Python binding of the dynamic table. Arrays cross as raw addresses of contiguous host buffers (torch tensors'
+// data_ptr()), so no torch C++ headers are needed and one build serves every torch version.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "table/cpu_table.h"
+
+namespace py = pybind11;
+using namespace gr_dynemb;
+
+namespace {
+
+template <typename T>
+T* ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "gr_dynemb native hash tables";
+  m.attr("EMPTY_KEY") = kEmptyKey;
+  m.attr("ERASED_KEY") = kErasedKey;
+  m.attr("BUCKET_SIZE") = kBucketSize;
+
+  py::class_<CpuTable>(m, "CpuTable")
+      .def(py::init([](int64_t capacity, int64_t max_capacity, int dim, int value_dim, int policy, int init_kind,
+                       float init_a, float init_b, uint64_t seed, double max_load_factor, int num_threads) {
+             TableOptions o;
+             o.capacity = capacity;
+             o.max_capacity = max_capacity;
+             o.dim = dim;
+             o.value_dim = value_dim;
+             if (policy < 0 || policy > 5) throw std::invalid_argument("unknown score policy");
+             o.policy = static_cast<ScorePolicy>(policy);
+             if (init_kind < 0 || init_kind > 3) throw std::invalid_argument("unknown initializer");
+             o.init = Initializer{static_cast<InitKind>(init_kind), init_a, init_b, seed};
+             o.max_load_factor = max_load_factor;
+             o.num_threads = num_threads;
+             return new CpuTable(o);
+           }),
+           py::arg("capacity"), py::arg("max_capacity"), py::arg("dim"), py::arg("value_dim"), py::arg("policy"),
+           py::arg("init_kind"), py::arg("init_a"), py::arg("init_b"), py::arg("seed"), py::arg("max_load_factor"),
+           py::arg("num_threads"))
+      .def("size", &CpuTable::size)
+      .def("capacity", &CpuTable::capacity)
+      .def("load_factor", &CpuTable::load_factor)
+      .def("set_step", &CpuTable::set_step)
+      .def("set_epoch", &CpuTable::set_epoch)
+      .def("evicted_count", &CpuTable::evicted_count)
+      .def("rejected_count", &CpuTable::rejected_count)
+      .def("find",
+           [](CpuTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t found, bool touch) {
+             py::gil_scoped_release nogil;
+             t.find(ptr<const int64_t>(keys), n, ptr<float>(values), ptr<bool>(found), touch);
+           })
+      .def("find_or_insert",
+           [](CpuTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t status,
+              std::uintptr_t scores) {
+             py::gil_scoped_release nogil;
+             t.find_or_insert(ptr<const int64_t>(keys), n, ptr<float>(values), ptr<int8_t>(status),
+                              ptr<const uint64_t>(scores));
+           })
+      .def("insert_or_assign",
+           [](CpuTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t status,
+              std::uintptr_t scores) {
+             py::gil_scoped_release nogil;
+             t.insert_or_assign(ptr<const int64_t>(keys), n, ptr<const float>(values), ptr<int8_t>(status),
+                                ptr<const uint64_t>(scores));
+           })
+      .def("assign",
+           [](CpuTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t found) {
+             py::gil_scoped_release nogil;
+             t.assign(ptr<const int64_t>(keys), n, ptr<const float>(values), ptr<bool>(found));
+           })
+      .def("accumulate",
+           [](CpuTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t delta, std::uintptr_t found) {
+             py::gil_scoped_release nogil;
+             t.accumulate(ptr<const int64_t>(keys), n, ptr<const float>(delta), ptr<bool>(found));
+           })
+      .def("erase", [](CpuTable& t, std::uintptr_t keys, int64_t n) { return t.erase(ptr<const int64_t>(keys), n); })
+      .def("erase_if_score_below", &CpuTable::erase_if_score_below)
+      .def("count_if_score_at_least", &CpuTable::count_if_score_at_least)
+      .def("export_if_score_at_least",
+           [](const CpuTable& t, uint64_t threshold, std::uintptr_t keys, std::uintptr_t values, std::uintptr_t scores,
+              int64_t max_n) {
+             return t.export_if_score_at_least(threshold, ptr<int64_t>(keys), ptr<float>(values),
+                                               ptr<uint64_t>(scores), max_n);
+           })
+      .def("reserve", &CpuTable::reserve)
+      .def("clear", &CpuTable::clear)
+      .def("initial_row", [](const CpuTable& t, int64_t key, std::uintptr_t row) { t.initial_row(key, ptr<float>(row)); });
+}

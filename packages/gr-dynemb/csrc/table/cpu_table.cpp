@@ -1,0 +1,360 @@
+#include "table/cpu_table.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+#include "table/hash.h"
+
+namespace gr_dynemb {
+
+namespace {
+
+int64_t round_up_buckets(int64_t slots) {
+  int64_t buckets = 1;
+  while (buckets * kBucketSize < slots) buckets <<= 1;
+  return buckets;
+}
+
+bool is_reserved(int64_t key) { return key == kEmptyKey || key == kErasedKey; }
+
+constexpr int64_t kSerialBelow = 4096;  // smaller batches run on the calling thread
+
+}  // namespace
+
+CpuTable::CpuTable(const TableOptions& options) : options_(options) {
+  if (options_.dim <= 0) throw std::invalid_argument("dim must be positive");
+  if (options_.value_dim < options_.dim) throw std::invalid_argument("value_dim must be >= dim");
+  if (options_.capacity <= 0) throw std::invalid_argument("capacity must be positive");
+  if (options_.max_capacity < options_.capacity) throw std::invalid_argument("max_capacity must be >= capacity");
+  if (!(options_.max_load_factor > 0.0 && options_.max_load_factor <= 1.0))
+    throw std::invalid_argument("max_load_factor must be in (0, 1]");
+  if (options_.init.kind == InitKind::kUniform && !(options_.init.a < options_.init.b))
+    throw std::invalid_argument("uniform initializer needs low < high");
+  if ((options_.init.kind == InitKind::kNormal || options_.init.kind == InitKind::kTruncatedNormal) &&
+      !(options_.init.b > 0.f))
+    throw std::invalid_argument("normal initializers need std > 0");
+  if (options_.num_threads <= 0) options_.num_threads = std::max(1u, std::thread::hardware_concurrency());
+  rehash(round_up_buckets(options_.capacity) * kBucketSize);
+}
+
+template <typename Fn>
+void CpuTable::parallel_for(int64_t n, Fn&& fn) const {
+  const int threads = static_cast<int>(std::min<int64_t>(options_.num_threads, (n + kSerialBelow - 1) / kSerialBelow));
+  if (threads <= 1) {
+    fn(int64_t(0), n);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  const int64_t chunk = (n + threads - 1) / threads;
+  for (int t = 0; t < threads; ++t) {
+    const int64_t begin = t * chunk, end = std::min(n, begin + chunk);
+    if (begin < end) pool.emplace_back([&fn, begin, end] { fn(begin, end); });
+  }
+  for (auto& th : pool) th.join();
+}
+
+CpuTable::Probe CpuTable::probe(int64_t key) const {
+  const uint64_t h = mix64(static_cast<uint64_t>(key));
+  return Probe{static_cast<int64_t>(h & static_cast<uint64_t>(num_buckets_ - 1)),
+               static_cast<int>((h >> 32) & (kBucketSize - 1)), static_cast<uint8_t>(h >> 56)};
+}
+
+int64_t CpuTable::locate(int64_t key, const Probe& pr) const {
+  const int64_t base = pr.bucket * kBucketSize;
+  for (int i = 0; i < kBucketSize; ++i) {
+    const int64_t slot = base + ((pr.start + i) & (kBucketSize - 1));
+    const int64_t k = keys_[slot];
+    if (k == kEmptyKey) return -1;  // inserts fill the first free slot on the probe path: key is absent
+    if (digests_[slot] == pr.digest && k == key) return slot;
+  }
+  return -1;
+}
+
+uint64_t CpuTable::touched_score(uint64_t old_score, bool is_new, const uint64_t* custom, int64_t i) const {
+  switch (options_.policy) {
+    case ScorePolicy::kNone: return 0;
+    case ScorePolicy::kLru: return step_;
+    case ScorePolicy::kLfu: return is_new ? 1 : old_score + 1;
+    case ScorePolicy::kEpochLru: return (uint64_t(epoch_) << 32) | (step_ & 0xffffffffULL);
+    case ScorePolicy::kEpochLfu: {
+      const uint64_t epoch_bits = uint64_t(epoch_) << 32;
+      if (is_new || (old_score & ~0xffffffffULL) != epoch_bits) return epoch_bits | 1;
+      const uint64_t count = old_score & 0xffffffffULL;
+      return epoch_bits | (count == 0xffffffffULL ? count : count + 1);
+    }
+    case ScorePolicy::kCustom: return custom[i];
+  }
+  return 0;
+}
+
+void CpuTable::lock(int64_t bucket) {
+  auto& l = locks_[bucket];
+  uint8_t expected = 0;
+  while (!l.compare_exchange_weak(expected, 1, std::memory_order_acquire)) {
+    expected = 0;
+    std::this_thread::yield();
+  }
+}
+
+void CpuTable::unlock(int64_t bucket) { locks_[bucket].store(0, std::memory_order_release); }
+
+int64_t CpuTable::place(int64_t key, const Probe& pr, uint64_t score, InsertStatus& status) {
+  const int64_t base = pr.bucket * kBucketSize;
+  for (int i = 0; i < kBucketSize; ++i) {
+    const int64_t slot = base + ((pr.start + i) & (kBucketSize - 1));
+    const int64_t k = keys_[slot];
+    if (k == kEmptyKey || k == kErasedKey) {
+      keys_[slot] = key;
+      digests_[slot] = pr.digest;
+      scores_[slot] = score;
+      size_.fetch_add(1);
+      status = InsertStatus::kInserted;
+      return slot;
+    }
+  }
+  // Bucket full: the lowest score goes if the newcomer scores higher.
+  if (options_.policy != ScorePolicy::kNone) {
+    int64_t victim = base;
+    for (int64_t s = base + 1; s < base + kBucketSize; ++s) {
+      if (scores_[s] < scores_[victim]) victim = s;
+    }
+    if (score > scores_[victim]) {
+      keys_[victim] = key;
+      digests_[victim] = pr.digest;
+      scores_[victim] = score;
+      evicted_.fetch_add(1);
+      status = InsertStatus::kEvicted;
+      return victim;
+    }
+  }
+  rejected_.fetch_add(1);
+  status = InsertStatus::kRejected;
+  return -1;
+}
+
+void CpuTable::initial_row(int64_t key, float* row) const {
+  const Initializer& in = options_.init;
+  const auto seed = in.seed;
+  if (in.kind == InitKind::kNormal) {
+    // Box-Muller yields two independent normals per pair of uniforms: use both.
+    for (int d = 0; d < options_.dim; d += 2) {
+      double z0, z1;
+      standard_normal_pair(seed, key, d / 2, z0, z1);
+      row[d] = in.a + in.b * float(z0);
+      if (d + 1 < options_.dim) row[d + 1] = in.a + in.b * float(z1);
+    }
+    std::fill(row + options_.dim, row + options_.value_dim, 0.f);
+    return;
+  }
+  for (int d = 0; d < options_.dim; ++d) {
+    float x = 0.f;
+    switch (in.kind) {
+      case InitKind::kNormal: break;  // handled above
+      case InitKind::kTruncatedNormal: {
+        // Redraw outside two standard deviations (the usual truncation), with a bounded number of tries.
+        double z = standard_normal(seed, key, d);
+        for (uint64_t r = 1; std::fabs(z) > 2.0 && r < 64; ++r) z = standard_normal(seed, key, d + r * 1000003ULL);
+        x = in.a + in.b * float(std::max(-2.0, std::min(2.0, z)));
+        break;
+      }
+      case InitKind::kUniform: x = in.a + (in.b - in.a) * float(uniform01(seed, key, d)); break;
+      case InitKind::kConstant: x = in.a; break;
+    }
+    row[d] = x;
+  }
+  std::fill(row + options_.dim, row + options_.value_dim, 0.f);
+}
+
+void CpuTable::find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score) {
+  const int vd = options_.value_dim;
+  parallel_for(n, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t key = keys[i];
+      int64_t slot = is_reserved(key) ? -1 : locate(key, probe(key));
+      found[i] = slot >= 0;
+      if (slot < 0) {
+        if (values) std::fill(values + i * vd, values + (i + 1) * vd, 0.f);
+        continue;
+      }
+      if (values) std::memcpy(values + i * vd, &values_[slot * vd], sizeof(float) * vd);
+      if (update_score) {
+        const Probe pr = probe(key);
+        lock(pr.bucket);
+        scores_[slot] = touched_score(scores_[slot], false, nullptr, i);
+        unlock(pr.bucket);
+      }
+    }
+  });
+}
+
+void CpuTable::grow_for(int64_t incoming) {
+  const double limit = options_.max_load_factor;
+  int64_t target = capacity();
+  while (double(size() + incoming) > limit * double(target) && target < options_.max_capacity) target *= 2;
+  target = std::min(target, round_up_buckets(options_.max_capacity) * kBucketSize);
+  if (target > capacity()) rehash(target);
+}
+
+void CpuTable::find_or_insert(const int64_t* keys, int64_t n, float* values, int8_t* status, const uint64_t* scores) {
+  grow_for(n);
+  const int vd = options_.value_dim;
+  parallel_for(n, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t key = keys[i];
+      const Probe pr = probe(key);
+      lock(pr.bucket);
+      int64_t slot = locate(key, pr);
+      InsertStatus st = InsertStatus::kFound;
+      if (slot >= 0) {
+        scores_[slot] = touched_score(scores_[slot], false, scores, i);
+      } else {
+        slot = place(key, pr, touched_score(0, true, scores, i), st);
+        if (slot >= 0) initial_row(key, &values_[slot * vd]);
+      }
+      if (slot >= 0) std::memcpy(values + i * vd, &values_[slot * vd], sizeof(float) * vd);
+      unlock(pr.bucket);
+      if (slot < 0) initial_row(key, values + i * vd);
+      status[i] = static_cast<int8_t>(st);
+    }
+  });
+}
+
+void CpuTable::insert_or_assign(const int64_t* keys, int64_t n, const float* values, int8_t* status,
+                                const uint64_t* scores) {
+  grow_for(n);
+  const int vd = options_.value_dim;
+  parallel_for(n, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t key = keys[i];
+      const Probe pr = probe(key);
+      lock(pr.bucket);
+      int64_t slot = locate(key, pr);
+      InsertStatus st = InsertStatus::kFound;
+      if (slot >= 0) {
+        scores_[slot] = touched_score(scores_[slot], false, scores, i);
+      } else {
+        slot = place(key, pr, touched_score(0, true, scores, i), st);
+      }
+      if (slot >= 0) std::memcpy(&values_[slot * vd], values + i * vd, sizeof(float) * vd);
+      unlock(pr.bucket);
+      status[i] = static_cast<int8_t>(st);
+    }
+  });
+}
+
+void CpuTable::assign(const int64_t* keys, int64_t n, const float* values, bool* found) {
+  const int vd = options_.value_dim;
+  parallel_for(n, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t slot = is_reserved(keys[i]) ? -1 : locate(keys[i], probe(keys[i]));
+      if (found) found[i] = slot >= 0;
+      if (slot >= 0) std::memcpy(&values_[slot * vd], values + i * vd, sizeof(float) * vd);
+    }
+  });
+}
+
+void CpuTable::accumulate(const int64_t* keys, int64_t n, const float* delta, bool* found) {
+  const int vd = options_.value_dim;
+  parallel_for(n, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Probe pr = probe(keys[i]);
+      const int64_t slot = is_reserved(keys[i]) ? -1 : locate(keys[i], pr);
+      if (found) found[i] = slot >= 0;
+      if (slot < 0) continue;
+      lock(pr.bucket);  // duplicate keys in one call add up
+      float* row = &values_[slot * vd];
+      const float* d = delta + i * vd;
+      for (int c = 0; c < vd; ++c) row[c] += d[c];
+      unlock(pr.bucket);
+    }
+  });
+}
+
+int64_t CpuTable::erase(const int64_t* keys, int64_t n) {
+  int64_t erased = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (is_reserved(keys[i])) continue;
+    const int64_t slot = locate(keys[i], probe(keys[i]));
+    if (slot < 0) continue;
+    keys_[slot] = kErasedKey;
+    scores_[slot] = 0;
+    ++erased;
+  }
+  size_.fetch_sub(erased);
+  return erased;
+}
+
+int64_t CpuTable::erase_if_score_below(uint64_t threshold) {
+  int64_t erased = 0;
+  for (int64_t s = 0; s < capacity(); ++s) {
+    if (!is_reserved(keys_[s]) && scores_[s] < threshold) {
+      keys_[s] = kErasedKey;
+      scores_[s] = 0;
+      ++erased;
+    }
+  }
+  size_.fetch_sub(erased);
+  return erased;
+}
+
+int64_t CpuTable::count_if_score_at_least(uint64_t threshold) const {
+  int64_t count = 0;
+  for (int64_t s = 0; s < capacity(); ++s) count += !is_reserved(keys_[s]) && scores_[s] >= threshold;
+  return count;
+}
+
+int64_t CpuTable::export_if_score_at_least(uint64_t threshold, int64_t* keys, float* values, uint64_t* scores,
+                                           int64_t max_n) const {
+  const int vd = options_.value_dim;
+  int64_t out = 0;
+  for (int64_t s = 0; s < capacity() && out < max_n; ++s) {
+    if (is_reserved(keys_[s]) || scores_[s] < threshold) continue;
+    keys[out] = keys_[s];
+    if (values) std::memcpy(values + out * vd, &values_[s * vd], sizeof(float) * vd);
+    if (scores) scores[out] = scores_[s];
+    ++out;
+  }
+  return out;
+}
+
+void CpuTable::reserve(int64_t capacity) {
+  const int64_t target = std::min(round_up_buckets(capacity) * kBucketSize, round_up_buckets(options_.max_capacity) * kBucketSize);
+  if (target > this->capacity()) rehash(target);
+}
+
+void CpuTable::clear() {
+  std::fill(keys_.begin(), keys_.end(), kEmptyKey);
+  std::fill(scores_.begin(), scores_.end(), 0);
+  size_ = 0;
+}
+
+void CpuTable::rehash(int64_t new_capacity) {
+  std::vector<int64_t> old_keys = std::move(keys_);
+  std::vector<uint64_t> old_scores = std::move(scores_);
+  std::vector<float> old_values = std::move(values_);
+  const int vd = options_.value_dim;
+  num_buckets_ = new_capacity / kBucketSize;
+  keys_.assign(new_capacity, kEmptyKey);
+  digests_.assign(new_capacity, 0);
+  scores_.assign(new_capacity, 0);
+  values_.assign(static_cast<size_t>(new_capacity) * vd, 0.f);
+  locks_.reset(new std::atomic<uint8_t>[num_buckets_]);
+  for (int64_t b = 0; b < num_buckets_; ++b) locks_[b].store(0);
+  size_ = 0;
+  for (size_t s = 0; s < old_keys.size(); ++s) {
+    if (is_reserved(old_keys[s])) continue;
+    const Probe pr = probe(old_keys[s]);
+    InsertStatus st;
+    // Growth doubles the buckets, so every old bucket splits into two with room to spare; a key that still finds
+    // its bucket full (only possible when shrinking, which never happens) would be dropped and counted.
+    const int64_t slot = place(old_keys[s], pr, old_scores[s], st);
+    if (slot >= 0) std::memcpy(&values_[slot * vd], &old_values[s * vd], sizeof(float) * vd);
+  }
+}
+
+}  // namespace gr_dynemb

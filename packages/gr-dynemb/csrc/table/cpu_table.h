@@ -1,0 +1,105 @@
+// CpuTable: a collision-free int64 -> float-row hash table in host memory, with scores and eviction.
+//
+// Layout: capacity = num_buckets * 128 slots (num_buckets a power of two). A key hashes to one bucket and a start
+// slot; it is probed linearly inside that bucket only, so a bucket is the unit of eviction. Per slot: key, 8-bit
+// digest (fast filter), score; the value row is [embedding (dim) | optimizer state (value_dim - dim)].
+// Lookups stop at the first never-used slot; erase leaves a reusable tombstone. Operations split their keys over
+// threads; inserting operations take a per-bucket spin lock, so duplicate keys in one batch are inserted once.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "table/types.h"
+
+namespace gr_dynemb {
+
+struct TableOptions {
+  int64_t capacity = 1 << 16;      // initial slots (rounded up to a power-of-two number of buckets)
+  int64_t max_capacity = 1 << 24;  // growth stops here; then a full bucket evicts (or rejects)
+  int dim = 16;
+  int value_dim = 16;              // >= dim: dim embedding columns, then optimizer state (zero-initialised)
+  ScorePolicy policy = ScorePolicy::kLru;
+  Initializer init;
+  double max_load_factor = 0.75;   // grow (double) before an insert would pass this
+  int num_threads = 0;             // 0: hardware concurrency
+};
+
+class CpuTable {
+ public:
+  explicit CpuTable(const TableOptions& options);
+
+  int64_t size() const { return size_.load(); }
+  int64_t capacity() const { return static_cast<int64_t>(keys_.size()); }
+  double load_factor() const { return capacity() ? double(size()) / double(capacity()) : 0.0; }
+  int dim() const { return options_.dim; }
+  int value_dim() const { return options_.value_dim; }
+  const TableOptions& options() const { return options_; }
+
+  // Scores read these: LRU uses the step, epoch policies the epoch.
+  void set_step(uint64_t step) { step_ = step; }
+  void set_epoch(uint32_t epoch) { epoch_ = epoch; }
+  uint64_t step() const { return step_; }
+  uint32_t epoch() const { return epoch_; }
+  int64_t evicted_count() const { return evicted_.load(); }
+  int64_t rejected_count() const { return rejected_.load(); }
+
+  // values: [n, value_dim] or null; found: [n]. Touches scores when update_score.
+  void find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score);
+  // values: [n, value_dim] out (present row, or the initializer's row for new/rejected keys); status: [n].
+  // scores: [n] for kCustom, else null.
+  void find_or_insert(const int64_t* keys, int64_t n, float* values, int8_t* status, const uint64_t* scores);
+  // values: [n, value_dim] in; status: [n].
+  void insert_or_assign(const int64_t* keys, int64_t n, const float* values, int8_t* status, const uint64_t* scores);
+  // Overwrites rows of present keys only (scores untouched); found: [n] or null.
+  void assign(const int64_t* keys, int64_t n, const float* values, bool* found);
+  // Adds delta rows ([n, value_dim]) to present keys' rows; found: [n] or null. (Gradient updates on unique keys.)
+  void accumulate(const int64_t* keys, int64_t n, const float* delta, bool* found);
+  int64_t erase(const int64_t* keys, int64_t n);
+  int64_t erase_if_score_below(uint64_t threshold);
+  int64_t count_if_score_at_least(uint64_t threshold) const;
+  // Writes up to max_n (key, row, score) triples with score >= threshold; returns how many.
+  int64_t export_if_score_at_least(uint64_t threshold, int64_t* keys, float* values, uint64_t* scores,
+                                   int64_t max_n) const;
+  // Grows to hold at least `capacity` slots (never shrinks, never past max_capacity).
+  void reserve(int64_t capacity);
+  void clear();
+  // The initializer's row for `key` (embedding part; optimizer state zero).
+  void initial_row(int64_t key, float* row) const;
+
+ private:
+  struct Probe {
+    int64_t bucket;
+    int start;
+    uint8_t digest;
+  };
+  Probe probe(int64_t key) const;
+  // Slot of `key` in its bucket, or -1.
+  int64_t locate(int64_t key, const Probe& pr) const;
+  uint64_t touched_score(uint64_t old_score, bool is_new, const uint64_t* custom, int64_t i) const;
+  // Places `key` (bucket lock held); returns the slot, or -1 when rejected. Sets status.
+  int64_t place(int64_t key, const Probe& pr, uint64_t score, InsertStatus& status);
+  void lock(int64_t bucket);
+  void unlock(int64_t bucket);
+  void grow_for(int64_t incoming);
+  void rehash(int64_t new_capacity);
+  template <typename Fn>
+  void parallel_for(int64_t n, Fn&& fn) const;
+
+  TableOptions options_;
+  int64_t num_buckets_ = 0;
+  std::vector<int64_t> keys_;
+  std::vector<uint8_t> digests_;
+  std::vector<uint64_t> scores_;
+  std::vector<float> values_;
+  std::unique_ptr<std::atomic<uint8_t>[]> locks_;
+  std::atomic<int64_t> size_{0};
+  std::atomic<int64_t> evicted_{0};
+  std::atomic<int64_t> rejected_{0};
+  uint64_t step_ = 0;
+  uint32_t epoch_ = 0;
+};
+
+}  // namespace gr_dynemb

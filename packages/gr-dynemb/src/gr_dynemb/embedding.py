@@ -1,0 +1,175 @@
+"""``DynamicEmbedding``: an embedding module over a ``DynamicHashTable`` with a fused backward optimizer.
+
+Like TorchRec's fused embedding kernels, the table is not an ``nn.Parameter``: the optimizer runs inside backward.
+Each backward de-duplicates the batch's ids, sums their gradients, and updates every touched row once:
+
+- ``sgd``:             ``w -= lr * g``
+- ``adagrad``:         ``s += g^2;  w -= lr * g / (sqrt(s) + eps)``                    (state: dim floats)
+- ``rowwise_adagrad``: ``s += mean(g^2);  w -= lr * g / (sqrt(s) + eps)``              (state: 1 float)
+- ``adam``:            torch's ``SparseAdam`` update with the module's step count t:    (state: 2 * dim floats)
+  ``m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  w -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``
+
+The optimizer state lives in the same row as the embedding (``[w | state]``), so eviction, export and checkpoints
+move them together. Admission: with ``admit_after = k > 0`` an id gets a slot only once it has been seen in k
+training batches; until then it reads ``default_value`` and its gradient is dropped (counted in ``unadmitted``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from gr_dynemb.table import REJECTED, DynamicHashTable, DynamicTableConfig
+
+OptimizerKind = Literal["sgd", "adagrad", "rowwise_adagrad", "adam"]
+
+
+@dataclass
+class FusedOptimizerConfig:
+    kind: OptimizerKind = "adam"
+    lr: float = 1e-3
+    eps: float = 1e-8
+    beta1: float = 0.9
+    beta2: float = 0.999
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("sgd", "adagrad", "rowwise_adagrad", "adam"):
+            raise ValueError(f"optimizer kind must be sgd, adagrad, rowwise_adagrad or adam, got {self.kind!r}")
+        if self.lr <= 0 or self.eps <= 0:
+            raise ValueError(f"lr and eps must be > 0, got lr={self.lr}, eps={self.eps}")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
+
+    def state_dim(self, dim: int) -> int:
+        return {"sgd": 0, "adagrad": dim, "rowwise_adagrad": 1, "adam": 2 * dim}[self.kind]
+
+
+@dataclass
+class DynamicEmbeddingConfig:
+    table: DynamicTableConfig
+    optimizer: FusedOptimizerConfig = field(default_factory=FusedOptimizerConfig)
+    admit_after: int = 0  # batches an id must appear in before it gets a slot; 0 = admit at once
+    default_value: float = 0.0  # embedding of ids not (yet) admitted, or missing at evaluation
+
+    def __post_init__(self) -> None:
+        if self.admit_after < 0:
+            raise ValueError(f"admit_after must be >= 0, got {self.admit_after}")
+
+
+class _Lookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor: Tensor, module: DynamicEmbedding, unique: Tensor, inverse: Tensor, rows: Tensor):  # type: ignore[override]
+        ctx.module, ctx.unique, ctx.inverse = module, unique, inverse
+        return rows[inverse]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        module: DynamicEmbedding = ctx.module
+        unique: Tensor = ctx.unique
+        summed = torch.zeros(unique.numel(), grad.shape[-1], dtype=torch.float32)
+        summed.index_add_(0, ctx.inverse, grad.detach().to(torch.float32).cpu())
+        module.apply_gradients(unique, summed)
+        return None, None, None, None, None
+
+
+class DynamicEmbedding(nn.Module):
+    """Embeddings of arbitrary int64 ids (any shape) -> ``[*ids.shape, dim]``; see the module docstring."""
+
+    def __init__(self, config: DynamicEmbeddingConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.dim = config.table.dim
+        self.table = DynamicHashTable(config.table, state_dim=config.optimizer.state_dim(self.dim))
+        self.counter: DynamicHashTable | None = None
+        if config.admit_after > 0:
+            # Sightings per id: a constant-0 row of width 1 whose value counts the batches the id appeared in.
+            counter_cfg = DynamicTableConfig(
+                dim=1,
+                capacity=config.table.capacity,
+                max_capacity=config.table.max_capacity,
+                policy="lru",
+                num_threads=config.table.num_threads,
+            )
+            counter_cfg.initializer.kind = "constant"
+            counter_cfg.initializer.value = 0.0
+            self.counter = DynamicHashTable(counter_cfg)
+        self.step = 0  # optimizer steps taken (Adam's t); also the table's LRU clock
+        self.unadmitted = 0
+        # The table lives in host memory; this buffer follows .to() and tells forward where to put its output.
+        self.register_buffer("_anchor", torch.zeros(0), persistent=False)
+        # autograd calls a Function's backward only if some input requires grad: this scalar is that input (it is
+        # not a Parameter, so no outside optimizer sees it; its gradient is always None).
+        self._grad_anchor = torch.zeros(1, requires_grad=True)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if ids.dtype != torch.int64:
+            raise TypeError(f"ids must be int64, got {ids.dtype}")
+        flat = ids.reshape(-1).cpu()
+        unique, inverse = torch.unique(flat, return_inverse=True)
+        if self.training:
+            self.table.set_step(self.step + 1)
+            rows, admitted = self._train_rows(unique)
+        else:
+            found_rows, found = self.table.find(unique)
+            rows = torch.where(found.unsqueeze(1), found_rows[:, : self.dim], self.config.default_value)
+            admitted = found
+        self._last_admitted = admitted
+        if self.training and torch.is_grad_enabled():
+            out = _Lookup.apply(self._grad_anchor, self, unique, inverse, rows)
+        else:
+            out = rows[inverse]
+        return out.reshape(*ids.shape, self.dim).to(self._anchor.device)
+
+    def _train_rows(self, unique: Tensor) -> tuple[Tensor, Tensor]:
+        admitted = torch.ones(unique.numel(), dtype=torch.bool)
+        if self.counter is not None:
+            _, present = self.table.find(unique)
+            newcomers = unique[~present]
+            counts, _ = self.counter.find_or_insert(newcomers)
+            self.counter.accumulate(newcomers, torch.ones(newcomers.numel(), 1))
+            admit_now = counts[:, 0] + 1 >= self.config.admit_after
+            self.counter.erase(newcomers[admit_now])
+            admitted[~present] = admit_now
+        rows = torch.full((unique.numel(), self.dim), self.config.default_value)
+        if bool(admitted.any()):
+            values, status = self.table.find_or_insert(unique[admitted])
+            rows[admitted] = values[:, : self.dim]
+            admitted[admitted.clone()] = status != REJECTED  # rejected: initializer row, but no slot to train
+        return rows, admitted
+
+    @torch.no_grad()
+    def apply_gradients(self, unique: Tensor, grad: Tensor) -> None:
+        """One fused optimizer step on the rows of ``unique`` (de-duplicated ids) with summed gradients."""
+        self.step += 1
+        rows, found = self.table.find(unique)
+        self.unadmitted += int((~found).sum())
+        if not bool(found.any()):
+            return
+        keys, rows, g = unique[found], rows[found], grad[found]
+        d, opt = self.dim, self.config.optimizer
+        w = rows[:, :d]
+        if opt.kind == "sgd":
+            w -= opt.lr * g
+        elif opt.kind == "adagrad":
+            s = rows[:, d : 2 * d]
+            s += g * g
+            w -= opt.lr * g / (s.sqrt() + opt.eps)
+        elif opt.kind == "rowwise_adagrad":
+            s = rows[:, d : d + 1]
+            s += (g * g).mean(dim=1, keepdim=True)
+            w -= opt.lr * g / (s.sqrt() + opt.eps)
+        else:
+            m, v = rows[:, d : 2 * d], rows[:, 2 * d : 3 * d]
+            m.mul_(opt.beta1).add_(g, alpha=1 - opt.beta1)
+            v.mul_(opt.beta2).addcmul_(g, g, value=1 - opt.beta2)
+            bias1 = 1 - opt.beta1**self.step
+            bias2 = 1 - opt.beta2**self.step
+            w -= opt.lr * (m / bias1) / ((v / bias2).sqrt() + opt.eps)
+        self.table.assign(keys, rows)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"dim={self.dim}, policy={c.table.policy}, optimizer={c.optimizer.kind}, size={self.table.size()}"

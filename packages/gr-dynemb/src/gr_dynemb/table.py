@@ -1,0 +1,285 @@
+"""``DynamicHashTable``: the Python face of the native collision-free int64 -> row hash table (CPU today).
+
+Keys are any int64 except the two reserved sentinels (``RESERVED_KEYS``); a value row is ``[embedding (dim) |
+optimizer state]``. New keys get their embedding from a seeded, per-key initializer (the same key gets the same
+initial row whatever the batch order or thread count) and zero optimizer state.
+
+When a key's bucket (128 slots) is full, the slot with the lowest score is replaced if the newcomer scores higher;
+otherwise the newcomer is *rejected*: it gets no slot, ``find_or_insert`` returns the initializer's row for it, and
+``rejected_count`` grows. With ``policy="none"`` nothing is ever evicted and a rejected insert raises
+``TableFullError``. Scores per policy: ``lru`` the step set by ``set_step``; ``lfu`` the number of touches;
+``epoch_lru``/``epoch_lfu`` ``epoch << 32 | step`` / ``epoch << 32 | touches this epoch``; ``custom`` the caller's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from gr_dynemb import _C
+
+EMPTY_KEY: int = _C.EMPTY_KEY
+ERASED_KEY: int = _C.ERASED_KEY
+RESERVED_KEYS = (EMPTY_KEY, ERASED_KEY)
+BUCKET_SIZE: int = _C.BUCKET_SIZE
+
+ScorePolicy = Literal["none", "lru", "lfu", "epoch_lru", "epoch_lfu", "custom"]
+_POLICIES = {"none": 0, "lru": 1, "lfu": 2, "epoch_lru": 3, "epoch_lfu": 4, "custom": 5}
+_INITS = {"normal": 0, "truncated_normal": 1, "uniform": 2, "constant": 3}
+
+# Per-key results of the inserting operations (``status`` tensors, int8).
+FOUND, INSERTED, EVICTED, REJECTED = 0, 1, 2, 3
+
+
+class TableFullError(RuntimeError):
+    """A key found its bucket full in a table that never evicts (``policy="none"``)."""
+
+
+@dataclass
+class InitializerConfig:
+    """How a new key's embedding is drawn: ``normal``/``truncated_normal`` (mean, std; truncation at 2 std),
+    ``uniform`` (low, high) or ``constant`` (value)."""
+
+    kind: Literal["normal", "truncated_normal", "uniform", "constant"] = "truncated_normal"
+    mean: float = 0.0
+    std: float = 0.02
+    low: float = -0.05
+    high: float = 0.05
+    value: float = 0.0
+    seed: int = 0
+
+    def native(self) -> tuple[int, float, float, int]:
+        if self.kind not in _INITS:
+            raise ValueError(f"initializer kind must be one of {sorted(_INITS)}, got {self.kind!r}")
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"initializer seed must be in [0, 2^64), got {self.seed}")
+        if self.kind in ("normal", "truncated_normal"):
+            if self.std <= 0:
+                raise ValueError(f"initializer std must be > 0, got {self.std}")
+            return _INITS[self.kind], self.mean, self.std, self.seed
+        if self.kind == "uniform":
+            if not self.low < self.high:
+                raise ValueError(f"uniform initializer needs low < high, got [{self.low}, {self.high}]")
+            return _INITS[self.kind], self.low, self.high, self.seed
+        return _INITS[self.kind], self.value, 0.0, self.seed
+
+
+@dataclass
+class DynamicTableConfig:
+    """Shape and policies of one dynamic table. ``capacity`` grows by doubling up to ``max_capacity`` whenever an
+    insert would pass ``max_load_factor``; both are rounded up to whole buckets of 128 slots."""
+
+    dim: int
+    capacity: int = 1 << 16
+    max_capacity: int = 1 << 24
+    policy: ScorePolicy = "lru"
+    initializer: InitializerConfig = field(default_factory=InitializerConfig)
+    max_load_factor: float = 0.75
+    num_threads: int = 0  # 0: all cores
+
+    def __post_init__(self) -> None:
+        if self.dim <= 0:
+            raise ValueError(f"dim must be positive, got {self.dim}")
+        if self.capacity <= 0 or self.max_capacity < self.capacity:
+            raise ValueError(f"need 0 < capacity <= max_capacity, got {self.capacity}, {self.max_capacity}")
+        if self.policy not in _POLICIES:
+            raise ValueError(f"policy must be one of {sorted(_POLICIES)}, got {self.policy!r}")
+        if not 0.0 < self.max_load_factor <= 1.0:
+            raise ValueError(f"max_load_factor must be in (0, 1], got {self.max_load_factor}")
+
+
+class DynamicHashTable:
+    """Collision-free int64-keyed rows in host memory; every method takes and returns CPU tensors."""
+
+    def __init__(self, config: DynamicTableConfig, state_dim: int = 0) -> None:
+        if state_dim < 0:
+            raise ValueError(f"state_dim must be >= 0, got {state_dim}")
+        self.config = config
+        self.dim = config.dim
+        self.value_dim = config.dim + state_dim
+        kind, a, b, seed = config.initializer.native()
+        self._table = _C.CpuTable(
+            capacity=config.capacity,
+            max_capacity=config.max_capacity,
+            dim=config.dim,
+            value_dim=self.value_dim,
+            policy=_POLICIES[config.policy],
+            init_kind=kind,
+            init_a=a,
+            init_b=b,
+            seed=seed,
+            max_load_factor=config.max_load_factor,
+            num_threads=config.num_threads,
+        )
+
+    # ------------------------------------------------------------------ checks
+    def _keys(self, keys: Tensor) -> Tensor:
+        if not isinstance(keys, Tensor):
+            raise TypeError(f"keys must be a torch.Tensor, got {type(keys).__name__}")
+        if keys.dtype != torch.int64:
+            raise TypeError(f"keys must be int64, got {keys.dtype}")
+        if keys.device.type != "cpu":
+            raise ValueError(f"this table lives in host memory; keys are on {keys.device}")
+        keys = keys.reshape(-1).contiguous()
+        # The two sentinels are the two smallest int64 values: one reduction finds either.
+        if keys.numel() and int(keys.min()) <= max(RESERVED_KEYS):
+            bad = int(keys.min())
+            raise ValueError(f"key {bad} is reserved by the table (reserved keys: {list(RESERVED_KEYS)})")
+        return keys
+
+    def _values(self, values: Tensor, n: int) -> Tensor:
+        if not isinstance(values, Tensor) or values.dtype != torch.float32:
+            raise TypeError(f"values must be a float32 tensor, got {getattr(values, 'dtype', type(values).__name__)}")
+        if values.shape != (n, self.value_dim):
+            raise ValueError(f"values must be [{n}, {self.value_dim}], got {tuple(values.shape)}")
+        return values.detach().cpu().contiguous()
+
+    def _scores(self, scores: Tensor | None, n: int) -> Tensor | None:
+        if self.config.policy != "custom":
+            if scores is not None:
+                raise ValueError(f"scores are only given with policy='custom' (this table: {self.config.policy!r})")
+            return None
+        if scores is None:
+            raise ValueError("policy='custom' needs a score for every key")
+        if scores.dtype not in (torch.int64, torch.uint64) or scores.shape != (n,):
+            raise ValueError(f"scores must be int64 [{n}], got {scores.dtype} {tuple(scores.shape)}")
+        if scores.dtype == torch.int64 and bool((scores < 0).any()):
+            raise ValueError("custom scores must be >= 0")
+        return scores.cpu().contiguous()
+
+    def _raise_if_full(self, status: Tensor, keys: Tensor) -> None:
+        if self.config.policy == "none" and bool((status == REJECTED).any()):
+            key = int(keys[status == REJECTED][0])
+            raise TableFullError(
+                f"key {key}: its bucket is full and policy='none' never evicts (size {self.size()}, capacity "
+                f"{self.capacity()}, max_capacity {self.config.max_capacity}); raise max_capacity or pick an eviction "
+                "policy"
+            )
+
+    # ------------------------------------------------------------------ operations
+    def find(self, keys: Tensor, *, touch: bool = False) -> tuple[Tensor, Tensor]:
+        """``(values [n, value_dim], found bool [n])``; rows of missing keys are zero. ``touch`` updates scores."""
+        keys = self._keys(keys)
+        values = torch.empty(keys.numel(), self.value_dim)  # the table zero-fills rows of missing keys
+        found = torch.empty(keys.numel(), dtype=torch.bool)
+        self._table.find(keys.data_ptr(), keys.numel(), values.data_ptr(), found.data_ptr(), touch)
+        return values, found
+
+    def find_or_insert(self, keys: Tensor, scores: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(values [n, value_dim], status int8 [n])``: present rows, new rows from the initializer, and the
+        initializer's row (no slot) for rejected keys."""
+        keys = self._keys(keys)
+        scores = self._scores(scores, keys.numel())
+        values = torch.empty(keys.numel(), self.value_dim)
+        status = torch.empty(keys.numel(), dtype=torch.int8)
+        self._table.find_or_insert(
+            keys.data_ptr(),
+            keys.numel(),
+            values.data_ptr(),
+            status.data_ptr(),
+            0 if scores is None else scores.data_ptr(),
+        )
+        self._raise_if_full(status, keys)
+        return values, status
+
+    def insert_or_assign(self, keys: Tensor, values: Tensor, scores: Tensor | None = None) -> Tensor:
+        """Writes rows (inserting absent keys); returns the status per key."""
+        keys = self._keys(keys)
+        values = self._values(values, keys.numel())
+        scores = self._scores(scores, keys.numel())
+        status = torch.empty(keys.numel(), dtype=torch.int8)
+        self._table.insert_or_assign(
+            keys.data_ptr(),
+            keys.numel(),
+            values.data_ptr(),
+            status.data_ptr(),
+            0 if scores is None else scores.data_ptr(),
+        )
+        self._raise_if_full(status, keys)
+        return status
+
+    def assign(self, keys: Tensor, values: Tensor) -> Tensor:
+        """Overwrites rows of present keys (absent keys are left absent); returns ``found``."""
+        keys = self._keys(keys)
+        values = self._values(values, keys.numel())
+        found = torch.empty(keys.numel(), dtype=torch.bool)
+        self._table.assign(keys.data_ptr(), keys.numel(), values.data_ptr(), found.data_ptr())
+        return found
+
+    def accumulate(self, keys: Tensor, delta: Tensor) -> Tensor:
+        """Adds ``delta`` rows to present keys (duplicates add up); returns ``found``."""
+        keys = self._keys(keys)
+        delta = self._values(delta, keys.numel())
+        found = torch.empty(keys.numel(), dtype=torch.bool)
+        self._table.accumulate(keys.data_ptr(), keys.numel(), delta.data_ptr(), found.data_ptr())
+        return found
+
+    def erase(self, keys: Tensor) -> int:
+        keys = self._keys(keys)
+        return int(self._table.erase(keys.data_ptr(), keys.numel()))
+
+    def erase_if(self, score_below: int) -> int:
+        """Erases every key whose score is below ``score_below``; returns how many."""
+        return int(self._table.erase_if_score_below(_u64(score_below)))
+
+    def export(self, score_at_least: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """``(keys, values, scores)`` of every key with score >= ``score_at_least`` (slot order)."""
+        threshold = _u64(score_at_least)
+        n = int(self._table.count_if_score_at_least(threshold))
+        keys = torch.empty(n, dtype=torch.int64)
+        values = torch.empty(n, self.value_dim)
+        scores = torch.empty(n, dtype=torch.uint64)
+        got = self._table.export_if_score_at_least(threshold, keys.data_ptr(), values.data_ptr(), scores.data_ptr(), n)
+        return keys[:got], values[:got], scores[:got]
+
+    def initial_rows(self, keys: Tensor) -> Tensor:
+        """What ``find_or_insert`` would give these keys if they were new: ``[n, value_dim]``."""
+        keys = self._keys(keys)
+        rows = torch.empty(keys.numel(), self.value_dim)
+        for i, key in enumerate(keys.tolist()):
+            self._table.initial_row(key, rows[i].data_ptr())
+        return rows
+
+    # ------------------------------------------------------------------ bookkeeping
+    def size(self) -> int:
+        return int(self._table.size())
+
+    def capacity(self) -> int:
+        return int(self._table.capacity())
+
+    def load_factor(self) -> float:
+        return float(self._table.load_factor())
+
+    def reserve(self, capacity: int) -> None:
+        self._table.reserve(capacity)
+
+    def clear(self) -> None:
+        self._table.clear()
+
+    def set_step(self, step: int) -> None:
+        self._table.set_step(_u64(step))
+
+    def set_epoch(self, epoch: int) -> None:
+        if not 0 <= epoch < 2**32:
+            raise ValueError(f"epoch must be in [0, 2^32), got {epoch}")
+        self._table.set_epoch(epoch)
+
+    @property
+    def evicted_count(self) -> int:
+        return int(self._table.evicted_count())
+
+    @property
+    def rejected_count(self) -> int:
+        return int(self._table.rejected_count())
+
+    def __len__(self) -> int:
+        return self.size()
+
+
+def _u64(x: int) -> int:
+    if not 0 <= int(x) < 2**64:
+        raise ValueError(f"expected a value in [0, 2^64), got {x}")
+    return int(x)
