@@ -76,6 +76,7 @@ int64_t CpuTable::locate(int64_t key, const Probe& pr) const {
 }
 
 uint64_t CpuTable::touched_score(uint64_t old_score, bool is_new, const uint64_t* custom, int64_t i) const {
+  if (custom != nullptr) return custom[i];  // caller-supplied (kCustom, or restoring a checkpoint)
   switch (options_.policy) {
     case ScorePolicy::kNone: return 0;
     case ScorePolicy::kLru: return step_;

@@ -49,7 +49,7 @@ class CpuTable {
   // values: [n, value_dim] or null; found: [n]. Touches scores when update_score.
   void find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score);
   // values: [n, value_dim] out (present row, or the initializer's row for new/rejected keys); status: [n].
-  // scores: [n] for kCustom, else null.
+  // scores: [n] given -> used as the keys' scores whatever the policy (kCustom needs them); null -> the policy's.
   void find_or_insert(const int64_t* keys, int64_t n, float* values, int8_t* status, const uint64_t* scores);
   // values: [n, value_dim] in; status: [n].
   void insert_or_assign(const int64_t* keys, int64_t n, const float* values, int8_t* status, const uint64_t* scores);

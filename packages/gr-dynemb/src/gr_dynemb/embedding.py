@@ -170,6 +170,43 @@ class DynamicEmbedding(nn.Module):
             w -= opt.lr * (m / bias1) / ((v / bias2).sqrt() + opt.eps)
         self.table.assign(keys, rows)
 
+    # state_dict holds the table's rows (embedding + optimizer state), scores and the step counter.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        keys, values, scores = self.table.export()
+        destination[prefix + "table_keys"] = keys
+        destination[prefix + "table_values"] = values
+        destination[prefix + "table_scores"] = scores
+        destination[prefix + "step"] = torch.tensor(self.step)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):  # type: ignore[override]
+        names = [prefix + n for n in ("table_keys", "table_values", "table_scores", "step")]
+        if all(n in state_dict for n in names):
+            keys, values, scores, step = (state_dict[n] for n in names)
+            if values.dim() != 2 or values.shape[1] != self.table.value_dim:
+                errors.append(
+                    f"{prefix}table_values: rows of width {tuple(values.shape)[1:]} do not fit this table's "
+                    f"{self.table.value_dim} (embedding dim + optimizer state)"
+                )
+            else:
+                self.table.clear()
+                self.table.reserve(int(keys.numel() / self.table.config.max_load_factor) + 1)
+                if keys.numel():
+                    self.table.restore(keys, values, scores)
+                self.step = int(step)
+                self.table.set_step(self.step)
+        elif strict:
+            missing_keys.extend(n for n in names if n not in state_dict)
+        super()._load_from_state_dict(
+            {k: v for k, v in state_dict.items() if k not in names},
+            prefix,
+            local_metadata,
+            strict,
+            missing_keys,
+            unexpected_keys,
+            errors,
+        )
+
     def extra_repr(self) -> str:
         c = self.config
         return f"dim={self.dim}, policy={c.table.policy}, optimizer={c.optimizer.kind}, size={self.table.size()}"

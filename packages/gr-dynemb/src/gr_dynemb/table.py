@@ -100,6 +100,8 @@ class DynamicHashTable:
         self.config = config
         self.dim = config.dim
         self.value_dim = config.dim + state_dim
+        self.step = 0  # the clocks scores read (see set_step / set_epoch)
+        self.epoch = 0
         kind, a, b, seed = config.initializer.native()
         self._table = _C.CpuTable(
             capacity=config.capacity,
@@ -201,6 +203,19 @@ class DynamicHashTable:
         self._raise_if_full(status, keys)
         return status
 
+    def restore(self, keys: Tensor, values: Tensor, scores: Tensor) -> Tensor:
+        """Inserts or overwrites rows together with their saved scores (any policy): the checkpoint-load path."""
+        keys = self._keys(keys)
+        values = self._values(values, keys.numel())
+        if scores.shape != (keys.numel(),) or scores.dtype not in (torch.int64, torch.uint64):
+            raise ValueError(f"scores must be int64/uint64 [{keys.numel()}], got {scores.dtype} {tuple(scores.shape)}")
+        scores = scores.cpu().contiguous()
+        status = torch.empty(keys.numel(), dtype=torch.int8)
+        self._table.insert_or_assign(
+            keys.data_ptr(), keys.numel(), values.data_ptr(), status.data_ptr(), scores.data_ptr()
+        )
+        return status
+
     def assign(self, keys: Tensor, values: Tensor) -> Tensor:
         """Overwrites rows of present keys (absent keys are left absent); returns ``found``."""
         keys = self._keys(keys)
@@ -261,11 +276,13 @@ class DynamicHashTable:
 
     def set_step(self, step: int) -> None:
         self._table.set_step(_u64(step))
+        self.step = int(step)
 
     def set_epoch(self, epoch: int) -> None:
         if not 0 <= epoch < 2**32:
             raise ValueError(f"epoch must be in [0, 2^32), got {epoch}")
         self._table.set_epoch(epoch)
+        self.epoch = int(epoch)
 
     @property
     def evicted_count(self) -> int:
