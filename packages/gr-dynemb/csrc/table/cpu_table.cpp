@@ -22,6 +22,7 @@ int64_t round_up_buckets(int64_t slots) {
 bool is_reserved(int64_t key) { return key == kEmptyKey || key == kErasedKey; }
 
 constexpr int64_t kSerialBelow = 4096;  // smaller batches run on the calling thread
+constexpr int64_t kPrefetchAhead = 8;   // keys whose slots are prefetched ahead of the one being processed
 
 }  // namespace
 
@@ -64,12 +65,30 @@ CpuTable::Probe CpuTable::probe(int64_t key) const {
                static_cast<int>((h >> 32) & (kBucketSize - 1)), static_cast<uint8_t>(h >> 56)};
 }
 
-int64_t CpuTable::locate(int64_t key, const Probe& pr) const {
+void CpuTable::prefetch(const int64_t* keys, int64_t i, int64_t end) const {
+  // Random buckets of a large table miss every cache level: start loading a later key's slot lines now, so the
+  // misses of several keys overlap.
+  if (i + kPrefetchAhead >= end) return;
+  const int64_t key = keys[i + kPrefetchAhead];
+  const Probe pr = probe(key);
+  const int64_t slot = pr.bucket * kBucketSize + pr.start;
+  __builtin_prefetch(&keys_[slot]);
+  __builtin_prefetch(&digests_[slot]);
+  __builtin_prefetch(&scores_[slot]);
+  __builtin_prefetch(&values_[slot * options_.value_dim]);
+}
+
+int64_t CpuTable::locate(int64_t key, const Probe& pr, int64_t* free_slot) const {
   const int64_t base = pr.bucket * kBucketSize;
+  if (free_slot) *free_slot = -1;
   for (int i = 0; i < kBucketSize; ++i) {
     const int64_t slot = base + ((pr.start + i) & (kBucketSize - 1));
     const int64_t k = keys_[slot];
-    if (k == kEmptyKey) return -1;  // inserts fill the first free slot on the probe path: key is absent
+    if (k == kEmptyKey) {  // inserts fill the first free slot on the probe path: key is absent
+      if (free_slot && *free_slot < 0) *free_slot = slot;
+      return -1;
+    }
+    if (free_slot && k == kErasedKey && *free_slot < 0) *free_slot = slot;
     if (digests_[slot] == pr.digest && k == key) return slot;
   }
   return -1;
@@ -104,19 +123,15 @@ void CpuTable::lock(int64_t bucket) {
 
 void CpuTable::unlock(int64_t bucket) { locks_[bucket].store(0, std::memory_order_release); }
 
-int64_t CpuTable::place(int64_t key, const Probe& pr, uint64_t score, InsertStatus& status) {
+int64_t CpuTable::place(int64_t key, const Probe& pr, uint64_t score, InsertStatus& status, int64_t free_slot) {
   const int64_t base = pr.bucket * kBucketSize;
-  for (int i = 0; i < kBucketSize; ++i) {
-    const int64_t slot = base + ((pr.start + i) & (kBucketSize - 1));
-    const int64_t k = keys_[slot];
-    if (k == kEmptyKey || k == kErasedKey) {
-      keys_[slot] = key;
-      digests_[slot] = pr.digest;
-      scores_[slot] = score;
-      size_.fetch_add(1);
-      status = InsertStatus::kInserted;
-      return slot;
-    }
+  // free_slot: the first free slot on the probe path, found by the caller's locate(); -1 means the bucket is full.
+  if (free_slot >= 0) {
+    keys_[free_slot] = key;
+    digests_[free_slot] = pr.digest;
+    scores_[free_slot] = score;
+    status = InsertStatus::kInserted;  // the caller adds its inserts to size_ once per chunk (no shared atomics)
+    return free_slot;
   }
   // Bucket full: the lowest score goes if the newcomer scores higher.
   if (options_.policy != ScorePolicy::kNone) {
@@ -128,12 +143,10 @@ int64_t CpuTable::place(int64_t key, const Probe& pr, uint64_t score, InsertStat
       keys_[victim] = key;
       digests_[victim] = pr.digest;
       scores_[victim] = score;
-      evicted_.fetch_add(1);
       status = InsertStatus::kEvicted;
       return victim;
     }
   }
-  rejected_.fetch_add(1);
   status = InsertStatus::kRejected;
   return -1;
 }
@@ -175,6 +188,7 @@ void CpuTable::find(const int64_t* keys, int64_t n, float* values, bool* found, 
   const int vd = options_.value_dim;
   parallel_for(n, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
+      prefetch(keys, i, end);
       const int64_t key = keys[i];
       int64_t slot = is_reserved(key) ? -1 : locate(key, probe(key));
       found[i] = slot >= 0;
@@ -201,27 +215,44 @@ void CpuTable::grow_for(int64_t incoming) {
   if (target > capacity()) rehash(target);
 }
 
+void CpuTable::Tally::add(InsertStatus st) {
+  inserted += st == InsertStatus::kInserted;
+  evicted += st == InsertStatus::kEvicted;
+  rejected += st == InsertStatus::kRejected;
+}
+
+void CpuTable::Tally::flush(CpuTable& table) {
+  table.size_.fetch_add(inserted);
+  table.evicted_.fetch_add(evicted);
+  table.rejected_.fetch_add(rejected);
+}
+
 void CpuTable::find_or_insert(const int64_t* keys, int64_t n, float* values, int8_t* status, const uint64_t* scores) {
   grow_for(n);
   const int vd = options_.value_dim;
   parallel_for(n, [&](int64_t begin, int64_t end) {
+    Tally tally;
     for (int64_t i = begin; i < end; ++i) {
+      prefetch(keys, i, end);
       const int64_t key = keys[i];
       const Probe pr = probe(key);
       lock(pr.bucket);
-      int64_t slot = locate(key, pr);
+      int64_t free_slot;
+      int64_t slot = locate(key, pr, &free_slot);
       InsertStatus st = InsertStatus::kFound;
       if (slot >= 0) {
         scores_[slot] = touched_score(scores_[slot], false, scores, i);
       } else {
-        slot = place(key, pr, touched_score(0, true, scores, i), st);
+        slot = place(key, pr, touched_score(0, true, scores, i), st, free_slot);
         if (slot >= 0) initial_row(key, &values_[slot * vd]);
       }
       if (slot >= 0) std::memcpy(values + i * vd, &values_[slot * vd], sizeof(float) * vd);
       unlock(pr.bucket);
       if (slot < 0) initial_row(key, values + i * vd);
       status[i] = static_cast<int8_t>(st);
+      tally.add(st);
     }
+    tally.flush(*this);
   });
 }
 
@@ -230,21 +261,26 @@ void CpuTable::insert_or_assign(const int64_t* keys, int64_t n, const float* val
   grow_for(n);
   const int vd = options_.value_dim;
   parallel_for(n, [&](int64_t begin, int64_t end) {
+    Tally tally;
     for (int64_t i = begin; i < end; ++i) {
+      prefetch(keys, i, end);
       const int64_t key = keys[i];
       const Probe pr = probe(key);
       lock(pr.bucket);
-      int64_t slot = locate(key, pr);
+      int64_t free_slot;
+      int64_t slot = locate(key, pr, &free_slot);
       InsertStatus st = InsertStatus::kFound;
       if (slot >= 0) {
         scores_[slot] = touched_score(scores_[slot], false, scores, i);
       } else {
-        slot = place(key, pr, touched_score(0, true, scores, i), st);
+        slot = place(key, pr, touched_score(0, true, scores, i), st, free_slot);
       }
       if (slot >= 0) std::memcpy(&values_[slot * vd], values + i * vd, sizeof(float) * vd);
       unlock(pr.bucket);
       status[i] = static_cast<int8_t>(st);
+      tally.add(st);
     }
+    tally.flush(*this);
   });
 }
 
@@ -351,10 +387,13 @@ void CpuTable::rehash(int64_t new_capacity) {
     if (is_reserved(old_keys[s])) continue;
     const Probe pr = probe(old_keys[s]);
     InsertStatus st;
+    int64_t free_slot;
+    locate(old_keys[s], pr, &free_slot);
     // Growth doubles the buckets, so every old bucket splits into two with room to spare; a key that still finds
     // its bucket full (only possible when shrinking, which never happens) would be dropped and counted.
-    const int64_t slot = place(old_keys[s], pr, old_scores[s], st);
+    const int64_t slot = place(old_keys[s], pr, old_scores[s], st, free_slot);
     if (slot >= 0) std::memcpy(&values_[slot * vd], &old_values[s * vd], sizeof(float) * vd);
+    if (st == InsertStatus::kInserted) size_.fetch_add(1, std::memory_order_relaxed);
   }
 }
 

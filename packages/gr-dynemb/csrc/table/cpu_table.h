@@ -70,17 +70,25 @@ class CpuTable {
   void initial_row(int64_t key, float* row) const;
 
  private:
+  // Per-thread counts of one chunk, added to the shared atomics once (not once per key: that line would bounce
+  // between cores on every insert).
+  struct Tally {
+    int64_t inserted = 0, evicted = 0, rejected = 0;
+    void add(InsertStatus st);
+    void flush(CpuTable& table);
+  };
   struct Probe {
     int64_t bucket;
     int start;
     uint8_t digest;
   };
   Probe probe(int64_t key) const;
-  // Slot of `key` in its bucket, or -1.
-  int64_t locate(int64_t key, const Probe& pr) const;
+  // Slot of `key` in its bucket, or -1; free_slot (optional) gets the first free slot on its probe path, or -1.
+  int64_t locate(int64_t key, const Probe& pr, int64_t* free_slot = nullptr) const;
   uint64_t touched_score(uint64_t old_score, bool is_new, const uint64_t* custom, int64_t i) const;
-  // Places `key` (bucket lock held); returns the slot, or -1 when rejected. Sets status.
-  int64_t place(int64_t key, const Probe& pr, uint64_t score, InsertStatus& status);
+  // Places absent `key` (bucket lock held) in free_slot, or evicts when it is -1; returns the slot or -1 (rejected).
+  int64_t place(int64_t key, const Probe& pr, uint64_t score, InsertStatus& status, int64_t free_slot);
+  void prefetch(const int64_t* keys, int64_t i, int64_t end) const;
   void lock(int64_t bucket);
   void unlock(int64_t bucket);
   void grow_for(int64_t incoming);
