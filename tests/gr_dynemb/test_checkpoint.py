@@ -71,3 +71,32 @@ def test_embedding_state_dict_round_trip() -> None:
     assert rows(b.table) == rows(a.table)  # training continues identically
     with pytest.raises(RuntimeError, match="Missing key"):
         make().load_state_dict({})
+
+
+def test_reshard_dumps_from_two_ranks_to_three(tmp_path: Path) -> None:
+    from gr_dynemb import owner_ranks
+    from gr_dynemb.checkpoint import load_shards
+
+    keys = torch.randint(-(2**62), 2**62, (3000,), generator=torch.Generator().manual_seed(0)).unique()
+    values = torch.randn(keys.numel(), 2)
+    old = []
+    for rank in range(2):  # two old shards, each holding the keys routed to it
+        t = DynamicHashTable(DynamicTableConfig(dim=2, capacity=4096))
+        mine = owner_ranks(keys, 2) == rank
+        t.insert_or_assign(keys[mine], values[mine])
+        old.append(tmp_path / f"rank{rank}.pt")
+        dump_table(t, old[-1])
+    merged: dict[int, list[float]] = {}
+    for rank in range(3):
+        t = DynamicHashTable(DynamicTableConfig(dim=2, capacity=128))
+        n = load_shards(t, old, rank=rank, world_size=3)
+        got = rows(t)
+        assert n == len(got) and all(owner_ranks(torch.tensor([k]), 3).item() == rank for k in got)
+        merged.update({k: v for k, (v, _) in got.items()})
+    expect = {k: v for k, v in zip(keys.tolist(), values.tolist(), strict=True)}
+    assert merged.keys() == expect.keys()
+    assert all(merged[k] == pytest.approx(expect[k]) for k in expect)
+    shares = torch.bincount(owner_ranks(keys, 3), minlength=3).float() / keys.numel()
+    assert bool((shares - 1 / 3).abs().max() < 0.05)  # the hash spreads keys evenly
+    with pytest.raises(ValueError, match="rank < world_size"):
+        load_table(t, old[0], rank=3, world_size=3)

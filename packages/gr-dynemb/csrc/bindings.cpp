@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "table/cpu_table.h"
+#include "table/hash.h"
 
 namespace py = pybind11;
 using namespace gr_dynemb;
@@ -23,6 +24,17 @@ PYBIND11_MODULE(_C, m) {
   m.attr("EMPTY_KEY") = kEmptyKey;
   m.attr("ERASED_KEY") = kErasedKey;
   m.attr("BUCKET_SIZE") = kBucketSize;
+
+  m.def(
+      "owner_ranks",
+      [](std::uintptr_t keys, int64_t n, int64_t world_size, std::uintptr_t out) {
+        if (world_size <= 0) throw std::invalid_argument("world_size must be positive");
+        const auto* k = ptr<const int64_t>(keys);
+        auto* o = ptr<int64_t>(out);
+        py::gil_scoped_release nogil;
+        for (int64_t i = 0; i < n; ++i) o[i] = owner_rank(k[i], world_size);
+      },
+      "rank owning each key among world_size shards (row-wise sharding by key hash)");
 
   py::class_<CpuTable>(m, "CpuTable")
       .def(py::init([](int64_t capacity, int64_t max_capacity, int dim, int value_dim, int policy, int init_kind,

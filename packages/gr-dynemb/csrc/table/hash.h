@@ -16,6 +16,13 @@ inline uint64_t mix64(uint64_t x) {
   return x;
 }
 
+// The rank that owns `key` among `world_size` shards. Salted so that it is independent of the bucket index (the low
+// bits of mix64(key)): every rank's table still spreads its keys over all of its buckets.
+inline int64_t owner_rank(int64_t key, int64_t world_size) {
+  const uint64_t h = mix64(static_cast<uint64_t>(key) ^ 0x5bd1e9955bd1e995ULL);
+  return static_cast<int64_t>((h >> 32) % static_cast<uint64_t>(world_size));
+}
+
 // A uniform double in (0, 1) from (seed, key, index): the same key always gets the same initial row.
 inline double uniform01(uint64_t seed, int64_t key, uint64_t index) {
   uint64_t h = mix64(seed ^ mix64(static_cast<uint64_t>(key) + 0x9e3779b97f4a7c15ULL * (index + 1)));

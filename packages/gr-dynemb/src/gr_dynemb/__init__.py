@@ -18,6 +18,7 @@ from gr_dynemb.table import (
     DynamicTableConfig,
     InitializerConfig,
     TableFullError,
+    owner_ranks,
 )
 
 __version__ = "0.1.0"
@@ -36,4 +37,5 @@ __all__ = [
     "FusedOptimizerConfig",
     "InitializerConfig",
     "TableFullError",
+    "owner_ranks",
 ]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from gr_dynemb.table import DynamicHashTable
+from gr_dynemb.table import DynamicHashTable, owner_ranks
 
 FORMAT = "gr_dynemb.table/1"
 
@@ -61,9 +61,22 @@ def read_dump(path: str | Path) -> dict:
     return payload
 
 
-def load_table(table: DynamicHashTable, path: str | Path, *, clear: bool | None = None) -> int:
+def load_table(
+    table: DynamicHashTable,
+    path: str | Path,
+    *,
+    clear: bool | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> int:
     """Loads a dump into ``table`` (rows and scores); a full dump clears the table first unless ``clear=False``.
-    Returns the number of rows loaded."""
+
+    With ``world_size > 1`` only the keys that ``owner_ranks`` gives to ``rank`` are loaded, so the dumps of any
+    number of old shards can be re-sharded: every new rank loads every old dump (``load_shards``) and keeps its keys.
+    Returns the number of rows loaded.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
     payload = read_dump(path)
     if payload["dim"] != table.dim or payload["value_dim"] != table.value_dim:
         raise ValueError(
@@ -72,10 +85,20 @@ def load_table(table: DynamicHashTable, path: str | Path, *, clear: bool | None 
         )
     if clear if clear is not None else payload["since_score"] is None:
         table.clear()
-    keys = payload["keys"]
+    keys, values, scores = payload["keys"], payload["values"], payload["scores"]
+    if world_size > 1:
+        mine = owner_ranks(keys, world_size) == rank
+        keys, values, scores = keys[mine], values[mine], scores[mine]
     if keys.numel():
         table.reserve(int((table.size() + keys.numel()) / table.config.max_load_factor) + 1)
-        table.restore(keys, payload["values"], payload["scores"])
+        table.restore(keys, values, scores)
     table.set_step(max(table.step, int(payload["step"])))
     table.set_epoch(max(table.epoch, int(payload["epoch"])))
     return int(keys.numel())
+
+
+def load_shards(table: DynamicHashTable, paths: list[str | Path], *, rank: int = 0, world_size: int = 1) -> int:
+    """Loads the full dumps of all old shards (any count) into this rank's table: the keys this rank owns under
+    ``world_size`` shards. Clears the table first. Returns the number of rows loaded."""
+    table.clear()
+    return sum(load_table(table, p, clear=False, rank=rank, world_size=world_size) for p in paths)

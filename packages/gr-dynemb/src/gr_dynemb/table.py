@@ -296,6 +296,18 @@ class DynamicHashTable:
         return self.size()
 
 
+def owner_ranks(keys: Tensor, world_size: int) -> Tensor:
+    """Rank (``[0, world_size)``) that owns each key under row-wise sharding by key hash; int64, same shape."""
+    if keys.dtype != torch.int64:
+        raise TypeError(f"keys must be int64, got {keys.dtype}")
+    if world_size <= 0:
+        raise ValueError(f"world_size must be positive, got {world_size}")
+    flat = keys.reshape(-1).cpu().contiguous()
+    out = torch.empty_like(flat)
+    _C.owner_ranks(flat.data_ptr(), flat.numel(), world_size, out.data_ptr())
+    return out.view(keys.shape).to(keys.device)
+
+
 def _u64(x: int) -> int:
     if not 0 <= int(x) < 2**64:
         raise ValueError(f"expected a value in [0, 2^64), got {x}")
