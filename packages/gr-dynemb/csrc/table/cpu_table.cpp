@@ -62,7 +62,7 @@ void CpuTable::parallel_for(int64_t n, Fn&& fn) const {
 CpuTable::Probe CpuTable::probe(int64_t key) const {
   const uint64_t h = mix64(static_cast<uint64_t>(key));
   return Probe{static_cast<int64_t>(h & static_cast<uint64_t>(num_buckets_ - 1)),
-               static_cast<int>((h >> 32) & (kBucketSize - 1)), static_cast<uint8_t>(h >> 56)};
+               static_cast<int>((h >> 32) & (kBucketSize - 1))};
 }
 
 void CpuTable::prefetch(const int64_t* keys, int64_t i, int64_t end) const {
@@ -72,9 +72,7 @@ void CpuTable::prefetch(const int64_t* keys, int64_t i, int64_t end) const {
   const int64_t key = keys[i + kPrefetchAhead];
   const Probe pr = probe(key);
   const int64_t slot = pr.bucket * kBucketSize + pr.start;
-  __builtin_prefetch(&keys_[slot]);
-  __builtin_prefetch(&digests_[slot]);
-  __builtin_prefetch(&scores_[slot]);
+  __builtin_prefetch(&slots_[slot]);
   __builtin_prefetch(&values_[slot * options_.value_dim]);
 }
 
@@ -83,13 +81,13 @@ int64_t CpuTable::locate(int64_t key, const Probe& pr, int64_t* free_slot) const
   if (free_slot) *free_slot = -1;
   for (int i = 0; i < kBucketSize; ++i) {
     const int64_t slot = base + ((pr.start + i) & (kBucketSize - 1));
-    const int64_t k = keys_[slot];
+    const int64_t k = slots_[slot].key;
     if (k == kEmptyKey) {  // inserts fill the first free slot on the probe path: key is absent
       if (free_slot && *free_slot < 0) *free_slot = slot;
       return -1;
     }
     if (free_slot && k == kErasedKey && *free_slot < 0) *free_slot = slot;
-    if (digests_[slot] == pr.digest && k == key) return slot;
+    if (k == key) return slot;
   }
   return -1;
 }
@@ -127,9 +125,8 @@ int64_t CpuTable::place(int64_t key, const Probe& pr, uint64_t score, InsertStat
   const int64_t base = pr.bucket * kBucketSize;
   // free_slot: the first free slot on the probe path, found by the caller's locate(); -1 means the bucket is full.
   if (free_slot >= 0) {
-    keys_[free_slot] = key;
-    digests_[free_slot] = pr.digest;
-    scores_[free_slot] = score;
+    slots_[free_slot].key = key;
+    slots_[free_slot].score = score;
     status = InsertStatus::kInserted;  // the caller adds its inserts to size_ once per chunk (no shared atomics)
     return free_slot;
   }
@@ -137,12 +134,11 @@ int64_t CpuTable::place(int64_t key, const Probe& pr, uint64_t score, InsertStat
   if (options_.policy != ScorePolicy::kNone) {
     int64_t victim = base;
     for (int64_t s = base + 1; s < base + kBucketSize; ++s) {
-      if (scores_[s] < scores_[victim]) victim = s;
+      if (slots_[s].score < slots_[victim].score) victim = s;
     }
-    if (score > scores_[victim]) {
-      keys_[victim] = key;
-      digests_[victim] = pr.digest;
-      scores_[victim] = score;
+    if (score > slots_[victim].score) {
+      slots_[victim].key = key;
+      slots_[victim].score = score;
       status = InsertStatus::kEvicted;
       return victim;
     }
@@ -200,7 +196,7 @@ void CpuTable::find(const int64_t* keys, int64_t n, float* values, bool* found, 
       if (update_score) {
         const Probe pr = probe(key);
         lock(pr.bucket);
-        scores_[slot] = touched_score(scores_[slot], false, nullptr, i);
+        slots_[slot].score = touched_score(slots_[slot].score, false, nullptr, i);
         unlock(pr.bucket);
       }
     }
@@ -241,7 +237,7 @@ void CpuTable::find_or_insert(const int64_t* keys, int64_t n, float* values, int
       int64_t slot = locate(key, pr, &free_slot);
       InsertStatus st = InsertStatus::kFound;
       if (slot >= 0) {
-        scores_[slot] = touched_score(scores_[slot], false, scores, i);
+        slots_[slot].score = touched_score(slots_[slot].score, false, scores, i);
       } else {
         slot = place(key, pr, touched_score(0, true, scores, i), st, free_slot);
         if (slot >= 0) initial_row(key, &values_[slot * vd]);
@@ -271,7 +267,7 @@ void CpuTable::insert_or_assign(const int64_t* keys, int64_t n, const float* val
       int64_t slot = locate(key, pr, &free_slot);
       InsertStatus st = InsertStatus::kFound;
       if (slot >= 0) {
-        scores_[slot] = touched_score(scores_[slot], false, scores, i);
+        slots_[slot].score = touched_score(slots_[slot].score, false, scores, i);
       } else {
         slot = place(key, pr, touched_score(0, true, scores, i), st, free_slot);
       }
@@ -318,8 +314,8 @@ int64_t CpuTable::erase(const int64_t* keys, int64_t n) {
     if (is_reserved(keys[i])) continue;
     const int64_t slot = locate(keys[i], probe(keys[i]));
     if (slot < 0) continue;
-    keys_[slot] = kErasedKey;
-    scores_[slot] = 0;
+    slots_[slot].key = kErasedKey;
+    slots_[slot].score = 0;
     ++erased;
   }
   size_.fetch_sub(erased);
@@ -329,9 +325,9 @@ int64_t CpuTable::erase(const int64_t* keys, int64_t n) {
 int64_t CpuTable::erase_if_score_below(uint64_t threshold) {
   int64_t erased = 0;
   for (int64_t s = 0; s < capacity(); ++s) {
-    if (!is_reserved(keys_[s]) && scores_[s] < threshold) {
-      keys_[s] = kErasedKey;
-      scores_[s] = 0;
+    if (!is_reserved(slots_[s].key) && slots_[s].score < threshold) {
+      slots_[s].key = kErasedKey;
+      slots_[s].score = 0;
       ++erased;
     }
   }
@@ -341,7 +337,7 @@ int64_t CpuTable::erase_if_score_below(uint64_t threshold) {
 
 int64_t CpuTable::count_if_score_at_least(uint64_t threshold) const {
   int64_t count = 0;
-  for (int64_t s = 0; s < capacity(); ++s) count += !is_reserved(keys_[s]) && scores_[s] >= threshold;
+  for (int64_t s = 0; s < capacity(); ++s) count += !is_reserved(slots_[s].key) && slots_[s].score >= threshold;
   return count;
 }
 
@@ -350,10 +346,10 @@ int64_t CpuTable::export_if_score_at_least(uint64_t threshold, int64_t* keys, fl
   const int vd = options_.value_dim;
   int64_t out = 0;
   for (int64_t s = 0; s < capacity() && out < max_n; ++s) {
-    if (is_reserved(keys_[s]) || scores_[s] < threshold) continue;
-    keys[out] = keys_[s];
+    if (is_reserved(slots_[s].key) || slots_[s].score < threshold) continue;
+    keys[out] = slots_[s].key;
     if (values) std::memcpy(values + out * vd, &values_[s * vd], sizeof(float) * vd);
-    if (scores) scores[out] = scores_[s];
+    if (scores) scores[out] = slots_[s].score;
     ++out;
   }
   return out;
@@ -365,33 +361,30 @@ void CpuTable::reserve(int64_t capacity) {
 }
 
 void CpuTable::clear() {
-  std::fill(keys_.begin(), keys_.end(), kEmptyKey);
-  std::fill(scores_.begin(), scores_.end(), 0);
+  std::fill(slots_.begin(), slots_.end(), Slot{kEmptyKey, 0});
   size_ = 0;
 }
 
 void CpuTable::rehash(int64_t new_capacity) {
-  std::vector<int64_t> old_keys = std::move(keys_);
-  std::vector<uint64_t> old_scores = std::move(scores_);
+  std::vector<Slot> old_slots = std::move(slots_);
   std::vector<float> old_values = std::move(values_);
   const int vd = options_.value_dim;
   num_buckets_ = new_capacity / kBucketSize;
-  keys_.assign(new_capacity, kEmptyKey);
-  digests_.assign(new_capacity, 0);
-  scores_.assign(new_capacity, 0);
+  slots_.assign(new_capacity, Slot{kEmptyKey, 0});
   values_.assign(static_cast<size_t>(new_capacity) * vd, 0.f);
   locks_.reset(new std::atomic<uint8_t>[num_buckets_]);
   for (int64_t b = 0; b < num_buckets_; ++b) locks_[b].store(0);
   size_ = 0;
-  for (size_t s = 0; s < old_keys.size(); ++s) {
-    if (is_reserved(old_keys[s])) continue;
-    const Probe pr = probe(old_keys[s]);
+  for (size_t s = 0; s < old_slots.size(); ++s) {
+    const int64_t key = old_slots[s].key;
+    if (is_reserved(key)) continue;
+    const Probe pr = probe(key);
     InsertStatus st;
     int64_t free_slot;
-    locate(old_keys[s], pr, &free_slot);
+    locate(key, pr, &free_slot);
     // Growth doubles the buckets, so every old bucket splits into two with room to spare; a key that still finds
     // its bucket full (only possible when shrinking, which never happens) would be dropped and counted.
-    const int64_t slot = place(old_keys[s], pr, old_scores[s], st, free_slot);
+    const int64_t slot = place(key, pr, old_slots[s].score, st, free_slot);
     if (slot >= 0) std::memcpy(&values_[slot * vd], &old_values[s * vd], sizeof(float) * vd);
     if (st == InsertStatus::kInserted) size_.fetch_add(1, std::memory_order_relaxed);
   }

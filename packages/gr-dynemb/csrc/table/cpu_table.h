@@ -1,8 +1,9 @@
 // CpuTable: a collision-free int64 -> float-row hash table in host memory, with scores and eviction.
 //
 // Layout: capacity = num_buckets * 128 slots (num_buckets a power of two). A key hashes to one bucket and a start
-// slot; it is probed linearly inside that bucket only, so a bucket is the unit of eviction. Per slot: key, 8-bit
-// digest (fast filter), score; the value row is [embedding (dim) | optimizer state (value_dim - dim)].
+// slot; it is probed linearly inside that bucket only, so a bucket is the unit of eviction. A slot is key and score
+// side by side (16 bytes: one cache line serves the probe and the score update); the value row, in a separate
+// array, is [embedding (dim) | optimizer state (value_dim - dim)].
 // Lookups stop at the first never-used slot; erase leaves a reusable tombstone. Operations split their keys over
 // threads; inserting operations take a per-bucket spin lock, so duplicate keys in one batch are inserted once.
 #pragma once
@@ -32,7 +33,7 @@ class CpuTable {
   explicit CpuTable(const TableOptions& options);
 
   int64_t size() const { return size_.load(); }
-  int64_t capacity() const { return static_cast<int64_t>(keys_.size()); }
+  int64_t capacity() const { return static_cast<int64_t>(slots_.size()); }
   double load_factor() const { return capacity() ? double(size()) / double(capacity()) : 0.0; }
   int dim() const { return options_.dim; }
   int value_dim() const { return options_.value_dim; }
@@ -80,7 +81,10 @@ class CpuTable {
   struct Probe {
     int64_t bucket;
     int start;
-    uint8_t digest;
+  };
+  struct Slot {
+    int64_t key;
+    uint64_t score;
   };
   Probe probe(int64_t key) const;
   // Slot of `key` in its bucket, or -1; free_slot (optional) gets the first free slot on its probe path, or -1.
@@ -98,9 +102,7 @@ class CpuTable {
 
   TableOptions options_;
   int64_t num_buckets_ = 0;
-  std::vector<int64_t> keys_;
-  std::vector<uint8_t> digests_;
-  std::vector<uint64_t> scores_;
+  std::vector<Slot> slots_;
   std::vector<float> values_;
   std::unique_ptr<std::atomic<uint8_t>[]> locks_;
   std::atomic<int64_t> size_{0};
