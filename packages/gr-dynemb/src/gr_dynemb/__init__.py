@@ -6,6 +6,7 @@ backward optimizers (SGD, Adagrad, row-wise Adagrad, Adam). The CUDA table, host
 checkpoints are the next steps of the gr-dynemb issue.
 """
 
+from gr_dynemb.collection import DynamicEmbeddingCollection, DynamicTable
 from gr_dynemb.embedding import DynamicEmbedding, DynamicEmbeddingConfig, FusedOptimizerConfig
 from gr_dynemb.table import (
     BUCKET_SIZE,
@@ -31,8 +32,10 @@ __all__ = [
     "REJECTED",
     "RESERVED_KEYS",
     "DynamicEmbedding",
+    "DynamicEmbeddingCollection",
     "DynamicEmbeddingConfig",
     "DynamicHashTable",
+    "DynamicTable",
     "DynamicTableConfig",
     "FusedOptimizerConfig",
     "InitializerConfig",

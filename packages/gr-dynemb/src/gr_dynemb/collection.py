@@ -1,0 +1,70 @@
+"""``DynamicEmbeddingCollection``: TorchRec's ``EmbeddingCollection`` interface over dynamic tables.
+
+Takes a ``KeyedJaggedTensor`` and returns ``dict[feature_name, JaggedTensor]`` (one embedding per id, lengths and
+offsets of the input kept), like ``torchrec.EmbeddingCollection``, so a model can swap a static table for a
+dynamic one without touching the code that consumes the lookups. Several features may share one table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from torchrec import JaggedTensor, KeyedJaggedTensor
+
+from gr_dynemb.embedding import DynamicEmbedding, DynamicEmbeddingConfig
+
+
+@dataclass
+class DynamicTable:
+    """One table of a collection: its name, the KJT features it serves, and its configuration."""
+
+    name: str
+    feature_names: list[str]
+    config: DynamicEmbeddingConfig
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"table name must be an identifier, got {self.name!r}")
+        if not self.feature_names:
+            raise ValueError(f"table {self.name!r} serves no feature")
+
+
+class DynamicEmbeddingCollection(nn.Module):
+    def __init__(self, tables: list[DynamicTable]) -> None:
+        super().__init__()
+        if len({t.name for t in tables}) != len(tables):
+            raise ValueError(f"table names must be unique, got {[t.name for t in tables]}")
+        # Registered as submodules "table_<name>" (a bare name such as "items" would clash with nn.Module/ModuleDict
+        # attributes); table(name) looks them up.
+        self._tables: dict[str, DynamicEmbedding] = {}
+        for t in tables:
+            self._tables[t.name] = DynamicEmbedding(t.config)
+            self.add_module(f"table_{t.name}", self._tables[t.name])
+        self._table_of: dict[str, str] = {}
+        for t in tables:
+            for f in t.feature_names:
+                if f in self._table_of:
+                    raise ValueError(f"feature {f!r} is served by both {self._table_of[f]!r} and {t.name!r}")
+                self._table_of[f] = t.name
+
+    def table(self, name: str) -> DynamicEmbedding:
+        try:
+            return self._tables[name]
+        except KeyError:
+            raise KeyError(f"no table {name!r} (tables: {list(self._tables)})") from None
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self._table_of)
+
+    def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        names: list[str] = features.keys()  # a KJT's feature names (a method, not a dict view)
+        unknown = [k for k in names if k not in self._table_of]
+        if unknown:
+            raise KeyError(f"features {unknown} have no table (served: {self.feature_names})")
+        out: dict[str, JaggedTensor] = {}
+        for name, jt in features.to_dict().items():
+            emb = self._tables[self._table_of[name]](jt.values())
+            out[name] = JaggedTensor(values=emb, lengths=jt.lengths(), offsets=jt.offsets())
+        return out
