@@ -48,19 +48,12 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_kernel(const HstuBw
   const int n0 = n_block * kBlockN;
   if (n0 >= length) return;
 
-  const int targets = p.num_targets == nullptr ? 0 : min(max(p.num_targets[b], 0), length);
-  SequenceMask mask;
-  mask.length = length;
-  mask.history = length - targets;
-  mask.context = min(p.contextual_seq_len, mask.history);
-  mask.max_attn_len = p.max_attn_len;
-  mask.group_size = p.target_group_size;
-  mask.causal = p.causal;
+  const SequenceMask mask = SequenceMask::of_sequence(p, b, length);
 
   // Query tiles that can see these keys: causal rows only look back, except context rows (which come first).
   int m_start = 0, m_end = length;
   if (p.causal && mask.context == 0) m_start = n0 / kBlockM * kBlockM;
-  if (p.max_attn_len > 0 && mask.context == 0 && targets == 0) {
+  if (p.max_attn_len > 0 && mask.context == 0 && !mask.has_targets()) {
     m_end = min(length, n0 + kBlockN + p.max_attn_len);
     if (!p.causal) m_start = max(0, n0 - p.max_attn_len) / kBlockM * kBlockM;
   }
@@ -90,13 +83,12 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_kernel(const HstuBw
     for (int e = 0; e < 4; ++e) dv_acc[t][e] = dk_acc[t][e] = 0.f;
   }
 
-  const int64_t nn = int64_t(p.max_seq_len) * p.max_seq_len;
   const Element* rab = nullptr;
   float* drab = nullptr;
   if (p.rab != nullptr) {
-    const int rab_head = p.rab_heads == 1 ? 0 : head;
-    rab = static_cast<const Element*>(p.rab) + (int64_t(b) * p.rab_heads + rab_head) * nn;
-    if (p.drab_accum != nullptr) drab = p.drab_accum + (int64_t(b) * p.rab_heads + rab_head) * nn;
+    const int64_t plane = detail::rab_plane_offset(p, b, head);
+    rab = static_cast<const Element*>(p.rab) + plane;
+    if (p.drab_accum != nullptr) drab = p.drab_accum + plane;
   }
   const float dx_scale = p.alpha * p.inv_scaling_seqlen;
 
@@ -264,17 +256,8 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_kernel(const HstuBw
 template <typename Element, int kHeadDim>
 const char* run_hstu_bwd(const HstuBwdParams& p, cudaStream_t stream) {
   using Traits = HstuBwdTraits<Element, kHeadDim>;
-  auto kernel = hstu_bwd_kernel<Traits>;
-  constexpr int smem = Traits::kSmemBytes;
-  if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return cudaGetErrorString(err);
-  }
-  dim3 grid((p.max_seq_len + Traits::kBlockN - 1) / Traits::kBlockN, p.heads, p.batch);
-  if (grid.x == 0 || p.batch == 0 || p.heads == 0) return "";
-  kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? "" : cudaGetErrorString(err);
+  const dim3 grid((p.max_seq_len + Traits::kBlockN - 1) / Traits::kBlockN, p.heads, p.batch);
+  return launch_kernel(hstu_bwd_kernel<Traits>, grid, Traits::kThreads, Traits::kSmemBytes, p, stream);
 }
 
 }  // namespace gr_kernels

@@ -42,20 +42,13 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
   const int m0 = m_block * kBlockM;
   if (m0 >= length) return;
 
-  const int targets = p.num_targets == nullptr ? 0 : min(max(p.num_targets[b], 0), length);
-  SequenceMask mask;
-  mask.length = length;
-  mask.history = length - targets;
-  mask.context = min(p.contextual_seq_len, mask.history);
-  mask.max_attn_len = p.max_attn_len;
-  mask.group_size = p.target_group_size;
-  mask.causal = p.causal;
+  const SequenceMask mask = SequenceMask::of_sequence(p, b, length);
 
   // Key tiles that can hold a visible key: causal rows (targets included) see j <= i, except context rows.
   int n_end = length;
   if (p.causal && m0 >= mask.context) n_end = min(length, m0 + kBlockM);
   int n_start = 0;
-  if (p.max_attn_len > 0 && mask.context == 0 && targets == 0) n_start = max(0, m0 - p.max_attn_len) / kBlockN * kBlockN;
+  if (p.max_attn_len > 0 && mask.context == 0 && !mask.has_targets()) n_start = max(0, m0 - p.max_attn_len) / kBlockN * kBlockN;
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -73,8 +66,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
 
   const Element* rab = nullptr;
   if (p.rab != nullptr) {
-    const int rab_head = p.rab_heads == 1 ? 0 : head;
-    rab = static_cast<const Element*>(p.rab) + (int64_t(b) * p.rab_heads + rab_head) * p.max_seq_len * p.max_seq_len;
+    rab = static_cast<const Element*>(p.rab) + detail::rab_plane_offset(p, b, head);
   }
 
   // ldmatrix lane roles (see kernel_traits.h): which row / 8-column chunk this lane addresses.
@@ -206,17 +198,8 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
 template <typename Element, int kHeadDim>
 const char* run_hstu_fwd(const HstuFwdParams& p, cudaStream_t stream) {
   using Traits = HstuFwdTraits<Element, kHeadDim, 64, 64>;
-  auto kernel = hstu_fwd_kernel<Traits>;
-  constexpr int smem = Traits::kSmemBytes;
-  if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return cudaGetErrorString(err);
-  }
-  dim3 grid((p.max_seq_len + Traits::kBlockM - 1) / Traits::kBlockM, p.heads, p.batch);
-  if (grid.x == 0 || p.batch == 0 || p.heads == 0) return "";
-  kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? "" : cudaGetErrorString(err);
+  const dim3 grid((p.max_seq_len + Traits::kBlockM - 1) / Traits::kBlockM, p.heads, p.batch);
+  return launch_kernel(hstu_fwd_kernel<Traits>, grid, Traits::kThreads, Traits::kSmemBytes, p, stream);
 }
 
 }  // namespace gr_kernels

@@ -3,6 +3,8 @@
 
 #include <cuda_runtime.h>
 
+#include "hstu/params.h"
+
 namespace gr_kernels {
 
 struct SequenceMask {
@@ -12,6 +14,21 @@ struct SequenceMask {
   int max_attn_len;   // W, 0 = unlimited
   int group_size;     // G
   bool causal;
+
+  // The mask of sequence b (of `length` tokens) under the launch's options; num_targets is clamped to [0, length].
+  __device__ __forceinline__ static SequenceMask of_sequence(const HstuFwdParams& p, int b, int length) {
+    const int targets = p.num_targets == nullptr ? 0 : min(max(p.num_targets[b], 0), length);
+    SequenceMask m;
+    m.length = length;
+    m.history = length - targets;
+    m.context = min(p.contextual_seq_len, m.history);
+    m.max_attn_len = p.max_attn_len;
+    m.group_size = p.target_group_size;
+    m.causal = p.causal;
+    return m;
+  }
+
+  __device__ __forceinline__ bool has_targets() const { return history < length; }
 
   __device__ __forceinline__ bool operator()(int i, int j) const {
     if (i >= length || j >= length) return false;

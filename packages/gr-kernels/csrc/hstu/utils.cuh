@@ -1,12 +1,15 @@
-// Device helpers shared by the forward and backward kernels: SiLU pieces, packing, swizzled tile loads.
+// Helpers shared by the forward and backward kernels: SiLU pieces, packing, swizzled tile loads, bias planes, launch.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include <cute/arch/copy_sm80.hpp>
+
+#include "hstu/params.h"
 
 namespace gr_kernels {
 
@@ -54,6 +57,12 @@ __device__ __forceinline__ float to_float<__half>(__half x) {
   return __half2float(x);
 }
 
+// Element offset of the [max_seq_len, max_seq_len] bias plane that (sequence b, head) reads (shared when 1 rab head).
+__device__ __forceinline__ int64_t rab_plane_offset(const HstuFwdParams& p, int b, int head) {
+  const int rab_head = p.rab_heads == 1 ? 0 : head;
+  return (int64_t(b) * p.rab_heads + rab_head) * p.max_seq_len * p.max_seq_len;
+}
+
 // Copies `rows` rows of a [rows, kHeadDim] gmem slab (row stride in elements) into a swizzled smem tile;
 // rows at or past `valid_rows` are zero-filled.
 template <typename Traits, int kRows>
@@ -73,5 +82,19 @@ __device__ __forceinline__ void load_tile(typename Traits::Element* smem, const 
 }
 
 }  // namespace detail
+
+// Host side: launches `kernel` with `smem` bytes of dynamic shared memory (opting in above 48 KiB); empty grids are
+// no-ops. Returns "" on success, else the CUDA error string.
+template <typename Kernel, typename Params>
+const char* launch_kernel(Kernel kernel, dim3 grid, int threads, int smem, const Params& p, cudaStream_t stream) {
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return cudaGetErrorString(err);
+  }
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return "";
+  kernel<<<grid, threads, smem, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? "" : cudaGetErrorString(err);
+}
 
 }  // namespace gr_kernels
