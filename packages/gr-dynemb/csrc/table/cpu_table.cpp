@@ -186,7 +186,8 @@ void CpuTable::find(const int64_t* keys, int64_t n, float* values, bool* found, 
     for (int64_t i = begin; i < end; ++i) {
       prefetch(keys, i, end);
       const int64_t key = keys[i];
-      int64_t slot = is_reserved(key) ? -1 : locate(key, probe(key));
+      const Probe pr = probe(key);
+      const int64_t slot = is_reserved(key) ? -1 : locate(key, pr);
       found[i] = slot >= 0;
       if (slot < 0) {
         if (values) std::fill(values + i * vd, values + (i + 1) * vd, 0.f);
@@ -194,7 +195,6 @@ void CpuTable::find(const int64_t* keys, int64_t n, float* values, bool* found, 
       }
       if (values) std::memcpy(values + i * vd, &values_[slot * vd], sizeof(float) * vd);
       if (update_score) {
-        const Probe pr = probe(key);
         lock(pr.bucket);
         slots_[slot].score = touched_score(slots_[slot].score, false, nullptr, i);
         unlock(pr.bucket);
@@ -223,9 +223,9 @@ void CpuTable::Tally::flush(CpuTable& table) {
   table.rejected_.fetch_add(rejected);
 }
 
-void CpuTable::find_or_insert(const int64_t* keys, int64_t n, float* values, int8_t* status, const uint64_t* scores) {
+template <typename Body>
+void CpuTable::upsert_batch(const int64_t* keys, int64_t n, int8_t* status, const uint64_t* scores, Body&& body) {
   grow_for(n);
-  const int vd = options_.value_dim;
   parallel_for(n, [&](int64_t begin, int64_t end) {
     Tally tally;
     for (int64_t i = begin; i < end; ++i) {
@@ -240,11 +240,9 @@ void CpuTable::find_or_insert(const int64_t* keys, int64_t n, float* values, int
         slots_[slot].score = touched_score(slots_[slot].score, false, scores, i);
       } else {
         slot = place(key, pr, touched_score(0, true, scores, i), st, free_slot);
-        if (slot >= 0) initial_row(key, &values_[slot * vd]);
       }
-      if (slot >= 0) std::memcpy(values + i * vd, &values_[slot * vd], sizeof(float) * vd);
+      body(i, key, slot, st);
       unlock(pr.bucket);
-      if (slot < 0) initial_row(key, values + i * vd);
       status[i] = static_cast<int8_t>(st);
       tally.add(st);
     }
@@ -252,31 +250,24 @@ void CpuTable::find_or_insert(const int64_t* keys, int64_t n, float* values, int
   });
 }
 
+void CpuTable::find_or_insert(const int64_t* keys, int64_t n, float* values, int8_t* status, const uint64_t* scores) {
+  const int vd = options_.value_dim;
+  upsert_batch(keys, n, status, scores, [&](int64_t i, int64_t key, int64_t slot, InsertStatus st) {
+    float* out = values + i * vd;
+    if (slot < 0) {  // rejected: the initializer's row, no slot
+      initial_row(key, out);
+      return;
+    }
+    if (st != InsertStatus::kFound) initial_row(key, &values_[slot * vd]);
+    std::memcpy(out, &values_[slot * vd], sizeof(float) * vd);
+  });
+}
+
 void CpuTable::insert_or_assign(const int64_t* keys, int64_t n, const float* values, int8_t* status,
                                 const uint64_t* scores) {
-  grow_for(n);
   const int vd = options_.value_dim;
-  parallel_for(n, [&](int64_t begin, int64_t end) {
-    Tally tally;
-    for (int64_t i = begin; i < end; ++i) {
-      prefetch(keys, i, end);
-      const int64_t key = keys[i];
-      const Probe pr = probe(key);
-      lock(pr.bucket);
-      int64_t free_slot;
-      int64_t slot = locate(key, pr, &free_slot);
-      InsertStatus st = InsertStatus::kFound;
-      if (slot >= 0) {
-        slots_[slot].score = touched_score(slots_[slot].score, false, scores, i);
-      } else {
-        slot = place(key, pr, touched_score(0, true, scores, i), st, free_slot);
-      }
-      if (slot >= 0) std::memcpy(&values_[slot * vd], values + i * vd, sizeof(float) * vd);
-      unlock(pr.bucket);
-      status[i] = static_cast<int8_t>(st);
-      tally.add(st);
-    }
-    tally.flush(*this);
+  upsert_batch(keys, n, status, scores, [&](int64_t i, int64_t, int64_t slot, InsertStatus) {
+    if (slot >= 0) std::memcpy(&values_[slot * vd], values + i * vd, sizeof(float) * vd);
   });
 }
 

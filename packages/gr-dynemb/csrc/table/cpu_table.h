@@ -96,6 +96,10 @@ class CpuTable {
   void lock(int64_t bucket);
   void unlock(int64_t bucket);
   void grow_for(int64_t incoming);
+  // The loop of the inserting operations: per key, under its bucket lock, find it (touching its score) or place it,
+  // then body(i, key, slot, status) (slot -1: rejected); statuses to `status`, counts to the table.
+  template <typename Body>
+  void upsert_batch(const int64_t* keys, int64_t n, int8_t* status, const uint64_t* scores, Body&& body);
   void rehash(int64_t new_capacity);
   template <typename Fn>
   void parallel_for(int64_t n, Fn&& fn) const;

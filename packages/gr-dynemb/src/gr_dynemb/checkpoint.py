@@ -90,7 +90,6 @@ def load_table(
         mine = owner_ranks(keys, world_size) == rank
         keys, values, scores = keys[mine], values[mine], scores[mine]
     if keys.numel():
-        table.reserve(int((table.size() + keys.numel()) / table.config.max_load_factor) + 1)
         table.restore(keys, values, scores)
     table.set_step(max(table.step, int(payload["step"])))
     table.set_epoch(max(table.epoch, int(payload["epoch"])))

@@ -190,7 +190,6 @@ class DynamicEmbedding(nn.Module):
                 )
             else:
                 self.table.clear()
-                self.table.reserve(int(keys.numel() / self.table.config.max_load_factor) + 1)
                 if keys.numel():
                     self.table.restore(keys, values, scores)
                 self.step = int(step)

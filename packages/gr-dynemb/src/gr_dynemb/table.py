@@ -204,7 +204,8 @@ class DynamicHashTable:
         return status
 
     def restore(self, keys: Tensor, values: Tensor, scores: Tensor) -> Tensor:
-        """Inserts or overwrites rows together with their saved scores (any policy): the checkpoint-load path."""
+        """Inserts or overwrites rows together with their saved scores (any policy): the checkpoint-load path.
+        Like every inserting operation it grows the table first as far as ``max_capacity`` allows."""
         keys = self._keys(keys)
         values = self._values(values, keys.numel())
         if scores.shape != (keys.numel(),) or scores.dtype not in (torch.int64, torch.uint64):
