@@ -168,6 +168,23 @@ def test_forward_strided_inputs_and_graph_capture() -> None:
     torch.testing.assert_close(captured, out, atol=0, rtol=0)
 
 
+def _draw_call(data: st.DataObject) -> tuple[int, torch.dtype, dict]:
+    """Heads, dtype and the keyword arguments (seed, rab, alpha, masks) of one hypothesis-drawn parity case."""
+    heads = data.draw(st.integers(1, 3))
+    dtype = data.draw(st.sampled_from([torch.bfloat16, torch.float16]))
+    kw = {
+        "seed": data.draw(st.integers(0, 1000)),
+        "rab_heads": data.draw(st.sampled_from([0, 1])),
+        "alpha": data.draw(st.sampled_from([1.0, 0.1])),
+        "causal": data.draw(st.booleans()),
+        "max_attn_len": data.draw(st.sampled_from([0, 0, 1, 16, 100])),
+        "contextual_seq_len": data.draw(st.sampled_from([0, 0, 1, 4])),
+        "num_targets": data.draw(st.sampled_from([0, 0, 1, 5])),
+        "target_group_size": data.draw(st.sampled_from([1, 2])),
+    }
+    return heads, dtype, kw
+
+
 @needs_sm90
 @pytest.mark.gpu
 @settings(max_examples=30, deadline=None, database=None)
@@ -175,23 +192,8 @@ def test_forward_strided_inputs_and_graph_capture() -> None:
 def test_forward_hypothesis(data: st.DataObject) -> None:
     lengths = data.draw(st.lists(st.integers(0, 300), min_size=1, max_size=6))
     dim = data.draw(st.sampled_from([64, 128, 256]))
-    kw = {
-        "causal": data.draw(st.booleans()),
-        "max_attn_len": data.draw(st.sampled_from([0, 0, 1, 16, 100])),
-        "contextual_seq_len": data.draw(st.sampled_from([0, 0, 1, 4])),
-        "num_targets": data.draw(st.sampled_from([0, 0, 1, 5])),
-        "target_group_size": data.draw(st.sampled_from([1, 2])),
-    }
-    _check_forward(
-        lengths,
-        data.draw(st.integers(1, 3)),
-        dim,
-        data.draw(st.sampled_from([torch.bfloat16, torch.float16])),
-        seed=data.draw(st.integers(0, 1000)),
-        rab_heads=data.draw(st.sampled_from([0, 1])),
-        alpha=data.draw(st.sampled_from([1.0, 0.1])),
-        **kw,
-    )
+    heads, dtype, kw = _draw_call(data)
+    _check_forward(lengths, heads, dim, dtype, **kw)
 
 
 def _check_backward(lengths, heads, dim, dtype, *, seed=0, rab_heads=0, num_targets=0, max_seq_len=None, **kw):
@@ -245,23 +247,9 @@ def test_backward_dtypes_and_head_dims(dtype: torch.dtype, dim: int) -> None:
 @given(data=st.data())
 def test_backward_hypothesis(data: st.DataObject) -> None:
     lengths = data.draw(st.lists(st.integers(0, 260), min_size=1, max_size=5))
-    kw = {
-        "causal": data.draw(st.booleans()),
-        "max_attn_len": data.draw(st.sampled_from([0, 0, 1, 16, 100])),
-        "contextual_seq_len": data.draw(st.sampled_from([0, 0, 1, 4])),
-        "num_targets": data.draw(st.sampled_from([0, 0, 1, 5])),
-        "target_group_size": data.draw(st.sampled_from([1, 2])),
-    }
-    _check_backward(
-        lengths,
-        data.draw(st.integers(1, 3)),
-        data.draw(st.sampled_from([64, 128])),
-        data.draw(st.sampled_from([torch.bfloat16, torch.float16])),
-        seed=data.draw(st.integers(0, 1000)),
-        rab_heads=data.draw(st.sampled_from([0, 1])),
-        alpha=data.draw(st.sampled_from([1.0, 0.1])),
-        **kw,
-    )
+    dim = data.draw(st.sampled_from([64, 128]))
+    heads, dtype, kw = _draw_call(data)
+    _check_backward(lengths, heads, dim, dtype, **kw)
 
 
 @needs_sm90
