@@ -19,7 +19,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from gr_dynemb import _C
+try:
+    from gr_dynemb import _C
+except ImportError as exc:  # imported from a source tree that was never built (or a stale editable install)
+    raise ImportError(
+        "gr_dynemb's native extension (gr_dynemb._C) is not built in this environment; install the package "
+        "so that it compiles: `pip install packages/gr-dynemb` (or `-e` for a checkout); in a hatch workspace "
+        "`hatch env prune` and run again"
+    ) from exc
 
 EMPTY_KEY: int = _C.EMPTY_KEY
 ERASED_KEY: int = _C.ERASED_KEY
