@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torchrec import JaggedTensor, KeyedJaggedTensor
 
@@ -63,8 +64,15 @@ class DynamicEmbeddingCollection(nn.Module):
         unknown = [k for k in names if k not in self._table_of]
         if unknown:
             raise KeyError(f"features {unknown} have no table (served: {self.feature_names})")
-        out: dict[str, JaggedTensor] = {}
-        for name, jt in features.to_dict().items():
-            emb = self._tables[self._table_of[name]](jt.values())
-            out[name] = JaggedTensor(values=emb, lengths=jt.lengths(), offsets=jt.offsets())
-        return out
+        # One lookup per table (its features' ids concatenated): a shared table then takes one optimizer step per
+        # backward, as a sharded collection does, whatever the number of features it serves.
+        jts = features.to_dict()
+        by_table: dict[str, list[str]] = {}
+        for name in names:
+            by_table.setdefault(self._table_of[name], []).append(name)
+        embs: dict[str, torch.Tensor] = {}
+        for table, feats in by_table.items():
+            rows = self._tables[table](torch.cat([jts[f].values() for f in feats]))
+            for f, emb in zip(feats, rows.split([jts[f].values().numel() for f in feats]), strict=True):
+                embs[f] = emb
+        return {f: JaggedTensor(values=embs[f], lengths=jts[f].lengths(), offsets=jts[f].offsets()) for f in names}

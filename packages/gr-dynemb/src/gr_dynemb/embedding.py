@@ -53,10 +53,15 @@ class DynamicEmbeddingConfig:
     optimizer: FusedOptimizerConfig = field(default_factory=FusedOptimizerConfig)
     admit_after: int = 0  # batches an id must appear in before it gets a slot; 0 = admit at once
     default_value: float = 0.0  # embedding of ids not (yet) admitted, or missing at evaluation
+    # What an id missing from the table reads in eval mode: "default" (default_value) or "initializer" (the row a
+    # first training lookup would insert, e.g. for full-catalogue scoring); eval never inserts either way.
+    eval_missing: Literal["default", "initializer"] = "default"
 
     def __post_init__(self) -> None:
         if self.admit_after < 0:
             raise ValueError(f"admit_after must be >= 0, got {self.admit_after}")
+        if self.eval_missing not in ("default", "initializer"):
+            raise ValueError(f"eval_missing must be 'default' or 'initializer', got {self.eval_missing!r}")
 
 
 class _Lookup(torch.autograd.Function):
@@ -115,6 +120,8 @@ class DynamicEmbedding(nn.Module):
         else:
             found_rows, found = self.table.find(unique)
             rows = torch.where(found.unsqueeze(1), found_rows[:, : self.dim], self.config.default_value)
+            if self.config.eval_missing == "initializer" and not bool(found.all()):
+                rows[~found] = self.table.initial_rows(unique[~found])[:, : self.dim]
             admitted = found
         self._last_admitted = admitted
         if self.training and torch.is_grad_enabled():

@@ -1,0 +1,59 @@
+"""Per-rank dumps of sharded dynamic tables, re-sharded on load.
+
+Layout: ``<directory>/<table>/rank<r>-of-<W>.pt``, one ``gr_dynemb.table/1`` dump (see ``gr_dynemb.checkpoint``)
+per rank; each rank writes its own file atomically. Loading reads every dump of a table, whatever ``W`` it was
+written with, and keeps the keys that ``owner_ranks`` gives to the loading rank under the current world size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from gr_dynemb.checkpoint import dump_table, load_shards
+from gr_dynemb.collection import DynamicEmbeddingCollection
+from gr_dynemb.distributed.sharded_collection import ShardedDynamicEmbeddingCollection
+from gr_dynemb.embedding import DynamicEmbedding
+
+
+def _tables(module: nn.Module) -> tuple[dict[str, DynamicEmbedding], int, int]:
+    if isinstance(module, ShardedDynamicEmbeddingCollection):
+        return dict(module.dynamic_tables), module.rank, module.world_size
+    if isinstance(module, DynamicEmbeddingCollection):
+        return {name: module.table(name) for name in module._tables}, 0, 1
+    raise TypeError(
+        f"expected a ShardedDynamicEmbeddingCollection or DynamicEmbeddingCollection, got {type(module).__name__}"
+    )
+
+
+def shard_paths(directory: str | Path, table: str) -> list[Path]:
+    """The dumps of ``table`` under ``directory`` (every rank of the world size it was written with)."""
+    paths = sorted((Path(directory) / table).glob("rank*-of-*.pt"))
+    if not paths:
+        raise FileNotFoundError(f"no dumps of table {table!r} under {directory}")
+    worlds = {p.stem.split("-of-")[1] for p in paths}
+    if len(worlds) != 1 or len(paths) != int(worlds.pop()):
+        raise ValueError(f"{Path(directory) / table}: dumps of more than one world size, or some ranks missing")
+    return paths
+
+
+def dump_sharded(module: nn.Module, directory: str | Path, *, since_score: int | None = None) -> dict[str, int]:
+    """Writes this rank's shard of every dynamic table; returns rows written per table. Call on every rank."""
+    tables, rank, world = _tables(module)
+    written = {}
+    for name, emb in tables.items():
+        written[name] = dump_table(
+            emb.table, Path(directory) / name / f"rank{rank}-of-{world}.pt", since_score=since_score
+        )
+    return written
+
+
+def load_sharded(module: nn.Module, directory: str | Path) -> dict[str, int]:
+    """Loads every table's full dumps (any old world size) into this rank's shards; returns rows loaded per table."""
+    tables, rank, world = _tables(module)
+    loaded = {}
+    for name, emb in tables.items():
+        loaded[name] = load_shards(emb.table, list(shard_paths(directory, name)), rank=rank, world_size=world)
+        emb.step = emb.table.step  # the optimizer's step count (Adam's t) resumes with the table clock
+    return loaded

@@ -1,0 +1,292 @@
+"""Rank workers and shared pieces of the multi-rank sharding tests (no tests here: test_sharding.py runs them).
+
+A toy model mixing a static and a dynamic table, its data, an unsharded reference trained the same way, the rank
+workers, and a spawn helper (gloo over a file store, so no ports). The workers live in an importable module because
+spawned ranks unpickle them by module name."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+
+from gr_dynemb import DynamicEmbeddingCollection, DynamicTable, FusedOptimizerConfig, InitializerConfig
+from gr_dynemb.distributed import DynamicParameterConstraints, DynamicTableOptions
+
+DIM = 4
+STATIC_ROWS = 24
+GLOBAL_BATCH = 8
+# Dynamic ids: a pool of large, scattered int64 keys (no static table could index them) that repeat across batches.
+POOL = torch.randint(-(2**62), 2**62, (40,), generator=torch.Generator().manual_seed(7))
+
+
+def tables() -> list[EmbeddingConfig]:
+    return [
+        EmbeddingConfig(name="static", embedding_dim=DIM, num_embeddings=STATIC_ROWS, feature_names=["s"]),
+        # num_embeddings of a dynamic table only sizes the planner's estimate; its rows live in the hash table.
+        EmbeddingConfig(name="dyn", embedding_dim=DIM, num_embeddings=64, feature_names=["d", "d_clicked"]),
+    ]
+
+
+def dynamic_options() -> DynamicTableOptions:
+    return DynamicTableOptions(capacity=256, initializer=InitializerConfig("normal", std=0.1, seed=3))
+
+
+def constraints(static_kernel: str = "fused", static_sharding: str = "row_wise") -> dict:
+    from torchrec.distributed.planner import ParameterConstraints
+
+    return {
+        "static": ParameterConstraints(sharding_types=[static_sharding], compute_kernels=[static_kernel]),
+        "dyn": DynamicParameterConstraints(dynamic=dynamic_options()),
+    }
+
+
+def batch(step: int, lo: int = 0, hi: int = GLOBAL_BATCH) -> KeyedJaggedTensor:
+    """Samples [lo, hi) of the global batch of ``step``: 0-3 static ids, 0-3 ids of each dynamic feature."""
+    g = torch.Generator().manual_seed(1000 + step)
+    lengths = torch.randint(0, 4, (3, GLOBAL_BATCH), generator=g)
+    static = torch.randint(0, STATIC_ROWS, (int(lengths[0].sum()),), generator=g)
+    dyn = POOL[torch.randint(0, POOL.numel(), (int(lengths[1:].sum()),), generator=g)]
+    per_feature = [static, dyn[: int(lengths[1].sum())], dyn[int(lengths[1].sum()) :]]
+    values, lens = [], []
+    for f in range(3):
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths[f].cumsum(0)])
+        values.append(per_feature[f][offsets[lo] : offsets[hi]])
+        lens.append(lengths[f][lo:hi])
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=["s", "d", "d_clicked"], values=torch.cat(values), lengths=torch.cat(lens)
+    )
+
+
+def all_ids_batch() -> KeyedJaggedTensor:
+    """One sample holding every static row and every pool key (plus keys never trained)."""
+    unseen = torch.tensor([5, -9, 2**40])
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=["s", "d", "d_clicked"],
+        values=torch.cat([torch.arange(STATIC_ROWS), POOL, unseen]),
+        lengths=torch.tensor([STATIC_ROWS, POOL.numel(), unseen.numel()]),
+    )
+
+
+def loss_of(out: dict) -> torch.Tensor:
+    """A quadratic loss whose target depends on the feature and position, so gradients depend on the rows."""
+    total = torch.zeros(())
+    for k, name in enumerate(("s", "d", "d_clicked")):
+        v = out[name].values()
+        target = torch.linspace(-0.5, 0.5, DIM) * (k + 1)
+        total = total + ((v - target) ** 2).sum()
+    return total
+
+
+def make_model(seed: int = 0) -> EmbeddingCollection:
+    torch.manual_seed(seed)
+    return EmbeddingCollection(tables=tables(), device=torch.device("cpu"))
+
+
+class Reference(nn.Module):
+    """The same model unsharded: the static table as a sparse ``nn.Embedding`` with torch's optimizer (exact SGD or
+    Adagrad: what FBGEMM's fused CPU kernel computes) and the dynamic table as a ``DynamicEmbeddingCollection``."""
+
+    def __init__(
+        self, static_weight: torch.Tensor, static_opt: FusedOptimizerConfig, dynamic_opt: FusedOptimizerConfig
+    ) -> None:
+        super().__init__()
+        self.static = nn.Embedding.from_pretrained(static_weight.clone(), freeze=False, sparse=True)
+        opts = dynamic_options()
+        self.dynamic = DynamicEmbeddingCollection(
+            [DynamicTable("dyn", ["d", "d_clicked"], opts.embedding_config(DIM, dynamic_opt))]
+        )
+        params = self.static.parameters()
+        if static_opt.kind == "sgd":
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=static_opt.lr)
+        elif static_opt.kind == "adagrad":
+            self.opt = torch.optim.Adagrad(params, lr=static_opt.lr, eps=static_opt.eps)
+        else:
+            raise ValueError(f"no reference for a static {static_opt.kind} table")
+
+    def forward(self, kjt: KeyedJaggedTensor) -> dict:
+        from torchrec import JaggedTensor
+
+        jts = kjt.to_dict()
+        out = dict(self.dynamic(KeyedJaggedTensor.from_jt_dict({f: jts[f] for f in ("d", "d_clicked")})))
+        out["s"] = JaggedTensor(values=self.static(jts["s"].values()), lengths=jts["s"].lengths())
+        return out
+
+    def train_step(self, kjt: KeyedJaggedTensor, world_size: int) -> float:
+        """One step on the global batch. Sharded tables see the mean over ranks of the ranks' gradients (TorchRec's
+        gradient division), i.e. the gradient of the global loss / world_size."""
+        self.opt.zero_grad()
+        loss = loss_of(self(kjt))
+        (loss / world_size).backward()
+        self.opt.step()
+        return float(loss.detach())
+
+
+def fused_params(optimizer: FusedOptimizerConfig) -> dict:
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    kind = {"sgd": EmbOptimType.EXACT_SGD, "adagrad": EmbOptimType.EXACT_ADAGRAD, "adam": EmbOptimType.ADAM}[
+        optimizer.kind
+    ]
+    return {
+        "optimizer": kind,
+        "learning_rate": optimizer.lr,
+        "eps": optimizer.eps,
+        "beta1": optimizer.beta1,
+        "beta2": optimizer.beta2,
+    }
+
+
+def spawn(world_size: int, worker: Callable, tmp: Path, *args: object) -> None:
+    """Runs ``worker(rank, world_size, tmp, *args)`` on ``world_size`` gloo ranks; a failure in any rank fails."""
+    mp.spawn(_entry, args=(world_size, worker, str(tmp), args), nprocs=world_size, join=True)
+
+
+def _entry(rank: int, world_size: int, worker: Callable, tmp: str, args: tuple) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world_size)
+    try:
+        worker(rank, world_size, Path(tmp), *args)
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------- rank workers
+STEPS = 4
+LR = 0.05
+
+
+def optimizers(kind: str) -> tuple[FusedOptimizerConfig, FusedOptimizerConfig]:
+    """(static, dynamic) optimizers of a scenario. FBGEMM's CPU kernel has no Adam, so with ``kind="adam"`` the
+    static table trains with exact Adagrad and the dynamic table with its own Adam (DynamicTableOptions.optimizer);
+    with ``"sgd"`` both take exact SGD from the sharder's fused_params."""
+    if kind == "sgd":
+        return FusedOptimizerConfig("sgd", lr=LR), FusedOptimizerConfig("sgd", lr=LR)
+    return FusedOptimizerConfig("adagrad", lr=LR), FusedOptimizerConfig("adam", lr=LR)
+
+
+def build_sharded(world_size: int, kind: str, seed: int = 0) -> tuple[nn.Module, EmbeddingCollection, object]:
+    """(DMP model, the unsharded EC it was built from, plan) on the current process group."""
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.planner import Topology
+    from torchrec.distributed.types import ShardingEnv
+
+    from gr_dynemb.distributed import DynamicEmbeddingCollectionSharder, DynamicEmbeddingShardingPlanner
+
+    static_opt, dynamic_opt = optimizers(kind)
+    model = make_model(seed)
+    unsharded = make_model(seed)
+    cons = constraints()
+    if kind != "sgd":
+        cons["dyn"].dynamic.optimizer = dynamic_opt
+    sharders = [DynamicEmbeddingCollectionSharder(fused_params=fused_params(static_opt))]
+    planner = DynamicEmbeddingShardingPlanner(Topology(world_size=world_size, compute_device="cpu"), constraints=cons)
+    plan = planner.collective_plan(model, sharders, dist.group.WORLD)
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        plan=plan,
+        sharders=sharders,
+        device=torch.device("cpu"),
+    )
+    return dmp, unsharded, plan
+
+
+def dumped_rows(directory: Path) -> int:
+    from gr_dynemb.checkpoint import read_dump
+
+    return sum(int(read_dump(p)["keys"].numel()) for p in (directory / "dyn").glob("*.pt"))
+
+
+def probe(module: nn.Module) -> dict[str, torch.Tensor]:
+    module.eval()
+    with torch.no_grad():
+        out = module(all_ids_batch())
+    module.train()
+    return {f: out[f].values().clone() for f in ("s", "d", "d_clicked")}
+
+
+def train_and_compare(rank: int, world_size: int, kind: str) -> nn.Module:
+    """Trains the sharded model and the unsharded reference on the same global batches; asserts equal losses every
+    step and equal lookups (every static row, every trained and some unseen dynamic ids) at the end."""
+    from gr_dynemb.distributed import DYNAMIC_KERNEL
+
+    dmp, unsharded, plan = build_sharded(world_size, kind)
+    kernels = {name: ps.compute_kernel for name, ps in plan.plan[""].items()}
+    assert kernels == {"static": "fused", "dyn": DYNAMIC_KERNEL}, kernels
+    static_opt, dynamic_opt = optimizers(kind)
+    ref = Reference(unsharded.embeddings["static"].weight.detach(), static_opt, dynamic_opt)
+    per_rank = GLOBAL_BATCH // world_size
+    for step in range(STEPS):
+        loss = loss_of(dmp(batch(step, rank * per_rank, (rank + 1) * per_rank)))
+        loss.backward()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        expected = ref.train_step(batch(step), world_size)
+        torch.testing.assert_close(total.item(), expected, rtol=1e-5, atol=1e-5, msg=f"step {step} loss")
+    got, want = probe(dmp), probe(ref)
+    for f in got:
+        torch.testing.assert_close(got[f], want[f], rtol=1e-5, atol=1e-6, msg=f"lookups of {f}")
+    return dmp
+
+
+def worker_train_state_dict(rank: int, world_size: int, tmp: Path, kind: str) -> None:
+    """Training parity, then a state_dict round trip into a freshly sharded model (same world size)."""
+    dmp = train_and_compare(rank, world_size, kind)
+    state = dmp.state_dict()
+    dyn_keys = [k for k in state if k.startswith("dynamic.dyn.")]
+    assert sorted(k.rsplit(".", 1)[1] for k in dyn_keys) == ["step", "table_keys", "table_scores", "table_values"]
+    from gr_dynemb import owner_ranks
+
+    assert bool((owner_ranks(state["dynamic.dyn.table_keys"], world_size) == rank).all()), "a shard holds others' keys"
+    fresh, _, _ = build_sharded(world_size, kind, seed=1)  # other static init, empty dynamic table
+    fresh.load_state_dict(state)
+    want, got = probe(dmp), probe(fresh)
+    for f in got:
+        torch.testing.assert_close(got[f], want[f], msg=f"state_dict round trip of {f}")
+
+
+def worker_train_dump(rank: int, world_size: int, tmp: Path, kind: str) -> None:
+    """Training parity, then per-rank dumps (``tmp/dumps``), state dicts and the expected lookups (rank 0)."""
+    from gr_dynemb.distributed import dump_sharded
+
+    dmp = train_and_compare(rank, world_size, kind)
+    dump_sharded(dmp.module, tmp / "dumps")
+    torch.save({k: v for k, v in dmp.state_dict().items() if k.startswith("dynamic.")}, tmp / f"state{rank}.pt")
+    lookups = probe(dmp)  # a collective: every rank takes part
+    if rank == 0:
+        torch.save(lookups, tmp / "expected.pt")
+
+
+def worker_train_load(rank: int, world_size: int, tmp: Path, kind: str) -> None:
+    """Training parity on this world size; then the dumps (and state dicts) of another world size, loaded into a
+    fresh model here, give the lookups recorded there."""
+    from gr_dynemb.distributed import load_sharded
+
+    train_and_compare(rank, world_size, kind)
+    expected = torch.load(tmp / "expected.pt")
+    fresh, _, _ = build_sharded(world_size, kind, seed=1)
+    loaded = load_sharded(fresh.module, tmp / "dumps")
+    counts = torch.tensor([loaded["dyn"]])
+    dist.all_reduce(counts)
+    assert int(counts) == dumped_rows(tmp / "dumps"), "every dumped row is loaded by exactly one rank"
+    got = probe(fresh)
+    for f in ("d", "d_clicked"):
+        torch.testing.assert_close(got[f], expected[f], msg=f"re-sharded lookups of {f}")
+    # state_dict path: every old rank's rows offered to every new rank; each keeps the keys it owns.
+    old = [torch.load(p) for p in sorted(tmp.glob("state*.pt"))]
+    merged = {
+        n: torch.cat([s[f"dynamic.dyn.{n}"] for s in old]) for n in ("table_keys", "table_values", "table_scores")
+    }
+    merged["step"] = old[0]["dynamic.dyn.step"]
+    fresh.module.dynamic["dyn"].load_state_dict(merged)  # replaces the rows loaded from the dumps
+    got = probe(fresh)
+    for f in ("d", "d_clicked"):
+        torch.testing.assert_close(got[f], expected[f], msg=f"re-sharded state_dict lookups of {f}")
