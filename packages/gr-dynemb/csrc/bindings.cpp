@@ -10,6 +10,12 @@
 namespace py = pybind11;
 using namespace gr_dynemb;
 
+#ifdef GR_DYNEMB_WITH_CUDA
+namespace gr_dynemb {
+void register_cuda_table(py::module_& m);  // csrc/cuda_bindings.cpp
+}
+#endif
+
 namespace {
 
 template <typename T>
@@ -24,6 +30,12 @@ PYBIND11_MODULE(_C, m) {
   m.attr("EMPTY_KEY") = kEmptyKey;
   m.attr("ERASED_KEY") = kErasedKey;
   m.attr("BUCKET_SIZE") = kBucketSize;
+#ifdef GR_DYNEMB_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+  register_cuda_table(m);
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
 
   m.def(
       "owner_ranks",

@@ -105,7 +105,7 @@ uint64_t CpuTable::touched_score(uint64_t old_score, bool is_new, const uint64_t
       const uint64_t count = old_score & 0xffffffffULL;
       return epoch_bits | (count == 0xffffffffULL ? count : count + 1);
     }
-    case ScorePolicy::kCustom: return custom[i];
+    case ScorePolicy::kCustom: return old_score;  // touched without new scores (find): kept
   }
   return 0;
 }

@@ -1,9 +1,9 @@
 """gr-dynemb: dynamic (hash-table) embedding tables for TorchRec.
 
-``DynamicHashTable`` is the native collision-free int64 -> row table (host memory, multi-threaded C++) with scores,
-eviction policies, growth and export; ``DynamicEmbedding`` is an embedding module over it with admission and fused
-backward optimizers (SGD, Adagrad, row-wise Adagrad, Adam). The CUDA table, host tier, TorchRec sharder and
-checkpoints are the next steps of the gr-dynemb issue.
+``DynamicHashTable`` is the native collision-free int64 -> row table (host memory with multi-threaded C++, or a GPU
+with an optional pinned-host-memory tier for value rows) with scores, eviction policies, growth and export;
+``DynamicEmbedding`` is an embedding module over it with admission and fused backward optimizers (SGD, Adagrad,
+row-wise Adagrad, Adam).
 """
 
 from gr_dynemb.collection import DynamicEmbeddingCollection, DynamicTable
@@ -19,6 +19,7 @@ from gr_dynemb.table import (
     DynamicTableConfig,
     InitializerConfig,
     TableFullError,
+    cuda_available,
     owner_ranks,
 )
 
@@ -40,5 +41,6 @@ __all__ = [
     "FusedOptimizerConfig",
     "InitializerConfig",
     "TableFullError",
+    "cuda_available",
     "owner_ranks",
 ]

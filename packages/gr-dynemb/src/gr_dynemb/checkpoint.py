@@ -30,7 +30,7 @@ FORMAT = "gr_dynemb.table/1"
 
 def dump_table(table: DynamicHashTable, path: str | Path, *, since_score: int | None = None) -> int:
     """Writes every row (or those with score >= ``since_score``) to ``path``; returns the number of rows."""
-    keys, values, scores = table.export(0 if since_score is None else since_score)
+    keys, values, scores = table.export_to_host(0 if since_score is None else since_score)
     payload = {
         "format": FORMAT,
         "dim": table.dim,

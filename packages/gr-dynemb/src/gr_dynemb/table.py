@@ -1,4 +1,4 @@
-"""``DynamicHashTable``: the Python face of the native collision-free int64 -> row hash table (CPU today).
+"""``DynamicHashTable``: the Python face of the native collision-free int64 -> row hash tables (CPU and CUDA).
 
 Keys are any int64 except the two reserved sentinels (``RESERVED_KEYS``); a value row is ``[embedding (dim) |
 optimizer state]``. New keys get their embedding from a seeded, per-key initializer (the same key gets the same
@@ -9,6 +9,13 @@ otherwise the newcomer is *rejected*: it gets no slot, ``find_or_insert`` return
 ``rejected_count`` grows. With ``policy="none"`` nothing is ever evicted and a rejected insert raises
 ``TableFullError``. Scores per policy: ``lru`` the step set by ``set_step``; ``lfu`` the number of touches;
 ``epoch_lru``/``epoch_lfu`` ``epoch << 32 | step`` / ``epoch << 32 | touches this epoch``; ``custom`` the caller's.
+
+``device="cuda"`` puts the table on a GPU (same hashing, buckets, probe order, scores and initializer rows as the
+CPU table); tensors then go in and come out on that device. ``hbm_budget_bytes`` keeps only that many bytes of value
+rows in HBM and the rest in pinned host memory that the kernels read through UVA (keys, scores and digests stay in
+HBM). Differences from the CPU table: when one batch holds a key several times, one of the copies (not necessarily
+the first) reports INSERTED and the others FOUND; ``export`` is in slot order on both, but slots depend on the order
+of concurrent inserts.
 """
 
 from __future__ import annotations
@@ -85,7 +92,9 @@ class DynamicTableConfig:
     policy: ScorePolicy = "lru"
     initializer: InitializerConfig = field(default_factory=InitializerConfig)
     max_load_factor: float = 0.75
-    num_threads: int = 0  # 0: all cores
+    num_threads: int = 0  # 0: all cores (CPU table)
+    device: str = "cpu"  # "cpu" or "cuda" / "cuda:<i>": where keys, scores and rows live, and where tensors go
+    hbm_budget_bytes: int | None = None  # CUDA: bytes of value rows kept in HBM (the rest in pinned host memory)
 
     def __post_init__(self) -> None:
         if self.dim <= 0:
@@ -96,12 +105,23 @@ class DynamicTableConfig:
             raise ValueError(f"policy must be one of {sorted(_POLICIES)}, got {self.policy!r}")
         if not 0.0 < self.max_load_factor <= 1.0:
             raise ValueError(f"max_load_factor must be in (0, 1], got {self.max_load_factor}")
+        kind = torch.device(self.device).type
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:index]', got {self.device!r}")
+        if self.hbm_budget_bytes is not None:
+            if kind != "cuda":
+                raise ValueError("hbm_budget_bytes is for CUDA tables (device='cuda'); a CPU table is all host memory")
+            if self.hbm_budget_bytes < 0:
+                raise ValueError(f"hbm_budget_bytes must be >= 0, got {self.hbm_budget_bytes}")
 
 
 class DynamicHashTable:
-    """Collision-free int64-keyed rows in host memory; every method takes and returns CPU tensors."""
+    """Collision-free int64-keyed rows in host memory (CPU table) or on a GPU (CUDA table, ``device="cuda"``);
+    every method takes and returns tensors on the table's ``device``."""
 
-    def __init__(self, config: DynamicTableConfig, state_dim: int = 0) -> None:
+    def __init__(
+        self, config: DynamicTableConfig, state_dim: int = 0, device: str | torch.device | None = None
+    ) -> None:
         if state_dim < 0:
             raise ValueError(f"state_dim must be >= 0, got {state_dim}")
         self.config = config
@@ -109,8 +129,11 @@ class DynamicHashTable:
         self.value_dim = config.dim + state_dim
         self.step = 0  # the clocks scores read (see set_step / set_epoch)
         self.epoch = 0
+        self.device = _table_device(config.device if device is None else device)
+        if config.hbm_budget_bytes is not None and self.device.type != "cuda":
+            raise ValueError("hbm_budget_bytes is for CUDA tables; this table is on the CPU")
         kind, a, b, seed = config.initializer.native()
-        self._table = _C.CpuTable(
+        common = dict(
             capacity=config.capacity,
             max_capacity=config.max_capacity,
             dim=config.dim,
@@ -121,8 +144,20 @@ class DynamicHashTable:
             init_b=b,
             seed=seed,
             max_load_factor=config.max_load_factor,
-            num_threads=config.num_threads,
         )
+        if self.device.type == "cuda":
+            budget = -1 if config.hbm_budget_bytes is None else config.hbm_budget_bytes
+            self._table = _C.CudaTable(**common, hbm_budget_bytes=budget, device=self.device.index)
+        else:
+            self._table = _C.CpuTable(**common, num_threads=config.num_threads)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def _stream(self) -> tuple[int, ...]:
+        """The trailing stream argument of the CUDA table's methods (none for the CPU table)."""
+        return (torch.cuda.current_stream(self.device).cuda_stream,) if self.is_cuda else ()
 
     # ------------------------------------------------------------------ checks
     def _keys(self, keys: Tensor) -> Tensor:
@@ -130,8 +165,9 @@ class DynamicHashTable:
             raise TypeError(f"keys must be a torch.Tensor, got {type(keys).__name__}")
         if keys.dtype != torch.int64:
             raise TypeError(f"keys must be int64, got {keys.dtype}")
-        if keys.device.type != "cpu":
-            raise ValueError(f"this table lives in host memory; keys are on {keys.device}")
+        if keys.device != self.device:
+            where = "in host memory" if self.device.type == "cpu" else f"on {self.device}"
+            raise ValueError(f"this table lives {where}; keys are on {keys.device}")
         keys = keys.reshape(-1).contiguous()
         # The two sentinels are the two smallest int64 values: one reduction finds either.
         if keys.numel() and int(keys.min()) <= max(RESERVED_KEYS):
@@ -144,7 +180,7 @@ class DynamicHashTable:
             raise TypeError(f"values must be a float32 tensor, got {getattr(values, 'dtype', type(values).__name__)}")
         if values.shape != (n, self.value_dim):
             raise ValueError(f"values must be [{n}, {self.value_dim}], got {tuple(values.shape)}")
-        return values.detach().cpu().contiguous()
+        return values.detach().to(self.device).contiguous()
 
     def _scores(self, scores: Tensor | None, n: int) -> Tensor | None:
         if self.config.policy != "custom":
@@ -157,7 +193,7 @@ class DynamicHashTable:
             raise ValueError(f"scores must be int64 [{n}], got {scores.dtype} {tuple(scores.shape)}")
         if scores.dtype == torch.int64 and bool((scores < 0).any()):
             raise ValueError("custom scores must be >= 0")
-        return scores.cpu().contiguous()
+        return _as_u64_bits(scores, self.device)
 
     def _raise_if_full(self, status: Tensor, keys: Tensor) -> None:
         if self.config.policy == "none" and bool((status == REJECTED).any()):
@@ -172,9 +208,9 @@ class DynamicHashTable:
     def find(self, keys: Tensor, *, touch: bool = False) -> tuple[Tensor, Tensor]:
         """``(values [n, value_dim], found bool [n])``; rows of missing keys are zero. ``touch`` updates scores."""
         keys = self._keys(keys)
-        values = torch.empty(keys.numel(), self.value_dim)  # the table zero-fills rows of missing keys
-        found = torch.empty(keys.numel(), dtype=torch.bool)
-        self._table.find(keys.data_ptr(), keys.numel(), values.data_ptr(), found.data_ptr(), touch)
+        values = torch.empty(keys.numel(), self.value_dim, device=self.device)  # missing keys' rows: zero-filled
+        found = torch.empty(keys.numel(), dtype=torch.bool, device=self.device)
+        self._table.find(keys.data_ptr(), keys.numel(), values.data_ptr(), found.data_ptr(), touch, *self._stream())
         return values, found
 
     def find_or_insert(self, keys: Tensor, scores: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -182,14 +218,15 @@ class DynamicHashTable:
         initializer's row (no slot) for rejected keys."""
         keys = self._keys(keys)
         scores = self._scores(scores, keys.numel())
-        values = torch.empty(keys.numel(), self.value_dim)
-        status = torch.empty(keys.numel(), dtype=torch.int8)
+        values = torch.empty(keys.numel(), self.value_dim, device=self.device)
+        status = torch.empty(keys.numel(), dtype=torch.int8, device=self.device)
         self._table.find_or_insert(
             keys.data_ptr(),
             keys.numel(),
             values.data_ptr(),
             status.data_ptr(),
             0 if scores is None else scores.data_ptr(),
+            *self._stream(),
         )
         self._raise_if_full(status, keys)
         return values, status
@@ -199,28 +236,30 @@ class DynamicHashTable:
         keys = self._keys(keys)
         values = self._values(values, keys.numel())
         scores = self._scores(scores, keys.numel())
-        status = torch.empty(keys.numel(), dtype=torch.int8)
+        status = torch.empty(keys.numel(), dtype=torch.int8, device=self.device)
         self._table.insert_or_assign(
             keys.data_ptr(),
             keys.numel(),
             values.data_ptr(),
             status.data_ptr(),
             0 if scores is None else scores.data_ptr(),
+            *self._stream(),
         )
         self._raise_if_full(status, keys)
         return status
 
     def restore(self, keys: Tensor, values: Tensor, scores: Tensor) -> Tensor:
         """Inserts or overwrites rows together with their saved scores (any policy): the checkpoint-load path.
-        Like every inserting operation it grows the table first as far as ``max_capacity`` allows."""
-        keys = self._keys(keys)
+        Like every inserting operation it grows the table first as far as ``max_capacity`` allows. Tensors on any
+        device are accepted (a checkpoint is read to the CPU)."""
+        keys = self._keys(_check_int64(keys).to(self.device))
         values = self._values(values, keys.numel())
         if scores.shape != (keys.numel(),) or scores.dtype not in (torch.int64, torch.uint64):
             raise ValueError(f"scores must be int64/uint64 [{keys.numel()}], got {scores.dtype} {tuple(scores.shape)}")
-        scores = scores.cpu().contiguous()
-        status = torch.empty(keys.numel(), dtype=torch.int8)
+        scores = _as_u64_bits(scores, self.device)
+        status = torch.empty(keys.numel(), dtype=torch.int8, device=self.device)
         self._table.insert_or_assign(
-            keys.data_ptr(), keys.numel(), values.data_ptr(), status.data_ptr(), scores.data_ptr()
+            keys.data_ptr(), keys.numel(), values.data_ptr(), status.data_ptr(), scores.data_ptr(), *self._stream()
         )
         return status
 
@@ -228,59 +267,76 @@ class DynamicHashTable:
         """Overwrites rows of present keys (absent keys are left absent); returns ``found``."""
         keys = self._keys(keys)
         values = self._values(values, keys.numel())
-        found = torch.empty(keys.numel(), dtype=torch.bool)
-        self._table.assign(keys.data_ptr(), keys.numel(), values.data_ptr(), found.data_ptr())
+        found = torch.empty(keys.numel(), dtype=torch.bool, device=self.device)
+        self._table.assign(keys.data_ptr(), keys.numel(), values.data_ptr(), found.data_ptr(), *self._stream())
         return found
 
     def accumulate(self, keys: Tensor, delta: Tensor) -> Tensor:
         """Adds ``delta`` rows to present keys (duplicates add up); returns ``found``."""
         keys = self._keys(keys)
         delta = self._values(delta, keys.numel())
-        found = torch.empty(keys.numel(), dtype=torch.bool)
-        self._table.accumulate(keys.data_ptr(), keys.numel(), delta.data_ptr(), found.data_ptr())
+        found = torch.empty(keys.numel(), dtype=torch.bool, device=self.device)
+        self._table.accumulate(keys.data_ptr(), keys.numel(), delta.data_ptr(), found.data_ptr(), *self._stream())
         return found
 
     def erase(self, keys: Tensor) -> int:
         keys = self._keys(keys)
-        return int(self._table.erase(keys.data_ptr(), keys.numel()))
+        return int(self._table.erase(keys.data_ptr(), keys.numel(), *self._stream()))
 
     def erase_if(self, score_below: int) -> int:
         """Erases every key whose score is below ``score_below``; returns how many."""
-        return int(self._table.erase_if_score_below(_u64(score_below)))
+        return int(self._table.erase_if_score_below(_u64(score_below), *self._stream()))
 
     def export(self, score_at_least: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """``(keys, values, scores)`` of every key with score >= ``score_at_least`` (slot order)."""
+        """``(keys, values, scores)`` of every key with score >= ``score_at_least`` (slot order), on the table's
+        device (scores uint64)."""
         threshold = _u64(score_at_least)
-        n = int(self._table.count_if_score_at_least(threshold))
-        keys = torch.empty(n, dtype=torch.int64)
-        values = torch.empty(n, self.value_dim)
-        scores = torch.empty(n, dtype=torch.uint64)
-        got = self._table.export_if_score_at_least(threshold, keys.data_ptr(), values.data_ptr(), scores.data_ptr(), n)
-        return keys[:got], values[:got], scores[:got]
+        n = int(self._table.count_if_score_at_least(threshold, *self._stream()))
+        keys = torch.empty(n, dtype=torch.int64, device=self.device)
+        values = torch.empty(n, self.value_dim, device=self.device)
+        scores = torch.empty(n, dtype=torch.int64, device=self.device)  # uint64 bits (viewed below)
+        got = self._table.export_if_score_at_least(
+            threshold, keys.data_ptr(), values.data_ptr(), scores.data_ptr(), n, *self._stream()
+        )
+        return keys[:got], values[:got], scores[:got].view(torch.uint64)
+
+    def export_to_host(self, score_at_least: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """``export`` moved to host memory (checkpoints, state_dict): the CPU table's tensors as they are."""
+        keys, values, scores = self.export(score_at_least)
+        if not self.is_cuda:
+            return keys, values, scores
+        return keys.cpu(), values.cpu(), scores.view(torch.int64).cpu().view(torch.uint64)
 
     def initial_rows(self, keys: Tensor) -> Tensor:
         """What ``find_or_insert`` would give these keys if they were new: ``[n, value_dim]``."""
         keys = self._keys(keys)
-        rows = torch.empty(keys.numel(), self.value_dim)
+        rows = torch.empty(keys.numel(), self.value_dim, device=self.device)
+        if self.is_cuda:
+            self._table.initial_rows(keys.data_ptr(), keys.numel(), rows.data_ptr(), *self._stream())
+            return rows
         for i, key in enumerate(keys.tolist()):
             self._table.initial_row(key, rows[i].data_ptr())
         return rows
 
     # ------------------------------------------------------------------ bookkeeping
     def size(self) -> int:
-        return int(self._table.size())
+        return int(self._table.size(*self._stream()))
 
     def capacity(self) -> int:
         return int(self._table.capacity())
 
     def load_factor(self) -> float:
-        return float(self._table.load_factor())
+        return float(self._table.load_factor(*self._stream()))
+
+    def hbm_rows(self) -> int:
+        """Slots whose value rows are in HBM (CUDA; the rest are in pinned host memory); all of them on the CPU."""
+        return int(self._table.hbm_slots()) if self.is_cuda else self.capacity()
 
     def reserve(self, capacity: int) -> None:
-        self._table.reserve(capacity)
+        self._table.reserve(capacity, *self._stream())
 
     def clear(self) -> None:
-        self._table.clear()
+        self._table.clear(*self._stream())
 
     def set_step(self, step: int) -> None:
         self._table.set_step(_u64(step))
@@ -294,11 +350,11 @@ class DynamicHashTable:
 
     @property
     def evicted_count(self) -> int:
-        return int(self._table.evicted_count())
+        return int(self._table.evicted_count(*self._stream()))
 
     @property
     def rejected_count(self) -> int:
-        return int(self._table.rejected_count())
+        return int(self._table.rejected_count(*self._stream()))
 
     def __len__(self) -> int:
         return self.size()
@@ -314,6 +370,41 @@ def owner_ranks(keys: Tensor, world_size: int) -> Tensor:
     out = torch.empty_like(flat)
     _C.owner_ranks(flat.data_ptr(), flat.numel(), world_size, out.data_ptr())
     return out.view(keys.shape).to(keys.device)
+
+
+def cuda_available() -> bool:
+    """Whether CUDA tables can be made here: the extension was built with nvcc and torch sees a GPU."""
+    return bool(_C.WITH_CUDA) and torch.cuda.is_available()
+
+
+def _table_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise ValueError(f"a dynamic table lives on 'cpu' or 'cuda[:index]', got {device}")
+    if not _C.WITH_CUDA:
+        raise RuntimeError(
+            "gr_dynemb was built without its CUDA table (no nvcc when it was installed); reinstall with the CUDA "
+            "toolkit on PATH (GR_DYNEMB_CUDA=on makes a missing nvcc an error)"
+        )
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"a table on {device} needs a CUDA device, and torch sees none")
+    return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+
+
+def _check_int64(keys: Tensor) -> Tensor:
+    if not isinstance(keys, Tensor) or keys.dtype != torch.int64:
+        raise TypeError(f"keys must be an int64 torch.Tensor, got {getattr(keys, 'dtype', type(keys).__name__)}")
+    return keys
+
+
+def _as_u64_bits(scores: Tensor, device: torch.device) -> Tensor:
+    """Scores (int64 or uint64) as a contiguous int64 tensor of the same bits on ``device`` (the native tables read
+    uint64; moving int64 avoids relying on uint64 copy kernels)."""
+    if scores.dtype == torch.uint64:
+        scores = scores.contiguous().view(torch.int64)
+    return scores.to(device).contiguous()
 
 
 def _u64(x: int) -> int:
