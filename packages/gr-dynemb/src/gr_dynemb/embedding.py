@@ -74,8 +74,8 @@ class _Lookup(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         module: DynamicEmbedding = ctx.module
         unique: Tensor = ctx.unique
-        summed = torch.zeros(unique.numel(), grad.shape[-1], dtype=torch.float32)
-        summed.index_add_(0, ctx.inverse, grad.detach().to(torch.float32).cpu())
+        summed = torch.zeros(unique.numel(), grad.shape[-1], dtype=torch.float32, device=unique.device)
+        summed.index_add_(0, ctx.inverse, grad.detach().to(unique.device, torch.float32))
         module.apply_gradients(unique, summed)
         return None, None, None, None, None
 
@@ -97,6 +97,7 @@ class DynamicEmbedding(nn.Module):
                 max_capacity=config.table.max_capacity,
                 policy="lru",
                 num_threads=config.table.num_threads,
+                device=config.table.device,  # sightings are counted where the table lives (all in HBM on a GPU)
             )
             counter_cfg.initializer.kind = "constant"
             counter_cfg.initializer.value = 0.0
@@ -104,7 +105,7 @@ class DynamicEmbedding(nn.Module):
         self.step = 0  # optimizer steps taken (Adam's t); also the table's LRU clock
         self.unadmitted = 0
         # The table lives in host memory; this buffer follows .to() and tells forward where to put its output.
-        self.register_buffer("_anchor", torch.zeros(0), persistent=False)
+        self.register_buffer("_anchor", torch.zeros(0, device=self.table.device), persistent=False)
         # autograd calls a Function's backward only if some input requires grad: this scalar is that input (it is
         # not a Parameter, so no outside optimizer sees it; its gradient is always None).
         self._grad_anchor = torch.zeros(1, requires_grad=True)
@@ -112,7 +113,7 @@ class DynamicEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         if ids.dtype != torch.int64:
             raise TypeError(f"ids must be int64, got {ids.dtype}")
-        flat = ids.reshape(-1).cpu()
+        flat = ids.reshape(-1).to(self.table.device)  # the table's device (CPU table: host; CUDA table: its GPU)
         unique, inverse = torch.unique(flat, return_inverse=True)
         if self.training:
             self.table.set_step(self.step + 1)
@@ -131,16 +132,17 @@ class DynamicEmbedding(nn.Module):
         return out.reshape(*ids.shape, self.dim).to(self._anchor.device)
 
     def _train_rows(self, unique: Tensor) -> tuple[Tensor, Tensor]:
-        admitted = torch.ones(unique.numel(), dtype=torch.bool)
+        dev = self.table.device
+        admitted = torch.ones(unique.numel(), dtype=torch.bool, device=dev)
         if self.counter is not None:
             _, present = self.table.find(unique)
             newcomers = unique[~present]
             counts, _ = self.counter.find_or_insert(newcomers)
-            self.counter.accumulate(newcomers, torch.ones(newcomers.numel(), 1))
+            self.counter.accumulate(newcomers, torch.ones(newcomers.numel(), 1, device=dev))
             admit_now = counts[:, 0] + 1 >= self.config.admit_after
             self.counter.erase(newcomers[admit_now])
             admitted[~present] = admit_now
-        rows = torch.full((unique.numel(), self.dim), self.config.default_value)
+        rows = torch.full((unique.numel(), self.dim), self.config.default_value, device=dev)
         if bool(admitted.any()):
             values, status = self.table.find_or_insert(unique[admitted])
             rows[admitted] = values[:, : self.dim]
@@ -180,7 +182,7 @@ class DynamicEmbedding(nn.Module):
     # state_dict holds the table's rows (embedding + optimizer state), scores and the step counter.
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        keys, values, scores = self.table.export()
+        keys, values, scores = self.table.export_to_host()  # rows are saved from host memory whatever the device
         destination[prefix + "table_keys"] = keys
         destination[prefix + "table_values"] = values
         destination[prefix + "table_scores"] = scores
