@@ -74,9 +74,9 @@ def test_ops_match_the_cpu_twin(policy: str) -> None:
     _twin_run(policy, seed=0, steps=12)
 
 
+@needs_gpu
 @settings(max_examples=15, deadline=None, database=None)
 @given(seed=st.integers(0, 2**31 - 1), policy=st.sampled_from(POLICIES))
-@needs_gpu
 def test_random_op_sequences_match_the_cpu_twin(seed: int, policy: str) -> None:
     _twin_run(policy, seed=seed, steps=8)
 
@@ -188,8 +188,9 @@ def test_eviction_and_rejection_match_the_cpu_twin(policy: str) -> None:
         _, s_gpu = gpu.find_or_insert(cuda(key), scores=None if scores is None else cuda(scores))
         assert int(s_gpu[0]) == int(s_cpu[0]), (i, policy)
         assert_same_contents(gpu, cpu)
-    assert gpu.evicted_count == cpu.evicted_count > 0
+    assert gpu.evicted_count == cpu.evicted_count
     assert gpu.rejected_count == cpu.rejected_count
+    assert cpu.evicted_count + cpu.rejected_count == keys.numel() - BUCKET_SIZE  # every newcomer past 128 was one
     assert gpu.size() == cpu.size() == BUCKET_SIZE
 
 
@@ -304,7 +305,7 @@ def test_dynamic_embedding_on_cuda_matches_cpu(kind: str) -> None:
         target = torch.randn(32, 5, 8, generator=gen)
         out_cpu, out_gpu = cpu(ids), gpu(ids.cuda())
         assert out_gpu.device.type == "cuda"
-        torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-4, atol=1e-5)
         ((out_cpu - target) ** 2).sum().backward()
         ((out_gpu - target.cuda()) ** 2).sum().backward()
     c_cpu, c_gpu = contents(cpu.table), contents(gpu.table)

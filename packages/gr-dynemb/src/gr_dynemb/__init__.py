@@ -6,7 +6,6 @@ with an optional pinned-host-memory tier for value rows) with scores, eviction p
 row-wise Adagrad, Adam).
 """
 
-from gr_dynemb.collection import DynamicEmbeddingCollection, DynamicTable
 from gr_dynemb.embedding import DynamicEmbedding, DynamicEmbeddingConfig, FusedOptimizerConfig
 from gr_dynemb.table import (
     BUCKET_SIZE,
@@ -24,6 +23,16 @@ from gr_dynemb.table import (
 )
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # The collection needs TorchRec; the tables and DynamicEmbedding do not, so it is imported on first use.
+    if name in ("DynamicEmbeddingCollection", "DynamicTable"):
+        from gr_dynemb import collection
+
+        return getattr(collection, name)
+    raise AttributeError(f"module 'gr_dynemb' has no attribute {name!r}")
+
 
 __all__ = [
     "BUCKET_SIZE",
