@@ -89,8 +89,16 @@ class HSTUBlock(nn.Module):
         nn.init.zeros_(self.output.bias)
 
     def forward(
-        self, x: torch.Tensor, seq_offsets: torch.Tensor, max_seq_len: int, rab: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        seq_offsets: torch.Tensor,
+        max_seq_len: int,
+        rab: torch.Tensor | None,
+        *,
+        num_targets: torch.Tensor | None = None,
+        contextual_seq_len: int = 0,
     ) -> torch.Tensor:
+        """``num_targets``/``contextual_seq_len``: the attention op's target mask and contextual prefix (ranking)."""
         cfg = self.config
         h = cfg.num_heads
         u, v, q, k = F.silu(self.uvqk(self.input_norm(x))).split(self._split, dim=-1)
@@ -104,6 +112,8 @@ class HSTUBlock(nn.Module):
             scaling_seqlen=cfg.max_seq_len,
             causal=cfg.causal,
             max_attn_len=cfg.max_attn_len,
+            contextual_seq_len=contextual_seq_len,
+            num_targets=num_targets,
             rab=rab,
             dropout_p=cfg.attn_dropout,
             training=self.training,
@@ -131,10 +141,17 @@ class HSTUEncoder(nn.Module):
         max_seq_len: int,
         timestamps: torch.Tensor,
         query_timestamps: torch.Tensor,
+        *,
+        num_targets: torch.Tensor | None = None,
+        contextual_seq_len: int = 0,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``num_targets`` ([B]) marks the last tokens of each sequence as targets (each sees the history and
+        itself only), ``contextual_seq_len`` the first tokens as a fully visible prefix; ``positions`` (jagged
+        ``[total]``) replaces the token index in the relative bias, e.g. to give all targets one position."""
         rab = None
         if self.relative_bias is not None:
-            rab = self.relative_bias(timestamps, query_timestamps, seq_offsets, max_seq_len).to(x.dtype)
+            rab = self.relative_bias(timestamps, query_timestamps, seq_offsets, max_seq_len, positions).to(x.dtype)
         for block in self.blocks:
-            x = block(x, seq_offsets, max_seq_len, rab)
+            x = block(x, seq_offsets, max_seq_len, rab, num_targets=num_targets, contextual_seq_len=contextual_seq_len)
         return x

@@ -41,19 +41,35 @@ class RelativeBucketedTimeAndPositionBias(nn.Module):
         self.time_weights = nn.Parameter(torch.empty(num_time_buckets + 1).normal_(std=0.02))
 
     def forward(
-        self, timestamps: torch.Tensor, query_timestamps: torch.Tensor, seq_offsets: torch.Tensor, max_seq_len: int
+        self,
+        timestamps: torch.Tensor,
+        query_timestamps: torch.Tensor,
+        seq_offsets: torch.Tensor,
+        max_seq_len: int,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``timestamps``/``query_timestamps``: jagged ``[total]`` int64. Returns ``[B, 1, N, N]``, N = max_seq_len."""
+        """``timestamps``/``query_timestamps``: jagged ``[total]`` int64. Returns ``[B, 1, N, N]``, N = max_seq_len.
+
+        ``positions`` (jagged ``[total]`` int64 in ``[0, max_seq_len)``) replaces each token's index in the
+        position term (``w_pos[pos[j] - pos[i]]``); ranking gives all candidates one position so that their order
+        does not matter."""
         if max_seq_len > self.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the bias table's {self.max_seq_len}")
         n = max_seq_len
         key_t = jagged_to_padded(timestamps, seq_offsets, n)
         query_t = jagged_to_padded(query_timestamps, seq_offsets, n)
         buckets = log_time_buckets(query_t.unsqueeze(2) - key_t.unsqueeze(1), self.num_time_buckets, self.log_base)
-        idx = torch.arange(n, device=timestamps.device)
-        rel = idx.view(1, n) - idx.view(n, 1) + self.max_seq_len - 1  # j - i, shifted to be >= 0
+        if positions is None:
+            idx = torch.arange(n, device=timestamps.device)
+            rel = idx.view(1, n) - idx.view(n, 1) + self.max_seq_len - 1  # j - i, shifted to be >= 0
+            rel_shape: tuple[int, ...] = (1, n, n)
+        else:
+            padded = jagged_to_padded(positions, seq_offsets, n)
+            rel = (padded.unsqueeze(1) - padded.unsqueeze(2)).clamp(1 - self.max_seq_len, self.max_seq_len - 1)
+            rel = rel + self.max_seq_len - 1
+            rel_shape = tuple(rel.shape)
         # index_select, not advanced indexing: its backward is a plain index_add, ~6x faster on CPU than the
         # sorted accumulate of ``w[idx]`` on a [B, N, N] index.
-        pos = torch.index_select(self.position_weights, 0, rel.reshape(-1)).view(1, n, n)
+        pos = torch.index_select(self.position_weights, 0, rel.reshape(-1)).view(rel_shape)
         time = torch.index_select(self.time_weights, 0, buckets.reshape(-1)).view(buckets.shape)
         return (pos + time).unsqueeze(1)

@@ -1,0 +1,84 @@
+"""Config schema of the ranking trainer; TOML files ``examples/configs/ranking-*.toml`` mirror it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gr_models.data.synthetic import SyntheticConfig
+from gr_models.modules.hstu import HSTUConfig
+from gr_models.ranking.tasks import RankingTask
+
+
+def default_tasks() -> list[RankingTask]:
+    return [RankingTask("like", "binary", 1.0), RankingTask("rating", "regression", 0.1)]
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["synthetic", "ml-100k", "ml-1m", "kuairand-1k"] = "synthetic"
+    data_dir: str | None = None  # local dataset folder; None: the download cache
+    download: bool = True
+    num_candidates: int = 10  # K: the last K events of a window are its candidates
+    max_history: int = 100  # most recent history events kept per window
+    min_history: int = 1  # windows with a shorter history are dropped
+    train_stride: int = 0  # step between training windows; 0 = num_candidates
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_candidates < 1 or self.max_history < 0 or self.min_history < 0 or self.train_stride < 0:
+            raise ValueError("data.num_candidates must be >= 1; max_history, min_history, train_stride >= 0")
+
+
+@dataclass
+class ModelConfig:
+    type: Literal["hstu", "dlrm"] = "hstu"
+    embedding_dim: int = 64
+    dropout: float = 0.2
+    max_seq_len: int = 0  # HSTU tokens per window; 0 = exactly what data.max_history needs
+    action_mode: Literal["add", "interleave"] = "add"
+    head_hidden: int = 128
+    dlrm_hidden: tuple[int, ...] = (256, 128)
+    dynamic_tables: bool = False  # gr-dynemb hash tables for the item ids (needs the gr-models switch)
+    tasks: list[RankingTask] = field(default_factory=default_tasks)
+    hstu: HSTUConfig = field(default_factory=HSTUConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    eval_every: int = 1
+    early_stop_patience: int = 0  # validations without improvement before stopping; 0 = never
+    select_metric: str = "like/auc"  # validation metric (higher is better) that picks the best checkpoint
+    seed: int = 42
+    device: str = "auto"
+    num_threads: int = 0  # torch intra-op threads; 0 = torch default
+    checkpoint_every_steps: int = 0
+    max_steps: int = 0  # stop (and checkpoint) after this many optimizer steps; 0 = no limit
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/ranking"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RankingExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

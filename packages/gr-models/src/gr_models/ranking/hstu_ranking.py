@@ -1,0 +1,157 @@
+"""HSTU ranking: [user features | history items with actions | candidates] in one jagged sequence, one pass.
+
+Sequence of window ``b`` (``F`` user features, ``h`` history events, ``k`` candidates):
+
+- ``F`` contextual tokens (one per categorical user feature), a prefix every token sees (``contextual_seq_len``);
+- the history: ``action_mode="add"``: one token per event, ``item + bag + action`` embeddings; ``"interleave"``:
+  two tokens per event, ``item + bag`` then ``action`` (causal, so an item token never sees its own action);
+- ``k`` candidate tokens (``item + bag``, no action) marked as targets through the attention op's
+  ``num_targets``: each sees the context, the whole history and itself, never another candidate. All candidates
+  share one position (for the positional embedding and the relative bias), so their order is irrelevant.
+
+The candidate outputs go through the multi-task heads: ``[total candidates, num_tasks]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from gr_models.data.ranking import RankingBatch
+from gr_models.jagged import lengths_to_offsets, positions_in_sequence
+from gr_models.modules.hstu import HSTUConfig, HSTUEncoder
+from gr_models.modules.input_embedding import ItemInputEmbedding
+from gr_models.ranking.features import ItemBagEmbedding, RankingFeatureSpec, UserFeatureEmbedding
+from gr_models.ranking.tasks import RankingTask, TaskHeads, check_tasks
+
+
+@dataclass
+class HSTURankingConfig:
+    """``max_seq_len`` bounds ``F + (1 or 2) * history + candidates`` of a window; ``embedding_dim``,
+    ``max_seq_len`` and ``dropout`` are copied into ``hstu``."""
+
+    features: RankingFeatureSpec
+    tasks: list[RankingTask]
+    action_mode: Literal["add", "interleave"] = "add"
+    embedding_dim: int = 64
+    max_seq_len: int = 256
+    dropout: float = 0.2
+    head_hidden: int = 128
+    hstu: HSTUConfig = field(default_factory=HSTUConfig)
+
+    def __post_init__(self) -> None:
+        if self.action_mode not in ("add", "interleave"):
+            raise ValueError(f"action_mode must be 'add' or 'interleave', got {self.action_mode!r}")
+        check_tasks(self.tasks)
+        self.hstu.embedding_dim = self.embedding_dim
+        self.hstu.max_seq_len = self.max_seq_len
+        self.hstu.dropout = self.dropout
+        self.hstu.__post_init__()
+
+    @property
+    def tokens_per_event(self) -> int:
+        return 2 if self.action_mode == "interleave" else 1
+
+
+class HSTURankingModel(nn.Module):
+    def __init__(self, config: HSTURankingConfig) -> None:
+        super().__init__()
+        self.config = config
+        spec, d = config.features, config.embedding_dim
+        # The item table and the positional table are the retrieval model's input layer (TorchRec
+        # EmbeddingCollection for items), reused as is.
+        self.input_embedding = ItemInputEmbedding(spec.num_items, d, config.max_seq_len, config.dropout)
+        self.user_embedding = UserFeatureEmbedding(spec, d)
+        self.bag_embedding = ItemBagEmbedding(spec, d) if spec.item_bag_size > 0 else None
+        self.action_embedding = nn.Embedding(spec.num_actions, d)
+        nn.init.trunc_normal_(self.action_embedding.weight, std=0.02, a=-0.04, b=0.04)
+        self.encoder = HSTUEncoder(config.hstu)
+        self.heads = TaskHeads(d, config.head_hidden, config.tasks, config.dropout)
+
+    def _items(self, items: torch.Tensor, bag_values: torch.Tensor, bag_lengths: torch.Tensor) -> torch.Tensor:
+        emb = self.input_embedding.embed_ids(items)
+        if self.bag_embedding is not None:
+            emb = emb + self.bag_embedding(bag_values, bag_lengths)
+        return emb
+
+    def forward(self, batch: RankingBatch) -> torch.Tensor:
+        """Task outputs of every candidate ``[T, num_tasks]`` (logits for binary tasks)."""
+        cfg = self.config
+        device = batch.history_items.device
+        b = len(batch)
+        f = cfg.features.num_user_features
+        m = cfg.tokens_per_event
+        h_len, k_len = batch.history_lengths, batch.candidate_lengths
+        lengths = f + m * h_len + k_len
+        offsets = lengths_to_offsets(lengths)
+        max_len = f + m * int(h_len.max()) + int(k_len.max()) if b else 1
+        if max_len > cfg.max_seq_len:
+            raise ValueError(
+                f"a window needs {max_len} tokens ({f} user features + {m} x history + candidates) but "
+                f"max_seq_len={cfg.max_seq_len}; raise model.max_seq_len or lower data.max_history"
+            )
+        starts = offsets[:-1]
+
+        # Destination row, position and timestamps of every token kind.
+        ctx_pos = torch.arange(f, device=device).repeat(b)
+        ctx_dst = torch.repeat_interleave(starts, f) + ctx_pos
+        ctx_t = torch.repeat_interleave(batch.request_timestamps, f)
+
+        h_off = lengths_to_offsets(h_len)
+        e = positions_in_sequence(h_off, int(batch.history_items.numel()))  # event index within its history
+        h_seq = torch.repeat_interleave(torch.arange(b, device=device), h_len)
+        item_pos = f + m * e
+        item_dst = starts[h_seq] + item_pos
+        # Time each history row predicts at: the next event's time, the request time after the last event.
+        is_last = e == h_len[h_seq] - 1
+        next_t = torch.roll(batch.history_timestamps, -1)
+        next_t = torch.where(is_last, batch.request_timestamps[h_seq], next_t)
+
+        c_seq = torch.repeat_interleave(torch.arange(b, device=device), k_len)
+        cand_pos = f + m * h_len[c_seq]  # one shared position: candidates are unordered
+        cand_dst = starts[c_seq] + cand_pos + positions_in_sequence(lengths_to_offsets(k_len), c_seq.numel())
+
+        hist_emb = self._items(batch.history_items, batch.history_bag_values, batch.history_bag_lengths)
+        action_emb = self.action_embedding(batch.history_actions)
+        parts_x = [self.user_embedding(batch.user_features).reshape(-1, cfg.embedding_dim)]
+        parts_dst, parts_pos = [ctx_dst], [ctx_pos]
+        parts_t, parts_qt = [ctx_t], [ctx_t]
+        if cfg.action_mode == "add":
+            parts_x.append(hist_emb + action_emb)
+            parts_qt.append(next_t)
+        else:
+            parts_x += [hist_emb, action_emb]
+            parts_dst.append(item_dst + 1)
+            parts_pos.append(item_pos + 1)
+            parts_t.append(batch.history_timestamps)
+            parts_qt += [batch.history_timestamps, next_t]  # an item token predicts its own action
+        parts_dst.insert(1, item_dst)
+        parts_pos.insert(1, item_pos)
+        parts_t.insert(1, batch.history_timestamps)
+        parts_x.append(self._items(batch.candidate_items, batch.candidate_bag_values, batch.candidate_bag_lengths))
+        parts_dst.append(cand_dst)
+        parts_pos.append(cand_pos)
+        parts_t.append(batch.candidate_timestamps)
+        parts_qt.append(batch.candidate_timestamps)
+
+        dst = torch.cat(parts_dst)
+        gather = torch.empty_like(dst)
+        gather[dst] = torch.arange(dst.numel(), device=device)  # token order -> row order
+        positions = torch.cat(parts_pos)[gather]
+        x = torch.cat(parts_x)[gather] * math.sqrt(cfg.embedding_dim)
+        x = self.input_embedding.dropout(x + self.input_embedding.position_embeddings(positions))
+        h = self.encoder(
+            x,
+            offsets,
+            max_len,
+            torch.cat(parts_t)[gather],
+            torch.cat(parts_qt)[gather],
+            num_targets=k_len,
+            contextual_seq_len=f,
+            positions=positions,
+        )
+        return self.heads(h[cand_dst])
