@@ -7,6 +7,7 @@ from typing import Literal
 
 from gr_models.data.synthetic import SyntheticConfig
 from gr_models.modules.hstu import HSTUConfig
+from gr_models.modules.input_embedding import DynamicItemTableConfig
 from gr_models.modules.sasrec import SASRecConfig
 
 
@@ -34,6 +35,14 @@ class ModelConfig:
     position_init_std: float | None = None  # None: the item embeddings' std
     hstu: HSTUConfig = field(default_factory=HSTUConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    # "dynamic": a gr-dynemb hash table for the items (pip install 'gr-models[dynemb]'), trained by its own fused
+    # optimizer (lr/betas default to train.lr/train.betas) and configured in [model.dynamic_item_table].
+    item_table: Literal["static", "dynamic"] = "static"
+    dynamic_item_table: DynamicItemTableConfig = field(default_factory=DynamicItemTableConfig)
+
+    def __post_init__(self) -> None:
+        if self.item_table not in ("static", "dynamic"):
+            raise ValueError(f"model.item_table must be 'static' or 'dynamic', got {self.item_table!r}")
 
 
 @dataclass

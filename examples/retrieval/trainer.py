@@ -20,6 +20,7 @@ from gr_models.data.interactions import InteractionLog
 from gr_models.data.movielens import load_movielens
 from gr_models.data.sequences import build_user_sequences, leave_one_out_split
 from gr_models.data.synthetic import generate_synthetic
+from gr_models.modules.input_embedding import DynamicItemTableConfig
 from gr_models.retrieval import RankingMetrics, RetrievalModelConfig, SampledSoftmaxLoss, evaluate_retrieval
 from gr_models.retrieval.model import RetrievalModel
 
@@ -94,6 +95,8 @@ class RetrievalTrainer:
             position_init_std=mc.position_init_std,
             hstu=dataclasses.replace(mc.hstu),
             sasrec=dataclasses.replace(mc.sasrec),
+            item_table=mc.item_table,
+            dynamic_item_table=self._dynamic_item_table(),
         )
         self.model = RetrievalModel(model_cfg).to(self.device)
         self.loss_fn = SampledSoftmaxLoss(self.num_items, tc.num_negatives, tc.temperature, tc.negatives)
@@ -119,6 +122,21 @@ class RetrievalTrainer:
         if resume:
             self._resume()
         self.writer = self._make_writer()
+
+    def _dynamic_item_table(self) -> DynamicItemTableConfig:
+        """The dynamic item table's settings; its fused optimizer follows train.lr and train.betas unless set."""
+        tc, table = self.config.train, dataclasses.replace(self.config.model.dynamic_item_table)
+        if self.config.model.item_table != "dynamic":
+            return table
+        if tc.weight_decay:
+            raise ValueError(
+                "model.item_table='dynamic' trains the item table with a fused optimizer that has no weight decay; "
+                f"set train.weight_decay=0 (got {tc.weight_decay}) or use the static item table"
+            )
+        if table.lr is None:
+            table.lr = tc.lr
+            table.beta1, table.beta2 = tc.betas
+        return table
 
     # ---------------------------------------------------------------- checkpoints
     def _config_fingerprint(self) -> dict[str, Any]:

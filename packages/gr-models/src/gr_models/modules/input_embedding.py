@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -11,11 +13,73 @@ from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from gr_models.jagged import positions_in_sequence
 
 
+@dataclass
+class DynamicItemTableConfig:
+    """The item table as a gr-dynemb hash table (``pip install 'gr-models[dynemb]'``) instead of a static one.
+
+    Ids need not be dense: any int64 id gets a row on first sight (from a seeded truncated normal with the static
+    table's std, the same for the same id on any run). The table trains with its own fused optimizer inside
+    backward (the model's torch optimizer never sees it), one step per lookup call; a model that looks the table up
+    twice per training step (inputs, then targets and negatives) takes two. At evaluation ids are only found, never
+    inserted; unseen ids read their initializer row.
+    """
+
+    capacity: int = 1 << 16  # rows reserved up front; grows by doubling
+    max_capacity: int = 1 << 24
+    policy: Literal["none", "lru", "lfu"] = "lru"  # eviction when a bucket is full ("none": error instead)
+    optimizer: Literal["sgd", "adagrad", "rowwise_adagrad", "adam"] = "adam"
+    lr: float | None = None  # None: 1e-3 (the retrieval trainer sets its train.lr)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    admit_after: int = 0  # training batches an id must appear in before it gets a row; 0 = at once
+    seed: int = 0  # initializer seed
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("none", "lru", "lfu"):
+            raise ValueError(f"dynamic item table policy must be none, lru or lfu, got {self.policy!r}")
+        if not 0 < self.capacity <= self.max_capacity:
+            raise ValueError(f"need 0 < capacity <= max_capacity, got {self.capacity}, {self.max_capacity}")
+
+
+def dynamic_item_collection(
+    config: DynamicItemTableConfig, table_name: str, feature_name: str, embedding_dim: int, init_std: float
+) -> nn.Module:
+    """A gr-dynemb ``DynamicEmbeddingCollection`` (same KJT -> dict interface as TorchRec's) of one item table."""
+    try:
+        import gr_dynemb
+    except ImportError as exc:
+        raise ImportError(
+            "the dynamic item table needs gr-dynemb, which is not installed: pip install 'gr-models[dynemb]' "
+            "(or set the item table back to static)"
+        ) from exc
+    initializer = gr_dynemb.InitializerConfig("truncated_normal", std=init_std, seed=config.seed)
+    table = gr_dynemb.DynamicTableConfig(
+        dim=embedding_dim,
+        capacity=config.capacity,
+        max_capacity=config.max_capacity,
+        policy=config.policy,
+        initializer=initializer,
+    )
+    optimizer = gr_dynemb.FusedOptimizerConfig(
+        config.optimizer,
+        lr=1e-3 if config.lr is None else config.lr,
+        eps=config.eps,
+        beta1=config.beta1,
+        beta2=config.beta2,
+    )
+    embedding = gr_dynemb.DynamicEmbeddingConfig(
+        table, optimizer, admit_after=config.admit_after, eval_missing="initializer"
+    )
+    return gr_dynemb.DynamicEmbeddingCollection([gr_dynemb.DynamicTable(table_name, [feature_name], embedding)])
+
+
 class ItemInputEmbedding(nn.Module):
     """Item embedding x sqrt(D) + learnable positional embedding, then dropout (HSTU/SASRec input layer).
 
     The item table lives in a TorchRec ``EmbeddingCollection`` (fed by a ``KeyedJaggedTensor``) so that later
-    stages can shard it or swap in a dynamic table without touching the encoder.
+    stages can shard it; ``dynamic`` swaps in a gr-dynemb hash table with the same interface (see
+    ``DynamicItemTableConfig``) without touching the encoder.
     """
 
     def __init__(
@@ -29,6 +93,7 @@ class ItemInputEmbedding(nn.Module):
         table_name: str = "item_table",
         init_std: float = 0.02,
         position_init_std: float | None = None,
+        dynamic: DynamicItemTableConfig | None = None,
     ) -> None:
         super().__init__()
         if num_items <= 0 or embedding_dim <= 0 or max_seq_len <= 0:
@@ -42,21 +107,27 @@ class ItemInputEmbedding(nn.Module):
         self.feature_name = feature_name
         self.table_name = table_name
 
-        def init_table(weight: torch.Tensor) -> torch.Tensor:
-            return nn.init.trunc_normal_(weight, std=init_std, a=-2 * init_std, b=2 * init_std)
+        self.dynamic = dynamic is not None
+        self.item_embeddings: nn.Module
+        if dynamic is not None:
+            self.item_embeddings = dynamic_item_collection(dynamic, table_name, feature_name, embedding_dim, init_std)
+        else:
 
-        self.item_embeddings = EmbeddingCollection(
-            tables=[
-                EmbeddingConfig(
-                    name=table_name,
-                    embedding_dim=embedding_dim,
-                    num_embeddings=num_items,
-                    feature_names=[feature_name],
-                    init_fn=init_table,
-                )
-            ],
-            device=torch.device("cpu"),
-        )
+            def init_table(weight: torch.Tensor) -> torch.Tensor:
+                return nn.init.trunc_normal_(weight, std=init_std, a=-2 * init_std, b=2 * init_std)
+
+            self.item_embeddings = EmbeddingCollection(
+                tables=[
+                    EmbeddingConfig(
+                        name=table_name,
+                        embedding_dim=embedding_dim,
+                        num_embeddings=num_items,
+                        feature_names=[feature_name],
+                        init_fn=init_table,
+                    )
+                ],
+                device=torch.device("cpu"),
+            )
         self.position_embeddings = nn.Embedding(max_seq_len, embedding_dim)
         # Positions default to the item init; the HSTU reference design uses sqrt(1/D), i.e. the same scale as the
         # sqrt(D)-scaled item embeddings they are added to.

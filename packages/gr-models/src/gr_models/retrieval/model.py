@@ -11,7 +11,7 @@ from torch import nn
 
 from gr_models.data.batching import SequenceBatch
 from gr_models.modules.hstu import HSTUConfig, HSTUEncoder
-from gr_models.modules.input_embedding import ItemInputEmbedding
+from gr_models.modules.input_embedding import DynamicItemTableConfig, ItemInputEmbedding
 from gr_models.modules.sasrec import SASRecConfig, SASRecEncoder
 
 
@@ -28,10 +28,15 @@ class RetrievalModelConfig:
     position_init_std: float | None = None  # None: the item embeddings' std (0.02)
     hstu: HSTUConfig = field(default_factory=HSTUConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    # "dynamic": the item table is a gr-dynemb hash table (needs gr-models[dynemb]), set up by dynamic_item_table.
+    item_table: Literal["static", "dynamic"] = "static"
+    dynamic_item_table: DynamicItemTableConfig = field(default_factory=DynamicItemTableConfig)
 
     def __post_init__(self) -> None:
         if self.encoder not in ("hstu", "sasrec"):
             raise ValueError(f"encoder must be 'hstu' or 'sasrec', got {self.encoder!r}")
+        if self.item_table not in ("static", "dynamic"):
+            raise ValueError(f"item_table must be 'static' or 'dynamic', got {self.item_table!r}")
         for sub in (self.hstu, self.sasrec):
             sub.embedding_dim = self.embedding_dim
             sub.max_seq_len = self.max_seq_len
@@ -66,6 +71,7 @@ class RetrievalModel(nn.Module):
             config.max_seq_len,
             config.dropout,
             position_init_std=config.position_init_std,
+            dynamic=config.dynamic_item_table if config.item_table == "dynamic" else None,
         )
         self.encoder: nn.Module = HSTUEncoder(config.hstu) if config.encoder == "hstu" else SASRecEncoder(config.sasrec)
 
