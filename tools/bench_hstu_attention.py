@@ -9,12 +9,18 @@ Writes ``docs/benchmarks/hstu_attention.{json,md,png}`` (``--out`` prefix) and p
 
     python tools/bench_hstu_attention.py                      # the full grid (an H200 takes a few minutes)
     python tools/bench_hstu_attention.py --quick              # head dims 128/256, lengths 1024/4096
+    python tools/bench_hstu_attention.py --backends cutlass_sm90 cutlass_sm80 --dims 256 --max-lens 4096 \
+        --directions fwd
+
+Backends ``cutlass_sm90`` / ``cutlass_sm80`` are the native backend with its forward routed to the Hopper
+(WGMMA/TMA) or the SM80-MMA kernel (GR_KERNELS_FWD_KERNEL=sm90|sm80); ``cutlass`` uses the build's default.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -61,13 +67,26 @@ def hstu_case(backend: str, lengths: list[int], heads: int, dim: int, mask: str,
     targets = None
     if mask == "causal_targets":
         targets = torch.tensor([min(16, max(length - 1, 0)) for length in lengths], device=dev)
-    kw = dict(alpha=1.0 / dim**0.5, num_targets=targets, rab=bias, backend=backend)
+    forced = {"cutlass_sm90": "sm90", "cutlass_sm80": "sm80"}.get(backend)
+    kw = dict(alpha=1.0 / dim**0.5, num_targets=targets, rab=bias, backend="cutlass" if forced else backend)
     if direction == "fwd":
-        return lambda: gr_kernels.hstu_attention(q, k, v, offsets, n, **kw)
-    leaves = [t.requires_grad_() for t in (q, k, v)]
-    out = gr_kernels.hstu_attention(*leaves, offsets, n, **kw)
-    grad = torch.randn_like(out)
-    return lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)
+        fn = lambda: gr_kernels.hstu_attention(q, k, v, offsets, n, **kw)  # noqa: E731
+    else:
+        leaves = [t.requires_grad_() for t in (q, k, v)]
+        out = gr_kernels.hstu_attention(*leaves, offsets, n, **kw)
+        grad = torch.randn_like(out)
+        fn = lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)  # noqa: E731
+    if forced is None:
+        return fn
+
+    def with_forward_kernel():  # the native dispatch reads GR_KERNELS_FWD_KERNEL on every call
+        os.environ["GR_KERNELS_FWD_KERNEL"] = forced
+        try:
+            return fn()
+        finally:
+            os.environ.pop("GR_KERNELS_FWD_KERNEL", None)
+
+    return with_forward_kernel
 
 
 def sdpa_case(kind: str, lengths: list[int], heads: int, dim: int, direction: str):
@@ -103,6 +122,10 @@ def main() -> int:
     ap.add_argument("--backends", nargs="+", default=["cutlass", "reference", "sdpa_flash", "sdpa_cudnn"])
     ap.add_argument("--directions", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--dims", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--max-lens", type=int, nargs="+", default=None, help="default: 1024 4096 (--quick), 256..8192")
+    ap.add_argument("--masks", nargs="+", default=["causal", "causal_targets"], choices=["causal", "causal_targets"])
+    ap.add_argument("--layouts", nargs="+", default=["uniform", "jagged"], choices=["uniform", "jagged"])
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "hstu_attention"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -110,16 +133,16 @@ def main() -> int:
         return 2
     import gr_kernels
 
-    dims = [128, 256]
-    max_lens = [1024, 4096] if args.quick else [256, 512, 1024, 2048, 4096, 8192]
+    dims = args.dims
+    max_lens = args.max_lens or ([1024, 4096] if args.quick else [256, 512, 1024, 2048, 4096, 8192])
     records = []
     for dim in dims:
         for max_len in max_lens:
             batch = max(1, TOKENS_PER_BATCH // max_len)
-            for jagged in (False, True):
+            for jagged in [layout == "jagged" for layout in args.layouts]:
                 lengths = lengths_for(batch, max_len, jagged)
                 fwd_flops = 2 * args.heads * dim * sum(length * length for length in lengths)
-                for mask in ("causal", "causal_targets"):
+                for mask in args.masks:
                     for rab in (False, True):
                         for backend in args.backends:
                             is_sdpa = backend.startswith("sdpa")

@@ -1,5 +1,8 @@
 """The native "cutlass" backend: registration and fallback everywhere; forward parity on an sm90 GPU.
 
+Forward tests run twice on sm90: through the Hopper kernel (WGMMA/TMA) and through the SM80-MMA kernel, chosen with
+GR_KERNELS_FWD_KERNEL=sm90|sm80, which the native dispatch reads on every call.
+
 Parity criterion (the kernels issue): the kernel's max-abs error against an fp32 reference may be at most 2x the
 error of the same computation done by the PyTorch reference in the kernel's dtype (plus a tiny absolute floor, for
 outputs that are exactly representable).
@@ -7,9 +10,11 @@ outputs that are exactly representable).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -133,11 +138,31 @@ MASKS = {
 }
 
 
+@contextlib.contextmanager
+def _forward_kernel(name: str) -> Iterator[None]:
+    """Route native forwards to the Hopper ("sm90") or the SM80-MMA ("sm80") kernel inside the block."""
+    before = os.environ.get("GR_KERNELS_FWD_KERNEL")
+    os.environ["GR_KERNELS_FWD_KERNEL"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("GR_KERNELS_FWD_KERNEL", None)
+        else:
+            os.environ["GR_KERNELS_FWD_KERNEL"] = before
+
+
+@pytest.fixture(params=["sm90", "sm80"])
+def fwd_kernel(request: pytest.FixtureRequest) -> Iterator[str]:
+    with _forward_kernel(request.param):
+        yield request.param
+
+
 @needs_sm90
 @pytest.mark.gpu
 @pytest.mark.parametrize("mask", sorted(MASKS))
 @pytest.mark.parametrize("rab_heads", [0, 1, 2])
-def test_forward_masks_and_rab(mask: str, rab_heads: int) -> None:
+def test_forward_masks_and_rab(mask: str, rab_heads: int, fwd_kernel: str) -> None:
     _check_forward([0, 1, 130, 77, 200], 2, 64, torch.bfloat16, rab_heads=rab_heads, **MASKS[mask])
 
 
@@ -145,8 +170,18 @@ def test_forward_masks_and_rab(mask: str, rab_heads: int) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dim", [64, 128, 256])
-def test_forward_dtypes_and_head_dims(dtype: torch.dtype, dim: int) -> None:
+def test_forward_dtypes_and_head_dims(dtype: torch.dtype, dim: int, fwd_kernel: str) -> None:
     _check_forward([1, 65, 300, 129], 2, dim, dtype, rab_heads=1, num_targets=4, max_seq_len=333)
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("mask", ["causal", "context_targets_window", "full"])
+def test_forward_long_sequences(dim: int, mask: str, fwd_kernel: str) -> None:
+    # Many key tiles per query tile (the K/V pipelines wrap around several times), an odd max_seq_len (rab rows of
+    # odd length: 16-bit bias loads), a sequence ending mid-tile right before the tensor end (TMA zero fill).
+    _check_forward([1000, 0, 517, 2049], 2, dim, torch.bfloat16, rab_heads=2, max_seq_len=2051, **MASKS[mask])
 
 
 @needs_sm90
@@ -192,8 +227,10 @@ def _draw_call(data: st.DataObject) -> tuple[int, torch.dtype, dict]:
 def test_forward_hypothesis(data: st.DataObject) -> None:
     lengths = data.draw(st.lists(st.integers(0, 300), min_size=1, max_size=6))
     dim = data.draw(st.sampled_from([64, 128, 256]))
+    kernel = data.draw(st.sampled_from(["sm90", "sm80"]))
     heads, dtype, kw = _draw_call(data)
-    _check_forward(lengths, heads, dim, dtype, **kw)
+    with _forward_kernel(kernel):
+        _check_forward(lengths, heads, dim, dtype, **kw)
 
 
 def _check_backward(lengths, heads, dim, dtype, *, seed=0, rab_heads=0, num_targets=0, max_seq_len=None, **kw):

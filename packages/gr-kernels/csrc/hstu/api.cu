@@ -3,6 +3,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
 #include "hstu/params.h"
 
 namespace gr_kernels {
@@ -10,8 +14,58 @@ namespace gr_kernels {
 template <typename Element, int kHeadDim>
 const char* run_hstu_fwd(const HstuFwdParams& p, cudaStream_t stream);
 
+#ifdef GR_KERNELS_SM90
+namespace sm90 {
+template <typename Element, int kHeadDim>
+const char* run_hstu_fwd_sm90(const HstuFwdParams& p, cudaStream_t stream);
+}  // namespace sm90
+
+// The current device is an sm90 (Hopper) GPU. Two attribute reads, no synchronisation (safe under graph capture).
+static bool current_device_is_sm90() {
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) return false;
+  return major == 9 && minor == 0;
+}
+
+// Which forward kernel serves sm90: GR_KERNELS_FWD_KERNEL=sm90 (the WGMMA/TMA kernel of hstu/sm90/) or sm80 (the
+// SM80-MMA kernel). Unset: kDefaultSm90Forward. The Hopper kernel is opt-in until it has passed the GPU parity
+// suite (it has only been compile-checked so far); flip the default once it has. Read per call (cheap; lets tests
+// and benchmarks switch within one process).
+static constexpr bool kDefaultSm90Forward = false;
+
+static bool sm90_forward_selected() {
+  const char* v = std::getenv("GR_KERNELS_FWD_KERNEL");
+  if (v == nullptr || v[0] == '\0') return kDefaultSm90Forward;
+  return std::strcmp(v, "sm90") == 0;
+}
+
+// TMA wants 16-byte aligned bases and strides that are multiples of 16 bytes (2-byte elements).
+static bool tma_compatible(const void* ptr, int64_t row_stride, int64_t head_stride) {
+  return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0 && (row_stride * 2) % 16 == 0 && (head_stride * 2) % 16 == 0;
+}
+
+template <typename Element>
+static const char* dispatch_head_dim_sm90(const HstuFwdParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return sm90::run_hstu_fwd_sm90<Element, 64>(p, stream);
+    case 128: return sm90::run_hstu_fwd_sm90<Element, 128>(p, stream);
+    case 256: return sm90::run_hstu_fwd_sm90<Element, 256>(p, stream);
+    default: return nullptr;  // not built for sm90: the SM80 kernel decides
+  }
+}
+#endif
+
 template <typename Element>
 static const char* dispatch_head_dim(const HstuFwdParams& p, cudaStream_t stream) {
+#ifdef GR_KERNELS_SM90
+  if (sm90_forward_selected() && current_device_is_sm90() && tma_compatible(p.q, p.q_row_stride, p.q_head_stride) &&
+      tma_compatible(p.k, p.k_row_stride, p.k_head_stride) && tma_compatible(p.v, p.v_row_stride, p.v_head_stride)) {
+    const char* err = dispatch_head_dim_sm90<Element>(p, stream);
+    if (err != nullptr) return err;
+  }
+#endif
   switch (p.head_dim) {
     case 64: return run_hstu_fwd<Element, 64>(p, stream);
     case 128: return run_hstu_fwd<Element, 128>(p, stream);

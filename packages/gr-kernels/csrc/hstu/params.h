@@ -26,6 +26,7 @@ struct HstuFwdParams {
   const void* rab = nullptr;
   int rab_heads = 0;
 
+  int64_t total_rows = 0;  // q.shape[0] (k and v have the same rows): the extent TMA loads are bounded by
   int batch = 0;
   int heads = 0;
   int head_dim = 0;

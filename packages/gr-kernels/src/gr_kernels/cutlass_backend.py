@@ -157,5 +157,6 @@ def _common_args(
         params.contextual_seq_len,
         params.target_group_size,
         _DTYPES[q.dtype],
+        q.shape[0],
     )
     return args, [t for t in (offsets, targets, bias) if t is not None]

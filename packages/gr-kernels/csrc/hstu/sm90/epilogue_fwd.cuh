@@ -1,0 +1,57 @@
+// Epilogue of the Hopper HSTU forward kernel: O / N -> 16-bit rows of the jagged output.
+//
+// Each consumer warpgroup stages its own 64 rows of O in the Q buffer (its GMMAs read only those rows of Q, and all
+// of them have completed), syncs on a warpgroup-local named barrier, then writes whole 16-byte chunks of the rows
+// that belong to the sequence: rows past its end are the next sequence's and must not be touched.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "hstu/params.h"
+#include "hstu/sm90/kernel_traits.h"
+
+namespace gr_kernels {
+namespace sm90 {
+
+template <typename Element_, typename Traits>
+struct FwdEpilogue {
+  using Element = typename Traits::Element;
+  static constexpr int kBlockM = Traits::kBlockM;
+  static constexpr int kHeadDim = Traits::kHeadDim;
+  static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks; the 128-byte swizzle keeps each contiguous
+  // User barrier ids: NamedBarrier adds CUTLASS's reserved count (0 = __syncthreads, 1..7 its own), so 0 and 1
+  // are hardware barriers 8 and 9.
+  static constexpr int kNamedBarrierBase = 0;
+
+  template <typename FragO>
+  __device__ static void store(const HstuFwdParams& p, typename Traits::SharedStorage& ss, FragO const& tOrO,
+                               int tidx, int seq_start, int head, int m0, int length) {
+    using namespace cute;
+    Tensor sO = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutO{});
+    typename Traits::MmaPV mma_pv;
+    Tensor tOsO = mma_pv.get_thread_slice(tidx).partition_C(sO);
+    const float scale = p.inv_scaling_seqlen;
+    CUTE_UNROLL
+    for (int i = 0; i < size(tOrO); ++i) tOsO(i) = Element(tOrO(i) * scale);
+
+    const int warpgroup = tidx / 128;
+    cutlass::arch::NamedBarrier::sync(128, kNamedBarrierBase + warpgroup);
+
+    Element_* out = static_cast<Element_*>(p.out) + int64_t(seq_start) * p.o_row_stride +
+                    int64_t(head) * p.o_head_stride;
+    const int t = tidx % 128;
+    CUTE_UNROLL
+    for (int c = t; c < 64 * kChunksPerRow; c += 128) {
+      const int r = warpgroup * 64 + c / kChunksPerRow;
+      const int col = (c % kChunksPerRow) * 8;
+      if (m0 + r < length) {
+        *reinterpret_cast<uint4*>(out + int64_t(m0 + r) * p.o_row_stride + col) =
+            *reinterpret_cast<const uint4*>(&sO(r, col));
+      }
+    }
+  }
+};
+
+}  // namespace sm90
+}  // namespace gr_kernels

@@ -1,0 +1,120 @@
+// Hopper (sm90a) HSTU attention forward: O = (SiLU(alpha (Q K^T + rab)) * mask) V / N on jagged sequences.
+//
+// Warp-specialised: warpgroup 0 loads (TMA into an mbarrier pipeline), warpgroups 1-2 compute (WGMMA) and store.
+// Pieces: kernel_traits.h (tiles, layouts, types), mainloop_fwd.cuh (loads, GEMMs, SiLU, masks, rab),
+// epilogue_fwd.cuh (1/N, output rows). The mask logic is the SM80 kernel's (hstu/mask.h).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "hstu/mask.h"
+#include "hstu/params.h"
+#include "hstu/sm90/epilogue_fwd.cuh"
+#include "hstu/sm90/kernel_traits.h"
+#include "hstu/sm90/mainloop_fwd.cuh"
+#include "hstu/utils.cuh"
+
+namespace gr_kernels {
+namespace sm90 {
+
+template <typename Element_, typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(const __grid_constant__ FwdArgs<Traits> args) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Mainloop = FwdMainloop<Element_, Traits>;
+  using Epilogue = FwdEpilogue<Element_, Traits>;
+  using Pipeline = typename Traits::Pipeline;
+  using PipelineState = typename Traits::PipelineState;
+  const HstuFwdParams& p = args.p;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  auto& ss = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
+
+  // Highest query tiles first: under a causal mask they carry the most key tiles, so they should not be the tail.
+  const int m_block = int(gridDim.x) - 1 - int(blockIdx.x);
+  const int head = blockIdx.y;
+  const int b = blockIdx.z;
+  const int seq_start = p.seq_offsets[b];
+  const int length = p.seq_offsets[b + 1] - seq_start;
+  const int m0 = m_block * Traits::kBlockM;
+  if (m0 >= length) return;  // the whole CTA leaves before any barrier exists
+
+  const SequenceMask mask = SequenceMask::of_sequence(p, b, length);
+  int lo, hi;
+  Mainloop::key_blocks(p, mask, m0, lo, hi);
+
+  const int warp_group = __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
+  if (threadIdx.x == 0) {
+    ss.barrier_q.init(1);
+  }
+  typename Pipeline::Params pipe_params;
+  pipe_params.transaction_bytes = Traits::kTmaBytesKV;
+  pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pipe_params.is_leader = threadIdx.x == 0;
+  pipe_params.num_consumers = Traits::kConsumerThreads;
+  Pipeline pipeline_k(ss.pipeline_k, pipe_params, cute::Shape<cute::_1, cute::_1, cute::_1>{});
+  Pipeline pipeline_v(ss.pipeline_v, pipe_params, cute::Shape<cute::_1, cute::_1, cute::_1>{});
+  __syncthreads();  // barriers initialised and visible to every warpgroup
+
+  if (warp_group == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
+    if (threadIdx.x == 0) {
+      cute::prefetch_tma_descriptor(args.tma_q.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(args.tma_k.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(args.tma_v.get_tma_descriptor());
+      PipelineState state = cutlass::make_producer_start_state<Pipeline>();
+      Mainloop::load(args, ss, pipeline_k, pipeline_v, state, seq_start, head, m_block, lo, hi);
+    }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
+    const int tidx = int(threadIdx.x) - 128;
+    typename Traits::MmaPV mma_pv;
+    auto tOrO = cute::partition_fragment_C(mma_pv, cute::Shape<cute::Int<Traits::kBlockM>, cute::Int<Traits::kHeadDim>>{});
+    cute::clear(tOrO);
+    PipelineState state_k, state_v;  // consumers start at stage 0, phase 0
+    const Element_* rab = p.rab == nullptr
+                              ? nullptr
+                              : static_cast<const Element_*>(p.rab) + detail::rab_plane_offset(p, b, head);
+    Mainloop::mma(p, ss, pipeline_k, pipeline_v, state_k, state_v, tOrO, tidx, mask, m0, lo, hi, rab);
+    Epilogue::store(p, ss, tOrO, tidx, seq_start, head, m0, length);
+  }
+#else
+  __trap();  // built without sm90a device code: the host dispatch never launches this
+#endif
+}
+
+// Host side: builds the TMA descriptors and launches one (dtype, head dim) instantiation.
+template <typename Element_, int kHeadDim>
+const char* run_hstu_fwd_sm90(const HstuFwdParams& p, cudaStream_t stream) {
+  using namespace cute;
+  using Traits = FwdTraits<Element_, kHeadDim>;
+  using Element = typename Traits::Element;
+  if (p.batch == 0 || p.total_rows == 0) return "";
+  auto gmem = [&](const void* ptr, int64_t row_stride, int64_t head_stride) {
+    return make_tensor(make_gmem_ptr(static_cast<const Element*>(ptr)),
+                       make_layout(make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads)),
+                                   make_stride(row_stride, _1{}, head_stride)));
+  };
+  const auto tile_q = Shape<Int<Traits::kBlockM>, Int<kHeadDim>>{};
+  const auto tile_kv = Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{};
+  FwdArgs<Traits> args{
+      p,
+      make_tma_copy(SM90_TMA_LOAD{}, gmem(p.q, p.q_row_stride, p.q_head_stride), typename Traits::SmemLayoutQ{},
+                    tile_q, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem(p.k, p.k_row_stride, p.k_head_stride),
+                    take<0, 2>(typename Traits::SmemLayoutK{}), tile_kv, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem(p.v, p.v_row_stride, p.v_head_stride),
+                    take<0, 2>(typename Traits::SmemLayoutV{}), tile_kv, _1{}),
+  };
+  const dim3 grid((p.max_seq_len + Traits::kBlockM - 1) / Traits::kBlockM, p.heads, p.batch);
+  return launch_kernel(hstu_fwd_sm90_kernel<Element_, Traits>, grid, Traits::kThreads, Traits::kSmemBytes, args,
+                       stream);
+}
+
+}  // namespace sm90
+}  // namespace gr_kernels

@@ -1,0 +1,245 @@
+// Mainloop of the Hopper HSTU forward kernel: the producer's TMA loads and the consumers' GMMA + pointwise work.
+//
+// Per key tile (walked from the last visible one down, so the diagonal tiles that need per-element masks come
+// first and the mask-free interior tiles follow):
+//   producer : K tile -> stage (pipeline_k), V tile -> stage (pipeline_v)
+//   consumer : S = Q K^T (SS GMMA); P = SiLU(alpha (S + rab)) * mask in registers; O += P V (RS GMMA).
+// There is no running max or rescaling: each key tile's contribution to O is final.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "hstu/mask.h"
+#include "hstu/params.h"
+#include "hstu/sm90/kernel_traits.h"
+#include "hstu/utils.cuh"
+
+namespace gr_kernels {
+namespace sm90 {
+
+// One warpgroup-wide GEMM: C (+)= A B over all K steps of the tile, issued asynchronously as one commit group.
+// kRegA: A is a register fragment (RS GMMA) rather than shared-memory descriptors (SS). The caller waits
+// (warpgroup_wait<N>) and fences C (and a register A) before it reads C or rewrites A.
+template <bool kZeroInit, bool kRegA, typename TiledMma, typename TensorA, typename TensorB, typename TensorC>
+__device__ __forceinline__ void warpgroup_gemm_issue(TiledMma& mma, TensorA& tA, TensorB const& tB, TensorC& tC) {
+  using namespace cute;
+  if constexpr (kRegA) warpgroup_fence_operand(tA);
+  warpgroup_fence_operand(tC);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(tA); ++k) {
+    gemm(mma, tA(_, _, k), tB(_, _, k), tC);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+}
+
+// Two 16-bit values packed in one 32-bit word (low half first) -> floats.
+template <typename Element>
+__device__ __forceinline__ void unpack2(uint32_t bits, float& lo, float& hi);
+template <>
+__device__ __forceinline__ void unpack2<__nv_bfloat16>(uint32_t bits, float& lo, float& hi) {
+  lo = __uint_as_float(bits << 16);
+  hi = __uint_as_float(bits & 0xffff0000u);
+}
+template <>
+__device__ __forceinline__ void unpack2<__half>(uint32_t bits, float& lo, float& hi) {
+  const __half2 h = *reinterpret_cast<const __half2*>(&bits);
+  lo = __low2float(h);
+  hi = __high2float(h);
+}
+
+template <typename Element_, typename Traits>
+struct FwdMainloop {
+  using Element = typename Traits::Element;
+  static constexpr int kBlockM = Traits::kBlockM;
+  static constexpr int kBlockN = Traits::kBlockN;
+  static constexpr int kHeadDim = Traits::kHeadDim;
+  using SharedStorage = typename Traits::SharedStorage;
+  using Pipeline = typename Traits::Pipeline;
+  using PipelineState = typename Traits::PipelineState;
+
+  // Key tiles [lo, hi) that can hold a key visible to some query row of [m0, m0 + kBlockM): causal rows (targets
+  // included) see j <= i except context rows, which see the whole history; a local window bounds j from below.
+  __device__ __forceinline__ static void key_blocks(const HstuFwdParams& p, const SequenceMask& mask, int m0, int& lo,
+                                                    int& hi) {
+    int n_end = mask.length;
+    if (p.causal && m0 >= mask.context) n_end = min(mask.length, m0 + kBlockM);
+    int n_start = 0;
+    if (p.max_attn_len > 0 && mask.context == 0 && !mask.has_targets()) n_start = max(0, m0 - p.max_attn_len);
+    lo = n_start / kBlockN;
+    hi = (n_end + kBlockN - 1) / kBlockN;
+  }
+
+  // Global coordinates of the jagged tensors as TMA sees them: (row, dim, head).
+  __device__ __forceinline__ static auto gmem_shape(const HstuFwdParams& p) {
+    return cute::make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads));
+  }
+
+  // Producer (one thread): Q once, then K and V of every key tile, highest tile first.
+  __device__ static void load(const FwdArgs<Traits>& args, SharedStorage& ss, Pipeline& pipeline_k,
+                              Pipeline& pipeline_v, PipelineState& state, int seq_start, int head, int m_block, int lo,
+                              int hi) {
+    using namespace cute;
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutV{});
+    const auto shape = gmem_shape(args.p);
+    // Rows are addressed from the sequence start; rows past its end are the next sequence's (masked by the
+    // consumers) or past the tensor end (zero-filled by TMA).
+    const auto seq_origin = make_coord(seq_start, _0{});
+    Tensor gQ = local_tile(domain_offset(seq_origin, args.tma_q.get_tma_tensor(shape)(_, _, head)),
+                           Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
+    Tensor gK = local_tile(domain_offset(seq_origin, args.tma_k.get_tma_tensor(shape)(_, _, head)),
+                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
+    Tensor gV = local_tile(domain_offset(seq_origin, args.tma_v.get_tma_tensor(shape)(_, _, head)),
+                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
+    auto [tQgQ, tQsQ] = tma_partition(args.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+    auto [tKgK, tKsK] = tma_partition(args.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+    auto [tVgV, tVsV] = tma_partition(args.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+
+    ss.barrier_q.arrive_and_expect_tx(Traits::kTmaBytesQ);
+    copy(args.tma_q.with(reinterpret_cast<cutlass::arch::ClusterTransactionBarrier::ValueType&>(ss.barrier_q), 0),
+         tQgQ, tQsQ);
+    for (int n_block = hi - 1; n_block >= lo; --n_block) {
+      pipeline_k.producer_acquire(state);
+      copy(args.tma_k.with(*pipeline_k.producer_get_barrier(state), 0), tKgK(_, n_block), tKsK(_, state.index()));
+      pipeline_v.producer_acquire(state);
+      copy(args.tma_v.with(*pipeline_v.producer_get_barrier(state), 0), tVgV(_, n_block), tVsV(_, state.index()));
+      ++state;
+    }
+  }
+
+  // Consumers (both warpgroups, tidx in [0, 256)): accumulate O = sum over key tiles of P V into tOrO.
+  //
+  // Intra-warpgroup overlap: with P of tile t in registers, the GEMMs S(t+1) = Q K(t+1)^T and O += P(t) V(t) are
+  // issued back to back; SiLU + mask of S(t+1) (special-function and ALU work) then runs while O += P(t) V(t) is
+  // still on the tensor cores, and P is overwritten only after that GEMM has retired.
+  template <typename FragO>
+  __device__ static void mma(const HstuFwdParams& p, SharedStorage& ss, Pipeline& pipeline_k, Pipeline& pipeline_v,
+                             PipelineState& state_k, PipelineState& state_v, FragO& tOrO, int tidx,
+                             const SequenceMask& mask, int m0, int lo, int hi, const Element_* rab) {
+    using namespace cute;
+    typename Traits::MmaQK mma_qk;
+    typename Traits::MmaPV mma_pv;
+    auto thr_qk = mma_qk.get_thread_slice(tidx);
+    auto thr_pv = mma_pv.get_thread_slice(tidx);
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});
+    Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutVt{});
+    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // GMMA descriptors
+    Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, N, K, stage)
+    Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, D, N, stage)
+    // (row, col) inside the tile of every S accumulator element this thread holds.
+    Tensor tScS = thr_qk.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+    Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    // P as the register A operand of P V; its per-thread element order equals the S accumulator's (both walk
+    // column pairs, then the +8 row, then 8-column groups), so element i of S becomes element i of P.
+    Tensor tOrP = make_tensor<Element>(partition_shape_A(mma_pv, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+    constexpr int kFrag = decltype(size(tSrS))::value;
+    static_assert(kFrag == decltype(size(tOrP))::value, "S accumulator and P operand sizes differ");
+    static_assert(kFrag % 2 == 0, "accumulator elements come in column pairs");
+
+    const float alpha = p.alpha;
+    // Tiles whose every (i, j) is visible need no per-element mask: all rows and columns in the history, no
+    // window, and (causal) every key at or before every query.
+    const bool rows_plain = m0 + kBlockM <= mask.history && p.max_attn_len == 0;
+    const bool rab_pairs = (p.max_seq_len % 2) == 0;  // 32-bit bias loads need even rows (columns are even)
+    auto is_full_tile = [&](int n0) {
+      return rows_plain && n0 + kBlockN <= mask.history && (!p.causal || n0 + kBlockN - 1 <= m0);
+    };
+
+    // Bias of one tile straight into registers (issued before the tile's S GEMM, so the loads fly meanwhile).
+    uint32_t rab_bits[kFrag / 2];
+    auto load_rab = [&](int n0, bool full_tile) {
+      CUTE_UNROLL
+      for (int t = 0; t < kFrag / 2; ++t) {
+        const int i = m0 + get<0>(tScS(2 * t));
+        const int j = n0 + get<1>(tScS(2 * t));
+        const Element_* src = rab + int64_t(i) * p.max_seq_len + j;
+        const bool in = full_tile || (i < mask.length && j < mask.length);
+        if (rab_pairs) {
+          rab_bits[t] = in ? __ldg(reinterpret_cast<const unsigned int*>(src)) : 0u;
+        } else {
+          const unsigned short* s16 = reinterpret_cast<const unsigned short*>(src);
+          const uint32_t lo16 = in ? __ldg(s16) : 0u;
+          const uint32_t hi16 = in && j + 1 < mask.length ? __ldg(s16 + 1) : 0u;
+          rab_bits[t] = lo16 | (hi16 << 16);
+        }
+      }
+    };
+    // S <- SiLU(alpha (S + rab)) * mask, in place; the 1/N scale is applied once to O in the epilogue.
+    auto silu_mask = [&](int n0, bool full_tile) {
+      CUTE_UNROLL
+      for (int t = 0; t < kFrag / 2; ++t) {
+        float b0 = 0.f, b1 = 0.f;
+        if (rab != nullptr) unpack2<Element_>(rab_bits[t], b0, b1);
+        const float z0 = alpha * (tSrS(2 * t) + b0);
+        const float z1 = alpha * (tSrS(2 * t + 1) + b1);
+        float p0 = z0 * detail::fast_sigmoid(z0);
+        float p1 = z1 * detail::fast_sigmoid(z1);
+        if (!full_tile) {
+          const int i = m0 + get<0>(tScS(2 * t));
+          const int j = n0 + get<1>(tScS(2 * t));
+          if (!mask(i, j)) p0 = 0.f;
+          if (!mask(i, j + 1)) p1 = 0.f;
+        }
+        tSrS(2 * t) = p0;
+        tSrS(2 * t + 1) = p1;
+      }
+    };
+    auto to_p = [&]() {
+      CUTE_UNROLL
+      for (int i = 0; i < kFrag; ++i) tOrP(i) = Element(tSrS(i));
+    };
+
+    ss.barrier_q.wait(0);
+    if (hi <= lo) return;
+
+    // First (highest) tile: S, then P; its P V is issued together with the next tile's S.
+    {
+      const int n0 = (hi - 1) * kBlockN;
+      const bool full_tile = is_full_tile(n0);
+      if (rab != nullptr) load_rab(n0, full_tile);
+      pipeline_k.consumer_wait(state_k);
+      warpgroup_gemm_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, state_k.index()), tSrS);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrS);
+      pipeline_k.consumer_release(state_k);
+      ++state_k;
+      silu_mask(n0, full_tile);
+      to_p();
+    }
+    for (int n_block = hi - 2; n_block >= lo; --n_block) {
+      const int n0 = n_block * kBlockN;
+      const bool full_tile = is_full_tile(n0);
+      if (rab != nullptr) load_rab(n0, full_tile);
+      pipeline_k.consumer_wait(state_k);
+      warpgroup_gemm_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, state_k.index()), tSrS);
+      pipeline_v.consumer_wait(state_v);
+      warpgroup_gemm_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, state_v.index()), tOrO);
+      warpgroup_wait<1>();  // S of this tile has landed; P V of the previous tile may still run
+      warpgroup_fence_operand(tSrS);
+      pipeline_k.consumer_release(state_k);
+      ++state_k;
+      silu_mask(n0, full_tile);
+      warpgroup_wait<0>();  // the previous P V has retired: its V stage and P registers are free
+      warpgroup_fence_operand(tOrO);
+      warpgroup_fence_operand(tOrP);
+      pipeline_v.consumer_release(state_v);
+      ++state_v;
+      to_p();
+    }
+    pipeline_v.consumer_wait(state_v);
+    warpgroup_gemm_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, state_v.index()), tOrO);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
+    warpgroup_fence_operand(tOrP);
+    pipeline_v.consumer_release(state_v);
+    ++state_v;
+  }
+};
+
+}  // namespace sm90
+}  // namespace gr_kernels
