@@ -256,6 +256,12 @@ def markdown(runs: list[dict], records: list[dict]) -> str:
         cells = [f"{ops[o]:.4f}" if o in ops else "-" for o in ("find", "insert_or_assign", "find_or_insert")]
         cap_cell = f"2^{int(cap).bit_length() - 1}" if cap else "-"
         lines.append(f"| {device} | {mode} | {dim} | {lf} | {cap_cell} | " + " | ".join(cells) + " |")
+    if not any(r["device"] != "cpu" for r in records):
+        lines.append(
+            "\nNo GPU records yet: `python tools/bench_dynemb.py --device cuda` on a GPU machine adds modes `hbm` and "
+            "`hybrid` (targets on one H200 at dim 64, load factor 0.5: find >= 4.0, insert_or_assign >= 1.5, "
+            "find_or_insert >= 1.5 B-KV/s; hybrid find >= 0.15)."
+        )
     gpu = [r for r in records if r["device"] != "cpu" and r["dim"] == 64 and r["load_factor"] == 0.5]
     for (mode, op), target in GPU_TARGETS.items():
         got = [r["bkv_per_s"] for r in gpu if r["mode"] == mode and r["op"] == op]

@@ -3,6 +3,8 @@ DynamicEmbedding training on CUDA, checkpoints and bad input. Skipped without a 
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -379,6 +381,15 @@ def test_bad_input_names_the_problem_on_cuda() -> None:
         gpu.insert_or_assign(cuda(torch.tensor([1])), torch.zeros(1, 3, device="cuda"))
     with pytest.raises(ValueError, match="hbm_budget_bytes must be >= 0"):
         DynamicTableConfig(dim=2, device="cuda", hbm_budget_bytes=-1)
+
+
+def test_an_nvcc_machine_built_the_cuda_table() -> None:
+    # The build is "auto": where nvcc is on PATH (and GR_DYNEMB_CUDA is not "off") the CUDA table must be in.
+    from gr_dynemb import _C
+
+    if shutil.which("nvcc") is None or os.environ.get("GR_DYNEMB_CUDA", "auto").lower() == "off":
+        pytest.skip("no nvcc here (or GR_DYNEMB_CUDA=off): a CPU-only build is expected")
+    assert _C.WITH_CUDA and hasattr(_C, "CudaTable")
 
 
 def test_find_touch_keeps_custom_scores_on_the_cpu_table() -> None:
