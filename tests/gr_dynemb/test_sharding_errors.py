@@ -133,3 +133,22 @@ def test_one_rank_collection_trains_like_a_dynamic_embedding_and_rejects_unknown
     torch.testing.assert_close(after[1], before[1] - 0.1)
     with pytest.raises(KeyError, match="have no table"):
         sharded(KeyedJaggedTensor.from_lengths_sync(keys=["x"], values=torch.tensor([1]), lengths=torch.tensor([1])))
+
+
+def test_sharded_dumps_must_be_complete(tmp_path) -> None:
+    from gr_dynemb import DynamicEmbeddingCollection, DynamicEmbeddingConfig, DynamicTable, DynamicTableConfig
+    from gr_dynemb.checkpoint import dump_table
+    from gr_dynemb.distributed import dump_sharded, load_sharded, shard_paths
+
+    cfg = DynamicEmbeddingConfig(DynamicTableConfig(dim=3, capacity=128), FusedOptimizerConfig("sgd", lr=0.1))
+    coll = DynamicEmbeddingCollection([DynamicTable("dyn", ["d"], cfg)])
+    coll(KeyedJaggedTensor.from_lengths_sync(keys=["d"], values=torch.tensor([4, 5]), lengths=torch.tensor([2])))
+    assert dump_sharded(coll, tmp_path / "one") == {"dyn": 2}
+    assert [p.name for p in shard_paths(tmp_path / "one", "dyn")] == ["rank0-of-1.pt"]
+    dump_table(coll.table("dyn").table, tmp_path / "one" / "dyn" / "rank0-of-2.pt")
+    with pytest.raises(ValueError, match="more than one world size, or some ranks missing"):
+        load_sharded(coll, tmp_path / "one")
+    with pytest.raises(FileNotFoundError, match="no dumps of table 'dyn'"):
+        load_sharded(coll, tmp_path / "empty")
+    with pytest.raises(ValueError, match="holds no dynamic table"):
+        dump_sharded(torch.nn.Linear(2, 2), tmp_path / "x")

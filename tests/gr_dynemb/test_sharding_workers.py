@@ -258,7 +258,7 @@ def worker_train_dump(rank: int, world_size: int, tmp: Path, kind: str) -> None:
     from gr_dynemb.distributed import dump_sharded
 
     dmp = train_and_compare(rank, world_size, kind)
-    dump_sharded(dmp.module, tmp / "dumps")
+    dump_sharded(dmp, tmp / "dumps")  # the whole DMP model: its dynamic tables are found inside
     torch.save({k: v for k, v in dmp.state_dict().items() if k.startswith("dynamic.")}, tmp / f"state{rank}.pt")
     lookups = probe(dmp)  # a collective: every rank takes part
     if rank == 0:

@@ -18,13 +18,28 @@ from gr_dynemb.embedding import DynamicEmbedding
 
 
 def _tables(module: nn.Module) -> tuple[dict[str, DynamicEmbedding], int, int]:
-    if isinstance(module, ShardedDynamicEmbeddingCollection):
-        return dict(module.dynamic_tables), module.rank, module.world_size
-    if isinstance(module, DynamicEmbeddingCollection):
-        return {name: module.table(name) for name in module._tables}, 0, 1
-    raise TypeError(
-        f"expected a ShardedDynamicEmbeddingCollection or DynamicEmbeddingCollection, got {type(module).__name__}"
-    )
+    """Every dynamic table in ``module`` (a DMP model, a sharded or an unsharded dynamic collection, or anything
+    holding them) by table name, with this process's rank and world size."""
+    tables: dict[str, DynamicEmbedding] = {}
+    ranks: set[tuple[int, int]] = set()
+    for path, m in module.named_modules():
+        if isinstance(m, ShardedDynamicEmbeddingCollection):
+            found, rank_world = dict(m.dynamic_tables), (m.rank, m.world_size)
+        elif isinstance(m, DynamicEmbeddingCollection):
+            found, rank_world = {name: m.table(name) for name in m._tables}, (0, 1)
+        else:
+            continue
+        ranks.add(rank_world)
+        for name, emb in found.items():
+            if name in tables:
+                raise ValueError(f"two dynamic tables are named {name!r} (the second in {path or 'the root'})")
+            tables[name] = emb
+    if not tables:
+        raise ValueError(f"{type(module).__name__} holds no dynamic table")
+    if len(ranks) != 1:
+        raise ValueError(f"dynamic collections disagree on (rank, world_size): {sorted(ranks)}")
+    rank, world = ranks.pop()
+    return tables, rank, world
 
 
 def shard_paths(directory: str | Path, table: str) -> list[Path]:
@@ -39,7 +54,8 @@ def shard_paths(directory: str | Path, table: str) -> list[Path]:
 
 
 def dump_sharded(module: nn.Module, directory: str | Path, *, since_score: int | None = None) -> dict[str, int]:
-    """Writes this rank's shard of every dynamic table; returns rows written per table. Call on every rank."""
+    """Writes this rank's shard of every dynamic table in ``module`` (a DMP model or a collection); returns rows
+    written per table. Call on every rank."""
     tables, rank, world = _tables(module)
     written = {}
     for name, emb in tables.items():
@@ -50,7 +66,8 @@ def dump_sharded(module: nn.Module, directory: str | Path, *, since_score: int |
 
 
 def load_sharded(module: nn.Module, directory: str | Path) -> dict[str, int]:
-    """Loads every table's full dumps (any old world size) into this rank's shards; returns rows loaded per table."""
+    """Loads every table's full dumps (any old world size) into this rank's shards of the dynamic tables in
+    ``module``; returns rows loaded per table."""
     tables, rank, world = _tables(module)
     loaded = {}
     for name, emb in tables.items():
