@@ -238,7 +238,8 @@ def train_and_compare(rank: int, world_size: int, kind: str) -> nn.Module:
 
 
 def worker_train_state_dict(rank: int, world_size: int, tmp: Path, kind: str) -> None:
-    """Training parity, then a state_dict round trip into a freshly sharded model (same world size)."""
+    """Training parity, a state_dict round trip into a freshly sharded model (same world size), and parity of a
+    model nesting the collection next to a DDP-wrapped dense layer."""
     dmp = train_and_compare(rank, world_size, kind)
     state = dmp.state_dict()
     dyn_keys = [k for k in state if k.startswith("dynamic.dyn.")]
@@ -251,6 +252,7 @@ def worker_train_state_dict(rank: int, world_size: int, tmp: Path, kind: str) ->
     want, got = probe(dmp), probe(fresh)
     for f in got:
         torch.testing.assert_close(got[f], want[f], msg=f"state_dict round trip of {f}")
+    nested_dense_matches(rank, world_size)
 
 
 def worker_train_dump(rank: int, world_size: int, tmp: Path, kind: str) -> None:
@@ -290,3 +292,65 @@ def worker_train_load(rank: int, world_size: int, tmp: Path, kind: str) -> None:
     got = probe(fresh)
     for f in ("d", "d_clicked"):
         torch.testing.assert_close(got[f], expected[f], msg=f"re-sharded state_dict lookups of {f}")
+
+
+class Tower(nn.Module):
+    """The collection nested in a model with a dense layer: DMP shards ``ec`` and wraps ``proj`` in DDP."""
+
+    def __init__(self, ec: nn.Module) -> None:
+        super().__init__()
+        self.ec = ec
+        self.proj = nn.Linear(DIM, DIM)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        from torchrec import JaggedTensor
+
+        out = self.ec(kjt)  # sharded: a LazyAwaitable of the dict (index it by name, as with TorchRec's own)
+        features = ("s", "d", "d_clicked")
+        return loss_of({f: JaggedTensor(values=self.proj(out[f].values()), lengths=out[f].lengths()) for f in features})
+
+
+def nested_dense_matches(rank: int, world_size: int) -> None:
+    """A model holding the mixed collection next to a dense layer trains like its unsharded twin: the planner finds
+    the collection at ``ec``, DDP averages the dense gradients, the tables see the mean of the ranks' gradients."""
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.planner import Topology
+    from torchrec.distributed.types import ShardingEnv
+
+    from gr_dynemb.distributed import DYNAMIC_KERNEL, DynamicEmbeddingCollectionSharder, DynamicEmbeddingShardingPlanner
+
+    static_opt, dynamic_opt = optimizers("sgd")
+    torch.manual_seed(5)
+    model = Tower(make_model(3))
+    ref_model = Tower(Reference(model.ec.embeddings["static"].weight.detach(), static_opt, dynamic_opt))
+    ref_model.proj.load_state_dict(model.proj.state_dict())
+    sharders = [DynamicEmbeddingCollectionSharder(fused_params=fused_params(static_opt))]
+    planner = DynamicEmbeddingShardingPlanner(
+        Topology(world_size=world_size, compute_device="cpu"), constraints=constraints()
+    )
+    plan = planner.collective_plan(model, sharders, dist.group.WORLD)
+    assert plan.plan["ec"]["dyn"].compute_kernel == DYNAMIC_KERNEL
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        plan=plan,
+        sharders=sharders,
+        device=torch.device("cpu"),
+    )
+    dense = torch.optim.SGD([p for n, p in dmp.named_parameters() if "proj" in n], lr=LR)
+    ref_dense = torch.optim.SGD(ref_model.proj.parameters(), lr=LR)
+    per_rank = GLOBAL_BATCH // world_size
+    for step in range(STEPS):
+        loss = dmp(batch(step, rank * per_rank, (rank + 1) * per_rank))
+        dense.zero_grad()
+        loss.backward()
+        dense.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        ref_dense.zero_grad()
+        ref_model.ec.opt.zero_grad()
+        ref_loss = ref_model(batch(step))
+        (ref_loss / world_size).backward()
+        ref_dense.step()
+        ref_model.ec.opt.step()
+        torch.testing.assert_close(total.item(), ref_loss.item(), rtol=1e-5, atol=1e-5, msg=f"step {step} loss")
