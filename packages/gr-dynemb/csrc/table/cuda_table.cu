@@ -208,14 +208,19 @@ __device__ __forceinline__ void zero_row(const Tile& g, float* dst, int vd) {
 }
 
 // The CPU table's initial_row, value for value: double-precision draws, float arithmetic without FMA contraction.
-__device__ void initial_row(const View& t, const Tile& g, int64_t key, float* row) {
+// Each value is drawn once and stored to `row` and, when given, `copy` (a new slot's row and the caller's output).
+__device__ void initial_row(const View& t, const Tile& g, int64_t key, float* row, float* copy = nullptr) {
   const Initializer& in = t.init;
+  auto put = [&](int d, float x) {
+    row[d] = x;
+    if (copy) copy[d] = x;
+  };
   if (in.kind == InitKind::kNormal) {
     for (int p = g.thread_rank(); 2 * p < t.dim; p += kGroup) {
       double z0, z1;
       standard_normal_pair(in.seed, key, p, z0, z1);
-      row[2 * p] = __fadd_rn(in.a, __fmul_rn(in.b, float(z0)));
-      if (2 * p + 1 < t.dim) row[2 * p + 1] = __fadd_rn(in.a, __fmul_rn(in.b, float(z1)));
+      put(2 * p, __fadd_rn(in.a, __fmul_rn(in.b, float(z0))));
+      if (2 * p + 1 < t.dim) put(2 * p + 1, __fadd_rn(in.a, __fmul_rn(in.b, float(z1))));
     }
   } else {
     for (int d = g.thread_rank(); d < t.dim; d += kGroup) {
@@ -227,10 +232,10 @@ __device__ void initial_row(const View& t, const Tile& g, int64_t key, float* ro
       } else if (in.kind == InitKind::kUniform) {
         x = __fadd_rn(in.a, __fmul_rn(__fsub_rn(in.b, in.a), float(uniform01(in.seed, key, d))));
       }
-      row[d] = x;
+      put(d, x);
     }
   }
-  for (int c = t.dim + g.thread_rank(); c < t.vd; c += kGroup) row[c] = 0.f;
+  for (int c = t.dim + g.thread_rank(); c < t.vd; c += kGroup) put(c, 0.f);
 }
 
 // The lowest-score slot of a full bucket (lowest index among ties, as the CPU table scans), to every lane.
@@ -352,9 +357,10 @@ __global__ void upsert_kernel(View t, const int64_t* keys, int64_t n, float* out
       float* out = out_values + i * t.vd;
       if (st == InsertStatus::kFound) {
         copy_row<true>(g, out, row_of(t, pr.base + s), t.vd);
+      } else if (s >= 0) {
+        initial_row(t, g, key, row_of(t, pr.base + s), out);
       } else {
-        initial_row(t, g, key, out);
-        if (s >= 0) initial_row(t, g, key, row_of(t, pr.base + s));
+        initial_row(t, g, key, out);  // rejected: the initializer's row, no slot
       }
     } else if (s >= 0) {
       copy_row<false>(g, row_of(t, pr.base + s), in_values + i * t.vd, t.vd);
