@@ -71,6 +71,13 @@ def test_constraints_reject_other_kernels_and_sharding_types() -> None:
         DynamicParameterConstraints(compute_kernels=["fused"])
     with pytest.raises(ValueError, match="sharding_types must be"):
         DynamicParameterConstraints(sharding_types=["table_wise"])
+    planner = DynamicEmbeddingShardingPlanner(
+        Topology(world_size=2, compute_device="cpu"), constraints={"dyn": DynamicParameterConstraints()}
+    )
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+
+    with pytest.raises(ValueError, match="no DynamicEmbeddingCollectionSharder"):
+        planner.plan(collection("meta"), [EmbeddingCollectionSharder()])
     with pytest.raises(ValueError, match="builds its own enumerator"):
         DynamicEmbeddingShardingPlanner(Topology(world_size=1, compute_device="cpu"), enumerator=object())
 

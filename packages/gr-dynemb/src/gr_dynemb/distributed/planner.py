@@ -68,6 +68,13 @@ class DynamicEmbeddingShardingPlanner(EmbeddingShardingPlanner):
         )
 
     def plan(self, module: nn.Module, sharders: list[ModuleSharder[nn.Module]]) -> ShardingPlan:
+        from gr_dynemb.distributed.sharder import DynamicEmbeddingCollectionSharder
+
+        if self._dynamic_options and not any(isinstance(s, DynamicEmbeddingCollectionSharder) for s in sharders):
+            raise ValueError(
+                f"tables {sorted(self._dynamic_options)} are marked dynamic but no DynamicEmbeddingCollectionSharder "
+                "is among the sharders; pass it in place of TorchRec's EmbeddingCollectionSharder"
+            )
         plan = super().plan(module, sharders)
         return with_dynamic_options(plan, self._dynamic_options)
 
