@@ -51,12 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from examples.ranking.trainer import RankingTrainer  # heavy imports after argument errors
 
-    try:
-        trainer = RankingTrainer(config, resume=args.resume)
-    except NotImplementedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    results = trainer.fit()
+    results = RankingTrainer(config, resume=args.resume).fit()
     print(json.dumps({k: results[k] for k in ("test", "best_epoch", "epochs", "wall_s") if k in results}, indent=2))
     return 0
 

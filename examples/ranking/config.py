@@ -7,6 +7,7 @@ from typing import Literal
 
 from gr_models.data.synthetic import SyntheticConfig
 from gr_models.modules.hstu import HSTUConfig
+from gr_models.modules.input_embedding import DynamicItemTableConfig
 from gr_models.ranking.tasks import RankingTask
 
 
@@ -39,7 +40,10 @@ class ModelConfig:
     action_mode: Literal["add", "interleave"] = "add"
     head_hidden: int = 128
     dlrm_hidden: tuple[int, ...] = (256, 128)
-    dynamic_tables: bool = False  # gr-dynemb hash tables for the item ids (needs the gr-models switch)
+    # "dynamic": the item ids go through a gr-dynemb hash table (pip install 'gr-models[dynemb]'), trained by its
+    # own fused optimizer (lr/betas default to train.lr/train.betas), configured in [model.dynamic_item_table].
+    item_table: Literal["static", "dynamic"] = "static"
+    dynamic_item_table: DynamicItemTableConfig = field(default_factory=DynamicItemTableConfig)
     tasks: list[RankingTask] = field(default_factory=default_tasks)
     hstu: HSTUConfig = field(default_factory=HSTUConfig)
 

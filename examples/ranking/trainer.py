@@ -4,7 +4,6 @@ best checkpoint, exact resume and results.json."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from examples.common.runtime import ScalarLog, resolve_device, write_json_atomic
 from examples.ranking.config import DataConfig, ModelConfig, RankingExperimentConfig
 from gr_models.data.batching import EpochBatchSampler
 from gr_models.data.ranking import RankingDataset, RankingLog, make_ranking_dataloader, ranking_split
-from gr_models.modules.input_embedding import ItemInputEmbedding
+from gr_models.modules.input_embedding import DynamicItemTableConfig
 from gr_models.ranking import (
     DLRMConfig,
     DLRMRankingModel,
@@ -53,21 +52,32 @@ def load_ranking_log(cfg: DataConfig) -> RankingLog:
     return load_movielens_ranking(cfg.dataset, cfg.data_dir, download=cfg.download)
 
 
-def check_dynamic_tables(mc: ModelConfig) -> None:
-    """``model.dynamic_tables`` needs gr-models' dynamic item table switch (ItemInputEmbedding's ``dynamic``
-    argument, added with gr-dynemb's TorchRec integration); say so clearly where it is missing."""
-    if mc.dynamic_tables and "dynamic" not in inspect.signature(ItemInputEmbedding).parameters:
-        raise NotImplementedError(
-            "model.dynamic_tables=true needs gr_models.modules.ItemInputEmbedding(dynamic=...), the gr-dynemb "
-            "item-table switch, which this gr-models version does not have; set model.dynamic_tables=false"
+def dynamic_item_table(config: RankingExperimentConfig) -> DynamicItemTableConfig | None:
+    """The dynamic item table's settings (None for the static table); its fused optimizer follows train.lr and
+    train.betas unless set."""
+    mc, tc = config.model, config.train
+    if mc.item_table != "dynamic":
+        return None
+    if tc.weight_decay:
+        raise ValueError(
+            "model.item_table='dynamic' trains the item table with a fused optimizer that has no weight decay; "
+            f"set train.weight_decay=0 (got {tc.weight_decay}) or use the static item table"
         )
+    table = dataclasses.replace(mc.dynamic_item_table)
+    if table.lr is None:
+        table.lr = tc.lr
+        table.beta1, table.beta2 = tc.betas
+    return table
 
 
-def build_model(mc: ModelConfig, spec: RankingFeatureSpec, max_seq_len: int) -> nn.Module:
-    check_dynamic_tables(mc)
+def build_model(
+    mc: ModelConfig, spec: RankingFeatureSpec, max_seq_len: int, dynamic: DynamicItemTableConfig | None = None
+) -> nn.Module:
     tasks = [dataclasses.replace(t) for t in mc.tasks]
     if mc.type == "dlrm":
-        return DLRMRankingModel(DLRMConfig(spec, tasks, mc.embedding_dim, tuple(mc.dlrm_hidden), mc.dropout))
+        return DLRMRankingModel(
+            DLRMConfig(spec, tasks, mc.embedding_dim, tuple(mc.dlrm_hidden), mc.dropout, dynamic_item_table=dynamic)
+        )
     return HSTURankingModel(
         HSTURankingConfig(
             features=spec,
@@ -78,6 +88,7 @@ def build_model(mc: ModelConfig, spec: RankingFeatureSpec, max_seq_len: int) -> 
             dropout=mc.dropout,
             head_hidden=mc.head_hidden,
             hstu=dataclasses.replace(mc.hstu),
+            dynamic_item_table=dynamic,
         )
     )
 
@@ -98,7 +109,6 @@ class RankingTrainer:
         if tc.num_threads > 0:
             torch.set_num_threads(tc.num_threads)
         self.device = resolve_device(tc.device)
-        check_dynamic_tables(mc)
         seed_everything(tc.seed)
 
         t0 = time.perf_counter()
@@ -121,7 +131,8 @@ class RankingTrainer:
         spec = RankingFeatureSpec.of_log(self.log_data)
         tokens = 2 if mc.action_mode == "interleave" else 1
         needed = spec.num_user_features + tokens * dc.max_history + dc.num_candidates
-        self.model = build_model(mc, spec, mc.max_seq_len or needed).to(self.device)
+        dynamic = dynamic_item_table(config)
+        self.model = build_model(mc, spec, mc.max_seq_len or needed, dynamic).to(self.device)
         self._init_regression_bias()
         self.loss_fn = MultiTaskLoss(self.model.config.tasks)
         self.optimizer = torch.optim.AdamW(

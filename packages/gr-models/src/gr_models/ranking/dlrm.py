@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gr_models.data.ranking import RankingBatch
-from gr_models.modules.input_embedding import ItemInputEmbedding
+from gr_models.modules.input_embedding import DynamicItemTableConfig, ItemInputEmbedding
 from gr_models.ranking.features import ItemBagEmbedding, RankingFeatureSpec, UserFeatureEmbedding
 from gr_models.ranking.tasks import RankingTask, TaskHeads, check_tasks
 
@@ -20,6 +20,7 @@ class DLRMConfig:
     embedding_dim: int = 64
     hidden_dims: tuple[int, ...] = (256, 128)
     dropout: float = 0.2
+    dynamic_item_table: DynamicItemTableConfig | None = None  # a gr-dynemb hash table for the item ids
 
     def __post_init__(self) -> None:
         check_tasks(self.tasks)
@@ -45,7 +46,7 @@ class DLRMRankingModel(nn.Module):
         self.config = config
         spec, d = config.features, config.embedding_dim
         # Same TorchRec item table as the sequential model (max_seq_len 1: no positions are used).
-        self.item_embedding = ItemInputEmbedding(spec.num_items, d, 1, 0.0)
+        self.item_embedding = ItemInputEmbedding(spec.num_items, d, 1, 0.0, dynamic=config.dynamic_item_table)
         self.user_embedding = UserFeatureEmbedding(spec, d)
         self.bag_embedding = ItemBagEmbedding(spec, d) if spec.item_bag_size > 0 else None
         slots = spec.num_user_features + 1 + (self.bag_embedding is not None)

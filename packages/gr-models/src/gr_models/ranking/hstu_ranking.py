@@ -24,7 +24,7 @@ from torch import nn
 from gr_models.data.ranking import RankingBatch
 from gr_models.jagged import lengths_to_offsets, positions_in_sequence
 from gr_models.modules.hstu import HSTUConfig, HSTUEncoder
-from gr_models.modules.input_embedding import ItemInputEmbedding
+from gr_models.modules.input_embedding import DynamicItemTableConfig, ItemInputEmbedding
 from gr_models.ranking.features import ItemBagEmbedding, RankingFeatureSpec, UserFeatureEmbedding
 from gr_models.ranking.tasks import RankingTask, TaskHeads, check_tasks
 
@@ -42,6 +42,7 @@ class HSTURankingConfig:
     dropout: float = 0.2
     head_hidden: int = 128
     hstu: HSTUConfig = field(default_factory=HSTUConfig)
+    dynamic_item_table: DynamicItemTableConfig | None = None  # a gr-dynemb hash table for the item ids
 
     def __post_init__(self) -> None:
         if self.action_mode not in ("add", "interleave"):
@@ -64,7 +65,9 @@ class HSTURankingModel(nn.Module):
         spec, d = config.features, config.embedding_dim
         # The item table and the positional table are the retrieval model's input layer (TorchRec
         # EmbeddingCollection for items), reused as is.
-        self.input_embedding = ItemInputEmbedding(spec.num_items, d, config.max_seq_len, config.dropout)
+        self.input_embedding = ItemInputEmbedding(
+            spec.num_items, d, config.max_seq_len, config.dropout, dynamic=config.dynamic_item_table
+        )
         self.user_embedding = UserFeatureEmbedding(spec, d)
         self.bag_embedding = ItemBagEmbedding(spec, d) if spec.item_bag_size > 0 else None
         self.action_embedding = nn.Embedding(spec.num_actions, d)
@@ -72,11 +75,17 @@ class HSTURankingModel(nn.Module):
         self.encoder = HSTUEncoder(config.hstu)
         self.heads = TaskHeads(d, config.head_hidden, config.tasks, config.dropout)
 
-    def _items(self, items: torch.Tensor, bag_values: torch.Tensor, bag_lengths: torch.Tensor) -> torch.Tensor:
-        emb = self.input_embedding.embed_ids(items)
+    def _items(self, batch: RankingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item id (+ bag) embeddings of the history events and of the candidates. One lookup per table: a
+        dynamic item table takes one optimizer step per lookup call."""
+        h = batch.history_items.numel()
+        emb = self.input_embedding.embed_ids(torch.cat([batch.history_items, batch.candidate_items]))
         if self.bag_embedding is not None:
-            emb = emb + self.bag_embedding(bag_values, bag_lengths)
-        return emb
+            emb = emb + self.bag_embedding(
+                torch.cat([batch.history_bag_values, batch.candidate_bag_values]),
+                torch.cat([batch.history_bag_lengths, batch.candidate_bag_lengths]),
+            )
+        return emb[:h], emb[h:]
 
     def forward(self, batch: RankingBatch) -> torch.Tensor:
         """Task outputs of every candidate ``[T, num_tasks]`` (logits for binary tasks)."""
@@ -115,7 +124,7 @@ class HSTURankingModel(nn.Module):
         cand_pos = f + m * h_len[c_seq]  # one shared position: candidates are unordered
         cand_dst = starts[c_seq] + cand_pos + positions_in_sequence(lengths_to_offsets(k_len), c_seq.numel())
 
-        hist_emb = self._items(batch.history_items, batch.history_bag_values, batch.history_bag_lengths)
+        hist_emb, cand_emb = self._items(batch)
         action_emb = self.action_embedding(batch.history_actions)
         parts_x = [self.user_embedding(batch.user_features).reshape(-1, cfg.embedding_dim)]
         parts_dst, parts_pos = [ctx_dst], [ctx_pos]
@@ -132,7 +141,7 @@ class HSTURankingModel(nn.Module):
         parts_dst.insert(1, item_dst)
         parts_pos.insert(1, item_pos)
         parts_t.insert(1, batch.history_timestamps)
-        parts_x.append(self._items(batch.candidate_items, batch.candidate_bag_values, batch.candidate_bag_lengths))
+        parts_x.append(cand_emb)
         parts_dst.append(cand_dst)
         parts_pos.append(cand_pos)
         parts_t.append(batch.candidate_timestamps)
