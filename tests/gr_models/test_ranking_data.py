@@ -120,7 +120,7 @@ def test_movielens_side_file_errors(tmp_path: Path) -> None:
     with pytest.raises(DataFormatError, match="gender 'X'"):
         load_movielens_ranking("ml-100k", tmp_path / "ml-100k", download=False)
     (tmp_path / "ml-100k" / "u.user").unlink()
-    with pytest.raises(FileNotFoundError, match="u.user"):
+    with pytest.raises(FileNotFoundError, match=r"u\.user"):
         load_movielens_ranking("ml-100k", tmp_path / "ml-100k", download=False)
 
 
