@@ -69,3 +69,11 @@ def test_ranking_metrics_report_every_task() -> None:
     assert out["like/accuracy"] == 0.75  # sigmoid(0.5) > 0.5 is the one miss
     assert out["rating/mse"] == pytest.approx((1 + 0 + 1 + 0) / 4)
     assert out["like/ne"] == pytest.approx(normalized_entropy(torch.sigmoid(preds[:, 0]), labels["like"]))
+
+
+def test_ranking_metrics_single_class_is_nan_not_a_crash() -> None:
+    m = RankingMetrics([TaskSpec("like", "binary")])
+    m.update(torch.tensor([[0.3], [-0.2]]), {"like": torch.zeros(2)}, torch.tensor([0, 1]))
+    out = m.compute()
+    assert math.isnan(out["like/auc"]) and math.isnan(out["like/ne"]) and math.isnan(out["like/gauc"])
+    assert out["like/accuracy"] == 0.5

@@ -116,8 +116,9 @@ class RankingMetrics:
             if task.kind == "binary":
                 p = torch.sigmoid(preds[:, j])
                 yi = y.round().to(torch.int64)
-                out[f"{task.name}/auc"] = float(BinaryAUROC()(p, yi))
-                out[f"{task.name}/ne"] = normalized_entropy(p, y)
+                both = 0 < int(yi.sum()) < yi.numel()  # AUC and NE are undefined on one class: NaN, not a crash
+                out[f"{task.name}/auc"] = float(BinaryAUROC()(p, yi)) if both else float("nan")
+                out[f"{task.name}/ne"] = normalized_entropy(p, y) if both else float("nan")
                 out[f"{task.name}/gauc"] = group_auc(p, y, groups)[0]
                 out[f"{task.name}/accuracy"] = float(BinaryAccuracy()(p, yi))
                 out[f"{task.name}/logloss"] = float(
