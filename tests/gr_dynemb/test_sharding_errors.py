@@ -159,3 +159,32 @@ def test_sharded_dumps_must_be_complete(tmp_path) -> None:
         load_sharded(coll, tmp_path / "empty")
     with pytest.raises(ValueError, match="holds no dynamic table"):
         dump_sharded(torch.nn.Linear(2, 2), tmp_path / "x")
+
+
+def test_several_dynamic_tables_share_one_exchange() -> None:
+    from gr_dynemb import DynamicEmbedding, InitializerConfig
+
+    ec = EmbeddingCollection(
+        tables=[
+            EmbeddingConfig(name="users", embedding_dim=3, num_embeddings=64, feature_names=["a"]),
+            EmbeddingConfig(name="goods", embedding_dim=3, num_embeddings=64, feature_names=["b", "c"]),
+        ],
+        device=torch.device("cpu"),
+    )
+    plan = {"users": dyn_entry(initializer=InitializerConfig("uniform", seed=11)), "goods": dyn_entry()}
+    sharded = DynamicEmbeddingCollectionSharder(fused_params=SGD).shard(ec, plan, one_rank())
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["b", "a", "c"], values=torch.tensor([1, 2, 3, 1, 4]), lengths=torch.tensor([2, 0, 1, 1, 1, 0])
+    )
+    out = sharded(kjt).wait()
+    assert list(out) == ["a", "b", "c"]  # the collection's feature order, like TorchRec's
+    assert [out[f].lengths().tolist() for f in "abc"] == [[1, 1], [2, 0], [1, 0]]
+    twin = {name: DynamicEmbedding(sharded.dynamic_tables[name].config) for name in ("users", "goods")}
+    torch.testing.assert_close(out["a"].values(), twin["users"](torch.tensor([3, 1])))
+    torch.testing.assert_close(out["b"].values(), twin["goods"](torch.tensor([1, 2])))
+    torch.testing.assert_close(out["c"].values(), twin["goods"](torch.tensor([4])))
+    (out["a"].values().sum() + 2 * out["b"].values().sum() + out["c"].values().sum()).backward()
+    after, _ = sharded.dynamic_tables["goods"].table.find(torch.tensor([1]))
+    torch.testing.assert_close(after[0, :3], out["b"].values()[0].detach() - 0.1 * 2)
+    after, _ = sharded.dynamic_tables["users"].table.find(torch.tensor([1]))  # same id, other table: own row
+    torch.testing.assert_close(after[0, :3], out["a"].values()[1].detach() - 0.1)

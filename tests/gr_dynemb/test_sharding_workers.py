@@ -172,8 +172,10 @@ def optimizers(kind: str) -> tuple[FusedOptimizerConfig, FusedOptimizerConfig]:
     return FusedOptimizerConfig("adagrad", lr=LR), FusedOptimizerConfig("adam", lr=LR)
 
 
-def build_sharded(world_size: int, kind: str, seed: int = 0) -> tuple[nn.Module, EmbeddingCollection, object]:
-    """(DMP model, the unsharded EC it was built from, plan) on the current process group."""
+def build_sharded(
+    world_size: int, kind: str, seed: int = 0, plan: object = None
+) -> tuple[nn.Module, EmbeddingCollection, object]:
+    """(DMP model, the unsharded EC it was built from, plan) on the current process group; ``plan=None`` plans."""
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.planner import Topology
     from torchrec.distributed.types import ShardingEnv
@@ -188,7 +190,8 @@ def build_sharded(world_size: int, kind: str, seed: int = 0) -> tuple[nn.Module,
         cons["dyn"].dynamic.optimizer = dynamic_opt
     sharders = [DynamicEmbeddingCollectionSharder(fused_params=fused_params(static_opt))]
     planner = DynamicEmbeddingShardingPlanner(Topology(world_size=world_size, compute_device="cpu"), constraints=cons)
-    plan = planner.collective_plan(model, sharders, dist.group.WORLD)
+    if plan is None:
+        plan = planner.collective_plan(model, sharders, dist.group.WORLD)
     dmp = DistributedModelParallel(
         model,
         env=ShardingEnv.from_process_group(dist.group.WORLD),
@@ -213,7 +216,7 @@ def probe(module: nn.Module) -> dict[str, torch.Tensor]:
     return {f: out[f].values().clone() for f in ("s", "d", "d_clicked")}
 
 
-def train_and_compare(rank: int, world_size: int, kind: str) -> nn.Module:
+def train_and_compare(rank: int, world_size: int, kind: str) -> tuple[nn.Module, object]:
     """Trains the sharded model and the unsharded reference on the same global batches; asserts equal losses every
     step and equal lookups (every static row, every trained and some unseen dynamic ids) at the end."""
     from gr_dynemb.distributed import DYNAMIC_KERNEL
@@ -234,20 +237,20 @@ def train_and_compare(rank: int, world_size: int, kind: str) -> nn.Module:
     got, want = probe(dmp), probe(ref)
     for f in got:
         torch.testing.assert_close(got[f], want[f], rtol=1e-5, atol=1e-6, msg=f"lookups of {f}")
-    return dmp
+    return dmp, plan
 
 
 def worker_train_state_dict(rank: int, world_size: int, tmp: Path, kind: str) -> None:
     """Training parity, a state_dict round trip into a freshly sharded model (same world size), and parity of a
     model nesting the collection next to a DDP-wrapped dense layer."""
-    dmp = train_and_compare(rank, world_size, kind)
+    dmp, plan = train_and_compare(rank, world_size, kind)
     state = dmp.state_dict()
     dyn_keys = [k for k in state if k.startswith("dynamic.dyn.")]
     assert sorted(k.rsplit(".", 1)[1] for k in dyn_keys) == ["step", "table_keys", "table_scores", "table_values"]
     from gr_dynemb import owner_ranks
 
     assert bool((owner_ranks(state["dynamic.dyn.table_keys"], world_size) == rank).all()), "a shard holds others' keys"
-    fresh, _, _ = build_sharded(world_size, kind, seed=1)  # other static init, empty dynamic table
+    fresh, _, _ = build_sharded(world_size, kind, seed=1, plan=plan)  # other static init, empty dynamic table
     fresh.load_state_dict(state)
     want, got = probe(dmp), probe(fresh)
     for f in got:
@@ -259,7 +262,7 @@ def worker_train_dump(rank: int, world_size: int, tmp: Path, kind: str) -> None:
     """Training parity, then per-rank dumps (``tmp/dumps``), state dicts and the expected lookups (rank 0)."""
     from gr_dynemb.distributed import dump_sharded
 
-    dmp = train_and_compare(rank, world_size, kind)
+    dmp, _ = train_and_compare(rank, world_size, kind)
     dump_sharded(dmp, tmp / "dumps")  # the whole DMP model: its dynamic tables are found inside
     torch.save({k: v for k, v in dmp.state_dict().items() if k.startswith("dynamic.")}, tmp / f"state{rank}.pt")
     lookups = probe(dmp)  # a collective: every rank takes part
@@ -272,9 +275,9 @@ def worker_train_load(rank: int, world_size: int, tmp: Path, kind: str) -> None:
     fresh model here, give the lookups recorded there."""
     from gr_dynemb.distributed import load_sharded
 
-    train_and_compare(rank, world_size, kind)
+    _, plan = train_and_compare(rank, world_size, kind)
     expected = torch.load(tmp / "expected.pt")
-    fresh, _, _ = build_sharded(world_size, kind, seed=1)
+    fresh, _, _ = build_sharded(world_size, kind, seed=1, plan=plan)
     loaded = load_sharded(fresh.module, tmp / "dumps")
     counts = torch.tensor([loaded["dyn"]])
     dist.all_reduce(counts)

@@ -9,7 +9,7 @@ Per step (data-parallel KJT in, data-parallel ``dict[feature, JaggedTensor]`` ou
 2. compute: each rank looks its received ids up in its shard of each dynamic table (one lookup per table per step,
    so a fused optimizer takes exactly one step per backward, whatever the batch);
 3. output dist: the rows go back along the same routes (their gradients, in backward, the reverse way) and are
-   put back into input order; rows of tables narrower than the widest dynamic table are padded in transit only.
+   put back into input order (all tables of an ``EmbeddingCollection`` share one width, so one exchange serves all).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchrec import EmbeddingCollection, JaggedTensor, KeyedJaggedTensor
 from torchrec.distributed.embedding import EmbeddingCollectionSharder, ShardedEmbeddingCollection
@@ -184,8 +183,7 @@ class ShardedDynamicEmbeddingCollection(
             for f in cfg.feature_names:
                 self._table_index[f] = len(self._dynamic_tables)
             self._dynamic_tables.append(cfg.name)
-        self._dims = [self.dynamic[n].dim for n in self._dynamic_tables]
-        self._width = max(self._dims)
+        self._dim = module.embedding_dim()  # TorchRec's EmbeddingCollection holds tables of one width only
 
         # ---- static tables: TorchRec's own sharded EC over a collection that shares the original weights
         static_configs = [c for c in configs if c.name not in dynamic_plan]
@@ -256,15 +254,12 @@ class ShardedDynamicEmbeddingCollection(
         return static_out, self._lookup(routed)
 
     def _lookup(self, routed: Tensor) -> Tensor:
-        """Rows ``[n, width]`` of the received ids, one lookup per table (every table, even with no ids, so the
+        """Rows ``[n, dim]`` of the received ids, one lookup per table (every table, even with no ids, so the
         fused optimizers of all shards step together)."""
-        out = torch.zeros(routed.shape[0], self._width, device=self._device)
+        out = torch.zeros(routed.shape[0], self._dim, device=self._device)
         for t, name in enumerate(self._dynamic_tables):
             rows = (routed[:, 1] == t).nonzero().squeeze(1)
-            emb = self.dynamic[name](routed[rows, 0])
-            if emb.shape[1] < self._width:
-                emb = F.pad(emb, (0, self._width - emb.shape[1]))
-            out = out.index_copy(0, rows, emb.to(out.dtype))
+            out = out.index_copy(0, rows, self.dynamic[name](routed[rows, 0]).to(out.dtype))
         return out
 
     def output_dist(
@@ -277,8 +272,7 @@ class ShardedDynamicEmbeddingCollection(
         counts = [jt.values().numel() for jt in ctx.dynamic_jts.values()]
         dynamic: dict[str, JaggedTensor] = {}
         for (f, jt), emb in zip(ctx.dynamic_jts.items(), rows.split(counts), strict=True):
-            dim = self._dims[self._table_index[f]]
-            dynamic[f] = JaggedTensor(values=emb[:, :dim], lengths=jt.lengths(), offsets=jt.offsets())
+            dynamic[f] = JaggedTensor(values=emb, lengths=jt.lengths(), offsets=jt.offsets())
         return _Merged(static_dist, dynamic, ctx.features)
 
     def compute_and_output_dist(
