@@ -1,0 +1,174 @@
+// The emulated CUDA table (run.sh) against the CPU table: every check must hold exactly (same statuses, rows, scores).
+#include <cassert>
+#include <cstdio>
+#include <map>
+#include <random>
+#include <set>
+#include <vector>
+#include "table/cpu_table.h"
+#include "table/cuda_table.h"
+using namespace gr_dynemb;
+static int failures = 0;
+#define CHECK(c) do { if (!(c)) { ++failures; std::printf("FAIL %s:%d %s\n", __FILE__, __LINE__, #c); } } while (0)
+
+struct Row { std::vector<float> v; uint64_t s; bool operator==(const Row& o) const { return v == o.v && s == o.s; } };
+template <class T> std::map<int64_t, Row> contents_cpu(T& t, int vd) {
+  int64_t n = t.count_if_score_at_least(0);
+  std::vector<int64_t> k(n); std::vector<float> v(n * vd); std::vector<uint64_t> s(n);
+  int64_t got = t.export_if_score_at_least(0, k.data(), v.data(), s.data(), n);
+  std::map<int64_t, Row> m; for (int64_t i = 0; i < got; ++i) m[k[i]] = Row{{v.begin() + i * vd, v.begin() + (i + 1) * vd}, s[i]};
+  CHECK(got == n); return m;
+}
+std::map<int64_t, Row> contents_gpu(CudaTable& t, int vd) {
+  int64_t n = t.count_if_score_at_least(0, 0);
+  std::vector<int64_t> k(n); std::vector<float> v(n * vd); std::vector<uint64_t> s(n);
+  int64_t got = t.export_if_score_at_least(0, k.data(), v.data(), s.data(), n, 0);
+  std::map<int64_t, Row> m; for (int64_t i = 0; i < got; ++i) m[k[i]] = Row{{v.begin() + i * vd, v.begin() + (i + 1) * vd}, s[i]};
+  CHECK(got == n);
+  // slot order: keys must come out in increasing slot order -> just check no duplicates
+  CHECK((int64_t)m.size() == got); return m;
+}
+TableOptions topt(int dim, int vd, int64_t cap, int64_t maxcap, ScorePolicy p, double lf, Initializer in = {}) {
+  TableOptions o; o.capacity = cap; o.max_capacity = maxcap; o.dim = dim; o.value_dim = vd; o.policy = p; o.init = in; o.max_load_factor = lf; o.num_threads = 1; return o;
+}
+CudaTableOptions gopt(const TableOptions& t, int64_t budget = -1) {
+  CudaTableOptions o; o.capacity = t.capacity; o.max_capacity = t.max_capacity; o.dim = t.dim; o.value_dim = t.value_dim; o.policy = t.policy; o.init = t.init; o.max_load_factor = t.max_load_factor; o.hbm_budget_bytes = budget; return o;
+}
+bool near(const std::vector<float>& a, const std::vector<float>& b) { if (a.size() != b.size()) return false; for (size_t i = 0; i < a.size(); ++i) if (std::fabs(a[i] - b[i]) > 1e-5f * (1 + std::fabs(b[i]))) return false; return true; }
+
+void twin(ScorePolicy pol, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const int dim = 3, vd = 5;
+  auto to = topt(dim, vd, 128, 1 << 14, pol, 0.6, Initializer{InitKind::kTruncatedNormal, 0.f, 0.5f, 7});
+  CpuTable cpu(to); CudaTable gpu(gopt(to));
+  std::vector<int64_t> pool; for (int i = 0; i < 400; ++i) pool.push_back(int64_t(rng()) | 1);
+  pool.push_back(INT64_MAX); pool.push_back(0);
+  for (int step = 1; step <= 6; ++step) {
+    cpu.set_step(step); gpu.set_step(step); cpu.set_epoch(step / 3); gpu.set_epoch(step / 3);
+    std::shuffle(pool.begin(), pool.end(), rng);
+    int n = 1 + rng() % 150; std::vector<int64_t> keys(pool.begin(), pool.begin() + n);
+    std::vector<float> a(n * vd), b(n * vd); std::vector<int8_t> sa(n), sb(n);
+    cpu.find_or_insert(keys.data(), n, a.data(), sa.data(), nullptr); gpu.find_or_insert(keys.data(), n, b.data(), sb.data(), nullptr, 0);
+    CHECK(a == b); CHECK(sa == sb);
+    std::vector<float> rows(n * vd); for (auto& x : rows) x = float(rng() % 1000) / 100.f;
+    cpu.insert_or_assign(keys.data(), n, rows.data(), sa.data(), nullptr); gpu.insert_or_assign(keys.data(), n, rows.data(), sb.data(), nullptr, 0);
+    CHECK(sa == sb);
+    int h = n / 2; std::vector<char> fa(n), fb(n);
+    cpu.assign(keys.data(), h, rows.data(), (bool*)fa.data()); gpu.assign(keys.data(), h, rows.data(), (bool*)fb.data(), 0); CHECK(fa == fb);
+    cpu.accumulate(keys.data(), h, rows.data(), (bool*)fa.data()); gpu.accumulate(keys.data(), h, rows.data(), (bool*)fb.data(), 0); CHECK(fa == fb);
+    std::shuffle(pool.begin(), pool.end(), rng);
+    std::vector<int64_t> probe(pool.begin(), pool.begin() + 64);
+    std::vector<float> pa(64 * vd), pb(64 * vd); std::vector<char> ga(64), gb(64);
+    cpu.find(probe.data(), 64, pa.data(), (bool*)ga.data(), true); gpu.find(probe.data(), 64, pb.data(), (bool*)gb.data(), true, 0);
+    CHECK(pa == pb); CHECK(ga == gb);
+    std::vector<int64_t> gone(pool.begin() + 100, pool.begin() + 120);
+    CHECK(cpu.erase(gone.data(), 20) == gpu.erase(gone.data(), 20, 0));
+    CHECK(cpu.size() == gpu.size(0)); CHECK(cpu.capacity() == gpu.capacity());
+    auto ca = contents_cpu(cpu, vd); auto cb = contents_gpu(gpu, vd); CHECK(ca == cb);
+  }
+  CHECK(cpu.erase_if_score_below(3) == gpu.erase_if_score_below(3, 0));
+  CHECK(contents_cpu(cpu, vd) == contents_gpu(gpu, vd));
+  gpu.clear(0); CHECK(gpu.size(0) == 0 && contents_gpu(gpu, vd).empty());
+}
+
+void dups() {
+  auto to = topt(4, 4, 1 << 10, 1 << 16, ScorePolicy::kLfu, 0.75);
+  CudaTable gpu(gopt(to)); CpuTable cpu(to);
+  std::mt19937_64 rng(3); std::vector<int64_t> distinct(50); for (auto& k : distinct) k = int64_t(rng() >> 2);
+  std::vector<int64_t> keys(600); for (auto& k : keys) k = distinct[rng() % 50];
+  std::vector<float> v(600 * 4), init(600 * 4); std::vector<int8_t> st(600);
+  gpu.find_or_insert(keys.data(), 600, v.data(), st.data(), nullptr, 0);
+  std::set<int64_t> uniq(keys.begin(), keys.end()); int ins = 0; std::set<int64_t> insk;
+  for (int i = 0; i < 600; ++i) { if (st[i] == 1) { ++ins; insk.insert(keys[i]); } CHECK(st[i] == 0 || st[i] == 1); }
+  CHECK(ins == (int)uniq.size() && insk == uniq); CHECK(gpu.size(0) == (int64_t)uniq.size());
+  gpu.initial_rows(keys.data(), 600, init.data(), 0); CHECK(v == init);
+  for (int i = 0; i < 600; ++i) { std::vector<float> r(4); cpu.initial_row(keys[i], r.data()); CHECK(std::vector<float>(init.begin() + 4 * i, init.begin() + 4 * i + 4) == r); }
+  std::vector<float> ones(600 * 4, 1.f); std::vector<char> f(600);
+  gpu.accumulate(keys.data(), 600, ones.data(), (bool*)f.data(), 0);
+  std::map<int64_t, int> cnt; for (auto k : keys) cnt[k]++;
+  std::vector<int64_t> u(uniq.begin(), uniq.end()); std::vector<float> got(u.size() * 4); std::vector<char> fu(u.size());
+  gpu.find(u.data(), u.size(), got.data(), (bool*)fu.data(), false, 0);
+  for (size_t i = 0; i < u.size(); ++i) { std::vector<float> r(4); cpu.initial_row(u[i], r.data()); for (int c = 0; c < 4; ++c) CHECK(std::fabs(got[i * 4 + c] - (r[c] + cnt[u[i]])) < 1e-4); }
+  // LFU scores: each duplicate touched once: score = count
+  auto cg = contents_gpu(gpu, 4); for (auto& [k, row] : cg) CHECK(row.s == (uint64_t)cnt[k]);
+  CHECK(gpu.erase(keys.data(), 600, 0) == (int64_t)uniq.size()); CHECK(gpu.size(0) == 0);
+}
+
+void eviction(ScorePolicy pol) {
+  auto to = topt(2, 2, 128, 128, pol, 1.0);
+  CpuTable cpu(to); CudaTable gpu(gopt(to));
+  std::mt19937_64 rng(11);
+  std::vector<int64_t> keys(208); for (auto& k : keys) k = int64_t(rng() >> 1) + 5;
+  for (int i = 0; i < 208; ++i) {
+    cpu.set_step(1 + i / 16); gpu.set_step(1 + i / 16); cpu.set_epoch(i / 64); gpu.set_epoch(i / 64);
+    if (i % 2 && i > 10) { int64_t o = keys[i / 3]; std::vector<float> x(2), y(2); bool a, b; cpu.find(&o, 1, x.data(), &a, true); gpu.find(&o, 1, y.data(), &b, true, 0); CHECK(a == b); }
+    uint64_t sc = rng() % 50; const uint64_t* sp = pol == ScorePolicy::kCustom ? &sc : nullptr;
+    std::vector<float> x(2), y(2); int8_t a, b;
+    cpu.find_or_insert(&keys[i], 1, x.data(), &a, sp); gpu.find_or_insert(&keys[i], 1, y.data(), &b, sp, 0);
+    CHECK(a == b); if (a != b) std::printf("  policy %d key %d: cpu %d gpu %d\n", int(pol), i, a, b);
+  }
+  CHECK(contents_cpu(cpu, 2) == contents_gpu(gpu, 2));
+  CHECK(cpu.evicted_count() == gpu.evicted_count(0)); CHECK(cpu.rejected_count() == gpu.rejected_count(0));
+  std::printf("  policy %d: evicted %ld rejected %ld\n", int(pol), (long)gpu.evicted_count(0), (long)gpu.rejected_count(0));
+}
+
+void full_batch() {
+  auto to = topt(2, 2, 128, 128, ScorePolicy::kCustom, 1.0);
+  CpuTable cpu(to); CudaTable gpu(gopt(to));
+  std::vector<int64_t> old(128), nw(64); std::vector<uint64_t> so(128), sn(64);
+  for (int i = 0; i < 128; ++i) { old[i] = i + 1; so[i] = (i + 1) * 10; }
+  for (int i = 0; i < 64; ++i) { nw[i] = 1000 + i; sn[i] = (i + 1) * 10 - 5; }
+  std::vector<float> z(128 * 2, 0.f), o(64 * 2, 1.f); std::vector<int8_t> st(128), st2(64), st3(64);
+  cpu.insert_or_assign(old.data(), 128, z.data(), st.data(), so.data()); gpu.insert_or_assign(old.data(), 128, z.data(), st.data(), so.data(), 0);
+  cpu.insert_or_assign(nw.data(), 64, o.data(), st2.data(), sn.data()); gpu.insert_or_assign(nw.data(), 64, o.data(), st3.data(), sn.data(), 0);
+  auto a = contents_cpu(cpu, 2), b = contents_gpu(gpu, 2); CHECK(a == b);
+  for (auto& [k, r] : b) CHECK(r.s > 320);
+  CHECK(gpu.size(0) == 128);
+}
+
+void hybrid() {
+  auto to = topt(16, 32, 1024, 1 << 14, ScorePolicy::kLru, 0.75, Initializer{InitKind::kNormal, 0.1f, 2.f, 3});
+  for (int64_t budget_rows : {0, 384}) {
+    CudaTable hbm(gopt(to)); CudaTable hyb(gopt(to, budget_rows * 32 * 4)); CpuTable cpu(to);
+    CHECK(hyb.hbm_slots() == budget_rows);
+    std::mt19937_64 rng(5);
+    for (int step = 1; step <= 4; ++step) {
+      hbm.set_step(step); hyb.set_step(step); cpu.set_step(step);
+      std::vector<int64_t> keys(700); for (auto& k : keys) k = int64_t(rng() >> 1);
+      std::vector<float> a(700 * 32), b(700 * 32), c(700 * 32); std::vector<int8_t> sa(700), sb(700), sc(700);
+      hbm.find_or_insert(keys.data(), 700, a.data(), sa.data(), nullptr, 0); hyb.find_or_insert(keys.data(), 700, b.data(), sb.data(), nullptr, 0);
+      cpu.find_or_insert(keys.data(), 700, c.data(), sc.data(), nullptr);
+      CHECK(a == b); CHECK(sa == sb); CHECK(a == c);
+      std::vector<float> d(700 * 32); for (auto& x : d) x = float(rng() % 100) / 7.f; std::vector<char> f(700);
+      hbm.accumulate(keys.data(), 700, d.data(), (bool*)f.data(), 0); hyb.accumulate(keys.data(), 700, d.data(), (bool*)f.data(), 0);
+      cpu.accumulate(keys.data(), 700, d.data(), (bool*)f.data());
+    }
+    CHECK(hyb.capacity() > 1024 && hyb.hbm_slots() == budget_rows);
+    auto x = contents_gpu(hbm, 32), y = contents_gpu(hyb, 32), z = contents_cpu(cpu, 32);
+    CHECK(x == y); CHECK(x == z);
+  }
+}
+
+void inits() {
+  for (InitKind k : {InitKind::kNormal, InitKind::kTruncatedNormal, InitKind::kUniform, InitKind::kConstant}) {
+    for (int dim : {1, 7, 64}) {
+      auto to = topt(dim, dim + 3, 128, 128, ScorePolicy::kLru, 0.75, Initializer{k, -0.2f, 0.7f, 11});
+      CpuTable cpu(to); CudaTable gpu(gopt(to));
+      std::mt19937_64 rng(9); std::vector<int64_t> keys(100); for (auto& x : keys) x = int64_t(rng());
+      std::vector<float> g(100 * (dim + 3)), c(dim + 3);
+      gpu.initial_rows(keys.data(), 100, g.data(), 0);
+      for (int i = 0; i < 100; ++i) { cpu.initial_row(keys[i], c.data()); CHECK(std::vector<float>(g.begin() + i * (dim + 3), g.begin() + (i + 1) * (dim + 3)) == c); }
+    }
+  }
+}
+
+int main() {
+  inits(); std::printf("inits done\n");
+  for (auto p : {ScorePolicy::kLru, ScorePolicy::kLfu, ScorePolicy::kEpochLru, ScorePolicy::kEpochLfu}) { twin(p, 1 + int(p)); std::printf("twin %d done\n", int(p)); }
+  dups(); std::printf("dups done\n");
+  for (auto p : {ScorePolicy::kLru, ScorePolicy::kLfu, ScorePolicy::kEpochLru, ScorePolicy::kEpochLfu, ScorePolicy::kCustom, ScorePolicy::kNone}) eviction(p);
+  full_batch(); std::printf("full batch done\n");
+  hybrid(); std::printf("hybrid done\n");
+  std::printf("failures: %d\n", failures);
+  return failures != 0;
+}
