@@ -1,14 +1,16 @@
 """Representative native HSTU attention calls for ``compute-sanitizer --tool memcheck``.
 
 Ragged lengths (0, 1, tile edges, not a multiple of the tile), every mask family, rab shared and per head,
-forward and backward, both dtypes and every head dim. Exits non-zero if an output differs from the reference by
-more than a loose bound (the sanitizer itself reports memory errors).
+forward and backward, both dtypes and every head dim; the forward through both native forward kernels (the
+SM80-MMA one and the Hopper WGMMA/TMA one, chosen with GR_KERNELS_FWD_KERNEL). Exits non-zero if an output differs
+from the reference by more than a loose bound (the sanitizer itself reports memory errors).
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python tools/memcheck_hstu_attention.py
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -46,13 +48,20 @@ def main() -> int:
                         kw2["num_targets"] = torch.tensor(
                             [min(kw["num_targets"], max(x - 1, 0)) for x in lengths]
                         ).cuda()
+                    leaves = [q, k, v] + ([rab] if rab is not None else [])
                     outs = {}
-                    for backend in ("cutlass", "reference"):
-                        out = gr_kernels.hstu_attention(q, k, v, offsets, n, alpha=0.3, rab=rab, backend=backend, **kw2)
-                        grads = torch.autograd.grad(out.float().sum(), [q, k, v] + ([rab] if rab is not None else []))
+                    for backend in ("reference", "sm80", "sm90"):
+                        os.environ["GR_KERNELS_FWD_KERNEL"] = backend
+                        name = "reference" if backend == "reference" else "cutlass"
+                        out = gr_kernels.hstu_attention(q, k, v, offsets, n, alpha=0.3, rab=rab, backend=name, **kw2)
+                        # The backward is the same native kernel either way: run it once, after the SM80 forward.
+                        grads = [] if backend == "sm90" else torch.autograd.grad(out.float().sum(), leaves)
                         outs[backend] = [out, *grads]
-                    for got, want in zip(outs["cutlass"], outs["reference"], strict=True):
-                        worst = max(worst, (got.float() - want.float()).abs().max().item() if got.numel() else 0.0)
+                    os.environ.pop("GR_KERNELS_FWD_KERNEL", None)
+                    for backend in ("sm80", "sm90"):
+                        for got, want in zip(outs[backend], outs["reference"], strict=False):
+                            err = (got.float() - want.float()).abs().max().item() if got.numel() else 0.0
+                            worst = max(worst, err)
     torch.cuda.synchronize()
     print(f"max |cutlass - reference| over all cases: {worst:.3e}")
     return 0 if worst < 0.5 else 1

@@ -47,6 +47,18 @@ def test_install_compiled_the_cuda_kernels() -> None:
     assert "90a" in _C.compiled_archs().split(";")
 
 
+@pytest.mark.skipif(not native_available(), reason="gr-kernels was installed without its CUDA kernels")
+def test_sm90_forward_layout_invariants() -> None:
+    # Runs on the host (CPU CI too): the fragment and shared-memory layout facts the Hopper forward relies on.
+    from gr_kernels import _C
+
+    report = _C.sm90_fwd_layout_check()
+    if report is None:
+        assert "90a" not in _C.compiled_archs().split(";")
+        pytest.skip("this build has no sm90a kernels")
+    assert report == "", report
+
+
 def test_registered_ahead_of_the_reference() -> None:
     assert gr_kernels.available_backends()[:1] == ["cutlass"]
     assert gr_kernels.available_backends()[-1] == "reference"

@@ -101,4 +101,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("hstu_fwd", &hstu_fwd, "HSTU attention forward on jagged q/k/v (raw device pointers)");
   m.def("hstu_bwd", &hstu_bwd, "HSTU attention backward: dq (fp32, accumulated), dk, dv, drab (fp32, accumulated)");
   m.def("compiled_archs", &gr_kernels::compiled_archs, "CUDA architectures this build holds code for");
+  m.def(
+      "sm90_fwd_layout_check",
+      []() -> py::object {
+        const char* report = gr_kernels::sm90_fwd_layout_check();
+        if (report == nullptr) return py::none();
+        return py::str(report);
+      },
+      "Host-side check of the Hopper forward kernel's layout invariants: '' if they hold, else what failed; None "
+      "when the build has no sm90a kernels");
 }

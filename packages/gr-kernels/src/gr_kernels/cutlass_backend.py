@@ -4,9 +4,11 @@ The extension takes raw device pointers, strides and the current CUDA stream, so
 version and never synchronises with the host; outputs are allocated through torch's caching allocator, which keeps
 it usable under CUDA graph capture.
 
-Status: forward native for head dims 64/128/256; backward native for 64/128 (dq and drab accumulate in fp32
-buffers, cast once at the end); a head-dim-256 backward still runs the PyTorch reference (``reference_backward``):
-its dK + dV accumulators do not fit one warp's registers in this kernel generation.
+Status: forward native for head dims 64/128/256 (the SM80-MMA kernel by default; the Hopper WGMMA/TMA kernel with
+``GR_KERNELS_FWD_KERNEL=sm90`` until it has passed the GPU parity suite, see the package README); backward native
+for 64/128 (dq and drab accumulate in fp32 buffers, cast once at the end); a head-dim-256 backward still runs the
+PyTorch reference (``reference_backward``): its dK + dV accumulators do not fit one warp's registers in this kernel
+generation.
 """
 
 from __future__ import annotations

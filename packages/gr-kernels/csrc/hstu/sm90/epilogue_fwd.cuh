@@ -10,6 +10,7 @@
 
 #include "hstu/params.h"
 #include "hstu/sm90/kernel_traits.h"
+#include "hstu/utils.cuh"
 
 namespace gr_kernels {
 namespace sm90 {
@@ -32,8 +33,12 @@ struct FwdEpilogue {
     typename Traits::MmaPV mma_pv;
     Tensor tOsO = mma_pv.get_thread_slice(tidx).partition_C(sO);
     const float scale = p.inv_scaling_seqlen;
+    // Elements 2t, 2t + 1 are adjacent columns (an even one first): one 32-bit shared store per pair.
     CUTE_UNROLL
-    for (int i = 0; i < size(tOrO); ++i) tOsO(i) = Element(tOrO(i) * scale);
+    for (int t = 0; t < size(tOrO) / 2; ++t) {
+      *reinterpret_cast<uint32_t*>(&tOsO(2 * t)) =
+          detail::pack2<Element_>(tOrO(2 * t) * scale, tOrO(2 * t + 1) * scale);
+    }
 
     const int warpgroup = tidx / 128;
     cutlass::arch::NamedBarrier::sync(128, kNamedBarrierBase + warpgroup);

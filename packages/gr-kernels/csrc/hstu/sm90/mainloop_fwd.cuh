@@ -189,9 +189,11 @@ struct FwdMainloop {
         tSrS(2 * t + 1) = p1;
       }
     };
+    // fp32 pairs -> one packed cvt each (elements 2t, 2t + 1 of P share a 32-bit register).
+    uint32_t* p_words = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
     auto to_p = [&]() {
       CUTE_UNROLL
-      for (int i = 0; i < kFrag; ++i) tOrP(i) = Element(tSrS(i));
+      for (int t = 0; t < kFrag / 2; ++t) p_words[t] = detail::pack2<Element_>(tSrS(2 * t), tSrS(2 * t + 1));
     };
 
     ss.barrier_q.wait(0);
