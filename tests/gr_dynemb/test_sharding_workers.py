@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 from gr_dynemb import DynamicEmbeddingCollection, DynamicTable, FusedOptimizerConfig, InitializerConfig
 from gr_dynemb.distributed import DynamicParameterConstraints, DynamicTableOptions
@@ -241,8 +242,8 @@ def train_and_compare(rank: int, world_size: int, kind: str) -> tuple[nn.Module,
 
 
 def worker_train_state_dict(rank: int, world_size: int, tmp: Path, kind: str) -> None:
-    """Training parity, a state_dict round trip into a freshly sharded model (same world size), and parity of a
-    model nesting the collection next to a DDP-wrapped dense layer."""
+    """Training parity, a state_dict round trip into a freshly sharded model (same world size), parity of a model
+    nesting the collection next to a DDP-wrapped dense layer, and parity under TorchRec's train pipeline."""
     dmp, plan = train_and_compare(rank, world_size, kind)
     state = dmp.state_dict()
     dyn_keys = [k for k in state if k.startswith("dynamic.dyn.")]
@@ -256,6 +257,7 @@ def worker_train_state_dict(rank: int, world_size: int, tmp: Path, kind: str) ->
     for f in got:
         torch.testing.assert_close(got[f], want[f], msg=f"state_dict round trip of {f}")
     nested_dense_matches(rank, world_size)
+    train_pipeline_matches(rank, world_size)
 
 
 def worker_train_dump(rank: int, world_size: int, tmp: Path, kind: str) -> None:
@@ -357,3 +359,63 @@ def nested_dense_matches(rank: int, world_size: int) -> None:
         ref_dense.step()
         ref_model.ec.opt.step()
         torch.testing.assert_close(total.item(), ref_loss.item(), rtol=1e-5, atol=1e-5, msg=f"step {step} loss")
+
+
+class PipelineBatch(Pipelineable):
+    """A batch TorchRec's train pipeline can move and stream-record."""
+
+    def __init__(self, kjt: KeyedJaggedTensor) -> None:
+        self.kjt = kjt
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> PipelineBatch:
+        return PipelineBatch(self.kjt.to(device, non_blocking=non_blocking))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.kjt.record_stream(stream)
+
+
+class PipelineModel(nn.Module):
+    def __init__(self, ec: nn.Module) -> None:
+        super().__init__()
+        self.ec = ec
+
+    def forward(self, b: PipelineBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.ec(b.kjt)
+        loss = loss_of({f: out[f] for f in ("s", "d", "d_clicked")})
+        return loss, loss.detach()
+
+
+def train_pipeline_matches(rank: int, world_size: int) -> None:
+    """TorchRec's TrainPipelineSparseDist (input dist of batch i+1 while batch i trains) runs the mixed collection
+    and trains like the unsharded reference."""
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.planner import Topology
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+    from torchrec.distributed.types import ShardingEnv
+
+    from gr_dynemb.distributed import DynamicEmbeddingCollectionSharder, DynamicEmbeddingShardingPlanner
+
+    static_opt, dynamic_opt = optimizers("sgd")
+    model = PipelineModel(make_model(4))
+    ref = Reference(model.ec.embeddings["static"].weight.detach(), static_opt, dynamic_opt)
+    sharders = [DynamicEmbeddingCollectionSharder(fused_params=fused_params(static_opt))]
+    planner = DynamicEmbeddingShardingPlanner(
+        Topology(world_size=world_size, compute_device="cpu"), constraints=constraints()
+    )
+    plan = planner.collective_plan(model, sharders, dist.group.WORLD)
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        plan=plan,
+        sharders=sharders,
+        device=torch.device("cpu"),
+    )
+    # The model has no dense parameters; the pipeline still wants an optimizer to step.
+    pipeline = TrainPipelineSparseDist(dmp, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=LR), torch.device("cpu"))
+    per_rank = GLOBAL_BATCH // world_size
+    batches = iter([PipelineBatch(batch(s, rank * per_rank, (rank + 1) * per_rank)) for s in range(STEPS)])
+    for step in range(STEPS):
+        total = pipeline.progress(batches).clone()
+        dist.all_reduce(total)
+        expected = ref.train_step(batch(step), world_size)
+        torch.testing.assert_close(total.item(), expected, rtol=1e-5, atol=1e-5, msg=f"pipelined step {step} loss")

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 from torchrec import EmbeddingCollection, JaggedTensor, KeyedJaggedTensor
 from torchrec.distributed.embedding import EmbeddingCollectionSharder, ShardedEmbeddingCollection
-from torchrec.distributed.embedding_types import ShardedEmbeddingModule
+from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
+from torchrec.distributed.embedding_types import KJTList, ShardedEmbeddingModule
 from torchrec.distributed.types import Awaitable, LazyAwaitable, ParameterSharding, ShardingEnv
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.streamable import Multistreamable
@@ -69,6 +70,12 @@ class DynamicEmbeddingCollectionContext(Multistreamable):
         self.recv: list[int] = []  # ids received from each rank
         self.inverse: Tensor | None = None  # routed order -> input order
 
+    @property
+    def sharding_contexts(self) -> list[Any]:
+        """The static part's per-sharding contexts: TorchRec's input-dist awaitables (which come first in ours)
+        fill them in, in a train pipeline too."""
+        return getattr(self.static_ctx, "sharding_contexts", [])
+
     def record_stream(self, stream: torch.Stream) -> None:
         if self.static_ctx is not None:
             self.static_ctx.record_stream(stream)
@@ -85,26 +92,6 @@ class _Ready(Awaitable[Any]):
 
     def _wait_impl(self) -> Any:
         return self._value
-
-
-class _InputDist(Awaitable[Awaitable[Any]]):
-    """Waits the static part's two-stage input dist; the dynamic ids are already routed (``routed``)."""
-
-    def __init__(self, static: Awaitable[Awaitable[Any]] | None, routed: Tensor) -> None:
-        super().__init__()
-        self._static, self._routed = static, routed
-
-    def _wait_impl(self) -> Awaitable[Any]:
-        if self._static is None:
-            return _Ready((None, self._routed))
-        inner = self._static.wait()
-        routed = self._routed
-
-        class _Both(Awaitable[Any]):
-            def _wait_impl(self) -> Any:
-                return inner.wait(), routed
-
-        return _Both()
 
 
 class _Merged(LazyAwaitable[dict[str, JaggedTensor]]):
@@ -209,22 +196,25 @@ class ShardedDynamicEmbeddingCollection(
 
     def input_dist(
         self, ctx: DynamicEmbeddingCollectionContext, features: KeyedJaggedTensor
-    ) -> Awaitable[Awaitable[Any]]:
+    ) -> KJTListSplitsAwaitable[DynamicEmbeddingCollectionContext]:
+        """TorchRec's two-stage input-dist awaitable over the static part's KJT all-to-alls followed by the routed
+        dynamic ids (already exchanged), so TorchRec's train pipelines can fuse and wait them like their own."""
         keys: list[str] = features.keys()
         unknown = [k for k in keys if k not in self._table_index and k not in self._static_features]
         if unknown:
             raise KeyError(f"features {unknown} have no table in this collection (features: {self._feature_order})")
         jts = features.to_dict()
         ctx.features = [f for f in self._feature_order if f in jts]
-        static_dist = None
+        awaitables: list[Any] = []
         if self.static is not None:
             absent = [f for f in self._static_features if f not in jts]
             if absent:
                 raise KeyError(f"static features {absent} are missing from the input")
             static_kjt = KeyedJaggedTensor.from_jt_dict({f: jts[f] for f in self._static_features})
-            static_dist = self.static.input_dist(ctx.static_ctx, static_kjt)
+            awaitables.extend(self.static.input_dist(ctx.static_ctx, static_kjt).awaitables)
         ctx.dynamic_jts = {f: jts[f] for f in ctx.features if f in self._table_index}
-        return _InputDist(static_dist, self._route(ctx))
+        awaitables.append(_Ready(_Ready(self._route(ctx))))
+        return KJTListSplitsAwaitable(awaitables, ctx)
 
     def _route(self, ctx: DynamicEmbeddingCollectionContext) -> Tensor:
         """Sends every dynamic id (with its table index) to its owner; returns the received ``[n, 2]`` rows."""
@@ -248,9 +238,10 @@ class ShardedDynamicEmbeddingCollection(
         ctx.send, ctx.recv = send_counts.tolist(), recv_counts.tolist()
         return all_to_all_rows(payload[order], ctx.send, ctx.recv, self._group)
 
-    def compute(self, ctx: DynamicEmbeddingCollectionContext, dist_input: Any) -> tuple[Any, Tensor]:
-        static_input, routed = dist_input
-        static_out = self.static.compute(ctx.static_ctx, static_input) if self.static is not None else None
+    def compute(self, ctx: DynamicEmbeddingCollectionContext, dist_input: KJTList) -> tuple[Any, Tensor]:
+        """``dist_input``: the static part's KJTs, then the routed dynamic ids ``[n, 2]`` (id, table index)."""
+        *static_input, routed = list(dist_input)
+        static_out = self.static.compute(ctx.static_ctx, KJTList(static_input)) if self.static is not None else None
         return static_out, self._lookup(routed)
 
     def _lookup(self, routed: Tensor) -> Tensor:
