@@ -10,6 +10,12 @@ Per step (data-parallel KJT in, data-parallel ``dict[feature, JaggedTensor]`` ou
    so a fused optimizer takes exactly one step per backward, whatever the batch);
 3. output dist: the rows go back along the same routes (their gradients, in backward, the reverse way) and are
    put back into input order (all tables of an ``EmbeddingCollection`` share one width, so one exchange serves all).
+
+The input dist is TorchRec's ``KJTListSplitsAwaitable`` (the static part's KJT all-to-alls, then the routed dynamic
+ids), so TorchRec's train pipelines (``TrainPipelineSparseDist``) drive this module as they drive their own. The
+dynamic exchanges are synchronous ``torch.distributed`` all-to-alls on the module's device (gloo on CPU, NCCL on
+CUDA); backward divides the returning gradients by the world size when TorchRec's gradient division is on (default),
+as TorchRec's own embedding all-to-alls do.
 """
 
 from __future__ import annotations
