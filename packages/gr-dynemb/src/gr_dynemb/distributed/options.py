@@ -41,8 +41,21 @@ class DynamicTableOptions:
     default_value: float = 0.0
     eval_missing: str = "default"  # see DynamicEmbeddingConfig.eval_missing
     optimizer: FusedOptimizerConfig | None = None
+    # Where a shard's table lives: "cpu" (host memory) or, with a gr_dynemb built with its CUDA table, "cuda" (the
+    # rank's GPU), optionally with only hbm_budget_bytes of value rows in HBM and the rest in pinned host memory.
+    device: str = "cpu"
+    hbm_budget_bytes: int | None = None
 
     def embedding_config(self, dim: int, optimizer: FusedOptimizerConfig) -> DynamicEmbeddingConfig:
+        placement: dict[str, object] = {}
+        if self.device != "cpu" or self.hbm_budget_bytes is not None:
+            known = {f.name for f in fields(DynamicTableConfig)}
+            if not {"device", "hbm_budget_bytes"} <= known:
+                raise ValueError(
+                    f"DynamicTableOptions(device={self.device!r}, hbm_budget_bytes={self.hbm_budget_bytes}) needs "
+                    "gr_dynemb's CUDA table, which this installation does not have"
+                )
+            placement = {"device": self.device, "hbm_budget_bytes": self.hbm_budget_bytes}
         table = DynamicTableConfig(
             dim=dim,
             capacity=self.capacity,
@@ -51,6 +64,7 @@ class DynamicTableOptions:
             initializer=self.initializer,
             max_load_factor=self.max_load_factor,
             num_threads=self.num_threads,
+            **placement,  # type: ignore[arg-type]
         )
         return DynamicEmbeddingConfig(
             table,

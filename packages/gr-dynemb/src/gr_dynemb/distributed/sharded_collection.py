@@ -58,7 +58,7 @@ class DynamicEmbeddingShard(DynamicEmbedding):
             mine = owner_ranks(keys.cpu(), self.world_size) == self.rank
             state_dict = dict(state_dict)
             for n in names:
-                state_dict[n] = state_dict[n][mine]
+                state_dict[n] = state_dict[n][mine.to(state_dict[n].device)]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     def extra_repr(self) -> str:
