@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             partial.write_text(json.dumps({m: [r["test"] for r in v] for m, v in runs.items()}, indent=2))
     payload = {
         "command": "python tools/run_ml100k_ranking_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()} {platform.processor() or ''} CPU".strip(),
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared with other jobs)",
         "torch": torch.__version__,
         "threads": args.threads,
         "seeds": args.seeds,
