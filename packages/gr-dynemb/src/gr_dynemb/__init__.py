@@ -3,7 +3,9 @@
 ``DynamicHashTable`` is the native collision-free int64 -> row table (host memory with multi-threaded C++, or a GPU
 with an optional pinned-host-memory tier for value rows) with scores, eviction policies, growth and export;
 ``DynamicEmbedding`` is an embedding module over it with admission and fused backward optimizers (SGD, Adagrad,
-row-wise Adagrad, Adam).
+row-wise Adagrad, Adam). ``DynamicEmbeddingCollection`` is TorchRec's ``EmbeddingCollection`` interface over such
+tables; ``gr_dynemb.distributed`` puts dynamic tables into TorchRec's ``DistributedModelParallel`` (sharded by key
+hash on the ``CUSTOMIZED_KERNEL`` hook, next to TorchRec's static tables).
 """
 
 from gr_dynemb.embedding import DynamicEmbedding, DynamicEmbeddingConfig, FusedOptimizerConfig
