@@ -210,3 +210,25 @@ def test_multitask_loss_is_the_weighted_sum() -> None:
     assert float(parts["like"]) == pytest.approx(bce, rel=1e-6)
     assert float(parts["rating"]) == pytest.approx(mse, rel=1e-6)
     assert float(total) == pytest.approx(bce + 0.5 * mse, rel=1e-6)
+
+
+def test_relative_bias_with_explicit_token_positions() -> None:
+    """positions = each token's index reproduces the default bias; shared positions give equal position terms."""
+    from gr_models.jagged import lengths_to_offsets, positions_in_sequence
+    from gr_models.modules.relative_bias import RelativeBucketedTimeAndPositionBias
+
+    torch.manual_seed(0)
+    rab = RelativeBucketedTimeAndPositionBias(max_seq_len=8, num_time_buckets=16)
+    offsets = lengths_to_offsets(torch.tensor([5, 3]))
+    ts = torch.randint(0, 10_000, (8,))
+    qts = ts + 100
+    default = rab(ts, qts, offsets, 6)
+    index = positions_in_sequence(offsets, 8)
+    explicit = rab(ts, qts, offsets, 6, index)
+    for b, n in enumerate((5, 3)):  # padding rows/columns are never read by the attention
+        torch.testing.assert_close(explicit[b, :, :n, :n], default[b, :, :n, :n])
+    same_time = torch.zeros(8, dtype=torch.int64)
+    shared = rab(same_time, same_time, offsets, 6, torch.tensor([0, 1, 2, 2, 2, 0, 1, 1]))
+    # Tokens 2, 3, 4 of sequence 0 share a position: identical rows and columns among them.
+    torch.testing.assert_close(shared[0, 0, 2, :5], shared[0, 0, 4, :5])
+    torch.testing.assert_close(shared[0, 0, :5, 3], shared[0, 0, :5, 4])
