@@ -105,7 +105,6 @@ class HSTURankingModel(nn.Module):
             )
         starts = offsets[:-1]
 
-        # Destination row, position and timestamps of every token kind.
         ctx_pos = torch.arange(f, device=device).repeat(b)
         ctx_dst = torch.repeat_interleave(starts, f) + ctx_pos
         ctx_t = torch.repeat_interleave(batch.request_timestamps, f)
@@ -126,39 +125,29 @@ class HSTURankingModel(nn.Module):
 
         hist_emb, cand_emb = self._items(batch)
         action_emb = self.action_embedding(batch.history_actions)
-        parts_x = [self.user_embedding(batch.user_features).reshape(-1, cfg.embedding_dim)]
-        parts_dst, parts_pos = [ctx_dst], [ctx_pos]
-        parts_t, parts_qt = [ctx_t], [ctx_t]
+        ctx_emb = self.user_embedding(batch.user_features).reshape(-1, cfg.embedding_dim)
+        hist_t, cand_t = batch.history_timestamps, batch.candidate_timestamps
+        # (embeddings, destination row, position, key time, query time) of every token kind.
+        parts = [(ctx_emb, ctx_dst, ctx_pos, ctx_t, ctx_t)]
         if cfg.action_mode == "add":
-            parts_x.append(hist_emb + action_emb)
-            parts_qt.append(next_t)
-        else:
-            parts_x += [hist_emb, action_emb]
-            parts_dst.append(item_dst + 1)
-            parts_pos.append(item_pos + 1)
-            parts_t.append(batch.history_timestamps)
-            parts_qt += [batch.history_timestamps, next_t]  # an item token predicts its own action
-        parts_dst.insert(1, item_dst)
-        parts_pos.insert(1, item_pos)
-        parts_t.insert(1, batch.history_timestamps)
-        parts_x.append(cand_emb)
-        parts_dst.append(cand_dst)
-        parts_pos.append(cand_pos)
-        parts_t.append(batch.candidate_timestamps)
-        parts_qt.append(batch.candidate_timestamps)
+            parts.append((hist_emb + action_emb, item_dst, item_pos, hist_t, next_t))
+        else:  # an item token predicts its own action (query time = its own), the action token the next event
+            parts.append((hist_emb, item_dst, item_pos, hist_t, hist_t))
+            parts.append((action_emb, item_dst + 1, item_pos + 1, hist_t, next_t))
+        parts.append((cand_emb, cand_dst, cand_pos, cand_t, cand_t))
+        x, dst, positions, timestamps, query_timestamps = (torch.cat(column) for column in zip(*parts, strict=True))
 
-        dst = torch.cat(parts_dst)
         gather = torch.empty_like(dst)
         gather[dst] = torch.arange(dst.numel(), device=device)  # token order -> row order
-        positions = torch.cat(parts_pos)[gather]
-        x = torch.cat(parts_x)[gather] * math.sqrt(cfg.embedding_dim)
+        positions = positions[gather]
+        x = x[gather] * math.sqrt(cfg.embedding_dim)
         x = self.input_embedding.dropout(x + self.input_embedding.position_embeddings(positions))
         h = self.encoder(
             x,
             offsets,
             max_len,
-            torch.cat(parts_t)[gather],
-            torch.cat(parts_qt)[gather],
+            timestamps[gather],
+            query_timestamps[gather],
             num_targets=k_len,
             contextual_seq_len=f,
             positions=positions,
