@@ -48,11 +48,12 @@ def test_install_compiled_the_cuda_kernels() -> None:
 
 
 @pytest.mark.skipif(not native_available(), reason="gr-kernels was installed without its CUDA kernels")
-def test_sm90_forward_layout_invariants() -> None:
-    # Runs on the host (CPU CI too): the fragment and shared-memory layout facts the Hopper forward relies on.
+def test_sm90_forward_self_check() -> None:
+    # Runs on the host (CPU CI too): the Hopper forward's tile schedule against the mask (visited key tiles cover
+    # every visible pair, mask-free tiles hide none) and the fragment / shared-memory layout facts it relies on.
     from gr_kernels import _C
 
-    report = _C.sm90_fwd_layout_check()
+    report = _C.sm90_fwd_self_check()
     if report is None:
         assert "90a" not in _C.compiled_archs().split(";")
         pytest.skip("this build has no sm90a kernels")

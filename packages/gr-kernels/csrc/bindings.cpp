@@ -102,12 +102,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("hstu_bwd", &hstu_bwd, "HSTU attention backward: dq (fp32, accumulated), dk, dv, drab (fp32, accumulated)");
   m.def("compiled_archs", &gr_kernels::compiled_archs, "CUDA architectures this build holds code for");
   m.def(
-      "sm90_fwd_layout_check",
+      "sm90_fwd_self_check",
       []() -> py::object {
-        const char* report = gr_kernels::sm90_fwd_layout_check();
+        const char* report = gr_kernels::sm90_fwd_self_check();
         if (report == nullptr) return py::none();
         return py::str(report);
       },
-      "Host-side check of the Hopper forward kernel's layout invariants: '' if they hold, else what failed; None "
-      "when the build has no sm90a kernels");
+      "Host-side self-check of the Hopper forward kernel (tile schedule vs the mask, fragment and smem layouts): "
+      "'' if it passes, else what failed; None when the build has no sm90a kernels");
 }

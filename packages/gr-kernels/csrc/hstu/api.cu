@@ -18,7 +18,7 @@ const char* run_hstu_fwd(const HstuFwdParams& p, cudaStream_t stream);
 namespace sm90 {
 template <typename Element, int kHeadDim>
 const char* run_hstu_fwd_sm90(const HstuFwdParams& p, cudaStream_t stream);
-const char* fwd_layout_check();
+const char* fwd_self_check();
 }  // namespace sm90
 
 // The current device is an sm90 (Hopper) GPU. Two attribute reads, no synchronisation (safe under graph capture).
@@ -100,9 +100,9 @@ const char* hstu_bwd(const HstuBwdParams& p, void* stream) {
 
 const char* compiled_archs() { return GR_KERNELS_CUDA_ARCHS; }
 
-const char* sm90_fwd_layout_check() {
+const char* sm90_fwd_self_check() {
 #ifdef GR_KERNELS_SM90
-  return sm90::fwd_layout_check();
+  return sm90::fwd_self_check();
 #else
   return nullptr;
 #endif

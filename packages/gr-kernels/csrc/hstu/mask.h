@@ -28,9 +28,9 @@ struct SequenceMask {
     return m;
   }
 
-  __device__ __forceinline__ bool has_targets() const { return history < length; }
+  __host__ __device__ __forceinline__ bool has_targets() const { return history < length; }
 
-  __device__ __forceinline__ bool operator()(int i, int j) const {
+  __host__ __device__ __forceinline__ bool operator()(int i, int j) const {
     if (i >= length || j >= length) return false;
     const bool tgt_i = i >= history, tgt_j = j >= history;
     if (tgt_j) {

@@ -59,8 +59,8 @@ const char* hstu_fwd(const HstuFwdParams& params, void* stream);
 // Architectures this build holds device code for, e.g. "90a".
 const char* compiled_archs();
 
-// Host-side check of the Hopper forward kernel's layout invariants: "" when they hold, else what failed; null when
-// the build has no sm90a kernels.
-const char* sm90_fwd_layout_check();
+// Host-side self-check of the Hopper forward kernel (tile schedule vs the mask, fragment and smem layouts): "" when
+// it passes, else what failed; null when the build has no sm90a kernels.
+const char* sm90_fwd_self_check();
 
 }  // namespace gr_kernels

@@ -62,14 +62,25 @@ struct FwdMainloop {
 
   // Key tiles [lo, hi) that can hold a key visible to some query row of [m0, m0 + kBlockM): causal rows (targets
   // included) see j <= i except context rows, which see the whole history; a local window bounds j from below.
-  __device__ __forceinline__ static void key_blocks(const HstuFwdParams& p, const SequenceMask& mask, int m0, int& lo,
-                                                    int& hi) {
+  // Host-callable so that the self-check (self_check.cu) can test it against the mask.
+  __host__ __device__ __forceinline__ static void key_blocks(const HstuFwdParams& p, const SequenceMask& mask, int m0,
+                                                             int& lo, int& hi) {
     int n_end = mask.length;
-    if (p.causal && m0 >= mask.context) n_end = min(mask.length, m0 + kBlockM);
+    if (p.causal && m0 >= mask.context) n_end = m0 + kBlockM < mask.length ? m0 + kBlockM : mask.length;
     int n_start = 0;
-    if (p.max_attn_len > 0 && mask.context == 0 && !mask.has_targets()) n_start = max(0, m0 - p.max_attn_len);
+    if (p.max_attn_len > 0 && mask.context == 0 && !mask.has_targets()) {
+      n_start = m0 - p.max_attn_len > 0 ? m0 - p.max_attn_len : 0;
+    }
     lo = n_start / kBlockN;
     hi = (n_end + kBlockN - 1) / kBlockN;
+  }
+
+  // Whether every (i, j) of the tile (rows m0.., keys n0..) is visible, so it needs no per-element mask: all rows
+  // and columns in the history, no window, and (causal) every key at or before every query.
+  __host__ __device__ __forceinline__ static bool mask_free_tile(const HstuFwdParams& p, const SequenceMask& mask,
+                                                                 int m0, int n0) {
+    return m0 + kBlockM <= mask.history && p.max_attn_len == 0 && n0 + kBlockN <= mask.history &&
+           (!p.causal || n0 + kBlockN - 1 <= m0);
   }
 
   // Global coordinates of the jagged tensors as TMA sees them: (row, dim, head).
@@ -142,13 +153,8 @@ struct FwdMainloop {
     static_assert(kFrag % 2 == 0, "accumulator elements come in column pairs");
 
     const float alpha = p.alpha;
-    // Tiles whose every (i, j) is visible need no per-element mask: all rows and columns in the history, no
-    // window, and (causal) every key at or before every query.
-    const bool rows_plain = m0 + kBlockM <= mask.history && p.max_attn_len == 0;
     const bool rab_pairs = (p.max_seq_len % 2) == 0;  // 32-bit bias loads need even rows (columns are even)
-    auto is_full_tile = [&](int n0) {
-      return rows_plain && n0 + kBlockN <= mask.history && (!p.causal || n0 + kBlockN - 1 <= m0);
-    };
+    auto is_full_tile = [&](int n0) { return mask_free_tile(p, mask, m0, n0); };
 
     // Bias of one tile straight into registers (issued before the tile's S GEMM, so the loads fly meanwhile).
     uint32_t rab_bits[kFrag / 2];

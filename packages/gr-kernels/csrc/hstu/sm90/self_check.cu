@@ -1,5 +1,8 @@
-// Host-side self-check of the layout facts the Hopper forward kernel relies on (runs without a GPU, so CPU CI
-// covers it): P reuses the S accumulator's per-thread element order as the A operand of P V; the transposed V view
+// Host-side self-check of the Hopper forward kernel (runs without a GPU, so CPU CI covers it).
+//
+// Tile schedule: for many sequence lengths and mask options, every visible (i, j) lies in a key tile the kernel
+// visits, and every tile it treats as mask-free is entirely visible.
+// Layouts: P reuses the S accumulator's per-thread element order as the A operand of P V; the transposed V view
 // is the same bytes as V; each consumer warpgroup's S rows are its own 64; 8-element chunks of the Q/O tile stay
 // contiguous and 16-byte aligned under the swizzle (the epilogue's 16-byte reads), and its accumulator pairs are
 // adjacent 32-bit words there (its packed stores).
@@ -8,7 +11,9 @@
 #include <cstdint>
 #include <cstdio>
 
+#include "hstu/mask.h"
 #include "hstu/sm90/kernel_traits.h"
+#include "hstu/sm90/mainloop_fwd.cuh"
 
 namespace gr_kernels {
 namespace sm90 {
@@ -68,11 +73,69 @@ bool check_layouts() {
   return true;
 }
 
+template <int kHeadDim>
+bool check_schedule() {
+  using T = FwdTraits<__nv_bfloat16, kHeadDim>;
+  using Mainloop = FwdMainloop<__nv_bfloat16, T>;
+  constexpr int M = T::kBlockM, N = T::kBlockN;
+  for (int length : {1, 2, 63, 64, 65, 127, 128, 129, 200, 300}) {
+    for (int causal = 0; causal < 2; ++causal) {
+      for (int window : {0, 1, 37, 130}) {
+        for (int context : {0, 3, 130}) {
+          for (int targets : {0, 1, 9}) {
+            for (int group : {1, 3}) {
+              HstuFwdParams p;
+              p.causal = causal != 0;
+              p.max_attn_len = window;
+              p.contextual_seq_len = context;
+              p.target_group_size = group;
+              SequenceMask mask;
+              mask.length = length;
+              mask.history = length - (targets < length ? targets : length);
+              mask.context = context < mask.history ? context : mask.history;
+              mask.max_attn_len = window;
+              mask.group_size = group;
+              mask.causal = p.causal;
+              for (int m0 = 0; m0 < length; m0 += M) {
+                int lo, hi;
+                Mainloop::key_blocks(p, mask, m0, lo, hi);
+                for (int i = m0; i < m0 + M && i < length; ++i)
+                  for (int j = 0; j < length; ++j)
+                    if (mask(i, j) && (j / N < lo || j / N >= hi)) {
+                      std::snprintf(g_report, sizeof(g_report),
+                                    "head dim %d: visible (%d, %d) outside key tiles [%d, %d) (L=%d causal=%d W=%d "
+                                    "C=%d T=%d G=%d)",
+                                    kHeadDim, i, j, lo, hi, length, causal, window, context, targets, group);
+                      return false;
+                    }
+                for (int n = lo; n < hi; ++n) {
+                  if (!Mainloop::mask_free_tile(p, mask, m0, n * N)) continue;
+                  for (int i = m0; i < m0 + M; ++i)
+                    for (int j = n * N; j < (n + 1) * N; ++j)
+                      if (!mask(i, j)) {
+                        std::snprintf(g_report, sizeof(g_report),
+                                      "head dim %d: mask-free tile (%d, %d) hides masked (%d, %d) (L=%d causal=%d "
+                                      "W=%d C=%d T=%d G=%d)",
+                                      kHeadDim, m0, n * N, i, j, length, causal, window, context, targets, group);
+                        return false;
+                      }
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
-const char* fwd_layout_check() {
+const char* fwd_self_check() {
   g_report[0] = '\0';
-  const bool ok = check_layouts<__nv_bfloat16, 64>() && check_layouts<__nv_bfloat16, 128>() &&
+  const bool ok = check_schedule<64>() && check_schedule<128>() && check_schedule<256>() &&
+                  check_layouts<__nv_bfloat16, 64>() && check_layouts<__nv_bfloat16, 128>() &&
                   check_layouts<__nv_bfloat16, 256>() && check_layouts<__half, 64>() &&
                   check_layouts<__half, 128>() && check_layouts<__half, 256>();
   return ok ? "" : g_report;
