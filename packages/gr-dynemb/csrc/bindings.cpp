@@ -52,15 +52,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](int64_t capacity, int64_t max_capacity, int dim, int value_dim, int policy, int init_kind,
                        float init_a, float init_b, uint64_t seed, double max_load_factor, int num_threads) {
              TableOptions o;
-             o.capacity = capacity;
-             o.max_capacity = max_capacity;
-             o.dim = dim;
-             o.value_dim = value_dim;
-             if (policy < 0 || policy > 5) throw std::invalid_argument("unknown score policy");
-             o.policy = static_cast<ScorePolicy>(policy);
-             if (init_kind < 0 || init_kind > 3) throw std::invalid_argument("unknown initializer");
-             o.init = Initializer{static_cast<InitKind>(init_kind), init_a, init_b, seed};
-             o.max_load_factor = max_load_factor;
+             static_cast<TableShape&>(o) = TableShape::from_codes(capacity, max_capacity, dim, value_dim, policy,
+                                                                  init_kind, init_a, init_b, seed, max_load_factor);
              o.num_threads = num_threads;
              return new CpuTable(o);
            }),

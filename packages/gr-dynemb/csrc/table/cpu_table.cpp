@@ -27,17 +27,7 @@ constexpr int64_t kPrefetchAhead = 8;   // keys whose slots are prefetched ahead
 }  // namespace
 
 CpuTable::CpuTable(const TableOptions& options) : options_(options) {
-  if (options_.dim <= 0) throw std::invalid_argument("dim must be positive");
-  if (options_.value_dim < options_.dim) throw std::invalid_argument("value_dim must be >= dim");
-  if (options_.capacity <= 0) throw std::invalid_argument("capacity must be positive");
-  if (options_.max_capacity < options_.capacity) throw std::invalid_argument("max_capacity must be >= capacity");
-  if (!(options_.max_load_factor > 0.0 && options_.max_load_factor <= 1.0))
-    throw std::invalid_argument("max_load_factor must be in (0, 1]");
-  if (options_.init.kind == InitKind::kUniform && !(options_.init.a < options_.init.b))
-    throw std::invalid_argument("uniform initializer needs low < high");
-  if ((options_.init.kind == InitKind::kNormal || options_.init.kind == InitKind::kTruncatedNormal) &&
-      !(options_.init.b > 0.f))
-    throw std::invalid_argument("normal initializers need std > 0");
+  options_.validate();
   if (options_.num_threads <= 0) options_.num_threads = std::max(1u, std::thread::hardware_concurrency());
   rehash(round_up_buckets(options_.capacity) * kBucketSize);
 }

@@ -17,15 +17,8 @@
 
 namespace gr_dynemb {
 
-struct TableOptions {
-  int64_t capacity = 1 << 16;      // initial slots (rounded up to a power-of-two number of buckets)
-  int64_t max_capacity = 1 << 24;  // growth stops here; then a full bucket evicts (or rejects)
-  int dim = 16;
-  int value_dim = 16;              // >= dim: dim embedding columns, then optimizer state (zero-initialised)
-  ScorePolicy policy = ScorePolicy::kLru;
-  Initializer init;
-  double max_load_factor = 0.75;   // grow (double) before an insert would pass this
-  int num_threads = 0;             // 0: hardware concurrency
+struct TableOptions : TableShape {
+  int num_threads = 0;  // 0: hardware concurrency
 };
 
 class CpuTable {

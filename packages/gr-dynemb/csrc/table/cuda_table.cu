@@ -546,17 +546,7 @@ unsigned slot_blocks(int64_t slots) { return static_cast<unsigned>((slots + kBlo
 // ---------------------------------------------------------------------------------------------------- host side
 
 CudaTable::CudaTable(const CudaTableOptions& options) : options_(options) {
-  if (options_.dim <= 0) throw std::invalid_argument("dim must be positive");
-  if (options_.value_dim < options_.dim) throw std::invalid_argument("value_dim must be >= dim");
-  if (options_.capacity <= 0) throw std::invalid_argument("capacity must be positive");
-  if (options_.max_capacity < options_.capacity) throw std::invalid_argument("max_capacity must be >= capacity");
-  if (!(options_.max_load_factor > 0.0 && options_.max_load_factor <= 1.0))
-    throw std::invalid_argument("max_load_factor must be in (0, 1]");
-  if (options_.init.kind == InitKind::kUniform && !(options_.init.a < options_.init.b))
-    throw std::invalid_argument("uniform initializer needs low < high");
-  if ((options_.init.kind == InitKind::kNormal || options_.init.kind == InitKind::kTruncatedNormal) &&
-      !(options_.init.b > 0.f))
-    throw std::invalid_argument("normal initializers need std > 0");
+  options_.validate();
   DeviceGuard guard(options_.device);
   check(cudaMalloc(&counters_, 4 * sizeof(int64_t)), "cudaMalloc counters");
   check(cudaMemset(counters_, 0, 4 * sizeof(int64_t)), "cudaMemset counters");

@@ -23,14 +23,7 @@
 
 namespace gr_dynemb {
 
-struct CudaTableOptions {
-  int64_t capacity = 1 << 16;
-  int64_t max_capacity = 1 << 24;
-  int dim = 16;
-  int value_dim = 16;
-  ScorePolicy policy = ScorePolicy::kLru;
-  Initializer init;
-  double max_load_factor = 0.75;
+struct CudaTableOptions : TableShape {
   int64_t hbm_budget_bytes = -1;  // bytes of value rows kept in HBM; < 0: all of them
   int device = 0;
 };

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <stdexcept>
 
 namespace gr_dynemb {
 
@@ -37,6 +38,48 @@ enum class InsertStatus : int8_t {
   kInserted = 1,  // new slot (free or erased)
   kEvicted = 2,   // new slot taken from a lower-score key, which was evicted
   kRejected = 3,  // bucket full and every slot scores >= the new key: no slot (value = initializer)
+};
+
+// What every table implementation is configured with; each adds its own fields (threads, device, HBM budget).
+struct TableShape {
+  int64_t capacity = 1 << 16;      // initial slots (rounded up to a power-of-two number of buckets)
+  int64_t max_capacity = 1 << 24;  // growth stops here; then a full bucket evicts (or rejects)
+  int dim = 16;
+  int value_dim = 16;              // >= dim: dim embedding columns, then optimizer state (zero-initialised)
+  ScorePolicy policy = ScorePolicy::kLru;
+  Initializer init;
+  double max_load_factor = 0.75;   // grow (double) before an insert would pass this
+
+  // Throws std::invalid_argument naming the first bad field.
+  void validate() const {
+    if (dim <= 0) throw std::invalid_argument("dim must be positive");
+    if (value_dim < dim) throw std::invalid_argument("value_dim must be >= dim");
+    if (capacity <= 0) throw std::invalid_argument("capacity must be positive");
+    if (max_capacity < capacity) throw std::invalid_argument("max_capacity must be >= capacity");
+    if (!(max_load_factor > 0.0 && max_load_factor <= 1.0))
+      throw std::invalid_argument("max_load_factor must be in (0, 1]");
+    if (init.kind == InitKind::kUniform && !(init.a < init.b))
+      throw std::invalid_argument("uniform initializer needs low < high");
+    if ((init.kind == InitKind::kNormal || init.kind == InitKind::kTruncatedNormal) && !(init.b > 0.f))
+      throw std::invalid_argument("normal initializers need std > 0");
+  }
+
+  // The shape from the Python layer's integer codes (policy, initializer kind), checked.
+  static TableShape from_codes(int64_t capacity, int64_t max_capacity, int dim, int value_dim, int policy,
+                               int init_kind, float init_a, float init_b, uint64_t seed, double max_load_factor) {
+    if (policy < 0 || policy > 5) throw std::invalid_argument("unknown score policy");
+    if (init_kind < 0 || init_kind > 3) throw std::invalid_argument("unknown initializer");
+    TableShape s;
+    s.capacity = capacity;
+    s.max_capacity = max_capacity;
+    s.dim = dim;
+    s.value_dim = value_dim;
+    s.policy = static_cast<ScorePolicy>(policy);
+    s.init = Initializer{static_cast<InitKind>(init_kind), init_a, init_b, seed};
+    s.max_load_factor = max_load_factor;
+    s.validate();
+    return s;
+  }
 };
 
 }  // namespace gr_dynemb
