@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from examples.common import sections as common
 from gr_models.data.synthetic import SyntheticConfig
 from gr_models.modules.hstu import HSTUConfig
 from gr_models.modules.input_embedding import DynamicItemTableConfig
@@ -49,35 +50,16 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(common.TrainConfig):
     epochs: int = 20
     batch_size: int = 64
-    eval_batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.98)
     eval_every: int = 1
-    early_stop_patience: int = 0  # validations without improvement before stopping; 0 = never
-    select_metric: str = "like/auc"  # validation metric (higher is better) that picks the best checkpoint
-    seed: int = 42
-    device: str = "auto"
-    num_threads: int = 0  # torch intra-op threads; 0 = torch default
-    checkpoint_every_steps: int = 0
-    max_steps: int = 0  # stop (and checkpoint) after this many optimizer steps; 0 = no limit
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+    select_metric: str = "like/auc"
 
 
 @dataclass
-class OutputConfig:
+class OutputConfig(common.OutputConfig):
     dir: str = "runs/ranking"
-    tensorboard: bool = True
-    progress: bool = True
 
 
 @dataclass

@@ -7,52 +7,28 @@ python -m examples.retrieval --config ... --output-dir runs/x --resume
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import sys
+from typing import Any
 
-from examples.common.config import ConfigError, load_config
+from examples.common.cli import run_cli
 from examples.retrieval.config import RetrievalExperimentConfig
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m examples.retrieval", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="TOML config (sections data/model/train/output); default: built-in defaults")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.lr=5e-4 --set model.encoder=sasrec (repeatable)",
-    )
-    p.add_argument("--output-dir", help="shorthand for --set output.dir=...")
-    p.add_argument("--resume", action="store_true", help="continue from <output.dir>/last.pt")
-    p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
-    return p
+def _train(config: RetrievalExperimentConfig, resume: bool) -> dict[str, Any]:
+    from examples.retrieval.trainer import RetrievalTrainer  # heavy imports after argument errors
+
+    return RetrievalTrainer(config, resume=resume).fit()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    overrides = list(args.overrides)
-    if args.output_dir:
-        overrides.append(f"output.dir={json.dumps(args.output_dir)}")
-    if args.quiet:
-        overrides.append("output.progress=false")
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
+    return run_cli(
+        argv,
+        prog="python -m examples.retrieval",
+        doc=__doc__,
+        set_example="--set train.lr=5e-4 --set model.encoder=sasrec",
+        config_cls=RetrievalExperimentConfig,
+        train=_train,
     )
-    try:
-        config = load_config(RetrievalExperimentConfig, args.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from examples.retrieval.trainer import RetrievalTrainer  # heavy imports after argument errors
-
-    results = RetrievalTrainer(config, resume=args.resume).fit()
-    print(json.dumps({k: results[k] for k in ("test", "best_epoch", "epochs", "wall_s") if k in results}, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from examples.common import sections as common
 from gr_models.data.synthetic import SyntheticConfig
 from gr_models.modules.hstu import HSTUConfig
 from gr_models.modules.input_embedding import DynamicItemTableConfig
@@ -46,38 +47,22 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(common.TrainConfig):
     epochs: int = 100
     batch_size: int = 128
-    eval_batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.98)
+    eval_every: int = 5
+    select_metric: str = "ndcg@10"
     num_negatives: int = 128
     temperature: float = 0.05
     negatives: Literal["uniform", "in_batch"] = "uniform"
-    eval_every: int = 5  # epochs between validations
-    early_stop_patience: int = 0  # validations without improvement before stopping; 0 = never stop early
-    select_metric: str = "ndcg@10"  # validation metric that picks the best checkpoint
-    seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_threads: int = 0  # torch intra-op threads; 0 = torch default
-    checkpoint_every_steps: int = 0  # extra mid-epoch checkpoints; 0 = end of epoch only
-    max_steps: int = 0  # stop (and checkpoint) after this many optimizer steps; 0 = no limit
 
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "eval_every", "num_negatives"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+    def _positive_keys(self) -> tuple[str, ...]:
+        return (*super()._positive_keys(), "num_negatives")
 
 
 @dataclass
-class OutputConfig:
+class OutputConfig(common.OutputConfig):
     dir: str = "runs/retrieval"
-    tensorboard: bool = True
-    progress: bool = True  # tqdm bars
 
 
 @dataclass

@@ -4,38 +4,23 @@ from __future__ import annotations
 
 import builtins
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from examples.common.checkpoint import load_checkpoint
-from examples.common.config import ConfigError, load_config
+from examples.common.config import ConfigError
 from examples.retrieval.config import RetrievalExperimentConfig
 from examples.retrieval.trainer import RetrievalTrainer
 from gr_models.modules.input_embedding import DynamicItemTableConfig, ItemInputEmbedding
 
-TINY = [
-    "data.synthetic.num_users=120",
-    "data.synthetic.num_items=80",
-    "data.synthetic.num_topics=4",
-    "data.synthetic.max_seq_len=30",
-    "model.embedding_dim=16",
-    "model.max_seq_len=20",
-    "train.batch_size=32",
-    "train.num_negatives=16",
-    "train.eval_every=1",
-    "output.progress=false",
-    "output.tensorboard=false",
-]
 
-
-def _config(tmp: Path, *extra: str) -> RetrievalExperimentConfig:
-    return load_config(RetrievalExperimentConfig, None, [*TINY, f'output.dir="{tmp}"', *extra])
-
-
-def test_trainer_with_dynamic_item_table_trains_evaluates_and_resumes(tmp_path: Path) -> None:
-    cfg = _config(tmp_path / "full", "train.epochs=2", 'model.item_table="dynamic"')
+def test_trainer_with_dynamic_item_table_trains_evaluates_and_resumes(
+    tmp_path: Path, retrieval_config: Callable[..., RetrievalExperimentConfig]
+) -> None:
+    cfg = retrieval_config(tmp_path / "full", "train.epochs=2", 'model.item_table="dynamic"')
     trainer = RetrievalTrainer(cfg)
     items = trainer.model.input_embedding.item_embeddings
     from gr_dynemb import DynamicEmbeddingCollection
@@ -69,8 +54,10 @@ def test_trainer_with_dynamic_item_table_trains_evaluates_and_resumes(tmp_path: 
 
     # Stopping mid-run and resuming gives the uninterrupted run's table.
     part = tmp_path / "part"
-    assert RetrievalTrainer(_config(part, "train.epochs=2", 'model.item_table="dynamic"', "train.max_steps=5")).fit()
-    RetrievalTrainer(_config(part, "train.epochs=2", 'model.item_table="dynamic"'), resume=True).fit()
+    assert RetrievalTrainer(
+        retrieval_config(part, "train.epochs=2", 'model.item_table="dynamic"', "train.max_steps=5")
+    ).fit()
+    RetrievalTrainer(retrieval_config(part, "train.epochs=2", 'model.item_table="dynamic"'), resume=True).fit()
     resumed = load_checkpoint(part / "last.pt")["model"]
     prefix = "input_embedding.item_embeddings.table_item_table."
     order_a, order_b = state[prefix + "table_keys"].argsort(), resumed[prefix + "table_keys"].argsort()
@@ -78,11 +65,13 @@ def test_trainer_with_dynamic_item_table_trains_evaluates_and_resumes(tmp_path: 
     torch.testing.assert_close(resumed[prefix + "table_values"][order_b], state[prefix + "table_values"][order_a])
 
 
-def test_dynamic_flag_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dynamic_flag_errors_are_clear(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retrieval_config: Callable[..., RetrievalExperimentConfig]
+) -> None:
     with pytest.raises(ValueError, match="weight decay"):
-        RetrievalTrainer(_config(tmp_path, 'model.item_table="dynamic"', "train.weight_decay=0.01"))
+        RetrievalTrainer(retrieval_config(tmp_path, 'model.item_table="dynamic"', "train.weight_decay=0.01"))
     with pytest.raises(ConfigError, match=r"model\.item_table: must be one of"):
-        _config(tmp_path, 'model.item_table="hashed"')
+        retrieval_config(tmp_path, 'model.item_table="hashed"')
     real_import = builtins.__import__
 
     def no_dynemb(name: str, *args: object, **kwargs: object) -> object:

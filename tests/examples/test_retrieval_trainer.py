@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,25 +15,10 @@ from examples.retrieval.__main__ import main
 from examples.retrieval.config import RetrievalExperimentConfig
 from examples.retrieval.trainer import RetrievalTrainer
 
-TINY = [
-    "data.synthetic.num_users=120",
-    "data.synthetic.num_items=80",
-    "data.synthetic.num_topics=4",
-    "data.synthetic.max_seq_len=30",
-    "model.embedding_dim=16",
-    "model.max_seq_len=20",
-    "train.batch_size=32",
-    "train.num_negatives=16",
-    "train.eval_every=1",
-    "output.progress=false",
-]
 
-
-def _config(tmp: Path, *extra: str) -> RetrievalExperimentConfig:
-    return load_config(RetrievalExperimentConfig, None, [*TINY, f'output.dir="{tmp}"', *extra])
-
-
-def test_cli_end_to_end_on_synthetic_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_end_to_end_on_synthetic_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], retrieval_tiny: list[str]
+) -> None:
     out = tmp_path / "run"
     rc = main(
         [
@@ -41,7 +27,7 @@ def test_cli_end_to_end_on_synthetic_default(tmp_path: Path, capsys: pytest.Capt
             "--output-dir",
             str(out),
             "--quiet",
-            *[arg for s in [*TINY[:-1], "train.epochs=2", "output.tensorboard=true"] for arg in ("--set", s)],
+            *[arg for s in [*retrieval_tiny, "train.epochs=2", "output.tensorboard=true"] for arg in ("--set", s)],
         ]
     )
     assert rc == 0
@@ -70,14 +56,16 @@ def _params(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 
 
-def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path: Path) -> None:
-    full = RetrievalTrainer(_config(tmp_path / "full", "train.epochs=3")).fit()
+def test_resume_mid_epoch_equals_uninterrupted_run(
+    tmp_path: Path, retrieval_config: Callable[..., RetrievalExperimentConfig]
+) -> None:
+    full = RetrievalTrainer(retrieval_config(tmp_path / "full", "train.epochs=3")).fit()
 
     part = tmp_path / "part"
     # 120 users -> 4 batches per epoch: stop inside epoch 2, then resume to the end.
-    stopped = RetrievalTrainer(_config(part, "train.epochs=3", "train.max_steps=6")).fit()
+    stopped = RetrievalTrainer(retrieval_config(part, "train.epochs=3", "train.max_steps=6")).fit()
     assert stopped == {"stopped_at_step": 6}
-    resumed = RetrievalTrainer(_config(part, "train.epochs=3"), resume=True).fit()
+    resumed = RetrievalTrainer(retrieval_config(part, "train.epochs=3"), resume=True).fit()
 
     a, b = _params(tmp_path / "full" / "last.pt"), _params(part / "last.pt")
     assert a.keys() == b.keys()
@@ -86,17 +74,19 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert resumed["test"] == full["test"] and resumed["val_history"] == full["val_history"]
 
 
-def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
-    RetrievalTrainer(_config(tmp_path, "train.epochs=1")).fit()
+def test_resume_refuses_a_different_model(
+    tmp_path: Path, retrieval_config: Callable[..., RetrievalExperimentConfig]
+) -> None:
+    RetrievalTrainer(retrieval_config(tmp_path, "train.epochs=1")).fit()
     with pytest.raises(ValueError, match="different data/model/optimizer config"):
-        RetrievalTrainer(_config(tmp_path, "train.epochs=2", "model.embedding_dim=8"), resume=True)
+        RetrievalTrainer(retrieval_config(tmp_path, "train.epochs=2", "model.embedding_dim=8"), resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        RetrievalTrainer(_config(tmp_path / "empty", "train.epochs=1"), resume=True)
+        RetrievalTrainer(retrieval_config(tmp_path / "empty", "train.epochs=1"), resume=True)
 
 
-def test_same_seed_same_result(tmp_path: Path) -> None:
-    a = RetrievalTrainer(_config(tmp_path / "a", "train.epochs=1", "model.encoder=sasrec")).fit()
-    b = RetrievalTrainer(_config(tmp_path / "b", "train.epochs=1", "model.encoder=sasrec")).fit()
+def test_same_seed_same_result(tmp_path: Path, retrieval_config: Callable[..., RetrievalExperimentConfig]) -> None:
+    a = RetrievalTrainer(retrieval_config(tmp_path / "a", "train.epochs=1", "model.encoder=sasrec")).fit()
+    b = RetrievalTrainer(retrieval_config(tmp_path / "b", "train.epochs=1", "model.encoder=sasrec")).fit()
     assert a["test"] == b["test"]
 
 
