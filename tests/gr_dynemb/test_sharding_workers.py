@@ -173,25 +173,19 @@ def optimizers(kind: str) -> tuple[FusedOptimizerConfig, FusedOptimizerConfig]:
     return FusedOptimizerConfig("adagrad", lr=LR), FusedOptimizerConfig("adam", lr=LR)
 
 
-def build_sharded(
-    world_size: int, kind: str, seed: int = 0, plan: object = None
-) -> tuple[nn.Module, EmbeddingCollection, object]:
-    """(DMP model, the unsharded EC it was built from, plan) on the current process group; ``plan=None`` plans."""
+def shard_model(model: nn.Module, world_size: int, static_opt, cons: dict, plan: object = None):
+    """(DMP over ``model`` with the dynamic sharder on the current gloo group, its plan); ``plan=None`` plans."""
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.planner import Topology
     from torchrec.distributed.types import ShardingEnv
 
     from gr_dynemb.distributed import DynamicEmbeddingCollectionSharder, DynamicEmbeddingShardingPlanner
 
-    static_opt, dynamic_opt = optimizers(kind)
-    model = make_model(seed)
-    unsharded = make_model(seed)
-    cons = constraints()
-    if kind != "sgd":
-        cons["dyn"].dynamic.optimizer = dynamic_opt
     sharders = [DynamicEmbeddingCollectionSharder(fused_params=fused_params(static_opt))]
-    planner = DynamicEmbeddingShardingPlanner(Topology(world_size=world_size, compute_device="cpu"), constraints=cons)
     if plan is None:
+        planner = DynamicEmbeddingShardingPlanner(
+            Topology(world_size=world_size, compute_device="cpu"), constraints=cons
+        )
         plan = planner.collective_plan(model, sharders, dist.group.WORLD)
     dmp = DistributedModelParallel(
         model,
@@ -200,6 +194,20 @@ def build_sharded(
         sharders=sharders,
         device=torch.device("cpu"),
     )
+    return dmp, plan
+
+
+def build_sharded(
+    world_size: int, kind: str, seed: int = 0, plan: object = None
+) -> tuple[nn.Module, EmbeddingCollection, object]:
+    """(DMP model, the unsharded EC it was built from, plan) on the current process group; ``plan=None`` plans."""
+    static_opt, dynamic_opt = optimizers(kind)
+    model = make_model(seed)
+    unsharded = make_model(seed)
+    cons = constraints()
+    if kind != "sgd":
+        cons["dyn"].dynamic.optimizer = dynamic_opt
+    dmp, plan = shard_model(model, world_size, static_opt, cons, plan)
     return dmp, unsharded, plan
 
 
@@ -318,30 +326,16 @@ class Tower(nn.Module):
 def nested_dense_matches(rank: int, world_size: int) -> None:
     """A model holding the mixed collection next to a dense layer trains like its unsharded twin: the planner finds
     the collection at ``ec``, DDP averages the dense gradients, the tables see the mean of the ranks' gradients."""
-    from torchrec.distributed import DistributedModelParallel
-    from torchrec.distributed.planner import Topology
-    from torchrec.distributed.types import ShardingEnv
 
-    from gr_dynemb.distributed import DYNAMIC_KERNEL, DynamicEmbeddingCollectionSharder, DynamicEmbeddingShardingPlanner
+    from gr_dynemb.distributed import DYNAMIC_KERNEL
 
     static_opt, dynamic_opt = optimizers("sgd")
     torch.manual_seed(5)
     model = Tower(make_model(3))
     ref_model = Tower(Reference(model.ec.embeddings["static"].weight.detach(), static_opt, dynamic_opt))
     ref_model.proj.load_state_dict(model.proj.state_dict())
-    sharders = [DynamicEmbeddingCollectionSharder(fused_params=fused_params(static_opt))]
-    planner = DynamicEmbeddingShardingPlanner(
-        Topology(world_size=world_size, compute_device="cpu"), constraints=constraints()
-    )
-    plan = planner.collective_plan(model, sharders, dist.group.WORLD)
+    dmp, plan = shard_model(model, world_size, static_opt, constraints())
     assert plan.plan["ec"]["dyn"].compute_kernel == DYNAMIC_KERNEL
-    dmp = DistributedModelParallel(
-        model,
-        env=ShardingEnv.from_process_group(dist.group.WORLD),
-        plan=plan,
-        sharders=sharders,
-        device=torch.device("cpu"),
-    )
     dense = torch.optim.SGD([p for n, p in dmp.named_parameters() if "proj" in n], lr=LR)
     ref_dense = torch.optim.SGD(ref_model.proj.parameters(), lr=LR)
     per_rank = GLOBAL_BATCH // world_size
@@ -388,28 +382,12 @@ class PipelineModel(nn.Module):
 def train_pipeline_matches(rank: int, world_size: int) -> None:
     """TorchRec's TrainPipelineSparseDist (input dist of batch i+1 while batch i trains) runs the mixed collection
     and trains like the unsharded reference."""
-    from torchrec.distributed import DistributedModelParallel
-    from torchrec.distributed.planner import Topology
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-    from torchrec.distributed.types import ShardingEnv
-
-    from gr_dynemb.distributed import DynamicEmbeddingCollectionSharder, DynamicEmbeddingShardingPlanner
 
     static_opt, dynamic_opt = optimizers("sgd")
     model = PipelineModel(make_model(4))
     ref = Reference(model.ec.embeddings["static"].weight.detach(), static_opt, dynamic_opt)
-    sharders = [DynamicEmbeddingCollectionSharder(fused_params=fused_params(static_opt))]
-    planner = DynamicEmbeddingShardingPlanner(
-        Topology(world_size=world_size, compute_device="cpu"), constraints=constraints()
-    )
-    plan = planner.collective_plan(model, sharders, dist.group.WORLD)
-    dmp = DistributedModelParallel(
-        model,
-        env=ShardingEnv.from_process_group(dist.group.WORLD),
-        plan=plan,
-        sharders=sharders,
-        device=torch.device("cpu"),
-    )
+    dmp, _ = shard_model(model, world_size, static_opt, constraints())
     # The model has no dense parameters; the pipeline still wants an optimizer to step.
     pipeline = TrainPipelineSparseDist(dmp, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=LR), torch.device("cpu"))
     per_rank = GLOBAL_BATCH // world_size
