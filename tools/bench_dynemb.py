@@ -157,13 +157,8 @@ def bench_cuda(args: argparse.Namespace) -> list[dict]:
                 fresh = [keys_on_gpu(args.keys) for _ in range(args.repeats)]
                 half = torch.rand(args.keys, device="cuda", generator=gen) < 0.5
                 mixed = [torch.where(half, present, f) for f in fresh]
-                f_it, m_it = iter(fresh), iter(mixed)
                 table.find(present)  # warm-up: module load, allocator
-                ops = {
-                    "find": lambda t=table, k=present: t.find(k),
-                    "insert_or_assign": lambda t=table, it=f_it, v=values: t.insert_or_assign(next(it), v),
-                    "find_or_insert": lambda t=table, it=m_it: t.find_or_insert(next(it)),
-                }
+                ops = table_ops(table, present, fresh, mixed, values)
                 for op, fn in ops.items():
                     seconds = timed_cuda(fn, args.repeats)
                     rec = dict(
@@ -176,6 +171,17 @@ def bench_cuda(args: argparse.Namespace) -> list[dict]:
                 del table, resident, present, values, fresh, mixed
                 torch.cuda.empty_cache()
     return records
+
+
+def table_ops(table, present, fresh: list, mixed: list, values) -> dict:
+    """The three timed operations: find of present keys, insert_or_assign of a fresh batch per call, find_or_insert
+    of a half-present batch per call (each call takes the next batch, so no call repeats a finished insert)."""
+    f_it, m_it = iter(fresh), iter(mixed)
+    return {
+        "find": lambda: table.find(present),
+        "insert_or_assign": lambda: table.insert_or_assign(next(f_it), values),
+        "find_or_insert": lambda: table.find_or_insert(next(m_it)),
+    }
 
 
 def bench_cpu(args: argparse.Namespace) -> list[dict]:
@@ -196,12 +202,7 @@ def bench_cpu(args: argparse.Namespace) -> list[dict]:
             fresh = [random_keys(args.keys, gen) for _ in range(args.repeats)]
             values = torch.randn(args.keys, dim, generator=gen)
             mixed = [torch.where(torch.rand(args.keys, generator=gen) < 0.5, present, f) for f in fresh]
-            f_it, m_it = iter(fresh), iter(mixed)
-            ops = {
-                "find": lambda t=table, k=present: t.find(k),
-                "insert_or_assign": lambda t=table, it=f_it, v=values: t.insert_or_assign(next(it), v),
-                "find_or_insert": lambda t=table, it=m_it: t.find_or_insert(next(it)),
-            }
+            ops = table_ops(table, present, fresh, mixed, values)
             for op, fn in ops.items():
                 seconds = timed(fn, args.repeats)
                 rec = dict(
