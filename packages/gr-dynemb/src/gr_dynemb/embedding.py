@@ -104,7 +104,8 @@ class DynamicEmbedding(nn.Module):
             self.counter = DynamicHashTable(counter_cfg)
         self.step = 0  # optimizer steps taken (Adam's t); also the table's LRU clock
         self.unadmitted = 0
-        # The table lives in host memory; this buffer follows .to() and tells forward where to put its output.
+        # The table stays on its own device (host memory or its GPU); this buffer follows .to() and tells forward
+        # where the model wants the output.
         self.register_buffer("_anchor", torch.zeros(0, device=self.table.device), persistent=False)
         # autograd calls a Function's backward only if some input requires grad: this scalar is that input (it is
         # not a Parameter, so no outside optimizer sees it; its gradient is always None).

@@ -265,18 +265,18 @@ class DynamicHashTable:
 
     def assign(self, keys: Tensor, values: Tensor) -> Tensor:
         """Overwrites rows of present keys (absent keys are left absent); returns ``found``."""
-        keys = self._keys(keys)
-        values = self._values(values, keys.numel())
-        found = torch.empty(keys.numel(), dtype=torch.bool, device=self.device)
-        self._table.assign(keys.data_ptr(), keys.numel(), values.data_ptr(), found.data_ptr(), *self._stream())
-        return found
+        return self._update_present(self._table.assign, keys, values)
 
     def accumulate(self, keys: Tensor, delta: Tensor) -> Tensor:
         """Adds ``delta`` rows to present keys (duplicates add up); returns ``found``."""
+        return self._update_present(self._table.accumulate, keys, delta)
+
+    def _update_present(self, native_op, keys: Tensor, rows: Tensor) -> Tensor:
+        """Runs a native op that writes ``rows`` into the slots of present keys only; returns ``found``."""
         keys = self._keys(keys)
-        delta = self._values(delta, keys.numel())
+        rows = self._values(rows, keys.numel())
         found = torch.empty(keys.numel(), dtype=torch.bool, device=self.device)
-        self._table.accumulate(keys.data_ptr(), keys.numel(), delta.data_ptr(), found.data_ptr(), *self._stream())
+        native_op(keys.data_ptr(), keys.numel(), rows.data_ptr(), found.data_ptr(), *self._stream())
         return found
 
     def erase(self, keys: Tensor) -> int:
