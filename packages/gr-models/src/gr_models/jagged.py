@@ -41,3 +41,14 @@ def positions_in_sequence(offsets: torch.Tensor, total: int) -> torch.Tensor:
 def last_in_sequence(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Row of the last token of every sequence: ``[B, ...]``. Every sequence must be non-empty."""
     return values[offsets[1:] - 1]
+
+
+def query_timestamps(timestamps: torch.Tensor, seq_offsets: torch.Tensor, request: torch.Tensor) -> torch.Tensor:
+    """Time at which row i of a jagged event sequence predicts: the timestamp of row i + 1 of the same sequence, or
+    ``request[b]`` (``[B]``) for the last row of sequence b."""
+    shifted = torch.roll(timestamps, -1)
+    if timestamps.numel():
+        last = seq_offsets[1:] - 1
+        nonempty = seq_offsets[1:] > seq_offsets[:-1]
+        shifted[last[nonempty]] = request[nonempty]
+    return shifted

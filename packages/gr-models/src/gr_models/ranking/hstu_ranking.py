@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from gr_models.data.ranking import RankingBatch
-from gr_models.jagged import lengths_to_offsets, positions_in_sequence
+from gr_models.jagged import lengths_to_offsets, positions_in_sequence, query_timestamps
 from gr_models.modules.hstu import HSTUConfig, HSTUEncoder
 from gr_models.modules.input_embedding import DynamicItemTableConfig, ItemInputEmbedding
 from gr_models.ranking.features import ItemBagEmbedding, RankingFeatureSpec, UserFeatureEmbedding
@@ -115,9 +115,7 @@ class HSTURankingModel(nn.Module):
         item_pos = f + m * e
         item_dst = starts[h_seq] + item_pos
         # Time each history row predicts at: the next event's time, the request time after the last event.
-        is_last = e == h_len[h_seq] - 1
-        next_t = torch.roll(batch.history_timestamps, -1)
-        next_t = torch.where(is_last, batch.request_timestamps[h_seq], next_t)
+        next_t = query_timestamps(batch.history_timestamps, h_off, batch.request_timestamps)
 
         c_seq = torch.repeat_interleave(torch.arange(b, device=device), k_len)
         cand_pos = f + m * h_len[c_seq]  # one shared position: candidates are unordered
@@ -135,7 +133,7 @@ class HSTURankingModel(nn.Module):
             parts.append((hist_emb, item_dst, item_pos, hist_t, hist_t))
             parts.append((action_emb, item_dst + 1, item_pos + 1, hist_t, next_t))
         parts.append((cand_emb, cand_dst, cand_pos, cand_t, cand_t))
-        x, dst, positions, timestamps, query_timestamps = (torch.cat(column) for column in zip(*parts, strict=True))
+        x, dst, positions, timestamps, query_ts = (torch.cat(column) for column in zip(*parts, strict=True))
 
         gather = torch.empty_like(dst)
         gather[dst] = torch.arange(dst.numel(), device=device)  # token order -> row order
@@ -147,7 +145,7 @@ class HSTURankingModel(nn.Module):
             offsets,
             max_len,
             timestamps[gather],
-            query_timestamps[gather],
+            query_ts[gather],
             num_targets=k_len,
             contextual_seq_len=f,
             positions=positions,

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gr_models.data.batching import SequenceBatch
+from gr_models.jagged import query_timestamps
 from gr_models.modules.hstu import HSTUConfig, HSTUEncoder
 from gr_models.modules.input_embedding import DynamicItemTableConfig, ItemInputEmbedding
 from gr_models.modules.sasrec import SASRecConfig, SASRecEncoder
@@ -49,16 +50,6 @@ def request_timestamps(batch: SequenceBatch) -> torch.Tensor:
     if batch.history_offsets is not None:  # evaluation batch: one target per sequence
         return batch.target_timestamps
     return batch.target_timestamps[batch.seq_offsets[1:] - 1]
-
-
-def query_timestamps(timestamps: torch.Tensor, seq_offsets: torch.Tensor, request: torch.Tensor) -> torch.Tensor:
-    """Time at which row i predicts: the timestamp of token i + 1, or the request time for the last token."""
-    shifted = torch.roll(timestamps, -1)
-    if timestamps.numel():
-        last = seq_offsets[1:] - 1
-        nonempty = seq_offsets[1:] > seq_offsets[:-1]
-        shifted[last[nonempty]] = request[nonempty]
-    return shifted
 
 
 class RetrievalModel(nn.Module):
