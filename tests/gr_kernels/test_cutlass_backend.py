@@ -4,8 +4,9 @@ Forward tests run twice on sm90: through the Hopper kernel (WGMMA/TMA) and throu
 GR_KERNELS_FWD_KERNEL=sm90|sm80, which the native dispatch reads on every call.
 
 Parity criterion (the kernels issue): the kernel's max-abs error against an fp32 reference may be at most 2x the
-error of the same computation done by the PyTorch reference in the kernel's dtype (plus a tiny absolute floor, for
-outputs that are exactly representable).
+error of the same computation done by the PyTorch reference in the kernel's dtype, plus a floor of one unit of the
+output dtype at the largest exact value (``rounding_floor``): the final fp32 -> bf16/fp16 store alone may cost that,
+and on tiny problems (one token, one head) the reference can land within 1e-6 of exact by luck.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ from gr_kernels.cutlass_backend import native_available
 
 ON_SM90 = torch.cuda.is_available() and native_available() and torch.cuda.get_device_capability(0) == (9, 0)
 needs_sm90 = pytest.mark.skipif(not ON_SM90, reason="needs an sm90 GPU and gr-kernels built with its CUDA kernels")
+
+
+def rounding_floor(exact: torch.Tensor, dtype: torch.dtype) -> float:
+    """One unit in the last place of ``dtype`` at the largest magnitude of ``exact`` (and at least 1e-5)."""
+    return max(torch.finfo(dtype).eps * exact.abs().max().item(), 1e-5)
 
 
 def _call(device: str, dtype: torch.dtype = torch.bfloat16, dim: int = 64, dropout: float = 0.0) -> AttentionCall:
@@ -136,7 +142,9 @@ def _check_forward(lengths, heads, dim, dtype, *, seed=0, rab_heads=0, num_targe
         return
     err = (out.float() - exact).abs().max().item()
     ref_err = (ref_low.float() - exact).abs().max().item()
-    assert err <= 2 * ref_err + 1e-5, f"kernel error {err:.3e} > 2 x reference-{dtype} error {ref_err:.3e}"
+    assert err <= 2 * ref_err + rounding_floor(exact, dtype), (
+        f"kernel error {err:.3e} > 2 x reference-{dtype} error {ref_err:.3e}"
+    )
 
 
 MASKS = {
@@ -272,7 +280,10 @@ def _check_backward(lengths, heads, dim, dtype, *, seed=0, rab_heads=0, num_targ
             continue
         err = (g_.float() - e_).abs().max().item()
         ref_err = (r_.float() - e_).abs().max().item()
-        assert err <= 5 * ref_err + 1e-5, f"{name}: kernel error {err:.3e} > 5 x reference-{dtype} error {ref_err:.3e}"
+        assert err <= 5 * ref_err + rounding_floor(e_, dtype), (
+            f"{name}: kernel error {err:.3e} > 5 x reference-{dtype} error {ref_err:.3e} (max |exact| "
+            f"{e_.abs().max().item():.3e})"
+        )
 
 
 @needs_sm90
