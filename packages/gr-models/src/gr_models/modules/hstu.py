@@ -99,13 +99,40 @@ class HSTUBlock(nn.Module):
         contextual_seq_len: int = 0,
     ) -> torch.Tensor:
         """``num_targets``/``contextual_seq_len``: the attention op's target mask and contextual prefix (ranking)."""
+        u, v, q, k = self.project(x)
+        attn = self._attention(q, k, v, seq_offsets, max_seq_len, rab, num_targets, contextual_seq_len, None)
+        return self.finish(x, u, attn)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``U [n, H * Dv]``, ``V [n, H, Dv]``, ``Q``, ``K [n, H, Dqk]`` of the layer inputs ``x [n, D]``."""
         cfg = self.config
         h = cfg.num_heads
         u, v, q, k = F.silu(self.uvqk(self.input_norm(x))).split(self._split, dim=-1)
-        attn = gr_kernels.hstu_attention(
-            q.reshape(-1, h, cfg.qk_dim),
-            k.reshape(-1, h, cfg.qk_dim),
-            v.reshape(-1, h, cfg.v_dim),
+        return u, v.reshape(-1, h, cfg.v_dim), q.reshape(-1, h, cfg.qk_dim), k.reshape(-1, h, cfg.qk_dim)
+
+    def finish(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The block output of rows ``x`` from their ``U`` and attention output ``[n, H, Dv]``."""
+        y = u * self.attn_norm(attn.reshape(-1, self.config.num_heads * self.config.v_dim))
+        return x + self.output(self.dropout(y))
+
+    def _attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        seq_offsets: torch.Tensor,
+        max_seq_len: int,
+        rab: torch.Tensor | None,
+        num_targets: torch.Tensor | None,
+        contextual_seq_len: int,
+        q_offsets: torch.Tensor | None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        extra = {} if q_offsets is None else {"q_offsets": q_offsets}
+        return gr_kernels.hstu_attention(
+            q,
+            k,
+            v,
             seq_offsets,
             max_seq_len,
             alpha=cfg.qk_scale,
@@ -118,9 +145,57 @@ class HSTUBlock(nn.Module):
             dropout_p=cfg.attn_dropout,
             training=self.training,
             backend=cfg.attention_backend,
+            **extra,
         )
-        y = u * self.attn_norm(attn.reshape(-1, h * cfg.v_dim))
-        return x + self.output(self.dropout(y))
+
+    def forward_with_past(
+        self,
+        x: torch.Tensor,
+        q_offsets: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+        past_offsets: torch.Tensor,
+        max_seq_len: int,
+        rab: torch.Tensor | None,
+        *,
+        num_targets: torch.Tensor | None = None,
+        contextual_seq_len: int = 0,
+        need_output: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The block on new rows ``x`` (jagged by ``q_offsets``) that extend cached sequences (``past_k``/``past_v``
+        jagged by ``past_offsets``): sequence ``b`` is its past rows followed by its new rows, and the new rows are
+        the attention op's queries (delta q). Returns ``(output of the new rows or None, K, V of the new rows)``;
+        ``need_output=False`` skips the attention (only the new rows' K/V are wanted, e.g. at the last layer).
+
+        Equal to ``forward`` on the whole sequences restricted to the new rows, given the past K/V that ``forward``
+        would compute (the caller's job: a past row must not depend on the new rows)."""
+        u, v, q, k = self.project(x)
+        if not need_output:
+            return None, k, v
+        k_all = concat_jagged(past_k, past_offsets, k, q_offsets)
+        v_all = concat_jagged(past_v, past_offsets, v, q_offsets)
+        seq_offsets = past_offsets + q_offsets
+        attn = self._attention(
+            q, k_all, v_all, seq_offsets, max_seq_len, rab, num_targets, contextual_seq_len, q_offsets
+        )
+        return self.finish(x, u, attn), k, v
+
+
+def concat_jagged(a: torch.Tensor, a_offsets: torch.Tensor, b: torch.Tensor, b_offsets: torch.Tensor) -> torch.Tensor:
+    """Per sequence, rows of ``a`` then rows of ``b`` (both jagged over the same number of sequences)."""
+    if a_offsets.numel() == 2:  # one sequence: a plain concatenation
+        return torch.cat([a, b])
+    a_len = a_offsets[1:] - a_offsets[:-1]
+    out_offsets = a_offsets + b_offsets
+    out = a.new_empty((a.shape[0] + b.shape[0], *a.shape[1:]))
+    a_dst = torch.arange(a.shape[0], device=a.device) + torch.repeat_interleave(
+        b_offsets[:-1], a_len, output_size=a.shape[0]
+    )
+    b_len = b_offsets[1:] - b_offsets[:-1]
+    b_dst = torch.arange(b.shape[0], device=b.device) + torch.repeat_interleave(
+        out_offsets[:-1] + a_len - b_offsets[:-1], b_len, output_size=b.shape[0]
+    )
+    return out.index_copy_(0, a_dst, a).index_copy_(0, b_dst, b)
 
 
 class HSTUEncoder(nn.Module):

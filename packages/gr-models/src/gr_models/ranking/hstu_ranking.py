@@ -10,6 +10,12 @@ Sequence of window ``b`` (``F`` user features, ``h`` history events, ``k`` candi
   share one position (for the positional embedding and the relative bias), so their order is irrelevant.
 
 The candidate outputs go through the multi-task heads: ``[total candidates, num_tasks]``.
+
+``context_attention`` places the user features: ``"full"`` (default) makes them the op's contextual prefix, whose
+rows see the whole history, with the request time as their key and query time; ``"causal"`` makes them an ordinary
+causal prefix (``contextual_seq_len=0``) timed at the user's first history event (the request time when there is
+none). With "causal" no token's output depends on later events or on the request time except the last history token
+(whose query time is the request time), which lets ``gr_models.inference`` append events incrementally and exactly.
 """
 
 from __future__ import annotations
@@ -43,10 +49,13 @@ class HSTURankingConfig:
     head_hidden: int = 128
     hstu: HSTUConfig = field(default_factory=HSTUConfig)
     dynamic_item_table: DynamicItemTableConfig | None = None  # a gr-dynemb hash table for the item ids
+    context_attention: Literal["full", "causal"] = "full"
 
     def __post_init__(self) -> None:
         if self.action_mode not in ("add", "interleave"):
             raise ValueError(f"action_mode must be 'add' or 'interleave', got {self.action_mode!r}")
+        if self.context_attention not in ("full", "causal"):
+            raise ValueError(f"context_attention must be 'full' or 'causal', got {self.context_attention!r}")
         check_tasks(self.tasks)
         self.hstu.embedding_dim = self.embedding_dim
         self.hstu.max_seq_len = self.max_seq_len
@@ -56,6 +65,20 @@ class HSTURankingConfig:
     @property
     def tokens_per_event(self) -> int:
         return 2 if self.action_mode == "interleave" else 1
+
+
+@dataclass
+class RankingTokens:
+    """Encoder inputs of a ranking batch, in row order (sequence ``b`` is rows ``offsets[b]:offsets[b + 1]``)."""
+
+    x: torch.Tensor  # [total, D]: scaled embeddings + positional embeddings (dropout applied)
+    offsets: torch.Tensor  # [B + 1]
+    max_len: int  # longest window
+    positions: torch.Tensor  # [total]: position of each token (all candidates of a window share one)
+    timestamps: torch.Tensor  # [total]: key time of each token (relative time bias)
+    query_timestamps: torch.Tensor  # [total]: time each row predicts at
+    candidate_rows: torch.Tensor  # [T]: row of every candidate
+    num_targets: torch.Tensor  # [B]: candidates per window (the attention op's targets)
 
 
 class HSTURankingModel(nn.Module):
@@ -87,8 +110,16 @@ class HSTURankingModel(nn.Module):
             )
         return emb[:h], emb[h:]
 
-    def forward(self, batch: RankingBatch) -> torch.Tensor:
-        """Task outputs of every candidate ``[T, num_tasks]`` (logits for binary tasks)."""
+    @property
+    def contextual_seq_len(self) -> int:
+        """The attention op's fully visible prefix: the user features with ``context_attention="full"``, else 0."""
+        return self.config.features.num_user_features if self.config.context_attention == "full" else 0
+
+    def input_tokens(self, batch: RankingBatch, *, check_max_len: bool = True) -> RankingTokens:
+        """The encoder inputs of a batch (embeddings, positions, key and query times, jagged layout).
+
+        ``check_max_len=False`` lets the windows exceed ``max_seq_len`` (the cached scorer embeds all candidates of
+        a request at once but runs them in micro-batches that fit)."""
         cfg = self.config
         device = batch.history_items.device
         b = len(batch)
@@ -98,18 +129,25 @@ class HSTURankingModel(nn.Module):
         lengths = f + m * h_len + k_len
         offsets = lengths_to_offsets(lengths)
         max_len = f + m * int(h_len.max()) + int(k_len.max()) if b else 1
-        if max_len > cfg.max_seq_len:
+        if check_max_len and max_len > cfg.max_seq_len:
             raise ValueError(
                 f"a window needs {max_len} tokens ({f} user features + {m} x history + candidates) but "
                 f"max_seq_len={cfg.max_seq_len}; raise model.max_seq_len or lower data.max_history"
             )
         starts = offsets[:-1]
+        h_off = lengths_to_offsets(h_len)
 
         ctx_pos = torch.arange(f, device=device).repeat(b)
         ctx_dst = torch.repeat_interleave(starts, f) + ctx_pos
-        ctx_t = torch.repeat_interleave(batch.request_timestamps, f)
+        if cfg.context_attention == "full":
+            ctx_t = torch.repeat_interleave(batch.request_timestamps, f)
+        else:  # the first event's time (the request time without history): no later event or request changes it
+            ctx_t = batch.request_timestamps
+            if batch.history_timestamps.numel():
+                first = batch.history_timestamps[h_off[:-1].clamp(max=batch.history_timestamps.numel() - 1)]
+                ctx_t = torch.where(h_len > 0, first, ctx_t)
+            ctx_t = torch.repeat_interleave(ctx_t, f)
 
-        h_off = lengths_to_offsets(h_len)
         e = positions_in_sequence(h_off, int(batch.history_items.numel()))  # event index within its history
         h_seq = torch.repeat_interleave(torch.arange(b, device=device), h_len)
         item_pos = f + m * e
@@ -140,14 +178,19 @@ class HSTURankingModel(nn.Module):
         positions = positions[gather]
         x = x[gather] * math.sqrt(cfg.embedding_dim)
         x = self.input_embedding.dropout(x + self.input_embedding.position_embeddings(positions))
+        return RankingTokens(x, offsets, max_len, positions, timestamps[gather], query_ts[gather], cand_dst, k_len)
+
+    def forward(self, batch: RankingBatch) -> torch.Tensor:
+        """Task outputs of every candidate ``[T, num_tasks]`` (logits for binary tasks)."""
+        tokens = self.input_tokens(batch)
         h = self.encoder(
-            x,
-            offsets,
-            max_len,
-            timestamps[gather],
-            query_ts[gather],
-            num_targets=k_len,
-            contextual_seq_len=f,
-            positions=positions,
+            tokens.x,
+            tokens.offsets,
+            tokens.max_len,
+            tokens.timestamps,
+            tokens.query_timestamps,
+            num_targets=tokens.num_targets,
+            contextual_seq_len=self.contextual_seq_len,
+            positions=tokens.positions,
         )
-        return self.heads(h[cand_dst])
+        return self.heads(h[tokens.candidate_rows])
