@@ -1,5 +1,54 @@
-"""KV-cached HSTU ranking inference (work in progress: the paged K/V cache; the scorer follows)."""
+"""KV-cached HSTU ranking inference: paged per-user K/V cache, delta-q appends, micro-batched candidate scoring.
+
+API for the serving helper (``gr_models.serving`` builds on this; everything is per user, one call at a time)::
+
+    from gr_models.inference import CachedRankingScorer, Candidates, KVCache, UserEvents, InferenceInputError
+
+    cache = KVCache.for_encoder(model.config.hstu, budget_bytes=2 << 30, device="cpu", dtype=torch.bfloat16)
+    scorer = CachedRankingScorer(model, cache, micro_batch=64, dtype=torch.bfloat16, model_version="ckpt-123")
+    scores = scorer.score(
+        user_id,                                   # any hashable
+        user_features=[3, 1, 0, 7],                # one int per model.config.features.user_feature_names
+        new_events=UserEvents.from_lists(items=[5, 9], actions=[4, 2], timestamps=[1700000000, 1700000100],
+                                         bags=[[1, 2], [3]]),   # or None; bags None when the model has none
+        candidates=Candidates.from_lists(items=[11, 12, 13], bags=[[1], [], [2]]),  # timestamps default: request
+        request_time=1700000200,
+    )                                              # -> Tensor [3, num_tasks] (logits of binary tasks), scorer dtype
+    scorer.append(user_id, user_features, new_events)   # record events, update the cache, score nothing
+    scorer.invalidate(user_id)                     # drop cached K/V (history kept);  scorer.forget(user_id): both
+    scorer.full_recompute(user_features, history_events, candidates, request_time)  # uncached reference path
+    scorer.stats, cache.stats()                    # counters: prefix reused/incremental/full, hits, evictions, bytes
+
+- The scorer keeps each user's events (the latest ``scorer.max_history_events``); a new user is a cold start (empty
+  history). ``new_events`` must not predate the user's last event, and nothing may be after ``request_time``.
+- Malformed input (wrong feature count, ids out of range, time order, too many candidates: ``max_candidates``)
+  raises ``InferenceInputError`` (a ``ValueError``) naming the field, before any state changes.
+- Exact incremental appends need ``HSTURankingConfig.context_attention="causal"``; "full" models are served
+  exactly but recompute the prefix on each append / new request time (see ``gr_models.inference.scorer``).
+- Not thread-safe: serialise calls to one scorer.
+"""
 
 from gr_models.inference.kv_cache import CacheCapacityError, CacheEntry, CacheStats, KVCache
+from gr_models.inference.requests import Candidates, InferenceInputError, UserEvents
+from gr_models.inference.scorer import (
+    CachedRankingScorer,
+    ScorerStats,
+    UserHistory,
+    model_fingerprint,
+    resolve_dtype,
+)
 
-__all__ = ["CacheCapacityError", "CacheEntry", "CacheStats", "KVCache"]
+__all__ = [
+    "CacheCapacityError",
+    "CacheEntry",
+    "CacheStats",
+    "CachedRankingScorer",
+    "Candidates",
+    "InferenceInputError",
+    "KVCache",
+    "ScorerStats",
+    "UserEvents",
+    "UserHistory",
+    "model_fingerprint",
+    "resolve_dtype",
+]

@@ -1,0 +1,532 @@
+"""Cached candidate scoring for ``HSTURankingModel``: per-user K/V of the history, delta-q appends, micro-batches.
+
+A user's sequence is ``[F user-feature tokens | history tokens | candidates]`` (see ``gr_models.ranking``). The
+scorer keeps, per user, the K/V of every HSTU layer for the prefix (features + history) in a ``KVCache`` and the raw
+events in a bounded history store (so an evicted user is recomputed, never forgotten). A request
+
+1. appends its new events to the history and brings the cached prefix up to date: only rows that changed are run
+   (as delta-q queries of ``HSTUBlock.forward_with_past`` against the cached K/V of the rows before them);
+2. scores the candidates in micro-batches of ``micro_batch``: each micro-batch is a delta-q call whose queries are
+   the candidates (the op's targets, each seeing the prefix and itself only) against the cached prefix.
+
+Exactness (why the results equal one uncached forward of the whole sequence, up to float summation order):
+
+- Candidates never influence prefix rows (targets are invisible to non-targets) nor each other (group size 1), and
+  all of a window's candidates share one position, so any split into micro-batches gives the same outputs.
+- The last history token predicts at the *request* time (its rab query time), then at the next event's time once
+  one arrives: its K/V at layers >= 2 change with every request time and on every append. The scorer therefore
+  recomputes the last cached token together with the new ones (delta-q over ``[old last token, new tokens]``),
+  and on a request with a new request time and no new events it recomputes just that token. Without a relative
+  bias (``use_rab=False``) the query time plays no role and the old last token is kept.
+- ``context_attention="full"`` models (the default) make the user features a contextual prefix whose rows see the
+  whole history, with the request time as their key/query time: a new event changes those rows and through them every
+  later-layer K/V, and a new request time changes every row's bias against them. For such a model (with user
+  features) the cache is exact only for the same history and request time; anything else recomputes the whole prefix
+  (``ScorerStats.prefix_full``, logged once). Micro-batched candidate scoring still reuses the prefix within a
+  request. ``context_attention="causal"`` models put the features as an ordinary causal prefix timed at the first
+  event, so nothing but the last token depends on later events or the request time: appends are incremental.
+- The history window keeps the most recent ``max_history_events`` events (what fits ``max_seq_len`` with one
+  micro-batch of candidates). When it slides, every position shifts, so the prefix is recomputed.
+
+Not thread-safe: a server serialises calls to one scorer (or runs one per worker).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gr_models.data.ranking import RankingBatch
+from gr_models.inference.bias import relative_bias_rows
+from gr_models.inference.kv_cache import CacheCapacityError, KVCache
+from gr_models.inference.requests import Candidates, InferenceInputError, UserEvents
+from gr_models.ranking.hstu_ranking import HSTURankingModel, RankingTokens
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.float32/bfloat16/float16`` or ``"fp32"/"bf16"/"fp16"``."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        return _DTYPES[dtype]
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return dtype
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's parameters and buffers (the default ``model_version``)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class UserHistory:
+    """What the scorer remembers of a user: features and the events of the current window. ``dropped`` counts the
+    events that slid out of the window (they shift every position)."""
+
+    user_features: torch.Tensor  # int64 [F]
+    events: UserEvents
+    dropped: int = 0
+
+
+@dataclass
+class _PrefixState:
+    """``KVCache`` entry meta: the cached rows are the prefix of this history window as of this request time."""
+
+    user_features: torch.Tensor
+    dropped: int
+    num_events: int
+    request_time: int
+
+
+@dataclass
+class ScorerStats:
+    requests: int = 0
+    candidates: int = 0
+    prefix_reused: int = 0  # prefix served from the cache as is
+    prefix_incremental: int = 0  # only the changed tail recomputed (delta q)
+    prefix_full: int = 0  # whole prefix recomputed (miss, window slid, features changed, or a "full" context model)
+    prefix_uncacheable: int = 0  # prefix larger than the whole cache: computed and used without caching
+    tokens_computed: int = 0  # prefix tokens run through the encoder
+    full_fallback_reasons: dict[str, int] = field(default_factory=dict)
+
+
+class CachedRankingScorer:
+    """Scores candidates for one user at a time against the user's cached history (module docstring).
+
+    Args:
+        model: a trained ``HSTURankingModel`` (put in eval mode; its embedding tables are used as they are).
+        cache: a ``KVCache`` shaped for ``model.config.hstu``, in this scorer's dtype and device.
+        micro_batch: candidates per delta-q call.
+        dtype: compute dtype of the encoder and heads (a cast copy of them is made for bf16/fp16); embeddings are
+            looked up in the model's dtype and cast.
+        model_version: stamp of cached entries (default: a hash of the model's weights); entries of another version
+            are invalidated on lookup.
+        max_candidates: more candidates in one request is an error.
+        max_users: users whose event history is kept (least recently used are forgotten beyond that).
+    """
+
+    def __init__(
+        self,
+        model: HSTURankingModel,
+        cache: KVCache,
+        *,
+        micro_batch: int = 64,
+        dtype: torch.dtype | str = torch.float32,
+        model_version: str | None = None,
+        max_candidates: int = 4096,
+        max_users: int = 100_000,
+    ) -> None:
+        if not isinstance(model, HSTURankingModel):
+            raise TypeError(f"model must be an HSTURankingModel, got {type(model).__name__}")
+        cfg = model.config
+        self.dtype = resolve_dtype(dtype)
+        if not isinstance(micro_batch, int) or micro_batch < 1:
+            raise ValueError(f"micro_batch must be an int >= 1, got {micro_batch!r}")
+        if max_candidates < 1 or max_users < 1:
+            raise ValueError(f"max_candidates and max_users must be >= 1, got {max_candidates}, {max_users}")
+        h = cfg.hstu
+        want = (h.num_blocks, h.num_heads, h.qk_dim, h.v_dim)
+        got = (cache.num_layers, cache.num_heads, cache.qk_dim, cache.v_dim)
+        if want != got:
+            raise ValueError(f"cache is shaped (layers, heads, qk_dim, v_dim)={got}, the model needs {want}")
+        if cache.dtype != self.dtype:
+            raise ValueError(f"cache dtype {cache.dtype} differs from the scorer dtype {self.dtype}")
+        f, m = cfg.features.num_user_features, cfg.tokens_per_event
+        self.max_history_events = (cfg.max_seq_len - f - micro_batch) // m
+        if self.max_history_events < 0:
+            raise ValueError(
+                f"max_seq_len={cfg.max_seq_len} leaves no room for {f} user features and a micro-batch of "
+                f"{micro_batch} candidates"
+            )
+        self.model = model.eval()
+        self.device = cache.device
+        if self.dtype == next(model.encoder.parameters()).dtype:
+            self.encoder, self.heads = model.encoder, model.heads
+        else:  # a cast copy: the caller's model stays as it is
+            self.encoder = copy.deepcopy(model.encoder).to(self.dtype).eval()
+            self.heads = copy.deepcopy(model.heads).to(self.dtype).eval()
+        self.cache = cache
+        self.micro_batch = micro_batch
+        self.max_candidates = max_candidates
+        self.max_users = max_users
+        self.model_version = model_fingerprint(model) if model_version is None else str(model_version)
+        self.num_features, self.tokens_per_event = f, m
+        # Which cached rows a change invalidates (module docstring).
+        self.incremental = cfg.context_attention == "causal" or f == 0
+        self.time_dependent = h.use_rab
+        self._histories: OrderedDict[Hashable, UserHistory] = OrderedDict()
+        self.stats = ScorerStats()
+        self._logged_full_context = False
+
+    # -- public API ----------------------------------------------------------------------------------------------
+
+    def score(
+        self,
+        user_id: Hashable,
+        user_features: Sequence[int] | torch.Tensor,
+        new_events: UserEvents | None,
+        candidates: Candidates,
+        request_time: int,
+    ) -> torch.Tensor:
+        """Append ``new_events`` (may be None or empty) to the user's history, then score ``candidates`` at
+        ``request_time``: ``[M, num_tasks]`` task outputs (logits for binary tasks) in the scorer dtype, row ``i``
+        for candidate ``i``. An unknown user starts with an empty history (cold start)."""
+        feats = self._check_features(user_features)
+        self._check_candidates(candidates)
+        hist, request_time = self._update_history(user_id, feats, new_events, request_time)
+        tokens = self._tokens(hist, candidates, request_time)
+        with torch.inference_mode():
+            past_k, past_v = self._prefix(user_id, hist, tokens, request_time)
+            out = self._score_candidates(tokens, past_k, past_v, len(candidates))
+        self.stats.requests += 1
+        self.stats.candidates += len(candidates)
+        return out
+
+    def append(
+        self,
+        user_id: Hashable,
+        user_features: Sequence[int] | torch.Tensor,
+        new_events: UserEvents,
+        request_time: int | None = None,
+    ) -> None:
+        """Record new events and bring the user's cached prefix up to date (at ``request_time``, default the last
+        event's time) without scoring anything."""
+        feats = self._check_features(user_features)
+        if request_time is None:
+            last = new_events.last_timestamp if new_events is not None else None
+            stored = self._histories.get(user_id)
+            last = last if last is not None else (stored.events.last_timestamp if stored is not None else None)
+            request_time = 0 if last is None else last
+        hist, request_time = self._update_history(user_id, feats, new_events, request_time)
+        tokens = self._tokens(hist, Candidates.from_lists([]), request_time)
+        with torch.inference_mode():
+            self._prefix(user_id, hist, tokens, request_time)
+
+    def invalidate(self, user_id: Hashable) -> bool:
+        """Drop the user's cached K/V (the history is kept: the next request recomputes the prefix)."""
+        return self.cache.invalidate(user_id)
+
+    def forget(self, user_id: Hashable) -> None:
+        """Drop the user's cached K/V and history (the next request is a cold start)."""
+        self.cache.invalidate(user_id)
+        self._histories.pop(user_id, None)
+
+    def history(self, user_id: Hashable) -> UserHistory | None:
+        return self._histories.get(user_id)
+
+    def full_recompute(
+        self,
+        user_features: Sequence[int] | torch.Tensor,
+        history: UserEvents,
+        candidates: Candidates,
+        request_time: int,
+    ) -> torch.Tensor:
+        """The uncached reference: one forward of the model over ``[features | history | all candidates]`` (the
+        training forward, in the scorer's dtype), no cache, no micro-batches. ``[M, num_tasks]``."""
+        feats = self._check_features(user_features)
+        self._check_candidates(candidates)
+        self._check_events(history, None, request_time)
+        cfg = self.model.config
+        need = self.num_features + self.tokens_per_event * len(history) + len(candidates)
+        if need > cfg.max_seq_len:
+            raise InferenceInputError(
+                f"full recompute needs {need} tokens (features + history + all candidates) > max_seq_len="
+                f"{cfg.max_seq_len}; score in micro-batches instead"
+            )
+        tokens = self._tokens(UserHistory(feats, history), candidates, request_time)
+        with torch.inference_mode():
+            h = self.encoder(
+                tokens.x,
+                tokens.offsets,
+                tokens.max_len,
+                tokens.timestamps,
+                tokens.query_timestamps,
+                num_targets=tokens.num_targets,
+                contextual_seq_len=self.model.contextual_seq_len,
+                positions=tokens.positions,
+            )
+            return self.heads(h[tokens.candidate_rows])
+
+    def full_recompute_user(self, user_id: Hashable, candidates: Candidates, request_time: int) -> torch.Tensor:
+        """``full_recompute`` on the stored history of ``user_id`` (which must be known)."""
+        hist = self._histories.get(user_id)
+        if hist is None:
+            raise KeyError(f"unknown user {user_id!r}")
+        return self.full_recompute(hist.user_features, hist.events, candidates, request_time)
+
+    # -- input checks --------------------------------------------------------------------------------------------
+
+    def _check_features(self, user_features: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        spec = self.model.config.features
+        try:
+            feats = torch.as_tensor(user_features, dtype=torch.int64).reshape(-1).cpu()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InferenceInputError(f"user_features must be {spec.num_user_features} integers: {exc}") from exc
+        if feats.numel() != spec.num_user_features:
+            raise InferenceInputError(
+                f"user_features has {feats.numel()} values, the model expects {spec.num_user_features} "
+                f"({', '.join(spec.user_feature_names)})"
+            )
+        for i, (name, size) in enumerate(zip(spec.user_feature_names, spec.user_feature_sizes, strict=True)):
+            if not 0 <= int(feats[i]) < size:
+                raise InferenceInputError(f"user feature {name!r} = {int(feats[i])} outside [0, {size})")
+        return feats
+
+    def _check_items(self, what: str, items: torch.Tensor, bag_values: torch.Tensor) -> None:
+        spec = self.model.config.features
+        if self.model.config.dynamic_item_table is None and items.numel():
+            bad = (items < 0) | (items >= spec.num_items)
+            if bad.any():
+                raise InferenceInputError(f"{what} item id {int(items[bad][0])} outside [0, {spec.num_items})")
+        elif items.numel() and (items < 0).any():
+            raise InferenceInputError(f"{what} item ids must be >= 0")
+        if bag_values.numel():
+            if spec.item_bag_size == 0:
+                raise InferenceInputError(f"{what} carry item bags but the model has none")
+            bad = (bag_values < 0) | (bag_values >= spec.item_bag_size)
+            if bad.any():
+                raise InferenceInputError(
+                    f"{what} bag value {int(bag_values[bad][0])} outside [0, {spec.item_bag_size})"
+                )
+
+    def _check_events(self, events: UserEvents, after: int | None, request_time: int) -> None:
+        if not isinstance(events, UserEvents):
+            raise InferenceInputError(f"events must be UserEvents, got {type(events).__name__}")
+        self._check_items("events", events.items, events.bag_values)
+        spec = self.model.config.features
+        if len(events) and ((events.actions < 0) | (events.actions >= spec.num_actions)).any():
+            raise InferenceInputError(f"event actions must lie in [0, {spec.num_actions})")
+        if len(events):
+            if after is not None and int(events.timestamps[0]) < after:
+                raise InferenceInputError(
+                    f"new events start at t={int(events.timestamps[0])}, before the user's last event (t={after})"
+                )
+            if int(events.timestamps[-1]) > request_time:
+                raise InferenceInputError(
+                    f"an event at t={int(events.timestamps[-1])} is after the request time {request_time}"
+                )
+
+    def _check_candidates(self, candidates: Candidates) -> None:
+        if not isinstance(candidates, Candidates):
+            raise InferenceInputError(f"candidates must be Candidates, got {type(candidates).__name__}")
+        if len(candidates) == 0:
+            raise InferenceInputError("no candidates to score")
+        if len(candidates) > self.max_candidates:
+            raise InferenceInputError(f"{len(candidates)} candidates > max_candidates={self.max_candidates}")
+        self._check_items("candidates", candidates.items, candidates.bag_values)
+
+    # -- history and tokens --------------------------------------------------------------------------------------
+
+    def _update_history(
+        self, user_id: Hashable, feats: torch.Tensor, new_events: UserEvents | None, request_time: int
+    ) -> tuple[UserHistory, int]:
+        if isinstance(request_time, bool) or not isinstance(request_time, int):
+            raise InferenceInputError(f"request_time must be an int (unix seconds), got {request_time!r}")
+        hist = self._histories.get(user_id)
+        events = UserEvents.empty() if new_events is None else new_events
+        self._check_events(events, None if hist is None else hist.events.last_timestamp, request_time)
+        if hist is None:
+            hist = UserHistory(feats, UserEvents.empty())
+            self._histories[user_id] = hist
+            while len(self._histories) > self.max_users:
+                forgotten, _ = self._histories.popitem(last=False)
+                self.cache.invalidate(forgotten)
+        elif hist.events.last_timestamp is not None and request_time < hist.events.last_timestamp:
+            raise InferenceInputError(
+                f"request_time {request_time} is before the user's last event (t={hist.events.last_timestamp})"
+            )
+        self._histories.move_to_end(user_id)
+        hist.user_features = feats
+        if len(events):
+            merged = hist.events.concat(events)
+            excess = len(merged) - self.max_history_events
+            if excess > 0:
+                merged = merged.tail(self.max_history_events)
+                hist.dropped += excess
+            hist.events = merged
+        return hist, request_time
+
+    def _tokens(self, hist: UserHistory, candidates: Candidates, request_time: int) -> RankingTokens:
+        """Encoder inputs of ``[features | history | candidates]`` (one window, built by the model itself)."""
+        ev, m = hist.events, len(candidates)
+        cand_t = torch.full((m,), request_time, dtype=torch.int64) if candidates.timestamps is None else None
+        batch = RankingBatch(
+            users=torch.zeros(1, dtype=torch.int64),
+            user_features=hist.user_features.view(1, -1),
+            history_lengths=torch.tensor([len(ev)]),
+            history_items=ev.items,
+            history_actions=ev.actions,
+            history_timestamps=ev.timestamps,
+            history_bag_values=ev.bag_values,
+            history_bag_lengths=ev.bag_lengths,
+            candidate_lengths=torch.tensor([m]),
+            candidate_items=candidates.items,
+            candidate_timestamps=candidates.timestamps if cand_t is None else cand_t,
+            candidate_bag_values=candidates.bag_values,
+            candidate_bag_lengths=candidates.bag_lengths,
+            request_timestamps=torch.tensor([request_time]),
+            labels={},
+        ).to(self._embedding_device())
+        with torch.inference_mode():
+            tokens = self.model.input_tokens(batch, check_max_len=False)
+        tokens.x = tokens.x.to(device=self.device, dtype=self.dtype)
+        for name in ("offsets", "positions", "timestamps", "query_timestamps", "candidate_rows", "num_targets"):
+            setattr(tokens, name, getattr(tokens, name).to(self.device))
+        return tokens
+
+    def _embedding_device(self) -> torch.device:
+        return self.model.action_embedding.weight.device
+
+    # -- prefix --------------------------------------------------------------------------------------------------
+
+    def _full_reason(self, user_id: Hashable, hist: UserHistory, request_time: int) -> tuple[str | None, int]:
+        """Why the whole prefix must be recomputed (None: it need not) and, if not, the first row to recompute."""
+        entry = self.cache.lookup(user_id, self.model_version)
+        if entry is None:
+            return "miss", 0
+        state: _PrefixState = entry.meta
+        if not torch.equal(state.user_features, hist.user_features):
+            return "user features changed", 0
+        if state.dropped != hist.dropped:
+            return "history window slid", 0
+        n_old, n_new = state.num_events, len(hist.events)
+        time_changed = self.time_dependent and state.request_time != request_time
+        if n_old == n_new and not time_changed:
+            return None, entry.num_tokens
+        if not self.incremental:
+            return "context rows see the whole history (context_attention='full')", 0
+        # The old last token predicts at the request time (or the next event's time) when there is a rab.
+        return None, max(entry.num_tokens - 1, 0) if self.time_dependent else entry.num_tokens
+
+    def _prefix(
+        self, user_id: Hashable, hist: UserHistory, tokens: RankingTokens, request_time: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Brings the user's cached prefix up to date; returns its K/V ``[L, P, H, D]`` (P = prefix tokens)."""
+        p = self.num_features + self.tokens_per_event * len(hist.events)
+        reason, start = self._full_reason(user_id, hist, request_time)
+        if reason is not None:
+            self.stats.prefix_full += 1
+            self.stats.full_fallback_reasons[reason] = self.stats.full_fallback_reasons.get(reason, 0) + 1
+            if not self.incremental and reason.startswith("context") and not self._logged_full_context:
+                logger.info("context_attention='full' model: every append or new request time recomputes the prefix")
+                self._logged_full_context = True
+        elif start == p:
+            self.stats.prefix_reused += 1
+            return self.cache.read(user_id)
+        else:
+            self.stats.prefix_incremental += 1
+        past_k, past_v = self.cache.read(user_id, start) if start > 0 else self._empty_kv()
+        new_k, new_v = self._run_rows(tokens, start, p, past_k, past_v, need_final_output=False)
+        self.stats.tokens_computed += p - start
+        state = _PrefixState(hist.user_features.clone(), hist.dropped, len(hist.events), request_time)
+        try:
+            self.cache.reserve(user_id, self.model_version, p).meta = state
+            for layer in range(new_k.shape[0]):
+                self.cache.write(user_id, layer, start, new_k[layer], new_v[layer])
+        except CacheCapacityError:
+            self.cache.invalidate(user_id)
+            self.stats.prefix_uncacheable += 1
+        return torch.cat([past_k, new_k], dim=1), torch.cat([past_v, new_v], dim=1)
+
+    def _empty_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cache
+        k = torch.zeros(c.num_layers, 0, c.num_heads, c.qk_dim, device=self.device, dtype=self.dtype)
+        v = torch.zeros(c.num_layers, 0, c.num_heads, c.v_dim, device=self.device, dtype=self.dtype)
+        return k, v
+
+    # -- the encoder on a slice of rows --------------------------------------------------------------------------
+
+    def _run_rows(
+        self,
+        tokens: RankingTokens,
+        start: int,
+        end: int,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+        *,
+        key_rows: slice | None = None,
+        num_targets: int = 0,
+        need_final_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """Rows ``[start, end)`` of the window through every block, as delta-q queries after the ``P`` past rows
+        (K/V ``past_k/past_v [L, P, ...]``, token rows ``[0, P)`` unless ``key_rows`` says otherwise). Returns the
+        final outputs of the rows, or with ``need_final_output=False`` their K/V per layer ``[L, n, H, D]``."""
+        n = end - start
+        p = past_k.shape[1]
+        past_rows = slice(0, p) if key_rows is None else key_rows
+        device = self.device
+        q_offsets = torch.tensor([0, n], device=device)
+        past_offsets = torch.tensor([0, p], device=device)
+        max_len = p + n
+        rab = None
+        if self.encoder.relative_bias is not None:
+            rows = relative_bias_rows(
+                self.encoder.relative_bias,
+                torch.cat([tokens.timestamps[past_rows], tokens.timestamps[start:end]]),
+                torch.cat([tokens.positions[past_rows], tokens.positions[start:end]]),
+                tokens.query_timestamps[start:end],
+                tokens.positions[start:end],
+            ).to(self.dtype)
+            rab = self._rab_for_op(rows, p, n)
+        targets = torch.tensor([num_targets], device=device) if num_targets else None
+        x = tokens.x[start:end]
+        ks, vs = [], []
+        blocks = self.encoder.blocks
+        for layer, block in enumerate(blocks):
+            last = layer == len(blocks) - 1
+            y, k, v = block.forward_with_past(
+                x,
+                q_offsets,
+                past_k[layer],
+                past_v[layer],
+                past_offsets,
+                max_len,
+                rab,
+                num_targets=targets,
+                contextual_seq_len=self.model.contextual_seq_len,
+                need_output=need_final_output or not last,
+            )
+            ks.append(k)
+            vs.append(v)
+            if y is not None:
+                x = y
+        if need_final_output:
+            return x
+        return torch.stack(ks), torch.stack(vs)
+
+    @staticmethod
+    def _rab_for_op(rows: torch.Tensor, num_past: int, num_new: int) -> torch.Tensor:
+        """The bias rows ``[n_q, n_kv]`` in the layout the attention op takes with ``q_offsets``."""
+        n = num_past + num_new
+        rab = rows.new_zeros(1, 1, n, n)
+        rab[0, 0, num_past:, :] = rows
+        return rab
+
+    def _score_candidates(
+        self, tokens: RankingTokens, past_k: torch.Tensor, past_v: torch.Tensor, m: int
+    ) -> torch.Tensor:
+        p = past_k.shape[1]
+        outs = []
+        for i in range(0, m, self.micro_batch):
+            j = min(i + self.micro_batch, m)
+            x = self._run_rows(tokens, p + i, p + j, past_k, past_v, num_targets=j - i)
+            outs.append(self.heads(x))
+        return torch.cat(outs)
