@@ -28,6 +28,7 @@ API for the serving helper (``gr_models.serving`` builds on this; everything is 
 - Not thread-safe: serialise calls to one scorer.
 """
 
+from gr_models.inference.cast_model import CastRankingModel, resolve_dtype
 from gr_models.inference.kv_cache import CacheCapacityError, CacheEntry, CacheStats, KVCache
 from gr_models.inference.requests import Candidates, InferenceInputError, UserEvents
 from gr_models.inference.scorer import (
@@ -35,7 +36,6 @@ from gr_models.inference.scorer import (
     ScorerStats,
     UserHistory,
     model_fingerprint,
-    resolve_dtype,
 )
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "CacheStats",
     "CachedRankingScorer",
     "Candidates",
+    "CastRankingModel",
     "InferenceInputError",
     "KVCache",
     "ScorerStats",

@@ -33,7 +33,6 @@ Not thread-safe: a server serialises calls to one scorer (or runs one per worker
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 from collections import OrderedDict
@@ -44,24 +43,12 @@ import torch
 
 from gr_models.data.ranking import RankingBatch
 from gr_models.inference.bias import relative_bias_rows
+from gr_models.inference.cast_model import CastRankingModel, resolve_dtype
 from gr_models.inference.kv_cache import CacheCapacityError, KVCache
 from gr_models.inference.requests import Candidates, InferenceInputError, UserEvents
 from gr_models.ranking.hstu_ranking import HSTURankingModel, RankingTokens
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """``torch.float32/bfloat16/float16`` or ``"fp32"/"bf16"/"fp16"``."""
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        return _DTYPES[dtype]
-    if dtype not in _DTYPES.values():
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    return dtype
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -156,13 +143,9 @@ class CachedRankingScorer:
                 f"max_seq_len={cfg.max_seq_len} leaves no room for {f} user features and a micro-batch of "
                 f"{micro_batch} candidates"
             )
-        self.model = model.eval()
+        self.cast_model = CastRankingModel(model, self.dtype)
+        self.model, self.encoder, self.heads = model, self.cast_model.encoder, self.cast_model.heads
         self.device = cache.device
-        if self.dtype == next(model.encoder.parameters()).dtype:
-            self.encoder, self.heads = model.encoder, model.heads
-        else:  # a cast copy: the caller's model stays as it is
-            self.encoder = copy.deepcopy(model.encoder).to(self.dtype).eval()
-            self.heads = copy.deepcopy(model.heads).to(self.dtype).eval()
         self.cache = cache
         self.micro_batch = micro_batch
         self.max_candidates = max_candidates
@@ -175,6 +158,7 @@ class CachedRankingScorer:
         self._histories: OrderedDict[Hashable, UserHistory] = OrderedDict()
         self.stats = ScorerStats()
         self._logged_full_context = False
+        self._rab_buffer: torch.Tensor | None = None
 
     # -- public API ----------------------------------------------------------------------------------------------
 
@@ -251,19 +235,8 @@ class CachedRankingScorer:
                 f"full recompute needs {need} tokens (features + history + all candidates) > max_seq_len="
                 f"{cfg.max_seq_len}; score in micro-batches instead"
             )
-        tokens = self._tokens(UserHistory(feats, history), candidates, request_time)
-        with torch.inference_mode():
-            h = self.encoder(
-                tokens.x,
-                tokens.offsets,
-                tokens.max_len,
-                tokens.timestamps,
-                tokens.query_timestamps,
-                num_targets=tokens.num_targets,
-                contextual_seq_len=self.model.contextual_seq_len,
-                positions=tokens.positions,
-            )
-            return self.heads(h[tokens.candidate_rows])
+        batch = self._batch(UserHistory(feats, history), candidates, request_time)
+        return self.cast_model(batch.to(self._embedding_device()))
 
     def full_recompute_user(self, user_id: Hashable, candidates: Candidates, request_time: int) -> torch.Tensor:
         """``full_recompute`` on the stored history of ``user_id`` (which must be known)."""
@@ -364,11 +337,11 @@ class CachedRankingScorer:
             hist.events = merged
         return hist, request_time
 
-    def _tokens(self, hist: UserHistory, candidates: Candidates, request_time: int) -> RankingTokens:
-        """Encoder inputs of ``[features | history | candidates]`` (one window, built by the model itself)."""
+    def _batch(self, hist: UserHistory, candidates: Candidates, request_time: int) -> RankingBatch:
+        """The one-window batch ``[features | history | candidates]`` the model's own input layer reads."""
         ev, m = hist.events, len(candidates)
         cand_t = torch.full((m,), request_time, dtype=torch.int64) if candidates.timestamps is None else None
-        batch = RankingBatch(
+        return RankingBatch(
             users=torch.zeros(1, dtype=torch.int64),
             user_features=hist.user_features.view(1, -1),
             history_lengths=torch.tensor([len(ev)]),
@@ -384,7 +357,11 @@ class CachedRankingScorer:
             candidate_bag_lengths=candidates.bag_lengths,
             request_timestamps=torch.tensor([request_time]),
             labels={},
-        ).to(self._embedding_device())
+        )
+
+    def _tokens(self, hist: UserHistory, candidates: Candidates, request_time: int) -> RankingTokens:
+        """Encoder inputs of ``[features | history | candidates]`` (built by the model's own input layer)."""
+        batch = self._batch(hist, candidates, request_time).to(self._embedding_device())
         with torch.inference_mode():
             tokens = self.model.input_tokens(batch, check_max_len=False)
         tokens.x = tokens.x.to(device=self.device, dtype=self.dtype)
@@ -484,7 +461,7 @@ class CachedRankingScorer:
                 torch.cat([tokens.positions[past_rows], tokens.positions[start:end]]),
                 tokens.query_timestamps[start:end],
                 tokens.positions[start:end],
-            ).to(self.dtype)
+            )
             rab = self._rab_for_op(rows, p, n)
         targets = torch.tensor([num_targets], device=device) if num_targets else None
         x = tokens.x[start:end]
@@ -502,6 +479,7 @@ class CachedRankingScorer:
                 rab,
                 num_targets=targets,
                 contextual_seq_len=self.model.contextual_seq_len,
+                max_q_len=max(n, 1),
                 need_output=need_final_output or not last,
             )
             ks.append(k)
@@ -512,13 +490,17 @@ class CachedRankingScorer:
             return x
         return torch.stack(ks), torch.stack(vs)
 
-    @staticmethod
-    def _rab_for_op(rows: torch.Tensor, num_past: int, num_new: int) -> torch.Tensor:
-        """The bias rows ``[n_q, n_kv]`` in the layout the attention op takes with ``q_offsets``."""
+    def _rab_for_op(self, rows: torch.Tensor, num_past: int, num_new: int) -> torch.Tensor:
+        """The bias rows ``[n_new, n_past + n_new]`` in the op's layout: ``[1, 1, N, N]`` indexed by query position,
+        N = past + new. Only the new (query) rows are read, so they are written into a reused zero-initialised
+        buffer instead of a fresh ``N x N`` tensor per call."""
         n = num_past + num_new
-        rab = rows.new_zeros(1, 1, n, n)
-        rab[0, 0, num_past:, :] = rows
-        return rab
+        buf = self._rab_buffer
+        if buf is None or buf.shape[-1] < n:
+            size = max(n, self.model.config.max_seq_len)
+            buf = self._rab_buffer = torch.zeros(1, 1, size, size, device=self.device, dtype=self.dtype)
+        buf[0, 0, num_past:n, :n] = rows
+        return buf[:, :, :n, :n]
 
     def _score_candidates(
         self, tokens: RankingTokens, past_k: torch.Tensor, past_v: torch.Tensor, m: int

@@ -100,7 +100,7 @@ class HSTUBlock(nn.Module):
     ) -> torch.Tensor:
         """``num_targets``/``contextual_seq_len``: the attention op's target mask and contextual prefix (ranking)."""
         u, v, q, k = self.project(x)
-        attn = self._attention(q, k, v, seq_offsets, max_seq_len, rab, num_targets, contextual_seq_len, None)
+        attn = self._attention(q, k, v, seq_offsets, max_seq_len, rab, num_targets, contextual_seq_len, None, None)
         return self.finish(x, u, attn)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,9 +126,10 @@ class HSTUBlock(nn.Module):
         num_targets: torch.Tensor | None,
         contextual_seq_len: int,
         q_offsets: torch.Tensor | None,
+        max_q_len: int | None,
     ) -> torch.Tensor:
         cfg = self.config
-        extra = {} if q_offsets is None else {"q_offsets": q_offsets}
+        extra = {} if q_offsets is None else {"q_offsets": q_offsets, "max_q_len": max_q_len}
         return gr_kernels.hstu_attention(
             q,
             k,
@@ -160,12 +161,14 @@ class HSTUBlock(nn.Module):
         *,
         num_targets: torch.Tensor | None = None,
         contextual_seq_len: int = 0,
+        max_q_len: int | None = None,
         need_output: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """The block on new rows ``x`` (jagged by ``q_offsets``) that extend cached sequences (``past_k``/``past_v``
         jagged by ``past_offsets``): sequence ``b`` is its past rows followed by its new rows, and the new rows are
-        the attention op's queries (delta q). Returns ``(output of the new rows or None, K, V of the new rows)``;
-        ``need_output=False`` skips the attention (only the new rows' K/V are wanted, e.g. at the last layer).
+        the attention op's queries (delta q; ``max_q_len`` bounds the new rows per sequence). Returns ``(output of
+        the new rows or None, K, V of the new rows)``; ``need_output=False`` skips the attention (only the new rows'
+        K/V are wanted, e.g. at the last layer).
 
         Equal to ``forward`` on the whole sequences restricted to the new rows, given the past K/V that ``forward``
         would compute (the caller's job: a past row must not depend on the new rows)."""
@@ -176,7 +179,7 @@ class HSTUBlock(nn.Module):
         v_all = concat_jagged(past_v, past_offsets, v, q_offsets)
         seq_offsets = past_offsets + q_offsets
         attn = self._attention(
-            q, k_all, v_all, seq_offsets, max_seq_len, rab, num_targets, contextual_seq_len, q_offsets
+            q, k_all, v_all, seq_offsets, max_seq_len, rab, num_targets, contextual_seq_len, q_offsets, max_q_len
         )
         return self.finish(x, u, attn), k, v
 
