@@ -7,14 +7,18 @@ A backend is any object with
 - ``forward(q, k, v, seq_offsets, num_targets, rab, params: HSTUParams) -> Tensor``;
 - ``backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params) -> (dq, dk, dv, drab or None)``,
 
-with the semantics of ``gr_kernels.reference``. The built-in ``"reference"`` backend supports every call and is
-always tried last. When ``"auto"`` skips a backend it logs one line per (backend, reason) per process on the
-``gr_kernels`` logger at INFO level; under ``torch.compile`` the choice is made while tracing, where nothing is
-logged (Dynamo cannot trace logging calls), so run one eager call to see the reasons.
+with the semantics of ``gr_kernels.reference``. Delta q (``call.delta_q``, queries shorter than keys) is opt-in:
+a backend that runs it takes a keyword ``q_offsets`` in both ``forward`` and ``backward`` (passed only for delta-q
+calls, with ``params.max_q_len`` set); a backend whose methods take no ``q_offsets`` is never handed a delta-q call.
+The built-in ``"reference"`` backend supports every call and is always tried last. When ``"auto"`` skips a backend
+it logs one line per (backend, reason) per process on the ``gr_kernels`` logger at INFO level; under
+``torch.compile`` the choice is made while tracing, where nothing is logged (Dynamo cannot trace logging calls), so
+run one eager call to see the reasons.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Protocol, runtime_checkable
 
@@ -44,6 +48,7 @@ class HSTUAttentionBackend(Protocol):
         num_targets: Tensor | None,
         rab: Tensor | None,
         params: HSTUParams,
+        q_offsets: Tensor | None = None,
     ) -> Tensor: ...
 
     def backward(
@@ -56,11 +61,22 @@ class HSTUAttentionBackend(Protocol):
         num_targets: Tensor | None,
         rab: Tensor | None,
         params: HSTUParams,
+        q_offsets: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]: ...
 
 
 _BACKENDS: dict[str, HSTUAttentionBackend] = {REFERENCE: ReferenceBackend()}
 _LOGGED_SKIPS: set[tuple[str, str]] = set()
+# Backends whose forward and backward take q_offsets; decided at registration (signatures are not traceable).
+_DELTA_Q: set[str] = {REFERENCE}
+
+
+def _takes_q_offsets(method: object) -> bool:
+    try:
+        params = inspect.signature(method).parameters.values()  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return any(p.name == "q_offsets" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def register_backend(name: str, backend: HSTUAttentionBackend, *, replace: bool = False) -> None:
@@ -77,6 +93,9 @@ def register_backend(name: str, backend: HSTUAttentionBackend, *, replace: bool 
     if name in _BACKENDS and not replace:
         raise ValueError(f"backend {name!r} is already registered (pass replace=True to override it)")
     _BACKENDS[name] = backend
+    _DELTA_Q.discard(name)
+    if _takes_q_offsets(backend.forward) and _takes_q_offsets(backend.backward):
+        _DELTA_Q.add(name)
 
 
 def unregister_backend(name: str) -> None:
@@ -84,6 +103,7 @@ def unregister_backend(name: str) -> None:
     if name == REFERENCE:
         raise ValueError("the 'reference' backend cannot be unregistered")
     _BACKENDS.pop(name, None)
+    _DELTA_Q.discard(name)
 
 
 def _ranked() -> list[str]:
@@ -110,17 +130,26 @@ def resolve_backend(name: str, call: AttentionCall) -> str:
     Raises ValueError for an unknown name or a forced backend that cannot run the call.
     """
     if name != "auto":
-        reason = get_backend(name).supports(call)
+        get_backend(name)  # unknown names: the error lists the registered ones
+        reason = _why_not(name, call)
         if reason is not None:
             raise ValueError(f"hstu_attention backend {name!r} cannot run this call: {reason}")
         return name
     for candidate in _ranked():
-        reason = _BACKENDS[candidate].supports(call)
+        reason = _why_not(candidate, call)
         if reason is None:
             return candidate
         if not torch.compiler.is_compiling():
             _log_skip_once(candidate, reason)
     raise RuntimeError("no hstu_attention backend supports this call")  # unreachable: the reference runs all
+
+
+def _why_not(name: str, call: AttentionCall) -> str | None:
+    """The backend's own reason, else the registry's: delta q needs q_offsets in its forward and backward."""
+    reason = _BACKENDS[name].supports(call)
+    if reason is None and call.delta_q and name not in _DELTA_Q:
+        reason = "delta q (q_offsets) is not supported: its forward/backward take no q_offsets argument"
+    return reason
 
 
 def _log_skip_once(name: str, reason: str) -> None:

@@ -8,7 +8,8 @@ Status: forward native for head dims 64/128/256 (the SM80-MMA kernel by default;
 ``GR_KERNELS_FWD_KERNEL=sm90`` until it has passed the GPU parity suite, see the package README); backward native
 for 64/128 (dq and drab accumulate in fp32 buffers, cast once at the end); a head-dim-256 backward still runs the
 PyTorch reference (``reference_backward``): its dK + dV accumulators do not fit one warp's registers in this kernel
-generation.
+generation. Delta q (``q_offsets``) is not native yet: ``supports`` declines it, so ``backend="auto"`` runs the
+reference.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class CutlassBackend:
     priority = 100
 
     def supports(self, call: AttentionCall) -> str | None:
+        if call.delta_q:  # checked first: the answer is the same on every machine
+            return "delta q (q_offsets: queries shorter than keys) is not implemented in the native kernels yet"
         if _C is None:
             return f"gr-kernels was installed without its CUDA kernels ({_IMPORT_ERROR or 'no nvcc at build time'})"
         if call.device.type != "cuda":

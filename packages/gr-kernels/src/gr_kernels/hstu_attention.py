@@ -1,4 +1,8 @@
-"""Public entry point: ``gr_kernels.hstu_attention`` on jagged ``[total_tokens, heads, dim]`` tensors."""
+"""Public entry point: ``gr_kernels.hstu_attention`` on jagged ``[total_tokens, heads, dim]`` tensors.
+
+Full attention (every token a query) by default; with ``q_offsets``, delta q: the queries are only the last tokens
+of each sequence (new events attending to a cached history plus themselves, for incremental inference).
+"""
 
 from __future__ import annotations
 
@@ -34,8 +38,12 @@ def _check_structure(
     target_group_size: int,
     rab: Tensor | None,
     dropout_p: float,
+    q_offsets: Tensor | None,
+    max_q_len: int | None,
 ) -> None:
     """Shape, dtype, device and scalar checks. They read no tensor values, so they never sync a device."""
+    if q_offsets is not None and not isinstance(q_offsets, Tensor):
+        raise TypeError(f"q_offsets must be None or a torch.Tensor, got {type(q_offsets).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v), ("seq_offsets", seq_offsets)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -46,17 +54,31 @@ def _check_structure(
             raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if k.shape != q.shape:
+    if q_offsets is None and k.shape != q.shape:
         raise ValueError(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"v must be [total_tokens={q.shape[0]}, heads={q.shape[1]}, hidden_dim], got {tuple(v.shape)}")
+    if q_offsets is not None and k.shape[1:] != q.shape[1:]:
+        # Delta q: k/v hold every token, q only the last ones of each sequence.
+        raise ValueError(
+            f"k must be [total_tokens, heads={q.shape[1]}, attn_dim={q.shape[2]}] like q, got {tuple(k.shape)}"
+        )
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"v must be [total_tokens={k.shape[0]}, heads={k.shape[1]}, hidden_dim], got {tuple(v.shape)}")
     if q.shape[1] < 1 or q.shape[2] < 1 or v.shape[2] < 1:
         raise ValueError(f"heads and dims must be >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
     if seq_offsets.dim() != 1 or seq_offsets.numel() < 1 or seq_offsets.dtype not in _INDEX:
         raise ValueError(
             f"seq_offsets must be a 1-D int32/int64 tensor [B + 1], got {seq_offsets.dtype} {tuple(seq_offsets.shape)}"
         )
-    for name, t in (("k", k), ("v", v), ("seq_offsets", seq_offsets), ("num_targets", num_targets), ("rab", rab)):
+    if q_offsets is not None and (
+        q_offsets.dim() != 1 or q_offsets.dtype not in _INDEX or q_offsets.shape != seq_offsets.shape
+    ):
+        raise ValueError(
+            f"q_offsets must be a 1-D int32/int64 tensor [B + 1 = {seq_offsets.numel()}] like seq_offsets, got "
+            f"{q_offsets.dtype} {tuple(q_offsets.shape)}"
+        )
+    others = (("k", k), ("v", v), ("seq_offsets", seq_offsets), ("num_targets", num_targets), ("rab", rab),
+              ("q_offsets", q_offsets))  # fmt: skip
+    for name, t in others:
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all tensors must share a device")
 
@@ -74,6 +96,11 @@ def _check_structure(
         raise ValueError(f"target_group_size must be an int >= 1, got {target_group_size!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if max_q_len is not None:
+        if q_offsets is None:
+            raise ValueError("max_q_len is only meaningful with q_offsets (delta q); pass neither or both")
+        if not _is_int(max_q_len) or not 1 <= max_q_len <= max_seq_len:
+            raise ValueError(f"max_q_len must be an int in [1, max_seq_len={max_seq_len}], got {max_q_len!r}")
 
     num_seqs = seq_offsets.numel() - 1
     if num_targets is not None and (
@@ -97,31 +124,60 @@ def _check_structure(
             raise TypeError(f"rab must be float32, float64, bfloat16 or float16, got {rab.dtype}")
 
 
-def _check_values(q: Tensor, seq_offsets: Tensor, max_seq_len: int, num_targets: Tensor | None) -> None:
+def _check_values(
+    q: Tensor,
+    k: Tensor,
+    seq_offsets: Tensor,
+    max_seq_len: int,
+    num_targets: Tensor | None,
+    q_offsets: Tensor | None,
+    max_q_len: int,
+) -> None:
     """Checks that read tensor values: one device-to-host copy (a sync on GPU), skipped with ``validate=False``."""
     parts = [seq_offsets.detach().to(torch.int64)]
+    if q_offsets is not None:
+        parts.append(q_offsets.detach().to(torch.int64))
     if num_targets is not None:
         parts.append(num_targets.detach().to(torch.int64))
     values = torch.cat(parts).cpu()
     num_seqs = seq_offsets.numel() - 1
-    offsets, targets = values[: num_seqs + 1], values[num_seqs + 1 :]
-    first, last = int(offsets[0]), int(offsets[-1])
-    if first != 0 or last != q.shape[0]:
-        raise ValueError(f"seq_offsets must start at 0 and end at total_tokens={q.shape[0]}, got {first}..{last}")
-    lengths = offsets[1:] - offsets[:-1]
-    if (lengths < 0).any():
-        b = int(torch.nonzero(lengths < 0)[0])
-        raise ValueError(f"seq_offsets must be non-decreasing, but seq_offsets[{b + 1}] < seq_offsets[{b}]")
+    offsets, values = values[: num_seqs + 1], values[num_seqs + 1 :]
+    lengths = _check_offsets("seq_offsets", offsets, k.shape[0], "total_tokens")
     if (lengths > max_seq_len).any():
         b = int(torch.nonzero(lengths > max_seq_len)[0])
         raise ValueError(f"sequence {b} has length {int(lengths[b])} > max_seq_len={max_seq_len}")
+    if q_offsets is not None:
+        q_lengths = _check_offsets("q_offsets", values[: num_seqs + 1], q.shape[0], "total_q = q.shape[0]")
+        values = values[num_seqs + 1 :]
+        if (q_lengths > lengths).any():
+            b = int(torch.nonzero(q_lengths > lengths)[0])
+            raise ValueError(
+                f"sequence {b} has {int(q_lengths[b])} queries (q_offsets) but only {int(lengths[b])} keys "
+                "(seq_offsets): the queries must be the last tokens of their sequence"
+            )
+        if (q_lengths > max_q_len).any():
+            b = int(torch.nonzero(q_lengths > max_q_len)[0])
+            raise ValueError(f"sequence {b} has {int(q_lengths[b])} queries (q_offsets) > max_q_len={max_q_len}")
     if num_targets is not None:
+        targets = values
         bad = (targets < 0) | (targets > lengths)
         if bad.any():
             b = int(torch.nonzero(bad)[0])
             raise ValueError(
                 f"num_targets[{b}]={int(targets[b])} must lie in [0, length of sequence {b}={int(lengths[b])}]"
             )
+
+
+def _check_offsets(name: str, offsets: Tensor, total: int, total_name: str) -> Tensor:
+    """Lengths from host ``offsets`` that must run non-decreasing from 0 to ``total``."""
+    first, last = int(offsets[0]), int(offsets[-1])
+    if first != 0 or last != total:
+        raise ValueError(f"{name} must start at 0 and end at {total_name}={total}, got {first}..{last}")
+    lengths = offsets[1:] - offsets[:-1]
+    if (lengths < 0).any():
+        b = int(torch.nonzero(lengths < 0)[0])
+        raise ValueError(f"{name} must be non-decreasing, but {name}[{b + 1}] < {name}[{b}]")
+    return lengths
 
 
 def hstu_attention(
@@ -143,12 +199,15 @@ def hstu_attention(
     training: bool = True,
     backend: str = "auto",
     validate: bool = True,
+    q_offsets: Tensor | None = None,
+    max_q_len: int | None = None,
 ) -> Tensor:
     """HSTU attention over jagged sequences: per sequence and head, ``O = (SiLU(alpha (Q K^T + rab)) * mask) V / N``.
 
     Args:
         q, k: ``[total_tokens, heads, attn_dim]``; v: ``[total_tokens, heads, hidden_dim]``; float32/float64/
             bfloat16/float16, one dtype and device. Sequence ``b`` is rows ``seq_offsets[b]:seq_offsets[b + 1]``.
+            With ``q_offsets`` (delta q), q is ``[total_q, heads, attn_dim]`` instead (see ``q_offsets``).
         seq_offsets: int32/int64 ``[B + 1]``, non-decreasing from 0 to total_tokens. ``B = 0`` (``[0]``) and empty
             sequences are allowed; their outputs are empty.
         max_seq_len: int >= 1 and >= every length; the padded size of ``rab`` and the default ``N``.
@@ -176,21 +235,34 @@ def hstu_attention(
             under ``torch.compile`` (so ``fullgraph=True`` needs ``dropout_p=0`` or ``training=False``).
         backend: ``"auto"`` (highest-priority registered backend that supports the call) or a registered name.
         validate: also run the checks that read tensor values (offsets from 0 to total_tokens and non-decreasing,
-            lengths <= max_seq_len, ``0 <= num_targets <= length``). They cost one device-to-host copy, a sync on
+            lengths <= max_seq_len, ``0 <= num_targets <= length``; with ``q_offsets`` also from 0 to total_q
+            and non-decreasing, ``Q <= L`` and ``Q <= max_q_len``). They cost one device-to-host copy, a sync on
             GPU; pass False on hot paths whose inputs are known good. Skipped inside ``torch.compile`` graphs,
             which cannot read tensor values without a graph break.
+        q_offsets: delta q (queries shorter than keys, for incremental inference): int32/int64 ``[B + 1]``, q is
+            jagged by it (rows ``q_offsets[b]:q_offsets[b + 1]``) while k/v stay jagged by ``seq_offsets``. Sequence
+            ``b``'s ``Q = q_offsets[b + 1] - q_offsets[b] <= L`` queries are its LAST ``Q`` tokens: query ``r``
+            sits at position ``L - Q + r``, so its output is row ``L - Q + r`` of the full attention (every mask
+            option, ``rab`` row, ``scaling_seqlen``, ``alpha`` and dropout keep-mask as there). dq comes back for
+            the queries, dk/dv for every key, drab on the queries' rows only. Runs on backends that declare delta q
+            (the reference; not the native kernels yet).
+        max_q_len: with ``q_offsets``, an upper bound on every ``Q`` (int in ``[1, max_seq_len]``); the reference
+            pads the queries to ``[B, max_q_len]``, so a tight bound makes short deltas cheap. Default
+            ``min(total_q, max_seq_len)``.
 
     Returns:
-        ``[total_tokens, heads, hidden_dim]`` in q's dtype.
+        ``[total_tokens, heads, hidden_dim]`` (``[total_q, ...]`` with ``q_offsets``) in q's dtype.
 
     Raises:
         ValueError / TypeError naming the offending argument; ValueError for an unknown backend (listing the
         registered ones) or a forced backend that cannot run the call (with its reason).
     """
     _check_structure(q, k, v, seq_offsets, max_seq_len, alpha, scaling_seqlen, max_attn_len, contextual_seq_len,
-                     num_targets, target_group_size, rab, dropout_p)  # fmt: skip
+                     num_targets, target_group_size, rab, dropout_p, q_offsets, max_q_len)  # fmt: skip
+    # Padded query rows per sequence under delta q (HSTUParams.max_q_len); 0 without it.
+    q_rows = max_q_len if max_q_len is not None else (0 if q_offsets is None else min(q.shape[0], max_seq_len))
     if validate and not torch.compiler.is_compiling():
-        _check_values(q, seq_offsets, max_seq_len, num_targets)
+        _check_values(q, k, seq_offsets, max_seq_len, num_targets, q_offsets, q_rows)
     p = float(dropout_p) if training else 0.0
     # Drawn from the default CPU generator: reproducible under torch.manual_seed and no device sync.
     seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0.0 else 0
@@ -204,6 +276,7 @@ def hstu_attention(
         target_group_size=target_group_size,
         dropout_p=p,
         dropout_seed=seed,
+        max_q_len=q_rows,
     )
     call = AttentionCall(
         params=params,
@@ -216,6 +289,7 @@ def hstu_attention(
         has_targets=num_targets is not None,
         rab_heads=0 if rab is None else rab.shape[1],
         requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rab) if t is not None),
+        delta_q=q_offsets is not None,
     )
     name = resolve_backend(backend, call)
     if rab is not None and rab.dtype != q.dtype:
@@ -225,5 +299,5 @@ def hstu_attention(
     return torch.ops.gr_kernels.hstu_attention_fwd(
         q, k, v, seq_offsets, num_targets, rab, params.max_seq_len, params.alpha, params.scaling_seqlen,
         params.causal, params.max_attn_len, params.contextual_seq_len, params.target_group_size, params.dropout_p,
-        params.dropout_seed, name,
+        params.dropout_seed, name, q_offsets, params.max_q_len,
     )  # fmt: skip

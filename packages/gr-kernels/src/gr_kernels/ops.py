@@ -1,7 +1,9 @@
 """``torch.library`` custom ops of HSTU attention: forward, backward, fake impls and autograd.
 
 Both ops take the resolved backend name, so a traced or compiled graph records which implementation runs, and the
-forward's autograd formula calls the backward op of that same backend.
+forward's autograd formula calls the backward op of that same backend. Delta q rides on two trailing optional
+arguments, ``q_offsets`` (None: q is jagged like k/v) and ``max_q_len`` (``HSTUParams.max_q_len``), which a backend
+receives as ``q_offsets=`` only when given, so backends without delta q keep their signature.
 """
 
 from __future__ import annotations
@@ -33,14 +35,21 @@ def hstu_attention_fwd(
     dropout_p: float,
     dropout_seed: int,
     backend: str,
+    q_offsets: Tensor | None = None,
+    max_q_len: int = 0,
 ) -> Tensor:
     params = HSTUParams(max_seq_len, alpha, scaling_seqlen, causal, max_attn_len, contextual_seq_len,
-                        target_group_size, dropout_p, dropout_seed)  # fmt: skip
-    return get_backend(backend).forward(q, k, v, seq_offsets, num_targets, rab, params)
+                        target_group_size, dropout_p, dropout_seed, max_q_len)  # fmt: skip
+    return get_backend(backend).forward(q, k, v, seq_offsets, num_targets, rab, params, **_delta_q(q_offsets))
+
+
+def _delta_q(q_offsets: Tensor | None) -> dict[str, Tensor]:
+    return {} if q_offsets is None else {"q_offsets": q_offsets}
 
 
 @hstu_attention_fwd.register_fake
 def _fwd_fake(q: Tensor, k: Tensor, v: Tensor, *args: Any) -> Tensor:
+    # One output row per query: total_q rows with delta q, total_tokens without.
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
 
 
@@ -48,8 +57,8 @@ def _fwd_fake(q: Tensor, k: Tensor, v: Tensor, *args: Any) -> Tensor:
 _BWD_SCHEMA = (
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor seq_offsets, Tensor? num_targets, Tensor? rab, "
     "SymInt max_seq_len, float alpha, SymInt scaling_seqlen, bool causal, SymInt max_attn_len, "
-    "SymInt contextual_seq_len, SymInt target_group_size, float dropout_p, SymInt dropout_seed, str backend) "
-    "-> (Tensor, Tensor, Tensor, Tensor?)"
+    "SymInt contextual_seq_len, SymInt target_group_size, float dropout_p, SymInt dropout_seed, str backend, "
+    "Tensor? q_offsets=None, SymInt max_q_len=0) -> (Tensor, Tensor, Tensor, Tensor?)"
 )
 
 
@@ -72,11 +81,15 @@ def hstu_attention_bwd(
     dropout_p: float,
     dropout_seed: int,
     backend: str,
+    q_offsets: Tensor | None = None,
+    max_q_len: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """``(dq, dk, dv, drab)``; drab has rab's shape (None without rab)."""
+    """``(dq, dk, dv, drab)``: q's, k's, v's and rab's shapes (drab None without rab)."""
     params = HSTUParams(max_seq_len, alpha, scaling_seqlen, causal, max_attn_len, contextual_seq_len,
-                        target_group_size, dropout_p, dropout_seed)  # fmt: skip
-    dq, dk, dv, drab = get_backend(backend).backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params)
+                        target_group_size, dropout_p, dropout_seed, max_q_len)  # fmt: skip
+    dq, dk, dv, drab = get_backend(backend).backward(
+        grad_out, q, k, v, seq_offsets, num_targets, rab, params, **_delta_q(q_offsets)
+    )
     if rab is None:
         drab = None
     return dq, dk, dv, drab
@@ -92,17 +105,19 @@ def _bwd_fake(
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    q, k, v, seq_offsets, num_targets, rab, *scalars = inputs
-    ctx.save_for_backward(q, k, v, seq_offsets, num_targets, rab)
+    q, k, v, seq_offsets, num_targets, rab, *scalars, q_offsets, max_q_len = inputs
+    ctx.save_for_backward(q, k, v, seq_offsets, num_targets, rab, q_offsets)
     ctx.scalars = scalars
+    ctx.max_q_len = max_q_len
 
 
 def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-    q, k, v, seq_offsets, num_targets, rab = ctx.saved_tensors
+    q, k, v, seq_offsets, num_targets, rab, q_offsets = ctx.saved_tensors
     # Native kernels want dense strides; autograd may hand over expanded or transposed gradients.
-    dq, dk, dv, drab = hstu_attention_bwd(grad_out.contiguous(), q, k, v, seq_offsets, num_targets, rab, *ctx.scalars)
-    # Gradients for q, k, v, seq_offsets, num_targets, rab, then one None per scalar argument.
-    return (dq, dk, dv, None, None, drab, *([None] * len(ctx.scalars)))
+    dq, dk, dv, drab = hstu_attention_bwd(grad_out.contiguous(), q, k, v, seq_offsets, num_targets, rab, *ctx.scalars,
+                                          q_offsets, ctx.max_q_len)  # fmt: skip
+    # Gradients for q, k, v, seq_offsets, num_targets, rab, one None per scalar argument, then q_offsets, max_q_len.
+    return (dq, dk, dv, None, None, drab, *([None] * len(ctx.scalars)), None, None)
 
 
 hstu_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -8,6 +8,13 @@ written out by hand rather than derived by autograd, so it spells out what nativ
     A = SiLU(Z) W,  O = A V
     dV = A^T dO,  dA = dO V^T,  dZ = dA W SiLU'(Z),  SiLU'(z) = s(z) (1 + z (1 - s(z))),  s = sigmoid
     dS = alpha dZ,  drab = dS (summed over heads when rab is shared),  dQ = dS K,  dK = dS^T Q
+
+Delta q (``q_offsets`` given): Q is padded to ``[B, H, Nq, D]``, ``Nq = params.max_q_len``, row ``r`` of sequence
+``b`` holding its query ``r``, which sits at position ``P[b, r] = L_b - Q_b + r`` (the queries are the last ``Q_b``
+tokens). The formulas above then run on ``[B, H, Nq, N]`` scores: the mask rows are those of the queries' positions
+(``hstu_valid_mask(..., q_lengths=...)``), the bias rows ``rab[:, :, P]`` are gathered and ``drab`` is scattered back
+into those rows (zero elsewhere), and under dropout the keep-mask is the full ``[B, H, N, N]`` one drawn from the same
+seed, gathered at ``P``, so each query row equals the same row of the full-sequence computation.
 """
 
 from __future__ import annotations
@@ -50,48 +57,106 @@ def dropout_keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch
 
 
 class _Scores:
-    """What forward and backward share: padded Q/K, the pre-activation ``Z`` and the weights ``W``."""
+    """What forward and backward share: padded Q/K, the pre-activation ``Z`` and the weights ``W``.
+
+    Without ``q_offsets`` the queries are every position (``Nq = N``); with it, ``Nq = params.max_q_len`` rows per
+    sequence and ``positions`` ``[B, Nq]`` says where each query row sits (see the module docstring).
+    """
 
     def __init__(
-        self, q: Tensor, k: Tensor, seq_offsets: Tensor, num_targets: Tensor | None, rab: Tensor | None, p: HSTUParams
+        self,
+        q: Tensor,
+        k: Tensor,
+        seq_offsets: Tensor,
+        num_targets: Tensor | None,
+        rab: Tensor | None,
+        p: HSTUParams,
+        q_offsets: Tensor | None,
     ) -> None:
         self.num_seqs = seq_offsets.numel() - 1
         n = p.max_seq_len
-        self.rows = jagged_rows(seq_offsets, q.shape[0], n)
-        self.q = _pad(q, self.rows, self.num_seqs, n)
-        self.k = _pad(k, self.rows, self.num_seqs, n)
+        lengths = seq_offsets[1:] - seq_offsets[:-1]
+        self.kv_rows = jagged_rows(seq_offsets, k.shape[0], n)
+        self.positions: Tensor | None = None
+        q_lengths = None
+        if q_offsets is None:
+            self.num_q_rows, self.q_rows = n, self.kv_rows
+        else:
+            self.num_q_rows = p.max_q_len
+            self.q_rows = jagged_rows(q_offsets, q.shape[0], self.num_q_rows)
+            q_lengths = q_offsets[1:] - q_offsets[:-1]
+            first = (lengths - q_lengths).to(torch.int64).view(-1, 1)
+            self.positions = first + torch.arange(self.num_q_rows, device=first.device).view(1, -1)
+        self.q = _pad(q, self.q_rows, self.num_seqs, self.num_q_rows)
+        self.k = _pad(k, self.kv_rows, self.num_seqs, n)
         s = self.q @ self.k.transpose(-1, -2)
         if rab is not None:
-            s = s + rab  # [B, 1 or H, N, N] broadcasts over heads
+            s = s + self.query_rows(rab)  # [B, 1 or H, Nq, N] broadcasts over heads
         self.z = p.alpha * s
         mask = hstu_valid_mask(
-            seq_offsets[1:] - seq_offsets[:-1],
+            lengths,
             n,
             causal=p.causal,
             max_attn_len=p.max_attn_len,
             contextual_seq_len=p.contextual_seq_len,
             num_targets=num_targets,
             target_group_size=p.target_group_size,
+            q_lengths=q_lengths,
+            max_q_len=self.num_q_rows,
         ).unsqueeze(1)
         w = mask.to(self.z.dtype) / p.scaling_seqlen
         if p.dropout_p > 0.0:
-            keep = dropout_keep_mask(tuple(self.z.shape), p.dropout_p, p.dropout_seed, self.z.device)
+            # Drawn at the full [B, H, N, N] shape whatever the queries, so delta q keeps full attention's rows.
+            full = (self.num_seqs, self.z.shape[1], n, n)
+            keep = self.query_rows(dropout_keep_mask(full, p.dropout_p, p.dropout_seed, self.z.device))
             w = w * keep.to(w.dtype) / (1.0 - p.dropout_p)
         self.w = w
 
-    def pad(self, x: Tensor) -> Tensor:
-        return _pad(x, self.rows, self.num_seqs, self.w.shape[-1])
+    def _row_index(self, x: Tensor) -> Tensor:
+        # Padding rows (r >= Q_b) may point past the sequence, or before it on invalid input; their weights are 0.
+        pos = self.positions.clamp(0, x.shape[2] - 1)  # type: ignore[union-attr]
+        return pos.view(self.num_seqs, 1, self.num_q_rows, 1).expand(x.shape[0], x.shape[1], -1, x.shape[3])
+
+    def query_rows(self, x: Tensor) -> Tensor:
+        """``[B, h, N, N]`` indexed by query position -> ``[B, h, Nq, N]``, one row per padded query row."""
+        return x if self.positions is None else x.gather(2, self._row_index(x))
+
+    def scatter_query_rows(self, x: Tensor) -> Tensor:
+        """Inverse of ``query_rows`` for gradients: ``[B, h, Nq, N]`` -> ``[B, h, N, N]``, zero on non-query rows.
+
+        Adds rather than copies: padding rows may share a clamped position with a query row, and add zeros.
+        """
+        if self.positions is None:
+            return x
+        n = self.k.shape[2]
+        out = x.new_zeros(x.shape[0], x.shape[1], n, n)
+        return out.scatter_add_(2, self._row_index(out), x)
+
+    def pad_q(self, x: Tensor) -> Tensor:
+        """A ``[total_q, H, D]`` tensor laid out like the queries (the output gradient) -> ``[B, H, Nq, D]``."""
+        return _pad(x, self.q_rows, self.num_seqs, self.num_q_rows)
+
+    def pad_kv(self, x: Tensor) -> Tensor:
+        return _pad(x, self.kv_rows, self.num_seqs, self.k.shape[2])
 
 
 def reference_forward(
-    q: Tensor, k: Tensor, v: Tensor, seq_offsets: Tensor, num_targets: Tensor | None, rab: Tensor | None, p: HSTUParams
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
+    num_targets: Tensor | None,
+    rab: Tensor | None,
+    p: HSTUParams,
+    q_offsets: Tensor | None = None,
 ) -> Tensor:
-    """``[total_tokens, heads, hidden_dim]`` output of HSTU attention (see the module docstring)."""
+    """``[total_q, heads, hidden_dim]`` output of HSTU attention (see the module docstring); ``total_q`` is
+    ``total_tokens`` without ``q_offsets``."""
     if q.shape[0] == 0:
-        return v.new_zeros(v.shape)
-    sc = _Scores(q, k, seq_offsets, num_targets, rab, p)
+        return v.new_zeros(q.shape[0], v.shape[1], v.shape[2])
+    sc = _Scores(q, k, seq_offsets, num_targets, rab, p, q_offsets)
     a = torch.nn.functional.silu(sc.z) * sc.w
-    return _unpad(a @ sc.pad(v), sc.rows)
+    return _unpad(a @ sc.pad_kv(v), sc.q_rows)
 
 
 def reference_backward(
@@ -103,6 +168,7 @@ def reference_backward(
     num_targets: Tensor | None,
     rab: Tensor | None,
     p: HSTUParams,
+    q_offsets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """``(dq, dk, dv, drab)``, ``drab`` None without rab; recomputes the scores instead of saving them."""
     if q.shape[0] == 0:
@@ -112,9 +178,9 @@ def reference_backward(
             torch.zeros_like(v),
             None if rab is None else torch.zeros_like(rab),
         )
-    sc = _Scores(q, k, seq_offsets, num_targets, rab, p)
-    vp = sc.pad(v)
-    dout = sc.pad(grad_out.to(v.dtype))
+    sc = _Scores(q, k, seq_offsets, num_targets, rab, p, q_offsets)
+    vp = sc.pad_kv(v)
+    dout = sc.pad_q(grad_out.to(v.dtype))
     sig = torch.sigmoid(sc.z)
     a = sc.z * sig * sc.w
     dv = a.transpose(-1, -2) @ dout
@@ -125,13 +191,15 @@ def reference_backward(
     drab = None
     if rab is not None:
         drab = ds.sum(dim=1, keepdim=True) if rab.shape[1] == 1 and ds.shape[1] != 1 else ds
-    return _unpad(dq, sc.rows), _unpad(dk, sc.rows), _unpad(dv, sc.rows), drab
+        drab = sc.scatter_query_rows(drab)
+    return _unpad(dq, sc.q_rows), _unpad(dk, sc.kv_rows), _unpad(dv, sc.kv_rows), drab
 
 
 class ReferenceBackend:
     """The built-in ``"reference"`` backend: runs everything, always considered last by ``backend="auto"``.
 
     Native backends may subclass it to inherit the reference backward while providing their own forward.
+    Supports delta q (``q_offsets``).
     """
 
     priority: int = 0
@@ -148,8 +216,9 @@ class ReferenceBackend:
         num_targets: Tensor | None,
         rab: Tensor | None,
         params: HSTUParams,
+        q_offsets: Tensor | None = None,
     ) -> Tensor:
-        return reference_forward(q, k, v, seq_offsets, num_targets, rab, params)
+        return reference_forward(q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
 
     def backward(
         self,
@@ -161,5 +230,6 @@ class ReferenceBackend:
         num_targets: Tensor | None,
         rab: Tensor | None,
         params: HSTUParams,
+        q_offsets: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        return reference_backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params)
+        return reference_backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
