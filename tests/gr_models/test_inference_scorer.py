@@ -1,0 +1,369 @@
+"""CachedRankingScorer: cached == uncached, micro-batched == all at once, incremental append == full recompute,
+eviction / version invalidation / window slides stay exact, bf16 within tolerance, malformed requests rejected."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gr_models.data.ranking import RankingBatch
+from gr_models.inference import (
+    CachedRankingScorer,
+    Candidates,
+    CastRankingModel,
+    InferenceInputError,
+    KVCache,
+    UserEvents,
+    model_fingerprint,
+)
+from gr_models.modules.hstu import HSTUConfig
+from gr_models.ranking import HSTURankingConfig, HSTURankingModel, RankingFeatureSpec, RankingTask
+
+SPEC = RankingFeatureSpec(
+    num_items=50,
+    num_actions=5,
+    user_feature_names=("user_id", "age"),
+    user_feature_sizes=(10, 3),
+    item_bag_name="genre",
+    item_bag_size=6,
+)
+TASKS = [RankingTask("like", "binary", 1.0), RankingTask("rating", "regression", 0.5)]
+FEATS = [4, 2]
+TOL = 1e-5
+
+
+def make_model(
+    context: str = "causal", action_mode: str = "add", use_rab: bool = True, max_attn_len: int = 0, seed: int = 0
+) -> HSTURankingModel:
+    torch.manual_seed(seed)
+    cfg = HSTURankingConfig(
+        SPEC,
+        TASKS,
+        action_mode=action_mode,
+        embedding_dim=16,
+        max_seq_len=64,
+        head_hidden=8,
+        context_attention=context,
+        hstu=HSTUConfig(num_blocks=3, num_heads=2, use_rab=use_rab, max_attn_len=max_attn_len, alpha=0.5),
+    )
+    model = HSTURankingModel(cfg).eval()
+    # Larger-than-init weights so that every token visibly moves every later one (a stale K/V would show).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def make_scorer(model: HSTURankingModel, micro_batch: int = 3, budget: int = 1 << 20, **kw) -> CachedRankingScorer:
+    dtype = kw.pop("dtype", torch.float32)
+    cache = KVCache.for_encoder(model.config.hstu, budget_bytes=budget, page_size=4, dtype=dtype)
+    return CachedRankingScorer(model, cache, micro_batch=micro_batch, dtype=dtype, **kw)
+
+
+def events(n: int, start_t: int, seed: int) -> UserEvents:
+    g = torch.Generator().manual_seed(seed)
+    ts = start_t + torch.sort(torch.randint(0, 5000, (n,), generator=g)).values
+    bags = [torch.randint(0, 6, (int(k),), generator=g).tolist() for k in torch.randint(0, 3, (n,), generator=g)]
+    return UserEvents.from_lists(
+        torch.randint(0, 50, (n,), generator=g), torch.randint(0, 5, (n,), generator=g), ts, bags
+    )
+
+
+def candidates(m: int, seed: int, timestamps: list[int] | None = None) -> Candidates:
+    g = torch.Generator().manual_seed(seed + 1000)
+    bags = [torch.randint(0, 6, (int(k),), generator=g).tolist() for k in torch.randint(0, 3, (m,), generator=g)]
+    return Candidates.from_lists(torch.randint(0, 50, (m,), generator=g), bags, timestamps)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> bool:
+    return a.shape == b.shape and float((a.float() - b.float()).abs().max()) <= tol
+
+
+VARIANTS = [
+    dict(context="causal", action_mode="add"),
+    dict(context="causal", action_mode="interleave"),
+    dict(context="causal", action_mode="add", use_rab=False),
+    dict(context="causal", action_mode="add", max_attn_len=4),
+    dict(context="full", action_mode="add"),
+    dict(context="full", action_mode="interleave", use_rab=False),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(str(x) for x in v.values()))
+def test_append_sequence_matches_full_recompute(variant):
+    """A user's life: cold start, appends of 0..5 events at later request times, repeated requests. After every
+    step the cached, micro-batched scores equal one uncached forward of the whole sequence."""
+    model = make_model(**variant)
+    scorer = make_scorer(model)
+    history = UserEvents.empty()
+    t = 10_000
+    for step, n_new in enumerate([0, 5, 1, 0, 3, 0, 2]):
+        new = events(n_new, t, seed=step)
+        history = history.concat(new)
+        t = (history.last_timestamp or t) + 100 * (step % 3)  # sometimes the same request time as the last event
+        cands = candidates(7, seed=step)
+        got = scorer.score("u", FEATS, new, cands, t)
+        want = scorer.full_recompute(FEATS, history, cands, t)
+        assert close(got, want), (step, float((got - want).abs().max()))
+        assert close(scorer.score("u", FEATS, None, cands, t), want)  # the same request again: cache as is
+    s = scorer.stats
+    if variant["context"] == "causal":
+        assert s.prefix_full == 1 and s.prefix_incremental >= 4, s  # only the first request misses
+    else:
+        assert s.prefix_incremental == 0 and s.prefix_full >= 4, s
+    assert s.prefix_reused >= 7
+
+
+def test_full_recompute_is_the_plain_model():
+    model = make_model(context="full", action_mode="interleave")
+    scorer = make_scorer(model)
+    hist, cands = events(6, 0, 1), candidates(5, 1, timestamps=[9000, 9100, 9000, 9500, 9999])
+    batch = RankingBatch(
+        users=torch.zeros(1, dtype=torch.int64),
+        user_features=torch.tensor([FEATS]),
+        history_lengths=torch.tensor([6]),
+        history_items=hist.items,
+        history_actions=hist.actions,
+        history_timestamps=hist.timestamps,
+        history_bag_values=hist.bag_values,
+        history_bag_lengths=hist.bag_lengths,
+        candidate_lengths=torch.tensor([5]),
+        candidate_items=cands.items,
+        candidate_timestamps=cands.timestamps,
+        candidate_bag_values=cands.bag_values,
+        candidate_bag_lengths=cands.bag_lengths,
+        request_timestamps=torch.tensor([9999]),
+        labels={},
+    )
+    with torch.no_grad():
+        want = model(batch)
+    assert torch.equal(scorer.full_recompute(FEATS, hist, cands, 9999), want)
+    assert close(scorer.score("u", FEATS, hist, cands, 9999), want)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    n_hist=st.integers(0, 12),
+    m=st.integers(1, 14),
+    micro_batch=st.integers(1, 16),
+    interleave=st.booleans(),
+)
+def test_micro_batches_equal_all_at_once(n_hist, m, micro_batch, interleave):
+    model = make_model(action_mode="interleave" if interleave else "add")
+    scorer = make_scorer(model, micro_batch=micro_batch)
+    hist, cands = events(n_hist, 0, 3), candidates(m, 3, timestamps=list(range(6000, 6000 + 37 * m, 37)))
+    want = scorer.full_recompute(FEATS, hist, cands, 6000)
+    assert close(scorer.score("u", FEATS, hist, cands, 6000), want)
+    # Candidates are independent of each other: any order gives the same rows, permuted.
+    perm = torch.randperm(m, generator=torch.Generator().manual_seed(m))
+    permuted = Candidates.from_lists(
+        cands.items[perm], [candidates(m, 3).slice(int(i), int(i) + 1).bag_values.tolist() for i in perm],
+        cands.timestamps[perm],
+    )  # fmt: skip
+    assert close(scorer.score("u", FEATS, None, permuted, 6000), want[perm])
+
+
+def test_stale_last_token_or_full_context_would_be_caught():
+    """Negative controls: skipping the last-token recompute (trap 2) or appending incrementally to a
+    context_attention="full" model (trap 1) gives wrong scores, so the exactness tests above can fail."""
+    hist, new, cands = events(6, 0, 5), events(2, 6000, 6), candidates(4, 5)
+    for variant, hack in ((dict(context="causal"), "time_dependent"), (dict(context="full"), "incremental")):
+        scorer = make_scorer(make_model(**variant))
+        setattr(scorer, hack, not getattr(scorer, hack))
+        scorer.score("u", FEATS, hist, cands, 5500)
+        got = scorer.score("u", FEATS, new, cands, 12_000)
+        want = scorer.full_recompute(FEATS, hist.concat(new), cands, 12_000)
+        assert not close(got, want, 1e-3), hack
+
+
+def test_eviction_and_reuse_across_users_stay_exact():
+    model = make_model()
+    # Room for about two users' prefixes: serving four users in turn evicts constantly.
+    page_bytes = 3 * 4 * 2 * (8 + 8) * 4
+    scorer = make_scorer(model, budget=10 * page_bytes)
+    histories = {u: UserEvents.empty() for u in range(4)}
+    t = 1000
+    for rnd in range(3):
+        for u in range(4):
+            new = events(3 + u, t, seed=10 * rnd + u)
+            histories[u] = histories[u].concat(new)
+            t = histories[u].last_timestamp + 10
+            cands = candidates(5, seed=u)
+            got = scorer.score(u, [u, 1], new, cands, t)
+            assert close(got, scorer.full_recompute([u, 1], histories[u], cands, t)), (rnd, u)
+        t += 5000
+    stats = scorer.cache.stats()
+    assert stats.evictions > 0 and stats.bytes_used <= stats.bytes_capacity
+    assert scorer.stats.prefix_full > 4  # evicted users were recomputed from their kept history
+
+
+def test_prefix_larger_than_the_cache_is_served_uncached():
+    model = make_model()
+    page_bytes = 3 * 4 * 2 * (8 + 8) * 4
+    scorer = make_scorer(model, budget=2 * page_bytes)  # 8 tokens: less than features + 10 events
+    hist, cands = events(10, 0, 2), candidates(4, 2)
+    assert close(scorer.score("u", FEATS, hist, cands, 9000), scorer.full_recompute(FEATS, hist, cands, 9000))
+    assert scorer.stats.prefix_uncacheable == 1 and "u" not in scorer.cache
+
+
+def test_model_version_invalidates_and_weights_change_the_fingerprint():
+    model = make_model()
+    cache = KVCache.for_encoder(model.config.hstu, budget_bytes=1 << 20, page_size=4)
+    hist, cands = events(5, 0, 1), candidates(3, 1)
+    old = CachedRankingScorer(model, cache, micro_batch=2, model_version="v1")
+    old.score("u", FEATS, hist, cands, 9000)
+    new_model = make_model(seed=1)
+    assert model_fingerprint(new_model) != model_fingerprint(model)
+    new = CachedRankingScorer(new_model, cache, micro_batch=2)  # version = fingerprint of the new weights
+    assert new.model_version == model_fingerprint(new_model)
+    got = new.score("u", FEATS, hist, cands, 9000)
+    assert cache.stats().invalidations == 1
+    assert close(got, new.full_recompute(FEATS, hist, cands, 9000))
+    assert not close(got, old.full_recompute(FEATS, hist, cands, 9000), 1e-3)
+
+
+def test_history_window_slides_when_full():
+    model = make_model(action_mode="interleave")
+    scorer = make_scorer(model, micro_batch=4)  # (64 - 2 - 4) // 2 = 29 events fit
+    assert scorer.max_history_events == 29
+    history = UserEvents.empty()
+    t = 0
+    for step in range(4):
+        new = events(11, t, seed=step)
+        history = history.concat(new)
+        t = history.last_timestamp + 1
+        cands = candidates(4, step)  # one micro-batch: the window is sized for it
+        got = scorer.score("u", FEATS, new, cands, t)
+        assert close(got, scorer.full_recompute(FEATS, history.tail(29), cands, t)), step
+    assert scorer.history("u").dropped == 44 - 29
+    assert scorer.stats.full_fallback_reasons.get("history window slid") == 2
+
+
+def test_user_features_change_recomputes_and_forget_and_invalidate():
+    scorer = make_scorer(make_model())
+    hist, cands = events(5, 0, 1), candidates(3, 1)
+    scorer.score("u", FEATS, hist, cands, 9000)
+    got = scorer.score("u", [7, 0], None, cands, 9000)
+    assert close(got, scorer.full_recompute([7, 0], hist, cands, 9000))
+    assert scorer.stats.full_fallback_reasons["user features changed"] == 1
+    assert scorer.invalidate("u") and "u" not in scorer.cache and scorer.history("u") is not None
+    assert close(scorer.score("u", [7, 0], None, cands, 9000), got)
+    scorer.forget("u")
+    assert scorer.history("u") is None  # cold start next time
+    cold = scorer.score("u", [7, 0], None, cands, 9000)
+    assert close(cold, scorer.full_recompute([7, 0], UserEvents.empty(), cands, 9000))
+
+
+def test_append_then_score_equals_score_with_events():
+    model = make_model()
+    a, b = make_scorer(model), make_scorer(model)
+    hist, new, cands = events(4, 0, 1), events(3, 6000, 2), candidates(5, 1)
+    a.score("u", FEATS, hist, cands, 5900)
+    b.score("u", FEATS, hist, cands, 5900)
+    a.append("u", FEATS, new)
+    assert close(a.score("u", FEATS, None, cands, 12_000), b.score("u", FEATS, new, cands, 12_000))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_paths(dtype):
+    model = make_model(context="causal", action_mode="interleave")
+    ref = make_scorer(model)
+    half = make_scorer(model, dtype=dtype)
+    history = UserEvents.empty()
+    for step, n in enumerate([4, 3, 2]):
+        new = events(n, step * 10_000, step)
+        history = history.concat(new)
+        t = history.last_timestamp + 50
+        cands = candidates(6, step)
+        want = ref.full_recompute(FEATS, history, cands, t)
+        got = half.score("u", FEATS, new, cands, t)
+        full_half = half.full_recompute(FEATS, history, cands, t)
+        assert got.dtype == dtype and full_half.dtype == dtype
+        scale = float(want.abs().max())
+        # bf16 has an 8-bit mantissa (fp16 10): a few ulps of the output scale through 3 layers.
+        tol = (0.05 if dtype == torch.bfloat16 else 0.01) * max(scale, 1.0)
+        assert close(got, want, tol), float((got.float() - want).abs().max())
+        assert close(got, full_half, tol)
+    assert next(model.encoder.parameters()).dtype == torch.float32  # the caller's model is untouched
+
+
+def test_cast_model_in_fp32_is_the_model():
+    model = make_model()
+    cast = CastRankingModel(model, "fp32")
+    assert cast.encoder is model.encoder
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        CastRankingModel(model, "int8")
+
+
+def test_malformed_requests_are_rejected_and_change_nothing():
+    model = make_model()
+    scorer = make_scorer(model, max_candidates=8)
+    hist, cands = events(5, 0, 1), candidates(3, 1)
+    want = scorer.score("u", FEATS, hist, cands, 9000)
+    snapshot = (scorer.history("u").events, dataclasses.replace(scorer.stats), scorer.cache.stats())
+    bad = [
+        (dict(user_features=[1]), "user_features has 1 values"),
+        (dict(user_features=[99, 0]), "user feature 'user_id' = 99 outside"),
+        (dict(user_features="x"), "user_features must be"),
+        (dict(new_events=UserEvents.from_lists([50], [0], [9000])), "item id 50 outside"),
+        (dict(new_events=UserEvents.from_lists([1], [5], [9000])), "actions must lie in"),
+        (dict(new_events=UserEvents.from_lists([1], [0], [10])), "before the user's last event"),
+        (dict(new_events=UserEvents.from_lists([1], [0], [9001])), "after the request time"),
+        (dict(new_events=UserEvents.from_lists([1], [0], [8000], [[6]])), "bag value 6 outside"),
+        (dict(request_time=10), "before the user's last event"),
+        (dict(request_time=9000.5), "request_time must be an int"),
+        (dict(candidates=Candidates.from_lists([])), "no candidates"),
+        (dict(candidates=candidates(9, 0)), "9 candidates > max_candidates=8"),
+        (dict(candidates=Candidates.from_lists([-1])), "item id -1 outside"),
+        (dict(candidates=[1, 2]), "candidates must be Candidates"),
+        (dict(new_events=[1, 2]), "events must be UserEvents"),
+    ]
+    for change, message in bad:
+        args = dict(user_features=FEATS, new_events=None, candidates=cands, request_time=9000) | change
+        with pytest.raises(InferenceInputError, match=message):
+            scorer.score("u", **args)
+    assert scorer.history("u").events is snapshot[0] and scorer.cache.stats() == snapshot[2]
+    assert scorer.stats == snapshot[1]
+    assert close(scorer.score("u", FEATS, None, cands, 9000), want)
+
+
+def test_request_pieces_validate_themselves():
+    with pytest.raises(InferenceInputError, match="non-decreasing"):
+        UserEvents.from_lists([1, 2], [0, 0], [5, 4])
+    with pytest.raises(InferenceInputError, match="actions has 1 entries, items 2"):
+        UserEvents.from_lists([1, 2], [0], [4, 5])
+    with pytest.raises(InferenceInputError, match="2 bags for 1 items"):
+        UserEvents.from_lists([1], [0], [4], [[1], [2]])
+    with pytest.raises(InferenceInputError, match="must hold integers"):
+        Candidates.from_lists([1.5])
+    with pytest.raises(InferenceInputError, match="one entry per item"):
+        Candidates.from_lists([1, 2], timestamps=[3])
+    ev = events(6, 0, 0)
+    later = events(6, 10_000, 1)
+    both = ev.concat(later).tail(8)
+    assert torch.equal(both.bag_values, torch.cat([ev.tail(2).bag_values, later.bag_values]))
+    assert torch.equal(both.items, torch.cat([ev.items[4:], later.items]))
+    assert len(ev.tail(10)) == 6 and torch.equal(ev.concat(UserEvents.empty()).items, ev.items)
+
+
+def test_scorer_configuration_errors():
+    model = make_model()
+    cfg = model.config.hstu
+    with pytest.raises(ValueError, match=r"cache dtype torch\.float32 differs"):
+        CachedRankingScorer(model, KVCache.for_encoder(cfg, budget_bytes=1 << 20), dtype="bf16")
+    other = dataclasses.replace(cfg, num_heads=1)
+    with pytest.raises(ValueError, match="cache is shaped"):
+        CachedRankingScorer(model, KVCache.for_encoder(other, budget_bytes=1 << 20))
+    with pytest.raises(ValueError, match="micro_batch must be"):
+        CachedRankingScorer(model, KVCache.for_encoder(cfg, budget_bytes=1 << 20), micro_batch=0)
+    with pytest.raises(ValueError, match="leaves no room"):
+        CachedRankingScorer(model, KVCache.for_encoder(cfg, budget_bytes=1 << 20), micro_batch=63)
+    with pytest.raises(TypeError, match="HSTURankingModel"):
+        CachedRankingScorer(torch.nn.Linear(2, 2), KVCache.for_encoder(cfg, budget_bytes=1 << 20))
+    scorer = make_scorer(model)
+    with pytest.raises(InferenceInputError, match="full recompute needs"):
+        scorer.full_recompute(FEATS, events(60, 0, 0), candidates(8, 0), 10**6)
