@@ -283,11 +283,12 @@ def test_half_precision_paths(dtype):
         got = half.score("u", FEATS, new, cands, t)
         full_half = half.full_recompute(FEATS, history, cands, t)
         assert got.dtype == dtype and full_half.dtype == dtype
-        scale = float(want.abs().max())
-        # bf16 has an 8-bit mantissa (fp16 10): a few ulps of the output scale through 3 layers.
-        tol = (0.05 if dtype == torch.bfloat16 else 0.01) * max(scale, 1.0)
-        assert close(got, want, tol), float((got.float() - want).abs().max())
-        assert close(got, full_half, tol)
+        scale = max(float(want.abs().max()), 1.0)
+        ulp = scale * (2**-7 if dtype == torch.bfloat16 else 2**-10)  # at the output's magnitude
+        # Against fp32: rounding through 3 layers (measured ~1% of the scale in bf16, ~0.1% in fp16).
+        assert close(got, want, 4 * ulp), float((got.float() - want).abs().max())
+        # Cached vs uncached in the same dtype: only the summation order differs.
+        assert close(got, full_half, 2 * ulp), float((got.float() - full_half.float()).abs().max())
     assert next(model.encoder.parameters()).dtype == torch.float32  # the caller's model is untouched
 
 
