@@ -479,11 +479,12 @@ def test_bad_argument(case: str) -> None:
 def test_good_call_and_validate_off() -> None:
     out = hstu_attention(**_args())  # type: ignore[arg-type]
     assert out.shape == (3, 1, 4)
-    # validate=False trusts the values; too many queries for a sequence then see nothing instead of reading
-    # another sequence's keys.
-    args = {**_args(), "q": torch.ones(4, 1, 4), "q_offsets": torch.tensor([0, 3, 4]), "max_q_len": 3}
-    out = hstu_attention(**{**args, "k": torch.ones(5, 1, 4), "v": torch.ones(5, 1, 4)}, validate=False)  # type: ignore[arg-type]
-    assert out.shape == (4, 1, 4) and torch.equal(out[0], torch.zeros(1, 4))
+    # validate=False trusts the values; a query that would sit before its sequence's start (3 queries for 2 keys)
+    # sees nothing, even without causality, instead of reading keys.
+    args = {**_args(), "q": torch.ones(4, 1, 4), "k": torch.ones(5, 1, 4), "v": torch.ones(5, 1, 4)}
+    args.update(q_offsets=torch.tensor([0, 3, 4]), max_q_len=3, causal=False, validate=False)
+    out = hstu_attention(**args)  # type: ignore[arg-type]
+    assert out.shape == (4, 1, 4) and torch.equal(out[0], torch.zeros(1, 4)) and (out[1:] > 0).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

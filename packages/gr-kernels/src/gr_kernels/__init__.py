@@ -1,7 +1,9 @@
 """gr-kernels: HSTU attention ops for generative recommenders.
 
 ``hstu_attention`` runs the ``torch.library`` custom ops ``gr_kernels::hstu_attention_fwd``/``_bwd`` (autograd and
-fake impls included); implementations plug in through the backend registry (``register_backend``).
+fake impls included); implementations plug in through the backend registry (``register_backend``). With
+``q_offsets`` it runs delta q (the queries are only the last tokens of each sequence, attending to the whole
+sequence: incremental inference over a KV cache); the reference implements it, native backends opt in.
 """
 
 from gr_kernels.backends import (
