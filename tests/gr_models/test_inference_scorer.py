@@ -201,6 +201,17 @@ def test_eviction_and_reuse_across_users_stay_exact():
     assert scorer.stats.prefix_full > 4  # evicted users were recomputed from their kept history
 
 
+def test_micro_batches_beyond_max_seq_len_equal_per_candidate_forwards():
+    """A full window (2 features + 61 events = 63 tokens of max_seq_len 64) with micro-batches of 5: too long for the
+    plain model at once, but each candidate's scores equal the plain model on [prefix | that candidate]."""
+    scorer = make_scorer(make_model(), micro_batch=5)
+    hist, cands = events(61, 0, 4), candidates(12, 4)
+    assert scorer.max_history_events == 61
+    got = scorer.score("u", FEATS, hist, cands, 9000)
+    want = torch.cat([scorer.full_recompute(FEATS, hist, cands.slice(i, i + 1), 9000) for i in range(12)])
+    assert close(got, want)
+
+
 def test_prefix_larger_than_the_cache_is_served_uncached():
     model = make_model()
     page_bytes = 3 * 4 * 2 * (8 + 8) * 4
@@ -228,18 +239,18 @@ def test_model_version_invalidates_and_weights_change_the_fingerprint():
 
 def test_history_window_slides_when_full():
     model = make_model(action_mode="interleave")
-    scorer = make_scorer(model, micro_batch=4)  # (64 - 2 - 4) // 2 = 29 events fit
-    assert scorer.max_history_events == 29
+    scorer = make_scorer(model, micro_batch=4)  # (64 - 2 - 1) // 2 = 30 events fit
+    assert scorer.max_history_events == 30
     history = UserEvents.empty()
     t = 0
     for step in range(4):
         new = events(11, t, seed=step)
         history = history.concat(new)
         t = history.last_timestamp + 1
-        cands = candidates(4, step)  # one micro-batch: the window is sized for it
+        cands = candidates(2, step)  # the plain model takes 2 + 60 + 2 tokens at most
         got = scorer.score("u", FEATS, new, cands, t)
-        assert close(got, scorer.full_recompute(FEATS, history.tail(29), cands, t)), step
-    assert scorer.history("u").dropped == 44 - 29
+        assert close(got, scorer.full_recompute(FEATS, history.tail(30), cands, t)), step
+    assert scorer.history("u").dropped == 44 - 30
     assert scorer.stats.full_fallback_reasons.get("history window slid") == 2
 
 
@@ -361,8 +372,10 @@ def test_scorer_configuration_errors():
         CachedRankingScorer(model, KVCache.for_encoder(other, budget_bytes=1 << 20))
     with pytest.raises(ValueError, match="micro_batch must be"):
         CachedRankingScorer(model, KVCache.for_encoder(cfg, budget_bytes=1 << 20), micro_batch=0)
+    tight = make_model()
+    tight.config.max_seq_len = 2
     with pytest.raises(ValueError, match="leaves no room"):
-        CachedRankingScorer(model, KVCache.for_encoder(cfg, budget_bytes=1 << 20), micro_batch=63)
+        CachedRankingScorer(tight, KVCache.for_encoder(cfg, budget_bytes=1 << 20))
     with pytest.raises(TypeError, match="HSTURankingModel"):
         CachedRankingScorer(torch.nn.Linear(2, 2), KVCache.for_encoder(cfg, budget_bytes=1 << 20))
     scorer = make_scorer(model)

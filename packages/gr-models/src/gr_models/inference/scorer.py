@@ -25,8 +25,11 @@ Exactness (why the results equal one uncached forward of the whole sequence, up 
   (``ScorerStats.prefix_full``, logged once). Micro-batched candidate scoring still reuses the prefix within a
   request. ``context_attention="causal"`` models put the features as an ordinary causal prefix timed at the first
   event, so nothing but the last token depends on later events or the request time: appends are incremental.
-- The history window keeps the most recent ``max_history_events`` events (what fits ``max_seq_len`` with one
-  micro-batch of candidates). When it slides, every position shifts, so the prefix is recomputed.
+- The history window keeps the most recent ``max_history_events`` events: as many as leave the candidates' shared
+  position inside the model's ``max_seq_len`` (``F + m * events + 1 <= max_seq_len``). When it slides, every
+  position shifts, so the prefix is recomputed. A micro-batch may make ``prefix + micro-batch`` longer than
+  ``max_seq_len``: each candidate still sees exactly the window ``[prefix | itself]`` that the model scores alone,
+  so the scores equal per-candidate forwards of the plain model (the plain model cannot take all at once then).
 
 Not thread-safe: a server serialises calls to one scorer (or runs one per worker).
 """
@@ -137,12 +140,9 @@ class CachedRankingScorer:
         if cache.dtype != self.dtype:
             raise ValueError(f"cache dtype {cache.dtype} differs from the scorer dtype {self.dtype}")
         f, m = cfg.features.num_user_features, cfg.tokens_per_event
-        self.max_history_events = (cfg.max_seq_len - f - micro_batch) // m
+        self.max_history_events = (cfg.max_seq_len - f - 1) // m
         if self.max_history_events < 0:
-            raise ValueError(
-                f"max_seq_len={cfg.max_seq_len} leaves no room for {f} user features and a micro-batch of "
-                f"{micro_batch} candidates"
-            )
+            raise ValueError(f"max_seq_len={cfg.max_seq_len} leaves no room for {f} user features and a candidate")
         self.cast_model = CastRankingModel(model, self.dtype)
         self.model, self.encoder, self.heads = model, self.cast_model.encoder, self.cast_model.heads
         self.device = cache.device

@@ -1,0 +1,267 @@
+"""Latency and throughput of HSTU ranking inference: KV-cached scoring vs full recompute, per dtype.
+
+One request = score ``candidates`` items for one user with ``history`` events. ``cached``: the user's prefix is in
+the KV cache (``CachedRankingScorer``); each request comes at a new request time, so the last history token is
+recomputed (delta q, 1 token) and the candidates run in micro-batches of ``--micro-batch`` against the cached K/V.
+``full``: ``CachedRankingScorer.full_recompute``, the plain model forward over ``[features | history | candidates]``
+(no cache, no micro-batches). Latency is the median over ``--repeats`` requests after one warm-up;
+``qps`` = 1000 / latency_ms (one request at a time). The model has random weights (latency does not depend on
+them): ``--dim``, ``--blocks``, ``--heads`` set its size, ``context_attention="causal"``, action mode "add", rab on.
+
+Records go to ``docs/benchmarks/inference.{json,md,png}``, merged with the records already there from other devices
+(a CUDA run keeps the CPU records and the other way round).
+
+    python tools/bench_inference.py                   # CPU: history 1024/4096, candidates 256/1024, fp32/bf16/fp16
+    python tools/bench_inference.py --device cuda     # GPU: the same grid
+    python tools/bench_inference.py --replot          # rewrite the .md/.png from the .json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_model(args: argparse.Namespace, max_seq_len: int):
+    from gr_models.modules.hstu import HSTUConfig
+    from gr_models.ranking import HSTURankingConfig, HSTURankingModel, RankingFeatureSpec, RankingTask
+
+    spec = RankingFeatureSpec(
+        num_items=args.num_items,
+        num_actions=5,
+        user_feature_names=("user_id", "age", "gender", "region"),
+        user_feature_sizes=(100_000, 8, 3, 50),
+        item_bag_name="genre",
+        item_bag_size=20,
+    )
+    cfg = HSTURankingConfig(
+        spec,
+        [RankingTask("like", "binary", 1.0), RankingTask("rating", "regression", 0.1)],
+        embedding_dim=args.dim,
+        max_seq_len=max_seq_len,
+        dropout=0.0,
+        context_attention="causal",
+        hstu=HSTUConfig(num_blocks=args.blocks, num_heads=args.heads, alpha=1.0 / (args.dim // args.heads) ** 0.5),
+    )
+    torch.manual_seed(0)
+    return HSTURankingModel(cfg).eval()
+
+
+def request_data(history: int, candidates: int, num_items: int, seed: int):
+    from gr_models.inference import Candidates, UserEvents
+
+    g = torch.Generator().manual_seed(seed)
+    ts = 1_600_000_000 + torch.sort(torch.randint(0, 10**7, (history,), generator=g)).values
+    bags = [[int(x)] for x in torch.randint(0, 20, (history,), generator=g)]
+    events = UserEvents.from_lists(
+        torch.randint(0, num_items, (history,), generator=g), torch.randint(0, 5, (history,), generator=g), ts, bags
+    )
+    cand_bags = [[int(x)] for x in torch.randint(0, 20, (candidates,), generator=g)]
+    cands = Candidates.from_lists(torch.randint(0, num_items, (candidates,), generator=g), cand_bags)
+    return [7, 3, 1, 20], events, cands, int(ts[-1]) + 60
+
+
+def _cached_request(scorer, user, feats, cands, t0: int, clock) -> torch.Tensor:
+    return scorer.score(user, feats, None, cands, t0 + next(clock))
+
+
+def bench(args: argparse.Namespace) -> list[dict]:
+    from gr_models.inference import CachedRankingScorer, KVCache
+
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    f = 4
+    max_seq_len = f + max(args.histories) + max(args.candidates)
+    records = []
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        model = build_model(args, max_seq_len).to(device)
+        cache = KVCache.for_encoder(
+            model.config.hstu, budget_bytes=args.cache_mb << 20, page_size=64, device=device, dtype=dtype
+        )
+        scorer = CachedRankingScorer(
+            model, cache, micro_batch=args.micro_batch, dtype=dtype, max_candidates=max(args.candidates)
+        )
+        for history in args.histories:
+            for m in args.candidates:
+                feats, events, cands, t0 = request_data(history, m, args.num_items, seed=history + m)
+                user = f"user-{history}-{m}"
+                for mode in args.modes:
+                    if mode == "cached":
+                        scorer.forget(user)
+                        scorer.score(user, feats, events, cands, t0)  # fills the cache (not timed)
+                        # A new request time per request: the last history token is recomputed each time.
+                        call = functools.partial(_cached_request, scorer, user, feats, cands, t0, itertools.count(1))
+                    else:
+                        call = functools.partial(scorer.full_recompute, feats, events, cands, t0)
+                    times = []
+                    for rep in range(args.repeats + 1):
+                        sync()
+                        start = time.perf_counter()
+                        call()
+                        sync()
+                        if rep:  # the first call warms up
+                            times.append(time.perf_counter() - start)
+                    latency = statistics.median(times) * 1e3
+                    rec = dict(
+                        device=args.device_name, history=history, candidates=m, mode=mode, dtype=dtype_name,
+                        latency_ms=round(latency, 2), qps=round(1e3 / latency, 2),
+                        candidates_per_s=round(m * 1e3 / latency, 1), micro_batch=args.micro_batch,
+                        dim=args.dim, blocks=args.blocks, heads=args.heads, repeats=args.repeats,
+                    )  # fmt: skip
+                    records.append(rec)
+                    print(json.dumps(rec), flush=True)
+    return records
+
+
+def markdown(runs: list[dict], records: list[dict]) -> str:
+    lines = ["# HSTU ranking inference: KV-cached scoring vs full recompute", ""]
+    for meta in runs:
+        lines.append(
+            f"- **{meta['device']}**: `{meta['command']}`; {meta['machine']}; torch {meta['torch']}; "
+            f"Python {meta['python']}; {meta['date']}. Model: {meta['model']}."
+        )
+    lines += [
+        "",
+        "`cached`: prefix in the KV cache, new request time (the last history token is recomputed), candidates in "
+        "micro-batches against the cached K/V. `full`: the plain model forward over features + history + all "
+        "candidates. Median latency of one request; qps = requests/s one at a time.",
+        "",
+        "| device | history | candidates | dtype | mode | latency ms | qps | candidates/s | cached speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    key = {(r["device"], r["history"], r["candidates"], r["dtype"], r["mode"]): r for r in records}
+    for r in sorted(records, key=lambda r: (r["device"], r["history"], r["candidates"], r["dtype"], r["mode"])):
+        full = key.get((r["device"], r["history"], r["candidates"], r["dtype"], "full"))
+        speedup = f"{full['latency_ms'] / r['latency_ms']:.1f}x" if r["mode"] == "cached" and full else ""
+        lines.append(
+            f"| {r['device']} | {r['history']} | {r['candidates']} | {r['dtype']} | {r['mode']} | "
+            f"{r['latency_ms']:.1f} | {r['qps']:.2f} | {r['candidates_per_s']:.0f} | {speedup} |"
+        )
+    lines += ["", "Half precision vs fp32 (same mode): latency ratio fp32 / dtype.", ""]
+    lines += ["| device | history | candidates | mode | bf16 | fp16 |", "|---|---|---|---|---|---|"]
+    for dev, h, m, mode in sorted({(r["device"], r["history"], r["candidates"], r["mode"]) for r in records}):
+        base = key.get((dev, h, m, "fp32", mode))
+        cells = []
+        for d in ("bf16", "fp16"):
+            r = key.get((dev, h, m, d, mode))
+            cells.append(f"{base['latency_ms'] / r['latency_ms']:.2f}x" if base and r else "-")
+        lines.append(f"| {dev} | {h} | {m} | {mode} | {cells[0]} | {cells[1]} |")
+    if not any(r["device"] != "cpu" for r in records):
+        lines += [
+            "",
+            "No GPU records yet: `python tools/bench_inference.py --device cuda` adds them (targets on one H200, "
+            "history 4096, 256 candidates: cached >= 5x faster than full, bf16 >= 2x faster than fp32).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    devices = sorted({r["device"] for r in records})
+    histories = sorted({r["history"] for r in records})
+    fig, axes = plt.subplots(
+        len(devices), len(histories), figsize=(6 * len(histories), 4 * len(devices)), squeeze=False
+    )
+    for row, dev in enumerate(devices):
+        for col, h in enumerate(histories):
+            ax = axes[row][col]
+            sel = [r for r in records if r["device"] == dev and r["history"] == h]
+            groups = sorted(
+                {(r["candidates"], r["dtype"]) for r in sel}, key=lambda g: (g[0], list(DTYPES).index(g[1]))
+            )
+            for i, mode in enumerate(("full", "cached")):
+                vals = [
+                    next((r["latency_ms"] for r in sel if (r["candidates"], r["dtype"]) == g and r["mode"] == mode), 0)
+                    for g in groups
+                ]
+                ax.bar([x + 0.4 * i for x in range(len(groups))], vals, width=0.4, label=mode)
+            ax.set_xticks([x + 0.2 for x in range(len(groups))], [f"{m}\n{d}" for m, d in groups])
+            ax.set_yscale("log")
+            ax.set_ylabel("latency per request, ms")
+            ax.set_title(f"{dev}: history {h}")
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_outputs(out: Path, runs: list[dict], records: list[dict]) -> None:
+    out.with_suffix(".json").write_text(json.dumps({"runs": runs, "records": records}, indent=2) + "\n")
+    md = markdown(runs, records)
+    out.with_suffix(".md").write_text(md)
+    try:
+        plot(records, out.with_suffix(".png"))
+    except ImportError:  # a GPU machine without matplotlib: --replot later
+        print("matplotlib missing: no plot written", file=sys.stderr)
+    print(md)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--histories", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--candidates", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "fp16"], choices=list(DTYPES))
+    ap.add_argument("--modes", nargs="+", default=["cached", "full"], choices=["cached", "full"])
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--num-items", type=int, default=100_000)
+    ap.add_argument("--micro-batch", type=int, default=128)
+    ap.add_argument("--cache-mb", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    ap.add_argument("--out", default=str(REPO / "docs/benchmarks/inference"))
+    ap.add_argument("--replot", action="store_true", help="only rewrite the .md/.png from the .json")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.replot:
+        saved = json.loads(out.with_suffix(".json").read_text())
+        write_outputs(out, saved["runs"], saved["records"])
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    meta = {
+        "device": args.device_name,
+        "command": "python tools/bench_inference.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+        "model": f"embedding_dim {args.dim}, {args.blocks} HSTU blocks, {args.heads} heads, 4 user features, "
+        f"micro-batch {args.micro_batch}",
+    }
+    sys.path.insert(0, str(REPO))
+    records = bench(args)
+    runs, kept = [meta], []
+    if out.with_suffix(".json").is_file():  # keep what other devices measured
+        saved = json.loads(out.with_suffix(".json").read_text())
+        runs = [m for m in saved["runs"] if m["device"] != meta["device"]] + [meta]
+        kept = [r for r in saved["records"] if r["device"] != meta["device"]]
+    write_outputs(out, runs, kept + records)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
