@@ -487,6 +487,12 @@ def test_good_call_and_validate_off() -> None:
     assert out.shape == (4, 1, 4) and torch.equal(out[0], torch.zeros(1, 4)) and (out[1:] > 0).all()
 
 
+def test_reference_needs_max_q_len_with_q_offsets() -> None:
+    q, offsets = torch.zeros(2, 1, 4), torch.tensor([0, 2])
+    with pytest.raises(ValueError, match=r"needs params.max_q_len >= 1, got 0"):
+        gr_kernels.reference_forward(q[:1], q, q, offsets, None, None, HSTUParams(2, 1.0, 2), torch.tensor([0, 1]))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.gpu
 def test_cuda_matches_full_rows_without_sync(jagged: Callable) -> None:

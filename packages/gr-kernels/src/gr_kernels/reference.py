@@ -82,6 +82,8 @@ class _Scores:
         if q_offsets is None:
             self.num_q_rows, self.q_rows = n, self.kv_rows
         else:
+            if p.max_q_len < 1:  # hstu_attention always sets it; direct callers of the reference must too
+                raise ValueError(f"delta q (q_offsets) needs params.max_q_len >= 1, got {p.max_q_len}")
             self.num_q_rows = p.max_q_len
             self.q_rows = jagged_rows(q_offsets, q.shape[0], self.num_q_rows)
             q_lengths = q_offsets[1:] - q_offsets[:-1]
