@@ -14,7 +14,8 @@ Exactness (why the results equal one uncached forward of the whole sequence, up 
 - Candidates never influence prefix rows (targets are invisible to non-targets) nor each other (group size 1), and
   all of a window's candidates share one position, so any split into micro-batches gives the same outputs.
 - The last history token predicts at the *request* time (its rab query time), then at the next event's time once
-  one arrives: its K/V at layers >= 2 change with every request time and on every append. The scorer therefore
+  one arrives: its output of every block, hence its K/V in every later block, changes with every request time
+  and on every append. The scorer therefore
   recomputes the last cached token together with the new ones (delta-q over ``[old last token, new tokens]``),
   and on a request with a new request time and no new events it recomputes just that token. Without a relative
   bias (``use_rab=False``) the query time plays no role and the old last token is kept.
@@ -30,6 +31,9 @@ Exactness (why the results equal one uncached forward of the whole sequence, up 
   position shifts, so the prefix is recomputed. A micro-batch may make ``prefix + micro-batch`` longer than
   ``max_seq_len``: each candidate still sees exactly the window ``[prefix | itself]`` that the model scores alone,
   so the scores equal per-candidate forwards of the plain model (the plain model cannot take all at once then).
+
+tests/gr_models/test_inference_scorer.py proves each claim against ``full_recompute`` (the plain model), including
+negative controls: skipping the last-token recompute, or appending incrementally to a "full" model, fails them.
 
 Not thread-safe: a server serialises calls to one scorer (or runs one per worker).
 """
