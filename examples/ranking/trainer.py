@@ -21,8 +21,10 @@ from gr_models.ranking.features import RankingFeatureSpec
 from gr_models.ranking.hstu_ranking import HSTURankingConfig, HSTURankingModel
 from gr_models.ranking.metrics import RankingMetrics
 from gr_models.ranking.tasks import MultiTaskLoss, check_tasks
+from gr_models.serving.bundle import save_bundle
 
 log = logging.getLogger("examples.ranking")
+BUNDLE_FILE = "model_bundle.pt"  # the best weights + config for gr-serve (gr_models.serving.bundle)
 
 
 def load_ranking_log(cfg: DataConfig) -> RankingLog:
@@ -144,6 +146,13 @@ class RankingTrainer(EpochTrainer):
         loss, _ = self.loss_fn(self.model(batch), batch.labels)
         self.state["train_candidates"] += int(batch.candidate_items.numel())
         return loss
+
+    def _finish(self) -> dict[str, Any]:
+        results = super()._finish()  # leaves the best weights in self.model
+        if isinstance(self.model, HSTURankingModel) and self.model.config.dynamic_item_table is None:
+            meta = {"dataset": self.config.data.dataset, "best_epoch": str(self.state["best_epoch"])}
+            log.info("serving bundle -> %s", save_bundle(self.model, self.out_dir / BUNDLE_FILE, metadata=meta))
+        return results
 
     def _results_head(self) -> dict[str, Any]:
         return {"model": self.config.model.type, "dataset": self.config.data.dataset}

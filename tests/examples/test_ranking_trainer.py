@@ -13,6 +13,7 @@ from examples.common.config import load_config
 from examples.ranking.__main__ import main
 from examples.ranking.config import RankingExperimentConfig
 from examples.ranking.trainer import RankingTrainer
+from gr_models.serving.bundle import load_bundle
 
 TINY = [
     "data.synthetic.num_users=60",
@@ -49,6 +50,12 @@ def test_cli_end_to_end_on_synthetic(model: str, tmp_path: Path, capsys: pytest.
     assert results["test"]["like/ne"] > 0 and results["test"]["rating/mse"] > 0
     assert results["epochs"] == 2 and results["model"] == model and len(results["val_history"]) == 2
     assert (out / "best.pt").is_file() and any((out / "tensorboard").iterdir())
+    # HSTU runs leave a serving bundle of the best weights (gr_models.serving.bundle); DLRM has none.
+    assert (out / "model_bundle.pt").is_file() == (model == "hstu")
+    if model == "hstu":
+        best = load_checkpoint(out / "best.pt")["model"]
+        served = load_bundle(out / "model_bundle.pt").model.state_dict()
+        assert served.keys() == best.keys() and all(torch.equal(served[k], v) for k, v in best.items())
     assert json.loads(capsys.readouterr().out)["test"] == results["test"]
 
 

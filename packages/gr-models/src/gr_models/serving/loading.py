@@ -1,0 +1,57 @@
+"""Backends from files: a model bundle (cached scorer) or an AOTInductor scoring package (full recompute)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gr_models.inference import CachedRankingScorer, KVCache
+from gr_models.inference.export import load_scoring_package
+from gr_models.ranking.hstu_ranking import HSTURankingModel
+from gr_models.serving.backends import CachedBackend, UncachedBackend
+from gr_models.serving.bundle import load_bundle
+
+
+def cached_backend(
+    model: HSTURankingModel,
+    *,
+    model_version: str | None = None,
+    dtype: str | torch.dtype = "fp32",
+    cache_bytes: int = 512 << 20,
+    micro_batch: int = 64,
+    max_candidates: int = 1024,
+    max_users: int = 100_000,
+) -> CachedBackend:
+    scorer_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, dtype)
+    cache = KVCache.for_encoder(model.config.hstu, budget_bytes=cache_bytes, device="cpu", dtype=scorer_dtype)
+    scorer = CachedRankingScorer(
+        model.eval(),
+        cache,
+        micro_batch=micro_batch,
+        dtype=scorer_dtype,
+        model_version=model_version,
+        max_candidates=max_candidates,
+        max_users=max_users,
+    )
+    return CachedBackend(scorer)
+
+
+def backend_from_bundle(path: str | Path, **options: object) -> CachedBackend:
+    bundle = load_bundle(path)
+    return cached_backend(bundle.model, model_version=bundle.model_version, **options)  # type: ignore[arg-type]
+
+
+def backend_from_package(path: str | Path, *, max_users: int = 100_000) -> UncachedBackend:
+    scorer = load_scoring_package(path)
+    spec = scorer.spec
+    return UncachedBackend(
+        scorer,
+        spec.features,
+        spec.tasks,
+        spec.model_version,
+        max_seq_len=spec.max_seq_len,
+        tokens_per_event=spec.tokens_per_event,
+        max_users=max_users,
+        name="exported",
+    )
