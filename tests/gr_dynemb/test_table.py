@@ -218,8 +218,26 @@ def test_clear_and_extreme_keys() -> None:
 
 @pytest.mark.parametrize("sentinel", RESERVED_KEYS)
 def test_reserved_keys_are_rejected(sentinel: int) -> None:
+    t = table()
     with pytest.raises(ValueError, match="reserved"):
-        table().find_or_insert(torch.tensor([1, sentinel]))
+        t.find_or_insert(torch.tensor([1, sentinel]))
+    # The sentinel got no slot; the batch's other key was processed.
+    assert t.size() == 1 and t.find(torch.tensor([1, sentinel]))[1].tolist() == [True, False]
+    with pytest.raises(ValueError, match="reserved"):
+        t.insert_or_assign(torch.tensor([sentinel, 2]), torch.zeros(2, t.value_dim))
+    assert t.size() == 2
+    t.insert_or_assign(torch.tensor([3]), torch.zeros(1, t.value_dim))  # the count does not leak into later calls
+
+
+def test_lookups_report_reserved_keys_absent() -> None:
+    # No slot can hold a sentinel, so lookups answer "absent" for it instead of scanning every batch on the host.
+    t = table(dim=2)
+    t.insert_or_assign(torch.tensor([5]), torch.ones(1, t.value_dim))
+    keys = torch.tensor([RESERVED_KEYS[0], 5, RESERVED_KEYS[1]])
+    values, found = t.find(keys)
+    assert found.tolist() == [False, True, False] and not bool(values[[0, 2]].any())
+    assert t.assign(keys, torch.zeros(3, t.value_dim)).tolist() == [False, True, False]
+    assert t.erase(keys) == 1 and t.size() == 0
 
 
 def test_bad_input_names_the_problem() -> None:

@@ -67,6 +67,7 @@ PYBIND11_MODULE(_C, m) {
       .def("set_epoch", &CpuTable::set_epoch)
       .def("evicted_count", &CpuTable::evicted_count)
       .def("rejected_count", &CpuTable::rejected_count)
+      .def("take_reserved_count", &CpuTable::take_reserved_count)
       .def("find",
            [](CpuTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t found, bool touch) {
              py::gil_scoped_release nogil;

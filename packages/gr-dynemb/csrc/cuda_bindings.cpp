@@ -45,6 +45,7 @@ void register_cuda_table(py::module_& m) {
       .def("set_epoch", &CudaTable::set_epoch)
       .def("evicted_count", &CudaTable::evicted_count, py::call_guard<py::gil_scoped_release>())
       .def("rejected_count", &CudaTable::rejected_count, py::call_guard<py::gil_scoped_release>())
+      .def("take_reserved_count", &CudaTable::take_reserved_count, py::call_guard<py::gil_scoped_release>())
       .def("find",
            [](CudaTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t found, bool touch,
               std::uintptr_t stream) {

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "table/hash.h"
+#include "table/initializer.h"
 
 namespace gr_dynemb {
 
@@ -63,7 +64,10 @@ void CpuTable::prefetch(const int64_t* keys, int64_t i, int64_t end) const {
   const Probe pr = probe(key);
   const int64_t slot = pr.bucket * kBucketSize + pr.start;
   __builtin_prefetch(&slots_[slot]);
-  __builtin_prefetch(&values_[slot * options_.value_dim]);
+  // The whole row (a 64-float row is four cache lines): the copy in or out of it then does not wait line by line.
+  const char* row = reinterpret_cast<const char*>(&values_[slot * options_.value_dim]);
+  const int64_t bytes = int64_t(sizeof(float)) * options_.value_dim;
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 1);
 }
 
 int64_t CpuTable::locate(int64_t key, const Probe& pr, int64_t* free_slot) const {
@@ -138,36 +142,14 @@ int64_t CpuTable::place(int64_t key, const Probe& pr, uint64_t score, InsertStat
 }
 
 void CpuTable::initial_row(int64_t key, float* row) const {
-  const Initializer& in = options_.init;
-  const auto seed = in.seed;
-  if (in.kind == InitKind::kNormal) {
-    // Box-Muller yields two independent normals per pair of uniforms: use both.
-    for (int d = 0; d < options_.dim; d += 2) {
-      double z0, z1;
-      standard_normal_pair(seed, key, d / 2, z0, z1);
-      row[d] = in.a + in.b * float(z0);
-      if (d + 1 < options_.dim) row[d + 1] = in.a + in.b * float(z1);
-    }
-    std::fill(row + options_.dim, row + options_.value_dim, 0.f);
-    return;
+  const int dim = options_.dim;
+  for (int p = 0; 2 * p < dim; ++p) {
+    float x0, x1;
+    init::initial_pair(options_.init, key, p, x0, x1);
+    row[2 * p] = x0;
+    if (2 * p + 1 < dim) row[2 * p + 1] = x1;
   }
-  for (int d = 0; d < options_.dim; ++d) {
-    float x = 0.f;
-    switch (in.kind) {
-      case InitKind::kNormal: break;  // handled above
-      case InitKind::kTruncatedNormal: {
-        // Redraw outside two standard deviations (the usual truncation), with a bounded number of tries.
-        double z = standard_normal(seed, key, d);
-        for (uint64_t r = 1; std::fabs(z) > 2.0 && r < 64; ++r) z = standard_normal(seed, key, d + r * 1000003ULL);
-        x = in.a + in.b * float(std::max(-2.0, std::min(2.0, z)));
-        break;
-      }
-      case InitKind::kUniform: x = in.a + (in.b - in.a) * float(uniform01(seed, key, d)); break;
-      case InitKind::kConstant: x = in.a; break;
-    }
-    row[d] = x;
-  }
-  std::fill(row + options_.dim, row + options_.value_dim, 0.f);
+  std::fill(row + dim, row + options_.value_dim, 0.f);
 }
 
 void CpuTable::find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score) {
@@ -211,6 +193,7 @@ void CpuTable::Tally::flush(CpuTable& table) {
   table.size_.fetch_add(inserted);
   table.evicted_.fetch_add(evicted);
   table.rejected_.fetch_add(rejected);
+  if (reserved) table.reserved_.fetch_add(reserved);
 }
 
 template <typename Body>
@@ -221,6 +204,12 @@ void CpuTable::upsert_batch(const int64_t* keys, int64_t n, int8_t* status, cons
     for (int64_t i = begin; i < end; ++i) {
       prefetch(keys, i, end);
       const int64_t key = keys[i];
+      if (is_reserved(key)) {  // never stored: rejected and counted, the Python layer raises
+        body(i, key, int64_t(-1), InsertStatus::kRejected);
+        status[i] = static_cast<int8_t>(InsertStatus::kRejected);
+        ++tally.reserved;
+        continue;
+      }
       const Probe pr = probe(key);
       lock(pr.bucket);
       int64_t free_slot;

@@ -39,6 +39,8 @@ class CpuTable {
   uint32_t epoch() const { return epoch_; }
   int64_t evicted_count() const { return evicted_.load(); }
   int64_t rejected_count() const { return rejected_.load(); }
+  // Reserved keys offered to inserting operations since the last call (they were rejected, not stored); resets.
+  int64_t take_reserved_count() { return reserved_.exchange(0); }
 
   // values: [n, value_dim] or null; found: [n]. Touches scores when update_score.
   void find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score);
@@ -67,7 +69,7 @@ class CpuTable {
   // Per-thread counts of one chunk, added to the shared atomics once (not once per key: that line would bounce
   // between cores on every insert).
   struct Tally {
-    int64_t inserted = 0, evicted = 0, rejected = 0;
+    int64_t inserted = 0, evicted = 0, rejected = 0, reserved = 0;
     void add(InsertStatus st);
     void flush(CpuTable& table);
   };
@@ -105,6 +107,7 @@ class CpuTable {
   std::atomic<int64_t> size_{0};
   std::atomic<int64_t> evicted_{0};
   std::atomic<int64_t> rejected_{0};
+  std::atomic<int64_t> reserved_{0};
   uint64_t step_ = 0;
   uint32_t epoch_ = 0;
 };

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "table/hash.h"
+#include "table/initializer.h"
 
 namespace cg = cooperative_groups;
 
@@ -67,7 +68,7 @@ struct CudaTable::View {
   Initializer init;
   uint64_t step;
   uint32_t epoch;
-  int64_t* counters;  // [size, evicted, rejected, scratch]
+  int64_t* counters;  // [size, evicted, rejected, scratch, reserved keys offered to inserting ops]
 };
 
 namespace {
@@ -156,6 +157,47 @@ __device__ __forceinline__ int locate(const View& t, const Masks& m, const Probe
   return -1;
 }
 
+// Slot (within the bucket) holding `key`, or -1, for operations that do not change digests (lookups, updates of
+// present rows). Inserts take the first free slot from the probe start and a slot never returns to "never used"
+// (erase leaves a tombstone), so a present key sits before the first never-used slot of its probe path. Digests are
+// therefore read one 32-slot sector (32 bytes: one DRAM sector) at a time from the start, stopping at a never-used
+// slot: at moderate load most lookups read one sector instead of the bucket's 128 bytes.
+__device__ __forceinline__ int find_slot(const View& t, const Tile& g, const Probe& pr, int64_t key) {
+  const int lane = g.thread_rank();  // kGroup (8) lanes x 4 digests = one sector
+  const int first = pr.start >> 5, head = pr.start & 31;
+  for (int k = 0; k <= 4; ++k) {  // the four sectors from the start's, then the start sector's head (wrap-around)
+    const int sector = (first + k) & 3;
+    const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(t.digests + pr.base + sector * 32) + lane);
+    uint32_t match = 0, never_used = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t b = (word >> (8 * j)) & 0xffu;
+      match |= uint32_t(b == pr.digest) << j;
+      never_used |= uint32_t(b == kEmptyDigest) << j;
+    }
+    match <<= 4 * lane;
+    never_used <<= 4 * lane;
+#pragma unroll
+    for (int off = 1; off < kGroup; off <<= 1) {
+      match |= g.shfl_xor(match, off);
+      never_used |= g.shfl_xor(never_used, off);
+    }
+    // Bits of this sector on the probe path (in probe order = ascending bits): from the start in the first sector,
+    // all of the middle ones, below the start in the wrap-around.
+    const uint32_t path = k == 0 ? ~0u << head : (k < 4 ? ~0u : (head ? (1u << head) - 1u : 0u));
+    match &= path;
+    never_used &= path;
+    if (never_used) match &= (never_used & (0u - never_used)) - 1u;  // only slots before the first never-used one
+    while (match) {
+      const int s = sector * 32 + __ffs(match) - 1;
+      match &= match - 1;
+      if (t.keys[pr.base + s] == key) return s;
+    }
+    if (never_used) return -1;
+  }
+  return -1;
+}
+
 __device__ __forceinline__ uint64_t touched_score(const View& t, uint64_t old_score, bool is_new,
                                                   const uint64_t* custom, int64_t i) {
   if (custom != nullptr) return custom[i];
@@ -207,35 +249,23 @@ __device__ __forceinline__ void zero_row(const Tile& g, float* dst, int vd) {
   for (int c = g.thread_rank(); c < vd; c += kGroup) dst[c] = 0.f;
 }
 
-// The CPU table's initial_row, value for value: double-precision draws, float arithmetic without FMA contraction.
-// Each value is drawn once and stored to `row` and, when given, `copy` (a new slot's row and the caller's output).
+// The CPU table's initial_row, value for value (table/initializer.h). Each value is drawn once and stored to `row`
+// and, when given, `copy` (a new slot's row and the caller's output). Lanes take pairs of columns.
 __device__ void initial_row(const View& t, const Tile& g, int64_t key, float* row, float* copy = nullptr) {
-  const Initializer& in = t.init;
-  auto put = [&](int d, float x) {
-    row[d] = x;
-    if (copy) copy[d] = x;
-  };
-  if (in.kind == InitKind::kNormal) {
-    for (int p = g.thread_rank(); 2 * p < t.dim; p += kGroup) {
-      double z0, z1;
-      standard_normal_pair(in.seed, key, p, z0, z1);
-      put(2 * p, __fadd_rn(in.a, __fmul_rn(in.b, float(z0))));
-      if (2 * p + 1 < t.dim) put(2 * p + 1, __fadd_rn(in.a, __fmul_rn(in.b, float(z1))));
-    }
-  } else {
-    for (int d = g.thread_rank(); d < t.dim; d += kGroup) {
-      float x = in.a;
-      if (in.kind == InitKind::kTruncatedNormal) {
-        double z = standard_normal(in.seed, key, d);
-        for (uint64_t r = 1; fabs(z) > 2.0 && r < 64; ++r) z = standard_normal(in.seed, key, d + r * 1000003ULL);
-        x = __fadd_rn(in.a, __fmul_rn(in.b, float(fmax(-2.0, fmin(2.0, z)))));
-      } else if (in.kind == InitKind::kUniform) {
-        x = __fadd_rn(in.a, __fmul_rn(__fsub_rn(in.b, in.a), float(uniform01(in.seed, key, d))));
-      }
-      put(d, x);
+  for (int p = g.thread_rank(); 2 * p < t.dim; p += kGroup) {
+    float x0, x1;
+    init::initial_pair(t.init, key, p, x0, x1);
+    row[2 * p] = x0;
+    if (copy) copy[2 * p] = x0;
+    if (2 * p + 1 < t.dim) {
+      row[2 * p + 1] = x1;
+      if (copy) copy[2 * p + 1] = x1;
     }
   }
-  for (int c = t.dim + g.thread_rank(); c < t.vd; c += kGroup) put(c, 0.f);
+  for (int c = t.dim + g.thread_rank(); c < t.vd; c += kGroup) {
+    row[c] = 0.f;
+    if (copy) copy[c] = 0.f;
+  }
 }
 
 // The lowest-score slot of a full bucket (lowest index among ties, as the CPU table scans), to every lane.
@@ -264,11 +294,13 @@ __device__ __forceinline__ void min_score_slot(const View& t, const Tile& g, int
 }
 
 // Per-block tallies (shared memory) go to the table's counters once per block: one global atomic per block.
+// counts: [inserted -> size, evicted, rejected, reserved keys].
 __device__ __forceinline__ void flush_tally(const View& t, unsigned long long* counts) {
+  constexpr int kCounter[4] = {0, 1, 2, 4};
   __syncthreads();
   if (threadIdx.x == 0) {
     for (int c = 0; c < 4; ++c)
-      if (counts[c]) atomicAdd(reinterpret_cast<unsigned long long*>(t.counters + c), counts[c]);
+      if (counts[c]) atomicAdd(reinterpret_cast<unsigned long long*>(t.counters + kCounter[c]), counts[c]);
   }
 }
 
@@ -276,7 +308,8 @@ __device__ __forceinline__ int64_t group_index(const Tile& g) {
   return int64_t(blockIdx.x) * kKeysPerBlock + g.meta_group_rank();
 }
 
-__global__ void find_kernel(View t, const int64_t* keys, int64_t n, float* values, bool* found, bool touch) {
+// <= 32 registers: eight 256-thread blocks per SM; lookups are bound by memory latency, so occupancy pays.
+__global__ void __launch_bounds__(kBlock, 8) find_kernel(View t, const int64_t* keys, int64_t n, float* values, bool* found, bool touch) {
   const Tile g = cg::tiled_partition<kGroup>(cg::this_thread_block());
   const int64_t i = group_index(g);
   if (i >= n) return;
@@ -285,8 +318,7 @@ __global__ void find_kernel(View t, const int64_t* keys, int64_t n, float* value
   Probe pr{};
   if (!is_reserved(key)) {
     pr = probe(t, key);
-    const Masks m = bucket_masks<false>(t, g, pr);
-    s = locate<false>(t, m, pr, key);
+    s = find_slot(t, g, pr, key);
   }
   if (g.thread_rank() == 0) found[i] = s >= 0;
   if (values) {
@@ -317,7 +349,13 @@ __global__ void upsert_kernel(View t, const int64_t* keys, int64_t n, float* out
   __syncthreads();
   const Tile g = cg::tiled_partition<kGroup>(cg::this_thread_block());
   const int64_t i = group_index(g);
-  if (i < n) {
+  if (i < n && is_reserved(keys[i])) {  // never stored: rejected and counted, the Python layer raises
+    if (kMode == Upsert::kFindOrInsert) initial_row(t, g, keys[i], out_values + i * t.vd);
+    if (g.thread_rank() == 0) {
+      status[i] = static_cast<int8_t>(InsertStatus::kRejected);
+      atomicAdd(counts + 3, 1ULL);
+    }
+  } else if (i < n) {
     const int64_t key = keys[i];
     const Probe pr = probe(t, key);
     lock_bucket(t, g, pr.bucket);
@@ -388,9 +426,8 @@ __global__ void update_kernel(View t, const int64_t* keys, int64_t n, const floa
     return;
   }
   const Probe pr = probe(t, key);
-  if (kAccumulate) lock_bucket(t, g, pr.bucket);
-  const Masks m = bucket_masks<kAccumulate>(t, g, pr);
-  const int s = locate<kAccumulate>(t, m, pr, key);
+  if (kAccumulate) lock_bucket(t, g, pr.bucket);  // only duplicates of one key contend: digests do not change here
+  const int s = find_slot(t, g, pr, key);
   if (s >= 0) {
     float* row = row_of(t, pr.base + s);
     const float* src = rows + i * t.vd;
@@ -548,8 +585,8 @@ unsigned slot_blocks(int64_t slots) { return static_cast<unsigned>((slots + kBlo
 CudaTable::CudaTable(const CudaTableOptions& options) : options_(options) {
   options_.validate();
   DeviceGuard guard(options_.device);
-  check(cudaMalloc(&counters_, 4 * sizeof(int64_t)), "cudaMalloc counters");
-  check(cudaMemset(counters_, 0, 4 * sizeof(int64_t)), "cudaMemset counters");
+  check(cudaMalloc(&counters_, 5 * sizeof(int64_t)), "cudaMalloc counters");
+  check(cudaMemset(counters_, 0, 5 * sizeof(int64_t)), "cudaMemset counters");
   allocate(round_up_buckets(options_.capacity) * kBucketSize);
   check(cudaDeviceSynchronize(), "table initialisation");
 }
@@ -618,6 +655,11 @@ int64_t CudaTable::read_counter(int index, uintptr_t stream) {
 }
 
 int64_t CudaTable::size(uintptr_t stream) { return read_counter(0, stream); }
+int64_t CudaTable::take_reserved_count(uintptr_t stream) {
+  const int64_t count = read_counter(4, stream);
+  if (count) check(cudaMemsetAsync(counters_ + 4, 0, sizeof(int64_t), as_stream(stream)), "reset counter");
+  return count;
+}
 int64_t CudaTable::evicted_count(uintptr_t stream) { return read_counter(1, stream); }
 int64_t CudaTable::rejected_count(uintptr_t stream) { return read_counter(2, stream); }
 

@@ -43,6 +43,8 @@ class CudaTable {
   void set_epoch(uint32_t epoch) { epoch_ = epoch; }
   int64_t evicted_count(uintptr_t stream);
   int64_t rejected_count(uintptr_t stream);
+  // Reserved keys offered to inserting operations since the last call (they were rejected, not stored); resets.
+  int64_t take_reserved_count(uintptr_t stream);
 
   void find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score, uintptr_t stream);
   void find_or_insert(const int64_t* keys, int64_t n, float* values, int8_t* status, const uint64_t* scores,
@@ -83,7 +85,7 @@ class CudaTable {
   float* dev_values_ = nullptr;
   float* host_values_ = nullptr;  // cudaHostAlloc'd (mapped); its device address is host_values_dev_
   float* host_values_dev_ = nullptr;
-  int64_t* counters_ = nullptr;  // [size, evicted, rejected, scratch]
+  int64_t* counters_ = nullptr;  // [size, evicted, rejected, scratch, reserved]
   int64_t size_bound_ = 0;       // host-side upper bound of size(): growth checks sync only when it could matter
   uint64_t step_ = 0;
   uint32_t epoch_ = 0;

@@ -1,6 +1,9 @@
 """``DynamicHashTable``: the Python face of the native collision-free int64 -> row hash tables (CPU and CUDA).
 
-Keys are any int64 except the two reserved sentinels (``RESERVED_KEYS``); a value row is ``[embedding (dim) |
+Keys are any int64 except the two reserved sentinels (``RESERVED_KEYS``). No slot can hold one: lookups (``find``,
+``assign``, ``accumulate``, ``erase``) report them absent, and inserting operations leave them out (status REJECTED),
+process the rest of the batch and then raise a ValueError naming the key. The native tables do that check in the
+same pass over the keys, so no operation scans its keys on the host first. A value row is ``[embedding (dim) |
 optimizer state]``. New keys get their embedding from a seeded, per-key initializer (the same key gets the same
 initial row whatever the batch order or thread count) and zero optimizer state.
 
@@ -161,6 +164,7 @@ class DynamicHashTable:
 
     # ------------------------------------------------------------------ checks
     def _keys(self, keys: Tensor) -> Tensor:
+        """Flat contiguous int64 keys on the table's device (reserved sentinels are the native tables' to catch)."""
         if not isinstance(keys, Tensor):
             raise TypeError(f"keys must be a torch.Tensor, got {type(keys).__name__}")
         if keys.dtype != torch.int64:
@@ -168,12 +172,16 @@ class DynamicHashTable:
         if keys.device != self.device:
             where = "in host memory" if self.device.type == "cpu" else f"on {self.device}"
             raise ValueError(f"this table lives {where}; keys are on {keys.device}")
-        keys = keys.reshape(-1).contiguous()
-        # The two sentinels are the two smallest int64 values: one reduction finds either.
-        if keys.numel() and int(keys.min()) <= max(RESERVED_KEYS):
-            bad = int(keys.min())
-            raise ValueError(f"key {bad} is reserved by the table (reserved keys: {list(RESERVED_KEYS)})")
-        return keys
+        return keys.reshape(-1).contiguous()
+
+    def _raise_if_reserved(self, keys: Tensor) -> None:
+        """After an inserting op: the native table counted the reserved keys it was offered (and stored none)."""
+        if self._table.take_reserved_count(*self._stream()):
+            bad = int(keys[(keys == RESERVED_KEYS[0]) | (keys == RESERVED_KEYS[1])][0])
+            raise ValueError(
+                f"key {bad} is reserved by the table (reserved keys: {list(RESERVED_KEYS)}); it was not stored, the "
+                "batch's other keys were processed"
+            )
 
     def _values(self, values: Tensor, n: int) -> Tensor:
         if not isinstance(values, Tensor) or values.dtype != torch.float32:
@@ -228,6 +236,7 @@ class DynamicHashTable:
             0 if scores is None else scores.data_ptr(),
             *self._stream(),
         )
+        self._raise_if_reserved(keys)
         self._raise_if_full(status, keys)
         return values, status
 
@@ -245,6 +254,7 @@ class DynamicHashTable:
             0 if scores is None else scores.data_ptr(),
             *self._stream(),
         )
+        self._raise_if_reserved(keys)
         self._raise_if_full(status, keys)
         return status
 
@@ -261,6 +271,7 @@ class DynamicHashTable:
         self._table.insert_or_assign(
             keys.data_ptr(), keys.numel(), values.data_ptr(), status.data_ptr(), scores.data_ptr(), *self._stream()
         )
+        self._raise_if_reserved(keys)
         return status
 
     def assign(self, keys: Tensor, values: Tensor) -> Tensor:

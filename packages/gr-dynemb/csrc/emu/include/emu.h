@@ -16,6 +16,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 #define __shared__ static
 
 struct dim3 { unsigned x = 1, y = 1, z = 1; dim3() = default; dim3(unsigned a) : x(a) {} };
@@ -73,6 +74,7 @@ template <int N> struct thread_block_tile {
     uint64_t got = c->tile_buf[(threadIdx.x / N) * N + src]; sync();
     T r; std::memcpy(&r, &got, sizeof(T)); return r;
   }
+  template <class T> T shfl_xor(T v, int mask) const { return shfl(v, int(thread_rank()) ^ mask); }
   template <class T> T shfl_down(T v, int off) const {
     const int src = int(thread_rank()) + off;
     T r = shfl(v, src < N ? src : int(thread_rank()));
