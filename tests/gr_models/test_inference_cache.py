@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gr_models.inference import CacheCapacityError, KVCache
@@ -143,6 +143,7 @@ def test_for_encoder_shapes():
 
 @settings(max_examples=40, deadline=None)
 @given(ops=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 14), st.booleans()), min_size=1, max_size=40))
+@example(ops=[(2, 0, False), (0, 13, False), (1, 9, False)])  # evicting an empty entry frees no page
 def test_random_write_evict_rewrite_never_corrupts(ops):
     """Random reserve/write/invalidate traffic over a small pool: every cached user always reads back exactly what
     was last written for it, whatever pages it was given after others were evicted."""

@@ -381,3 +381,26 @@ def test_scorer_configuration_errors():
     scorer = make_scorer(model)
     with pytest.raises(InferenceInputError, match="full recompute needs"):
         scorer.full_recompute(FEATS, events(60, 0, 0), candidates(8, 0), 10**6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_scorer_matches_cuda_full_recompute_and_the_cpu_reference(dtype):
+    cpu_model = make_model(context="causal", action_mode="interleave")
+    want = make_scorer(cpu_model)  # fp32 on the CPU
+    model = make_model(context="causal", action_mode="interleave").cuda()
+    cache = KVCache.for_encoder(model.config.hstu, budget_bytes=1 << 20, page_size=4, device="cuda", dtype=dtype)
+    scorer = CachedRankingScorer(model, cache, micro_batch=3, dtype=dtype)
+    history = UserEvents.empty()
+    for step, n in enumerate([5, 2, 0, 3]):
+        new = events(n, step * 10_000, step)
+        history = history.concat(new)
+        t = (history.last_timestamp or 0) + 50
+        cands = candidates(7, step)
+        got = scorer.score("u", FEATS, new, cands, t)
+        assert got.device.type == "cuda" and got.dtype == dtype
+        ref = want.full_recompute(FEATS, history, cands, t)
+        ulp = max(float(ref.abs().max()), 1.0) * (2**-7 if dtype == torch.bfloat16 else 2**-20)
+        assert close(got.cpu(), scorer.full_recompute(FEATS, history, cands, t).cpu(), max(2 * ulp, TOL))
+        assert close(got.cpu(), ref, max(4 * ulp, 1e-4))

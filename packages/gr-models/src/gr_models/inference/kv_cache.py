@@ -183,7 +183,7 @@ class KVCache:
         while len(entry.pages) > need:
             self._free.append(entry.pages.pop())
         while len(entry.pages) < need:
-            if not self._free:
+            while not self._free:  # an evicted entry may hold no pages (0 tokens)
                 self._evict_lru(keep=user_id)
             entry.pages.append(self._free.pop())
         entry.num_tokens = num_tokens

@@ -485,6 +485,7 @@ class CachedRankingScorer:
                 contextual_seq_len=self.model.contextual_seq_len,
                 max_q_len=max(n, 1),
                 need_output=need_final_output or not last,
+                validate=False,  # offsets built here; the check would sync a GPU twice per block
             )
             ks.append(k)
             vs.append(v)

@@ -100,7 +100,9 @@ class HSTUBlock(nn.Module):
     ) -> torch.Tensor:
         """``num_targets``/``contextual_seq_len``: the attention op's target mask and contextual prefix (ranking)."""
         u, v, q, k = self.project(x)
-        attn = self._attention(q, k, v, seq_offsets, max_seq_len, rab, num_targets, contextual_seq_len, None, None)
+        attn = self._attention(
+            q, k, v, seq_offsets, max_seq_len, rab, num_targets=num_targets, contextual_seq_len=contextual_seq_len
+        )
         return self.finish(x, u, attn)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,13 +125,14 @@ class HSTUBlock(nn.Module):
         seq_offsets: torch.Tensor,
         max_seq_len: int,
         rab: torch.Tensor | None,
+        *,
         num_targets: torch.Tensor | None,
         contextual_seq_len: int,
-        q_offsets: torch.Tensor | None,
-        max_q_len: int | None,
+        q_offsets: torch.Tensor | None = None,
+        max_q_len: int | None = None,
+        validate: bool = True,
     ) -> torch.Tensor:
         cfg = self.config
-        extra = {} if q_offsets is None else {"q_offsets": q_offsets, "max_q_len": max_q_len}
         return gr_kernels.hstu_attention(
             q,
             k,
@@ -146,7 +149,9 @@ class HSTUBlock(nn.Module):
             dropout_p=cfg.attn_dropout,
             training=self.training,
             backend=cfg.attention_backend,
-            **extra,
+            validate=validate,
+            q_offsets=q_offsets,
+            max_q_len=max_q_len,
         )
 
     def forward_with_past(
@@ -163,12 +168,14 @@ class HSTUBlock(nn.Module):
         contextual_seq_len: int = 0,
         max_q_len: int | None = None,
         need_output: bool = True,
+        validate: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """The block on new rows ``x`` (jagged by ``q_offsets``) that extend cached sequences (``past_k``/``past_v``
         jagged by ``past_offsets``): sequence ``b`` is its past rows followed by its new rows, and the new rows are
         the attention op's queries (delta q; ``max_q_len`` bounds the new rows per sequence). Returns ``(output of
         the new rows or None, K, V of the new rows)``; ``need_output=False`` skips the attention (only the new rows'
-        K/V are wanted, e.g. at the last layer).
+        K/V are wanted, e.g. at the last layer). ``validate=False`` skips the op's value checks (a device sync on
+        GPU) for callers that build the offsets themselves.
 
         Equal to ``forward`` on the whole sequences restricted to the new rows, given the past K/V that ``forward``
         would compute (the caller's job: a past row must not depend on the new rows)."""
@@ -177,9 +184,18 @@ class HSTUBlock(nn.Module):
             return None, k, v
         k_all = concat_jagged(past_k, past_offsets, k, q_offsets)
         v_all = concat_jagged(past_v, past_offsets, v, q_offsets)
-        seq_offsets = past_offsets + q_offsets
         attn = self._attention(
-            q, k_all, v_all, seq_offsets, max_seq_len, rab, num_targets, contextual_seq_len, q_offsets, max_q_len
+            q,
+            k_all,
+            v_all,
+            past_offsets + q_offsets,
+            max_seq_len,
+            rab,
+            num_targets=num_targets,
+            contextual_seq_len=contextual_seq_len,
+            q_offsets=q_offsets,
+            max_q_len=max_q_len,
+            validate=validate,
         )
         return self.finish(x, u, attn), k, v
 
