@@ -404,3 +404,44 @@ def test_cuda_scorer_matches_cuda_full_recompute_and_the_cpu_reference(dtype):
         ulp = max(float(ref.abs().max()), 1.0) * (2**-7 if dtype == torch.bfloat16 else 2**-20)
         assert close(got.cpu(), scorer.full_recompute(FEATS, history, cands, t).cpu(), max(2 * ulp, TOL))
         assert close(got.cpu(), ref, max(4 * ulp, 1e-4))
+
+
+def test_causal_context_model_trains_and_batches_like_single_windows():
+    """context_attention="causal" is an ordinary training option: forward/backward run, and a batch mixing empty
+    and non-empty histories gives each window the scores it gets alone (the context time is per window)."""
+    with pytest.raises(ValueError, match="context_attention must be"):
+        HSTURankingConfig(SPEC, TASKS, context_attention="bogus")
+    model = make_model(context="causal")
+    scorer = make_scorer(model)
+    windows = [
+        (events(4, 0, 1), candidates(3, 1)),
+        (UserEvents.empty(), candidates(2, 2)),
+        (events(7, 0, 3), candidates(4, 3)),
+    ]
+    batch = RankingBatch(
+        users=torch.arange(3),
+        user_features=torch.tensor([FEATS, [1, 0], [9, 2]]),
+        history_lengths=torch.tensor([len(h) for h, _ in windows]),
+        history_items=torch.cat([h.items for h, _ in windows]),
+        history_actions=torch.cat([h.actions for h, _ in windows]),
+        history_timestamps=torch.cat([h.timestamps for h, _ in windows]),
+        history_bag_values=torch.cat([h.bag_values for h, _ in windows]),
+        history_bag_lengths=torch.cat([h.bag_lengths for h, _ in windows]),
+        candidate_lengths=torch.tensor([len(c) for _, c in windows]),
+        candidate_items=torch.cat([c.items for _, c in windows]),
+        candidate_timestamps=torch.full((9,), 8000),
+        candidate_bag_values=torch.cat([c.bag_values for _, c in windows]),
+        candidate_bag_lengths=torch.cat([c.bag_lengths for _, c in windows]),
+        request_timestamps=torch.full((3,), 8000),
+        labels={},
+    )
+    with torch.no_grad():
+        together = model(batch)
+    alone = torch.cat(
+        [scorer.full_recompute(f, h, c, 8000) for f, (h, c) in zip([FEATS, [1, 0], [9, 2]], windows, strict=True)]
+    )
+    assert close(together, alone)
+    model.train()
+    model(batch).sum().backward()
+    grads = [p.grad for p in model.encoder.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
