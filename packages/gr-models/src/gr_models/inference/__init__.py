@@ -18,13 +18,20 @@ API for the serving helper (``gr_models.serving`` builds on this; everything is 
     scorer.invalidate(user_id)                     # drop cached K/V (history kept);  scorer.forget(user_id): both
     scorer.full_recompute(user_features, history_events, candidates, request_time)  # uncached reference path
     scorer.stats, cache.stats()                    # counters: prefix reused/incremental/full, hits, evictions, bytes
+    scorer.history(user_id)                        # UserHistory(user_features, events, dropped) or None
+
+    CastRankingModel(model, "bf16")(batch)         # the batched model forward in bf16/fp16 (offline scoring, evals)
+    gr_models.inference.precision.evaluate_dtypes(model, dataset)   # AUC/NE per dtype and deltas vs fp32
 
 - The scorer keeps each user's events (the latest ``scorer.max_history_events``); a new user is a cold start (empty
   history). ``new_events`` must not predate the user's last event, and nothing may be after ``request_time``.
 - Malformed input (wrong feature count, ids out of range, time order, too many candidates: ``max_candidates``)
   raises ``InferenceInputError`` (a ``ValueError``) naming the field, before any state changes.
-- Exact incremental appends need ``HSTURankingConfig.context_attention="causal"``; "full" models are served
-  exactly but recompute the prefix on each append / new request time (see ``gr_models.inference.scorer``).
+- The history window is the latest ``max_history_events = (max_seq_len - F - 1) // tokens_per_event`` events;
+  micro-batches may run past ``max_seq_len`` (each candidate still sees only ``[prefix | itself]``).
+- Exact incremental appends need ``HSTURankingConfig.context_attention="causal"``; "full" models (the default) are
+  served exactly too but, with user features, recompute the whole prefix on each append and (with the relative
+  bias) on each new request time: ``scorer.stats.full_fallback_reasons`` counts why (``gr_models.inference.scorer``).
 - Not thread-safe: serialise calls to one scorer.
 """
 
