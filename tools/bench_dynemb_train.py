@@ -174,7 +174,10 @@ def build_dynemb(args, device: torch.device) -> Callable:
             name=f"t{t}",
             feature_names=[f"f{t}"],
             config=DynamicEmbeddingConfig(
-                table=DynamicTableConfig(dim=args.dim, capacity=args.id_space, max_capacity=4 * args.id_space),
+                # The table lives where the step runs (its own device: Module.to does not move it).
+                table=DynamicTableConfig(
+                    dim=args.dim, capacity=args.id_space, max_capacity=4 * args.id_space, device=str(device)
+                ),
                 optimizer=FusedOptimizerConfig(kind=args.optimizer, lr=args.lr),
             ),
         )

@@ -31,10 +31,9 @@ static bool current_device_is_sm90() {
 }
 
 // Which forward kernel serves sm90: GR_KERNELS_FWD_KERNEL=sm90 (the WGMMA/TMA kernel of hstu/sm90/) or sm80 (the
-// SM80-MMA kernel). Unset: kDefaultSm90Forward. The Hopper kernel is opt-in until it has passed the GPU parity
-// suite (it has only been compile-checked so far); flip the default once it has. Read per call (cheap; lets tests
-// and benchmarks switch within one process).
-static constexpr bool kDefaultSm90Forward = false;
+// SM80-MMA kernel). Unset: the Hopper kernel, which passes the same GPU parity suite and memcheck set and is faster
+// at every benchmarked shape. Read per call (cheap; lets tests and benchmarks switch within one process).
+static constexpr bool kDefaultSm90Forward = true;
 
 static bool sm90_forward_selected() {
   const char* v = std::getenv("GR_KERNELS_FWD_KERNEL");

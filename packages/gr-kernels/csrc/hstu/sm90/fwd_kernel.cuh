@@ -23,7 +23,7 @@
 namespace gr_kernels {
 namespace sm90 {
 
-template <typename Element_, typename Traits>
+template <typename Element_, typename Traits, bool kHasRab>
 __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(const __grid_constant__ FwdArgs<Traits> args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Mainloop = FwdMainloop<Element_, Traits>;
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(cons
     const Element_* rab = p.rab == nullptr
                               ? nullptr
                               : static_cast<const Element_*>(p.rab) + detail::rab_plane_offset(p, b, head);
-    Mainloop::mma(p, ss, pipeline_k, pipeline_v, state_k, state_v, tOrO, tidx, mask, m0, lo, hi, rab);
+    Mainloop::template mma<kHasRab>(p, ss, pipeline_k, pipeline_v, state_k, state_v, tOrO, tidx, mask, m0, lo, hi, rab);
     Epilogue::store(p, ss, tOrO, tidx, seq_start, head, m0, length);
   }
 #else
@@ -112,7 +112,11 @@ const char* run_hstu_fwd_sm90(const HstuFwdParams& p, cudaStream_t stream) {
                     take<0, 2>(typename Traits::SmemLayoutV{}), tile_kv, _1{}),
   };
   const dim3 grid((p.max_seq_len + Traits::kBlockM - 1) / Traits::kBlockM, p.heads, p.batch);
-  return launch_kernel(hstu_fwd_sm90_kernel<Element_, Traits>, grid, Traits::kThreads, Traits::kSmemBytes, args,
+  if (p.rab != nullptr) {
+    return launch_kernel(hstu_fwd_sm90_kernel<Element_, Traits, true>, grid, Traits::kThreads, Traits::kSmemBytes, args,
+                         stream);
+  }
+  return launch_kernel(hstu_fwd_sm90_kernel<Element_, Traits, false>, grid, Traits::kThreads, Traits::kSmemBytes, args,
                        stream);
 }
 
