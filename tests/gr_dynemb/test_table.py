@@ -256,3 +256,29 @@ def test_bad_input_names_the_problem() -> None:
         table(initializer=InitializerConfig("uniform", low=1.0, high=1.0))
     with pytest.raises(ValueError, match="max_capacity"):
         DynamicTableConfig(dim=2, capacity=1000, max_capacity=10)
+
+
+def test_apply_optimizer_updates_present_rows_in_place() -> None:
+    t = DynamicHashTable(DynamicTableConfig(dim=2, capacity=256), state_dim=4)  # adam: m and v after w
+    rows = torch.tensor([[1.0, -1.0, 0.1, 0.2, 0.3, 0.4]])
+    t.insert_or_assign(torch.tensor([7]), rows)
+    g = torch.tensor([[0.5, -0.25], [1.0, 1.0], [2.0, 2.0]])
+    found = t.apply_optimizer(torch.tensor([7, 8, RESERVED_KEYS[0]]), g, "adam", lr=0.1, step=3)
+    assert found.tolist() == [True, False, False] and t.size() == 1
+    w, m, v = rows[0, :2], rows[0, 2:4], rows[0, 4:6]
+    m = 0.9 * m + 0.1 * g[0]
+    v = 0.999 * v + 0.001 * g[0] * g[0]
+    w = w - 0.1 * (m / (1 - 0.9**3)) / ((v / (1 - 0.999**3)).sqrt() + 1e-8)
+    torch.testing.assert_close(t.find(torch.tensor([7]))[0][0], torch.cat([w, m, v]))
+
+
+def test_apply_optimizer_bad_input() -> None:
+    t = table(dim=2)  # no optimizer state in the rows
+    with pytest.raises(ValueError, match="optimizer kind"):
+        t.apply_optimizer(torch.tensor([1]), torch.zeros(1, 2), "lamb", lr=0.1)
+    with pytest.raises(ValueError, match=r"grads must be float32 \[1, 2\]"):
+        t.apply_optimizer(torch.tensor([1]), torch.zeros(1, 3), "sgd", lr=0.1)
+    with pytest.raises(ValueError, match="state does not fit"):
+        t.apply_optimizer(torch.tensor([1]), torch.zeros(1, 2), "adam", lr=0.1)
+    with pytest.raises(ValueError, match="lr and eps"):
+        t.apply_optimizer(torch.tensor([1]), torch.zeros(1, 2), "sgd", lr=0.0)

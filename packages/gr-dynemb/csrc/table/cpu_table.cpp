@@ -278,6 +278,27 @@ void CpuTable::accumulate(const int64_t* keys, int64_t n, const float* delta, bo
   });
 }
 
+void CpuTable::apply_optimizer(const int64_t* keys, int64_t n, const float* grads, const OptimizerStep& step,
+                               bool* found) {
+  const int dim = options_.dim, vd = options_.value_dim;
+  if (dim + step.state_dim(dim) > vd)
+    throw std::invalid_argument("the optimizer's state does not fit the rows (value_dim " + std::to_string(vd) + ")");
+  parallel_for(n, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (is_reserved(keys[i])) {
+        found[i] = false;
+        continue;
+      }
+      const Probe pr = probe(keys[i]);
+      lock(pr.bucket);
+      const int64_t slot = locate(keys[i], pr);
+      found[i] = slot >= 0;
+      if (slot >= 0) optimizer_row(step, &values_[slot * vd], grads + i * dim, dim);
+      unlock(pr.bucket);
+    }
+  });
+}
+
 int64_t CpuTable::erase(const int64_t* keys, int64_t n) {
   int64_t erased = 0;
   for (int64_t i = 0; i < n; ++i) {

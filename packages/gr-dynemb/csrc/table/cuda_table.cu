@@ -341,8 +341,10 @@ __global__ void __launch_bounds__(kBlock, 8) find_kernel(View t, const int64_t* 
 
 enum class Upsert { kFindOrInsert, kInsertOrAssign };
 
+// <= 32 registers (eight blocks per SM, was six): the inserting ops wait on bucket locks and random rows, so
+// occupancy pays more than the 16 bytes ptxas spills for one variant.
 template <Upsert kMode>
-__global__ void upsert_kernel(View t, const int64_t* keys, int64_t n, float* out_values, const float* in_values,
+__global__ void __launch_bounds__(kBlock, 8) upsert_kernel(View t, const int64_t* keys, int64_t n, float* out_values, const float* in_values,
                               int8_t* status, const uint64_t* scores) {
   __shared__ unsigned long long counts[4];
   if (threadIdx.x < 4) counts[threadIdx.x] = 0;
@@ -439,6 +441,49 @@ __global__ void update_kernel(View t, const int64_t* keys, int64_t n, const floa
   }
   if (kAccumulate) unlock_bucket(t, g, pr.bucket);
   if (found && g.thread_rank() == 0) found[i] = s >= 0;
+}
+
+// A group per key: the bucket lock (duplicates apply one after another), the slot, then each lane updates its
+// columns in registers. Row-wise Adagrad first reduces sum(g^2) over the group.
+__global__ void optimizer_kernel(View t, const int64_t* keys, int64_t n, const float* grads, OptimizerStep o,
+                                 bool* found) {
+  const Tile g = cg::tiled_partition<kGroup>(cg::this_thread_block());
+  const int64_t i = group_index(g);
+  if (i >= n) return;
+  const int64_t key = keys[i];
+  if (is_reserved(key)) {
+    if (g.thread_rank() == 0) found[i] = false;
+    return;
+  }
+  const Probe pr = probe(t, key);
+  lock_bucket(t, g, pr.bucket);
+  const int s = find_slot(t, g, pr, key);
+  if (s >= 0) {
+    float* row = row_of(t, pr.base + s);
+    const float* grad = grads + i * t.dim;
+    float row_s = 0.f;
+    if (o.kind == OptimizerKind::kRowwiseAdagrad) {
+      static_assert(kGroup == kRowwiseLanes, "the CPU table reproduces this reduction order (optimizer.h)");
+      float sum = 0.f;
+      for (int d = g.thread_rank(); d < t.dim; d += kGroup) sum = exact::add(sum, exact::mul(grad[d], grad[d]));
+#pragma unroll
+      for (int off = 1; off < kGroup; off <<= 1) sum = exact::add(sum, g.shfl_xor(sum, off));
+      row_s = exact::add(__ldcg(row + t.dim), exact::div(sum, float(t.dim)));
+      g.sync();  // every lane has read the old accumulator before lane 0 replaces it
+      if (g.thread_rank() == 0) row[t.dim] = row_s;
+    }
+    for (int d = g.thread_rank(); d < t.dim; d += kGroup) {
+      const int o1 = state1_offset(o, t.dim, d), o2 = state2_offset(o, t.dim, d);
+      float w = __ldcg(row + d);
+      float s1 = o1 >= 0 ? __ldcg(row + o1) : 0.f, s2 = o2 >= 0 ? __ldcg(row + o2) : 0.f;
+      optimizer_element(o, grad[d], w, s1, s2, row_s);
+      row[d] = w;
+      if (o1 >= 0) row[o1] = s1;
+      if (o2 >= 0) row[o2] = s2;
+    }
+  }
+  unlock_bucket(t, g, pr.bucket);
+  if (g.thread_rank() == 0) found[i] = s >= 0;
 }
 
 __global__ void erase_kernel(View t, const int64_t* keys, int64_t n) {
@@ -709,6 +754,17 @@ void CudaTable::assign(const int64_t* keys, int64_t n, const float* values, bool
   DeviceGuard guard(options_.device);
   update_kernel<false><<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, values, found);
   check(cudaGetLastError(), "assign");
+}
+
+void CudaTable::apply_optimizer(const int64_t* keys, int64_t n, const float* grads, const OptimizerStep& step,
+                                bool* found, uintptr_t stream) {
+  if (options_.dim + step.state_dim(options_.dim) > options_.value_dim)
+    throw std::invalid_argument("the optimizer's state does not fit the rows (value_dim " +
+                                std::to_string(options_.value_dim) + ")");
+  if (n <= 0) return;
+  DeviceGuard guard(options_.device);
+  optimizer_kernel<<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, grads, step, found);
+  check(cudaGetLastError(), "apply_optimizer");
 }
 
 void CudaTable::accumulate(const int64_t* keys, int64_t n, const float* delta, bool* found, uintptr_t stream) {

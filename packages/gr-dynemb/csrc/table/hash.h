@@ -4,10 +4,12 @@
 #include <cstdint>
 
 // The CUDA table hashes the same way on the device: these functions compile for both sides.
+#ifndef GR_DYNEMB_HD
 #ifdef __CUDACC__
 #define GR_DYNEMB_HD __host__ __device__
 #else
 #define GR_DYNEMB_HD
+#endif
 #endif
 
 namespace gr_dynemb {

@@ -9,54 +9,21 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
+#include "table/exact_math.h"
 #include "table/hash.h"
 #include "table/types.h"
 
 namespace gr_dynemb {
 namespace init {
 
-GR_DYNEMB_HD inline float mul(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-GR_DYNEMB_HD inline float add(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-GR_DYNEMB_HD inline float sub(float a, float b) { return add(a, -b); }
-GR_DYNEMB_HD inline float div(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-GR_DYNEMB_HD inline float sqrt(float a) {
-#ifdef __CUDA_ARCH__
-  return __fsqrt_rn(a);
-#else
-  return __builtin_sqrtf(a);
-#endif
-}
-
-GR_DYNEMB_HD inline uint32_t float_bits(float x) {
-  uint32_t u;
-  memcpy(&u, &x, sizeof u);
-  return u;
-}
-GR_DYNEMB_HD inline float bits_float(uint32_t u) {
-  float x;
-  memcpy(&x, &u, sizeof x);
-  return x;
-}
+using exact::add;
+using exact::bits_float;
+using exact::div;
+using exact::float_bits;
+using exact::mul;
+using exact::sqrt;
+using exact::sub;
 
 // 64 random bits for draw `index` of `key`.
 GR_DYNEMB_HD inline uint64_t draw_bits(uint64_t seed, int64_t key, uint64_t index) {

@@ -103,7 +103,9 @@ class DynamicEmbedding(nn.Module):
             counter_cfg.initializer.value = 0.0
             self.counter = DynamicHashTable(counter_cfg)
         self.step = 0  # optimizer steps taken (Adam's t); also the table's LRU clock
-        self.unadmitted = 0
+        # Gradients dropped because their id had no slot, kept on the table's device (read on demand: no sync).
+        # A plain attribute, not a buffer: it stays with the table when the module moves.
+        self._unadmitted = torch.zeros((), dtype=torch.int64, device=self.table.device)
         # The table stays on its own device (host memory or its GPU); this buffer follows .to() and tells forward
         # where the model wants the output.
         self.register_buffer("_anchor", torch.zeros(0, device=self.table.device), persistent=False)
@@ -132,8 +134,16 @@ class DynamicEmbedding(nn.Module):
             out = rows[inverse]
         return out.reshape(*ids.shape, self.dim).to(self._anchor.device)
 
+    @property
+    def unadmitted(self) -> int:
+        """Gradients dropped so far because their id had no slot (not yet admitted, or rejected by a full bucket)."""
+        return int(self._unadmitted)
+
     def _train_rows(self, unique: Tensor) -> tuple[Tensor, Tensor]:
         dev = self.table.device
+        if self.counter is None:  # every id is admitted: one lookup, no host round trip beyond the table's own
+            values, status = self.table.find_or_insert(unique)
+            return values[:, : self.dim], status != REJECTED  # rejected: initializer row, but no slot to train
         admitted = torch.ones(unique.numel(), dtype=torch.bool, device=dev)
         if self.counter is not None:
             _, present = self.table.find(unique)
@@ -154,31 +164,12 @@ class DynamicEmbedding(nn.Module):
     def apply_gradients(self, unique: Tensor, grad: Tensor) -> None:
         """One fused optimizer step on the rows of ``unique`` (de-duplicated ids) with summed gradients."""
         self.step += 1
-        rows, found = self.table.find(unique)
-        self.unadmitted += int((~found).sum())
-        if not bool(found.any()):
-            return
-        keys, rows, g = unique[found], rows[found], grad[found]
-        d, opt = self.dim, self.config.optimizer
-        w = rows[:, :d]
-        if opt.kind == "sgd":
-            w -= opt.lr * g
-        elif opt.kind == "adagrad":
-            s = rows[:, d : 2 * d]
-            s += g * g
-            w -= opt.lr * g / (s.sqrt() + opt.eps)
-        elif opt.kind == "rowwise_adagrad":
-            s = rows[:, d : d + 1]
-            s += (g * g).mean(dim=1, keepdim=True)
-            w -= opt.lr * g / (s.sqrt() + opt.eps)
-        else:
-            m, v = rows[:, d : 2 * d], rows[:, 2 * d : 3 * d]
-            m.mul_(opt.beta1).add_(g, alpha=1 - opt.beta1)
-            v.mul_(opt.beta2).addcmul_(g, g, value=1 - opt.beta2)
-            bias1 = 1 - opt.beta1**self.step
-            bias2 = 1 - opt.beta2**self.step
-            w -= opt.lr * (m / bias1) / ((v / bias2).sqrt() + opt.eps)
-        self.table.assign(keys, rows)
+        opt = self.config.optimizer
+        # One native pass: find each row, update it and its state in place (no gather/scatter, no host sync).
+        found = self.table.apply_optimizer(
+            unique, grad, opt.kind, lr=opt.lr, eps=opt.eps, beta1=opt.beta1, beta2=opt.beta2, step=self.step
+        )
+        self._unadmitted += (~found).sum()
 
     # state_dict holds the table's rows (embedding + optimizer state), scores and the step counter.
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]

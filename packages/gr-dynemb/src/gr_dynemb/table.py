@@ -46,6 +46,7 @@ BUCKET_SIZE: int = _C.BUCKET_SIZE
 ScorePolicy = Literal["none", "lru", "lfu", "epoch_lru", "epoch_lfu", "custom"]
 _POLICIES = {"none": 0, "lru": 1, "lfu": 2, "epoch_lru": 3, "epoch_lfu": 4, "custom": 5}
 _INITS = {"normal": 0, "truncated_normal": 1, "uniform": 2, "constant": 3}
+_OPTIMIZERS = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3}
 
 # Per-key results of the inserting operations (``status`` tensors, int8).
 FOUND, INSERTED, EVICTED, REJECTED = 0, 1, 2, 3
@@ -281,6 +282,39 @@ class DynamicHashTable:
     def accumulate(self, keys: Tensor, delta: Tensor) -> Tensor:
         """Adds ``delta`` rows to present keys (duplicates add up); returns ``found``."""
         return self._update_present(self._table.accumulate, keys, delta)
+
+    def apply_optimizer(
+        self,
+        keys: Tensor,
+        grads: Tensor,
+        kind: str,
+        *,
+        lr: float,
+        eps: float = 1e-8,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        step: int = 1,
+    ) -> Tensor:
+        """One fused optimizer step (``sgd``, ``adagrad``, ``rowwise_adagrad``, ``adam``; formulas in
+        ``gr_dynemb.embedding``) on the rows of present keys, in place, with gradients ``grads [n, dim]`` and Adam's
+        step count ``step``. The optimizer state is the row's columns after the embedding. Returns ``found``;
+        absent and reserved keys are skipped. Pass distinct keys (sum duplicate gradients first): duplicates are
+        applied one after another."""
+        if kind not in _OPTIMIZERS:
+            raise ValueError(f"optimizer kind must be one of {sorted(_OPTIMIZERS)}, got {kind!r}")
+        keys = self._keys(keys)
+        if not isinstance(grads, Tensor) or grads.dtype != torch.float32 or grads.shape != (keys.numel(), self.dim):
+            raise ValueError(
+                f"grads must be float32 [{keys.numel()}, {self.dim}], got "
+                f"{getattr(grads, 'dtype', type(grads).__name__)} {tuple(getattr(grads, 'shape', ()))}"
+            )
+        grads = grads.detach().to(self.device).contiguous()
+        found = torch.empty(keys.numel(), dtype=torch.bool, device=self.device)
+        self._table.apply_optimizer(
+            keys.data_ptr(), keys.numel(), grads.data_ptr(), _OPTIMIZERS[kind], lr, eps, beta1, beta2, step,
+            found.data_ptr(), *self._stream(),
+        )  # fmt: skip
+        return found
 
     def _update_present(self, native_op, keys: Tensor, rows: Tensor) -> Tensor:
         """Runs a native op that writes ``rows`` into the slots of present keys only; returns ``found``."""
