@@ -228,26 +228,34 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def markdown(meta: dict, records: list[dict]) -> str:
-    r0 = records[0]
-    lines = [
-        "# gr-dynemb training lookup step (forward + backward + fused optimizer)",
-        "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; torch {meta['torch']}; torchrec {meta['torchrec']}; Python {meta['python']}; "
-        f"{meta['date']}.  ",
-        f"Workload: {r0['keys']} keys per step over {r0['tables']} tables of dim {r0['dim']}, power law alpha "
-        f"{r0['alpha']} over {r0['id_space']} ids per table ({r0['distinct_per_table']} distinct per table per step), "
-        f"optimizer {r0['optimizer']}; median of {meta['steps']} steps after {meta['warmup']} warm-up steps.",
-        "",
-        "| device | backend | ms / step | vs torchrec_static |",
-        "|---|---|---|---|",
-    ]
-    static = {r["device"]: r["ms"] for r in records if r["backend"] == "torchrec_static"}
-    for r in records:
-        rel = f"{r['ms'] / static[r['device']]:.2f}x" if r["device"] in static else "-"
-        lines.append(f"| {r['device']} | {r['backend']} | {r['ms']:.1f} | {rel} |")
-    return "\n".join(lines) + "\n"
+def markdown(runs: list[dict], records: list[dict]) -> str:
+    """One section per device (each run has its own workload), newest run first."""
+    lines = ["# gr-dynemb training lookup step (forward + backward + fused optimizer)", ""]
+    for meta in runs:
+        mine = [r for r in records if r["device"] == meta["device"]]
+        if not mine:
+            continue
+        r0 = mine[0]
+        lines += [
+            f"## {meta['device']}",
+            "",
+            f"Command: `{meta['command']}`  ",
+            f"Machine: {meta['machine']}; torch {meta['torch']}; torchrec {meta['torchrec']}; Python "
+            f"{meta['python']}; {meta['date']}.  ",
+            f"Workload: {r0['keys']} keys per step over {r0['tables']} tables of dim {r0['dim']}, power law alpha "
+            f"{r0['alpha']} over {r0['id_space']} ids per table ({r0['distinct_per_table']} distinct per table per "
+            f"step), optimizer {r0['optimizer']}; median of {meta['steps']} steps after {meta['warmup']} warm-up "
+            "steps.",
+            "",
+            "| device | backend | ms / step | vs torchrec_static |",
+            "|---|---|---|---|",
+        ]
+        static = {r["device"]: r["ms"] for r in mine if r["backend"] == "torchrec_static"}
+        for r in mine:
+            rel = f"{r['ms'] / static[r['device']]:.2f}x" if r["device"] in static else "-"
+            lines.append(f"| {r['device']} | {r['backend']} | {r['ms']:.1f} | {rel} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -256,14 +264,37 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    labels = [f"{r['backend']}\n({r['device']})" for r in records]
-    ax.bar(labels, [r["ms"] for r in records], color=["C0", "C1", "C2"][: len(records)])
-    ax.set_ylabel("ms per training step (lower is better)")
-    ax.set_title(f"{records[0]['keys']} power-law keys, {records[0]['tables']} tables x dim {records[0]['dim']}")
+    devices = list(dict.fromkeys(r["device"] for r in records))
+    fig, axes = plt.subplots(1, len(devices), figsize=(5 * len(devices), 3.5), squeeze=False)
+    for ax, dev in zip(axes[0], devices, strict=True):
+        mine = [r for r in records if r["device"] == dev]
+        ax.bar([r["backend"] for r in mine], [r["ms"] for r in mine], color=["C0", "C1", "C2"][: len(mine)])
+        ax.set_ylabel("ms per training step (lower is better)")
+        ax.set_title(f"{dev}: {mine[0]['keys']} keys, {mine[0]['tables']} x dim {mine[0]['dim']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_outputs(out: Path, runs: list[dict], records: list[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"runs": runs, "records": records}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(runs, records))
+    try:
+        plot(records, out.with_suffix(".png"))
+    except ImportError:  # a GPU machine without matplotlib: --replot later
+        print("matplotlib missing: no plot written", file=sys.stderr)
+    print(markdown(runs, records))
+
+
+def saved_runs(out: Path) -> tuple[list[dict], list[dict]]:
+    """What an earlier run wrote (older files hold one ``meta`` of the device of their records)."""
+    if not out.with_suffix(".json").is_file():
+        return [], []
+    saved = json.loads(out.with_suffix(".json").read_text())
+    records = saved["records"]
+    runs = saved.get("runs") or [{**saved["meta"], "device": records[0]["device"] if records else "cpu"}]
+    return runs, records
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -282,6 +313,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "dynemb_train"))
+    ap.add_argument("--replot", action="store_true", help="only rewrite the .md/.png from the .json")
     args = ap.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -293,6 +325,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.optimizer = args.optimizer or ("adam" if on_gpu else "adagrad")
     if args.optimizer == "adam" and not on_gpu:
         ap.error("FBGEMM's CPU TBE has no Adam: use --optimizer adagrad on CPU")
+    if args.replot:
+        return args
     for name in ("keys", "id_space", "tables", "dim", "batches", "steps"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
@@ -301,6 +335,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    out = Path(args.out)
+    if args.replot:
+        write_outputs(out, *saved_runs(out))
+        return 0
     device = torch.device(args.device)
     init_single_process_group(device)
     work = Workload(args)
@@ -336,13 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "steps": args.steps,
         "warmup": args.warmup,
+        "device": records[0]["device"],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(meta, records))
-    plot(records, out.with_suffix(".png"))
-    print(markdown(meta, records))
+    runs, kept = saved_runs(out)  # keep what other devices measured
+    runs = [meta] + [r for r in runs if r.get("device") != meta["device"]]
+    write_outputs(out, runs, [r for r in kept if r["device"] != meta["device"]] + records)
     dist.destroy_process_group()
     return 0
 
