@@ -7,13 +7,7 @@
 #include <cstdint>
 #include <cstring>
 
-#ifndef GR_DYNEMB_HD
-#ifdef __CUDACC__
-#define GR_DYNEMB_HD __host__ __device__
-#else
-#define GR_DYNEMB_HD
-#endif
-#endif
+#include "table/device_compat.h"
 
 namespace gr_dynemb {
 namespace exact {

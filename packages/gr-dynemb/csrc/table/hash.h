@@ -3,14 +3,7 @@
 
 #include <cstdint>
 
-// The CUDA table hashes the same way on the device: these functions compile for both sides.
-#ifndef GR_DYNEMB_HD
-#ifdef __CUDACC__
-#define GR_DYNEMB_HD __host__ __device__
-#else
-#define GR_DYNEMB_HD
-#endif
-#endif
+#include "table/device_compat.h"  // the CUDA table hashes the same way on the device
 
 namespace gr_dynemb {
 
