@@ -39,6 +39,9 @@ class ModelConfig:
     dropout: float = 0.2
     max_seq_len: int = 0  # HSTU tokens per window; 0 = exactly what data.max_history needs
     action_mode: Literal["add", "interleave"] = "add"
+    # "causal": user features as a causal prefix, so a KV-cached server can append events exactly
+    # (gr_models.inference); "full": every token sees the features and the features see the whole history.
+    context_attention: Literal["full", "causal"] = "full"
     head_hidden: int = 128
     dlrm_hidden: tuple[int, ...] = (256, 128)
     # "dynamic": the item ids go through a gr-dynemb hash table (pip install 'gr-models[dynemb]'), trained by its

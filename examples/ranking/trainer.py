@@ -62,6 +62,7 @@ def build_model(
             features=spec,
             tasks=tasks,
             action_mode=mc.action_mode,
+            context_attention=mc.context_attention,
             embedding_dim=mc.embedding_dim,
             max_seq_len=max_seq_len,
             dropout=mc.dropout,

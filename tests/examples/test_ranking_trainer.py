@@ -92,3 +92,13 @@ def test_dynamic_item_table_trains_and_resumes_exactly(tmp_path: Path) -> None:
     assert resumed["test"] == straight["test"] and 0.0 <= straight["test"]["like/auc"] <= 1.0
     with pytest.raises(ValueError, match="no weight decay"):
         RankingTrainer(_config(tmp_path / "c", *dyn, "train.weight_decay=0.1"))
+
+
+def test_causal_context_trains_and_its_bundle_keeps_it(tmp_path: Path) -> None:
+    # The variant a KV-cached server can extend exactly (gr_models.inference); the serving bundle must say so.
+    out = tmp_path / "causal"
+    results = RankingTrainer(_config(out, "train.epochs=1", 'model.context_attention="causal"')).fit()
+    assert 0.0 <= results["test"]["like/auc"] <= 1.0
+    assert load_bundle(out / "model_bundle.pt").model.config.context_attention == "causal"
+    with pytest.raises(ValueError, match="context_attention"):
+        RankingTrainer(_config(tmp_path / "bad", 'model.context_attention="sideways"'))
