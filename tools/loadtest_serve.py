@@ -6,9 +6,10 @@ disjoint set of users, so a user's requests stay in time order: every user is fi
 ``--history`` events, then each timed request brings 1-2 new events and ``--candidates`` candidates (the realistic
 serving pattern: a cache hit plus an incremental append). Any non-200 answer fails the run.
 
-Scenarios: backend ``cached`` (KV-cached scorer, model with causal context so appends are incremental) and
-``exported`` (AOTInductor package, full recompute per request; compiling it takes a minute on a small CPU), each at
-every concurrency in ``--concurrency``. Records go to ``docs/benchmarks/serving.{json,md}``.
+Scenarios: backend ``cached`` (KV-cached scorer, model with causal context so appends are incremental), ``eager``
+(full recompute with the plain model, each batcher group's users in one forward) and ``exported`` (AOTInductor
+package, full recompute per request; compiling it takes a minute on a small CPU), each at every concurrency in
+``--concurrency``. Records go to ``docs/benchmarks/serving.{json,md}``.
 
     python tools/loadtest_serve.py                                   # the recorded CPU runs (small model):
     python tools/loadtest_serve.py --append --max-seq-len 1100 --history 1000 --candidates 64 --requests 100 \
@@ -38,7 +39,14 @@ import torch
 from gr_models.inference.export import save_scoring_package
 from gr_models.modules.hstu import HSTUConfig
 from gr_models.ranking import HSTURankingConfig, HSTURankingModel, RankingFeatureSpec, RankingTask
-from gr_models.serving import RequestLimits, ScoringServer, backend_from_package, cached_backend, load_bundle
+from gr_models.serving import (
+    RequestLimits,
+    ScoringServer,
+    backend_from_package,
+    cached_backend,
+    eager_backend,
+    load_bundle,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "benchmarks"
@@ -164,10 +172,11 @@ def write_outputs(run: dict[str, Any], out: Path, append: bool) -> None:
     lines = [
         "# gr-serve load test (loopback)",
         "",
-        "`cached`: KV-cached scorer (`gr-serve --bundle`); `exported`: AOTInductor package, full recompute per "
-        "request (`gr-serve --package`). Latency is client-side: HTTP round trip over loopback with JSON both ways. "
-        "The batcher groups concurrent requests (mean batch) but scores a group's requests one after another (the "
-        "scorer's API is per user), so latency at concurrency c is about c times the single-client one.",
+        "`cached`: KV-cached scorer (`gr-serve --bundle`); `eager`: full recompute with the plain model, each group "
+        "of concurrent requests in one jagged forward (`gr-serve --bundle --mode eager`); `exported`: AOTInductor "
+        "package, full recompute per request (`gr-serve --package`). Latency is client-side: HTTP round trip over "
+        "loopback with JSON both ways. The batcher groups concurrent requests (mean batch); `cached` and `exported` "
+        "then score a group's requests one after another (their API is per user), `eager` in one forward.",
         "",
     ]
     for r in runs:
@@ -196,7 +205,7 @@ def write_outputs(run: dict[str, Any], out: Path, append: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", help="serve this model bundle instead of the built-in small random model")
-    p.add_argument("--backends", default="cached,exported")
+    p.add_argument("--backends", default="cached,eager,exported")
     p.add_argument("--concurrency", default="1,8", help="comma-separated client thread counts")
     p.add_argument("--requests", type=int, default=400, help="timed requests per scenario")
     p.add_argument("--users", type=int, default=64)
@@ -226,13 +235,15 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.backends.split(","):
             if name == "cached":
                 make = functools.partial(cached_backend, model, cache_bytes=256 << 20, max_candidates=args.candidates)
+            elif name == "eager":
+                make = functools.partial(eager_backend, model)
             elif name == "exported":
                 t0 = time.perf_counter()
                 package = save_scoring_package(model, Path(tmp) / "scoring.pt2", "loadtest")
                 print(f"compiled the AOTInductor package in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
                 make = functools.partial(backend_from_package, package)
             else:
-                p.error(f"unknown backend {name!r}: cached or exported")
+                p.error(f"unknown backend {name!r}: cached, eager or exported")
             for concurrency in concurrencies:
                 backend = make()  # fresh state per scenario
                 opts = {"max_batch": args.max_batch, "batch_window_ms": args.batch_window_ms}

@@ -29,6 +29,7 @@ from gr_models.serving import (
     UncachedBackend,
     backend_from_bundle,
     cached_backend,
+    eager_backend,
     load_bundle,
     save_bundle,
 )
@@ -59,8 +60,11 @@ def make_model(context: str = "causal", seed: int = 0) -> HSTURankingModel:
 MODEL = make_model()
 
 
-def serve(model: HSTURankingModel = MODEL, **server_options: Any) -> ScoringServer:
-    backend = cached_backend(model, model_version="test-v1", cache_bytes=4 << 20, max_candidates=MAX_CANDIDATES)
+def serve(model: HSTURankingModel = MODEL, kind: str = "cached", **server_options: Any) -> ScoringServer:
+    if kind == "cached":
+        backend = cached_backend(model, model_version="test-v1", cache_bytes=4 << 20, max_candidates=MAX_CANDIDATES)
+    else:
+        backend = eager_backend(model, model_version="test-v1")
     return ScoringServer(backend, limits=RequestLimits(max_candidates=MAX_CANDIDATES), **server_options)
 
 
@@ -149,7 +153,10 @@ def _user_script(u: int) -> list[dict]:
     ]
 
 
-def test_concurrent_batched_requests_equal_sequential_ones() -> None:
+@pytest.mark.parametrize("kind", ["cached", "eager"])
+def test_concurrent_batched_requests_equal_sequential_ones(kind: str) -> None:
+    """Concurrent requests grouped by the batcher (the eager backend runs each group's users in one forward) give
+    the sequential answers of the cached scorer."""
     users = range(6)
     scripts = {u: _user_script(u) for u in users}
     with serve(max_batch=1, batch_window_ms=0) as server:
@@ -162,18 +169,21 @@ def test_concurrent_batched_requests_equal_sequential_ones() -> None:
             barrier.wait()  # every round's requests arrive together
             answers[u].append(call(server, "POST", "/score", body))
 
-    with serve(max_batch=16, batch_window_ms=50) as server:
+    with serve(kind=kind, max_batch=16, batch_window_ms=50) as server:
         threads = [threading.Thread(target=client, args=(server, u)) for u in users]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        batcher = call(server, "GET", "/health")[1]["batcher"]
+        health = call(server, "GET", "/health")[1]
+    batcher = health["batcher"]
     assert batcher["requests"] == 18 and batcher["largest_batch"] > 1  # requests really were grouped
+    if kind == "eager":  # and computed together: fewer forwards than requests
+        assert health["backend_stats"]["requests"] == 18 and health["backend_stats"]["batched_calls"] < 18
     for u in users:
         for (s_status, s_out), (c_status, c_out) in zip(sequential[u], answers[u], strict=True):
             assert s_status == c_status == 200 and s_out["history_events"] == c_out["history_events"]
-            assert_scores_close(c_out["scores"], s_out["scores"], tol=1e-6)
+            assert_scores_close(c_out["scores"], s_out["scores"], tol=1e-6 if kind == "cached" else 1e-5)
 
 
 GOOD = {"user_id": "bob", "user_features": [3, 1], "candidates": {"items": [1, 2]}, "request_time": 1000}
@@ -307,8 +317,8 @@ def test_internal_errors_are_500_without_a_traceback_and_are_logged(caplog: pyte
 
 
 def test_uncached_backend_equals_the_cached_one_with_chunked_candidates() -> None:
-    """Full recompute (here the eager export graph) with a history that leaves room for only a few candidates per
-    window: candidates are scored in chunks, results equal the cached scorer's."""
+    """Full recompute (the eager export graph; the batched plain model) with a history that leaves room for only a
+    few candidates per window: candidates are scored in chunks, results equal the cached scorer's."""
     graph = ScoringGraph(MODEL)
 
     def score_fn(feats: torch.Tensor, hist: UserEvents, cands: Candidates, t: int) -> torch.Tensor:
@@ -321,11 +331,12 @@ def test_uncached_backend_equals_the_cached_one_with_chunked_candidates() -> Non
     events = [(i % 50, i % 5, 10 * i) for i in range(58)]  # 2 features + 58 events: 4 candidates per window
     bodies = [request("carol", list(range(10)), 600, events), request("carol", [3, 4], 700, [(1, 1, 650)])]
     limits = RequestLimits(max_candidates=MAX_CANDIDATES)
-    with serve() as cached, ScoringServer(uncached, limits=limits) as full:
+    with serve() as cached, ScoringServer(uncached, limits=limits) as full, serve(kind="eager") as eager:
         for body in bodies:
-            a, b = call(cached, "POST", "/score", body), call(full, "POST", "/score", body)
-            assert a[0] == b[0] == 200 and a[1]["history_events"] == b[1]["history_events"]
+            a, b, c = (call(server, "POST", "/score", body) for server in (cached, full, eager))
+            assert a[0] == b[0] == c[0] == 200 and a[1]["history_events"] == b[1]["history_events"]
             assert_scores_close(b[1]["scores"], a[1]["scores"])
+            assert_scores_close(c[1]["scores"], a[1]["scores"])
         assert uncached.window_calls == 3 + 1
         assert call(full, "POST", "/score", request("carol", [1], 640))[0] == 400  # before the last event
         assert call(full, "GET", "/health")[1]["backend_stats"]["users"] == 1

@@ -143,13 +143,19 @@ class HistoryStore:
 
 
 ScoreFn = Callable[[torch.Tensor, UserEvents, Candidates, int], torch.Tensor]
+# Several users' windows (features, history, candidates, request time) in one call: one result per window.
+ScoreManyFn = Callable[[Sequence[tuple[torch.Tensor, UserEvents, Candidates, int]]], list[torch.Tensor]]
 
 
 class UncachedBackend:
     """Full recompute per request with ``score_fn(features, history, candidates, request_time) -> [M, T]``.
 
     ``max_seq_len``/``tokens_per_event`` are the model's window: candidates go in chunks of
-    ``max_seq_len - F - tokens_per_event * history`` (at least 1, as the history window leaves room for one)."""
+    ``max_seq_len - F - tokens_per_event * history`` (at least 1, as the history window leaves room for one).
+
+    With ``score_many`` (e.g. ``BatchedModelScorer.many``), a group's requests run in rounds of distinct users
+    (a user's later requests wait for the next round, so they apply in order), and the windows of a round that fit
+    ``max_seq_len`` whole go through one ``score_many`` call; the others are scored alone in chunks."""
 
     def __init__(
         self,
@@ -162,8 +168,10 @@ class UncachedBackend:
         tokens_per_event: int,
         max_users: int = 100_000,
         name: str = "uncached",
+        score_many: ScoreManyFn | None = None,
     ) -> None:
         self.score_fn = score_fn
+        self.score_many = score_many
         self.features = features
         self.tasks = tuple(tasks)
         self.model_version = model_version
@@ -174,6 +182,7 @@ class UncachedBackend:
         self.store = HistoryStore((max_seq_len - f - 1) // tokens_per_event, max_users)
         self.requests = 0
         self.window_calls = 0
+        self.batched_calls = 0
 
     def score_one(self, request: ScoreRequest) -> ScoreResult:
         feats, defaulted = _features(request, self.store.features(request.user_id), self.features.num_user_features)
@@ -191,13 +200,54 @@ class UncachedBackend:
         return ScoreResult(scores, defaulted, len(history))
 
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult | Exception]:
-        results: list[ScoreResult | Exception] = []
-        for request in requests:
+        results: list[ScoreResult | Exception | None] = [None] * len(requests)
+        pending = list(enumerate(requests))
+        while pending:
+            round_, later, seen = [], [], set()
+            for i, request in pending:
+                (later if request.user_id in seen else round_).append((i, request))
+                seen.add(request.user_id)
+            self._score_round(round_, results)
+            pending = later
+        return results  # type: ignore[return-value]
+
+    def _score_round(self, round_: list[tuple[int, ScoreRequest]], results: list) -> None:
+        """Requests of distinct users: the windows that fit go through ``score_many`` together."""
+        whole = []  # (index, request, features, defaulted, history)
+        for i, request in round_:
             try:
-                results.append(self.score_one(request))
+                if self.score_many is None:
+                    results[i] = self.score_one(request)
+                    continue
+                feats, defaulted = _features(
+                    request, self.store.features(request.user_id), self.features.num_user_features
+                )
+                history = self.store.merged(request.user_id, request.events, request.request_time)
+                need = self.features.num_user_features + self.tokens_per_event * len(history) + len(request.candidates)
+                if need > self.max_seq_len:
+                    results[i] = self.score_one(request)
+                else:
+                    whole.append((i, request, feats, defaulted, history))
             except Exception as exc:
-                results.append(exc)
-        return results
+                results[i] = exc
+        if not whole:
+            return
+        try:
+            outs = self.score_many([(f, h, r.candidates, r.request_time) for _, r, f, _, h in whole])
+            self.batched_calls += 1
+        except Exception as exc:
+            for i, *_ in whole:
+                results[i] = exc
+            return
+        for (i, request, feats, defaulted, history), out in zip(whole, outs, strict=True):
+            self.store.commit(request.user_id, feats, history)
+            self.requests += 1
+            results[i] = ScoreResult(out.float(), defaulted, len(history))
 
     def stats(self) -> dict[str, Any]:
-        return {"users": len(self.store), "requests": self.requests, "window_calls": self.window_calls}
+        return {
+            "users": len(self.store),
+            "requests": self.requests,
+            "batched_calls": self.batched_calls,
+            "window_calls": self.window_calls,
+        }

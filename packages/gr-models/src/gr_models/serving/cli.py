@@ -25,6 +25,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--bundle", help="model bundle (gr_models.serving.bundle) -> KV-cached scorer")
     src.add_argument("--package", help="AOTInductor scoring package (.pt2) -> full recompute per request")
+    p.add_argument(
+        "--mode",
+        choices=("cached", "eager"),
+        default="cached",
+        help="with --bundle: KV-cached scorer, or full recompute with each batch of users in one forward",
+    )
     p.add_argument("--export-package", metavar="PT2", help="with --bundle: write the AOTInductor package and exit")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         path = save_scoring_package(bundle.model, args.export_package, bundle.model_version)
         log.info("wrote %s (model version %s)", path, bundle.model_version)
         return 0
-    if args.bundle:
+    if args.bundle and args.mode == "cached":
         backend = backend_from_bundle(
             args.bundle,
             dtype=args.dtype,
@@ -69,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             max_candidates=args.max_candidates,
             max_users=args.max_users,
         )
+    elif args.bundle:
+        backend = backend_from_bundle(args.bundle, "eager", dtype=args.dtype, max_users=args.max_users)
     else:
         backend = backend_from_package(args.package, max_users=args.max_users)
     limits = RequestLimits(max_candidates=args.max_candidates, max_events=args.max_events)
