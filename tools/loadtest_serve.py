@@ -159,6 +159,7 @@ def run_scenario(server: ScoringServer, concurrency: int, args: argparse.Namespa
         "mean_ms": round(statistics.fmean(lat), 3),
         "requests_per_s": round(len(lat) / wall, 1),
         "mean_batch": round((after["requests"] - before["requests"]) / batches, 2) if batches else 0.0,
+        "load_1min_after": round(os.getloadavg()[0], 1),  # other jobs on a shared machine skew the numbers
     }
 
 
@@ -190,13 +191,15 @@ def write_outputs(run: dict[str, Any], out: Path, append: bool) -> None:
             f"Workload: {r['users']} users, each seeded with {r['history']} events (untimed), then every timed "
             f"request appends 1-2 events and scores {r['candidates']} candidates; a client thread owns its users.",
             "",
-            "| backend | concurrency | requests | p50 ms | p90 ms | p99 ms | mean ms | requests/s | mean batch |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| backend | concurrency | requests | p50 ms | p90 ms | p99 ms | mean ms | requests/s | mean batch "
+            "| load after |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for x in r["records"]:
             lines.append(
                 f"| {x['backend']} | {x['concurrency']} | {x['requests']} | {x['p50_ms']} | {x['p90_ms']} | "
-                f"{x['p99_ms']} | {x['mean_ms']} | {x['requests_per_s']} | {x['mean_batch']} |"
+                f"{x['p99_ms']} | {x['mean_ms']} | {x['requests_per_s']} | {x['mean_batch']} | "
+                f"{x.get('load_1min_after', '')} |"
             )
         lines.append("")
     (out / "serving.md").write_text("\n".join(lines))
