@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools modules
+from bench_outputs import merge_device_run, saved_runs, write_outputs
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -79,8 +82,7 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out)
     if args.replot:
-        saved = json.loads(out.with_suffix(".json").read_text())
-        write_outputs(out, saved.get("runs", [saved.get("meta", {})]), saved["records"])
+        write_outputs(out, *saved_runs(out), markdown, plot)
         return 0
     if args.capacity is None:
         args.capacity = 1 << 25 if args.device == "cuda" else 1 << 21
@@ -97,25 +99,8 @@ def main() -> int:
     else:
         meta["device"] = "cpu"
         records = bench_cpu(args)
-    runs, kept = [meta], []
-    if out.with_suffix(".json").is_file():  # keep what other devices measured
-        saved = json.loads(out.with_suffix(".json").read_text())
-        runs += [r for r in saved.get("runs", [saved.get("meta", {})]) if r.get("device", "cpu") != meta["device"]]
-        kept = [r for r in saved["records"] if r["device"] != meta["device"]]
-    write_outputs(out, runs, kept + records)
+    write_outputs(out, *merge_device_run(out, meta, records), markdown, plot)
     return 0
-
-
-def write_outputs(out: Path, runs: list[dict], records: list[dict]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"runs": runs, "records": records}, indent=2) + "\n")
-    md = markdown(runs, records)
-    out.with_suffix(".md").write_text(md)
-    try:
-        plot(records, out.with_suffix(".png"))
-    except ImportError:  # a GPU machine without matplotlib: --replot later
-        print("matplotlib missing: no plot written", file=sys.stderr)
-    print(md)
 
 
 def bench_cuda(args: argparse.Namespace) -> list[dict]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import sys
@@ -33,6 +32,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools modules
+from bench_outputs import merge_device_run, saved_runs, write_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = ("gr_dynemb", "torchrec_static", "torchrec_mch")
@@ -276,27 +278,6 @@ def plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(out: Path, runs: list[dict], records: list[dict]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"runs": runs, "records": records}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(runs, records))
-    try:
-        plot(records, out.with_suffix(".png"))
-    except ImportError:  # a GPU machine without matplotlib: --replot later
-        print("matplotlib missing: no plot written", file=sys.stderr)
-    print(markdown(runs, records))
-
-
-def saved_runs(out: Path) -> tuple[list[dict], list[dict]]:
-    """What an earlier run wrote (older files hold one ``meta`` of the device of their records)."""
-    if not out.with_suffix(".json").is_file():
-        return [], []
-    saved = json.loads(out.with_suffix(".json").read_text())
-    records = saved["records"]
-    runs = saved.get("runs") or [{**saved["meta"], "device": records[0]["device"] if records else "cpu"}]
-    return runs, records
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -337,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     if args.replot:
-        write_outputs(out, *saved_runs(out))
+        write_outputs(out, *saved_runs(out), markdown, plot)
         return 0
     device = torch.device(args.device)
     init_single_process_group(device)
@@ -376,9 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "device": records[0]["device"],
     }
-    runs, kept = saved_runs(out)  # keep what other devices measured
-    runs = [meta] + [r for r in runs if r.get("device") != meta["device"]]
-    write_outputs(out, runs, [r for r in kept if r["device"] != meta["device"]] + records)
+    write_outputs(out, *merge_device_run(out, meta, records), markdown, plot)
     dist.destroy_process_group()
     return 0
 

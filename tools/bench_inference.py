@@ -32,6 +32,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools modules
+from bench_outputs import merge_device_run, saved_runs, write_outputs
+
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -217,17 +220,6 @@ def plot(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_outputs(out: Path, runs: list[dict], records: list[dict]) -> None:
-    out.with_suffix(".json").write_text(json.dumps({"runs": runs, "records": records}, indent=2) + "\n")
-    md = markdown(runs, records)
-    out.with_suffix(".md").write_text(md)
-    try:
-        plot(records, out.with_suffix(".png"))
-    except ImportError:  # a GPU machine without matplotlib: --replot later
-        print("matplotlib missing: no plot written", file=sys.stderr)
-    print(md)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -248,8 +240,7 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out)
     if args.replot:
-        saved = json.loads(out.with_suffix(".json").read_text())
-        write_outputs(out, saved["runs"], saved["records"])
+        write_outputs(out, *saved_runs(out), markdown, plot)
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
@@ -268,12 +259,7 @@ def main() -> int:
     }
     sys.path.insert(0, str(REPO))
     records = bench(args)
-    runs, kept = [meta], []
-    if out.with_suffix(".json").is_file():  # keep what other devices measured
-        saved = json.loads(out.with_suffix(".json").read_text())
-        runs = [m for m in saved["runs"] if m["device"] != meta["device"]] + [meta]
-        kept = [r for r in saved["records"] if r["device"] != meta["device"]]
-    write_outputs(out, runs, kept + records)
+    write_outputs(out, *merge_device_run(out, meta, records), markdown, plot)
     return 0
 
 
