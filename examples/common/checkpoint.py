@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from gr_models.atomic_save import atomic_torch_save
 
 
 def rng_state() -> dict[str, Any]:
@@ -38,19 +38,8 @@ def seed_everything(seed: int) -> None:
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Writes to a temp file in the same folder, fsyncs, then renames: a crash never leaves a torn checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Temp file in the same folder, fsync, rename: a crash never leaves a torn checkpoint."""
+    atomic_torch_save(path, payload)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

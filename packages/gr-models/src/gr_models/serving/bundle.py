@@ -13,14 +13,13 @@ best weights); nothing here depends on the trainer's own checkpoint format.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gr_models.atomic_save import atomic_torch_save
 from gr_models.inference.scorer import model_fingerprint
 from gr_models.modules.hstu import HSTUConfig
 from gr_models.ranking.features import RankingFeatureSpec
@@ -84,17 +83,7 @@ def save_bundle(
         "model_version": model_fingerprint(model) if model_version is None else str(model_version),
         "metadata": {str(k): str(v) for k, v in (metadata or {}).items()},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_torch_save(path, payload)
 
 
 def load_bundle(path: str | Path) -> ModelBundle:
