@@ -41,10 +41,12 @@ Not thread-safe: a server serialises calls to one scorer (or runs one per worker
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -99,7 +101,52 @@ class ScorerStats:
     prefix_full: int = 0  # whole prefix recomputed (miss, window slid, features changed, or a "full" context model)
     prefix_uncacheable: int = 0  # prefix larger than the whole cache: computed and used without caching
     tokens_computed: int = 0  # prefix tokens run through the encoder
+    encoder_passes: int = 0  # jagged delta-q passes through the encoder (one call per block each), all users together
     full_fallback_reasons: dict[str, int] = field(default_factory=dict)
+
+
+class UserRequest(NamedTuple):
+    """One user's request in ``CachedRankingScorer.score_many``: the arguments of ``score`` (a plain 5-tuple in this
+    order works the same)."""
+
+    user_id: Hashable
+    user_features: Sequence[int] | torch.Tensor
+    new_events: UserEvents | None
+    candidates: Candidates
+    request_time: int
+
+
+@dataclass
+class _Rows:
+    """One sequence of a jagged delta-q encoder pass: rows ``[start, end)`` of a user's window as the queries, after
+    the ``P`` rows (token rows ``[0, P)`` of the same window) whose K/V per layer are ``past_k/past_v [L, P, H, D]``."""
+
+    tokens: RankingTokens
+    start: int
+    end: int
+    past_k: torch.Tensor
+    past_v: torch.Tensor
+    num_targets: int = 0
+
+    @property
+    def num_past(self) -> int:
+        return self.past_k.shape[1]
+
+    @property
+    def num_new(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class _PrefixPlan:
+    """A request's prefix ``[0, end)``: rows ``[start, end)`` are to be run after the K/V ``past_k/past_v`` of rows
+    ``[0, start)`` read from the cache (``compute=False``: the cache holds all of it, ``past_*`` is the prefix)."""
+
+    start: int
+    end: int
+    past_k: torch.Tensor
+    past_v: torch.Tensor
+    compute: bool
 
 
 class CachedRankingScorer:
@@ -115,6 +162,10 @@ class CachedRankingScorer:
             are invalidated on lookup.
         max_candidates: more candidates in one request is an error.
         max_users: users whose event history is kept (least recently used are forgotten beyond that).
+        max_batch_bias_bytes: memory bound of one jagged encoder pass of ``score_many``: the attention op takes the
+            relative bias of a delta-q pass as a full ``[B, 1, N, N]`` square (B sequences, N the longest), so a pass
+            holds sequences while ``B * N * N * itemsize`` stays within this (the same bound caps a pass's padded
+            work when the model has no bias); a sequence above it on its own runs alone, as ``score`` runs it.
     """
 
     def __init__(
@@ -127,6 +178,7 @@ class CachedRankingScorer:
         model_version: str | None = None,
         max_candidates: int = 4096,
         max_users: int = 100_000,
+        max_batch_bias_bytes: int = 64 << 20,
     ) -> None:
         if not isinstance(model, HSTURankingModel):
             raise TypeError(f"model must be an HSTURankingModel, got {type(model).__name__}")
@@ -136,6 +188,8 @@ class CachedRankingScorer:
             raise ValueError(f"micro_batch must be an int >= 1, got {micro_batch!r}")
         if max_candidates < 1 or max_users < 1:
             raise ValueError(f"max_candidates and max_users must be >= 1, got {max_candidates}, {max_users}")
+        if not isinstance(max_batch_bias_bytes, int) or max_batch_bias_bytes < 1:
+            raise ValueError(f"max_batch_bias_bytes must be an int >= 1, got {max_batch_bias_bytes!r}")
         h = cfg.hstu
         want = (h.num_blocks, h.num_heads, h.qk_dim, h.v_dim)
         got = (cache.num_layers, cache.num_heads, cache.qk_dim, cache.v_dim)
@@ -154,6 +208,7 @@ class CachedRankingScorer:
         self.micro_batch = micro_batch
         self.max_candidates = max_candidates
         self.max_users = max_users
+        self.max_batch_bias_bytes = max_batch_bias_bytes
         self.model_version = model_fingerprint(model) if model_version is None else str(model_version)
         self.num_features, self.tokens_per_event = f, m
         # Which cached rows a change invalidates (module docstring).
@@ -162,7 +217,7 @@ class CachedRankingScorer:
         self._histories: OrderedDict[Hashable, UserHistory] = OrderedDict()
         self.stats = ScorerStats()
         self._logged_full_context = False
-        self._rab_buffer: torch.Tensor | None = None
+        self._rab_buffer: torch.Tensor | None = None  # flat, zero-initialised; see _batch_bias
 
     # -- public API ----------------------------------------------------------------------------------------------
 
@@ -182,11 +237,33 @@ class CachedRankingScorer:
         hist, request_time = self._update_history(user_id, feats, new_events, request_time)
         tokens = self._tokens(hist, candidates, request_time)
         with torch.inference_mode():
-            past_k, past_v = self._prefix(user_id, hist, tokens, request_time)
-            out = self._score_candidates(tokens, past_k, past_v, len(candidates))
+            [(past_k, past_v)] = self._prefixes([(user_id, hist, tokens, request_time)])
+            [out] = self._score_candidates([(tokens, past_k, past_v, len(candidates))])
         self.stats.requests += 1
         self.stats.candidates += len(candidates)
         return out
+
+    def score_many(self, requests: Sequence[UserRequest | tuple]) -> list[torch.Tensor | InferenceInputError]:
+        """``score`` for several users at once: result ``i`` equals ``score(*requests[i])`` called in list order.
+
+        The users' prefix updates (appends, recomputes) go through one jagged delta-q encoder pass, then all their
+        candidate micro-batches through another (each pass split only to keep its bias within
+        ``max_batch_bias_bytes``). A user repeated in the list splits it into runs of distinct users, taken in order,
+        so a user's later request sees the earlier one's events.
+
+        A malformed request (``score`` would raise ``InferenceInputError``) changes nothing and its error is returned
+        in its place, not raised: the other requests are scored as if it had not been sent. Other exceptions (a
+        failing kernel) propagate for the whole call; histories updated by then stay consistent with the cache
+        (its entries carry the state they were computed for)."""
+        results: list[torch.Tensor | InferenceInputError] = []
+        for run in self._distinct_runs(requests):
+            results.extend(self._score_distinct(run))
+        return results
+
+    @property
+    def num_users(self) -> int:
+        """Users whose history is kept (at most ``max_users``)."""
+        return len(self._histories)
 
     def append(
         self,
@@ -206,7 +283,7 @@ class CachedRankingScorer:
         hist, request_time = self._update_history(user_id, feats, new_events, request_time)
         tokens = self._tokens(hist, Candidates.from_lists([]), request_time)
         with torch.inference_mode():
-            self._prefix(user_id, hist, tokens, request_time)
+            self._prefixes([(user_id, hist, tokens, request_time)])
 
     def invalidate(self, user_id: Hashable) -> bool:
         """Drop the user's cached K/V (the history is kept: the next request recomputes the prefix)."""
@@ -397,10 +474,8 @@ class CachedRankingScorer:
         # The old last token predicts at the request time (or the next event's time) when there is a rab.
         return None, max(entry.num_tokens - 1, 0) if self.time_dependent else entry.num_tokens
 
-    def _prefix(
-        self, user_id: Hashable, hist: UserHistory, tokens: RankingTokens, request_time: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Brings the user's cached prefix up to date; returns its K/V ``[L, P, H, D]`` (P = prefix tokens)."""
+    def _plan_prefix(self, user_id: Hashable, hist: UserHistory, request_time: int) -> _PrefixPlan:
+        """Looks the user up; says which prefix rows must be run and reads the cached rows before them."""
         p = self.num_features + self.tokens_per_event * len(hist.events)
         reason, start = self._full_reason(user_id, hist, request_time)
         if reason is not None:
@@ -411,21 +486,62 @@ class CachedRankingScorer:
                 self._logged_full_context = True
         elif start == p:
             self.stats.prefix_reused += 1
-            return self.cache.read(user_id)
+            return _PrefixPlan(p, p, *self.cache.read(user_id), compute=False)
         else:
             self.stats.prefix_incremental += 1
         past_k, past_v = self.cache.read(user_id, start) if start > 0 else self._empty_kv()
-        new_k, new_v = self._run_rows(tokens, start, p, past_k, past_v, need_final_output=False)
-        self.stats.tokens_computed += p - start
+        return _PrefixPlan(start, p, past_k, past_v, compute=True)
+
+    def _prefixes(
+        self, users: Sequence[tuple[Hashable, UserHistory, RankingTokens, int]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Brings the cached prefixes of distinct users ``(user_id, history, tokens, request_time)`` up to date, the
+        rows to compute of all of them in one jagged pass; returns each prefix's K/V ``[L, P, H, D]``.
+
+        Every user is looked up (and its cached rows read) before any is written back, so a reservation that evicts
+        another user of the group cannot take rows that user still needs; ``_store_prefix`` handles the rest."""
+        plans = [self._plan_prefix(user_id, hist, request_time) for user_id, hist, _, request_time in users]
+        jobs = [
+            _Rows(tokens, plan.start, plan.end, plan.past_k, plan.past_v)
+            for (_, _, tokens, _), plan in zip(users, plans, strict=True)
+            if plan.compute
+        ]
+        new_kv = iter(self._run_batched(jobs, need_final_output=False))
+        out = []
+        for (user_id, hist, _, request_time), plan in zip(users, plans, strict=True):
+            if plan.compute:
+                out.append(self._store_prefix(user_id, hist, request_time, plan, *next(new_kv)))
+            else:
+                out.append((plan.past_k, plan.past_v))
+        return out
+
+    def _store_prefix(
+        self,
+        user_id: Hashable,
+        hist: UserHistory,
+        request_time: int,
+        plan: _PrefixPlan,
+        new_k: torch.Tensor,
+        new_v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes the computed rows into the user's entry; returns the whole prefix K/V."""
+        k, v = torch.cat([plan.past_k, new_k], dim=1), torch.cat([plan.past_v, new_v], dim=1)
+        self.stats.tokens_computed += plan.end - plan.start
+        if self._histories.get(user_id) is not hist:
+            # A later request of the same score_many call forgot this user (max_users): cache nothing for it.
+            self.cache.invalidate(user_id)
+            return k, v
+        # Another user's reservation in the same call may have evicted the entry: then write every row again.
+        start = plan.start if user_id in self.cache else 0
         state = _PrefixState(hist.user_features.clone(), hist.dropped, len(hist.events), request_time)
         try:
-            self.cache.reserve(user_id, self.model_version, p).meta = state
-            for layer in range(new_k.shape[0]):
-                self.cache.write(user_id, layer, start, new_k[layer], new_v[layer])
+            self.cache.reserve(user_id, self.model_version, plan.end).meta = state
+            for layer in range(k.shape[0]):
+                self.cache.write(user_id, layer, start, k[layer, start:], v[layer, start:])
         except CacheCapacityError:
             self.cache.invalidate(user_id)
             self.stats.prefix_uncacheable += 1
-        return torch.cat([past_k, new_k], dim=1), torch.cat([past_v, new_v], dim=1)
+        return k, v
 
     def _empty_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cache
@@ -433,42 +549,126 @@ class CachedRankingScorer:
         v = torch.zeros(c.num_layers, 0, c.num_heads, c.v_dim, device=self.device, dtype=self.dtype)
         return k, v
 
-    # -- the encoder on a slice of rows --------------------------------------------------------------------------
+    # -- several users -------------------------------------------------------------------------------------------
 
-    def _run_rows(
-        self,
-        tokens: RankingTokens,
-        start: int,
-        end: int,
-        past_k: torch.Tensor,
-        past_v: torch.Tensor,
-        *,
-        key_rows: slice | None = None,
-        num_targets: int = 0,
-        need_final_output: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-        """Rows ``[start, end)`` of the window through every block, as delta-q queries after the ``P`` past rows
-        (K/V ``past_k/past_v [L, P, ...]``, token rows ``[0, P)`` unless ``key_rows`` says otherwise). Returns the
-        final outputs of the rows, or with ``need_final_output=False`` their K/V per layer ``[L, n, H, D]``."""
-        n = end - start
-        p = past_k.shape[1]
-        past_rows = slice(0, p) if key_rows is None else key_rows
+    @staticmethod
+    def _distinct_runs(requests: Sequence[UserRequest | tuple]) -> list[list[UserRequest | InferenceInputError]]:
+        """Consecutive runs of requests of distinct users (a repeated user starts a new run); a request that is not
+        a ``UserRequest``-shaped tuple with a hashable user id becomes its error."""
+        runs: list[list[UserRequest | InferenceInputError]] = []
+        run: list[UserRequest | InferenceInputError] = []
+        seen: set[Hashable] = set()
+        for raw in requests:
+            try:
+                request = raw if isinstance(raw, UserRequest) else UserRequest(*raw)
+                hash(request.user_id)
+            except TypeError as exc:
+                run.append(
+                    InferenceInputError(
+                        "a request must be (user_id, user_features, new_events, candidates, request_time) with a "
+                        f"hashable user_id: {exc}"
+                    )
+                )
+                continue
+            if request.user_id in seen:
+                runs.append(run)
+                run, seen = [], set()
+            run.append(request)
+            seen.add(request.user_id)
+        if run:
+            runs.append(run)
+        return runs
+
+    def _score_distinct(self, run: list[UserRequest | InferenceInputError]) -> list[torch.Tensor | InferenceInputError]:
+        """``score_many`` on requests of distinct users: histories updated in order (each request checked before it
+        changes anything), then the prefixes and candidates of all valid ones together."""
+        results: list[torch.Tensor | InferenceInputError | None] = [None] * len(run)
+        live = []  # (index, user_id, history, request_time, candidates)
+        for i, request in enumerate(run):
+            if isinstance(request, InferenceInputError):
+                results[i] = request
+                continue
+            try:
+                feats = self._check_features(request.user_features)
+                self._check_candidates(request.candidates)
+                hist, request_time = self._update_history(
+                    request.user_id, feats, request.new_events, request.request_time
+                )
+            except InferenceInputError as exc:
+                results[i] = exc
+                continue
+            live.append((i, request.user_id, hist, request_time, request.candidates))
+        if live:
+            users = [(user_id, hist, self._tokens(hist, cands, t), t) for _, user_id, hist, t, cands in live]
+            with torch.inference_mode():
+                prefixes = self._prefixes(users)
+                jobs = [
+                    (tokens, k, v, len(live_request[-1]))
+                    for (_, _, tokens, _), (k, v), live_request in zip(users, prefixes, live, strict=True)
+                ]
+                outs = self._score_candidates(jobs)
+            for (i, *_, cands), out in zip(live, outs, strict=True):
+                results[i] = out
+                self.stats.requests += 1
+                self.stats.candidates += len(cands)
+        return results  # type: ignore[return-value]
+
+    # -- the encoder on jagged slices of rows --------------------------------------------------------------------
+
+    def _score_candidates(
+        self, users: Sequence[tuple[RankingTokens, torch.Tensor, torch.Tensor, int]]
+    ) -> list[torch.Tensor]:
+        """Task outputs ``[M, T]`` per user ``(tokens, prefix K, prefix V, M)``: every micro-batch of every user is
+        one sequence of the same jagged pass (its queries: the candidates, as targets after the user's prefix)."""
+        jobs = []
+        for tokens, past_k, past_v, m in users:
+            p = past_k.shape[1]
+            for i in range(0, m, self.micro_batch):
+                j = min(i + self.micro_batch, m)
+                jobs.append(_Rows(tokens, p + i, p + j, past_k, past_v, num_targets=j - i))
+        outs = self.heads(torch.cat(self._run_batched(jobs, need_final_output=True)))
+        return list(outs.split([m for *_, m in users]))
+
+    def _run_batched(self, jobs: list[_Rows], *, need_final_output: bool) -> list:
+        """``_run_pass`` over ``jobs`` in as few passes as ``max_batch_bias_bytes`` allows: sequences sorted by
+        length, longest first, so each pass pads to about its own longest. One result per job, in order."""
+        out: list = [None] * len(jobs)
+        todo = []
+        for i, job in enumerate(jobs):
+            if job.num_new:
+                todo.append(i)
+            elif need_final_output:
+                out[i] = job.tokens.x[job.start : job.start]
+            else:
+                out[i] = (job.past_k[:, :0], job.past_v[:, :0])
+        todo.sort(key=lambda i: -(jobs[i].num_past + jobs[i].num_new))
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        pos = 0
+        while pos < len(todo):
+            longest = jobs[todo[pos]].num_past + jobs[todo[pos]].num_new
+            count = max(1, self.max_batch_bias_bytes // (longest * longest * itemsize))
+            chunk = todo[pos : pos + count]
+            for i, result in zip(chunk, self._run_pass([jobs[i] for i in chunk], need_final_output), strict=True):
+                out[i] = result
+            pos += len(chunk)
+        return out
+
+    def _run_pass(self, jobs: list[_Rows], need_final_output: bool) -> list:
+        """The query rows of every job through every block as one jagged delta-q call per block. Returns each job's
+        final outputs ``[n, D]``, or with ``need_final_output=False`` its K/V per layer ``([L, n, H, Dqk], [L, n,
+        H, Dv])``."""
         device = self.device
-        q_offsets = torch.tensor([0, n], device=device)
-        past_offsets = torch.tensor([0, p], device=device)
-        max_len = p + n
-        rab = None
-        if self.encoder.relative_bias is not None:
-            rows = relative_bias_rows(
-                self.encoder.relative_bias,
-                torch.cat([tokens.timestamps[past_rows], tokens.timestamps[start:end]]),
-                torch.cat([tokens.positions[past_rows], tokens.positions[start:end]]),
-                tokens.query_timestamps[start:end],
-                tokens.positions[start:end],
-            )
-            rab = self._rab_for_op(rows, p, n)
-        targets = torch.tensor([num_targets], device=device) if num_targets else None
-        x = tokens.x[start:end]
+        n_new = [job.num_new for job in jobs]
+        q_offsets = torch.tensor([0, *itertools.accumulate(n_new)], device=device)
+        past_offsets = torch.tensor([0, *itertools.accumulate(job.num_past for job in jobs)], device=device)
+        max_len = max(job.num_past + job.num_new for job in jobs)
+        rab = None if self.encoder.relative_bias is None else self._batch_bias(jobs, max_len)
+        targets = None
+        if any(job.num_targets for job in jobs):
+            targets = torch.tensor([job.num_targets for job in jobs], device=device)
+        x = torch.cat([job.tokens.x[job.start : job.end] for job in jobs])
+        past_k = torch.cat([job.past_k for job in jobs], dim=1)
+        past_v = torch.cat([job.past_v for job in jobs], dim=1)
         ks, vs = [], []
         blocks = self.encoder.blocks
         for layer, block in enumerate(blocks):
@@ -483,7 +683,7 @@ class CachedRankingScorer:
                 rab,
                 num_targets=targets,
                 contextual_seq_len=self.model.contextual_seq_len,
-                max_q_len=max(n, 1),
+                max_q_len=max(n_new),
                 need_output=need_final_output or not last,
                 validate=False,  # offsets built here; the check would sync a GPU twice per block
             )
@@ -491,29 +691,27 @@ class CachedRankingScorer:
             vs.append(v)
             if y is not None:
                 x = y
+        self.stats.encoder_passes += 1
         if need_final_output:
-            return x
-        return torch.stack(ks), torch.stack(vs)
+            return list(x.split(n_new))
+        return list(zip(torch.stack(ks).split(n_new, dim=1), torch.stack(vs).split(n_new, dim=1), strict=True))
 
-    def _rab_for_op(self, rows: torch.Tensor, num_past: int, num_new: int) -> torch.Tensor:
-        """The bias rows ``[n_new, n_past + n_new]`` in the op's layout: ``[1, 1, N, N]`` indexed by query position,
-        N = past + new. Only the new (query) rows are read, so they are written into a reused zero-initialised
-        buffer instead of a fresh ``N x N`` tensor per call."""
-        n = num_past + num_new
-        buf = self._rab_buffer
-        if buf is None or buf.shape[-1] < n:
-            size = max(n, self.model.config.max_seq_len)
-            buf = self._rab_buffer = torch.zeros(1, 1, size, size, device=self.device, dtype=self.dtype)
-        buf[0, 0, num_past:n, :n] = rows
-        return buf[:, :, :n, :n]
-
-    def _score_candidates(
-        self, tokens: RankingTokens, past_k: torch.Tensor, past_v: torch.Tensor, m: int
-    ) -> torch.Tensor:
-        p = past_k.shape[1]
-        outs = []
-        for i in range(0, m, self.micro_batch):
-            j = min(i + self.micro_batch, m)
-            x = self._run_rows(tokens, p + i, p + j, past_k, past_v, num_targets=j - i)
-            outs.append(self.heads(x))
-        return torch.cat(outs)
+    def _batch_bias(self, jobs: list[_Rows], n: int) -> torch.Tensor:
+        """The jobs' bias rows in the op's delta-q layout ``[B, 1, N, N]`` (row = query position). Only the query
+        rows are read, so they are written into a reused flat buffer rather than a fresh square per pass: rows left
+        from earlier passes are finite and fall on masked or unread entries."""
+        need = len(jobs) * n * n
+        if self._rab_buffer is None or self._rab_buffer.numel() < need:
+            size = max(need, self.model.config.max_seq_len**2)
+            self._rab_buffer = torch.zeros(size, device=self.device, dtype=self.dtype)
+        rab = self._rab_buffer[:need].view(len(jobs), 1, n, n)
+        for b, job in enumerate(jobs):
+            t, p, end = job.tokens, job.num_past, job.num_past + job.num_new
+            rab[b, 0, p:end, :end] = relative_bias_rows(
+                self.encoder.relative_bias,
+                torch.cat([t.timestamps[:p], t.timestamps[job.start : job.end]]),
+                torch.cat([t.positions[:p], t.positions[job.start : job.end]]),
+                t.query_timestamps[job.start : job.end],
+                t.positions[job.start : job.end],
+            )
+        return rab

@@ -1,7 +1,9 @@
 """What the HTTP layer scores with: a ``ScoringBackend`` takes validated requests and returns task outputs.
 
 - ``CachedBackend``: ``gr_models.inference.CachedRankingScorer`` (per-user K/V cache, delta-q appends,
-  micro-batched candidates) on a model loaded from a bundle; the scorer keeps each user's history.
+  micro-batched candidates) on a model loaded from a bundle; the scorer keeps each user's history. A batcher group
+  is one ``score_many`` call (one jagged encoder pass for the group's prefix updates, one for all its candidates),
+  or one per run of distinct users when a user repeats within the group.
 - ``UncachedBackend``: any full-recompute scoring function (an AOTInductor package from
   ``gr_models.inference.export``, or the eager ``ScoringGraph``) plus a ``HistoryStore`` of each user's events.
   Candidates are scored in chunks that fit the model's window next to the history (candidates are independent
@@ -21,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from gr_models.inference.requests import Candidates, InferenceInputError, UserEvents
-from gr_models.inference.scorer import CachedRankingScorer
+from gr_models.inference.scorer import CachedRankingScorer, UserRequest
 from gr_models.ranking.features import RankingFeatureSpec
 from gr_models.ranking.tasks import RankingTask
 from gr_models.serving.schema import ScoreRequest
@@ -56,8 +58,25 @@ def _features(request: ScoreRequest, known: torch.Tensor | None, num_features: i
     return torch.zeros(num_features, dtype=torch.int64), True
 
 
+def distinct_user_runs(requests: Sequence[ScoreRequest]) -> list[list[int]]:
+    """Indices of ``requests`` in consecutive runs of distinct users: a user seen earlier in the run starts a new
+    one, so runs taken in order apply each user's requests in order."""
+    runs: list[list[int]] = []
+    seen: set[Hashable] = set()
+    for i, request in enumerate(requests):
+        if not runs or request.user_id in seen:
+            runs.append([])
+            seen = set()
+        runs[-1].append(i)
+        seen.add(request.user_id)
+    return runs
+
+
 class CachedBackend:
-    """Requests through a ``CachedRankingScorer`` one at a time (its calls are per user)."""
+    """Requests through a ``CachedRankingScorer``: one ``score_many`` call per run of distinct users of a group.
+
+    A request without ``user_features`` takes the user's stored ones (zeros for a new user); runs split at a
+    repeated user so that a later request of a user sees what the earlier one stored (features, events)."""
 
     name = "cached"
 
@@ -67,28 +86,53 @@ class CachedBackend:
         self.model_version = scorer.model_version
         self.features = cfg.features
         self.tasks = tuple(cfg.tasks)
+        self.score_many_calls = 0
 
     def score_one(self, request: ScoreRequest) -> ScoreResult:
-        hist = self.scorer.history(request.user_id)
-        known = None if hist is None else hist.user_features
-        feats, defaulted = _features(request, known, self.features.num_user_features)
-        events = request.events if len(request.events) else None
-        out = self.scorer.score(request.user_id, feats, events, request.candidates, request.request_time)
-        hist = self.scorer.history(request.user_id)
-        return ScoreResult(out.float(), defaulted, 0 if hist is None else len(hist.events))
+        """One request alone; raises its error."""
+        [result] = self.score_batch([request])
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult | Exception]:
-        results: list[ScoreResult | Exception] = []
-        for request in requests:
-            try:
-                results.append(self.score_one(request))
-            except Exception as exc:  # reported per request; the others still run
-                results.append(exc)
-        return results
+        results: list[ScoreResult | Exception | None] = [None] * len(requests)
+        for run in distinct_user_runs(requests):
+            self._score_run([requests[i] for i in run], run, results)
+        return results  # type: ignore[return-value]
+
+    def _score_run(self, run: list[ScoreRequest], indices: list[int], results: list) -> None:
+        """Requests of distinct users in one ``score_many`` call; errors are reported per request (a malformed one
+        changes nothing and the others are scored), an unexpected failure of the call for each of them."""
+        calls, defaulted = [], []
+        for request in run:
+            hist = self.scorer.history(request.user_id)
+            feats, was_defaulted = _features(
+                request, None if hist is None else hist.user_features, self.features.num_user_features
+            )
+            events = request.events if len(request.events) else None
+            calls.append(UserRequest(request.user_id, feats, events, request.candidates, request.request_time))
+            defaulted.append(was_defaulted)
+        try:
+            outs = self.scorer.score_many(calls)
+        except Exception as exc:  # not the requests' fault: every request of the call gets it (500)
+            for i in indices:
+                results[i] = exc
+            return
+        if not all(isinstance(out, Exception) for out in outs):  # calls that scored something (stats unchanged
+            self.score_many_calls += 1  # by malformed requests)
+        for i, request, was_defaulted, out in zip(indices, run, defaulted, outs, strict=True):
+            if isinstance(out, Exception):
+                results[i] = out
+                continue
+            hist = self.scorer.history(request.user_id)
+            results[i] = ScoreResult(out.float(), was_defaulted, 0 if hist is None else len(hist.events))
 
     def stats(self) -> dict[str, Any]:
         cache = self.scorer.cache.stats()
         return {
+            "users": self.scorer.num_users,
+            "score_many_calls": self.score_many_calls,
             "cache": {**asdict(cache), "hit_rate": round(cache.hit_rate, 4)},
             "scorer": asdict(self.scorer.stats),
         }

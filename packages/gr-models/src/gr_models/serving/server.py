@@ -2,8 +2,9 @@
 
 Routes:
 
-- ``GET /health``: ``{"status": "ok", "backend", "model_version", "tasks", "limits", "batcher": {...},
-  "backend_stats": {...}}`` (the cached backend's stats hold the K/V cache's hits/misses/evictions/bytes).
+- ``GET /health``: ``{"status": "ok", "backend", "model_version", "tasks", "limits", "batcher": {...}, "users",
+  "backend_stats": {...}}``; ``users``: users whose history the backend keeps (the cached backend's stats also hold
+  the K/V cache's hits/misses/evictions/bytes).
 - ``POST /score``: the request of ``gr_models.serving.schema``; answers ``{"user_id", "model_version", "tasks",
   "scores": [{task: value}, ...] (one object per candidate, in request order; binary tasks as probabilities,
   regression tasks as predicted values), "history_events", "user_features_defaulted"}``.
@@ -103,6 +104,7 @@ class ScoringServer:
     # -- route bodies ----------------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
+        backend_stats = self.backend.stats()
         return {
             "status": "ok",
             "backend": self.backend.name,
@@ -110,7 +112,8 @@ class ScoringServer:
             "tasks": [{"name": t.name, "kind": t.kind} for t in self.backend.tasks],
             "limits": self.limits.__dict__,
             "batcher": self.batcher.stats.as_dict(),
-            "backend_stats": self.backend.stats(),
+            "users": backend_stats.get("users"),  # users whose history the backend keeps
+            "backend_stats": backend_stats,
         }
 
     def score(self, body: Any) -> dict[str, Any]:
