@@ -9,6 +9,7 @@ largest exact value (the same padded matmuls in other shapes may round different
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 
@@ -21,6 +22,7 @@ from torch import Tensor
 import gr_kernels
 from gr_kernels import AttentionCall, HSTUParams, ReferenceBackend, hstu_attention, hstu_valid_mask
 from gr_kernels.backends import _LOGGED_SKIPS, resolve_backend
+from gr_kernels.cutlass_backend import NATIVE_DELTA_Q_ENV, native_available
 
 
 def query_rows(seq_offsets: Tensor, q_lengths: list[int]) -> Tensor:
@@ -385,9 +387,13 @@ def _small_delta(jagged: Callable, **kw: object) -> Tensor:
                           **kw)  # type: ignore[arg-type]  # fmt: skip
 
 
-def test_cutlass_declines_delta_q_with_a_reason(jagged: Callable, caplog: pytest.LogCaptureFixture) -> None:
+def test_cutlass_declines_delta_q_with_a_reason(
+    jagged: Callable, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Until the GPU parity suite has passed, the native delta-q path is opt-in (GR_KERNELS_NATIVE_DELTA_Q=1).
+    monkeypatch.delenv(NATIVE_DELTA_Q_ENV, raising=False)
     reason = gr_kernels.get_backend("cutlass").supports(_delta_call())
-    assert reason is not None and "delta q" in reason and "not implemented in the native kernels" in reason
+    assert reason is not None and "delta q" in reason and f"set {NATIVE_DELTA_Q_ENV}=1" in reason
     with pytest.raises(ValueError, match="backend 'cutlass' cannot run this call: delta q"):
         _small_delta(jagged, backend="cutlass")
     _LOGGED_SKIPS.discard(("cutlass", reason))
@@ -396,6 +402,19 @@ def test_cutlass_declines_delta_q_with_a_reason(jagged: Callable, caplog: pytest
         assert resolve_backend("auto", _delta_call()) == "reference"
     lines = [r.getMessage() for r in caplog.records if "'cutlass' not used" in r.getMessage()]
     assert lines == [f"hstu_attention: backend 'cutlass' not used: {reason}"]
+
+
+def test_native_delta_q_gate_is_read_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = gr_kernels.get_backend("cutlass")
+    for value in ("0", "", "yes"):
+        monkeypatch.setenv(NATIVE_DELTA_Q_ENV, value)
+        assert f"set {NATIVE_DELTA_Q_ENV}=1" in (backend.supports(_delta_call()) or "")
+    monkeypatch.setenv(NATIVE_DELTA_Q_ENV, "1")
+    # Opted in, a delta-q call is judged like a full call: here only the CPU device (or a missing build) stops it.
+    reason = backend.supports(_delta_call())
+    assert reason is not None and "delta q" not in reason
+    assert reason == backend.supports(dataclasses.replace(_delta_call(), delta_q=False))
+    assert "cutlass" in gr_kernels.backends._DELTA_Q  # its forward and backward take q_offsets
 
 
 def test_backends_without_q_offsets_are_skipped(jagged: Callable, registered: list[str]) -> None:
@@ -494,7 +513,8 @@ def test_reference_needs_max_q_len_with_q_offsets() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.gpu
-def test_cuda_matches_full_rows_without_sync(jagged: Callable) -> None:
+def test_cuda_matches_full_rows_without_sync(jagged: Callable, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(NATIVE_DELTA_Q_ENV, "1")  # the native path where it applies (fp32 itself runs the reference)
     x = jagged([5, 0, 1, 7], heads=2, attn_dim=8, hidden_dim=8, rab_heads=2, seed=7, dtype=torch.float32,
                device="cuda")  # fmt: skip
     q_lengths = [2, 0, 1, 7]
@@ -513,3 +533,124 @@ def test_cuda_matches_full_rows_without_sync(jagged: Callable) -> None:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(out, full[rows])
     assert grads[0].shape == qd.shape and grads[1].shape == x.rab.shape
+
+
+# ------------------------------------------------------------------------------------- native kernels (sm90 GPU)
+ON_SM90 = torch.cuda.is_available() and native_available() and torch.cuda.get_device_capability(0) == (9, 0)
+needs_sm90 = pytest.mark.skipif(not ON_SM90, reason="needs an sm90 GPU and gr-kernels built with its CUDA kernels")
+
+# The mask families of test_cutlass_backend.py (num_targets: per-sequence count, clamped below each length).
+NATIVE_MASKS = {
+    "causal": {},
+    "full": {"causal": False},
+    "window": {"max_attn_len": 37},
+    "window_full": {"causal": False, "max_attn_len": 50},
+    "context": {"contextual_seq_len": 5},
+    "targets": {"num_targets": 7},
+    "targets_groups": {"num_targets": 9, "target_group_size": 3},
+    "context_targets_window": {"contextual_seq_len": 3, "num_targets": 6, "max_attn_len": 40},
+}
+# Ragged kv lengths (0, 1, tile edges, past a tile) and query counts (0, 1, all, mid-tile, more than one tile).
+NATIVE_LENGTHS = [0, 1, 130, 77, 200, 64]
+NATIVE_Q_LENGTHS = [0, 1, 65, 77, 3, 64]
+
+
+def rounding_floor(exact: Tensor, dtype: torch.dtype) -> float:
+    """test_cutlass_backend.py's floor: one unit of ``dtype`` at the largest magnitude of ``exact`` (>= 1e-5)."""
+    return max(torch.finfo(dtype).eps * exact.abs().max().item(), 1e-5)
+
+
+def _native_grads(backend: str, q: Tensor, k: Tensor, v: Tensor, rab: Tensor | None, grad: Tensor, **kw: object):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    bias = None if rab is None else rab.detach().clone().requires_grad_()
+    out = hstu_attention(*leaves, rab=bias, backend=backend, **kw)  # type: ignore[arg-type]
+    out.backward(grad)
+    return out.detach(), [t.grad for t in leaves] + ([] if bias is None else [bias.grad])
+
+
+def check_native_delta(jagged: Callable, mask: str, rab_heads: int, *, dim: int = 64,
+                       dtype: torch.dtype = torch.bfloat16, lengths: list[int] = NATIVE_LENGTHS,
+                       q_lengths: list[int] = NATIVE_Q_LENGTHS, seed: int = 0) -> None:  # fmt: skip
+    """Native delta q vs an fp32 reference: error <= 2x (out) / 5x (dq, dk, dv, drab) the reference's own error in
+    ``dtype``, plus ``rounding_floor``."""
+    opts = dict(NATIVE_MASKS[mask])
+    x = jagged(lengths, heads=2, attn_dim=dim, hidden_dim=dim, rab_heads=rab_heads, seed=seed, dtype=torch.float32,
+               device="cuda", requires_grad=False)  # fmt: skip
+    rows = query_rows(x.seq_offsets.cpu(), q_lengths).cuda()
+    if "num_targets" in opts:
+        opts["num_targets"] = torch.tensor([min(opts["num_targets"], max(n - 1, 0)) for n in lengths], device="cuda")
+    kw = dict(seq_offsets=x.seq_offsets, max_seq_len=x.max_seq_len, alpha=1.0 / dim**0.5,
+              q_offsets=q_offsets_of(q_lengths).cuda(), max_q_len=max([*q_lengths, 1]), **opts)  # fmt: skip
+    q32 = x.q[rows]
+    grad = torch.randn(q32.shape[0], 2, dim, generator=torch.Generator().manual_seed(seed + 1)).cuda()
+    low = [t.to(dtype) for t in (q32, x.k, x.v)]
+    low_rab = None if x.rab is None else x.rab.to(dtype)
+    got = _native_grads("cutlass", *low, low_rab, grad.to(dtype), **kw)
+    ref_low = _native_grads("reference", *low, low_rab, grad.to(dtype), **kw)
+    exact = _native_grads("reference", q32, x.k, x.v, x.rab, grad, **kw)
+    names = ["out", "dq", "dk", "dv", "drab"]
+    for name, g_, r_, e_ in zip(names, [got[0], *got[1]], [ref_low[0], *ref_low[1]], [exact[0], *exact[1]],
+                                strict=True):  # fmt: skip
+        assert g_.dtype == dtype and g_.shape == e_.shape, name
+        if e_.numel() == 0:
+            continue
+        factor = 2 if name == "out" else 5
+        err = (g_.float() - e_).abs().max().item()
+        ref_err = (r_.float() - e_).abs().max().item()
+        assert err <= factor * ref_err + rounding_floor(e_, dtype), (
+            f"{name}: native error {err:.3e} > {factor} x reference-{dtype} error {ref_err:.3e}"
+        )
+
+
+@pytest.fixture(params=["sm90", "sm80"])
+def native_delta(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Opts in to the native delta-q path and routes forwards to the Hopper or the SM80-MMA kernel."""
+    monkeypatch.setenv(NATIVE_DELTA_Q_ENV, "1")
+    monkeypatch.setenv("GR_KERNELS_FWD_KERNEL", request.param)
+    return request.param
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask", sorted(NATIVE_MASKS))
+@pytest.mark.parametrize("rab_heads", [0, 1, 2])
+def test_native_delta_matches_reference(jagged: Callable, mask: str, rab_heads: int, native_delta: str) -> None:
+    check_native_delta(jagged, mask, rab_heads)
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_native_delta_dtypes_and_head_dims(jagged: Callable, dtype: torch.dtype, dim: int, native_delta: str) -> None:
+    # Head dim 256 runs the native forward and the reference backward (see cutlass_backend.py).
+    check_native_delta(jagged, "context_targets_window", 1, dim=dim, dtype=dtype, lengths=[1, 300, 129, 65],
+                       q_lengths=[1, 131, 2, 65])  # fmt: skip
+
+
+@needs_sm90
+@pytest.mark.gpu
+@settings(max_examples=30, deadline=None, database=None)
+@given(data=st.data())
+def test_native_delta_hypothesis(jagged: Callable, data: st.DataObject) -> None:
+    lengths = data.draw(st.lists(st.integers(0, 300), min_size=1, max_size=5), label="lengths")
+    q_lengths = [data.draw(st.integers(0, n), label="q_len") for n in lengths]
+    mask = data.draw(st.sampled_from(sorted(NATIVE_MASKS)), label="mask")
+    kernel = data.draw(st.sampled_from(["sm90", "sm80"]), label="kernel")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(NATIVE_DELTA_Q_ENV, "1")
+        mp.setenv("GR_KERNELS_FWD_KERNEL", kernel)
+        check_native_delta(jagged, mask, data.draw(st.sampled_from([0, 1, 2]), label="rab_heads"),
+                           dim=data.draw(st.sampled_from([64, 128]), label="dim"), lengths=lengths,
+                           q_lengths=q_lengths, seed=data.draw(st.integers(0, 1000), label="seed"))  # fmt: skip
+
+
+@needs_sm90
+@pytest.mark.gpu
+def test_native_delta_is_used_only_when_opted_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    call = AttentionCall(HSTUParams(8, 1.0, 8, max_q_len=2), torch.device("cuda"), torch.bfloat16, 2, 64, 64,
+                         torch.int64, False, 0, False, True)  # fmt: skip
+    monkeypatch.delenv(NATIVE_DELTA_Q_ENV, raising=False)
+    assert resolve_backend("auto", call) == "reference"
+    monkeypatch.setenv(NATIVE_DELTA_Q_ENV, "1")
+    assert resolve_backend("auto", call) == "cutlass"

@@ -18,12 +18,13 @@ T* as_ptr(std::uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
-// Arguments shared by forward and backward, in this order, after the kernel-specific pointers.
+// Arguments shared by forward and backward, in this order, after the kernel-specific pointers. The last three are
+// delta q: q_offsets (0 = q shares seq_offsets), max_q_len and q's rows (both ignored without q_offsets).
 void fill_common(HstuFwdParams& p, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, py::tuple q_strides,
                  py::tuple k_strides, py::tuple v_strides, std::uintptr_t seq_offsets, std::uintptr_t num_targets,
                  std::uintptr_t rab, int rab_heads, int batch, int heads, int head_dim, int max_seq_len, float alpha,
                  int scaling_seqlen, bool causal, int max_attn_len, int contextual_seq_len, int target_group_size,
-                 int dtype, int64_t total_rows) {
+                 int dtype, int64_t total_rows, std::uintptr_t q_offsets, int max_q_len, int64_t total_q_rows) {
   p.q = as_ptr<const void>(q);
   p.k = as_ptr<const void>(k);
   p.v = as_ptr<const void>(v);
@@ -53,6 +54,16 @@ void fill_common(HstuFwdParams& p, std::uintptr_t q, std::uintptr_t k, std::uint
   p.dtype = static_cast<gr_kernels::DType>(dtype);
   if (total_rows < 0 || total_rows > INT32_MAX) throw std::invalid_argument("total_rows must be in [0, 2^31)");
   p.total_rows = total_rows;
+  p.q_offsets = as_ptr<const int32_t>(q_offsets);
+  if (p.q_offsets == nullptr) {
+    p.max_q_len = 0;
+    p.total_q_rows = total_rows;
+  } else {
+    if (max_q_len < 1) throw std::invalid_argument("delta q (q_offsets) needs max_q_len >= 1");
+    if (total_q_rows < 0 || total_q_rows > INT32_MAX) throw std::invalid_argument("total_q_rows must be in [0, 2^31)");
+    p.max_q_len = max_q_len;
+    p.total_q_rows = total_q_rows;
+  }
 }
 
 void check(const char* err, const char* what) {
@@ -63,11 +74,12 @@ void hstu_fwd(std::uintptr_t out, py::tuple o_strides, std::uintptr_t stream, st
               std::uintptr_t v, py::tuple q_strides, py::tuple k_strides, py::tuple v_strides,
               std::uintptr_t seq_offsets, std::uintptr_t num_targets, std::uintptr_t rab, int rab_heads, int batch,
               int heads, int head_dim, int max_seq_len, float alpha, int scaling_seqlen, bool causal,
-              int max_attn_len, int contextual_seq_len, int target_group_size, int dtype, int64_t total_rows) {
+              int max_attn_len, int contextual_seq_len, int target_group_size, int dtype, int64_t total_rows,
+              std::uintptr_t q_offsets, int max_q_len, int64_t total_q_rows) {
   HstuFwdParams p;
   fill_common(p, q, k, v, q_strides, k_strides, v_strides, seq_offsets, num_targets, rab, rab_heads, batch, heads,
               head_dim, max_seq_len, alpha, scaling_seqlen, causal, max_attn_len, contextual_seq_len,
-              target_group_size, dtype, total_rows);
+              target_group_size, dtype, total_rows, q_offsets, max_q_len, total_q_rows);
   p.out = as_ptr<void>(out);
   p.o_row_stride = o_strides[0].cast<int64_t>();
   p.o_head_stride = o_strides[1].cast<int64_t>();
@@ -79,11 +91,12 @@ void hstu_bwd(std::uintptr_t dout, py::tuple do_strides, std::uintptr_t dq_accum
               std::uintptr_t v, py::tuple q_strides, py::tuple k_strides, py::tuple v_strides,
               std::uintptr_t seq_offsets, std::uintptr_t num_targets, std::uintptr_t rab, int rab_heads, int batch,
               int heads, int head_dim, int max_seq_len, float alpha, int scaling_seqlen, bool causal,
-              int max_attn_len, int contextual_seq_len, int target_group_size, int dtype, int64_t total_rows) {
+              int max_attn_len, int contextual_seq_len, int target_group_size, int dtype, int64_t total_rows,
+              std::uintptr_t q_offsets, int max_q_len, int64_t total_q_rows) {
   gr_kernels::HstuBwdParams p;
   fill_common(p, q, k, v, q_strides, k_strides, v_strides, seq_offsets, num_targets, rab, rab_heads, batch, heads,
               head_dim, max_seq_len, alpha, scaling_seqlen, causal, max_attn_len, contextual_seq_len,
-              target_group_size, dtype, total_rows);
+              target_group_size, dtype, total_rows, q_offsets, max_q_len, total_q_rows);
   p.dout = as_ptr<const void>(dout);
   p.do_row_stride = do_strides[0].cast<int64_t>();
   p.do_head_stride = do_strides[1].cast<int64_t>();

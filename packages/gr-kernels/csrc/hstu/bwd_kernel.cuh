@@ -7,6 +7,8 @@
 //   dV += P^T dO and dK += dX^T Q with the accumulator layout reused as the A operand (no shared-memory trip)
 //   dX^T -> shared memory; dQ partial = dX K, added into an fp32 buffer (several key tiles contribute to a row)
 // dK and dV are written once at the end in the input dtype.
+// Delta q (p.q_offsets): the query tiles walk q's own rows (q, dout, dq jagged by q_offsets) and masks and bias rows
+// use their positions (row + kv_len - q_len); every key still gets its dK/dV row (zero when no query sees it).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,7 +22,7 @@
 
 namespace gr_kernels {
 
-template <typename Traits>
+template <typename Traits, bool kDeltaQ>
 __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_kernel(const HstuBwdParams p) {
   using Element = typename Traits::Element;
   using Mma = typename Traits::Mma;
@@ -49,13 +51,15 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_kernel(const HstuBw
   if (n0 >= length) return;
 
   const SequenceMask mask = SequenceMask::of_sequence(p, b, length);
+  const QueryRows rows = QueryRows::of_sequence<kDeltaQ>(p, b, seq_start, length);
 
-  // Query tiles that can see these keys: causal rows only look back, except context rows (which come first).
-  int m_start = 0, m_end = length;
-  if (p.causal && mask.context == 0) m_start = n0 / kBlockM * kBlockM;
+  // Query tiles (in query rows; position = row + shift) that can see these keys: causal rows only look back,
+  // except context rows (which come first).
+  int m_start = 0, m_end = rows.length;
+  if (p.causal && mask.context == 0) m_start = max(0, n0 - rows.shift) / kBlockM * kBlockM;
   if (p.max_attn_len > 0 && mask.context == 0 && !mask.has_targets()) {
-    m_end = min(length, n0 + kBlockN + p.max_attn_len);
-    if (!p.causal) m_start = max(0, n0 - p.max_attn_len) / kBlockM * kBlockM;
+    m_end = min(rows.length, n0 + kBlockN + p.max_attn_len - rows.shift);
+    if (!p.causal) m_start = max(0, n0 - p.max_attn_len - rows.shift) / kBlockM * kBlockM;
   }
 
   const int64_t head_off_k = int64_t(head) * p.k_head_stride;
@@ -94,13 +98,13 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_kernel(const HstuBw
 
   for (int m0 = m_start; m0 < m_end; m0 += kBlockM) {
     detail::load_tile<Traits, kBlockM>(
-        sQ, static_cast<const Element*>(p.q) + int64_t(seq_start + m0) * p.q_row_stride + int64_t(head) * p.q_head_stride,
-        p.q_row_stride, length - m0);
+        sQ, static_cast<const Element*>(p.q) + int64_t(rows.start + m0) * p.q_row_stride + int64_t(head) * p.q_head_stride,
+        p.q_row_stride, rows.length - m0);
     detail::load_tile<Traits, kBlockM>(
         sdO,
-        static_cast<const Element*>(p.dout) + int64_t(seq_start + m0) * p.do_row_stride +
+        static_cast<const Element*>(p.dout) + int64_t(rows.start + m0) * p.do_row_stride +
             int64_t(head) * p.do_head_stride,
-        p.do_row_stride, length - m0);
+        p.do_row_stride, rows.length - m0);
     cute::cp_async_fence();
     cute::cp_async_wait<0>();
     __syncthreads();
@@ -141,7 +145,8 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_kernel(const HstuBw
       }
     }
 
-    // P^T and dX^T per element; element (t, e) is key j = n0 + warp*16 + g (+8), query i = m0 + t*8 + 2 tq (+1).
+    // P^T and dX^T per element; element (t, e) is key j = n0 + warp*16 + g (+8), query row m0 + t*8 + 2 tq (+1) at
+    // position i = that row + shift.
     uint32_t pa[kQTiles / 2][4], xa[kQTiles / 2][4];
 #pragma unroll
     for (int t = 0; t < kQTiles; ++t) {
@@ -149,7 +154,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_kernel(const HstuBw
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int j = n0 + warp * 16 + g + (e >> 1) * 8;
-        const int i = m0 + t * 8 + tq * 2 + (e & 1);
+        const int i = rows.shift + m0 + t * 8 + tq * 2 + (e & 1);
         const bool valid = mask(i, j);
         float x = st[t][e];
         const int64_t rab_idx = int64_t(i) * p.max_seq_len + j;
@@ -224,9 +229,9 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_kernel(const HstuBw
       }
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int i = m0 + qr0 + g + half * 8;
-        if (i >= length) continue;
-        float* dst = p.dq_accum + (int64_t(seq_start + i) * p.heads + head) * kHeadDim + dc0 + tq * 2;
+        const int i = m0 + qr0 + g + half * 8;  // query row
+        if (i >= rows.length) continue;
+        float* dst = p.dq_accum + (int64_t(rows.start + i) * p.heads + head) * kHeadDim + dc0 + tq * 2;
 #pragma unroll
         for (int t = 0; t < kHalfTiles; ++t) {
           atomicAdd(dst + t * 8, dq[t][half * 2]);
@@ -236,6 +241,8 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_kernel(const HstuBw
     }
     __syncthreads();  // the next query tile overwrites sQ, sdO and sdX^T
   }
+  // Delta q can leave a key tile no query tile: retire its K/V copies before the CTA exits.
+  if constexpr (kDeltaQ) cute::cp_async_wait<0>();
 
   // Epilogue: dK and dV rows of this CTA's keys, contiguous [total, heads, dim] in the input dtype.
 #pragma unroll
@@ -257,7 +264,10 @@ template <typename Element, int kHeadDim>
 const char* run_hstu_bwd(const HstuBwdParams& p, cudaStream_t stream) {
   using Traits = HstuBwdTraits<Element, kHeadDim>;
   const dim3 grid((p.max_seq_len + Traits::kBlockN - 1) / Traits::kBlockN, p.heads, p.batch);
-  return launch_kernel(hstu_bwd_kernel<Traits>, grid, Traits::kThreads, Traits::kSmemBytes, p, stream);
+  if (p.q_offsets != nullptr) {
+    return launch_kernel(hstu_bwd_kernel<Traits, true>, grid, Traits::kThreads, Traits::kSmemBytes, p, stream);
+  }
+  return launch_kernel(hstu_bwd_kernel<Traits, false>, grid, Traits::kThreads, Traits::kSmemBytes, p, stream);
 }
 
 }  // namespace gr_kernels

@@ -5,6 +5,8 @@
 //   mainloop  : for each key tile: K, V -> shared; S = Q K^T (tensor cores); P = SiLU(alpha (S + rab)) * mask / N in
 //               registers; O += P V with P fed straight from the S accumulators (their layout is the A operand's)
 //   epilogue  : O (fp32 registers) -> bf16/fp16 rows of the jagged output
+// Delta q (p.q_offsets): the CTA's rows are query rows of q's own jagged layout; masks, bias rows and key ranges use
+// their positions (row + kv_len - q_len). Without q_offsets the shift is 0 and the rows are the sequence's own.
 // Unlike softmax attention there is no running max or rescaling: each key tile's contribution is final.
 #pragma once
 
@@ -19,7 +21,7 @@
 
 namespace gr_kernels {
 
-template <typename Traits>
+template <typename Traits, bool kDeltaQ>
 __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFwdParams p) {
   using Element = typename Traits::Element;
   using Mma = typename Traits::Mma;
@@ -39,25 +41,27 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
   const int b = blockIdx.z;
   const int seq_start = p.seq_offsets[b];
   const int length = p.seq_offsets[b + 1] - seq_start;
-  const int m0 = m_block * kBlockM;
-  if (m0 >= length) return;
+  const QueryRows rows = QueryRows::of_sequence<kDeltaQ>(p, b, seq_start, length);
+  const int m0 = m_block * kBlockM;  // first query row of this CTA
+  if (m0 >= rows.length) return;
+  const int pos0 = rows.shift + m0;  // its position in the sequence
 
   const SequenceMask mask = SequenceMask::of_sequence(p, b, length);
 
   // Key tiles that can hold a visible key: causal rows (targets included) see j <= i, except context rows.
   int n_end = length;
-  if (p.causal && m0 >= mask.context) n_end = min(length, m0 + kBlockM);
+  if (p.causal && pos0 >= mask.context) n_end = min(length, pos0 + kBlockM);
   int n_start = 0;
-  if (p.max_attn_len > 0 && mask.context == 0 && !mask.has_targets()) n_start = max(0, m0 - p.max_attn_len) / kBlockN * kBlockN;
+  if (p.max_attn_len > 0 && mask.context == 0 && !mask.has_targets()) n_start = max(0, pos0 - p.max_attn_len) / kBlockN * kBlockN;
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int g = lane / 4;  // accumulator row inside the 8-row half
   const int tq = lane % 4; // accumulator column pair
 
-  const Element* q = static_cast<const Element*>(p.q) + int64_t(seq_start + m0) * p.q_row_stride +
+  const Element* q = static_cast<const Element*>(p.q) + int64_t(rows.start + m0) * p.q_row_stride +
                      int64_t(head) * p.q_head_stride;
-  detail::load_tile<Traits, kBlockM>(sQ, q, p.q_row_stride, length - m0);
+  detail::load_tile<Traits, kBlockM>(sQ, q, p.q_row_stride, rows.length - m0);
   cute::cp_async_fence();
 
   float o_acc[kDTiles][4];
@@ -92,11 +96,12 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
 
   // Tiles whose every (i, j) is visible need no per-element mask: all rows and columns in the history, no window,
   // and (causal) every key at or before every query.
-  const bool rows_plain = m0 + kBlockM <= mask.history && p.max_attn_len == 0;
+  // (pos0 < 0 only for invalid delta-q input, q_len > kv_len: those rows see nothing.)
+  const bool rows_plain = pos0 >= 0 && pos0 + kBlockM <= mask.history && p.max_attn_len == 0;
 
   for (int n0 = n_start; n0 < n_end; n0 += kBlockN) {
     const bool has_next = n0 + kBlockN < n_end;
-    const bool full_tile = rows_plain && n0 + kBlockN <= mask.history && (!p.causal || n0 + kBlockN - 1 <= m0);
+    const bool full_tile = rows_plain && n0 + kBlockN <= mask.history && (!p.causal || n0 + kBlockN - 1 <= pos0);
     cute::cp_async_wait<1>();  // Q and this K have landed (this V may still be in flight)
     __syncthreads();
 
@@ -139,7 +144,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
       float pv[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int i = m0 + warp * 16 + g + (e >> 1) * 8;
+        const int i = pos0 + warp * 16 + g + (e >> 1) * 8;
         const int j = n0 + t * 8 + tq * 2 + (e & 1);
         float x = s[t][e];
         const bool valid = full_tile || mask(i, j);
@@ -180,12 +185,15 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
     cute::cp_async_fence();
   }
 
-  // Epilogue: rows past the sequence end belong to no output row.
-  Element* out = static_cast<Element*>(p.out) + int64_t(seq_start) * p.o_row_stride + int64_t(head) * p.o_head_stride;
+  // Invalid delta-q input (q_len > kv_len) can leave a CTA no key tile: retire its Q copy before the CTA exits.
+  if constexpr (kDeltaQ) cute::cp_async_wait<0>();
+
+  // Epilogue: rows past the sequence's queries belong to no output row.
+  Element* out = static_cast<Element*>(p.out) + int64_t(rows.start) * p.o_row_stride + int64_t(head) * p.o_head_stride;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int i = m0 + warp * 16 + g + half * 8;
-    if (i >= length) continue;
+    if (i >= rows.length) continue;
 #pragma unroll
     for (int t = 0; t < kDTiles; ++t) {
       *reinterpret_cast<uint32_t*>(out + int64_t(i) * p.o_row_stride + t * 8 + tq * 2) =
@@ -198,8 +206,11 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
 template <typename Element, int kHeadDim>
 const char* run_hstu_fwd(const HstuFwdParams& p, cudaStream_t stream) {
   using Traits = HstuFwdTraits<Element, kHeadDim, 64, 64>;
-  const dim3 grid((p.max_seq_len + Traits::kBlockM - 1) / Traits::kBlockM, p.heads, p.batch);
-  return launch_kernel(hstu_fwd_kernel<Traits>, grid, Traits::kThreads, Traits::kSmemBytes, p, stream);
+  const dim3 grid((query_grid_rows(p) + Traits::kBlockM - 1) / Traits::kBlockM, p.heads, p.batch);
+  if (p.q_offsets != nullptr) {
+    return launch_kernel(hstu_fwd_kernel<Traits, true>, grid, Traits::kThreads, Traits::kSmemBytes, p, stream);
+  }
+  return launch_kernel(hstu_fwd_kernel<Traits, false>, grid, Traits::kThreads, Traits::kSmemBytes, p, stream);
 }
 
 }  // namespace gr_kernels

@@ -30,8 +30,10 @@ struct SequenceMask {
 
   __host__ __device__ __forceinline__ bool has_targets() const { return history < length; }
 
+  // i is a query position (delta q: kv_len - q_len + row, negative for invalid q_len > kv_len: sees nothing, like
+  // masks.py); one unsigned compare per index rejects both ends.
   __host__ __device__ __forceinline__ bool operator()(int i, int j) const {
-    if (i >= length || j >= length) return false;
+    if (unsigned(i) >= unsigned(length) || j >= length) return false;
     const bool tgt_i = i >= history, tgt_j = j >= history;
     if (tgt_j) {
       // Targets see targets of their own group at or before themselves only.
@@ -44,5 +46,28 @@ struct SequenceMask {
     return near && (max_attn_len == 0 || (i - j <= max_attn_len && j - i <= max_attn_len));
   }
 };
+
+// The query rows of sequence b: where they start in q/out/dout/dq, how many there are, and the position of row 0
+// inside the sequence. Kernels are instantiated with and without delta q (kDeltaQ = p.q_offsets != null): without,
+// the rows are the sequence's own (shift 0) and the full-attention code is what it was before delta q existed.
+struct QueryRows {
+  int start;
+  int length;
+  int shift;
+
+  template <bool kDeltaQ>
+  __host__ __device__ __forceinline__ static QueryRows of_sequence(const HstuFwdParams& p, int b, int seq_start,
+                                                                   int length) {
+    if constexpr (!kDeltaQ) return QueryRows{seq_start, length, 0};
+    const int start = p.q_offsets[b];
+    const int rows = p.q_offsets[b + 1] - start;
+    return QueryRows{start, rows, length - rows};
+  }
+};
+
+// Rows of the query grid dimension: max_q_len with delta q, else max_seq_len.
+__host__ __device__ __forceinline__ int query_grid_rows(const HstuFwdParams& p) {
+  return p.q_offsets == nullptr ? p.max_seq_len : p.max_q_len;
+}
 
 }  // namespace gr_kernels

@@ -20,13 +20,18 @@ struct HstuFwdParams {
   int64_t o_row_stride = 0, o_head_stride = 0;
 
   const int32_t* seq_offsets = nullptr;  // [batch + 1]
+  // Delta q: q (and out, dout, dq) are jagged by their own offsets [batch + 1], query r of sequence b sitting at
+  // position kv_len_b - q_len_b + r; null = every position is a query and q shares seq_offsets (the full path).
+  const int32_t* q_offsets = nullptr;
+  int max_q_len = 0;         // with q_offsets: the query tiles of the grid cover [0, max_q_len)
+  int64_t total_q_rows = 0;  // q.shape[0] (== total_rows without q_offsets): the extent of the Q TMA loads
   const int32_t* num_targets = nullptr;  // [batch] or null
 
   // Optional relative attention bias, contiguous [batch, rab_heads, max_seq_len, max_seq_len], same dtype as q.
   const void* rab = nullptr;
   int rab_heads = 0;
 
-  int64_t total_rows = 0;  // q.shape[0] (k and v have the same rows): the extent TMA loads are bounded by
+  int64_t total_rows = 0;  // k.shape[0] (v has the same rows): the extent the K/V TMA loads are bounded by
   int batch = 0;
   int heads = 0;
   int head_dim = 0;
@@ -43,10 +48,10 @@ struct HstuFwdParams {
 // Backward: the forward's arguments plus the output gradient and the gradient buffers. dq and drab are fp32
 // accumulators (zero-initialised by the caller) that several CTAs add into; dk and dv are written once, in q's dtype.
 struct HstuBwdParams : HstuFwdParams {
-  const void* dout = nullptr;  // [total, heads, dim], same strides rule as q
+  const void* dout = nullptr;  // [total_q, heads, dim], same strides rule as q
   int64_t do_row_stride = 0, do_head_stride = 0;
-  float* dq_accum = nullptr;   // [total, heads, dim] contiguous fp32
-  void* dk = nullptr;          // [total, heads, dim] contiguous
+  float* dq_accum = nullptr;   // [total_q, heads, dim] contiguous fp32
+  void* dk = nullptr;          // [total, heads, dim] contiguous (keys no query sees get zero)
   void* dv = nullptr;          // [total, heads, dim] contiguous
   float* drab_accum = nullptr; // [batch, rab_heads, max_seq_len, max_seq_len] fp32, or null without rab
 };

@@ -8,11 +8,18 @@ Status: forward native for head dims 64/128/256 (the SM80-MMA kernel by default;
 ``GR_KERNELS_FWD_KERNEL=sm90`` until it has passed the GPU parity suite, see the package README); backward native
 for 64/128 (dq and drab accumulate in fp32 buffers, cast once at the end); a head-dim-256 backward still runs the
 PyTorch reference (``reference_backward``): its dK + dV accumulators do not fit one warp's registers in this kernel
-generation. Delta q (``q_offsets``) is not native yet: ``supports`` declines it, so ``backend="auto"`` runs the
-reference.
+generation.
+
+Delta q (``q_offsets``: queries are the last tokens of each sequence) is in all three native kernels (SM80-MMA
+forward and backward, Hopper forward), but they have only been compiled, not run: ``supports`` declines delta-q
+calls (so ``backend="auto"`` runs the reference) unless ``GR_KERNELS_NATIVE_DELTA_Q=1`` is set, read per call. The
+gate goes once the GPU parity suite (tests/gr_kernels/test_delta_q.py's CUDA tests and
+tests/gr_kernels/test_cutlass_backend.py) has passed on an sm90 GPU.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -31,6 +38,12 @@ else:
 HEAD_DIMS = (64, 128, 256)
 BWD_HEAD_DIMS = (64, 128)
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+NATIVE_DELTA_Q_ENV = "GR_KERNELS_NATIVE_DELTA_Q"
+
+
+def native_delta_q_enabled() -> bool:
+    """Whether delta-q calls may use the native kernels (``GR_KERNELS_NATIVE_DELTA_Q=1``; read on every call)."""
+    return os.environ.get(NATIVE_DELTA_Q_ENV, "") == "1"
 
 
 def native_available() -> bool:
@@ -50,8 +63,11 @@ class CutlassBackend:
     priority = 100
 
     def supports(self, call: AttentionCall) -> str | None:
-        if call.delta_q:  # checked first: the answer is the same on every machine
-            return "delta q (q_offsets: queries shorter than keys) is not implemented in the native kernels yet"
+        if call.delta_q and not native_delta_q_enabled():  # checked first: the same answer on every machine
+            return (
+                "delta q (q_offsets: queries shorter than keys) in the native kernels has not passed the GPU parity "
+                f"suite yet; set {NATIVE_DELTA_Q_ENV}=1 to use it"
+            )
         if _C is None:
             return f"gr-kernels was installed without its CUDA kernels ({_IMPORT_ERROR or 'no nvcc at build time'})"
         if call.device.type != "cuda":
@@ -78,10 +94,11 @@ class CutlassBackend:
         num_targets: Tensor | None,
         rab: Tensor | None,
         params: HSTUParams,
+        q_offsets: Tensor | None = None,
     ) -> Tensor:
         q, k, v = (_aligned(t) for t in (q, k, v))
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        args, _ = _common_args(q, k, v, seq_offsets, num_targets, rab, params)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # total_q rows with delta q
+        args, _ = _common_args(q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
         _C.hstu_fwd(out.data_ptr(), (out.stride(0), out.stride(1)), _stream(q), *args)
         return out
 
@@ -95,16 +112,17 @@ class CutlassBackend:
         num_targets: Tensor | None,
         rab: Tensor | None,
         params: HSTUParams,
+        q_offsets: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         if q.shape[-1] not in BWD_HEAD_DIMS:
-            return reference_backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params)
+            return reference_backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
         q, k, v, grad_out = (_aligned(t) for t in (q, k, v, grad_out))
-        total, heads, dim = q.shape
-        dq = torch.zeros(total, heads, dim, dtype=torch.float32, device=q.device)
-        dk = torch.empty(total, heads, dim, dtype=q.dtype, device=q.device)
-        dv = torch.empty(total, heads, dim, dtype=q.dtype, device=q.device)
+        # dq (and grad_out) have q's rows, total_q with delta q; dk and dv every key row (zero where no query looks).
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.empty(k.shape, dtype=q.dtype, device=q.device)
+        dv = torch.empty(v.shape, dtype=q.dtype, device=q.device)
         drab = None if rab is None else torch.zeros(rab.shape, dtype=torch.float32, device=q.device)
-        args, _ = _common_args(q, k, v, seq_offsets, num_targets, rab, params)
+        args, _ = _common_args(q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
         _C.hstu_bwd(
             grad_out.data_ptr(),
             (grad_out.stride(0), grad_out.stride(1)),
@@ -134,10 +152,14 @@ def _common_args(
     num_targets: Tensor | None,
     rab: Tensor | None,
     params: HSTUParams,
+    q_offsets: Tensor | None = None,
 ) -> tuple[tuple, list[Tensor]]:
     """The positional arguments both kernels share, and the temporaries they point into (kept alive by the caller's
     stream order: torch's allocator does not reuse a block before the stream's queued work is done)."""
+    if q_offsets is not None and params.max_q_len < 1:
+        raise ValueError(f"delta q (q_offsets) needs params.max_q_len >= 1, got {params.max_q_len}")
     offsets = seq_offsets.to(torch.int32).contiguous()
+    q_offs = None if q_offsets is None else q_offsets.to(torch.int32).contiguous()
     targets = None if num_targets is None else num_targets.to(torch.int32).contiguous()
     bias = None if rab is None else rab.to(q.dtype).contiguous()
     args = (
@@ -162,6 +184,9 @@ def _common_args(
         params.contextual_seq_len,
         params.target_group_size,
         _DTYPES[q.dtype],
+        k.shape[0],
+        0 if q_offs is None else q_offs.data_ptr(),
+        0 if q_offs is None else params.max_q_len,
         q.shape[0],
     )
-    return args, [t for t in (offsets, targets, bias) if t is not None]
+    return args, [t for t in (offsets, targets, bias, q_offs) if t is not None]

@@ -2,7 +2,8 @@
 //
 // Each consumer warpgroup stages its own 64 rows of O in the Q buffer (its GMMAs read only those rows of Q, and all
 // of them have completed), syncs on a warpgroup-local named barrier, then writes whole 16-byte chunks of the rows
-// that belong to the sequence: rows past its end are the next sequence's and must not be touched.
+// that belong to the sequence: rows past its end are the next sequence's and must not be touched. seq_start, m0 and
+// length count output rows: q's rows (q_offsets) with delta q, the sequence's otherwise.
 #pragma once
 
 #include <cute/tensor.hpp>

@@ -3,6 +3,8 @@
 // Warp-specialised: warpgroup 0 loads (TMA into an mbarrier pipeline), warpgroups 1-2 compute (WGMMA) and store.
 // Pieces: kernel_traits.h (tiles, layouts, types), mainloop_fwd.cuh (loads, GEMMs, SiLU, masks, rab),
 // epilogue_fwd.cuh (1/N, output rows). The mask logic is the SM80 kernel's (hstu/mask.h).
+// Delta q (p.q_offsets): the CTA's rows are query rows of q's own jagged layout (TMA loads them from q's rows, the
+// epilogue stores out's); key tiles, mask-free tiles, masks and bias rows use their positions (row + kv_len - q_len).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -23,7 +25,7 @@
 namespace gr_kernels {
 namespace sm90 {
 
-template <typename Element_, typename Traits, bool kHasRab>
+template <typename Element_, typename Traits, bool kHasRab, bool kDeltaQ>
 __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(const __grid_constant__ FwdArgs<Traits> args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Mainloop = FwdMainloop<Element_, Traits>;
@@ -41,12 +43,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(cons
   const int b = blockIdx.z;
   const int seq_start = p.seq_offsets[b];
   const int length = p.seq_offsets[b + 1] - seq_start;
-  const int m0 = m_block * Traits::kBlockM;
-  if (m0 >= length) return;  // the whole CTA leaves before any barrier exists
+  const QueryRows rows = QueryRows::of_sequence<kDeltaQ>(p, b, seq_start, length);
+  const int m0 = m_block * Traits::kBlockM;  // first query row of this CTA
+  if (m0 >= rows.length) return;  // the whole CTA leaves before any barrier exists
+  const int pos0 = rows.shift + m0;  // its position in the sequence
 
   const SequenceMask mask = SequenceMask::of_sequence(p, b, length);
   int lo, hi;
-  Mainloop::key_blocks(p, mask, m0, lo, hi);
+  Mainloop::key_blocks(p, mask, pos0, lo, hi);
 
   const int warp_group = __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
   if (threadIdx.x == 0) {
@@ -68,7 +72,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(cons
       cute::prefetch_tma_descriptor(args.tma_k.get_tma_descriptor());
       cute::prefetch_tma_descriptor(args.tma_v.get_tma_descriptor());
       PipelineState state = cutlass::make_producer_start_state<Pipeline>();
-      Mainloop::load(args, ss, pipeline_k, pipeline_v, state, seq_start, head, m_block, lo, hi);
+      Mainloop::load(args, ss, pipeline_k, pipeline_v, state, seq_start, rows.start,
+                     kDeltaQ ? p.total_q_rows : p.total_rows, head, m_block, lo, hi);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
@@ -80,8 +85,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(cons
     const Element_* rab = p.rab == nullptr
                               ? nullptr
                               : static_cast<const Element_*>(p.rab) + detail::rab_plane_offset(p, b, head);
-    Mainloop::template mma<kHasRab>(p, ss, pipeline_k, pipeline_v, state_k, state_v, tOrO, tidx, mask, m0, lo, hi, rab);
-    Epilogue::store(p, ss, tOrO, tidx, seq_start, head, m0, length);
+    Mainloop::template mma<kHasRab>(p, ss, pipeline_k, pipeline_v, state_k, state_v, tOrO, tidx, mask, pos0, lo, hi,
+                                       rab);
+    Epilogue::store(p, ss, tOrO, tidx, rows.start, head, m0, rows.length);
   }
 #else
   __trap();  // built without sm90a device code: the host dispatch never launches this
@@ -94,30 +100,31 @@ const char* run_hstu_fwd_sm90(const HstuFwdParams& p, cudaStream_t stream) {
   using namespace cute;
   using Traits = FwdTraits<Element_, kHeadDim>;
   using Element = typename Traits::Element;
-  if (p.batch == 0 || p.total_rows == 0) return "";
-  auto gmem = [&](const void* ptr, int64_t row_stride, int64_t head_stride) {
+  if (p.batch == 0 || p.total_rows == 0 || p.total_q_rows == 0) return "";
+  auto gmem = [&](const void* ptr, int64_t rows, int64_t row_stride, int64_t head_stride) {
     return make_tensor(make_gmem_ptr(static_cast<const Element*>(ptr)),
-                       make_layout(make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads)),
+                       make_layout(make_shape(int32_t(rows), int32_t(kHeadDim), int32_t(p.heads)),
                                    make_stride(row_stride, _1{}, head_stride)));
   };
   const auto tile_q = Shape<Int<Traits::kBlockM>, Int<kHeadDim>>{};
   const auto tile_kv = Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{};
   FwdArgs<Traits> args{
       p,
-      make_tma_copy(SM90_TMA_LOAD{}, gmem(p.q, p.q_row_stride, p.q_head_stride), typename Traits::SmemLayoutQ{},
+      make_tma_copy(SM90_TMA_LOAD{}, gmem(p.q, p.total_q_rows, p.q_row_stride, p.q_head_stride), typename Traits::SmemLayoutQ{},
                     tile_q, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, gmem(p.k, p.k_row_stride, p.k_head_stride),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem(p.k, p.total_rows, p.k_row_stride, p.k_head_stride),
                     take<0, 2>(typename Traits::SmemLayoutK{}), tile_kv, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, gmem(p.v, p.v_row_stride, p.v_head_stride),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem(p.v, p.total_rows, p.v_row_stride, p.v_head_stride),
                     take<0, 2>(typename Traits::SmemLayoutV{}), tile_kv, _1{}),
   };
-  const dim3 grid((p.max_seq_len + Traits::kBlockM - 1) / Traits::kBlockM, p.heads, p.batch);
-  if (p.rab != nullptr) {
-    return launch_kernel(hstu_fwd_sm90_kernel<Element_, Traits, true>, grid, Traits::kThreads, Traits::kSmemBytes, args,
-                         stream);
-  }
-  return launch_kernel(hstu_fwd_sm90_kernel<Element_, Traits, false>, grid, Traits::kThreads, Traits::kSmemBytes, args,
-                       stream);
+  const dim3 grid((query_grid_rows(p) + Traits::kBlockM - 1) / Traits::kBlockM, p.heads, p.batch);
+  // Four variants: with/without the bias, full attention/delta q (the full-attention code stays as before delta q).
+  const bool rab = p.rab != nullptr, delta_q = p.q_offsets != nullptr;
+  auto kernel = rab ? (delta_q ? hstu_fwd_sm90_kernel<Element_, Traits, true, true>
+                               : hstu_fwd_sm90_kernel<Element_, Traits, true, false>)
+                    : (delta_q ? hstu_fwd_sm90_kernel<Element_, Traits, false, true>
+                               : hstu_fwd_sm90_kernel<Element_, Traits, false, false>);
+  return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemBytes, args, stream);
 }
 
 }  // namespace sm90

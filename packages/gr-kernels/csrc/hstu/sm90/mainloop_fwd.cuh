@@ -60,8 +60,9 @@ struct FwdMainloop {
   using Pipeline = typename Traits::Pipeline;
   using PipelineState = typename Traits::PipelineState;
 
-  // Key tiles [lo, hi) that can hold a key visible to some query row of [m0, m0 + kBlockM): causal rows (targets
-  // included) see j <= i except context rows, which see the whole history; a local window bounds j from below.
+  // Key tiles [lo, hi) that can hold a key visible to some query of positions [m0, m0 + kBlockM): causal rows
+  // (targets included) see j <= i except context rows, which see the whole history; a local window bounds j from
+  // below. m0 is a position, not necessarily a multiple of kBlockM (delta q shifts the rows by kv_len - q_len).
   // Host-callable so that the self-check (self_check.cu) can test it against the mask.
   __host__ __device__ __forceinline__ static void key_blocks(const HstuFwdParams& p, const SequenceMask& mask, int m0,
                                                              int& lo, int& hi) {
@@ -76,31 +77,35 @@ struct FwdMainloop {
   }
 
   // Whether every (i, j) of the tile (rows m0.., keys n0..) is visible, so it needs no per-element mask: all rows
-  // and columns in the history, no window, and (causal) every key at or before every query.
+  // and columns in the history, no window, and (causal) every key at or before every query. (m0 < 0 only for
+  // invalid delta-q input, q_len > kv_len, whose rows see nothing.)
   __host__ __device__ __forceinline__ static bool mask_free_tile(const HstuFwdParams& p, const SequenceMask& mask,
                                                                  int m0, int n0) {
-    return m0 + kBlockM <= mask.history && p.max_attn_len == 0 && n0 + kBlockN <= mask.history &&
+    return m0 >= 0 && m0 + kBlockM <= mask.history && p.max_attn_len == 0 && n0 + kBlockN <= mask.history &&
            (!p.causal || n0 + kBlockN - 1 <= m0);
   }
 
-  // Global coordinates of the jagged tensors as TMA sees them: (row, dim, head).
-  __device__ __forceinline__ static auto gmem_shape(const HstuFwdParams& p) {
-    return cute::make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads));
+  // Global coordinates of the jagged tensors as TMA sees them: (row, dim, head); q has its own rows with delta q.
+  __device__ __forceinline__ static auto gmem_shape(const HstuFwdParams& p, int64_t rows) {
+    return cute::make_shape(int32_t(rows), int32_t(kHeadDim), int32_t(p.heads));
   }
 
-  // Producer (one thread): Q once, then K and V of every key tile, highest tile first.
+  // Producer (one thread): Q once (query rows from q_start of q's q_rows), then K and V of every key tile (rows
+  // from seq_start), highest tile first.
   __device__ static void load(const FwdArgs<Traits>& args, SharedStorage& ss, Pipeline& pipeline_k,
-                              Pipeline& pipeline_v, PipelineState& state, int seq_start, int head, int m_block, int lo,
-                              int hi) {
+                              Pipeline& pipeline_v, PipelineState& state, int seq_start, int q_start, int64_t q_rows,
+                              int head, int m_block, int lo, int hi) {
     using namespace cute;
     Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});
     Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutV{});
-    const auto shape = gmem_shape(args.p);
+    const auto shape = gmem_shape(args.p, args.p.total_rows);
+    const auto shape_q = gmem_shape(args.p, q_rows);
     // Rows are addressed from the sequence start; rows past its end are the next sequence's (masked by the
     // consumers) or past the tensor end (zero-filled by TMA).
     const auto seq_origin = make_coord(seq_start, _0{});
-    Tensor gQ = local_tile(domain_offset(seq_origin, args.tma_q.get_tma_tensor(shape)(_, _, head)),
+    const auto q_origin = make_coord(q_start, _0{});
+    Tensor gQ = local_tile(domain_offset(q_origin, args.tma_q.get_tma_tensor(shape_q)(_, _, head)),
                            Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
     Tensor gK = local_tile(domain_offset(seq_origin, args.tma_k.get_tma_tensor(shape)(_, _, head)),
                            Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
@@ -122,7 +127,8 @@ struct FwdMainloop {
     }
   }
 
-  // Consumers (both warpgroups, tidx in [0, 256)): accumulate O = sum over key tiles of P V into tOrO.
+  // Consumers (both warpgroups, tidx in [0, 256)): accumulate O = sum over key tiles of P V into tOrO. m0 is the
+  // position of the tile's first query row (its row with delta q's shift added).
   //
   // Intra-warpgroup overlap: with P of tile t in registers, the GEMMs S(t+1) = Q K(t+1)^T and O += P(t) V(t) are
   // issued back to back; SiLU + mask of S(t+1) (special-function and ALU work) then runs while O += P(t) V(t) is
@@ -166,7 +172,7 @@ struct FwdMainloop {
         const int i = m0 + get<0>(tScS(2 * t));
         const int j = n0 + get<1>(tScS(2 * t));
         const Element_* src = rab + int64_t(i) * p.max_seq_len + j;
-        const bool in = full_tile || (i < mask.length && j < mask.length);
+        const bool in = full_tile || (unsigned(i) < unsigned(mask.length) && j < mask.length);
         if (rab_pairs) {
           rab_bits[t] = in ? __ldg(reinterpret_cast<const unsigned int*>(src)) : 0u;
         } else {

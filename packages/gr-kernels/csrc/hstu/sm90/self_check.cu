@@ -1,7 +1,8 @@
 // Host-side self-check of the Hopper forward kernel (runs without a GPU, so CPU CI covers it).
 //
 // Tile schedule: for many sequence lengths and mask options, every visible (i, j) lies in a key tile the kernel
-// visits, and every tile it treats as mask-free is entirely visible.
+// visits, and every tile it treats as mask-free is entirely visible; both for full attention and for delta q, whose
+// query rows sit at positions shifted by kv_len - q_len (including an invalid q_len > kv_len: its rows see nothing).
 // Layouts: P reuses the S accumulator's per-thread element order as the A operand of P V; the transposed V view
 // is the same bytes as V; each consumer warpgroup's S rows are its own 64; 8-element chunks of the Q/O tile stay
 // contiguous and 16-byte aligned under the swizzle (the epilogue's 16-byte reads), and its accumulator pairs are
@@ -96,29 +97,36 @@ bool check_schedule() {
               mask.max_attn_len = window;
               mask.group_size = group;
               mask.causal = p.causal;
-              for (int m0 = 0; m0 < length; m0 += M) {
-                int lo, hi;
-                Mainloop::key_blocks(p, mask, m0, lo, hi);
-                for (int i = m0; i < m0 + M && i < length; ++i)
-                  for (int j = 0; j < length; ++j)
-                    if (mask(i, j) && (j / N < lo || j / N >= hi)) {
-                      std::snprintf(g_report, sizeof(g_report),
-                                    "head dim %d: visible (%d, %d) outside key tiles [%d, %d) (L=%d causal=%d W=%d "
-                                    "C=%d T=%d G=%d)",
-                                    kHeadDim, i, j, lo, hi, length, causal, window, context, targets, group);
-                      return false;
-                    }
-                for (int n = lo; n < hi; ++n) {
-                  if (!Mainloop::mask_free_tile(p, mask, m0, n * N)) continue;
-                  for (int i = m0; i < m0 + M; ++i)
-                    for (int j = n * N; j < (n + 1) * N; ++j)
-                      if (!mask(i, j)) {
+              // q_len == length: full attention (shift 0); shorter: delta q; longer: invalid delta q.
+              for (int q_len : {length, 1, 37, length + 5}) {
+                if (q_len == 37 && q_len >= length) continue;
+                const int shift = length - q_len;
+                for (int row0 = 0; row0 < q_len; row0 += M) {
+                  const int m0 = shift + row0;  // position of the CTA's first query row, as the kernel passes it
+                  int lo, hi;
+                  Mainloop::key_blocks(p, mask, m0, lo, hi);
+                  for (int i = m0; i < m0 + M && i < shift + q_len; ++i)
+                    for (int j = 0; j < length; ++j)
+                      if (mask(i, j) && (j / N < lo || j / N >= hi)) {
                         std::snprintf(g_report, sizeof(g_report),
-                                      "head dim %d: mask-free tile (%d, %d) hides masked (%d, %d) (L=%d causal=%d "
+                                      "head dim %d: visible (%d, %d) outside key tiles [%d, %d) (L=%d Q=%d causal=%d "
                                       "W=%d C=%d T=%d G=%d)",
-                                      kHeadDim, m0, n * N, i, j, length, causal, window, context, targets, group);
+                                      kHeadDim, i, j, lo, hi, length, q_len, causal, window, context, targets, group);
                         return false;
                       }
+                  for (int n = lo; n < hi; ++n) {
+                    if (!Mainloop::mask_free_tile(p, mask, m0, n * N)) continue;
+                    for (int i = m0; i < m0 + M; ++i)
+                      for (int j = n * N; j < (n + 1) * N; ++j)
+                        if (!mask(i, j)) {
+                          std::snprintf(g_report, sizeof(g_report),
+                                        "head dim %d: mask-free tile (%d, %d) hides masked (%d, %d) (L=%d Q=%d "
+                                        "causal=%d W=%d C=%d T=%d G=%d)",
+                                        kHeadDim, m0, n * N, i, j, length, q_len, causal, window, context, targets,
+                                        group);
+                          return false;
+                        }
+                  }
                 }
               }
             }
