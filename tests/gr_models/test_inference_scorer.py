@@ -4,6 +4,7 @@ eviction / version invalidation / window slides stay exact, bf16 within toleranc
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from gr_models.inference import (
     InferenceInputError,
     KVCache,
     UserEvents,
+    UserRequest,
     model_fingerprint,
 )
 from gr_models.modules.hstu import HSTUConfig
@@ -445,3 +447,155 @@ def test_causal_context_model_trains_and_batches_like_single_windows():
     model(batch).sum().backward()
     grads = [p.grad for p in model.encoder.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+# -- score_many: several users in one jagged pass ------------------------------------------------------------------
+
+PAGE_BYTES = 3 * 4 * 2 * (8 + 8) * 4  # layers x page tokens x heads x (qk + v dims) x fp32, as make_scorer builds
+
+
+@functools.cache
+def shared_model(context: str, action_mode: str) -> HSTURankingModel:
+    return make_model(context=context, action_mode=action_mode)
+
+
+def outcome(fn, *args):
+    """The result of ``fn(*args)``, or the InferenceInputError it raised."""
+    try:
+        return fn(*args)
+    except InferenceInputError as exc:
+        return exc
+
+
+def same_outcome(got, want) -> bool:
+    if isinstance(want, InferenceInputError):
+        return isinstance(got, InferenceInputError) and str(got) == str(want)
+    return isinstance(got, torch.Tensor) and close(got, want)
+
+
+def same_history(a: CachedRankingScorer, b: CachedRankingScorer, user) -> bool:
+    ha, hb = a.history(user), b.history(user)
+    if ha is None or hb is None:
+        return ha is hb
+    fields = ("items", "actions", "timestamps", "bag_values", "bag_lengths")
+    return (
+        torch.equal(ha.user_features, hb.user_features)
+        and ha.dropped == hb.dropped
+        and all(torch.equal(getattr(ha.events, f), getattr(hb.events, f)) for f in fields)
+    )
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    model_kind=st.sampled_from([("causal", "add"), ("full", "add"), ("causal", "interleave")]),
+    micro_batch=st.sampled_from([1, 2, 5]),
+    tight=st.booleans(),
+    warm=st.lists(st.tuples(st.integers(0, 4), st.sampled_from([0, 2, 5, 59])), max_size=4),
+    group=st.lists(
+        st.tuples(st.integers(0, 4), st.integers(0, 3), st.integers(1, 6), st.sampled_from(["next", "same", "feats"])),
+        min_size=1,
+        max_size=7,
+    ),
+)
+def test_score_many_equals_sequential_score(model_kind, micro_batch, tight, warm, group):
+    """A group of requests (cached and new users, appends of 0..3 events, window slides, "full" context models,
+    repeated users, changed features, a repeated request time) scored with one score_many call equals score called
+    per request in order: same scores (or the same error), same histories, and a cache that stays exact afterwards.
+    ``tight``: a cache of 10 pages (evictions inside the group, 59-event users uncacheable), 3 users kept (a group
+    forgets users), and one sequence per encoder pass."""
+    model = shared_model(*model_kind)
+    kw = dict(budget=10 * PAGE_BYTES, max_users=3, max_batch_bias_bytes=1) if tight else {}
+    seq, many = make_scorer(model, micro_batch, **kw), make_scorer(model, micro_batch, **kw)
+    t = 10_000
+    for step, (user, n) in enumerate(warm):
+        for scorer in (seq, many):
+            scorer.score(user, [user, 1], events(n, t, seed=step), candidates(2, step), t + 5000)
+        t += 6000
+    requests, last_time = [], t
+    for step, (user, n, m, kind) in enumerate(group):
+        if kind == "same":  # no new events, the previous request's time: the cached prefix as it is
+            new, request_time = None, last_time
+        else:
+            new, request_time = (events(n, t, seed=100 + step) if n else None), t + 5000
+            t += 6000
+        requests.append(UserRequest(user, [user, 2 if kind == "feats" else 1], new, candidates(m, step), request_time))
+        last_time = request_time
+    want = [outcome(seq.score, *request) for request in requests]
+    passes_before = many.stats.encoder_passes
+    got = many.score_many(requests)
+    assert len(got) == len(want) and all(same_outcome(g, w) for g, w in zip(got, want, strict=True))
+    assert many.stats.requests == seq.stats.requests and many.stats.candidates == seq.stats.candidates
+    assert many.num_users == seq.num_users and all(same_history(many, seq, user) for user in range(5))
+    if not any(user in {u for u, *_ in group[:i]} for i, (user, *_) in enumerate(group)):
+        # distinct users: at most one pass of prefix updates and one of candidates (one sequence per pass if tight)
+        assert tight or many.stats.encoder_passes - passes_before <= 2
+    for user in range(5):  # what score_many left in the cache serves the next request exactly
+        if many.history(user) is None:
+            continue
+        cands = candidates(3, 50 + user)
+        got_next = many.score(user, [user, 1], None, cands, t + 5000)
+        assert close(got_next, seq.score(user, [user, 1], None, cands, t + 5000))
+        assert close(got_next[:1], many.full_recompute_user(user, cands.slice(0, 1), t + 5000))  # fits the window
+
+
+def test_score_many_batches_a_group_into_two_encoder_passes():
+    """Four users' appends go through one pass and their 12 micro-batches through another; the bias bound splits
+    passes without changing a score and bounds the bias buffer; a repeated user splits the group in two runs."""
+    model = make_model()
+    group = [UserRequest(u, [u, 1], events(2 + u, 1000, seed=u), candidates(5, u), 9000) for u in range(4)]
+    seq, many = make_scorer(model, micro_batch=2), make_scorer(model, micro_batch=2)
+    want = [seq.score(*r) for r in group]
+    assert seq.stats.encoder_passes == 8  # per user: the prefix, then its 3 micro-batches together
+    got = many.score_many(group)
+    assert many.stats.encoder_passes == 2 and all(close(g, w) for g, w in zip(got, want, strict=True))
+    one_each = make_scorer(model, micro_batch=2, max_batch_bias_bytes=1)
+    got = one_each.score_many(group)
+    assert one_each.stats.encoder_passes == 4 + 12 and all(close(g, w) for g, w in zip(got, want, strict=True))
+    # Candidate sequences: prefix (2 features + 2..5 events) + micro-batch (2, 2, 1): 9 9 8 | 8 8 7 | 7 7 6 6 | 6 5
+    # rows packed longest first, as many per pass as B * N_longest^2 * 4 bytes <= 3 * 9^2 * 4 allows; prefixes
+    # (4..7 rows) fit one pass.
+    bound = 3 * 9 * 9 * 4
+    three = make_scorer(model, micro_batch=2, max_batch_bias_bytes=bound)
+    got = three.score_many(group)
+    assert three.stats.encoder_passes == 1 + 4 and all(close(g, w) for g, w in zip(got, want, strict=True))
+    assert three._rab_buffer.numel() * 4 <= max(bound, 4 * model.config.max_seq_len**2)
+    # A repeated user: the second request sees the first one's events (two runs, two passes each).
+    repeat = [UserRequest(1, [1, 1], None, candidates(2, 8), 9000)]
+    repeat.append(UserRequest(0, [0, 1], events(1, 9500, seed=9), candidates(2, 9), 15_000))
+    repeat.append(UserRequest(0, [0, 1], None, candidates(2, 10), 15_000))
+    want = [seq.score(*r) for r in repeat]
+    before = many.stats.encoder_passes
+    got = many.score_many(repeat)
+    # run 1: user 1 reused (candidates only) with user 0's append (both passes); run 2: user 0 reused
+    assert many.stats.encoder_passes - before == 2 + 1
+    assert all(close(g, w) for g, w in zip(got, want, strict=True)) and len(many.history(0).events) == 3
+
+
+def test_score_many_reports_bad_requests_in_place_and_scores_the_others():
+    """A malformed request in a group gets its InferenceInputError in its slot (not raised), changes nothing, and
+    the other requests get the scores they get without it."""
+    model = make_model()
+    seq, many = make_scorer(model), make_scorer(model)
+    for scorer in (seq, many):
+        for user in ("a", "b"):
+            scorer.score(user, FEATS, events(4, 0, seed=len(user)), candidates(2, 1), 6000)
+    b_events, (b_k, b_v) = many.history("b").events, many.cache.read("b")
+    stats = dataclasses.replace(many.stats)
+    good_a = UserRequest("a", FEATS, events(2, 7000, 2), candidates(3, 2), 12_000)
+    bad_b = UserRequest("b", FEATS, UserEvents.from_lists([50], [0], [7000]), candidates(2, 3), 12_000)
+    new_c = ("c", [1, 0], events(3, 7000, 4), candidates(4, 4), 12_000)  # a plain tuple works too
+    bad_new_d = UserRequest("d", [99, 0], None, candidates(1, 5), 12_000)
+    late_b = UserRequest("b", FEATS, None, candidates(2, 6), 100)  # repeated user, request before its last event
+    got = many.score_many([good_a, bad_b, new_c, bad_new_d, ("e", FEATS), late_b, (["unhashable"], FEATS, None, 1, 2)])
+    assert close(got[0], seq.score(*good_a)) and close(got[2], seq.score(*new_c))
+    messages = {1: "item id 50 outside", 3: "user feature 'user_id' = 99", 4: "a request must be", 5: "before the user"}
+    messages[6] = "hashable user_id"
+    for i, message in messages.items():
+        assert isinstance(got[i], InferenceInputError) and message in str(got[i]), (i, got[i])
+    assert many.history("b").events is b_events and many.history("d") is None and many.num_users == 3
+    k, v = many.cache.read("b")
+    assert torch.equal(k, b_k) and torch.equal(v, b_v)
+    assert many.stats.requests == stats.requests + 2 and many.stats.candidates == stats.candidates + 7
+    cands = candidates(3, 7)
+    assert close(many.score("b", FEATS, None, cands, 12_000), seq.score("b", FEATS, None, cands, 12_000))
+    assert many.score_many([]) == [] and many.score_many([bad_b])[0].args == got[1].args

@@ -42,6 +42,7 @@ from gr_models.inference.scorer import (
     CachedRankingScorer,
     ScorerStats,
     UserHistory,
+    UserRequest,
     model_fingerprint,
 )
 
@@ -57,6 +58,7 @@ __all__ = [
     "ScorerStats",
     "UserEvents",
     "UserHistory",
+    "UserRequest",
     "model_fingerprint",
     "resolve_dtype",
 ]
