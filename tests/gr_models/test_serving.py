@@ -107,10 +107,12 @@ def test_health_reports_version_tasks_and_cache_stats() -> None:
         status, health = call(server, "GET", "/health")
         assert status == 200 and health["status"] == "ok" and health["model_version"] == "test-v1"
         assert health["backend"] == "cached" and [t["name"] for t in health["tasks"]] == ["like", "rating"]
-        assert health["backend_stats"]["cache"]["entries"] == 0
+        assert health["backend_stats"]["cache"]["entries"] == 0 and health["users"] == 0
         assert call(server, "POST", "/score", request("u", [1, 2], 100))[0] == 200
+        assert call(server, "POST", "/score", request("v", [1, 99], 100))[0] == 400  # a bad new user is not kept
         after = call(server, "GET", "/health")[1]
         assert after["backend_stats"]["cache"]["entries"] == 1 and after["backend_stats"]["scorer"]["requests"] == 1
+        assert after["users"] == after["backend_stats"]["users"] == server.backend.scorer.num_users == 1
         assert after["batcher"]["requests"] == 1
 
 

@@ -1,8 +1,8 @@
 """KV-cached HSTU ranking inference: paged per-user K/V cache, delta-q appends, micro-batched candidate scoring.
 
-API for the serving helper (``gr_models.serving`` builds on this; everything is per user, one call at a time)::
+API for the serving helper (``gr_models.serving`` builds on this; one call at a time per scorer)::
 
-    from gr_models.inference import CachedRankingScorer, Candidates, KVCache, UserEvents, InferenceInputError
+    from gr_models.inference import CachedRankingScorer, Candidates, KVCache, UserEvents, UserRequest
 
     cache = KVCache.for_encoder(model.config.hstu, budget_bytes=2 << 30, device="cpu", dtype=torch.bfloat16)
     scorer = CachedRankingScorer(model, cache, micro_batch=64, dtype=torch.bfloat16, model_version="ckpt-123")
@@ -14,6 +14,10 @@ API for the serving helper (``gr_models.serving`` builds on this; everything is 
         candidates=Candidates.from_lists(items=[11, 12, 13], bags=[[1], [], [2]]),  # timestamps default: request
         request_time=1700000200,
     )                                              # -> Tensor [3, num_tasks] (logits of binary tasks), scorer dtype
+    scorer.score_many([UserRequest(user_id, feats, events, candidates, t), (other_id, ...), ...])
+        # -> [Tensor | InferenceInputError, ...]: result i == score(*requests[i]) called in order; the group's
+        #    prefix updates run as one jagged delta-q encoder pass, all its candidate micro-batches as another
+    scorer.num_users                               # users whose history is kept (<= max_users)
     scorer.append(user_id, user_features, new_events)   # record events, update the cache, score nothing
     scorer.invalidate(user_id)                     # drop cached K/V (history kept);  scorer.forget(user_id): both
     scorer.full_recompute(user_features, history_events, candidates, request_time)  # uncached reference path
@@ -32,6 +36,12 @@ API for the serving helper (``gr_models.serving`` builds on this; everything is 
 - Exact incremental appends need ``HSTURankingConfig.context_attention="causal"``; "full" models (the default) are
   served exactly too but, with user features, recompute the whole prefix on each append and (with the relative
   bias) on each new request time: ``scorer.stats.full_fallback_reasons`` counts why (``gr_models.inference.scorer``).
+- ``score_many``: a malformed request gets its ``InferenceInputError`` in its slot (returned, not raised), changes
+  nothing, and the others are scored as without it; a user repeated in the list splits it into runs of distinct users,
+  applied in order. The attention op takes a delta-q pass's relative bias as a full ``[B, 1, N, N]`` square (B
+  sequences, N the longest): a pass packs sequences, longest first, while ``B * N * N * itemsize <=
+  max_batch_bias_bytes`` (default 64 MiB; a longer sequence runs alone, as in ``score``). Scores equal ``score``'s up to
+  float summation order (fp32 within 1e-5).
 - Not thread-safe: serialise calls to one scorer.
 """
 

@@ -32,8 +32,16 @@ Exactness (why the results equal one uncached forward of the whole sequence, up 
   ``max_seq_len``: each candidate still sees exactly the window ``[prefix | itself]`` that the model scores alone,
   so the scores equal per-candidate forwards of the plain model (the plain model cannot take all at once then).
 
+Several users (``score_many``): the op is jagged over sequences, so the prefix updates of a group of distinct users
+are one delta-q pass (each user's new rows after its own cached K/V), and every candidate micro-batch of every user is
+one sequence of a second pass (the user's prefix K/V repeated as its past). Users are all looked up before any is
+written back, and a user evicted meanwhile by another's reservation is written back whole. Passes are bounded by
+``max_batch_bias_bytes`` because the op takes the bias of a delta-q pass as a ``[B, 1, N, N]`` square of which only
+the query rows are read (one reused buffer holds it).
+
 tests/gr_models/test_inference_scorer.py proves each claim against ``full_recompute`` (the plain model), including
-negative controls: skipping the last-token recompute, or appending incrementally to a "full" model, fails them.
+negative controls: skipping the last-token recompute, or appending incrementally to a "full" model, fails them, and
+``score_many`` against ``score`` called per request.
 
 Not thread-safe: a server serialises calls to one scorer (or runs one per worker).
 """
@@ -150,7 +158,8 @@ class _PrefixPlan:
 
 
 class CachedRankingScorer:
-    """Scores candidates for one user at a time against the user's cached history (module docstring).
+    """Scores candidates for a user (``score``) or a group of users (``score_many``) against their cached histories
+    (module docstring).
 
     Args:
         model: a trained ``HSTURankingModel`` (put in eval mode; its embedding tables are used as they are).
