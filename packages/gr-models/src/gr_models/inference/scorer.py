@@ -53,7 +53,7 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 import torch
@@ -451,13 +451,49 @@ class CachedRankingScorer:
 
     def _tokens(self, hist: UserHistory, candidates: Candidates, request_time: int) -> RankingTokens:
         """Encoder inputs of ``[features | history | candidates]`` (built by the model's own input layer)."""
-        batch = self._batch(hist, candidates, request_time).to(self._embedding_device())
-        with torch.inference_mode():
-            tokens = self.model.input_tokens(batch, check_max_len=False)
-        tokens.x = tokens.x.to(device=self.device, dtype=self.dtype)
-        for name in ("offsets", "positions", "timestamps", "query_timestamps", "candidate_rows", "num_targets"):
-            setattr(tokens, name, getattr(tokens, name).to(self.device))
+        [tokens] = self._tokens_many([(hist, candidates, request_time)])
         return tokens
+
+    def _tokens_many(self, windows: Sequence[tuple[UserHistory, Candidates, int]]) -> list[RankingTokens]:
+        """``_tokens`` of several windows through one call of the model's input layer (windows are independent
+        there: each token's embedding, position and times come from its own window), split per window."""
+        batches = [self._batch(hist, candidates, request_time) for hist, candidates, request_time in windows]
+        if len(batches) == 1:
+            batch = batches[0]
+        else:
+            batch = RankingBatch(
+                **{
+                    f.name: torch.cat([getattr(b, f.name) for b in batches])
+                    for f in fields(RankingBatch)
+                    if f.name != "labels"
+                },
+                labels={},
+            )
+        with torch.inference_mode():
+            tokens = self.model.input_tokens(batch.to(self._embedding_device()), check_max_len=False)
+        x = tokens.x.to(device=self.device, dtype=self.dtype)
+        names = ("positions", "timestamps", "query_timestamps", "candidate_rows", "num_targets")
+        positions, timestamps, query_ts, candidate_rows, num_targets = (
+            getattr(tokens, n).to(self.device) for n in names
+        )
+        bounds = tokens.offsets.tolist()
+        out = []
+        for i in range(len(batches)):
+            start, end = bounds[i], bounds[i + 1]
+            rows = candidate_rows[(candidate_rows >= start) & (candidate_rows < end)] - start
+            out.append(
+                RankingTokens(
+                    x=x[start:end],
+                    offsets=torch.tensor([0, end - start], device=self.device),
+                    max_len=end - start,
+                    positions=positions[start:end],
+                    timestamps=timestamps[start:end],
+                    query_timestamps=query_ts[start:end],
+                    candidate_rows=rows,
+                    num_targets=num_targets[i : i + 1],
+                )
+            )
+        return out
 
     def _embedding_device(self) -> torch.device:
         return self.model.action_embedding.weight.device
@@ -608,7 +644,8 @@ class CachedRankingScorer:
                 continue
             live.append((i, request.user_id, hist, request_time, request.candidates))
         if live:
-            users = [(user_id, hist, self._tokens(hist, cands, t), t) for _, user_id, hist, t, cands in live]
+            tokens = self._tokens_many([(hist, cands, t) for _, _, hist, t, cands in live])
+            users = [(u, hist, tok, t) for (_, u, hist, t, _), tok in zip(live, tokens, strict=True)]
             with torch.inference_mode():
                 prefixes = self._prefixes(users)
                 jobs = [
@@ -635,7 +672,8 @@ class CachedRankingScorer:
             for i in range(0, m, self.micro_batch):
                 j = min(i + self.micro_batch, m)
                 jobs.append(_Rows(tokens, p + i, p + j, past_k, past_v, num_targets=j - i))
-        outs = self.heads(torch.cat(self._run_batched(jobs, need_final_output=True)))
+        ys = self._run_batched(jobs, need_final_output=True)
+        outs = self.heads(ys[0] if len(ys) == 1 else torch.cat(ys))
         return list(outs.split([m for *_, m in users]))
 
     def _run_batched(self, jobs: list[_Rows], *, need_final_output: bool) -> list:
@@ -675,9 +713,12 @@ class CachedRankingScorer:
         targets = None
         if any(job.num_targets for job in jobs):
             targets = torch.tensor([job.num_targets for job in jobs], device=device)
-        x = torch.cat([job.tokens.x[job.start : job.end] for job in jobs])
-        past_k = torch.cat([job.past_k for job in jobs], dim=1)
-        past_v = torch.cat([job.past_v for job in jobs], dim=1)
+        if len(jobs) == 1:  # one sequence (``score``): no copies
+            x, past_k, past_v = jobs[0].tokens.x[jobs[0].start : jobs[0].end], jobs[0].past_k, jobs[0].past_v
+        else:
+            x = torch.cat([job.tokens.x[job.start : job.end] for job in jobs])
+            past_k = torch.cat([job.past_k for job in jobs], dim=1)
+            past_v = torch.cat([job.past_v for job in jobs], dim=1)
         ks, vs = [], []
         blocks = self.encoder.blocks
         for layer, block in enumerate(blocks):
