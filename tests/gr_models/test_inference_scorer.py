@@ -599,3 +599,34 @@ def test_score_many_reports_bad_requests_in_place_and_scores_the_others():
     cands = candidates(3, 7)
     assert close(many.score("b", FEATS, None, cands, 12_000), seq.score("b", FEATS, None, cands, 12_000))
     assert many.score_many([]) == [] and many.score_many([bad_b])[0].args == got[1].args
+
+
+def test_score_many_keeps_the_cache_exact_when_a_group_evicts_or_forgets_its_own_users():
+    """Inside one call: a user evicted by another's reservation after its cached rows were read is written back
+    whole (not just its new rows), and a user forgotten by a later new user (max_users) leaves nothing cached."""
+    model = make_model()
+    many = make_scorer(model, budget=6 * PAGE_BYTES)  # 6 pages of 4 tokens
+    for user in ("x", "y"):  # 2 features + 8 events = 10 tokens = 3 pages each: the pool is full
+        many.score(user, FEATS, events(8, 0, seed=len(user)), candidates(2, 1), 6000)
+    group = [  # x grows to 4 pages and evicts y, y's 12 tokens then evict x
+        UserRequest("x", FEATS, events(3, 7000, 2), candidates(3, 2), 12_000),
+        UserRequest("y", FEATS, events(2, 7000, 3), candidates(3, 3), 12_000),
+    ]
+    stats = dataclasses.replace(many.stats)
+    got = many.score_many(group)
+    assert many.stats.prefix_incremental == stats.prefix_incremental + 2 and many.cache.stats().evictions >= 2
+    assert "y" in many.cache and many.cache.users() == ["y"]
+    for (user, *_, cands, t), out in zip(group, got, strict=True):
+        assert close(out, many.full_recompute_user(user, cands, t))
+    cands = candidates(4, 4)  # served from y's entry as it is: every row of it must be right
+    before = many.stats.prefix_reused
+    assert close(many.score("y", FEATS, None, cands, 12_000), many.full_recompute_user("y", cands, 12_000))
+    assert many.stats.prefix_reused == before + 1
+
+    forgetful = make_scorer(model, max_users=2)
+    group = [UserRequest(u, [1, 1], events(2, 0, seed=i), candidates(2, i), 6000) for i, u in enumerate("abc")]
+    got = forgetful.score_many(group)
+    assert forgetful.num_users == 2 and forgetful.history("a") is None and "a" not in forgetful.cache
+    assert forgetful.cache.users() == ["b", "c"]
+    for (_, feats, new, cands, t), out in zip(group, got, strict=True):
+        assert close(out, forgetful.full_recompute(feats, new, cands, t))
