@@ -176,8 +176,9 @@ def write_outputs(run: dict[str, Any], out: Path, append: bool) -> None:
         "`cached`: KV-cached scorer (`gr-serve --bundle`); `eager`: full recompute with the plain model, each group "
         "of concurrent requests in one jagged forward (`gr-serve --bundle --mode eager`); `exported`: AOTInductor "
         "package, full recompute per request (`gr-serve --package`). Latency is client-side: HTTP round trip over "
-        "loopback with JSON both ways. The batcher groups concurrent requests (mean batch); `cached` and `exported` "
-        "then score a group's requests one after another (their API is per user), `eager` in one forward.",
+        "loopback with JSON both ways. The batcher groups concurrent requests (mean batch); `cached` scores a group "
+        "with one `CachedRankingScorer.score_many` call (one jagged delta-q pass for the group's appends, one for "
+        "all its candidate micro-batches), `eager` in one forward, `exported` one request after another.",
         "",
     ]
     for r in runs:
