@@ -26,14 +26,7 @@ import gr_kernels
 from gr_kernels import AttentionCall, HSTUParams, hstu_attention
 from gr_kernels.backends import _LOGGED_SKIPS, resolve_backend
 from gr_kernels.cutlass_backend import native_available
-
-ON_SM90 = torch.cuda.is_available() and native_available() and torch.cuda.get_device_capability(0) == (9, 0)
-needs_sm90 = pytest.mark.skipif(not ON_SM90, reason="needs an sm90 GPU and gr-kernels built with its CUDA kernels")
-
-
-def rounding_floor(exact: torch.Tensor, dtype: torch.dtype) -> float:
-    """One unit in the last place of ``dtype`` at the largest magnitude of ``exact`` (and at least 1e-5)."""
-    return max(torch.finfo(dtype).eps * exact.abs().max().item(), 1e-5)
+from tests.gr_kernels.native_cases import MASK_FAMILIES, needs_sm90, rounding_floor
 
 
 def _call(device: str, dtype: torch.dtype = torch.bfloat16, dim: int = 64, dropout: float = 0.0) -> AttentionCall:
@@ -147,16 +140,7 @@ def _check_forward(lengths, heads, dim, dtype, *, seed=0, rab_heads=0, num_targe
     )
 
 
-MASKS = {
-    "causal": {},
-    "full": {"causal": False},
-    "window": {"max_attn_len": 37},
-    "window_full": {"causal": False, "max_attn_len": 50},
-    "context": {"contextual_seq_len": 5},
-    "targets": {"num_targets": 7},
-    "targets_groups": {"num_targets": 9, "target_group_size": 3},
-    "context_targets_window": {"contextual_seq_len": 3, "num_targets": 6, "max_attn_len": 40},
-}
+MASKS = MASK_FAMILIES
 
 
 @contextlib.contextmanager

@@ -22,7 +22,8 @@ from torch import Tensor
 import gr_kernels
 from gr_kernels import AttentionCall, HSTUParams, ReferenceBackend, hstu_attention, hstu_valid_mask
 from gr_kernels.backends import _LOGGED_SKIPS, resolve_backend
-from gr_kernels.cutlass_backend import NATIVE_DELTA_Q_ENV, native_available
+from gr_kernels.cutlass_backend import NATIVE_DELTA_Q_ENV
+from tests.gr_kernels.native_cases import MASK_FAMILIES, needs_sm90, rounding_floor
 
 
 def query_rows(seq_offsets: Tensor, q_lengths: list[int]) -> Tensor:
@@ -542,28 +543,11 @@ def test_cuda_matches_full_rows_without_sync(
 
 
 # ------------------------------------------------------------------------------------- native kernels (sm90 GPU)
-ON_SM90 = torch.cuda.is_available() and native_available() and torch.cuda.get_device_capability(0) == (9, 0)
-needs_sm90 = pytest.mark.skipif(not ON_SM90, reason="needs an sm90 GPU and gr-kernels built with its CUDA kernels")
 
-# The mask families of test_cutlass_backend.py (num_targets: per-sequence count, clamped below each length).
-NATIVE_MASKS = {
-    "causal": {},
-    "full": {"causal": False},
-    "window": {"max_attn_len": 37},
-    "window_full": {"causal": False, "max_attn_len": 50},
-    "context": {"contextual_seq_len": 5},
-    "targets": {"num_targets": 7},
-    "targets_groups": {"num_targets": 9, "target_group_size": 3},
-    "context_targets_window": {"contextual_seq_len": 3, "num_targets": 6, "max_attn_len": 40},
-}
+NATIVE_MASKS = MASK_FAMILIES
 # Ragged kv lengths (0, 1, tile edges, past a tile) and query counts (0, 1, all, mid-tile, more than one tile).
 NATIVE_LENGTHS = [0, 1, 130, 77, 200, 64]
 NATIVE_Q_LENGTHS = [0, 1, 65, 77, 3, 64]
-
-
-def rounding_floor(exact: Tensor, dtype: torch.dtype) -> float:
-    """test_cutlass_backend.py's floor: one unit of ``dtype`` at the largest magnitude of ``exact`` (>= 1e-5)."""
-    return max(torch.finfo(dtype).eps * exact.abs().max().item(), 1e-5)
 
 
 def _native_grads(backend: str, q: Tensor, k: Tensor, v: Tensor, rab: Tensor | None, grad: Tensor, **kw: object):
