@@ -281,8 +281,7 @@ void CpuTable::accumulate(const int64_t* keys, int64_t n, const float* delta, bo
 void CpuTable::apply_optimizer(const int64_t* keys, int64_t n, const float* grads, const OptimizerStep& step,
                                bool* found) {
   const int dim = options_.dim, vd = options_.value_dim;
-  if (dim + step.state_dim(dim) > vd)
-    throw std::invalid_argument("the optimizer's state does not fit the rows (value_dim " + std::to_string(vd) + ")");
+  step.check_fits(dim, vd);
   parallel_for(n, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (is_reserved(keys[i])) {

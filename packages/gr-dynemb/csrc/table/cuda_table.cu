@@ -103,10 +103,10 @@ struct Masks {
   uint32_t free[4];
 };
 
-template <bool kCoherent>
+// Read through L2: the callers hold the bucket lock and see what earlier holders wrote.
 __device__ __forceinline__ Masks bucket_masks(const View& t, const Tile& g, const Probe& pr) {
   const uint4* line = reinterpret_cast<const uint4*>(t.digests + pr.base) + g.thread_rank();
-  const uint4 v = kCoherent ? __ldcg(line) : __ldg(line);
+  const uint4 v = __ldcg(line);
   const uint32_t words[4] = {v.x, v.y, v.z, v.w};
   uint32_t match = 0, free = 0;
 #pragma unroll
@@ -141,8 +141,8 @@ __device__ __forceinline__ int first_from(const uint32_t mask[4], int start) {
   return tail ? w0 * 32 + __ffs(tail) - 1 : -1;
 }
 
-// Slot (within the bucket) holding `key`, or -1. Keys are unique per bucket, so every digest match is checked.
-template <bool kCoherent>
+// Slot (within the bucket) holding `key`, or -1, under the bucket lock (reads through L2). Keys are unique per
+// bucket, so every digest match is checked.
 __device__ __forceinline__ int locate(const View& t, const Masks& m, const Probe& pr, int64_t key) {
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
@@ -150,7 +150,7 @@ __device__ __forceinline__ int locate(const View& t, const Masks& m, const Probe
     while (bits) {
       const int s = w * 32 + __ffs(bits) - 1;
       bits &= bits - 1;
-      const int64_t k = kCoherent ? __ldcg(t.keys + pr.base + s) : t.keys[pr.base + s];
+      const int64_t k = __ldcg(t.keys + pr.base + s);
       if (k == key) return s;
     }
   }
@@ -361,8 +361,8 @@ __global__ void __launch_bounds__(kBlock, 8) upsert_kernel(View t, const int64_t
     const int64_t key = keys[i];
     const Probe pr = probe(t, key);
     lock_bucket(t, g, pr.bucket);
-    const Masks m = bucket_masks<true>(t, g, pr);
-    int s = locate<true>(t, m, pr, key);
+    const Masks m = bucket_masks(t, g, pr);
+    int s = locate(t, m, pr, key);
     InsertStatus st = InsertStatus::kFound;
     if (s >= 0) {
       if (g.thread_rank() == 0) {
@@ -496,8 +496,8 @@ __global__ void erase_kernel(View t, const int64_t* keys, int64_t n) {
     const int64_t key = keys[i];
     const Probe pr = probe(t, key);
     lock_bucket(t, g, pr.bucket);  // a duplicate in the batch must not erase (and count) the slot twice
-    const Masks m = bucket_masks<true>(t, g, pr);
-    const int s = locate<true>(t, m, pr, key);
+    const Masks m = bucket_masks(t, g, pr);
+    const int s = locate(t, m, pr, key);
     if (s >= 0 && g.thread_rank() == 0) {
       t.keys[pr.base + s] = kErasedKey;
       t.scores[pr.base + s] = 0;
@@ -594,7 +594,7 @@ __global__ void rehash_kernel(View from, int64_t old_capacity, View to) {
     const int64_t key = from.keys[old_slot];
     const Probe pr = probe(to, key);
     lock_bucket(to, g, pr.bucket);
-    const Masks m = bucket_masks<true>(to, g, pr);
+    const Masks m = bucket_masks(to, g, pr);
     const int s = first_from(m.free, pr.start);  // doubling splits every bucket: there is always room
     if (s >= 0) {
       if (g.thread_rank() == 0) {
@@ -758,9 +758,7 @@ void CudaTable::assign(const int64_t* keys, int64_t n, const float* values, bool
 
 void CudaTable::apply_optimizer(const int64_t* keys, int64_t n, const float* grads, const OptimizerStep& step,
                                 bool* found, uintptr_t stream) {
-  if (options_.dim + step.state_dim(options_.dim) > options_.value_dim)
-    throw std::invalid_argument("the optimizer's state does not fit the rows (value_dim " +
-                                std::to_string(options_.value_dim) + ")");
+  step.check_fits(options_.dim, options_.value_dim);
   if (n <= 0) return;
   DeviceGuard guard(options_.device);
   optimizer_kernel<<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, grads, step, found);

@@ -41,6 +41,13 @@ struct OptimizerStep {
     return o;
   }
 
+  // Throws unless [w (dim) | state] fits a row of value_dim floats.
+  void check_fits(int dim, int value_dim) const {
+    if (dim + state_dim(dim) > value_dim)
+      throw std::invalid_argument("the optimizer's state does not fit the rows (value_dim " +
+                                  std::to_string(value_dim) + ")");
+  }
+
   int state_dim(int dim) const {
     switch (kind) {
       case OptimizerKind::kSgd: return 0;

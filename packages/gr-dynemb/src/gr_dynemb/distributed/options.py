@@ -47,15 +47,6 @@ class DynamicTableOptions:
     hbm_budget_bytes: int | None = None
 
     def embedding_config(self, dim: int, optimizer: FusedOptimizerConfig) -> DynamicEmbeddingConfig:
-        placement: dict[str, object] = {}
-        if self.device != "cpu" or self.hbm_budget_bytes is not None:
-            known = {f.name for f in fields(DynamicTableConfig)}
-            if not {"device", "hbm_budget_bytes"} <= known:
-                raise ValueError(
-                    f"DynamicTableOptions(device={self.device!r}, hbm_budget_bytes={self.hbm_budget_bytes}) needs "
-                    "gr_dynemb's CUDA table, which this installation does not have"
-                )
-            placement = {"device": self.device, "hbm_budget_bytes": self.hbm_budget_bytes}
         table = DynamicTableConfig(
             dim=dim,
             capacity=self.capacity,
@@ -64,7 +55,8 @@ class DynamicTableOptions:
             initializer=self.initializer,
             max_load_factor=self.max_load_factor,
             num_threads=self.num_threads,
-            **placement,  # type: ignore[arg-type]
+            device=self.device,
+            hbm_budget_bytes=self.hbm_budget_bytes,
         )
         return DynamicEmbeddingConfig(
             table,
