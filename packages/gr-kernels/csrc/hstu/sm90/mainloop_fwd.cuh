@@ -186,11 +186,11 @@ struct FwdMainloop {
     // S <- SiLU(alpha (S + rab)) * mask, in place; the 1/N scale is applied once to O in the epilogue. Without the
     // bias, mask-free tiles compile to their own short loop (compile-time flags): a loop body that carried every
     // variant overflowed the instruction cache (ncu: 40% of the stall cycles were instruction fetch at head dim 128).
-    auto silu_mask = [&](int n0, auto full_tile, auto with_rab) __attribute__((always_inline)) {
+    auto silu_mask = [&](int n0, auto full_tile) __attribute__((always_inline)) {
       CUTE_UNROLL
       for (int t = 0; t < kFrag / 2; ++t) {
         float b0 = 0.f, b1 = 0.f;
-        if constexpr (decltype(with_rab)::value) unpack2<Element_>(rab_bits[t], b0, b1);
+        if constexpr (kHasRab) unpack2<Element_>(rab_bits[t], b0, b1);
         const float z0 = alpha * (tSrS(2 * t) + b0);
         const float z1 = alpha * (tSrS(2 * t + 1) + b1);
         float p0 = z0 * detail::fast_sigmoid(z0);
@@ -216,22 +216,22 @@ struct FwdMainloop {
     if (hi <= lo) return;
 
     // First (highest) tile: S, then P; its P V is issued together with the next tile's S.
-    auto first_tile = [&](auto full_tile, auto with_rab) __attribute__((always_inline)) {
+    auto first_tile = [&](auto full_tile) __attribute__((always_inline)) {
       const int n0 = (hi - 1) * kBlockN;
-      if constexpr (decltype(with_rab)::value) load_rab(n0, bool(full_tile));
+      if constexpr (kHasRab) load_rab(n0, bool(full_tile));
       pipeline_k.consumer_wait(state_k);
       warpgroup_gemm_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, state_k.index()), tSrS);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
       pipeline_k.consumer_release(state_k);
       ++state_k;
-      silu_mask(n0, full_tile, with_rab);
+      silu_mask(n0, full_tile);
       to_p();
     };
     // Every later tile: S of this tile and P V of the previous one back to back.
-    auto next_tile = [&](int n_block, auto full_tile, auto with_rab) __attribute__((always_inline)) {
+    auto next_tile = [&](int n_block, auto full_tile) __attribute__((always_inline)) {
       const int n0 = n_block * kBlockN;
-      if constexpr (decltype(with_rab)::value) load_rab(n0, bool(full_tile));
+      if constexpr (kHasRab) load_rab(n0, bool(full_tile));
       pipeline_k.consumer_wait(state_k);
       warpgroup_gemm_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, state_k.index()), tSrS);
       pipeline_v.consumer_wait(state_v);
@@ -240,7 +240,7 @@ struct FwdMainloop {
       warpgroup_fence_operand(tSrS);
       pipeline_k.consumer_release(state_k);
       ++state_k;
-      silu_mask(n0, full_tile, with_rab);
+      silu_mask(n0, full_tile);
       warpgroup_wait<0>();  // the previous P V has retired: its V stage and P registers are free
       warpgroup_fence_operand(tOrO);
       warpgroup_fence_operand(tOrP);
@@ -248,30 +248,25 @@ struct FwdMainloop {
       ++state_v;
       to_p();
     };
-    // Tiles are walked downwards and mask_free_tile is monotone in n0 (a lower key tile of a mask-free tile is
-    // mask-free too), so the masked tiles come first and one loop per kind covers them.
-    auto run = [&](auto with_rab) __attribute__((always_inline)) {
-      if constexpr (decltype(with_rab)::value) {
-        // With the bias: one loop, a runtime flag per tile (two specialised copies of the bias path made ptxas
-        // move the S/P fragments to the stack).
-        first_tile(mask_free_tile(p, mask, m0, (hi - 1) * kBlockN), with_rab);
-        for (int n_block = hi - 2; n_block >= lo; --n_block) {
-          next_tile(n_block, mask_free_tile(p, mask, m0, n_block * kBlockN), with_rab);
-        }
-        return;
+    if constexpr (kHasRab) {
+      // With the bias: one loop, a runtime flag per tile (two specialised copies of the bias path made ptxas
+      // move the S/P fragments to the stack).
+      first_tile(mask_free_tile(p, mask, m0, (hi - 1) * kBlockN));
+      for (int n_block = hi - 2; n_block >= lo; --n_block) {
+        next_tile(n_block, mask_free_tile(p, mask, m0, n_block * kBlockN));
       }
+    } else {
+      // Tiles are walked downwards and mask_free_tile is monotone in n0 (a lower key tile of a mask-free tile is
+      // mask-free too), so the masked tiles come first and one loop per kind covers them.
       if (mask_free_tile(p, mask, m0, (hi - 1) * kBlockN)) {
-        first_tile(True{}, with_rab);
+        first_tile(True{});
       } else {
-        first_tile(False{}, with_rab);
+        first_tile(False{});
       }
       int n_block = hi - 2;
-      for (; n_block >= lo && !mask_free_tile(p, mask, m0, n_block * kBlockN); --n_block) {
-        next_tile(n_block, False{}, with_rab);
-      }
-      for (; n_block >= lo; --n_block) next_tile(n_block, True{}, with_rab);
-    };
-    run(cute::integral_constant<bool, kHasRab>{});
+      for (; n_block >= lo && !mask_free_tile(p, mask, m0, n_block * kBlockN); --n_block) next_tile(n_block, False{});
+      for (; n_block >= lo; --n_block) next_tile(n_block, True{});
+    }
     pipeline_v.consumer_wait(state_v);
     warpgroup_gemm_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, state_v.index()), tOrO);
     warpgroup_wait<0>();
