@@ -74,6 +74,21 @@ def test_cpu_inputs_fall_back_with_a_reason(caplog: pytest.LogCaptureFixture) ->
     assert any("'cutlass' not used" in r.getMessage() for r in caplog.records)
 
 
+def test_backward_without_a_native_kernel_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    # Head dim 256 has a native forward only: its backward runs the reference, and the registry's log says so once.
+    q = torch.randn(4, 1, 256, dtype=torch.float64)
+    offsets = torch.tensor([0, 4])
+    params = HSTUParams(4, 0.5, 4)
+    expected = gr_kernels.reference.reference_backward(q, q, q, q, offsets, None, None, params)
+    reason = "no native backward for head dim 256 (native: 64, 128); that backward runs the PyTorch reference"
+    _LOGGED_SKIPS.discard(("cutlass", reason))
+    with caplog.at_level(logging.INFO, logger="gr_kernels"):
+        for _ in range(2):
+            got = gr_kernels.get_backend("cutlass").backward(q, q, q, q, offsets, None, None, params)
+            assert all(torch.equal(a, b) for a, b in zip(got[:3], expected[:3], strict=True))
+    assert [r.getMessage() for r in caplog.records] == [f"hstu_attention: backend 'cutlass' not used: {reason}"]
+
+
 def test_forcing_it_on_cpu_is_a_clear_error() -> None:
     q = torch.randn(3, 1, 64)
     with pytest.raises(ValueError, match="backend 'cutlass' cannot run this call"):

@@ -24,6 +24,7 @@ import os
 import torch
 from torch import Tensor
 
+from gr_kernels.backends import _log_skip_once
 from gr_kernels.params import AttentionCall, HSTUParams
 from gr_kernels.reference import reference_backward
 
@@ -115,6 +116,12 @@ class CutlassBackend:
         q_offsets: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         if q.shape[-1] not in BWD_HEAD_DIMS:
+            # The forward ran natively; say once (the registry's skip log) that this backward does not.
+            _log_skip_once(
+                "cutlass",
+                f"no native backward for head dim {q.shape[-1]} (native: {', '.join(map(str, BWD_HEAD_DIMS))}); "
+                "that backward runs the PyTorch reference",
+            )
             return reference_backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
         q, k, v, grad_out = (_aligned(t) for t in (q, k, v, grad_out))
         # dq (and grad_out) have q's rows, total_q with delta q; dk and dv every key row (zero where no query looks).
