@@ -58,7 +58,7 @@ def build_model(args: argparse.Namespace, max_seq_len: int):
         max_seq_len=max_seq_len,
         dropout=0.0,
         context_attention="causal",
-        hstu=HSTUConfig(num_blocks=args.blocks, num_heads=args.heads, alpha=1.0 / (args.dim // args.heads) ** 0.5),
+        hstu=HSTUConfig(embedding_dim=args.dim, num_blocks=args.blocks, num_heads=args.heads, alpha=1.0 / (args.dim // args.heads) ** 0.5),
     )
     torch.manual_seed(0)
     return HSTURankingModel(cfg).eval()
