@@ -388,13 +388,13 @@ def _small_delta(jagged: Callable, **kw: object) -> Tensor:
                           **kw)  # type: ignore[arg-type]  # fmt: skip
 
 
-def test_cutlass_declines_delta_q_with_a_reason(
+def test_cutlass_declines_delta_q_when_switched_off(
     jagged: Callable, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Until the GPU parity suite has passed, the native delta-q path is opt-in (GR_KERNELS_NATIVE_DELTA_Q=1).
-    monkeypatch.delenv(NATIVE_DELTA_Q_ENV, raising=False)
+    # GR_KERNELS_NATIVE_DELTA_Q=0 sends delta-q calls to the reference, with a reason naming the switch.
+    monkeypatch.setenv(NATIVE_DELTA_Q_ENV, "0")
     reason = gr_kernels.get_backend("cutlass").supports(_delta_call())
-    assert reason is not None and "delta q" in reason and f"set {NATIVE_DELTA_Q_ENV}=1" in reason
+    assert reason is not None and "delta q" in reason and f"{NATIVE_DELTA_Q_ENV}=0" in reason
     with pytest.raises(ValueError, match="backend 'cutlass' cannot run this call: delta q"):
         _small_delta(jagged, backend="cutlass")
     _LOGGED_SKIPS.discard(("cutlass", reason))
@@ -405,16 +405,17 @@ def test_cutlass_declines_delta_q_with_a_reason(
     assert lines == [f"hstu_attention: backend 'cutlass' not used: {reason}"]
 
 
-def test_native_delta_q_gate_is_read_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_native_delta_q_switch_is_read_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = gr_kernels.get_backend("cutlass")
-    for value in ("0", "", "yes"):
+    monkeypatch.setenv(NATIVE_DELTA_Q_ENV, "0")
+    assert f"{NATIVE_DELTA_Q_ENV}=0" in (backend.supports(_delta_call()) or "")
+    for value in ("1", "", "yes"):
         monkeypatch.setenv(NATIVE_DELTA_Q_ENV, value)
-        assert f"set {NATIVE_DELTA_Q_ENV}=1" in (backend.supports(_delta_call()) or "")
-    monkeypatch.setenv(NATIVE_DELTA_Q_ENV, "1")
-    # Opted in, a delta-q call is judged like a full call: here only the CPU device (or a missing build) stops it.
-    reason = backend.supports(_delta_call())
-    assert reason is not None and "delta q" not in reason
-    assert reason == backend.supports(dataclasses.replace(_delta_call(), delta_q=False))
+        # Not switched off, a delta-q call is judged like a full call: here only the CPU device (or a missing
+        # build) stops it.
+        reason = backend.supports(_delta_call())
+        assert reason is not None and "delta q" not in reason
+        assert reason == backend.supports(dataclasses.replace(_delta_call(), delta_q=False))
     assert "cutlass" in gr_kernels.backends._DELTA_Q  # its forward and backward take q_offsets
 
 
@@ -518,9 +519,9 @@ def test_reference_needs_max_q_len_with_q_offsets() -> None:
 def test_cuda_matches_full_rows_without_sync(
     jagged: Callable, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, dim: int
 ) -> None:
-    # Opted in to the native path: bf16 at head dim 64 runs it on an sm90 GPU with a CUDA build (fp32, and any other
-    # GPU, run the reference); either way the delta-q call must match the full call's rows and never sync.
-    monkeypatch.setenv(NATIVE_DELTA_Q_ENV, "1")
+    # The native path: bf16 at head dim 64 runs it on an sm90 GPU with a CUDA build (fp32, and any other GPU, run
+    # the reference); either way the delta-q call must match the full call's rows and never sync.
+    monkeypatch.delenv(NATIVE_DELTA_Q_ENV, raising=False)
     x = jagged([5, 0, 1, 7], heads=2, attn_dim=dim, hidden_dim=dim, rab_heads=2, seed=7, dtype=dtype,
                device="cuda")  # fmt: skip
     q_lengths = [2, 0, 1, 7]

@@ -7,7 +7,7 @@ A backend is any object with
 - ``forward(q, k, v, seq_offsets, num_targets, rab, params: HSTUParams) -> Tensor``;
 - ``backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params) -> (dq, dk, dv, drab or None)``,
 
-with the semantics of ``gr_kernels.reference``. Delta q (``call.delta_q``, queries shorter than keys) is opt-in:
+with the semantics of ``gr_kernels.reference``. Delta q (``call.delta_q``, queries shorter than keys) is a capability:
 a backend that runs it takes a keyword ``q_offsets`` in both ``forward`` and ``backward`` (passed only for delta-q
 calls, with ``params.max_q_len`` set); a backend whose methods take no ``q_offsets`` is never handed a delta-q call.
 The built-in ``"reference"`` backend supports every call and is always tried last. When ``"auto"`` skips a backend

@@ -11,10 +11,10 @@ PyTorch reference (``reference_backward``): its dK + dV accumulators do not fit 
 generation.
 
 Delta q (``q_offsets``: queries are the last tokens of each sequence) is in all three native kernels (SM80-MMA
-forward and backward, Hopper forward), but they have only been compiled, not run: ``supports`` declines delta-q
-calls (so ``backend="auto"`` runs the reference) unless ``GR_KERNELS_NATIVE_DELTA_Q=1`` is set, read per call. The
-gate goes once the GPU parity suite (tests/gr_kernels/test_delta_q.py's CUDA tests and
-tests/gr_kernels/test_cutlass_backend.py) has passed on an sm90 GPU.
+forward and backward, Hopper forward) and passed the GPU parity suite on an H200 (tests/gr_kernels/test_delta_q.py's
+native tests: every mask family, rab on/off, ragged q and kv lengths including 0, hypothesis shapes), so delta-q
+calls take the native path like full ones. ``GR_KERNELS_NATIVE_DELTA_Q=0`` (read per call) sends them to the
+reference instead, e.g. to bisect a numerical difference.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ NATIVE_DELTA_Q_ENV = "GR_KERNELS_NATIVE_DELTA_Q"
 
 
 def native_delta_q_enabled() -> bool:
-    """Whether delta-q calls may use the native kernels (``GR_KERNELS_NATIVE_DELTA_Q=1``; read on every call)."""
-    return os.environ.get(NATIVE_DELTA_Q_ENV, "") == "1"
+    """Whether delta-q calls may use the native kernels: yes unless ``GR_KERNELS_NATIVE_DELTA_Q=0`` (read per call)."""
+    return os.environ.get(NATIVE_DELTA_Q_ENV, "") != "0"
 
 
 def native_available() -> bool:
@@ -65,10 +65,7 @@ class CutlassBackend:
 
     def supports(self, call: AttentionCall) -> str | None:
         if call.delta_q and not native_delta_q_enabled():  # checked first: the same answer on every machine
-            return (
-                "delta q (q_offsets: queries shorter than keys) in the native kernels has not passed the GPU parity "
-                f"suite yet; set {NATIVE_DELTA_Q_ENV}=1 to use it"
-            )
+            return f"delta q (q_offsets) sent to the reference by {NATIVE_DELTA_Q_ENV}=0"
         if _C is None:
             return f"gr-kernels was installed without its CUDA kernels ({_IMPORT_ERROR or 'no nvcc at build time'})"
         if call.device.type != "cuda":
