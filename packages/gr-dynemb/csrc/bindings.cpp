@@ -80,6 +80,13 @@ PYBIND11_MODULE(_C, m) {
              t.find_or_insert(ptr<const int64_t>(keys), n, ptr<float>(values), ptr<int8_t>(status),
                               ptr<const uint64_t>(scores));
            })
+      .def("find_or_insert_embeddings",
+           [](CpuTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t embeddings, std::uintptr_t status,
+              std::uintptr_t scores) {
+             py::gil_scoped_release nogil;
+             t.find_or_insert_embeddings(ptr<const int64_t>(keys), n, ptr<float>(embeddings), ptr<int8_t>(status),
+                                         ptr<const uint64_t>(scores));
+           })
       .def("insert_or_assign",
            [](CpuTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t status,
               std::uintptr_t scores) {

@@ -59,6 +59,13 @@ void register_cuda_table(py::module_& m) {
              t.find_or_insert(ptr<const int64_t>(keys), n, ptr<float>(values), ptr<int8_t>(status),
                               ptr<const uint64_t>(scores), stream);
            })
+      .def("find_or_insert_embeddings",
+           [](CudaTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t embeddings, std::uintptr_t status,
+              std::uintptr_t scores, std::uintptr_t stream) {
+             py::gil_scoped_release nogil;
+             t.find_or_insert_embeddings(ptr<const int64_t>(keys), n, ptr<float>(embeddings), ptr<int8_t>(status),
+                                         ptr<const uint64_t>(scores), stream);
+           })
       .def("insert_or_assign",
            [](CudaTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t status,
               std::uintptr_t scores, std::uintptr_t stream) {

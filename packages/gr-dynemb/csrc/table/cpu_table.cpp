@@ -141,15 +141,17 @@ int64_t CpuTable::place(int64_t key, const Probe& pr, uint64_t score, InsertStat
   return -1;
 }
 
-void CpuTable::initial_row(int64_t key, float* row) const {
-  const int dim = options_.dim;
-  for (int p = 0; 2 * p < dim; ++p) {
+void CpuTable::initial_row(int64_t key, float* row) const { initial_columns(key, row, options_.value_dim); }
+
+void CpuTable::initial_columns(int64_t key, float* row, int cols) const {
+  const int emb = std::min(cols, options_.dim);
+  for (int p = 0; 2 * p < emb; ++p) {
     float x0, x1;
     init::initial_pair(options_.init, key, p, x0, x1);
     row[2 * p] = x0;
-    if (2 * p + 1 < dim) row[2 * p + 1] = x1;
+    if (2 * p + 1 < emb) row[2 * p + 1] = x1;
   }
-  std::fill(row + dim, row + options_.value_dim, 0.f);
+  if (cols > options_.dim) std::fill(row + options_.dim, row + cols, 0.f);
 }
 
 void CpuTable::find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score) {
@@ -230,15 +232,25 @@ void CpuTable::upsert_batch(const int64_t* keys, int64_t n, int8_t* status, cons
 }
 
 void CpuTable::find_or_insert(const int64_t* keys, int64_t n, float* values, int8_t* status, const uint64_t* scores) {
+  upsert_rows(keys, n, values, options_.value_dim, status, scores);
+}
+
+void CpuTable::find_or_insert_embeddings(const int64_t* keys, int64_t n, float* embeddings, int8_t* status,
+                                         const uint64_t* scores) {
+  upsert_rows(keys, n, embeddings, options_.dim, status, scores);
+}
+
+void CpuTable::upsert_rows(const int64_t* keys, int64_t n, float* out, int out_cols, int8_t* status,
+                           const uint64_t* scores) {
   const int vd = options_.value_dim;
   upsert_batch(keys, n, status, scores, [&](int64_t i, int64_t key, int64_t slot, InsertStatus st) {
-    float* out = values + i * vd;
+    float* o = out + i * out_cols;
     if (slot < 0) {  // rejected: the initializer's row, no slot
-      initial_row(key, out);
+      initial_columns(key, o, out_cols);
       return;
     }
     if (st != InsertStatus::kFound) initial_row(key, &values_[slot * vd]);
-    std::memcpy(out, &values_[slot * vd], sizeof(float) * vd);
+    std::memcpy(o, &values_[slot * vd], sizeof(float) * out_cols);
   });
 }
 

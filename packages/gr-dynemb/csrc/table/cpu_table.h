@@ -48,6 +48,9 @@ class CpuTable {
   // values: [n, value_dim] out (present row, or the initializer's row for new/rejected keys); status: [n].
   // scores: [n] given -> used as the keys' scores whatever the policy (kCustom needs them); null -> the policy's.
   void find_or_insert(const int64_t* keys, int64_t n, float* values, int8_t* status, const uint64_t* scores);
+  // find_or_insert that writes only each row's embedding (embeddings: [n, dim]); the training lookup's path.
+  void find_or_insert_embeddings(const int64_t* keys, int64_t n, float* embeddings, int8_t* status,
+                                 const uint64_t* scores);
   // values: [n, value_dim] in; status: [n].
   void insert_or_assign(const int64_t* keys, int64_t n, const float* values, int8_t* status, const uint64_t* scores);
   // Overwrites rows of present keys only (scores untouched); found: [n] or null.
@@ -68,6 +71,8 @@ class CpuTable {
   void clear();
   // The initializer's row for `key` (embedding part; optimizer state zero).
   void initial_row(int64_t key, float* row) const;
+  // Its first `cols` columns (cols <= value_dim).
+  void initial_columns(int64_t key, float* row, int cols) const;
 
  private:
   // Per-thread counts of one chunk, added to the shared atomics once (not once per key: that line would bounce
@@ -99,6 +104,8 @@ class CpuTable {
   // then body(i, key, slot, status) (slot -1: rejected); statuses to `status`, counts to the table.
   template <typename Body>
   void upsert_batch(const int64_t* keys, int64_t n, int8_t* status, const uint64_t* scores, Body&& body);
+  // find_or_insert writing the first out_cols columns of each row to out ([n, out_cols]).
+  void upsert_rows(const int64_t* keys, int64_t n, float* out, int out_cols, int8_t* status, const uint64_t* scores);
   void rehash(int64_t new_capacity);
   template <typename Fn>
   void parallel_for(int64_t n, Fn&& fn) const;

@@ -249,22 +249,25 @@ __device__ __forceinline__ void zero_row(const Tile& g, float* dst, int vd) {
   for (int c = g.thread_rank(); c < vd; c += kGroup) dst[c] = 0.f;
 }
 
-// The CPU table's initial_row, value for value (table/initializer.h). Each value is drawn once and stored to `row`
-// and, when given, `copy` (a new slot's row and the caller's output). Lanes take pairs of columns.
-__device__ void initial_row(const View& t, const Tile& g, int64_t key, float* row, float* copy = nullptr) {
-  for (int p = g.thread_rank(); 2 * p < t.dim; p += kGroup) {
+// The CPU table's initial_row, value for value (table/initializer.h): the first `cols` columns of a new row (the
+// embedding, then zero optimizer state). Each value is drawn once and stored to `row` and, when given, the first
+// `copy_cols` columns of `copy` (a new slot's row and the caller's output). Lanes take pairs of columns.
+__device__ void initial_row(const View& t, const Tile& g, int64_t key, float* row, int cols, float* copy = nullptr,
+                            int copy_cols = 0) {
+  const int emb = cols < t.dim ? cols : t.dim;
+  for (int p = g.thread_rank(); 2 * p < emb; p += kGroup) {
     float x0, x1;
     init::initial_pair(t.init, key, p, x0, x1);
     row[2 * p] = x0;
-    if (copy) copy[2 * p] = x0;
-    if (2 * p + 1 < t.dim) {
+    if (copy && 2 * p < copy_cols) copy[2 * p] = x0;
+    if (2 * p + 1 < emb) {
       row[2 * p + 1] = x1;
-      if (copy) copy[2 * p + 1] = x1;
+      if (copy && 2 * p + 1 < copy_cols) copy[2 * p + 1] = x1;
     }
   }
-  for (int c = t.dim + g.thread_rank(); c < t.vd; c += kGroup) {
+  for (int c = t.dim + g.thread_rank(); c < cols; c += kGroup) {
     row[c] = 0.f;
-    if (copy) copy[c] = 0.f;
+    if (copy && c < copy_cols) copy[c] = 0.f;
   }
 }
 
@@ -343,16 +346,18 @@ enum class Upsert { kFindOrInsert, kInsertOrAssign };
 
 // <= 32 registers (eight blocks per SM, was six): the inserting ops wait on bucket locks and random rows, so
 // occupancy pays more than the 16 bytes ptxas spills for one variant.
+// find_or_insert writes the first `out_cols` columns of each key's row to out_values ([n, out_cols]): the whole row
+// (value_dim) or only the embedding (dim).
 template <Upsert kMode>
-__global__ void __launch_bounds__(kBlock, 8) upsert_kernel(View t, const int64_t* keys, int64_t n, float* out_values, const float* in_values,
-                              int8_t* status, const uint64_t* scores) {
+__global__ void __launch_bounds__(kBlock, 8) upsert_kernel(View t, const int64_t* keys, int64_t n, float* out_values, int out_cols,
+                              const float* in_values, int8_t* status, const uint64_t* scores) {
   __shared__ unsigned long long counts[4];
   if (threadIdx.x < 4) counts[threadIdx.x] = 0;
   __syncthreads();
   const Tile g = cg::tiled_partition<kGroup>(cg::this_thread_block());
   const int64_t i = group_index(g);
   if (i < n && is_reserved(keys[i])) {  // never stored: rejected and counted, the Python layer raises
-    if (kMode == Upsert::kFindOrInsert) initial_row(t, g, keys[i], out_values + i * t.vd);
+    if (kMode == Upsert::kFindOrInsert) initial_row(t, g, keys[i], out_values + i * out_cols, out_cols);
     if (g.thread_rank() == 0) {
       status[i] = static_cast<int8_t>(InsertStatus::kRejected);
       atomicAdd(counts + 3, 1ULL);
@@ -394,13 +399,13 @@ __global__ void __launch_bounds__(kBlock, 8) upsert_kernel(View t, const int64_t
       }
     }
     if (kMode == Upsert::kFindOrInsert) {
-      float* out = out_values + i * t.vd;
+      float* out = out_values + i * out_cols;
       if (st == InsertStatus::kFound) {
-        copy_row<true>(g, out, row_of(t, pr.base + s), t.vd);
+        copy_row<true>(g, out, row_of(t, pr.base + s), out_cols);
       } else if (s >= 0) {
-        initial_row(t, g, key, row_of(t, pr.base + s), out);
+        initial_row(t, g, key, row_of(t, pr.base + s), t.vd, out, out_cols);
       } else {
-        initial_row(t, g, key, out);  // rejected: the initializer's row, no slot
+        initial_row(t, g, key, out, out_cols);  // rejected: the initializer's row, no slot
       }
     } else if (s >= 0) {
       copy_row<false>(g, row_of(t, pr.base + s), in_values + i * t.vd, t.vd);
@@ -618,7 +623,7 @@ __global__ void fill_keys_kernel(int64_t* keys, int64_t n) {
 __global__ void initial_rows_kernel(View t, const int64_t* keys, int64_t n, float* rows) {
   const Tile g = cg::tiled_partition<kGroup>(cg::this_thread_block());
   const int64_t i = group_index(g);
-  if (i < n) initial_row(t, g, keys[i], rows + i * t.vd);
+  if (i < n) initial_row(t, g, keys[i], rows + i * t.vd, t.vd);
 }
 
 unsigned slot_blocks(int64_t slots) { return static_cast<unsigned>((slots + kBlock - 1) / kBlock); }
@@ -731,11 +736,21 @@ void CudaTable::grow_for(int64_t incoming, uintptr_t stream) {
 
 void CudaTable::find_or_insert(const int64_t* keys, int64_t n, float* values, int8_t* status, const uint64_t* scores,
                                uintptr_t stream) {
+  upsert_rows(keys, n, values, options_.value_dim, status, scores, stream);
+}
+
+void CudaTable::find_or_insert_embeddings(const int64_t* keys, int64_t n, float* embeddings, int8_t* status,
+                                          const uint64_t* scores, uintptr_t stream) {
+  upsert_rows(keys, n, embeddings, options_.dim, status, scores, stream);
+}
+
+void CudaTable::upsert_rows(const int64_t* keys, int64_t n, float* out, int out_cols, int8_t* status,
+                            const uint64_t* scores, uintptr_t stream) {
   if (n <= 0) return;
   DeviceGuard guard(options_.device);
   grow_for(n, stream);
   upsert_kernel<Upsert::kFindOrInsert>
-      <<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, values, nullptr, status, scores);
+      <<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, out, out_cols, nullptr, status, scores);
   check(cudaGetLastError(), "find_or_insert");
 }
 
@@ -745,7 +760,7 @@ void CudaTable::insert_or_assign(const int64_t* keys, int64_t n, const float* va
   DeviceGuard guard(options_.device);
   grow_for(n, stream);
   upsert_kernel<Upsert::kInsertOrAssign>
-      <<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, nullptr, values, status, scores);
+      <<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, nullptr, 0, values, status, scores);
   check(cudaGetLastError(), "insert_or_assign");
 }
 

@@ -50,6 +50,9 @@ class CudaTable {
   void find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score, uintptr_t stream);
   void find_or_insert(const int64_t* keys, int64_t n, float* values, int8_t* status, const uint64_t* scores,
                       uintptr_t stream);
+  // find_or_insert that writes only each row's embedding (embeddings: [n, dim]); the training lookup's path.
+  void find_or_insert_embeddings(const int64_t* keys, int64_t n, float* embeddings, int8_t* status,
+                                 const uint64_t* scores, uintptr_t stream);
   void insert_or_assign(const int64_t* keys, int64_t n, const float* values, int8_t* status, const uint64_t* scores,
                         uintptr_t stream);
   void assign(const int64_t* keys, int64_t n, const float* values, bool* found, uintptr_t stream);
@@ -76,6 +79,9 @@ class CudaTable {
   void release();
   void rehash(int64_t new_capacity, uintptr_t stream);
   void grow_for(int64_t incoming, uintptr_t stream);
+  // find_or_insert writing the first out_cols columns of each row to out ([n, out_cols]).
+  void upsert_rows(const int64_t* keys, int64_t n, float* out, int out_cols, int8_t* status, const uint64_t* scores,
+                   uintptr_t stream);
   int64_t read_counter(int index, uintptr_t stream);
 
   CudaTableOptions options_;

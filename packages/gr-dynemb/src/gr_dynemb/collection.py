@@ -14,6 +14,7 @@ from torch import nn
 from torchrec import JaggedTensor, KeyedJaggedTensor
 
 from gr_dynemb.embedding import DynamicEmbedding, DynamicEmbeddingConfig
+from gr_dynemb.grouped import group_key, groupable, grouped_train_lookup
 
 
 @dataclass
@@ -65,14 +66,31 @@ class DynamicEmbeddingCollection(nn.Module):
         if unknown:
             raise KeyError(f"features {unknown} have no table (served: {self.feature_names})")
         # One lookup per table (its features' ids concatenated): a shared table then takes one optimizer step per
-        # backward, as a sharded collection does, whatever the number of features it serves.
+        # backward, as a sharded collection does, whatever the number of features it serves. Training tables that
+        # share devices and dim are looked up together (gr_dynemb.grouped): one de-duplication, one host
+        # synchronisation and one gradient aggregation for all of them.
         jts = features.to_dict()
         by_table: dict[str, list[str]] = {}
         for name in names:
             by_table.setdefault(self._table_of[name], []).append(name)
+        ids = {t: _concat([jts[f].values() for f in feats]) for t, feats in by_table.items()}
+        rows: dict[str, torch.Tensor] = {}
+        groups: dict[tuple, list[str]] = {}
+        for t in by_table:
+            module = self._tables[t]
+            if groupable(module):
+                groups.setdefault(group_key(module), []).append(t)
+            else:
+                rows[t] = module(ids[t])
+        for members in groups.values():
+            looked_up = grouped_train_lookup([self._tables[t] for t in members], [ids[t] for t in members])
+            rows.update(zip(members, looked_up, strict=True))
         embs: dict[str, torch.Tensor] = {}
         for table, feats in by_table.items():
-            rows = self._tables[table](torch.cat([jts[f].values() for f in feats]))
-            for f, emb in zip(feats, rows.split([jts[f].values().numel() for f in feats]), strict=True):
+            for f, emb in zip(feats, rows[table].split([jts[f].values().numel() for f in feats]), strict=True):
                 embs[f] = emb
         return {f: JaggedTensor(values=embs[f], lengths=jts[f].lengths(), offsets=jts[f].offsets()) for f in names}
+
+
+def _concat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)

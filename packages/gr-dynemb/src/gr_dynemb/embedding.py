@@ -22,7 +22,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from gr_dynemb.table import REJECTED, DynamicHashTable, DynamicTableConfig
+from gr_dynemb.grouped import groupable, grouped_train_lookup
+from gr_dynemb.table import DynamicHashTable, DynamicTableConfig
 
 OptimizerKind = Literal["sgd", "adagrad", "rowwise_adagrad", "adam"]
 
@@ -116,18 +117,22 @@ class DynamicEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         if ids.dtype != torch.int64:
             raise TypeError(f"ids must be int64, got {ids.dtype}")
+        if groupable(self):  # training without admission: the grouped path (a group of one; see gr_dynemb.grouped)
+            return grouped_train_lookup([self], [ids])[0]
+        return self._lookup_one(ids)
+
+    def _lookup_one(self, ids: Tensor) -> Tensor:
+        """This table's lookup on its own (evaluation, admission, and a grouped batch holding a reserved id)."""
         flat = ids.reshape(-1).to(self.table.device)  # the table's device (CPU table: host; CUDA table: its GPU)
         unique, inverse = torch.unique(flat, return_inverse=True)
         if self.training:
             self.table.set_step(self.step + 1)
-            rows, admitted = self._train_rows(unique)
+            rows = self._train_rows(unique)
         else:
             found_rows, found = self.table.find(unique)
             rows = torch.where(found.unsqueeze(1), found_rows[:, : self.dim], self.config.default_value)
             if self.config.eval_missing == "initializer" and not bool(found.all()):
                 rows[~found] = self.table.initial_rows(unique[~found])[:, : self.dim]
-            admitted = found
-        self._last_admitted = admitted
         if self.training and torch.is_grad_enabled():
             out = _Lookup.apply(self._grad_anchor, self, unique, inverse, rows)
         else:
@@ -139,37 +144,41 @@ class DynamicEmbedding(nn.Module):
         """Gradients dropped so far because their id had no slot (not yet admitted, or rejected by a full bucket)."""
         return int(self._unadmitted)
 
-    def _train_rows(self, unique: Tensor) -> tuple[Tensor, Tensor]:
+    def _train_rows(self, unique: Tensor) -> Tensor:
         dev = self.table.device
-        if self.counter is None:  # every id is admitted: one lookup, no host round trip beyond the table's own
-            values, status = self.table.find_or_insert(unique)
-            return values[:, : self.dim], status != REJECTED  # rejected: initializer row, but no slot to train
+        if self.counter is None:  # every id is admitted (rejected ids read the initializer's row, with no slot)
+            return self.table.find_or_insert(unique)[0][:, : self.dim]
+        _, present = self.table.find(unique)
+        newcomers = unique[~present]
+        counts, _ = self.counter.find_or_insert(newcomers)
+        self.counter.accumulate(newcomers, torch.ones(newcomers.numel(), 1, device=dev))
+        admit_now = counts[:, 0] + 1 >= self.config.admit_after
+        self.counter.erase(newcomers[admit_now])
         admitted = torch.ones(unique.numel(), dtype=torch.bool, device=dev)
-        if self.counter is not None:
-            _, present = self.table.find(unique)
-            newcomers = unique[~present]
-            counts, _ = self.counter.find_or_insert(newcomers)
-            self.counter.accumulate(newcomers, torch.ones(newcomers.numel(), 1, device=dev))
-            admit_now = counts[:, 0] + 1 >= self.config.admit_after
-            self.counter.erase(newcomers[admit_now])
-            admitted[~present] = admit_now
+        admitted[~present] = admit_now
         rows = torch.full((unique.numel(), self.dim), self.config.default_value, device=dev)
         if bool(admitted.any()):
-            values, status = self.table.find_or_insert(unique[admitted])
+            values, _ = self.table.find_or_insert(unique[admitted])
             rows[admitted] = values[:, : self.dim]
-            admitted[admitted.clone()] = status != REJECTED  # rejected: initializer row, but no slot to train
-        return rows, admitted
+        return rows
 
     @torch.no_grad()
     def apply_gradients(self, unique: Tensor, grad: Tensor) -> None:
         """One fused optimizer step on the rows of ``unique`` (de-duplicated ids) with summed gradients."""
+        found = self.optimizer_step(unique, grad)
+        self._unadmitted += (~found).sum()
+
+    @torch.no_grad()
+    def optimizer_step(self, unique: Tensor, grad: Tensor, found: Tensor | None = None) -> Tensor:
+        """``apply_gradients`` without the dropped-gradient count: advances the step and returns ``found`` (written
+        into ``found`` when given); the caller counts the ids without a slot."""
         self.step += 1
         opt = self.config.optimizer
         # One native pass: find each row, update it and its state in place (no gather/scatter, no host sync).
-        found = self.table.apply_optimizer(
-            unique, grad, opt.kind, lr=opt.lr, eps=opt.eps, beta1=opt.beta1, beta2=opt.beta2, step=self.step
-        )
-        self._unadmitted += (~found).sum()
+        return self.table.apply_optimizer(
+            unique, grad, opt.kind, lr=opt.lr, eps=opt.eps, beta1=opt.beta1, beta2=opt.beta2, step=self.step,
+            found=found,
+        )  # fmt: skip
 
     # state_dict holds the table's rows (embedding + optimizer state), scores and the step counter.
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]

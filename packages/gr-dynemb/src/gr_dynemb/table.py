@@ -241,6 +241,23 @@ class DynamicHashTable:
         self._raise_if_full(status, keys)
         return values, status
 
+    def find_or_insert_embeddings(
+        self, keys: Tensor, out: Tensor, status: Tensor, *, keys_checked: bool = False
+    ) -> None:
+        """``find_or_insert`` (policy scores) that writes only the embeddings, into ``out [n, dim]`` (float32) and the
+        statuses into ``status [n]`` (int8): contiguous tensors on the table's device, e.g. slices of a batch-wide
+        buffer. Raises like ``find_or_insert``, after the whole batch is processed. ``keys_checked``: the caller has
+        made sure that no key is reserved, so the table's count of offered reserved keys is not read (on CUDA that
+        read synchronises the stream)."""
+        keys = self._keys(keys)
+        n = keys.numel()
+        _check_out(out, (n, self.dim), torch.float32, self.device, "out")
+        _check_out(status, (n,), torch.int8, self.device, "status")
+        self._table.find_or_insert_embeddings(keys.data_ptr(), n, out.data_ptr(), status.data_ptr(), 0, *self._stream())
+        if not keys_checked:
+            self._raise_if_reserved(keys)
+        self._raise_if_full(status, keys)
+
     def insert_or_assign(self, keys: Tensor, values: Tensor, scores: Tensor | None = None) -> Tensor:
         """Writes rows (inserting absent keys); returns the status per key."""
         keys = self._keys(keys)
@@ -294,12 +311,14 @@ class DynamicHashTable:
         beta1: float = 0.9,
         beta2: float = 0.999,
         step: int = 1,
+        found: Tensor | None = None,
     ) -> Tensor:
         """One fused optimizer step (``sgd``, ``adagrad``, ``rowwise_adagrad``, ``adam``; formulas in
         ``gr_dynemb.embedding``) on the rows of present keys, in place, with gradients ``grads [n, dim]`` and Adam's
         step count ``step``. The optimizer state is the row's columns after the embedding. Returns ``found``;
         absent and reserved keys are skipped. Pass distinct keys (sum duplicate gradients first): duplicates are
-        applied one after another."""
+        applied one after another. ``found``: an optional contiguous bool ``[n]`` tensor on the table's device to
+        write (and return) instead of a new one."""
         if kind not in _OPTIMIZERS:
             raise ValueError(f"optimizer kind must be one of {sorted(_OPTIMIZERS)}, got {kind!r}")
         keys = self._keys(keys)
@@ -309,7 +328,10 @@ class DynamicHashTable:
                 f"{getattr(grads, 'dtype', type(grads).__name__)} {tuple(getattr(grads, 'shape', ()))}"
             )
         grads = grads.detach().to(self.device).contiguous()
-        found = torch.empty(keys.numel(), dtype=torch.bool, device=self.device)
+        if found is None:
+            found = torch.empty(keys.numel(), dtype=torch.bool, device=self.device)
+        else:
+            _check_out(found, (keys.numel(),), torch.bool, self.device, "found")
         self._table.apply_optimizer(
             keys.data_ptr(), keys.numel(), grads.data_ptr(), _OPTIMIZERS[kind], lr, eps, beta1, beta2, step,
             found.data_ptr(), *self._stream(),
@@ -442,6 +464,17 @@ def _check_int64(keys: Tensor) -> Tensor:
     if not isinstance(keys, Tensor) or keys.dtype != torch.int64:
         raise TypeError(f"keys must be an int64 torch.Tensor, got {getattr(keys, 'dtype', type(keys).__name__)}")
     return keys
+
+
+def _check_out(t: Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, name: str) -> None:
+    """An output buffer the native table writes through its address: exact shape, dtype, device, contiguous."""
+    if not isinstance(t, Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
+        raise ValueError(
+            f"{name} must be a {dtype} tensor of shape {list(shape)}, got "
+            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+        )
+    if t.device != device or not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous on {device}, got {t.device} (contiguous: {t.is_contiguous()})")
 
 
 def _as_u64_bits(scores: Tensor, device: torch.device) -> Tensor:
