@@ -75,18 +75,30 @@ def test_cpu_inputs_fall_back_with_a_reason(caplog: pytest.LogCaptureFixture) ->
 
 
 def test_backward_without_a_native_kernel_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
-    # Head dim 256 has a native forward only: its backward runs the reference, and the registry's log says so once.
-    q = torch.randn(4, 1, 256, dtype=torch.float64)
-    offsets = torch.tensor([0, 4])
-    params = HSTUParams(4, 0.5, 4)
-    expected = gr_kernels.reference.reference_backward(q, q, q, q, offsets, None, None, params)
-    reason = "no native backward for head dim 256 (native: 64, 128); that backward runs the PyTorch reference"
+    # Delta q at head dim 256 has no native backward in any build (the Hopper backward has no delta q, the SM80 one
+    # no head dim 256): it runs the reference, and the registry's log says so once.
+    k = torch.randn(4, 1, 256, dtype=torch.float64)
+    q = k[2:].clone()
+    offsets, q_offsets = torch.tensor([0, 4]), torch.tensor([0, 2])
+    params = HSTUParams(4, 0.5, 4, max_q_len=2)
+    expected = gr_kernels.reference.reference_backward(q, q, k, k, offsets, None, None, params, q_offsets)
+    reason = (
+        "no native backward for head dim 256 with delta q (native: 64, 128); that backward runs the PyTorch reference"
+    )
     _LOGGED_SKIPS.discard(("cutlass", reason))
     with caplog.at_level(logging.INFO, logger="gr_kernels"):
         for _ in range(2):
-            got = gr_kernels.get_backend("cutlass").backward(q, q, q, q, offsets, None, None, params)
+            got = gr_kernels.get_backend("cutlass").backward(q, q, k, k, offsets, None, None, params, q_offsets)
             assert all(torch.equal(a, b) for a, b in zip(got[:3], expected[:3], strict=True))
     assert [r.getMessage() for r in caplog.records] == [f"hstu_attention: backend 'cutlass' not used: {reason}"]
+
+
+def test_native_backward_head_dims_follow_the_build() -> None:
+    from gr_kernels.cutlass_backend import _C, native_backward_head_dims
+
+    has_sm90 = _C is not None and "90a" in _C.compiled_archs().split(";")
+    assert native_backward_head_dims() == ((64, 128, 256) if has_sm90 else (64, 128))
+    assert native_backward_head_dims(delta_q=True) == (64, 128)
 
 
 def test_forcing_it_on_cpu_is_a_clear_error() -> None:
@@ -254,25 +266,30 @@ def test_forward_hypothesis(data: st.DataObject) -> None:
         _check_forward(lengths, heads, dim, dtype, **kw)
 
 
-def _check_backward(lengths, heads, dim, dtype, *, seed=0, rab_heads=0, num_targets=0, max_seq_len=None, **kw):
-    """dq, dk, dv (and drab) of the kernel vs an fp32 reference: error <= 5x the reference's own error in ``dtype``."""
+def _backward_case(lengths, heads, dim, dtype, *, seed=0, rab_heads=0, num_targets=0, max_seq_len=None, **kw):
+    """``grads(backend, low_precision)``: dq, dk, dv (and drab) of one backward case, plus the fp32 exact ones."""
     (q, k, v), (q32, k32, v32), offsets, n, rab, targets = _inputs(
         lengths, heads, dim, dtype, seed, rab_heads, num_targets, max_seq_len
     )
     alpha = kw.pop("alpha", 1.0 / dim**0.5)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(q.device)
 
-    def grads(backend: str, tensors: list[torch.Tensor], bias: torch.Tensor | None, g: torch.Tensor):
+    def grads(backend: str, low: bool = True) -> list[torch.Tensor]:
+        tensors, bias, g = ([q, k, v], None if rab is None else rab.to(dtype), grad.to(dtype)) if low else (
+            [q32, k32, v32], rab, grad)  # fmt: skip
         leaves = [t.detach().clone().requires_grad_() for t in tensors]
         b = None if bias is None else bias.detach().clone().requires_grad_()
         out = hstu_attention(*leaves, offsets, n, alpha=alpha, num_targets=targets, rab=b, backend=backend, **kw)
         out.backward(g)
         return [t.grad for t in leaves] + ([] if b is None else [b.grad])
 
-    low_rab = None if rab is None else rab.to(dtype)
-    got = grads("cutlass", [q, k, v], low_rab, grad.to(dtype))
-    ref_low = grads("reference", [q, k, v], low_rab, grad.to(dtype))
-    exact = grads("reference", [q32, k32, v32], rab, grad)
+    return grads
+
+
+def _check_backward(lengths, heads, dim, dtype, **kw):
+    """dq, dk, dv (and drab) of the kernel vs an fp32 reference: error <= 5x the reference's own error in ``dtype``."""
+    grads = _backward_case(lengths, heads, dim, dtype, **kw)
+    got, ref_low, exact = grads("cutlass"), grads("reference"), grads("reference", low=False)
     for name, g_, r_, e_ in zip(["dq", "dk", "dv", "drab"], got, ref_low, exact, strict=False):
         assert g_.dtype == r_.dtype and g_.shape == e_.shape, name
         if e_.numel() == 0:
@@ -283,6 +300,21 @@ def _check_backward(lengths, heads, dim, dtype, *, seed=0, rab_heads=0, num_targ
             f"{name}: kernel error {err:.3e} > 5 x reference-{dtype} error {ref_err:.3e} (max |exact| "
             f"{e_.abs().max().item():.3e})"
         )
+
+
+@contextlib.contextmanager
+def _backward_kernel(name: str) -> Iterator[None]:
+    """Route native backwards at head dims 64/128 to the Hopper ("sm90") or SM80-MMA ("sm80") kernel inside the
+    block (head dim 256 has only the Hopper one)."""
+    before = os.environ.get("GR_KERNELS_BWD_KERNEL")
+    os.environ["GR_KERNELS_BWD_KERNEL"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("GR_KERNELS_BWD_KERNEL", None)
+        else:
+            os.environ["GR_KERNELS_BWD_KERNEL"] = before
 
 
 @needs_sm90
@@ -298,8 +330,35 @@ def test_backward_masks_and_rab(mask: str, rab_heads: int) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dim", [64, 128, 256])
 def test_backward_dtypes_and_head_dims(dtype: torch.dtype, dim: int) -> None:
-    # 256 runs the reference backward today (see cutlass_backend); the same bound holds trivially there.
     _check_backward([1, 65, 300, 129], 2, dim, dtype, rab_heads=1, num_targets=4, max_seq_len=333)
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("mask", ["causal", "context_targets_window", "full"])
+@pytest.mark.parametrize("rab_heads", [0, 2])
+def test_backward_long_sequences(dim: int, mask: str, rab_heads: int) -> None:
+    # Many key and query tiles per sequence: the mask-free interior tiles and the pipeline wrap-around.
+    _check_backward([700, 1, 1030, 257], 2, dim, torch.bfloat16, rab_heads=rab_heads, max_seq_len=1031, **MASKS[mask])
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("mask", ["causal", "targets_groups", "window_full", "context_targets_window"])
+def test_backward_kernels_agree(dim: int, mask: str) -> None:
+    # GR_KERNELS_BWD_KERNEL=sm90 and =sm80 give the same gradients within the parity bound.
+    grads = _backward_case([3, 64, 200, 129, 0], 2, dim, torch.bfloat16, rab_heads=1, seed=3, **MASKS[mask])
+    with _backward_kernel("sm90"):
+        hopper = grads("cutlass")
+    with _backward_kernel("sm80"):
+        sm80 = grads("cutlass")
+    ref_low, exact = grads("reference"), grads("reference", low=False)
+    for name, a, b, r_, e_ in zip(["dq", "dk", "dv", "drab"], hopper, sm80, ref_low, exact, strict=True):
+        diff = (a.float() - b.float()).abs().max().item()
+        bound = 5 * (r_.float() - e_).abs().max().item() + rounding_floor(e_, torch.bfloat16)
+        assert diff <= bound, f"{name}: sm90 and sm80 backwards differ by {diff:.3e} > {bound:.3e}"
 
 
 @needs_sm90
@@ -308,7 +367,7 @@ def test_backward_dtypes_and_head_dims(dtype: torch.dtype, dim: int) -> None:
 @given(data=st.data())
 def test_backward_hypothesis(data: st.DataObject) -> None:
     lengths = data.draw(st.lists(st.integers(0, 260), min_size=1, max_size=5))
-    dim = data.draw(st.sampled_from([64, 128]))
+    dim = data.draw(st.sampled_from([64, 128, 256]))
     heads, dtype, kw = _draw_call(data)
     _check_backward(lengths, heads, dim, dtype, **kw)
 

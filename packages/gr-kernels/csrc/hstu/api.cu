@@ -18,6 +18,8 @@ const char* run_hstu_fwd(const HstuFwdParams& p, cudaStream_t stream);
 namespace sm90 {
 template <typename Element, int kHeadDim>
 const char* run_hstu_fwd_sm90(const HstuFwdParams& p, cudaStream_t stream);
+template <typename Element, int kHeadDim>
+const char* run_hstu_bwd_sm90(const HstuBwdParams& p, cudaStream_t stream);
 const char* fwd_self_check();
 }  // namespace sm90
 
@@ -82,12 +84,51 @@ const char* hstu_fwd(const HstuFwdParams& p, void* stream) {
 template <typename Element, int kHeadDim>
 const char* run_hstu_bwd(const HstuBwdParams& p, cudaStream_t stream);
 
+#ifdef GR_KERNELS_SM90
+// Which backward kernel serves sm90 at head dims 64/128: GR_KERNELS_BWD_KERNEL=sm90 (the WGMMA/TMA kernel of
+// hstu/sm90/) or sm80 (the SM80-MMA kernel). Unset: kDefaultSm90Backward. Head dim 256 has only the Hopper
+// backward, so it runs there whatever the switch says. Read per call, like the forward's switch.
+static constexpr bool kDefaultSm90Backward = false;
+
+static bool sm90_backward_selected() {
+  const char* v = std::getenv("GR_KERNELS_BWD_KERNEL");
+  if (v == nullptr || v[0] == '\0') return kDefaultSm90Backward;
+  return std::strcmp(v, "sm90") == 0;
+}
+
+// The Hopper backward can take this call: sm90 device, no delta q, TMA-compatible q, k, v and dout.
+static bool sm90_backward_possible(const HstuBwdParams& p) {
+  return p.q_offsets == nullptr && current_device_is_sm90() && tma_compatible(p.q, p.q_row_stride, p.q_head_stride) &&
+         tma_compatible(p.k, p.k_row_stride, p.k_head_stride) && tma_compatible(p.v, p.v_row_stride, p.v_head_stride) &&
+         tma_compatible(p.dout, p.do_row_stride, p.do_head_stride);
+}
+
+template <typename Element>
+static const char* dispatch_bwd_head_dim_sm90(const HstuBwdParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return sm90::run_hstu_bwd_sm90<Element, 64>(p, stream);
+    case 128: return sm90::run_hstu_bwd_sm90<Element, 128>(p, stream);
+    case 256: return sm90::run_hstu_bwd_sm90<Element, 256>(p, stream);
+    default: return nullptr;  // not built for sm90: the SM80 kernel decides
+  }
+}
+#endif
+
 template <typename Element>
 static const char* dispatch_bwd_head_dim(const HstuBwdParams& p, cudaStream_t stream) {
+#ifdef GR_KERNELS_SM90
+  if ((sm90_backward_selected() || p.head_dim == 256) && sm90_backward_possible(p)) {
+    const char* err = dispatch_bwd_head_dim_sm90<Element>(p, stream);
+    if (err != nullptr) return err;
+  }
+#endif
   switch (p.head_dim) {
     case 64: return run_hstu_bwd<Element, 64>(p, stream);
     case 128: return run_hstu_bwd<Element, 128>(p, stream);
-    default: return "unsupported head dim for the backward (built: 64, 128)";
+    case 256:
+      return "head dim 256 backward needs the Hopper kernel: an sm90a build, an sm90 GPU, 16-byte aligned rows and "
+             "no delta q (q_offsets)";
+    default: return "unsupported head dim for the backward (built: 64, 128; 256 on sm90)";
   }
 }
 

@@ -4,11 +4,11 @@ The extension takes raw device pointers, strides and the current CUDA stream, so
 version and never synchronises with the host; outputs are allocated through torch's caching allocator, which keeps
 it usable under CUDA graph capture.
 
-Status: forward native for head dims 64/128/256 (the SM80-MMA kernel by default; the Hopper WGMMA/TMA kernel with
-``GR_KERNELS_FWD_KERNEL=sm90`` until it has passed the GPU parity suite, see the package README); backward native
-for 64/128 (dq and drab accumulate in fp32 buffers, cast once at the end); a head-dim-256 backward still runs the
-PyTorch reference (``reference_backward``): its dK + dV accumulators do not fit one warp's registers in this kernel
-generation.
+Status: forward native for head dims 64/128/256 (the Hopper WGMMA/TMA kernel on sm90, ``GR_KERNELS_FWD_KERNEL=sm80``
+selects the SM80-MMA kernel); backward native for 64/128 (the SM80-MMA kernel, or the Hopper kernel with
+``GR_KERNELS_BWD_KERNEL=sm90``) and, in builds with sm90a code, for 256 (only the Hopper backward exists there). dq and
+drab accumulate in fp32 buffers, cast once at the end. A head-dim-256 backward without the sm90a build, or with delta
+q, runs the PyTorch reference (``reference_backward``).
 
 Delta q (``q_offsets``: queries are the last tokens of each sequence) is in all three native kernels (SM80-MMA
 forward and backward, Hopper forward) and passed the GPU parity suite on an H200 (tests/gr_kernels/test_delta_q.py's
@@ -37,7 +37,8 @@ else:
     _IMPORT_ERROR = ""
 
 HEAD_DIMS = (64, 128, 256)
-BWD_HEAD_DIMS = (64, 128)
+BWD_HEAD_DIMS = (64, 128)  # the SM80-MMA backward (every build)
+SM90_BWD_HEAD_DIMS = (64, 128, 256)  # the Hopper backward (builds with sm90a code; no delta q)
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 NATIVE_DELTA_Q_ENV = "GR_KERNELS_NATIVE_DELTA_Q"
 
@@ -45,6 +46,13 @@ NATIVE_DELTA_Q_ENV = "GR_KERNELS_NATIVE_DELTA_Q"
 def native_delta_q_enabled() -> bool:
     """Whether delta-q calls may use the native kernels: yes unless ``GR_KERNELS_NATIVE_DELTA_Q=0`` (read per call)."""
     return os.environ.get(NATIVE_DELTA_Q_ENV, "") != "0"
+
+
+def native_backward_head_dims(delta_q: bool = False) -> tuple[int, ...]:
+    """Head dims whose backward runs natively in this build (the callers of ``backward`` are on an sm90 GPU)."""
+    if _C is not None and not delta_q and "90a" in _C.compiled_archs().split(";"):
+        return SM90_BWD_HEAD_DIMS
+    return BWD_HEAD_DIMS
 
 
 def native_available() -> bool:
@@ -112,12 +120,13 @@ class CutlassBackend:
         params: HSTUParams,
         q_offsets: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        if q.shape[-1] not in BWD_HEAD_DIMS:
+        native_dims = native_backward_head_dims(q_offsets is not None)
+        if q.shape[-1] not in native_dims:
             # The forward ran natively; say once (the registry's skip log) that this backward does not.
             _log_skip_once(
                 "cutlass",
-                f"no native backward for head dim {q.shape[-1]} (native: {', '.join(map(str, BWD_HEAD_DIMS))}); "
-                "that backward runs the PyTorch reference",
+                f"no native backward for head dim {q.shape[-1]}{' with delta q' if q_offsets is not None else ''} "
+                f"(native: {', '.join(map(str, native_dims))}); that backward runs the PyTorch reference",
             )
             return reference_backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
         q, k, v, grad_out = (_aligned(t) for t in (q, k, v, grad_out))

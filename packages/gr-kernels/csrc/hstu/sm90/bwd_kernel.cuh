@@ -1,0 +1,137 @@
+// Hopper (sm90a) HSTU attention backward. With x = Q K^T + rab, z = alpha x, P = SiLU(z) * mask / N, O = P V:
+//   dV = P^T dO,  dP = dO V^T,  dX = dP * mask / N * SiLU'(z) * alpha,  dQ = dX K,  dK = dX^T Q,  drab = dX.
+// Same semantics and parameters (HstuBwdParams) as the SM80-MMA kernel of hstu/bwd_kernel.cuh; no delta q (the
+// dispatch sends q_offsets calls to the SM80 kernel).
+//
+// Warp-specialised: warpgroup 0 loads (TMA: K, V once, Q and dO tiles through mbarrier pipelines), warpgroups 1-2
+// compute (WGMMA) and write. Pieces: kernel_traits_bwd.h (tiles, layouts, types), mainloop_bwd.cuh (loads, GEMMs,
+// SiLU and its derivative, masks, rab/drab, dQ accumulation), epilogue_bwd.cuh (dK, dV rows). dq_accum and
+// drab_accum are fp32 buffers the caller zeroed: several CTAs (key tiles; heads for a shared bias) add into them.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "hstu/mask.h"
+#include "hstu/params.h"
+#include "hstu/sm90/epilogue_bwd.cuh"
+#include "hstu/sm90/kernel_traits_bwd.h"
+#include "hstu/sm90/mainloop_bwd.cuh"
+#include "hstu/utils.cuh"
+
+namespace gr_kernels {
+namespace sm90 {
+
+template <typename Element_, typename Traits, bool kHasRab>
+__global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(const __grid_constant__ BwdArgs<Traits> args) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Mainloop = BwdMainloop<Element_, Traits>;
+  using Epilogue = BwdEpilogue<Element_, Traits>;
+  using Pipeline = typename Traits::Pipeline;
+  const HstuBwdParams& p = args.p;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  auto& ss = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
+
+  // Lowest key tiles first: under a causal mask they see the most query tiles, so they should not be the tail.
+  const int n_block = blockIdx.x;
+  const int head = blockIdx.y;
+  const int b = blockIdx.z;
+  const int seq_start = p.seq_offsets[b];
+  const int length = p.seq_offsets[b + 1] - seq_start;
+  const int n0 = n_block * Traits::kBlockN;
+  if (n0 >= length) return;  // the whole CTA leaves before any barrier exists
+
+  const SequenceMask mask = SequenceMask::of_sequence(p, b, length);
+  int m_begin, m_end;
+  Mainloop::query_rows(p, mask, n0, m_begin, m_end);
+  const bool any_tile = m_begin < m_end;
+
+  const int warp_group = __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
+  if (threadIdx.x == 0) {
+    ss.barrier_kv.init(1);
+  }
+  typename Pipeline::Params pipe_params;
+  pipe_params.transaction_bytes = Traits::kTmaBytesQ;
+  pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pipe_params.is_leader = threadIdx.x == 0;
+  pipe_params.num_consumers = Traits::kConsumerThreads;
+  Pipeline pipeline_q(ss.pipeline_q, pipe_params, cute::Shape<cute::_1, cute::_1, cute::_1>{});
+  Pipeline pipeline_do(ss.pipeline_do, pipe_params, cute::Shape<cute::_1, cute::_1, cute::_1>{});
+  __syncthreads();  // barriers initialised and visible to every warpgroup
+
+  if (warp_group == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
+    if (threadIdx.x == 0 && any_tile) {  // no query tile: nothing is loaded, so no copy outlives the CTA
+      cute::prefetch_tma_descriptor(args.tma_q.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(args.tma_do.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(args.tma_k.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(args.tma_v.get_tma_descriptor());
+      Mainloop::load(args, ss, pipeline_q, pipeline_do, seq_start, head, n_block, m_begin, m_end);
+    }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
+    const int tidx = int(threadIdx.x) - 128;
+    typename Traits::MmaDkv mma_dkv;
+    auto tdVrdV = cute::partition_fragment_C(mma_dkv, cute::Shape<cute::Int<Traits::kBlockN>, cute::Int<Traits::kHeadDim>>{});
+    auto tdKrdK = cute::partition_fragment_C(mma_dkv, cute::Shape<cute::Int<Traits::kBlockN>, cute::Int<Traits::kHeadDim>>{});
+    cute::clear(tdVrdV);
+    cute::clear(tdKrdK);
+    if (any_tile) {
+      const Element_* rab = nullptr;
+      float* drab = nullptr;
+      if constexpr (kHasRab) {
+        const int64_t plane = detail::rab_plane_offset(p, b, head);
+        rab = static_cast<const Element_*>(p.rab) + plane;
+        if (p.drab_accum != nullptr) drab = p.drab_accum + plane;
+      }
+      ss.barrier_kv.wait(0);
+      Mainloop::template mma<kHasRab>(p, ss, pipeline_q, pipeline_do, tdVrdV, tdKrdK, tidx, mask, seq_start, head, n0,
+                                       m_begin, m_end, rab, drab);
+    }
+    Epilogue::store(p, tdKrdK, tdVrdV, tidx, seq_start, head, n0, length);
+  }
+#else
+  __trap();  // built without sm90a device code: the host dispatch never launches this
+#endif
+}
+
+// Host side: builds the TMA descriptors and launches one (dtype, head dim) instantiation. Delta q is not supported
+// here (the caller routes it to the SM80 kernel).
+template <typename Element_, int kHeadDim>
+const char* run_hstu_bwd_sm90(const HstuBwdParams& p, cudaStream_t stream) {
+  using namespace cute;
+  using Traits = BwdTraits<Element_, kHeadDim>;
+  using Element = typename Traits::Element;
+  if (p.q_offsets != nullptr) return "the Hopper backward has no delta q (q_offsets)";
+  if (p.batch == 0 || p.total_rows == 0) return "";
+  auto gmem = [&](const void* ptr, int64_t row_stride, int64_t head_stride) {
+    return make_tensor(make_gmem_ptr(static_cast<const Element*>(ptr)),
+                       make_layout(make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads)),
+                                   make_stride(row_stride, _1{}, head_stride)));
+  };
+  const auto tile_q = Shape<Int<Traits::kBlockM>, Int<kHeadDim>>{};
+  const auto tile_kv = Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{};
+  const auto smem_q = take<0, 2>(typename Traits::SmemLayoutQ{});
+  BwdArgs<Traits> args{
+      p,
+      make_tma_copy(SM90_TMA_LOAD{}, gmem(p.q, p.q_row_stride, p.q_head_stride), smem_q, tile_q, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem(p.dout, p.do_row_stride, p.do_head_stride), smem_q, tile_q, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem(p.k, p.k_row_stride, p.k_head_stride), typename Traits::SmemLayoutK{},
+                    tile_kv, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem(p.v, p.v_row_stride, p.v_head_stride), typename Traits::SmemLayoutV{},
+                    tile_kv, _1{}),
+  };
+  const dim3 grid((p.max_seq_len + Traits::kBlockN - 1) / Traits::kBlockN, p.heads, p.batch);
+  auto kernel = p.rab != nullptr ? hstu_bwd_sm90_kernel<Element_, Traits, true>
+                                 : hstu_bwd_sm90_kernel<Element_, Traits, false>;
+  return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemBytes, args, stream);
+}
+
+}  // namespace sm90
+}  // namespace gr_kernels

@@ -1,0 +1,146 @@
+// Tile shapes, shared-memory layouts, MMA and TMA types of the Hopper (sm90a) HSTU backward kernel.
+//
+// A CTA owns kBlockN keys of one (sequence, head) and walks the kBlockM-row query tiles that can see them. Three
+// warpgroups: warpgroup 0 is the TMA producer (K and V once, then Q and dO tiles through two kStages-deep mbarrier
+// pipelines); warpgroups 1 and 2 issue the five GEMMs of a query tile as warpgroup MMAs (all SS: both operands in
+// shared memory):
+//   S  = Q K^T   and  dP = dO V^T     (M = queries, N = keys, K = head dim; the warpgroups split the keys)
+//   dV += P^T dO and  dK += dX^T Q    (M = keys, N = head dim, K = queries; P and dX read transposed from smem)
+//   dQ  = dX K                        (M = queries, N = head dim, K = keys; the warpgroups split the head dim)
+// P and dX (16-bit) go through double-buffered shared memory because the key-major GEMMs need them transposed and
+// dQ needs every key of the tile, which spans both warpgroups.
+//
+// Tiles per head dim: the dK + dV accumulators (fp32, kBlockN x kHeadDim each) must fit the consumer registers next
+// to S and dP: 128 keys at head dims 64/128 (each warpgroup owns 64 keys of dK/dV), 64 keys at 256 (each warpgroup
+// owns half of the head dim of all 64 keys).
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "hstu/params.h"
+#include "hstu/sm90/kernel_traits.h"
+
+namespace gr_kernels {
+namespace sm90 {
+
+template <int kHeadDim>
+struct BwdTile;
+template <>
+struct BwdTile<64> {
+  static constexpr int kBlockN = 128;
+  static constexpr int kDkvAtomM = 2;  // dK/dV: warpgroups split the keys
+};
+template <>
+struct BwdTile<128> {
+  static constexpr int kBlockN = 128;
+  static constexpr int kDkvAtomM = 2;
+};
+template <>
+struct BwdTile<256> {
+  static constexpr int kBlockN = 64;
+  static constexpr int kDkvAtomM = 1;  // dK/dV: warpgroups split the head dim
+};
+
+template <typename Element_, int kHeadDim_>
+struct BwdTraits {
+  using Element = typename CuteType<Element_>::type;
+  using ElementAccum = float;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 64;
+  static constexpr int kBlockN = BwdTile<kHeadDim>::kBlockN;
+  static constexpr int kStages = 2;
+  static constexpr int kConsumerWarpGroups = 2;
+  static constexpr int kThreads = (kConsumerWarpGroups + 1) * 128;
+  static constexpr int kConsumerThreads = kConsumerWarpGroups * 128;
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+  static constexpr int kDkvAtomM = BwdTile<kHeadDim>::kDkvAtomM;
+  static constexpr int kDkvAtomN = kConsumerWarpGroups / kDkvAtomM;
+  static_assert(kHeadDim % 64 == 0 && kBlockN % 64 == 0, "tiles must be whole 128-byte swizzle rows");
+
+  using _M = cute::Int<kBlockM>;
+  using _N = cute::Int<kBlockN>;
+  using _D = cute::Int<kHeadDim>;
+  using _S = cute::Int<kStages>;
+
+  // S / dP: each warpgroup takes kBlockN / 2 keys of all kBlockM queries.
+  using MmaSdP = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, ElementAccum,
+                                 cute::Shape<_M, cute::Int<kBlockN / kConsumerWarpGroups>, _D>>(),
+      cute::Layout<cute::Shape<cute::_1, cute::Int<kConsumerWarpGroups>, cute::_1>>{}));
+  // dK / dV: A = P^T or dX^T (keys x queries, key-contiguous = MN-major), B = dO^T or Q^T (dim x queries, MN-major).
+  using MmaDkv = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, ElementAccum,
+                                 cute::Shape<cute::Int<kBlockN / kDkvAtomM>, cute::Int<kHeadDim / kDkvAtomN>, _M>,
+                                 cute::GMMA::Major::MN, cute::GMMA::Major::MN>(),
+      cute::Layout<cute::Shape<cute::Int<kDkvAtomM>, cute::Int<kDkvAtomN>, cute::_1>>{}));
+  // dQ: A = dX (queries x keys, K-major), B = K^T (dim x keys, MN-major); warpgroups split the head dim.
+  using MmaDq = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, ElementAccum,
+                                 cute::Shape<_M, cute::Int<kHeadDim / kConsumerWarpGroups>, _N>, cute::GMMA::Major::K,
+                                 cute::GMMA::Major::MN>(),
+      cute::Layout<cute::Shape<cute::_1, cute::Int<kConsumerWarpGroups>, cute::_1>>{}));
+
+  using SmemAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
+  using SmemLayoutQ = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<_M, _D, _S>{}));
+  using SmemLayoutDo = SmemLayoutQ;
+  using SmemLayoutK = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<_N, _D>{}));
+  using SmemLayoutV = SmemLayoutK;
+  // Transposed views (same bytes, modes swapped): Q^T, dO^T as (dim, queries, stage); K^T as (dim, keys).
+  using SmemLayoutQt = decltype(cute::composition(
+      SmemLayoutQ{}, cute::make_ordered_layout(cute::Shape<_D, _M, _S>{}, cute::Step<cute::_2, cute::_1, cute::_3>{})));
+  using SmemLayoutDot = SmemLayoutQt;
+  using SmemLayoutKt = decltype(cute::composition(
+      SmemLayoutK{}, cute::make_ordered_layout(cute::Shape<_D, _N>{}, cute::Step<cute::_2, cute::_1>{})));
+  // P and dX: (queries, keys, buffer), key-contiguous; transposed views (keys, queries, buffer) for dV / dK.
+  using SmemLayoutP = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<_M, _N, cute::_2>{}));
+  using SmemLayoutPt = decltype(cute::composition(
+      SmemLayoutP{}, cute::make_ordered_layout(cute::Shape<_N, _M, cute::_2>{}, cute::Step<cute::_2, cute::_1, cute::_3>{})));
+
+  using GmemLayout = typename FwdTraits<Element_, kHeadDim>::GmemLayout;
+  using TmaQ = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_LOAD{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemLayout{}),
+      cute::take<0, 2>(SmemLayoutQ{}), cute::Shape<_M, _D>{}, cute::_1{}));
+  using TmaKV = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_LOAD{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemLayout{}),
+      SmemLayoutK{}, cute::Shape<_N, _D>{}, cute::_1{}));
+
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  using PipelineState = typename Pipeline::PipelineState;
+  static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kTmaBytesKV = kBlockN * kHeadDim * sizeof(Element);
+
+  struct SharedStorage {
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutDo>, 1024> dout;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutV>, 1024> v;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutP>, 1024> p;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutP>, 1024> dx;
+    alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_kv;
+    typename Pipeline::SharedStorage pipeline_q;
+    typename Pipeline::SharedStorage pipeline_do;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory budget of one sm90 CTA exceeded");
+};
+
+// Kernel arguments: the launch's plain parameters plus the TMA descriptors (passed as __grid_constant__).
+template <typename Traits>
+struct BwdArgs {
+  HstuBwdParams p;
+  typename Traits::TmaQ tma_q;
+  typename Traits::TmaQ tma_do;
+  typename Traits::TmaKV tma_k;
+  typename Traits::TmaKV tma_v;
+};
+
+}  // namespace sm90
+}  // namespace gr_kernels

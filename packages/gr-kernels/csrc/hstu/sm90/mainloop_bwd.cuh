@@ -1,0 +1,300 @@
+// Mainloop of the Hopper HSTU backward kernel: the producer's TMA loads and the consumers' GMMA + pointwise work.
+//
+// Per query tile (walked upwards from the first one that can see the CTA's keys):
+//   producer : Q tile -> stage (pipeline_q), dO tile -> stage (pipeline_do)
+//   consumer : S = Q K^T, dP = dO V^T (issued back to back); while dP runs, P = SiLU(alpha (S + rab)) * mask / N
+//              goes to shared memory and S is overwritten with mask * SiLU'(z) * alpha / N; then
+//              dX = dP * that -> shared memory (and into drab); both warpgroups sync; dQ = dX K,
+//              dV += P^T dO, dK += dX^T Q are issued together; dQ is added into the fp32 dq buffer while dV and dK
+//              still run.
+// P / dX use two shared-memory buffers (alternating per tile): a warpgroup writing tile t + 1's buffer has passed
+// the barrier of tile t, which the other warpgroup reached only after its GEMMs of tile t - 1 (same buffer) retired.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "hstu/mask.h"
+#include "hstu/params.h"
+#include "hstu/sm90/kernel_traits_bwd.h"
+#include "hstu/sm90/mainloop_fwd.cuh"  // unpack2
+#include "hstu/utils.cuh"
+
+namespace gr_kernels {
+namespace sm90 {
+
+// One warpgroup-wide SS GEMM (both operands shared-memory descriptors): C (+)= A B over all K steps, issued
+// asynchronously as one commit group; the caller waits (warpgroup_wait<N>) and fences C before reading it.
+template <bool kZeroInit, typename TiledMma, typename TensorA, typename TensorB, typename TensorC>
+__device__ __forceinline__ void warpgroup_gemm_ss(TiledMma& mma, TensorA const& tA, TensorB const& tB, TensorC& tC) {
+  using namespace cute;
+  warpgroup_fence_operand(tC);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(tA); ++k) {
+    gemm(mma, tA(_, _, k), tB(_, _, k), tC);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+}
+
+template <typename Element_, typename Traits>
+struct BwdMainloop {
+  using Element = typename Traits::Element;
+  static constexpr int kBlockM = Traits::kBlockM;
+  static constexpr int kBlockN = Traits::kBlockN;
+  static constexpr int kHeadDim = Traits::kHeadDim;
+  using SharedStorage = typename Traits::SharedStorage;
+  using Pipeline = typename Traits::Pipeline;
+  using PipelineState = typename Traits::PipelineState;
+  // User barrier id 0 (hardware barrier 8: CUTLASS reserves 0..7): both consumer warpgroups, once per tile.
+  static constexpr int kPdxBarrier = 0;
+
+  // Query rows [m_begin, m_end) whose tiles can see keys [n0, n0 + kBlockN): causal rows look back only, except
+  // context rows (which come first); a window without context or targets bounds both ends. m_begin is a multiple
+  // of kBlockM. The SM80 kernel's rule (hstu/bwd_kernel.cuh). Host-callable for the self-check.
+  __host__ __device__ __forceinline__ static void query_rows(const HstuFwdParams& p, const SequenceMask& mask, int n0,
+                                                             int& m_begin, int& m_end) {
+    m_begin = 0;
+    m_end = mask.length;
+    if (p.causal && mask.context == 0) m_begin = n0 / kBlockM * kBlockM;
+    if (p.max_attn_len > 0 && mask.context == 0 && !mask.has_targets()) {
+      const int reach = n0 + kBlockN + p.max_attn_len;
+      m_end = reach < mask.length ? reach : mask.length;
+      if (!p.causal) m_begin = (n0 - p.max_attn_len > 0 ? n0 - p.max_attn_len : 0) / kBlockM * kBlockM;
+    }
+  }
+
+  // Every (i, j) of the tile is visible: rows and keys in the history, no window, (causal) every key at or before
+  // every query. Such tiles skip the per-element mask.
+  __host__ __device__ __forceinline__ static bool mask_free_tile(const HstuFwdParams& p, const SequenceMask& mask,
+                                                                 int m0, int n0) {
+    return m0 + kBlockM <= mask.history && p.max_attn_len == 0 && n0 + kBlockN <= mask.history &&
+           (!p.causal || n0 + kBlockN - 1 <= m0);
+  }
+
+  // Producer (one thread): K and V of the CTA's key tile once, then Q and dO of every query tile. Rows past the
+  // sequence end are the next sequence's (masked by the consumers) or past the tensor end (zero-filled by TMA).
+  __device__ static void load(const BwdArgs<Traits>& args, SharedStorage& ss, Pipeline& pipeline_q,
+                              Pipeline& pipeline_do, int seq_start, int head, int n_block, int m_begin, int m_end) {
+    using namespace cute;
+    const HstuBwdParams& p = args.p;
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
+    Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Traits::SmemLayoutDo{});
+    Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutV{});
+    const auto shape = make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads));
+    const auto origin = make_coord(seq_start, _0{});
+    Tensor gQ = local_tile(domain_offset(origin, args.tma_q.get_tma_tensor(shape)(_, _, head)),
+                           Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, _0{}));
+    Tensor gdO = local_tile(domain_offset(origin, args.tma_do.get_tma_tensor(shape)(_, _, head)),
+                            Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, _0{}));
+    Tensor gK = local_tile(domain_offset(origin, args.tma_k.get_tma_tensor(shape)(_, _, head)),
+                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));
+    Tensor gV = local_tile(domain_offset(origin, args.tma_v.get_tma_tensor(shape)(_, _, head)),
+                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));
+    auto [tQgQ, tQsQ] = tma_partition(args.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+    auto [tOgO, tOsO] =
+        tma_partition(args.tma_do, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+    auto [tKgK, tKsK] = tma_partition(args.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+    auto [tVgV, tVsV] = tma_partition(args.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+
+    using BarrierType = cutlass::arch::ClusterTransactionBarrier::ValueType;
+    ss.barrier_kv.arrive_and_expect_tx(2 * Traits::kTmaBytesKV);
+    copy(args.tma_k.with(reinterpret_cast<BarrierType&>(ss.barrier_kv), 0), tKgK, tKsK);
+    copy(args.tma_v.with(reinterpret_cast<BarrierType&>(ss.barrier_kv), 0), tVgV, tVsV);
+    PipelineState state = cutlass::make_producer_start_state<Pipeline>();
+    for (int m_block = m_begin / kBlockM; m_block * kBlockM < m_end; ++m_block) {
+      pipeline_q.producer_acquire(state);
+      copy(args.tma_q.with(*pipeline_q.producer_get_barrier(state), 0), tQgQ(_, m_block), tQsQ(_, state.index()));
+      pipeline_do.producer_acquire(state);
+      copy(args.tma_do.with(*pipeline_do.producer_get_barrier(state), 0), tOgO(_, m_block), tOsO(_, state.index()));
+      ++state;
+    }
+  }
+
+  // Consumers (both warpgroups, tidx in [0, 256)): accumulate dV and dK of the CTA's keys over the query tiles of
+  // [m_begin, m_end), and add each tile's dQ into p.dq_accum (rows from seq_start). K and V are in shared memory.
+  template <bool kHasRab, typename FragDkv>
+  __device__ static void mma(const HstuBwdParams& p, SharedStorage& ss, Pipeline& pipeline_q, Pipeline& pipeline_do,
+                             FragDkv& tdVrdV, FragDkv& tdKrdK, int tidx, const SequenceMask& mask, int seq_start,
+                             int head, int n0, int m_begin, int m_end, const Element_* rab, float* drab) {
+    using namespace cute;
+    using M = Int<kBlockM>;
+    using N = Int<kBlockN>;
+    using D = Int<kHeadDim>;
+    typename Traits::MmaSdP mma_sdp;
+    typename Traits::MmaDkv mma_dkv;
+    typename Traits::MmaDq mma_dq;
+    auto thr_sdp = mma_sdp.get_thread_slice(tidx);
+    auto thr_dkv = mma_dkv.get_thread_slice(tidx);
+    auto thr_dq = mma_dq.get_thread_slice(tidx);
+
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
+    Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQt{});
+    Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Traits::SmemLayoutDo{});
+    Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Traits::SmemLayoutDot{});
+    Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});
+    Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutKt{});
+    Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutV{});
+    Tensor sP = make_tensor(make_smem_ptr(ss.p.data()), typename Traits::SmemLayoutP{});
+    Tensor sPt = make_tensor(make_smem_ptr(ss.p.data()), typename Traits::SmemLayoutPt{});
+    Tensor sdX = make_tensor(make_smem_ptr(ss.dx.data()), typename Traits::SmemLayoutP{});
+    Tensor sdXt = make_tensor(make_smem_ptr(ss.dx.data()), typename Traits::SmemLayoutPt{});
+
+    // GMMA descriptors.
+    Tensor tSrQ = thr_sdp.partition_fragment_A(sQ);      // (MMA, M, K, stage)
+    Tensor tSrK = thr_sdp.partition_fragment_B(sK);      // (MMA, N, K)
+    Tensor tdPrdO = thr_sdp.partition_fragment_A(sdO);   // (MMA, M, K, stage)
+    Tensor tdPrV = thr_sdp.partition_fragment_B(sV);     // (MMA, N, K)
+    Tensor tdVrPt = thr_dkv.partition_fragment_A(sPt);   // (MMA, keys, queries, buffer)
+    Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt); // (MMA, dim, queries, stage)
+    Tensor tdKrdXt = thr_dkv.partition_fragment_A(sdXt);
+    Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
+    Tensor tdQrdX = thr_dq.partition_fragment_A(sdX);    // (MMA, queries, keys, buffer)
+    Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);    // (MMA, dim, keys)
+
+    // S / dP accumulators, their (query, key) coordinates and their places in the P / dX buffers.
+    Tensor tSrS = partition_fragment_C(mma_sdp, Shape<M, N>{});
+    Tensor tSrdP = partition_fragment_C(mma_sdp, Shape<M, N>{});
+    Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<M, N>{}));
+    // P and dX leave through stmatrix (four 8x8 16-bit tiles per instruction, one address per thread each): far
+    // fewer shared-memory addresses to keep than per-pair stores, which pushed ptxas into spills.
+    auto smem_tiled_copy_p = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_sdp);
+    auto smem_copy_p = smem_tiled_copy_p.get_thread_slice(tidx);
+    Tensor tPsP = smem_copy_p.partition_D(sP);  // (CPY, CPY_M, CPY_N, buffer)
+    Tensor tPsdX = smem_copy_p.partition_D(sdX);
+    Tensor tSrP = make_fragment_like<Element>(tSrS);  // 16-bit staging of P and dX
+    Tensor tSrdX = make_fragment_like<Element>(tSrS);
+    Tensor tPrP = smem_copy_p.retile_S(tSrP);
+    Tensor tPrdX = smem_copy_p.retile_S(tSrdX);
+    uint32_t* p_words = reinterpret_cast<uint32_t*>(raw_pointer_cast(tSrP.data()));
+    uint32_t* dx_words = reinterpret_cast<uint32_t*>(raw_pointer_cast(tSrdX.data()));
+    Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<M, D>{});
+    Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(Shape<M, D>{}));
+    constexpr int kFrag = decltype(size(tSrS))::value;
+    static_assert(kFrag % 2 == 0, "accumulator elements come in column pairs");
+
+    const float alpha = p.alpha;
+    const float inv_n = p.inv_scaling_seqlen;
+    const float dx_scale = alpha * inv_n;
+    const bool rab_pairs = (p.max_seq_len % 2) == 0;  // 32-bit bias loads / 64-bit drab adds need even rows
+    float* dq_base = p.dq_accum + (int64_t(seq_start) * p.heads + head) * kHeadDim;
+    const int64_t dq_row = int64_t(p.heads) * kHeadDim;
+
+    // Bias of one tile into registers, issued before the tile's GEMMs so the loads fly meanwhile.
+    uint32_t rab_bits[kHasRab ? kFrag / 2 : 1];
+    auto load_rab = [&](int m0, bool full_tile) __attribute__((always_inline)) {
+      CUTE_UNROLL
+      for (int t = 0; t < kFrag / 2; ++t) {
+        const int i = m0 + get<0>(tScS(2 * t));
+        const int j = n0 + get<1>(tScS(2 * t));
+        const Element_* src = rab + int64_t(i) * p.max_seq_len + j;
+        const bool in = full_tile || (i < mask.length && j < mask.length);
+        if (rab_pairs) {
+          rab_bits[t] = in ? __ldg(reinterpret_cast<const unsigned int*>(src)) : 0u;
+        } else {
+          const unsigned short* s16 = reinterpret_cast<const unsigned short*>(src);
+          const uint32_t lo16 = in ? __ldg(s16) : 0u;
+          const uint32_t hi16 = in && j + 1 < mask.length ? __ldg(s16 + 1) : 0u;
+          rab_bits[t] = lo16 | (hi16 << 16);
+        }
+      }
+    };
+
+    PipelineState state;  // consumers start at stage 0, phase 0
+    int buf = 0;
+    auto tile = [&](int m0, auto full_tile) __attribute__((always_inline)) {
+      if constexpr (kHasRab) load_rab(m0, bool(full_tile));
+      // Fresh accumulators: cleared registers end the previous tile's live ranges (the GMMA asm reads its C
+      // operand even when told to overwrite it, which would keep S, dP and dQ alive across the loop).
+      clear(tSrS);
+      clear(tSrdP);
+      pipeline_q.consumer_wait(state);
+      warpgroup_gemm_ss<false>(mma_sdp, tSrQ(_, _, _, state.index()), tSrK, tSrS);
+      pipeline_do.consumer_wait(state);
+      warpgroup_gemm_ss<false>(mma_sdp, tdPrdO(_, _, _, state.index()), tdPrV, tSrdP);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrS);
+      warpgroup_fence_operand(tSrdP);
+      // P = SiLU(z) * mask / N and dX = dP * SiLU'(z) * mask * alpha / N, element by element (S and dP die as P and
+      // dX are produced, which keeps the peak register use low next to the dK / dV accumulators).
+      CUTE_UNROLL
+      for (int t = 0; t < kFrag / 2; ++t) {
+        float b0 = 0.f, b1 = 0.f;
+        if constexpr (kHasRab) unpack2<Element_>(rab_bits[t], b0, b1);
+        float f0, f1, d0, d1;
+        detail::silu_and_grad(alpha * (tSrS(2 * t) + b0), f0, d0);
+        detail::silu_and_grad(alpha * (tSrS(2 * t + 1) + b1), f1, d1);
+        f0 *= inv_n;
+        f1 *= inv_n;
+        float x0 = tSrdP(2 * t) * d0 * dx_scale;
+        float x1 = tSrdP(2 * t + 1) * d1 * dx_scale;
+        const int i = m0 + get<0>(tScS(2 * t));
+        const int j = n0 + get<1>(tScS(2 * t));
+        bool v0 = true, v1 = true;
+        if (!bool(full_tile)) {  // compile-time flag: mask-free tiles carry no mask code
+          v0 = mask(i, j);
+          v1 = mask(i, j + 1);
+          if (!v0) f0 = x0 = 0.f;
+          if (!v1) f1 = x1 = 0.f;
+        }
+        p_words[t] = detail::pack2<Element_>(f0, f1);
+        dx_words[t] = detail::pack2<Element_>(x0, x1);
+        if constexpr (kHasRab) {
+          if (drab != nullptr) {
+            float* dst = drab + int64_t(i) * p.max_seq_len + j;
+            if (bool(full_tile) && rab_pairs) {
+              atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x0, x1));
+            } else {
+              if (v0) atomicAdd(dst, x0);
+              if (v1) atomicAdd(dst + 1, x1);
+            }
+          }
+        }
+      }
+      copy(smem_tiled_copy_p, tPrP, tPsP(_, _, _, buf));
+      copy(smem_tiled_copy_p, tPrdX, tPsdX(_, _, _, buf));
+      // Generic-proxy stores -> visible to the GMMA (async proxy); then every key of P / dX is in place.
+      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, kPdxBarrier);
+
+      clear(tdQrdQ);
+      warpgroup_gemm_ss<false>(mma_dq, tdQrdX(_, _, _, buf), tdQrKt, tdQrdQ);
+      warpgroup_gemm_ss<false>(mma_dkv, tdVrPt(_, _, _, buf), tdVrdOt(_, _, _, state.index()), tdVrdV);
+      warpgroup_gemm_ss<false>(mma_dkv, tdKrdXt(_, _, _, buf), tdKrQt(_, _, _, state.index()), tdKrdK);
+      warpgroup_wait<2>();  // dQ has landed; dV and dK may still run
+      warpgroup_fence_operand(tdQrdQ);
+      // Rows past the sequence end hold zeros (their dX is masked) and belong to the next sequence: skipped.
+      Tensor gdQ = make_tensor(make_gmem_ptr(dq_base + m0 * dq_row), make_layout(Shape<M, D>{}, make_stride(dq_row, _1{})));
+      Tensor tdQgdQ = thr_dq.partition_C(gdQ);
+      CUTE_UNROLL
+      for (int t = 0; t < decltype(size(tdQrdQ))::value / 2; ++t) {
+        if (m0 + get<0>(tdQcdQ(2 * t)) < mask.length) {
+          atomicAdd(reinterpret_cast<float2*>(&tdQgdQ(2 * t)), make_float2(tdQrdQ(2 * t), tdQrdQ(2 * t + 1)));
+        }
+      }
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tdVrdV);
+      warpgroup_fence_operand(tdKrdK);
+      pipeline_q.consumer_release(state);
+      pipeline_do.consumer_release(state);
+      ++state;
+      buf ^= 1;
+    };
+
+    using True = cute::true_type;
+    using False = cute::false_type;
+    for (int m0 = m_begin; m0 < m_end; m0 += kBlockM) {
+      if (mask_free_tile(p, mask, m0, n0)) {
+        tile(m0, True{});
+      } else {
+        tile(m0, False{});
+      }
+    }
+  }
+};
+
+}  // namespace sm90
+}  // namespace gr_kernels
