@@ -81,11 +81,12 @@ void register_cuda_table(py::module_& m) {
            })
       .def("apply_optimizer",
            [](CudaTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t grads, int kind, double lr, double eps,
-              double beta1, double beta2, int64_t step, std::uintptr_t found,
+              double beta1, double beta2, int64_t step, std::uintptr_t found, bool distinct,
               std::uintptr_t stream) {
              const OptimizerStep o = OptimizerStep::make(kind, lr, eps, beta1, beta2, step);
              py::gil_scoped_release nogil;
-             t.apply_optimizer(ptr<const int64_t>(keys), n, ptr<const float>(grads), o, ptr<bool>(found), stream);
+             t.apply_optimizer(ptr<const int64_t>(keys), n, ptr<const float>(grads), o, ptr<bool>(found), distinct,
+                               stream);
            })
       .def("accumulate",
            [](CudaTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t delta, std::uintptr_t found,

@@ -162,27 +162,33 @@ void inits() {
   }
 }
 
-// Fused optimizer steps: distinct present keys, absent keys and a reserved key; rows and states equal exactly.
+// Fused optimizer steps: distinct present keys, absent keys and a reserved key; rows and states equal exactly, with
+// and without bucket locks (distinct), on column-by-column rows (dim 5) and 16-byte-chunk rows (dim 8, value_dim 24).
 void optimizers() {
   std::mt19937_64 rng(11);
-  const int dim = 5, vd = 15;
-  for (int kind = 0; kind < 4; ++kind) {
-    auto to = topt(dim, vd, 256, 1 << 12, ScorePolicy::kLru, 0.75);
-    CpuTable cpu(to); CudaTable gpu(gopt(to));
-    std::vector<int64_t> keys; for (int i = 0; i < 90; ++i) keys.push_back(int64_t(rng()) | 1);
-    std::vector<float> rows(keys.size() * vd); for (auto& x : rows) x = float(rng() % 2000) / 1000.f;
-    std::vector<int8_t> st(keys.size());
-    cpu.insert_or_assign(keys.data(), 60, rows.data(), st.data(), nullptr); gpu.insert_or_assign(keys.data(), 60, rows.data(), st.data(), nullptr, 0);
-    keys[70] = kEmptyKey;  // keys 60.. are absent, one is reserved
-    for (int step = 1; step <= 3; ++step) {
-      const OptimizerStep o = OptimizerStep::make(kind, 0.05, 1e-8, 0.9, 0.999, step);
-      std::vector<float> g(keys.size() * dim); for (auto& x : g) x = float(int(rng() % 2001) - 1000) / 500.f;
-      std::vector<char> fa(keys.size()), fb(keys.size());
-      cpu.apply_optimizer(keys.data(), int64_t(keys.size()), g.data(), o, (bool*)fa.data());
-      gpu.apply_optimizer(keys.data(), int64_t(keys.size()), g.data(), o, (bool*)fb.data(), 0);
-      CHECK(fa == fb); CHECK(fa[0] && !fa[60] && !fa[70]);
+  for (auto [dim, vd] : {std::pair{5, 15}, std::pair{8, 24}}) {
+    for (int kind = 0; kind < 4; ++kind) {
+      auto to = topt(dim, vd, 256, 1 << 12, ScorePolicy::kLru, 0.75);
+      CpuTable cpu(to); CudaTable gpu(gopt(to)), gpu_distinct(gopt(to));
+      std::vector<int64_t> keys; for (int i = 0; i < 90; ++i) keys.push_back(int64_t(rng()) | 1);
+      std::vector<float> rows(keys.size() * vd); for (auto& x : rows) x = float(rng() % 2000) / 1000.f;
+      std::vector<int8_t> st(keys.size());
+      cpu.insert_or_assign(keys.data(), 60, rows.data(), st.data(), nullptr);
+      gpu.insert_or_assign(keys.data(), 60, rows.data(), st.data(), nullptr, 0);
+      gpu_distinct.insert_or_assign(keys.data(), 60, rows.data(), st.data(), nullptr, 0);
+      keys[70] = kEmptyKey;  // keys 60.. are absent, one is reserved
+      for (int step = 1; step <= 3; ++step) {
+        const OptimizerStep o = OptimizerStep::make(kind, 0.05, 1e-8, 0.9, 0.999, step);
+        std::vector<float> g(keys.size() * dim); for (auto& x : g) x = float(int(rng() % 2001) - 1000) / 500.f;
+        std::vector<char> fa(keys.size()), fb(keys.size()), fc(keys.size());
+        cpu.apply_optimizer(keys.data(), int64_t(keys.size()), g.data(), o, (bool*)fa.data(), step == 2);
+        gpu.apply_optimizer(keys.data(), int64_t(keys.size()), g.data(), o, (bool*)fb.data(), false, 0);
+        gpu_distinct.apply_optimizer(keys.data(), int64_t(keys.size()), g.data(), o, (bool*)fc.data(), true, 0);
+        CHECK(fa == fb); CHECK(fa == fc); CHECK(fa[0] && !fa[60] && !fa[70]);
+      }
+      CHECK(contents_cpu(cpu, vd) == contents_gpu(gpu, vd));
+      CHECK(contents_cpu(cpu, vd) == contents_gpu(gpu_distinct, vd));
     }
-    CHECK(contents_cpu(cpu, vd) == contents_gpu(gpu, vd));
   }
 }
 

@@ -291,7 +291,7 @@ void CpuTable::accumulate(const int64_t* keys, int64_t n, const float* delta, bo
 }
 
 void CpuTable::apply_optimizer(const int64_t* keys, int64_t n, const float* grads, const OptimizerStep& step,
-                               bool* found) {
+                               bool* found, bool distinct) {
   const int dim = options_.dim, vd = options_.value_dim;
   step.check_fits(dim, vd);
   parallel_for(n, [&](int64_t begin, int64_t end) {
@@ -301,11 +301,11 @@ void CpuTable::apply_optimizer(const int64_t* keys, int64_t n, const float* grad
         continue;
       }
       const Probe pr = probe(keys[i]);
-      lock(pr.bucket);
+      if (!distinct) lock(pr.bucket);
       const int64_t slot = locate(keys[i], pr);
       found[i] = slot >= 0;
       if (slot >= 0) optimizer_row(step, &values_[slot * vd], grads + i * dim, dim);
-      unlock(pr.bucket);
+      if (!distinct) unlock(pr.bucket);
     }
   });
 }

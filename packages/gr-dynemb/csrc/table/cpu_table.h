@@ -58,8 +58,10 @@ class CpuTable {
   // Adds delta rows ([n, value_dim]) to present keys' rows; found: [n] or null. (Gradient updates on unique keys.)
   void accumulate(const int64_t* keys, int64_t n, const float* delta, bool* found);
   // One fused optimizer step on the rows of present keys with gradients `grads` [n, dim] (keys absent or reserved
-  // are skipped and reported not found). Duplicate keys are applied one after another under the bucket lock.
-  void apply_optimizer(const int64_t* keys, int64_t n, const float* grads, const OptimizerStep& step, bool* found);
+  // are skipped and reported not found). Duplicate keys are applied one after another under the bucket lock;
+  // distinct: the caller guarantees distinct keys, and no bucket lock is taken (duplicates would race).
+  void apply_optimizer(const int64_t* keys, int64_t n, const float* grads, const OptimizerStep& step, bool* found,
+                       bool distinct = false);
   int64_t erase(const int64_t* keys, int64_t n);
   int64_t erase_if_score_below(uint64_t threshold);
   int64_t count_if_score_at_least(uint64_t threshold) const;

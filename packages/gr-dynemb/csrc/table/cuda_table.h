@@ -57,9 +57,9 @@ class CudaTable {
                         uintptr_t stream);
   void assign(const int64_t* keys, int64_t n, const float* values, bool* found, uintptr_t stream);
   void accumulate(const int64_t* keys, int64_t n, const float* delta, bool* found, uintptr_t stream);
-  // One fused optimizer step on present keys' rows (see CpuTable::apply_optimizer).
+  // One fused optimizer step on present keys' rows (see CpuTable::apply_optimizer; distinct: no bucket locks).
   void apply_optimizer(const int64_t* keys, int64_t n, const float* grads, const OptimizerStep& step, bool* found,
-                       uintptr_t stream);
+                       bool distinct, uintptr_t stream);
   int64_t erase(const int64_t* keys, int64_t n, uintptr_t stream);
   int64_t erase_if_score_below(uint64_t threshold, uintptr_t stream);
   int64_t count_if_score_at_least(uint64_t threshold, uintptr_t stream);

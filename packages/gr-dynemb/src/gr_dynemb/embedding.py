@@ -77,7 +77,7 @@ class _Lookup(torch.autograd.Function):
         unique: Tensor = ctx.unique
         summed = torch.zeros(unique.numel(), grad.shape[-1], dtype=torch.float32, device=unique.device)
         summed.index_add_(0, ctx.inverse, grad.detach().to(unique.device, torch.float32))
-        module.apply_gradients(unique, summed)
+        module.apply_gradients(unique, summed, distinct=True)
         return None, None, None, None, None
 
 
@@ -163,13 +163,16 @@ class DynamicEmbedding(nn.Module):
         return rows
 
     @torch.no_grad()
-    def apply_gradients(self, unique: Tensor, grad: Tensor) -> None:
-        """One fused optimizer step on the rows of ``unique`` (de-duplicated ids) with summed gradients."""
-        found = self.optimizer_step(unique, grad)
+    def apply_gradients(self, unique: Tensor, grad: Tensor, *, distinct: bool = False) -> None:
+        """One fused optimizer step on the rows of ``unique`` (de-duplicated ids) with summed gradients;
+        ``distinct=True`` skips the table's bucket locks (see ``DynamicHashTable.apply_optimizer``)."""
+        found = self.optimizer_step(unique, grad, distinct=distinct)
         self._unadmitted += (~found).sum()
 
     @torch.no_grad()
-    def optimizer_step(self, unique: Tensor, grad: Tensor, found: Tensor | None = None) -> Tensor:
+    def optimizer_step(
+        self, unique: Tensor, grad: Tensor, *, found: Tensor | None = None, distinct: bool = False
+    ) -> Tensor:
         """``apply_gradients`` without the dropped-gradient count: advances the step and returns ``found`` (written
         into ``found`` when given); the caller counts the ids without a slot."""
         self.step += 1
@@ -177,7 +180,7 @@ class DynamicEmbedding(nn.Module):
         # One native pass: find each row, update it and its state in place (no gather/scatter, no host sync).
         return self.table.apply_optimizer(
             unique, grad, opt.kind, lr=opt.lr, eps=opt.eps, beta1=opt.beta1, beta2=opt.beta2, step=self.step,
-            found=found,
+            found=found, distinct=distinct,
         )  # fmt: skip
 
     # state_dict holds the table's rows (embedding + optimizer state), scores and the step counter.

@@ -20,7 +20,9 @@ tables in order and raises at the first reserved id.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -77,10 +79,13 @@ def grouped_train_lookup(modules: Sequence[DynamicEmbedding], ids: Sequence[Tens
     dim = modules[0].dim
     rows = torch.empty(batch.keys.numel(), dim, device=device)
     status = torch.empty(batch.keys.numel(), dtype=torch.int8, device=device)
-    for t, m in enumerate(modules):
+
+    def find_or_insert(t: int) -> None:
         a, b = batch.bounds[t], batch.bounds[t + 1]
-        m.table.set_step(m.step + 1)
-        m.table.find_or_insert_embeddings(batch.keys[a:b], rows[a:b], status[a:b], keys_checked=True)
+        modules[t].table.set_step(modules[t].step + 1)
+        modules[t].table.find_or_insert_embeddings(batch.keys[a:b], rows[a:b], status[a:b], keys_checked=True)
+
+    for_each_table(device, len(modules), find_or_insert)
     if torch.is_grad_enabled():
         out = _GroupedLookup.apply(modules[0]._grad_anchor, modules, batch, rows)
     else:
@@ -100,13 +105,9 @@ def _dedup(flats: list[Tensor], device: torch.device) -> _Batch | None:
     new[:1] = True
     if len(flats) > 1:
         # Stable sorts: by id, then by table -> (table, id) order, the batch order among equal pairs.
-        table_dtype = torch.int16 if len(flats) < 2**15 else torch.int32
-        table = torch.repeat_interleave(
-            torch.arange(len(flats), dtype=table_dtype, device=device),
-            torch.tensor(counts).to(device, non_blocking=True),
-            output_size=n,
-        )
-        by_table, second = torch.sort(table[order], stable=True)
+        starts = torch.tensor(list(itertools.accumulate(counts[:-1]))).to(device, non_blocking=True)
+        table = torch.bucketize(order, starts, out_int32=True, right=True)  # table of each sorted id
+        by_table, second = torch.sort(table, stable=True)
         order = order[second]
         sorted_keys = by_key[second]
         torch.ne(sorted_keys[1:], sorted_keys[:-1], out=new[1:])
@@ -117,9 +118,7 @@ def _dedup(flats: list[Tensor], device: torch.device) -> _Batch | None:
     unique_pos = torch.cumsum(new, 0)  # 1-based position of each sorted id's pair among the unique pairs
     # Table t fills sorted positions [c_t, c_{t+1}) (c: cumulative id counts): unique_pos at c_{t+1} - 1 is the
     # cumulative unique count through table t (0 before any id).
-    ends = [0]
-    for c in counts:
-        ends.append(ends[-1] + c)
+    ends = [0, *itertools.accumulate(counts)]
     last = torch.tensor([max(e - 1, 0) for e in ends[1:]]).to(device, non_blocking=True)
     stats = torch.cat([unique_pos.index_select(0, last), by_key[:1]]).tolist()  # the one host synchronisation
     if stats[-1] <= ERASED_KEY:  # EMPTY_KEY and ERASED_KEY are the two smallest int64 values
@@ -129,6 +128,42 @@ def _dedup(flats: list[Tensor], device: torch.device) -> _Batch | None:
     unique_keys = torch.empty(bounds[-1], dtype=torch.int64, device=device).index_copy_(0, unique_pos, sorted_keys)
     inverse = torch.empty(n, dtype=torch.int64, device=device).index_copy_(0, order, unique_pos)
     return _Batch(unique_keys, inverse, bounds)
+
+
+def for_each_table(device: torch.device, num_tables: int, run: Callable[[int], None]) -> None:
+    """``run(t)`` for every table. On a GPU the tables' calls go round-robin to side streams (joined before this
+    returns, also on error): one table's kernels are small and end in a tail of waits on its busiest bucket locks,
+    and kernels of different streams fill each other's tails. The tables are independent, so order does not matter."""
+    if device.type != "cuda" or num_tables == 1:
+        for t in range(num_tables):
+            run(t)
+        return
+    main = torch.cuda.current_stream(device)
+    streams = _side_streams(device, min(num_tables, _SIDE_STREAMS))
+    for s in streams:
+        s.wait_stream(main)
+    try:
+        for t in range(num_tables):
+            with torch.cuda.stream(streams[t % len(streams)]):
+                run(t)
+    finally:
+        for s in streams:
+            main.wait_stream(s)  # the buffers (allocated on main) are freed on main only after the side work
+
+
+_SIDE_STREAMS = 8
+
+
+@functools.cache
+def _side_streams(device: torch.device, n: int) -> list[torch.cuda.Stream]:
+    return [torch.cuda.Stream(device) for _ in range(n)]
+
+
+def sum_rows(grad: Tensor, index: Tensor, num_rows: int) -> Tensor:
+    """``out[r] = sum of grad[i] over i with index[i] == r``: ``[num_rows, dim]``. ATen's embedding backward: a sort
+    of ``index`` and segment sums in bounded chunks, so a hot row (power-law ids put ~10% of a batch on one) is
+    summed by many threads instead of serialising atomics on its address as ``index_add_`` does; deterministic."""
+    return torch.ops.aten.embedding_dense_backward(grad, index, num_rows, -1, False)
 
 
 class _GroupedLookup(torch.autograd.Function):
@@ -143,12 +178,14 @@ class _GroupedLookup(torch.autograd.Function):
         modules: Sequence[DynamicEmbedding] = ctx.modules
         batch: _Batch = ctx.batch
         keys, bounds = batch.keys, batch.bounds
-        summed = torch.zeros(keys.numel(), grad.shape[-1], dtype=torch.float32, device=keys.device)
-        summed.index_add_(0, batch.inverse, grad.detach().to(keys.device, torch.float32))
+        summed = sum_rows(grad.detach().to(keys.device, torch.float32), batch.inverse, keys.numel())
         found = torch.empty(keys.numel(), dtype=torch.bool, device=keys.device)
-        for t, m in enumerate(modules):
+
+        def optimizer_step(t: int) -> None:
             a, b = bounds[t], bounds[t + 1]
-            m.optimizer_step(keys[a:b], summed[a:b], found=found[a:b])
+            modules[t].optimizer_step(keys[a:b], summed[a:b], found=found[a:b], distinct=True)
+
+        for_each_table(keys.device, len(modules), optimizer_step)
         # Dropped gradients per table (ids without a slot) from one running count.
         missed = torch.zeros(keys.numel() + 1, dtype=torch.int64, device=keys.device)
         torch.cumsum(~found, 0, out=missed[1:])

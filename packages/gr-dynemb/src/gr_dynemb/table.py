@@ -312,13 +312,16 @@ class DynamicHashTable:
         beta2: float = 0.999,
         step: int = 1,
         found: Tensor | None = None,
+        distinct: bool = False,
     ) -> Tensor:
         """One fused optimizer step (``sgd``, ``adagrad``, ``rowwise_adagrad``, ``adam``; formulas in
         ``gr_dynemb.embedding``) on the rows of present keys, in place, with gradients ``grads [n, dim]`` and Adam's
         step count ``step``. The optimizer state is the row's columns after the embedding. Returns ``found``;
         absent and reserved keys are skipped. Pass distinct keys (sum duplicate gradients first): duplicates are
-        applied one after another. ``found``: an optional contiguous bool ``[n]`` tensor on the table's device to
-        write (and return) instead of a new one."""
+        applied one after another under the bucket lock. ``distinct=True`` promises distinct keys (e.g. from
+        ``torch.unique``): no bucket locks are taken, which a GPU needs no time for (duplicates would then race).
+        ``found``: an optional contiguous bool ``[n]`` tensor on the table's device to write (and return) instead of
+        a new one."""
         if kind not in _OPTIMIZERS:
             raise ValueError(f"optimizer kind must be one of {sorted(_OPTIMIZERS)}, got {kind!r}")
         keys = self._keys(keys)
@@ -334,7 +337,7 @@ class DynamicHashTable:
             _check_out(found, (keys.numel(),), torch.bool, self.device, "found")
         self._table.apply_optimizer(
             keys.data_ptr(), keys.numel(), grads.data_ptr(), _OPTIMIZERS[kind], lr, eps, beta1, beta2, step,
-            found.data_ptr(), *self._stream(),
+            found.data_ptr(), distinct, *self._stream(),
         )  # fmt: skip
         return found
 
