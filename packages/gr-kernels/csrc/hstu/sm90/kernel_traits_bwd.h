@@ -11,8 +11,8 @@
 // dQ needs every key of the tile, which spans both warpgroups.
 //
 // Tiles per head dim: the dK + dV accumulators (fp32, kBlockN x kHeadDim each) must fit the consumer registers next
-// to S and dP: 128 keys at head dims 64/128 (each warpgroup owns 64 keys of dK/dV), 64 keys at 256 (each warpgroup
-// owns half of the head dim of all 64 keys).
+// to S, dP and dQ without spills or serialised GMMAs (ptxas -v): 128 keys at head dim 64 (each warpgroup owns 64 keys
+// of dK/dV), 64 keys at 128 and 256 (each warpgroup owns half of the head dim of all 64 keys).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -39,8 +39,9 @@ struct BwdTile<64> {
 };
 template <>
 struct BwdTile<128> {
-  static constexpr int kBlockN = 128;
-  static constexpr int kDkvAtomM = 2;
+  // 128 keys (64 per warpgroup) spilled and made ptxas serialise the GMMAs ("insufficient register resources").
+  static constexpr int kBlockN = 64;
+  static constexpr int kDkvAtomM = 1;
 };
 template <>
 struct BwdTile<256> {
