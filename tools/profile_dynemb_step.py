@@ -5,8 +5,6 @@ workload of ``tools/bench_dynemb_train.py``: ``--keys`` power-law ids over ``--t
 forward + backward of the bench's loss + fused optimizer. Modes:
 
 - ``grouped``: ``gr_dynemb.grouped.grouped_train_lookup`` over all tables (what ``DynamicEmbeddingCollection`` runs);
-- ``grouped_index_add``: ``grouped`` with the gradient rows summed by ``index_add_`` (atomics) instead of
-  ``gr_dynemb.grouped.sum_rows`` (sorted segment sums), to compare the two;
 - ``per_table``: each table's own lookup (``DynamicEmbedding._lookup_one``: ``torch.unique``, ``find_or_insert``,
   the reserved-key check, ``index_add_`` + ``apply_optimizer`` per table), the collection's path before grouping.
 
@@ -32,12 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dynemb_train import Workload  # the bench's batches (power-law ranks -> raw int64 keys)
 
-import gr_dynemb.grouped
 from gr_dynemb import DynamicEmbedding, DynamicEmbeddingConfig, DynamicTableConfig, FusedOptimizerConfig
 from gr_dynemb.grouped import grouped_train_lookup
 
-SUM_ROWS = gr_dynemb.grouped.sum_rows
-MODES = ["per_table", "grouped", "grouped_index_add"]
+MODES = ["per_table", "grouped"]
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
@@ -55,15 +51,9 @@ def build(args, device: torch.device) -> list[DynamicEmbedding]:
     ]
 
 
-def index_add_rows(grad: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
-    return torch.zeros(num_rows, grad.shape[1], device=grad.device).index_add_(0, index, grad)
-
-
 def make_step(mode: str, modules: list[DynamicEmbedding], weight: torch.Tensor):
-    gr_dynemb.grouped.sum_rows = index_add_rows if mode == "grouped_index_add" else SUM_ROWS
-
     def step(ids: list[torch.Tensor]) -> None:
-        if mode.startswith("grouped"):
+        if mode == "grouped":
             outs = grouped_train_lookup(modules, ids)
         else:
             outs = [m._lookup_one(x) for m, x in zip(modules, ids, strict=True)]

@@ -20,6 +20,7 @@ from gr_dynemb import (
     cuda_available,
 )
 from gr_dynemb.grouped import grouped_train_lookup
+from gr_dynemb.table import MAX_GROUP_TABLES, TableFullError, apply_optimizer_group, find_or_insert_embeddings_group
 
 KINDS = ["sgd", "adagrad", "rowwise_adagrad", "adam"]
 
@@ -102,6 +103,45 @@ def test_evictions_rejections_and_shapes() -> None:
     grouped, _ = run_both([("adam", 3, 0, True), ("adagrad", 3, 1, False)], batches)
     assert grouped[0].table.rejected_count > 0 and grouped[0].unadmitted > 0
     assert grouped[1].unadmitted == 0
+
+
+def test_more_tables_than_one_native_call() -> None:
+    gen = torch.Generator().manual_seed(5)
+    n = MAX_GROUP_TABLES + 3  # two native calls per direction
+    specs = [(KINDS[t % 4], 2, t, False) for t in range(n)]
+    batches = [[torch.randint(0, 30, (7,), generator=gen) for _ in range(n)] for _ in range(2)]
+    run_both(specs, batches)
+
+
+def test_full_table_without_eviction_raises() -> None:
+    cfg = DynamicTableConfig(dim=2, capacity=128, max_capacity=128, policy="none")
+    full = DynamicEmbedding(DynamicEmbeddingConfig(cfg))
+    with pytest.raises(TableFullError, match="policy='none' never evicts"):
+        grouped_train_lookup([make("sgd", 2, 0), full], [torch.arange(3), torch.arange(300)])
+
+
+def test_group_calls_check_their_arguments() -> None:
+    tables = [DynamicHashTable(DynamicTableConfig(dim=2)) for _ in range(MAX_GROUP_TABLES + 1)]
+    keys, out, status = torch.arange(4), torch.empty(4, 2), torch.empty(4, dtype=torch.int8)
+    with pytest.raises(ValueError, match=f"1 to {MAX_GROUP_TABLES} tables"):
+        find_or_insert_embeddings_group(tables, keys, [0] * MAX_GROUP_TABLES + [4, 4], out, status)
+    with pytest.raises(ValueError, match="needs 3 bounds"):
+        find_or_insert_embeddings_group(tables[:2], keys, [0, 4], out, status)
+    with pytest.raises(ValueError, match="bounds end at 3, but there are 4 keys"):
+        find_or_insert_embeddings_group(tables[:2], keys, [0, 1, 3], out, status)
+    with pytest.raises(ValueError, match="nondecreasing"):
+        find_or_insert_embeddings_group(tables[:3], keys, [0, 3, 2, 4], out, status)
+    other = DynamicHashTable(DynamicTableConfig(dim=3))
+    with pytest.raises(ValueError, match="share device and dim"):
+        find_or_insert_embeddings_group([tables[0], other], keys, [0, 2, 4], out, status)
+    found = torch.empty(4, dtype=torch.bool)
+    sgd = ("sgd", 0.1, 1e-8, 0.9, 0.999, 1)
+    with pytest.raises(ValueError, match="one optimizer per table"):
+        apply_optimizer_group(tables[:2], keys, [0, 2, 4], out, [sgd], found)
+    with pytest.raises(ValueError, match="optimizer kind must be one of"):
+        apply_optimizer_group(tables[:2], keys, [0, 2, 4], out, [sgd, ("lamb", *sgd[1:])], found)
+    with pytest.raises(ValueError, match="optimizer's state does not fit"):
+        apply_optimizer_group(tables[:2], keys, [0, 2, 4], out, [sgd, ("adam", *sgd[1:])], found)
 
 
 def test_reserved_id_raises_like_the_table() -> None:

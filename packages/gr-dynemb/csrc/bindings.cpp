@@ -1,8 +1,11 @@
 // Python binding of the dynamic table. Arrays cross as raw addresses of contiguous host buffers (torch tensors'
 // data_ptr()), so no torch C++ headers are needed and one build serves every torch version.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <tuple>
+#include <vector>
 
 #include "table/cpu_table.h"
 #include "table/hash.h"
@@ -23,6 +26,15 @@ T* ptr(std::uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+// (kind, lr, eps, beta1, beta2, step) per table of a group -> checked optimizer steps.
+using OptimizerParams = std::tuple<int, double, double, double, double, int64_t>;
+std::vector<OptimizerStep> optimizer_steps(const std::vector<OptimizerParams>& params) {
+  std::vector<OptimizerStep> steps;
+  for (const auto& [kind, lr, eps, beta1, beta2, step] : params)
+    steps.push_back(OptimizerStep::make(kind, lr, eps, beta1, beta2, step));
+  return steps;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -30,6 +42,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("EMPTY_KEY") = kEmptyKey;
   m.attr("ERASED_KEY") = kErasedKey;
   m.attr("BUCKET_SIZE") = kBucketSize;
+  m.attr("MAX_GROUP_TABLES") = kMaxGroupTables;
 #ifdef GR_DYNEMB_WITH_CUDA
   m.attr("WITH_CUDA") = true;
   register_cuda_table(m);
@@ -111,6 +124,24 @@ PYBIND11_MODULE(_C, m) {
              py::gil_scoped_release nogil;
              t.accumulate(ptr<const int64_t>(keys), n, ptr<const float>(delta), ptr<bool>(found));
            })
+      .def_static(
+          "find_or_insert_embeddings_group",
+          [](const std::vector<CpuTable*>& tables, const std::vector<int64_t>& bounds, std::uintptr_t keys,
+             std::uintptr_t embeddings, std::uintptr_t status) {
+            py::gil_scoped_release nogil;
+            CpuTable::find_or_insert_embeddings_group(tables, bounds, ptr<const int64_t>(keys), ptr<float>(embeddings),
+                                                      ptr<int8_t>(status));
+          })
+      .def_static(
+          "apply_optimizer_group",
+          [](const std::vector<CpuTable*>& tables, const std::vector<int64_t>& bounds,
+             const std::vector<OptimizerParams>& params, std::uintptr_t keys, std::uintptr_t grads,
+             std::uintptr_t found, bool distinct) {
+            const std::vector<OptimizerStep> steps = optimizer_steps(params);
+            py::gil_scoped_release nogil;
+            CpuTable::apply_optimizer_group(tables, bounds, steps, ptr<const int64_t>(keys), ptr<const float>(grads),
+                                            ptr<bool>(found), distinct);
+          })
       .def("erase", [](CpuTable& t, std::uintptr_t keys, int64_t n) { return t.erase(ptr<const int64_t>(keys), n); })
       .def("erase_if_score_below", &CpuTable::erase_if_score_below)
       .def("count_if_score_at_least", &CpuTable::count_if_score_at_least)

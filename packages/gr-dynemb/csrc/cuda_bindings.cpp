@@ -1,9 +1,12 @@
 // Python binding of the CUDA table (compiled only when the package is built with CUDA). Arrays cross as raw device
 // addresses (torch tensors' data_ptr()) and the stream as its integer handle, so no torch or CUDA headers are needed.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
+#include <tuple>
+#include <vector>
 
 #include "table/cuda_table.h"
 
@@ -16,6 +19,15 @@ namespace {
 template <typename T>
 T* ptr(std::uintptr_t address) {
   return reinterpret_cast<T*>(address);
+}
+
+// (kind, lr, eps, beta1, beta2, step) per table of a group -> checked optimizer steps.
+using OptimizerParams = std::tuple<int, double, double, double, double, int64_t>;
+std::vector<OptimizerStep> optimizer_steps(const std::vector<OptimizerParams>& params) {
+  std::vector<OptimizerStep> steps;
+  for (const auto& [kind, lr, eps, beta1, beta2, step] : params)
+    steps.push_back(OptimizerStep::make(kind, lr, eps, beta1, beta2, step));
+  return steps;
 }
 
 }  // namespace
@@ -94,6 +106,24 @@ void register_cuda_table(py::module_& m) {
              py::gil_scoped_release nogil;
              t.accumulate(ptr<const int64_t>(keys), n, ptr<const float>(delta), ptr<bool>(found), stream);
            })
+      .def_static(
+          "find_or_insert_embeddings_group",
+          [](const std::vector<CudaTable*>& tables, const std::vector<int64_t>& bounds, std::uintptr_t keys,
+             std::uintptr_t embeddings, std::uintptr_t status, std::uintptr_t stream) {
+            py::gil_scoped_release nogil;
+            CudaTable::find_or_insert_embeddings_group(tables, bounds, ptr<const int64_t>(keys),
+                                                       ptr<float>(embeddings), ptr<int8_t>(status), stream);
+          })
+      .def_static(
+          "apply_optimizer_group",
+          [](const std::vector<CudaTable*>& tables, const std::vector<int64_t>& bounds,
+             const std::vector<OptimizerParams>& params, std::uintptr_t keys, std::uintptr_t grads,
+             std::uintptr_t found, bool distinct, std::uintptr_t stream) {
+            const std::vector<OptimizerStep> steps = optimizer_steps(params);
+            py::gil_scoped_release nogil;
+            CudaTable::apply_optimizer_group(tables, bounds, steps, ptr<const int64_t>(keys),
+                                             ptr<const float>(grads), ptr<bool>(found), distinct, stream);
+          })
       .def("erase",
            [](CudaTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t stream) {
              py::gil_scoped_release nogil;

@@ -2,6 +2,7 @@
 #include <cassert>
 #include <cstdio>
 #include <map>
+#include <memory>
 #include <random>
 #include <set>
 #include <vector>
@@ -244,7 +245,61 @@ void embeddings_only() {
   }
 }
 
+// Grouped calls (one launch for several tables) against one call per table: three tables of one dim with
+// different optimizers (value dims), an empty one in the middle, growth, keys shared across tables; the CUDA group
+// and the CPU group must match the CPU tables driven one by one exactly (statuses, embeddings, found, contents).
+void groups() {
+  const int dim = 4;
+  const int kinds[3] = {0, 3, 1};  // sgd, adam, adagrad
+  const int vds[3] = {4, 12, 8};
+  std::vector<std::unique_ptr<CpuTable>> single, cgroup;
+  std::vector<std::unique_ptr<CudaTable>> ggroup;
+  for (int k = 0; k < 3; ++k) {
+    auto to = topt(dim, vds[k], 128, 1 << 12, k == 1 ? ScorePolicy::kLfu : ScorePolicy::kLru, 0.75,
+                   Initializer{InitKind::kNormal, 0.f, 1.f, uint64_t(k)});
+    single.push_back(std::make_unique<CpuTable>(to)); cgroup.push_back(std::make_unique<CpuTable>(to));
+    ggroup.push_back(std::make_unique<CudaTable>(gopt(to)));
+  }
+  std::vector<CpuTable*> cg{cgroup[0].get(), cgroup[1].get(), cgroup[2].get()};
+  std::vector<CudaTable*> gg{ggroup[0].get(), ggroup[1].get(), ggroup[2].get()};
+  std::mt19937_64 rng(31);
+  std::vector<int64_t> pool(300); for (auto& x : pool) x = int64_t(rng() >> 2);
+  for (int step = 1; step <= 3; ++step) {
+    const std::vector<int64_t> sizes = {int64_t(40 + 30 * step), step == 2 ? 0 : 25, 60};
+    std::vector<int64_t> bounds{0}; for (auto n : sizes) bounds.push_back(bounds.back() + n);
+    const int64_t total = bounds.back();
+    std::vector<int64_t> keys;
+    for (int k = 0; k < 3; ++k) { std::shuffle(pool.begin(), pool.end(), rng); keys.insert(keys.end(), pool.begin(), pool.begin() + sizes[k]); }
+    for (int k = 0; k < 3; ++k) { single[k]->set_step(step); cgroup[k]->set_step(step); ggroup[k]->set_step(step); }
+    std::vector<float> es(total * dim), ec(total * dim), eg(total * dim);
+    std::vector<int8_t> ss(total), sc(total), sg(total);
+    for (int k = 0; k < 3; ++k)
+      single[k]->find_or_insert_embeddings(keys.data() + bounds[k], sizes[k], es.data() + bounds[k] * dim, ss.data() + bounds[k], nullptr);
+    CpuTable::find_or_insert_embeddings_group(cg, bounds, keys.data(), ec.data(), sc.data());
+    CudaTable::find_or_insert_embeddings_group(gg, bounds, keys.data(), eg.data(), sg.data(), 0);
+    CHECK(es == ec); CHECK(es == eg); CHECK(ss == sc); CHECK(ss == sg);
+    std::vector<float> grads(total * dim); for (auto& x : grads) x = float(int(rng() % 2001) - 1000) / 300.f;
+    std::vector<OptimizerStep> steps;
+    for (int k = 0; k < 3; ++k) steps.push_back(OptimizerStep::make(kinds[k], 0.05, 1e-8, 0.9, 0.999, step));
+    keys[bounds[2] + 3] = int64_t(rng() >> 2);  // absent from table 2: not found
+    std::vector<char> fs(total), fc(total), fg(total);
+    for (int k = 0; k < 3; ++k)
+      single[k]->apply_optimizer(keys.data() + bounds[k], sizes[k], grads.data() + bounds[k] * dim, steps[k], (bool*)fs.data() + bounds[k]);
+    CpuTable::apply_optimizer_group(cg, bounds, steps, keys.data(), grads.data(), (bool*)fc.data(), step != 2);
+    CudaTable::apply_optimizer_group(gg, bounds, steps, keys.data(), grads.data(), (bool*)fg.data(), step != 2, 0);
+    CHECK(fs == fc); CHECK(fs == fg); CHECK(!fs[bounds[2] + 3]);
+    for (int k = 0; k < 3; ++k) {
+      CHECK(contents_cpu(*single[k], vds[k]) == contents_cpu(*cgroup[k], vds[k]));
+      CHECK(contents_cpu(*single[k], vds[k]) == contents_gpu(*ggroup[k], vds[k]));
+    }
+  }
+  bool threw = false;
+  try { CudaTable::find_or_insert_embeddings_group(gg, {0, 1, 2}, pool.data(), nullptr, nullptr, 0); } catch (const std::invalid_argument&) { threw = true; }
+  CHECK(threw);
+}
+
 int main() {
+  groups(); std::printf("groups done\n");
   embeddings_only(); std::printf("embeddings only done\n");
   optimizers(); std::printf("optimizers done\n");
   inits(); std::printf("inits done\n");

@@ -310,6 +310,38 @@ void CpuTable::apply_optimizer(const int64_t* keys, int64_t n, const float* grad
   });
 }
 
+void CpuTable::check_group(const std::vector<CpuTable*>& tables, const std::vector<int64_t>& bounds) {
+  check_group_bounds(tables.size(), bounds.data(), bounds.size());
+  for (const CpuTable* t : tables) {
+    if (t == nullptr) throw std::invalid_argument("a group's table is missing");
+    if (t->options_.dim != tables[0]->options_.dim) throw std::invalid_argument("a group's tables must share dim");
+  }
+}
+
+void CpuTable::find_or_insert_embeddings_group(const std::vector<CpuTable*>& tables,
+                                               const std::vector<int64_t>& bounds, const int64_t* keys,
+                                               float* embeddings, int8_t* status) {
+  check_group(tables, bounds);
+  const int dim = tables[0]->options_.dim;
+  for (size_t k = 0; k < tables.size(); ++k) {
+    const int64_t b = bounds[k], n = bounds[k + 1] - bounds[k];
+    if (n > 0) tables[k]->find_or_insert_embeddings(keys + b, n, embeddings + b * dim, status + b, nullptr);
+  }
+}
+
+void CpuTable::apply_optimizer_group(const std::vector<CpuTable*>& tables, const std::vector<int64_t>& bounds,
+                                     const std::vector<OptimizerStep>& steps, const int64_t* keys,
+                                     const float* grads, bool* found, bool distinct) {
+  check_group(tables, bounds);
+  if (steps.size() != tables.size()) throw std::invalid_argument("a group needs one optimizer step per table");
+  for (size_t k = 0; k < tables.size(); ++k) steps[k].check_fits(tables[k]->options_.dim, tables[k]->options_.value_dim);
+  const int dim = tables[0]->options_.dim;
+  for (size_t k = 0; k < tables.size(); ++k) {
+    const int64_t b = bounds[k], n = bounds[k + 1] - bounds[k];
+    tables[k]->apply_optimizer(keys + b, n, grads + b * dim, steps[k], found + b, distinct);
+  }
+}
+
 int64_t CpuTable::erase(const int64_t* keys, int64_t n) {
   int64_t erased = 0;
   for (int64_t i = 0; i < n; ++i) {

@@ -62,6 +62,14 @@ class CpuTable {
   // distinct: the caller guarantees distinct keys, and no bucket lock is taken (duplicates would race).
   void apply_optimizer(const int64_t* keys, int64_t n, const float* grads, const OptimizerStep& step, bool* found,
                        bool distinct = false);
+  // A group of tables (same dim): table k's keys are keys[bounds[k], bounds[k + 1]) (see kMaxGroupTables); the same
+  // as a find_or_insert_embeddings / apply_optimizer (optimizer steps[k]) per table, in table order.
+  static void find_or_insert_embeddings_group(const std::vector<CpuTable*>& tables,
+                                              const std::vector<int64_t>& bounds, const int64_t* keys,
+                                              float* embeddings, int8_t* status);
+  static void apply_optimizer_group(const std::vector<CpuTable*>& tables, const std::vector<int64_t>& bounds,
+                                    const std::vector<OptimizerStep>& steps, const int64_t* keys,
+                                    const float* grads, bool* found, bool distinct);
   int64_t erase(const int64_t* keys, int64_t n);
   int64_t erase_if_score_below(uint64_t threshold);
   int64_t count_if_score_at_least(uint64_t threshold) const;
@@ -109,6 +117,7 @@ class CpuTable {
   // find_or_insert writing the first out_cols columns of each row to out ([n, out_cols]).
   void upsert_rows(const int64_t* keys, int64_t n, float* out, int out_cols, int8_t* status, const uint64_t* scores);
   void rehash(int64_t new_capacity);
+  static void check_group(const std::vector<CpuTable*>& tables, const std::vector<int64_t>& bounds);
   template <typename Fn>
   void parallel_for(int64_t n, Fn&& fn) const;
 

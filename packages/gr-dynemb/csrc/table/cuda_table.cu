@@ -344,10 +344,78 @@ __global__ void __launch_bounds__(kBlock, 8) find_kernel(View t, const int64_t* 
 
 enum class Upsert { kFindOrInsert, kInsertOrAssign };
 
+// One key of an inserting operation, by the group's lanes: under the bucket lock, find it (touching its score) or
+// place it (free slot, eviction or rejection); find_or_insert writes the first `out_cols` columns of its row to `out`
+// (the whole row, value_dim, or only the embedding, dim), insert_or_assign copies `in` into its slot. Tallies go to
+// `counts` ([inserted, evicted, rejected, reserved]).
+template <Upsert kMode>
+__device__ __forceinline__ void upsert_key(const View& t, const Tile& g, int64_t i, int64_t key, float* out,
+                                           int out_cols, const float* in, int8_t* status, const uint64_t* scores,
+                                           unsigned long long* counts) {
+  if (is_reserved(key)) {  // never stored: rejected and counted, the Python layer raises
+    if (kMode == Upsert::kFindOrInsert) initial_row(t, g, key, out, out_cols);
+    if (g.thread_rank() == 0) {
+      status[i] = static_cast<int8_t>(InsertStatus::kRejected);
+      atomicAdd(counts + 3, 1ULL);
+    }
+    return;
+  }
+  const Probe pr = probe(t, key);
+  lock_bucket(t, g, pr.bucket);
+  const Masks m = bucket_masks(t, g, pr);
+  int s = locate(t, m, pr, key);
+  InsertStatus st = InsertStatus::kFound;
+  if (s >= 0) {
+    if (g.thread_rank() == 0) {
+      uint64_t* addr = t.scores + pr.base + s;
+      *addr = touched_score(t, __ldcg(addr), false, scores, i);
+    }
+  } else {
+    const uint64_t score = touched_score(t, 0, true, scores, i);
+    s = first_from(m.free, pr.start);
+    if (s >= 0) {
+      st = InsertStatus::kInserted;
+    } else if (t.policy != ScorePolicy::kNone) {
+      uint64_t low;
+      int victim;
+      min_score_slot(t, g, pr.base, low, victim);
+      if (score > low) {
+        s = victim;
+        st = InsertStatus::kEvicted;
+      } else {
+        st = InsertStatus::kRejected;
+      }
+    } else {
+      st = InsertStatus::kRejected;
+    }
+    if (s >= 0 && g.thread_rank() == 0) {
+      t.keys[pr.base + s] = key;
+      t.scores[pr.base + s] = score;
+      t.digests[pr.base + s] = pr.digest;
+    }
+  }
+  if (kMode == Upsert::kFindOrInsert) {
+    if (st == InsertStatus::kFound) {
+      copy_row<true>(g, out, row_of(t, pr.base + s), out_cols);
+    } else if (s >= 0) {
+      initial_row(t, g, key, row_of(t, pr.base + s), t.vd, out, out_cols);
+    } else {
+      initial_row(t, g, key, out, out_cols);  // rejected: the initializer's row, no slot
+    }
+  } else if (s >= 0) {
+    copy_row<false>(g, row_of(t, pr.base + s), in, t.vd);
+  }
+  unlock_bucket(t, g, pr.bucket);
+  if (g.thread_rank() == 0) {
+    status[i] = static_cast<int8_t>(st);
+    if (st == InsertStatus::kInserted) atomicAdd(counts + 0, 1ULL);
+    if (st == InsertStatus::kEvicted) atomicAdd(counts + 1, 1ULL);
+    if (st == InsertStatus::kRejected) atomicAdd(counts + 2, 1ULL);
+  }
+}
+
 // <= 32 registers (eight blocks per SM, was six): the inserting ops wait on bucket locks and random rows, so
 // occupancy pays more than the 16 bytes ptxas spills for one variant.
-// find_or_insert writes the first `out_cols` columns of each key's row to out_values ([n, out_cols]): the whole row
-// (value_dim) or only the embedding (dim).
 template <Upsert kMode>
 __global__ void __launch_bounds__(kBlock, 8) upsert_kernel(View t, const int64_t* keys, int64_t n, float* out_values, int out_cols,
                               const float* in_values, int8_t* status, const uint64_t* scores) {
@@ -356,69 +424,47 @@ __global__ void __launch_bounds__(kBlock, 8) upsert_kernel(View t, const int64_t
   __syncthreads();
   const Tile g = cg::tiled_partition<kGroup>(cg::this_thread_block());
   const int64_t i = group_index(g);
-  if (i < n && is_reserved(keys[i])) {  // never stored: rejected and counted, the Python layer raises
-    if (kMode == Upsert::kFindOrInsert) initial_row(t, g, keys[i], out_values + i * out_cols, out_cols);
-    if (g.thread_rank() == 0) {
-      status[i] = static_cast<int8_t>(InsertStatus::kRejected);
-      atomicAdd(counts + 3, 1ULL);
-    }
-  } else if (i < n) {
-    const int64_t key = keys[i];
-    const Probe pr = probe(t, key);
-    lock_bucket(t, g, pr.bucket);
-    const Masks m = bucket_masks(t, g, pr);
-    int s = locate(t, m, pr, key);
-    InsertStatus st = InsertStatus::kFound;
-    if (s >= 0) {
-      if (g.thread_rank() == 0) {
-        uint64_t* addr = t.scores + pr.base + s;
-        *addr = touched_score(t, __ldcg(addr), false, scores, i);
-      }
-    } else {
-      const uint64_t score = touched_score(t, 0, true, scores, i);
-      s = first_from(m.free, pr.start);
-      if (s >= 0) {
-        st = InsertStatus::kInserted;
-      } else if (t.policy != ScorePolicy::kNone) {
-        uint64_t low;
-        int victim;
-        min_score_slot(t, g, pr.base, low, victim);
-        if (score > low) {
-          s = victim;
-          st = InsertStatus::kEvicted;
-        } else {
-          st = InsertStatus::kRejected;
-        }
-      } else {
-        st = InsertStatus::kRejected;
-      }
-      if (s >= 0 && g.thread_rank() == 0) {
-        t.keys[pr.base + s] = key;
-        t.scores[pr.base + s] = score;
-        t.digests[pr.base + s] = pr.digest;
-      }
-    }
-    if (kMode == Upsert::kFindOrInsert) {
-      float* out = out_values + i * out_cols;
-      if (st == InsertStatus::kFound) {
-        copy_row<true>(g, out, row_of(t, pr.base + s), out_cols);
-      } else if (s >= 0) {
-        initial_row(t, g, key, row_of(t, pr.base + s), t.vd, out, out_cols);
-      } else {
-        initial_row(t, g, key, out, out_cols);  // rejected: the initializer's row, no slot
-      }
-    } else if (s >= 0) {
-      copy_row<false>(g, row_of(t, pr.base + s), in_values + i * t.vd, t.vd);
-    }
-    unlock_bucket(t, g, pr.bucket);
-    if (g.thread_rank() == 0) {
-      status[i] = static_cast<int8_t>(st);
-      if (st == InsertStatus::kInserted) atomicAdd(counts + 0, 1ULL);
-      if (st == InsertStatus::kEvicted) atomicAdd(counts + 1, 1ULL);
-      if (st == InsertStatus::kRejected) atomicAdd(counts + 2, 1ULL);
-    }
+  if (i < n) {
+    upsert_key<kMode>(t, g, i, keys[i], kMode == Upsert::kFindOrInsert ? out_values + i * out_cols : nullptr,
+                      out_cols, kMode == Upsert::kInsertOrAssign ? in_values + i * t.vd : nullptr, status, scores,
+                      counts);
   }
   flush_tally(t, counts);
+}
+
+// A group of tables in one launch (the training lookup of a collection): table k's keys are
+// keys[bounds[k], bounds[k + 1]). Passed by value as a __grid_constant__ parameter (read in place, never copied).
+struct GroupArgs {
+  int n;
+  int64_t bounds[kMaxGroupTables + 1];
+  View tables[kMaxGroupTables];
+  OptimizerStep steps[kMaxGroupTables];
+};
+static_assert(sizeof(GroupArgs) <= 4000, "a kernel's parameters must fit in 4 KiB");
+
+__device__ __forceinline__ int table_of(const GroupArgs& ga, int64_t i) {
+  int k = 0;
+  while (k + 1 < ga.n && i >= ga.bounds[k + 1]) ++k;
+  return k;
+}
+
+// find_or_insert_embeddings of every table of the group: embeddings to out ([total, dim]).
+__global__ void __launch_bounds__(kBlock, 8) group_find_or_insert_kernel(const __grid_constant__ GroupArgs ga,
+                                                                         const int64_t* keys, float* out,
+                                                                         int8_t* status) {
+  __shared__ unsigned long long counts[kMaxGroupTables][4];
+  for (int c = threadIdx.x; c < kMaxGroupTables * 4; c += blockDim.x) counts[c / 4][c % 4] = 0;
+  __syncthreads();
+  const Tile g = cg::tiled_partition<kGroup>(cg::this_thread_block());
+  const int64_t i = group_index(g);
+  if (i < ga.bounds[ga.n]) {
+    const int k = table_of(ga, i);
+    const View& t = ga.tables[k];
+    upsert_key<Upsert::kFindOrInsert>(t, g, i, keys[i], out + i * t.dim, t.dim, nullptr, status, nullptr,
+                                      counts[k]);
+  }
+  __syncthreads();
+  for (int k = 0; k < ga.n; ++k) flush_tally(ga.tables[k], counts[k]);
 }
 
 // assign (overwrite present rows; no lock, like the CPU table) and accumulate (bucket lock: duplicates add up).
@@ -488,12 +534,8 @@ __device__ __forceinline__ void optimizer_row_lanes(const Tile& g, const Optimiz
 // distinct keys, so no two groups share a row and nothing else changes the table during the kernel), the slot,
 // then the row update. Row-wise Adagrad first reduces sum(g^2) over the group.
 template <bool kLocked>
-__global__ void optimizer_kernel(View t, const int64_t* keys, int64_t n, const float* grads, OptimizerStep o,
-                                 bool* found) {
-  const Tile g = cg::tiled_partition<kGroup>(cg::this_thread_block());
-  const int64_t i = group_index(g);
-  if (i >= n) return;
-  const int64_t key = keys[i];
+__device__ __forceinline__ void optimize_key(const View& t, const Tile& g, int64_t i, int64_t key, const float* grad,
+                                             const OptimizerStep& o, bool* found) {
   if (is_reserved(key)) {
     if (g.thread_rank() == 0) found[i] = false;
     return;
@@ -503,7 +545,6 @@ __global__ void optimizer_kernel(View t, const int64_t* keys, int64_t n, const f
   const int s = find_slot(t, g, pr, key);
   if (s >= 0) {
     float* row = row_of(t, pr.base + s);
-    const float* grad = grads + i * t.dim;
     float row_s = 0.f;
     if (o.kind == OptimizerKind::kRowwiseAdagrad) {
       static_assert(kGroup == kRowwiseLanes, "the CPU table reproduces this reduction order (optimizer.h)");
@@ -519,6 +560,26 @@ __global__ void optimizer_kernel(View t, const int64_t* keys, int64_t n, const f
   }
   if (kLocked) unlock_bucket(t, g, pr.bucket);
   if (g.thread_rank() == 0) found[i] = s >= 0;
+}
+
+template <bool kLocked>
+__global__ void optimizer_kernel(View t, const int64_t* keys, int64_t n, const float* grads, OptimizerStep o,
+                                 bool* found) {
+  const Tile g = cg::tiled_partition<kGroup>(cg::this_thread_block());
+  const int64_t i = group_index(g);
+  if (i < n) optimize_key<kLocked>(t, g, i, keys[i], grads + i * t.dim, o, found);
+}
+
+// apply_optimizer of every table of the group, each with its own step (grads: [total, dim]).
+template <bool kLocked>
+__global__ void group_optimizer_kernel(const __grid_constant__ GroupArgs ga, const int64_t* keys, const float* grads,
+                                       bool* found) {
+  const Tile g = cg::tiled_partition<kGroup>(cg::this_thread_block());
+  const int64_t i = group_index(g);
+  if (i >= ga.bounds[ga.n]) return;
+  const int k = table_of(ga, i);
+  const View& t = ga.tables[k];
+  optimize_key<kLocked>(t, g, i, keys[i], grads + i * t.dim, ga.steps[k], found);
 }
 
 __global__ void erase_kernel(View t, const int64_t* keys, int64_t n) {
@@ -782,6 +843,60 @@ void CudaTable::upsert_rows(const int64_t* keys, int64_t n, float* out, int out_
   upsert_kernel<Upsert::kFindOrInsert>
       <<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, out, out_cols, nullptr, status, scores);
   check(cudaGetLastError(), "find_or_insert");
+}
+
+int CudaTable::check_group(const std::vector<CudaTable*>& tables, const std::vector<int64_t>& bounds) {
+  check_group_bounds(tables.size(), bounds.data(), bounds.size());
+  for (const CudaTable* t : tables) {
+    if (t == nullptr) throw std::invalid_argument("a group's table is missing");
+    if (t->options_.device != tables[0]->options_.device)
+      throw std::invalid_argument("a group's tables must live on one device");
+    if (t->options_.dim != tables[0]->options_.dim) throw std::invalid_argument("a group's tables must share dim");
+  }
+  return tables[0]->options_.device;
+}
+
+void CudaTable::find_or_insert_embeddings_group(const std::vector<CudaTable*>& tables,
+                                                const std::vector<int64_t>& bounds, const int64_t* keys,
+                                                float* embeddings, int8_t* status, uintptr_t stream) {
+  DeviceGuard guard(check_group(tables, bounds));
+  GroupArgs ga{};
+  ga.n = static_cast<int>(tables.size());
+  for (int k = 0; k < ga.n; ++k) {
+    const int64_t n = bounds[k + 1] - bounds[k];
+    if (n > 0) tables[k]->grow_for(n, stream);  // as find_or_insert_embeddings: growth first, then the views
+    ga.tables[k] = tables[k]->view();
+    ga.bounds[k] = bounds[k];
+  }
+  ga.bounds[ga.n] = bounds[ga.n];
+  if (ga.bounds[ga.n] <= 0) return;
+  group_find_or_insert_kernel<<<blocks_for(ga.bounds[ga.n]), kBlock, 0, as_stream(stream)>>>(ga, keys, embeddings,
+                                                                                              status);
+  check(cudaGetLastError(), "find_or_insert_embeddings_group");
+}
+
+void CudaTable::apply_optimizer_group(const std::vector<CudaTable*>& tables, const std::vector<int64_t>& bounds,
+                                      const std::vector<OptimizerStep>& steps, const int64_t* keys,
+                                      const float* grads, bool* found, bool distinct, uintptr_t stream) {
+  DeviceGuard guard(check_group(tables, bounds));
+  if (steps.size() != tables.size()) throw std::invalid_argument("a group needs one optimizer step per table");
+  GroupArgs ga{};
+  ga.n = static_cast<int>(tables.size());
+  for (int k = 0; k < ga.n; ++k) {
+    steps[k].check_fits(tables[k]->options_.dim, tables[k]->options_.value_dim);
+    ga.tables[k] = tables[k]->view();
+    ga.steps[k] = steps[k];
+    ga.bounds[k] = bounds[k];
+  }
+  ga.bounds[ga.n] = bounds[ga.n];
+  if (ga.bounds[ga.n] <= 0) return;
+  const unsigned blocks = blocks_for(ga.bounds[ga.n]);
+  if (distinct) {
+    group_optimizer_kernel<false><<<blocks, kBlock, 0, as_stream(stream)>>>(ga, keys, grads, found);
+  } else {
+    group_optimizer_kernel<true><<<blocks, kBlock, 0, as_stream(stream)>>>(ga, keys, grads, found);
+  }
+  check(cudaGetLastError(), "apply_optimizer_group");
 }
 
 void CudaTable::insert_or_assign(const int64_t* keys, int64_t n, const float* values, int8_t* status,

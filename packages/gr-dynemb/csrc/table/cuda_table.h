@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "table/optimizer.h"
 #include "table/types.h"
@@ -55,6 +56,15 @@ class CudaTable {
                                  const uint64_t* scores, uintptr_t stream);
   void insert_or_assign(const int64_t* keys, int64_t n, const float* values, int8_t* status, const uint64_t* scores,
                         uintptr_t stream);
+  // A group of tables (same device and dim) in one kernel launch: table k's keys are keys[bounds[k], bounds[k + 1])
+  // (see kMaxGroupTables), with the semantics of a find_or_insert_embeddings / apply_optimizer per table (the
+  // optimizer steps[k] for table k). Reserved keys are rejected and counted by the table they are offered to.
+  static void find_or_insert_embeddings_group(const std::vector<CudaTable*>& tables,
+                                              const std::vector<int64_t>& bounds, const int64_t* keys,
+                                              float* embeddings, int8_t* status, uintptr_t stream);
+  static void apply_optimizer_group(const std::vector<CudaTable*>& tables, const std::vector<int64_t>& bounds,
+                                    const std::vector<OptimizerStep>& steps, const int64_t* keys,
+                                    const float* grads, bool* found, bool distinct, uintptr_t stream);
   void assign(const int64_t* keys, int64_t n, const float* values, bool* found, uintptr_t stream);
   void accumulate(const int64_t* keys, int64_t n, const float* delta, bool* found, uintptr_t stream);
   // One fused optimizer step on present keys' rows (see CpuTable::apply_optimizer; distinct: no bucket locks).
@@ -83,6 +93,8 @@ class CudaTable {
   void upsert_rows(const int64_t* keys, int64_t n, float* out, int out_cols, int8_t* status, const uint64_t* scores,
                    uintptr_t stream);
   int64_t read_counter(int index, uintptr_t stream);
+  // Checks a group (bounds, one device, one dim) and returns its launch parameters' device.
+  static int check_group(const std::vector<CudaTable*>& tables, const std::vector<int64_t>& bounds);
 
   CudaTableOptions options_;
   int64_t capacity_ = 0;

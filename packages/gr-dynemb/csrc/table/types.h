@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
+#include <string>
 
 namespace gr_dynemb {
 
@@ -12,6 +13,22 @@ constexpr int64_t kEmptyKey = std::numeric_limits<int64_t>::min();         // sl
 constexpr int64_t kErasedKey = std::numeric_limits<int64_t>::min() + 1;    // slot freed by erase (reusable)
 
 constexpr int kBucketSize = 128;  // slots per bucket: a key lives in exactly one bucket (no cross-bucket probing)
+
+// Tables one grouped call (find_or_insert_embeddings_group, apply_optimizer_group) takes at most; a group's table k
+// owns keys [bounds[k], bounds[k + 1]) of the call.
+constexpr int kMaxGroupTables = 16;
+
+// Throws std::invalid_argument unless bounds fit a group of num_tables tables: 1..kMaxGroupTables tables,
+// num_tables + 1 nondecreasing bounds from 0.
+inline void check_group_bounds(size_t num_tables, const int64_t* bounds, size_t num_bounds) {
+  if (num_tables < 1 || num_tables > size_t(kMaxGroupTables))
+    throw std::invalid_argument("a group holds 1 to " + std::to_string(kMaxGroupTables) + " tables, got " +
+                                std::to_string(num_tables));
+  if (num_bounds != num_tables + 1) throw std::invalid_argument("a group needs one more bound than tables");
+  if (bounds[0] != 0) throw std::invalid_argument("a group's bounds start at 0");
+  for (size_t k = 0; k < num_tables; ++k)
+    if (bounds[k + 1] < bounds[k]) throw std::invalid_argument("a group's bounds must be nondecreasing");
+}
 
 // How a slot's score is computed when a key is inserted or touched.
 enum class ScorePolicy : int {

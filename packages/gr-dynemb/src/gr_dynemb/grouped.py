@@ -9,9 +9,13 @@ group here, and the group shares that work:
   table's unique ids are contiguous and ascending (the order ``torch.unique`` gives one table);
 - one host synchronisation per step: the cumulative unique counts per table and the smallest id (the two reserved
   ids are the smallest int64 values, so one number tells whether the batch holds one);
-- per table, one native ``find_or_insert_embeddings`` writing the embeddings straight into its slice of one buffer;
-- one gather to the batch's order; in backward, one gradient aggregation (``index_add_``), the fused optimizer of
-  each table on its slice, and the dropped-gradient counts of all tables in one pass.
+- one native ``find_or_insert_embeddings_group`` for all tables (one kernel launch on a GPU; the tables' short
+  kernels would each pay a launch and a tail of bucket-lock waits), writing the embeddings into one buffer;
+- one gather to the batch's order; in backward, one gradient aggregation (``index_add_``), one native
+  ``apply_optimizer_group`` (each table with its own optimizer and step, no bucket locks: the ids are distinct),
+  and the dropped-gradient counts of all tables in one pass.
+
+Groups of more than ``MAX_GROUP_TABLES`` tables make one native call per ``MAX_GROUP_TABLES`` tables.
 
 Semantics are those of each table's own ``DynamicEmbedding`` lookup: same rows, statuses, scores, clocks, optimizer
 steps and errors. A batch with a reserved id, or with no ids at all, takes the per-table path, which processes the
@@ -20,16 +24,15 @@ tables in order and raises at the first reserved id.
 
 from __future__ import annotations
 
-import functools
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from gr_dynemb.table import ERASED_KEY
+from gr_dynemb.table import ERASED_KEY, MAX_GROUP_TABLES, apply_optimizer_group, find_or_insert_embeddings_group
 
 if TYPE_CHECKING:
     from gr_dynemb.embedding import DynamicEmbedding
@@ -79,13 +82,13 @@ def grouped_train_lookup(modules: Sequence[DynamicEmbedding], ids: Sequence[Tens
     dim = modules[0].dim
     rows = torch.empty(batch.keys.numel(), dim, device=device)
     status = torch.empty(batch.keys.numel(), dtype=torch.int8, device=device)
-
-    def find_or_insert(t: int) -> None:
-        a, b = batch.bounds[t], batch.bounds[t + 1]
-        modules[t].table.set_step(modules[t].step + 1)
-        modules[t].table.find_or_insert_embeddings(batch.keys[a:b], rows[a:b], status[a:b], keys_checked=True)
-
-    for_each_table(device, len(modules), find_or_insert)
+    for lo, hi in _chunks(len(modules)):
+        for m in modules[lo:hi]:
+            m.table.set_step(m.step + 1)
+        a, b = batch.bounds[lo], batch.bounds[hi]
+        find_or_insert_embeddings_group(
+            [m.table for m in modules[lo:hi]], batch.keys[a:b], _rebased(batch.bounds, lo, hi), rows[a:b], status[a:b]
+        )
     if torch.is_grad_enabled():
         out = _GroupedLookup.apply(modules[0]._grad_anchor, modules, batch, rows)
     else:
@@ -130,40 +133,23 @@ def _dedup(flats: list[Tensor], device: torch.device) -> _Batch | None:
     return _Batch(unique_keys, inverse, bounds)
 
 
-def for_each_table(device: torch.device, num_tables: int, run: Callable[[int], None]) -> None:
-    """``run(t)`` for every table. On a GPU the tables' calls go round-robin to side streams (joined before this
-    returns, also on error): one table's kernels are small and end in a tail of waits on its busiest bucket locks,
-    and kernels of different streams fill each other's tails. The tables are independent, so order does not matter."""
-    if device.type != "cuda" or num_tables == 1:
-        for t in range(num_tables):
-            run(t)
-        return
-    main = torch.cuda.current_stream(device)
-    streams = _side_streams(device, min(num_tables, _SIDE_STREAMS))
-    for s in streams:
-        s.wait_stream(main)
-    try:
-        for t in range(num_tables):
-            with torch.cuda.stream(streams[t % len(streams)]):
-                run(t)
-    finally:
-        for s in streams:
-            main.wait_stream(s)  # the buffers (allocated on main) are freed on main only after the side work
+def _chunks(num_tables: int) -> list[tuple[int, int]]:
+    """Table ranges of at most MAX_GROUP_TABLES tables: one native call each."""
+    return [(lo, min(lo + MAX_GROUP_TABLES, num_tables)) for lo in range(0, num_tables, MAX_GROUP_TABLES)]
 
 
-_SIDE_STREAMS = 8
+def _rebased(bounds: list[int], lo: int, hi: int) -> list[int]:
+    return [b - bounds[lo] for b in bounds[lo : hi + 1]]
 
 
-@functools.cache
-def _side_streams(device: torch.device, n: int) -> list[torch.cuda.Stream]:
-    return [torch.cuda.Stream(device) for _ in range(n)]
+def _optimizer(m: DynamicEmbedding) -> tuple[str, float, float, float, float, int]:
+    o = m.config.optimizer
+    return o.kind, o.lr, o.eps, o.beta1, o.beta2, m.step
 
 
 def sum_rows(grad: Tensor, index: Tensor, num_rows: int) -> Tensor:
-    """``out[r] = sum of grad[i] over i with index[i] == r``: ``[num_rows, dim]``. ATen's embedding backward: a sort
-    of ``index`` and segment sums in bounded chunks, so a hot row (power-law ids put ~10% of a batch on one) is
-    summed by many threads instead of serialising atomics on its address as ``index_add_`` does; deterministic."""
-    return torch.ops.aten.embedding_dense_backward(grad, index, num_rows, -1, False)
+    """``out[r] = sum of grad[i] over i with index[i] == r``: ``[num_rows, dim]``."""
+    return torch.zeros(num_rows, grad.shape[-1], dtype=grad.dtype, device=grad.device).index_add_(0, index, grad)
 
 
 class _GroupedLookup(torch.autograd.Function):
@@ -180,12 +166,14 @@ class _GroupedLookup(torch.autograd.Function):
         keys, bounds = batch.keys, batch.bounds
         summed = sum_rows(grad.detach().to(keys.device, torch.float32), batch.inverse, keys.numel())
         found = torch.empty(keys.numel(), dtype=torch.bool, device=keys.device)
-
-        def optimizer_step(t: int) -> None:
-            a, b = bounds[t], bounds[t + 1]
-            modules[t].optimizer_step(keys[a:b], summed[a:b], found=found[a:b], distinct=True)
-
-        for_each_table(keys.device, len(modules), optimizer_step)
+        for m in modules:
+            m.step += 1
+        for lo, hi in _chunks(len(modules)):
+            a, b = bounds[lo], bounds[hi]
+            apply_optimizer_group(
+                [m.table for m in modules[lo:hi]], keys[a:b], _rebased(bounds, lo, hi), summed[a:b],
+                [_optimizer(m) for m in modules[lo:hi]], found[a:b], distinct=True,
+            )  # fmt: skip
         # Dropped gradients per table (ids without a slot) from one running count.
         missed = torch.zeros(keys.numel() + 1, dtype=torch.int64, device=keys.device)
         torch.cumsum(~found, 0, out=missed[1:])

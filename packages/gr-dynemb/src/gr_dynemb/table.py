@@ -23,6 +23,7 @@ of concurrent inserts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -428,6 +429,78 @@ class DynamicHashTable:
 
     def __len__(self) -> int:
         return self.size()
+
+
+MAX_GROUP_TABLES: int = _C.MAX_GROUP_TABLES
+
+
+def find_or_insert_embeddings_group(
+    tables: Sequence[DynamicHashTable], keys: Tensor, bounds: Sequence[int], out: Tensor, status: Tensor
+) -> None:
+    """``tables[k].find_or_insert_embeddings(keys[bounds[k]:bounds[k + 1]], ...)`` for every k in one native call
+    (one kernel launch on a GPU, so small tables do not each pay a launch and a tail): at most ``MAX_GROUP_TABLES``
+    tables on one device with one dim; ``out [n, dim]``, ``status [n]`` as there. The caller makes sure that no key
+    is reserved (a reserved key would only be counted, and the next inserting call of its table would raise);
+    tables with policy ``"none"`` raise ``TableFullError`` as ``find_or_insert`` does."""
+    first = _check_group(tables, bounds)
+    keys = first._keys(keys)
+    n = keys.numel()
+    if bounds[-1] != n:
+        raise ValueError(f"the group's bounds end at {bounds[-1]}, but there are {n} keys")
+    _check_out(out, (n, first.dim), torch.float32, first.device, "out")
+    _check_out(status, (n,), torch.int8, first.device, "status")
+    type(first._table).find_or_insert_embeddings_group(
+        [t._table for t in tables], list(bounds), keys.data_ptr(), out.data_ptr(), status.data_ptr(), *first._stream()
+    )
+    for k, t in enumerate(tables):
+        if t.config.policy == "none":
+            t._raise_if_full(status[bounds[k] : bounds[k + 1]], keys[bounds[k] : bounds[k + 1]])
+
+
+def apply_optimizer_group(
+    tables: Sequence[DynamicHashTable],
+    keys: Tensor,
+    bounds: Sequence[int],
+    grads: Tensor,
+    optimizers: Sequence[tuple[str, float, float, float, float, int]],
+    found: Tensor,
+    *,
+    distinct: bool = False,
+) -> None:
+    """``tables[k].apply_optimizer`` on ``keys[bounds[k]:bounds[k + 1]]`` for every k in one native call, with table
+    k's optimizer ``optimizers[k] = (kind, lr, eps, beta1, beta2, step)``; ``grads [n, dim]`` and ``found [n]``
+    (written) as there, as is ``distinct``."""
+    first = _check_group(tables, bounds)
+    keys = first._keys(keys)
+    n = keys.numel()
+    if bounds[-1] != n:
+        raise ValueError(f"the group's bounds end at {bounds[-1]}, but there are {n} keys")
+    if len(optimizers) != len(tables):
+        raise ValueError(f"need one optimizer per table, got {len(optimizers)} for {len(tables)} tables")
+    for kind, *_ in optimizers:
+        if kind not in _OPTIMIZERS:
+            raise ValueError(f"optimizer kind must be one of {sorted(_OPTIMIZERS)}, got {kind!r}")
+    _check_out(grads, (n, first.dim), torch.float32, first.device, "grads")
+    _check_out(found, (n,), torch.bool, first.device, "found")
+    params = [(_OPTIMIZERS[kind], *rest) for kind, *rest in optimizers]
+    type(first._table).apply_optimizer_group(
+        [t._table for t in tables], list(bounds), params, keys.data_ptr(), grads.data_ptr(), found.data_ptr(),
+        distinct, *first._stream(),
+    )  # fmt: skip
+
+
+def _check_group(tables: Sequence[DynamicHashTable], bounds: Sequence[int]) -> DynamicHashTable:
+    if not 1 <= len(tables) <= MAX_GROUP_TABLES:
+        raise ValueError(f"a group holds 1 to {MAX_GROUP_TABLES} tables, got {len(tables)}")
+    if len(bounds) != len(tables) + 1:
+        raise ValueError(f"a group of {len(tables)} tables needs {len(tables) + 1} bounds, got {len(bounds)}")
+    first = tables[0]
+    for t in tables:
+        if t.device != first.device or t.dim != first.dim:
+            raise ValueError(
+                f"a group's tables share device and dim: {first.device}/{first.dim} and {t.device}/{t.dim}"
+            )
+    return first
 
 
 def owner_ranks(keys: Tensor, world_size: int) -> Tensor:

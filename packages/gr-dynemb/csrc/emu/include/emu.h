@@ -17,6 +17,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __shared__ static
 
 struct dim3 { unsigned x = 1, y = 1, z = 1; dim3() = default; dim3(unsigned a) : x(a) {} };
