@@ -40,7 +40,7 @@ API for the serving helper (``gr_models.serving`` builds on this; one call at a 
   nothing, and the others are scored as without it; a user repeated in the list splits it into runs of distinct users,
   applied in order. The attention op takes a delta-q pass's relative bias as a full ``[B, 1, N, N]`` square (B
   sequences, N the longest): a pass packs sequences, longest first, while ``B * N * N * itemsize <=
-  max_batch_bias_bytes`` (default 64 MiB; a longer sequence runs alone, as in ``score``). Scores equal ``score``'s up to
+  max_batch_bias_bytes`` (default 256 MiB; a longer sequence runs alone). Scores equal ``score``'s up to
   float summation order (fp32 within 1e-5).
 - Not thread-safe: serialise calls to one scorer.
 """

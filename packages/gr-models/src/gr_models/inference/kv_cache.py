@@ -232,12 +232,18 @@ class KVCache:
             raise KeyError(f"user {user_id!r} has no cache entry (reserve it first)")
         return entry
 
-    def _slots(self, entry: CacheEntry, start: int, end: int) -> torch.Tensor:
+    def slots(self, user_id: Hashable, start: int, end: int) -> torch.Tensor:
+        """Pool slots of the user's rows ``[start, end)``: a CPU int64 tensor (built on the host, so a caller can
+        ship it to the device with its other indices in one copy)."""
+        entry = self._entry(user_id)
         if not 0 <= start <= end <= entry.num_tokens:
             raise IndexError(f"rows [{start}, {end}) outside user {entry.user_id!r}'s {entry.num_tokens} cached tokens")
-        rows = torch.arange(start, end, device=self.device)
-        pages = torch.tensor(entry.pages, dtype=torch.int64, device=self.device)
-        return pages[rows // self.page_size] * self.page_size + rows % self.page_size
+        pages = torch.tensor(entry.pages, dtype=torch.int64)
+        return (pages.view(-1, 1) * self.page_size + torch.arange(self.page_size)).view(-1)[start:end]
+
+    def _slots(self, entry: CacheEntry, start: int, end: int) -> torch.Tensor:
+        # non_blocking: a host-to-device copy that does not wait for the device (pageable memory is staged at once)
+        return self.slots(entry.user_id, start, end).to(self.device, non_blocking=True)
 
     def write(self, user_id: Hashable, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k [n, H, Dqk]`` and ``v [n, H, Dv]`` as rows ``[start, start + n)`` of ``layer`` (cast to the
@@ -259,6 +265,19 @@ class KVCache:
         entry = self._entry(user_id)
         slots = self._slots(entry, 0, entry.num_tokens if end is None else end)
         return self.k_pool.index_select(1, slots), self.v_pool.index_select(1, slots)
+
+    def write_rows(self, user_id: Hashable, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """``write`` for every layer at once: ``k [L, n, H, Dqk]``, ``v [L, n, H, Dv]`` become rows ``[start, start +
+        n)`` (one copy per pool instead of one per layer)."""
+        entry = self._entry(user_id)
+        n = k.shape[1] if k.dim() == 4 else -1
+        want_k = (self.num_layers, n, self.num_heads, self.qk_dim)
+        want_v = (self.num_layers, n, self.num_heads, self.v_dim)
+        if tuple(k.shape) != want_k or tuple(v.shape) != want_v:
+            raise ValueError(f"k/v must be {want_k}/{want_v}, got {tuple(k.shape)}/{tuple(v.shape)}")
+        slots = self._slots(entry, start, start + n)
+        self.k_pool.index_copy_(1, slots, k.to(device=self.device, dtype=self.dtype))
+        self.v_pool.index_copy_(1, slots, v.to(device=self.device, dtype=self.dtype))
 
     # -- accounting ----------------------------------------------------------------------------------------------
 

@@ -53,7 +53,7 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -63,7 +63,8 @@ from gr_models.inference.bias import relative_bias_rows
 from gr_models.inference.cast_model import CastRankingModel, resolve_dtype
 from gr_models.inference.kv_cache import CacheCapacityError, KVCache
 from gr_models.inference.requests import Candidates, InferenceInputError, UserEvents
-from gr_models.ranking.hstu_ranking import HSTURankingModel, RankingTokens
+from gr_models.inference.window import WindowInputs, WindowRows, window_inputs
+from gr_models.ranking.hstu_ranking import HSTURankingModel
 
 logger = logging.getLogger(__name__)
 
@@ -125,36 +126,52 @@ class UserRequest(NamedTuple):
 
 
 @dataclass
-class _Rows:
-    """One sequence of a jagged delta-q encoder pass: rows ``[start, end)`` of a user's window as the queries, after
-    the ``P`` rows (token rows ``[0, P)`` of the same window) whose K/V per layer are ``past_k/past_v [L, P, H, D]``."""
+class _PrefixPlan:
+    """A request's prefix ``[0, end)``: rows ``[start, end)`` are to be run after the cached rows ``[0, start)``,
+    which live in the pool at ``past_slots`` (CPU int64). ``compute=False``: the cache holds all of it (``start ==
+    end``, ``past_slots`` covers the prefix)."""
 
-    tokens: RankingTokens
     start: int
     end: int
-    past_k: torch.Tensor
-    past_v: torch.Tensor
-    num_targets: int = 0
-
-    @property
-    def num_past(self) -> int:
-        return self.past_k.shape[1]
-
-    @property
-    def num_new(self) -> int:
-        return self.end - self.start
+    past_slots: torch.Tensor
+    compute: bool
 
 
 @dataclass
-class _PrefixPlan:
-    """A request's prefix ``[0, end)``: rows ``[start, end)`` are to be run after the K/V ``past_k/past_v`` of rows
-    ``[0, start)`` read from the cache (``compute=False``: the cache holds all of it, ``past_*`` is the prefix)."""
+class _Work:
+    """One user's request inside a call: its plan, its rows of the call's inputs and, once run, where its whole
+    prefix K/V is (a pass's key buffer and the first row there)."""
 
-    start: int
-    end: int
-    past_k: torch.Tensor
-    past_v: torch.Tensor
-    compute: bool
+    user_id: Hashable
+    hist: UserHistory
+    request_time: int
+    candidates: Candidates
+    plan: _PrefixPlan
+    inputs: WindowInputs | None = None
+    fused: bool = False  # prefix rows run as extra queries of every candidate micro-batch (one pass)
+    prefix_kv: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+
+@dataclass
+class _Seq:
+    """One sequence of a jagged delta-q pass: keys = ``num_past`` rows taken from the pool (``work.plan
+    .past_slots``) or, with ``from_prefix``, from the work's computed prefix; queries = its ``num_prefix_q`` prefix
+    rows ``[num_past, P)`` then candidates ``[c0, c1)`` (the op's targets)."""
+
+    work: _Work
+    num_past: int
+    num_prefix_q: int
+    c0: int = 0
+    c1: int = 0
+    from_prefix: bool = False
+
+    @property
+    def num_q(self) -> int:
+        return self.num_prefix_q + self.c1 - self.c0
+
+    @property
+    def length(self) -> int:
+        return self.num_past + self.num_q
 
 
 class CachedRankingScorer:
@@ -171,10 +188,12 @@ class CachedRankingScorer:
             are invalidated on lookup.
         max_candidates: more candidates in one request is an error.
         max_users: users whose event history is kept (least recently used are forgotten beyond that).
-        max_batch_bias_bytes: memory bound of one jagged encoder pass of ``score_many``: the attention op takes the
-            relative bias of a delta-q pass as a full ``[B, 1, N, N]`` square (B sequences, N the longest), so a pass
-            holds sequences while ``B * N * N * itemsize`` stays within this (the same bound caps a pass's padded
-            work when the model has no bias); a sequence above it on its own runs alone, as ``score`` runs it.
+        max_batch_bias_bytes: memory bound of one jagged encoder pass: the attention op takes the relative bias
+            of a delta-q pass as a full ``[B, 1, N, N]`` square (B sequences, N the longest), so a pass holds
+            sequences while ``B * N * N * itemsize`` stays within this (the same bound caps a pass's padded work
+            when the model has no bias); a sequence above it on its own runs alone. The default holds three
+            micro-batches of a 4096-event history in fp32 (seven in bf16), so a cache hit with 256 candidates in
+            micro-batches of 128 is one pass.
     """
 
     def __init__(
@@ -187,7 +206,7 @@ class CachedRankingScorer:
         model_version: str | None = None,
         max_candidates: int = 4096,
         max_users: int = 100_000,
-        max_batch_bias_bytes: int = 64 << 20,
+        max_batch_bias_bytes: int = 256 << 20,
     ) -> None:
         if not isinstance(model, HSTURankingModel):
             raise TypeError(f"model must be an HSTURankingModel, got {type(model).__name__}")
@@ -244,10 +263,8 @@ class CachedRankingScorer:
         feats = self._check_features(user_features)
         self._check_candidates(candidates)
         hist, request_time = self._update_history(user_id, feats, new_events, request_time)
-        tokens = self._tokens(hist, candidates, request_time)
         with torch.inference_mode():
-            [(past_k, past_v)] = self._prefixes([(user_id, hist, tokens, request_time)])
-            [out] = self._score_candidates([(tokens, past_k, past_v, len(candidates))])
+            [out] = self._run_works([(user_id, hist, request_time, candidates)])
         self.stats.requests += 1
         self.stats.candidates += len(candidates)
         return out
@@ -290,9 +307,8 @@ class CachedRankingScorer:
             last = last if last is not None else (stored.events.last_timestamp if stored is not None else None)
             request_time = 0 if last is None else last
         hist, request_time = self._update_history(user_id, feats, new_events, request_time)
-        tokens = self._tokens(hist, Candidates.from_lists([]), request_time)
         with torch.inference_mode():
-            self._prefixes([(user_id, hist, tokens, request_time)])
+            self._run_works([(user_id, hist, request_time, Candidates.from_lists([]))])
 
     def invalidate(self, user_id: Hashable) -> bool:
         """Drop the user's cached K/V (the history is kept: the next request recomputes the prefix)."""
@@ -449,52 +465,6 @@ class CachedRankingScorer:
             labels={},
         )
 
-    def _tokens(self, hist: UserHistory, candidates: Candidates, request_time: int) -> RankingTokens:
-        """Encoder inputs of ``[features | history | candidates]`` (built by the model's own input layer)."""
-        [tokens] = self._tokens_many([(hist, candidates, request_time)])
-        return tokens
-
-    def _tokens_many(self, windows: Sequence[tuple[UserHistory, Candidates, int]]) -> list[RankingTokens]:
-        """``_tokens`` of several windows through one call of the model's input layer (windows are independent
-        there: each token's embedding, position and times come from its own window), split per window."""
-        batches = [self._batch(hist, candidates, request_time) for hist, candidates, request_time in windows]
-        if len(batches) == 1:
-            batch = batches[0]
-        else:
-            batch = RankingBatch(
-                **{
-                    f.name: torch.cat([getattr(b, f.name) for b in batches])
-                    for f in fields(RankingBatch)
-                    if f.name != "labels"
-                },
-                labels={},
-            )
-        with torch.inference_mode():
-            tokens = self.model.input_tokens(batch.to(self._embedding_device()), check_max_len=False)
-        x = tokens.x.to(device=self.device, dtype=self.dtype)
-        names = ("positions", "timestamps", "query_timestamps", "candidate_rows", "num_targets")
-        positions, timestamps, query_ts, candidate_rows, num_targets = (
-            getattr(tokens, n).to(self.device) for n in names
-        )
-        bounds = tokens.offsets.tolist()
-        out = []
-        for i in range(len(batches)):
-            start, end = bounds[i], bounds[i + 1]
-            rows = candidate_rows[(candidate_rows >= start) & (candidate_rows < end)] - start
-            out.append(
-                RankingTokens(
-                    x=x[start:end],
-                    offsets=torch.tensor([0, end - start], device=self.device),
-                    max_len=end - start,
-                    positions=positions[start:end],
-                    timestamps=timestamps[start:end],
-                    query_timestamps=query_ts[start:end],
-                    candidate_rows=rows,
-                    num_targets=num_targets[i : i + 1],
-                )
-            )
-        return out
-
     def _embedding_device(self) -> torch.device:
         return self.model.action_embedding.weight.device
 
@@ -520,7 +490,7 @@ class CachedRankingScorer:
         return None, max(entry.num_tokens - 1, 0) if self.time_dependent else entry.num_tokens
 
     def _plan_prefix(self, user_id: Hashable, hist: UserHistory, request_time: int) -> _PrefixPlan:
-        """Looks the user up; says which prefix rows must be run and reads the cached rows before them."""
+        """Looks the user up; says which prefix rows must be run and where the cached rows before them are."""
         p = self.num_features + self.tokens_per_event * len(hist.events)
         reason, start = self._full_reason(user_id, hist, request_time)
         if reason is not None:
@@ -531,68 +501,72 @@ class CachedRankingScorer:
                 self._logged_full_context = True
         elif start == p:
             self.stats.prefix_reused += 1
-            return _PrefixPlan(p, p, *self.cache.read(user_id), compute=False)
+            return _PrefixPlan(p, p, self.cache.slots(user_id, 0, p), compute=False)
         else:
             self.stats.prefix_incremental += 1
-        past_k, past_v = self.cache.read(user_id, start) if start > 0 else self._empty_kv()
-        return _PrefixPlan(start, p, past_k, past_v, compute=True)
+        slots = self.cache.slots(user_id, 0, start) if start > 0 else torch.zeros(0, dtype=torch.int64)
+        return _PrefixPlan(start, p, slots, compute=True)
 
-    def _prefixes(
-        self, users: Sequence[tuple[Hashable, UserHistory, RankingTokens, int]]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Brings the cached prefixes of distinct users ``(user_id, history, tokens, request_time)`` up to date, the
-        rows to compute of all of them in one jagged pass; returns each prefix's K/V ``[L, P, H, D]``.
+    def _run_works(self, items: Sequence[tuple[Hashable, UserHistory, int, Candidates]]) -> list[torch.Tensor | None]:
+        """Brings the cached prefixes of distinct users ``(user_id, history, request_time, candidates)`` up to date
+        and scores their candidates: ``[M, T]`` per user (None where there are no candidates, e.g. ``append``).
 
-        Every user is looked up (and its cached rows read) before any is written back, so a reservation that evicts
-        another user of the group cannot take rows that user still needs; ``_store_prefix`` handles the rest."""
-        plans = [self._plan_prefix(user_id, hist, request_time) for user_id, hist, _, request_time in users]
-        jobs = [
-            _Rows(tokens, plan.start, plan.end, plan.past_k, plan.past_v)
-            for (_, _, tokens, _), plan in zip(users, plans, strict=True)
-            if plan.compute
+        Every user is looked up before anything runs, every pass reads the pool before anything is written back
+        (the stores come last), and ``_store_prefix`` handles users evicted or forgotten meanwhile. A user whose
+        changed prefix rows are few (typically the last history token at a new request time) runs them as extra
+        queries of each of its candidate micro-batches: one encoder pass for the whole request. Otherwise its prefix
+        rows go through a pass of their own first."""
+        works = [_Work(u, hist, t, cands, self._plan_prefix(u, hist, t)) for u, hist, t, cands in items]
+        rows = [
+            WindowRows(w.hist.user_features, w.hist.events, w.candidates, w.request_time, w.plan.start) for w in works
         ]
-        new_kv = iter(self._run_batched(jobs, need_final_output=False))
-        out = []
-        for (user_id, hist, _, request_time), plan in zip(users, plans, strict=True):
-            if plan.compute:
-                out.append(self._store_prefix(user_id, hist, request_time, plan, *next(new_kv)))
-            else:
-                out.append((plan.past_k, plan.past_v))
-        return out
+        x, inputs = window_inputs(self.model, rows, self.device, self.dtype)
+        prefix_seqs, cand_seqs = [], []
+        for w, inp in zip(works, inputs, strict=True):
+            w.inputs = inp
+            n_new, m = w.plan.end - w.plan.start, len(w.candidates)
+            micro_batches = -(-m // self.micro_batch)
+            # Fusing repeats the prefix rows in every micro-batch: worth it while that costs at most one more.
+            w.fused = n_new > 0 and micro_batches > 0 and (micro_batches - 1) * n_new <= self.micro_batch
+            if n_new and not w.fused:
+                prefix_seqs.append(_Seq(w, w.plan.start, n_new))
+            for i in range(0, m, self.micro_batch):
+                j = min(i + self.micro_batch, m)
+                if w.fused:
+                    cand_seqs.append(_Seq(w, w.plan.start, n_new, i, j))
+                else:
+                    cand_seqs.append(_Seq(w, w.plan.end, 0, i, j, from_prefix=n_new > 0))
+        if prefix_seqs:
+            self._run_batched(prefix_seqs, x, need_output=False)
+        outs: list[torch.Tensor | None] = [None] * len(works)
+        if cand_seqs:
+            y = self._run_batched(cand_seqs, x, need_output=True)
+            scores = self.heads(y).split([len(w.candidates) for w in works])
+            outs = [out if len(w.candidates) else None for w, out in zip(works, scores, strict=True)]
+        for w in works:
+            if w.plan.compute:
+                self._store_prefix(w)
+        return outs
 
-    def _store_prefix(
-        self,
-        user_id: Hashable,
-        hist: UserHistory,
-        request_time: int,
-        plan: _PrefixPlan,
-        new_k: torch.Tensor,
-        new_v: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes the computed rows into the user's entry; returns the whole prefix K/V."""
-        k, v = torch.cat([plan.past_k, new_k], dim=1), torch.cat([plan.past_v, new_v], dim=1)
+    def _store_prefix(self, w: _Work) -> None:
+        """Writes the computed rows into the user's entry (all of them if the entry was evicted meanwhile)."""
+        user_id, plan = w.user_id, w.plan
+        k_all, v_all, row = w.prefix_kv
         self.stats.tokens_computed += plan.end - plan.start
-        if self._histories.get(user_id) is not hist:
+        if self._histories.get(user_id) is not w.hist:
             # A later request of the same score_many call forgot this user (max_users): cache nothing for it.
             self.cache.invalidate(user_id)
-            return k, v
+            return
         # Another user's reservation in the same call may have evicted the entry: then write every row again.
         start = plan.start if user_id in self.cache else 0
-        state = _PrefixState(hist.user_features.clone(), hist.dropped, len(hist.events), request_time)
+        state = _PrefixState(w.hist.user_features.clone(), w.hist.dropped, len(w.hist.events), w.request_time)
         try:
             self.cache.reserve(user_id, self.model_version, plan.end).meta = state
-            for layer in range(k.shape[0]):
-                self.cache.write(user_id, layer, start, k[layer, start:], v[layer, start:])
+            rows = slice(row + start, row + plan.end)
+            self.cache.write_rows(user_id, start, k_all[:, rows], v_all[:, rows])
         except CacheCapacityError:
             self.cache.invalidate(user_id)
             self.stats.prefix_uncacheable += 1
-        return k, v
-
-    def _empty_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cache
-        k = torch.zeros(c.num_layers, 0, c.num_heads, c.qk_dim, device=self.device, dtype=self.dtype)
-        v = torch.zeros(c.num_layers, 0, c.num_heads, c.v_dim, device=self.device, dtype=self.dtype)
-        return k, v
 
     # -- several users -------------------------------------------------------------------------------------------
 
@@ -644,15 +618,8 @@ class CachedRankingScorer:
                 continue
             live.append((i, request.user_id, hist, request_time, request.candidates))
         if live:
-            tokens = self._tokens_many([(hist, cands, t) for _, _, hist, t, cands in live])
-            users = [(u, hist, tok, t) for (_, u, hist, t, _), tok in zip(live, tokens, strict=True)]
             with torch.inference_mode():
-                prefixes = self._prefixes(users)
-                jobs = [
-                    (tokens, k, v, len(live_request[-1]))
-                    for (_, _, tokens, _), (k, v), live_request in zip(users, prefixes, live, strict=True)
-                ]
-                outs = self._score_candidates(jobs)
+                outs = self._run_works([(u, hist, t, cands) for _, u, hist, t, cands in live])
             for (i, *_, cands), out in zip(live, outs, strict=True):
                 results[i] = out
                 self.stats.requests += 1
@@ -661,107 +628,157 @@ class CachedRankingScorer:
 
     # -- the encoder on jagged slices of rows --------------------------------------------------------------------
 
-    def _score_candidates(
-        self, users: Sequence[tuple[RankingTokens, torch.Tensor, torch.Tensor, int]]
-    ) -> list[torch.Tensor]:
-        """Task outputs ``[M, T]`` per user ``(tokens, prefix K, prefix V, M)``: every micro-batch of every user is
-        one sequence of the same jagged pass (its queries: the candidates, as targets after the user's prefix)."""
-        jobs = []
-        for tokens, past_k, past_v, m in users:
-            p = past_k.shape[1]
-            for i in range(0, m, self.micro_batch):
-                j = min(i + self.micro_batch, m)
-                jobs.append(_Rows(tokens, p + i, p + j, past_k, past_v, num_targets=j - i))
-        ys = self._run_batched(jobs, need_final_output=True)
-        outs = self.heads(ys[0] if len(ys) == 1 else torch.cat(ys))
-        return list(outs.split([m for *_, m in users]))
-
-    def _run_batched(self, jobs: list[_Rows], *, need_final_output: bool) -> list:
-        """``_run_pass`` over ``jobs`` in as few passes as ``max_batch_bias_bytes`` allows: sequences sorted by
-        length, longest first, so each pass pads to about its own longest. One result per job, in order."""
-        out: list = [None] * len(jobs)
-        todo = []
-        for i, job in enumerate(jobs):
-            if job.num_new:
-                todo.append(i)
-            elif need_final_output:
-                out[i] = job.tokens.x[job.start : job.start]
-            else:
-                out[i] = (job.past_k[:, :0], job.past_v[:, :0])
-        todo.sort(key=lambda i: -(jobs[i].num_past + jobs[i].num_new))
+    def _run_batched(self, seqs: list[_Seq], x: torch.Tensor, *, need_output: bool) -> torch.Tensor | None:
+        """``_run_pass`` over ``seqs`` in as few passes as ``max_batch_bias_bytes`` allows: sequences sorted by
+        length, longest first, so each pass pads to about its own longest. With ``need_output``, the final outputs
+        of every candidate ``[sum M, D]``, in user then candidate order."""
+        order = sorted(range(len(seqs)), key=lambda i: -seqs[i].length)
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        outs, done = [], []
         pos = 0
-        while pos < len(todo):
-            longest = jobs[todo[pos]].num_past + jobs[todo[pos]].num_new
+        while pos < len(order):
+            longest = seqs[order[pos]].length
             count = max(1, self.max_batch_bias_bytes // (longest * longest * itemsize))
-            chunk = todo[pos : pos + count]
-            for i, result in zip(chunk, self._run_pass([jobs[i] for i in chunk], need_final_output), strict=True):
-                out[i] = result
+            chunk = order[pos : pos + count]
+            out = self._run_pass([seqs[i] for i in chunk], x, need_output)
+            if need_output:
+                outs.append(out)
+                done += chunk
             pos += len(chunk)
-        return out
+        if not need_output:
+            return None
+        y = outs[0] if len(outs) == 1 else torch.cat(outs)
+        # Candidate rows came out pass by pass, sequence by sequence; ``seqs`` are in user then candidate order.
+        if done != sorted(done):
+            starts = list(itertools.accumulate((seqs[i].c1 - seqs[i].c0 for i in done), initial=0))
+            perm = torch.cat(
+                [torch.arange(starts[k], starts[k + 1]) for k in sorted(range(len(done)), key=done.__getitem__)]
+            )
+            y = y.index_select(0, perm.to(y.device, non_blocking=True))
+        return y
 
-    def _run_pass(self, jobs: list[_Rows], need_final_output: bool) -> list:
-        """The query rows of every job through every block as one jagged delta-q call per block. Returns each job's
-        final outputs ``[n, D]``, or with ``need_final_output=False`` its K/V per layer ``([L, n, H, Dqk], [L, n,
-        H, Dv])``."""
-        device = self.device
-        n_new = [job.num_new for job in jobs]
-        q_offsets = torch.tensor([0, *itertools.accumulate(n_new)], device=device)
-        past_offsets = torch.tensor([0, *itertools.accumulate(job.num_past for job in jobs)], device=device)
-        max_len = max(job.num_past + job.num_new for job in jobs)
-        rab = None if self.encoder.relative_bias is None else self._batch_bias(jobs, max_len)
-        targets = None
-        if any(job.num_targets for job in jobs):
-            targets = torch.tensor([job.num_targets for job in jobs], device=device)
-        if len(jobs) == 1:  # one sequence (``score``): no copies
-            x, past_k, past_v = jobs[0].tokens.x[jobs[0].start : jobs[0].end], jobs[0].past_k, jobs[0].past_v
+    def _run_pass(self, seqs: list[_Seq], x: torch.Tensor, need_output: bool) -> torch.Tensor | None:
+        """The queries of every sequence through every block as one jagged delta-q call per block, on one key buffer
+        per pass (``[L, keys, H, D]``: gathered once from the pool for all layers, each layer writing its new rows'
+        K/V into it). Every index the pass needs is built on the host and copied to the device at once, so the pass
+        never waits for the device. Leaves each computed prefix's K/V on its work (``_Work.prefix_kv``); returns
+        the candidates' final outputs (``need_output``)."""
+        cache, device = self.cache, self.device
+        kv_offsets = list(itertools.accumulate((s.length for s in seqs), initial=0))
+        q_offsets = list(itertools.accumulate((s.num_q for s in seqs), initial=0))
+        n = max(s.length for s in seqs)
+        pool_rows = torch.zeros(kv_offsets[-1], dtype=torch.int64)  # a placeholder slot for rows filled otherwise
+        any_pool = False
+        copies: dict[int, tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = {}
+        key_rows, q_rows, cand_rows = [], [], []
+        for b, s in enumerate(seqs):
+            w, ks = s.work, kv_offsets[b]
+            if s.from_prefix:  # the prefix this call computed (a pass's key buffer)
+                k_src, v_src, row = w.prefix_kv
+                _, dst, src = copies.setdefault(id(k_src), ((k_src, v_src), [], []))
+                dst.append(torch.arange(ks, ks + s.num_past))
+                src.append(torch.arange(row, row + s.num_past))
+            elif s.num_past:
+                pool_rows[ks : ks + s.num_past] = w.plan.past_slots[: s.num_past]
+                any_pool = True
+            key_rows.append(torch.arange(ks + s.num_past, ks + s.length))
+            r0 = w.inputs.row0
+            q_rows.append(torch.arange(r0, r0 + s.num_prefix_q))
+            c_row = r0 + w.inputs.num_prefix_rows
+            q_rows.append(torch.arange(c_row + s.c0, c_row + s.c1))
+            cand_rows.append(torch.arange(q_offsets[b] + s.num_prefix_q, q_offsets[b + 1]))
+        pieces = {
+            "q_offsets": torch.tensor(q_offsets),
+            "kv_offsets": torch.tensor(kv_offsets),
+            "pool_rows": pool_rows,
+            "key_rows": torch.cat(key_rows),
+            "q_rows": torch.cat(q_rows),
+        }
+        targets = [s.c1 - s.c0 for s in seqs]
+        if any(targets):
+            pieces["num_targets"] = torch.tensor(targets)
+        if need_output:
+            pieces["cand_rows"] = torch.cat(cand_rows)
+        for i, (_, dst, src) in enumerate(copies.values()):
+            pieces[f"dst{i}"], pieces[f"src{i}"] = torch.cat(dst), torch.cat(src)
+        if self.encoder.relative_bias is not None:
+            pieces.update(self._bias_pieces(seqs, n))
+        sizes = [t.numel() for t in pieces.values()]
+        # non_blocking: the host-to-device copy does not wait for the device (pageable memory is staged at once).
+        packed = torch.cat(list(pieces.values())).to(device, non_blocking=True)
+        d = dict(zip(pieces, packed.split(sizes), strict=True))
+
+        if any_pool:
+            k_all, v_all = cache.k_pool.index_select(1, d["pool_rows"]), cache.v_pool.index_select(1, d["pool_rows"])
         else:
-            x = torch.cat([job.tokens.x[job.start : job.end] for job in jobs])
-            past_k = torch.cat([job.past_k for job in jobs], dim=1)
-            past_v = torch.cat([job.past_v for job in jobs], dim=1)
-        ks, vs = [], []
+            shape = (cache.num_layers, kv_offsets[-1], cache.num_heads)
+            k_all = torch.empty(*shape, cache.qk_dim, device=device, dtype=self.dtype)
+            v_all = torch.empty(*shape, cache.v_dim, device=device, dtype=self.dtype)
+        for i, ((k_src, v_src), _, _) in enumerate(copies.values()):
+            k_all.index_copy_(1, d[f"dst{i}"], k_src.index_select(1, d[f"src{i}"]))
+            v_all.index_copy_(1, d[f"dst{i}"], v_src.index_select(1, d[f"src{i}"]))
+        rab = None if self.encoder.relative_bias is None else self._pass_bias(d, len(seqs), n)
+        h = x.index_select(0, d["q_rows"])
         blocks = self.encoder.blocks
         for layer, block in enumerate(blocks):
-            last = layer == len(blocks) - 1
-            y, k, v = block.forward_with_past(
-                x,
-                q_offsets,
-                past_k[layer],
-                past_v[layer],
-                past_offsets,
-                max_len,
+            y = block.forward_into_keys(
+                h,
+                d["q_offsets"],
+                k_all[layer],
+                v_all[layer],
+                d["kv_offsets"],
+                d["key_rows"],
+                n,
                 rab,
-                num_targets=targets,
+                num_targets=d.get("num_targets"),
                 contextual_seq_len=self.model.contextual_seq_len,
-                max_q_len=max(n_new),
-                need_output=need_final_output or not last,
-                validate=False,  # offsets built here; the check would sync a GPU twice per block
+                max_q_len=max(s.num_q for s in seqs),
+                need_output=need_output or layer < len(blocks) - 1,
+                validate=False,  # offsets built here; the check would sync a GPU
             )
-            ks.append(k)
-            vs.append(v)
             if y is not None:
-                x = y
+                h = y
         self.stats.encoder_passes += 1
-        if need_final_output:
-            return list(x.split(n_new))
-        return list(zip(torch.stack(ks).split(n_new, dim=1), torch.stack(vs).split(n_new, dim=1), strict=True))
+        for b, s in enumerate(seqs):
+            if s.num_prefix_q and s.c0 == 0:  # the first sequence with the user's computed rows keeps them
+                s.work.prefix_kv = (k_all, v_all, kv_offsets[b])
+        return h.index_select(0, d["cand_rows"]) if need_output else None
 
-    def _batch_bias(self, jobs: list[_Rows], n: int) -> torch.Tensor:
-        """The jobs' bias rows in the op's delta-q layout ``[B, 1, N, N]`` (row = query position). Only the query
-        rows are read, so they are written into a reused flat buffer rather than a fresh square per pass: rows left
-        from earlier passes are finite and fall on masked or unread entries."""
-        need = len(jobs) * n * n
+    def _bias_pieces(self, seqs: list[_Seq], n: int) -> dict[str, torch.Tensor]:
+        """Host side of ``_pass_bias``: per query row its sequence, row in the flattened ``[B * N, N]`` bias, query
+        time and position and its sequence's prefix length; per sequence the key times padded to ``N``."""
+        key_times = torch.zeros(len(seqs), n, dtype=torch.int64)
+        seq_of, rab_row, q_time, q_pos, prefix_len = [], [], [], [], []
+        for b, s in enumerate(seqs):
+            inp, nq = s.work.inputs, s.num_q
+            p = inp.prefix_len
+            key_times[b, :p] = inp.prefix_key_times
+            key_times[b, p : p + s.c1 - s.c0] = inp.candidate_times[s.c0 : s.c1]
+            seq_of.append(torch.full((nq,), b, dtype=torch.int64))
+            rab_row.append(torch.arange(b * n + s.num_past, b * n + s.length))
+            q_time += [inp.query_times[inp.num_prefix_rows - s.num_prefix_q :], inp.candidate_times[s.c0 : s.c1]]
+            q_pos += [torch.arange(p - s.num_prefix_q, p), torch.full((s.c1 - s.c0,), p, dtype=torch.int64)]
+            prefix_len.append(torch.full((nq,), p, dtype=torch.int64))
+        return {
+            "key_times": key_times.view(-1),
+            "seq_of": torch.cat(seq_of),
+            "rab_row": torch.cat(rab_row),
+            "q_time": torch.cat(q_time),
+            "q_pos": torch.cat(q_pos),
+            "prefix_len": torch.cat(prefix_len),
+        }
+
+    def _pass_bias(self, d: dict[str, torch.Tensor], b: int, n: int) -> torch.Tensor:
+        """The pass's bias rows in the op's delta-q layout ``[B, 1, N, N]`` (row = query position), all query rows in
+        one call. Keys: prefix row ``j`` at position ``j``, the candidates at ``P``. Only the query rows are read,
+        so they are written into a reused flat buffer rather than a fresh square per pass: rows left from earlier
+        passes are finite and fall on masked or unread entries."""
+        need = b * n * n
         if self._rab_buffer is None or self._rab_buffer.numel() < need:
             size = max(need, self.model.config.max_seq_len**2)
             self._rab_buffer = torch.zeros(size, device=self.device, dtype=self.dtype)
-        rab = self._rab_buffer[:need].view(len(jobs), 1, n, n)
-        for b, job in enumerate(jobs):
-            t, p, end = job.tokens, job.num_past, job.num_past + job.num_new
-            rab[b, 0, p:end, :end] = relative_bias_rows(
-                self.encoder.relative_bias,
-                torch.cat([t.timestamps[:p], t.timestamps[job.start : job.end]]),
-                torch.cat([t.positions[:p], t.positions[job.start : job.end]]),
-                t.query_timestamps[job.start : job.end],
-                t.positions[job.start : job.end],
-            )
-        return rab
+        rab = self._rab_buffer[:need].view(b * n, n)
+        key_times = d["key_times"].view(b, n).index_select(0, d["seq_of"])
+        key_pos = torch.arange(n, device=self.device).view(1, n).minimum(d["prefix_len"].view(-1, 1))
+        rows = relative_bias_rows(self.encoder.relative_bias, key_times, key_pos, d["q_time"], d["q_pos"])
+        return rab.index_copy_(0, d["rab_row"], rows).view(b, 1, n, n)

@@ -199,6 +199,48 @@ class HSTUBlock(nn.Module):
         )
         return self.finish(x, u, attn), k, v
 
+    def forward_into_keys(
+        self,
+        x: torch.Tensor,
+        q_offsets: torch.Tensor,
+        k_all: torch.Tensor,
+        v_all: torch.Tensor,
+        kv_offsets: torch.Tensor,
+        key_rows: torch.Tensor,
+        max_seq_len: int,
+        rab: torch.Tensor | None,
+        *,
+        num_targets: torch.Tensor | None = None,
+        contextual_seq_len: int = 0,
+        max_q_len: int | None = None,
+        need_output: bool = True,
+        validate: bool = True,
+    ) -> torch.Tensor | None:
+        """``forward_with_past`` with the keys laid out by the caller: ``k_all``/``v_all`` (jagged by
+        ``kv_offsets``) hold every sequence's past rows followed by room for its new rows; the new rows' K/V are
+        written into rows ``key_rows`` (one per row of ``x``: each sequence's last rows) and the new rows attend.
+        Saves the per-call jagged concatenation when one key buffer serves every layer of a pass. Returns the new
+        rows' outputs (None with ``need_output=False``: only their K/V are written)."""
+        u, v, q, k = self.project(x)
+        k_all.index_copy_(0, key_rows, k)
+        v_all.index_copy_(0, key_rows, v)
+        if not need_output:
+            return None
+        attn = self._attention(
+            q,
+            k_all,
+            v_all,
+            kv_offsets,
+            max_seq_len,
+            rab,
+            num_targets=num_targets,
+            contextual_seq_len=contextual_seq_len,
+            q_offsets=q_offsets,
+            max_q_len=max_q_len,
+            validate=validate,
+        )
+        return self.finish(x, u, attn)
+
 
 def concat_jagged(a: torch.Tensor, a_offsets: torch.Tensor, b: torch.Tensor, b_offsets: torch.Tensor) -> torch.Tensor:
     """Per sequence, rows of ``a`` then rows of ``b`` (both jagged over the same number of sequences)."""
