@@ -75,7 +75,8 @@ void hstu_fwd(std::uintptr_t out, py::tuple o_strides, std::uintptr_t stream, st
               std::uintptr_t seq_offsets, std::uintptr_t num_targets, std::uintptr_t rab, int rab_heads, int batch,
               int heads, int head_dim, int max_seq_len, float alpha, int scaling_seqlen, bool causal,
               int max_attn_len, int contextual_seq_len, int target_group_size, int dtype, int64_t total_rows,
-              std::uintptr_t q_offsets, int max_q_len, int64_t total_q_rows) {
+              std::uintptr_t q_offsets, int max_q_len, int64_t total_q_rows, std::uintptr_t split_accum,
+              int num_splits) {
   HstuFwdParams p;
   fill_common(p, q, k, v, q_strides, k_strides, v_strides, seq_offsets, num_targets, rab, rab_heads, batch, heads,
               head_dim, max_seq_len, alpha, scaling_seqlen, causal, max_attn_len, contextual_seq_len,
@@ -83,6 +84,12 @@ void hstu_fwd(std::uintptr_t out, py::tuple o_strides, std::uintptr_t stream, st
   p.out = as_ptr<void>(out);
   p.o_row_stride = o_strides[0].cast<int64_t>();
   p.o_head_stride = o_strides[1].cast<int64_t>();
+  // Split KV: num_splits CTAs share each query tile's key tiles, their fp32 partials in split_accum
+  // [num_splits, total_q_rows, heads, head_dim]; 1 = no split (split_accum ignored).
+  if (num_splits < 1) throw std::invalid_argument("num_splits must be >= 1");
+  if (num_splits > 1 && split_accum == 0) throw std::invalid_argument("num_splits > 1 needs a split_accum workspace");
+  p.num_splits = num_splits;
+  p.split_accum = num_splits > 1 ? as_ptr<float>(split_accum) : nullptr;
   check(gr_kernels::hstu_fwd(p, as_ptr<void>(stream)), "hstu_fwd");
 }
 
@@ -111,7 +118,9 @@ void hstu_bwd(std::uintptr_t dout, py::tuple do_strides, std::uintptr_t dq_accum
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gr_kernels native HSTU attention kernels (CUDA)";
-  m.def("hstu_fwd", &hstu_fwd, "HSTU attention forward on jagged q/k/v (raw device pointers)");
+  m.def("hstu_fwd", &hstu_fwd,
+        "HSTU attention forward on jagged q/k/v (raw device pointers); the last two arguments are the split-KV "
+        "fp32 workspace [num_splits, total_q, heads, dim] (0 when num_splits == 1) and num_splits");
   m.def("hstu_bwd", &hstu_bwd, "HSTU attention backward: dq (fp32, accumulated), dk, dv, drab (fp32, accumulated)");
   m.def("compiled_archs", &gr_kernels::compiled_archs, "CUDA architectures this build holds code for");
   m.def(

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "hstu/fwd_split.cuh"
 #include "hstu/params.h"
 
 namespace gr_kernels {
@@ -78,7 +79,20 @@ static const char* dispatch_head_dim(const HstuFwdParams& p, cudaStream_t stream
 
 const char* hstu_fwd(const HstuFwdParams& p, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  return p.dtype == DType::kBFloat16 ? dispatch_head_dim<__nv_bfloat16>(p, s) : dispatch_head_dim<__half>(p, s);
+  if (p.num_splits < 1) return "num_splits must be >= 1";
+  const bool split = p.num_splits > 1;
+  if (split && (p.split_accum == nullptr || reinterpret_cast<std::uintptr_t>(p.split_accum) % 16 != 0)) {
+    return "split KV (num_splits > 1) needs a 16-byte aligned fp32 workspace split_accum";
+  }
+  if (split && !(reinterpret_cast<std::uintptr_t>(p.out) % 16 == 0 && p.o_row_stride % 8 == 0 &&
+                 p.o_head_stride % 8 == 0)) {
+    return "split KV (num_splits > 1) stores 16-byte chunks: out needs 16-byte aligned rows and heads";
+  }
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  const char* err = bf16 ? dispatch_head_dim<__nv_bfloat16>(p, s) : dispatch_head_dim<__half>(p, s);
+  if (!split || err[0] != '\0') return err;
+  // Either kernel wrote its fp32 shares into split_accum; sum them into out (same stream, after it).
+  return bf16 ? run_hstu_fwd_split_reduce<__nv_bfloat16>(p, s) : run_hstu_fwd_split_reduce<__half>(p, s);
 }
 
 template <typename Element, int kHeadDim>

@@ -8,12 +8,16 @@
 // Delta q (p.q_offsets): the CTA's rows are query rows of q's own jagged layout; masks, bias rows and key ranges use
 // their positions (row + kv_len - q_len). Without q_offsets the shift is 0 and the rows are the sequence's own.
 // Unlike softmax attention there is no running max or rescaling: each key tile's contribution is final.
+// Split KV (kSplit, p.num_splits > 1; hstu/fwd_split.cuh): blockIdx.x also names a split; the CTA walks its split's
+// contiguous share of the key tiles the unsplit CTA would visit and stores fp32 partials, which a reduce kernel sums.
+// kSplit = false compiles to the unsplit kernel as it was.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "hstu/fwd_split.cuh"
 #include "hstu/kernel_traits.h"
 #include "hstu/mask.h"
 #include "hstu/utils.cuh"
@@ -21,7 +25,7 @@
 
 namespace gr_kernels {
 
-template <typename Traits, bool kDeltaQ>
+template <typename Traits, bool kDeltaQ, bool kSplit>
 __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFwdParams p) {
   using Element = typename Traits::Element;
   using Mma = typename Traits::Mma;
@@ -36,7 +40,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
   Element* sK = sQ + Traits::kTileQElems;
   Element* sV = sK + Traits::kTileKVElems;
 
-  const int m_block = blockIdx.x;
+  const int m_block = kSplit ? int(blockIdx.x) / p.num_splits : int(blockIdx.x);  // x = tile * num_splits + split
   const int head = blockIdx.y;
   const int b = blockIdx.z;
   const int seq_start = p.seq_offsets[b];
@@ -53,6 +57,15 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
   if (p.causal && pos0 >= mask.context) n_end = min(length, pos0 + kBlockM);
   int n_start = 0;
   if (p.max_attn_len > 0 && mask.context == 0 && !mask.has_targets()) n_start = max(0, pos0 - p.max_attn_len) / kBlockN * kBlockN;
+  if constexpr (kSplit) {
+    // This split's contiguous share of the key tiles [n_start / kBlockN, ceil(n_end / kBlockN)); an empty share
+    // leaves n_end <= n_start (no key tile) and stores zeros.
+    int lo_s, hi_s;
+    split_key_blocks(n_start / kBlockN, (n_end + kBlockN - 1) / kBlockN, p.num_splits,
+                     int(blockIdx.x) % p.num_splits, lo_s, hi_s);
+    n_start = lo_s * kBlockN;
+    n_end = min(n_end, hi_s * kBlockN);
+  }
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -186,7 +199,25 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
   }
 
   // Invalid delta-q input (q_len > kv_len) can leave a CTA no key tile: retire its Q copy before the CTA exits.
-  if constexpr (kDeltaQ) cute::cp_async_wait<0>();
+  // (An empty split share does the same.)
+  if constexpr (kDeltaQ || kSplit) cute::cp_async_wait<0>();
+
+  if constexpr (kSplit) {
+    // fp32 partials (P already carries 1/N) into plane `split` of the workspace, q's rows only.
+    float* accum = p.split_accum + split_accum_offset(p, int(blockIdx.x) % p.num_splits, rows.start, head);
+    const int64_t row_stride = int64_t(p.heads) * kHeadDim;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int i = m0 + warp * 16 + g + half * 8;
+      if (i >= rows.length) continue;
+#pragma unroll
+      for (int t = 0; t < kDTiles; ++t) {
+        *reinterpret_cast<float2*>(accum + int64_t(i) * row_stride + t * 8 + tq * 2) =
+            make_float2(o_acc[t][half * 2], o_acc[t][half * 2 + 1]);
+      }
+    }
+    return;
+  }
 
   // Epilogue: rows past the sequence's queries belong to no output row.
   Element* out = static_cast<Element*>(p.out) + int64_t(rows.start) * p.o_row_stride + int64_t(head) * p.o_head_stride;
@@ -206,11 +237,18 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
 template <typename Element, int kHeadDim>
 const char* run_hstu_fwd(const HstuFwdParams& p, cudaStream_t stream) {
   using Traits = HstuFwdTraits<Element, kHeadDim, 64, 64>;
-  const dim3 grid((query_grid_rows(p) + Traits::kBlockM - 1) / Traits::kBlockM, p.heads, p.batch);
-  if (p.q_offsets != nullptr) {
-    return launch_kernel(hstu_fwd_kernel<Traits, true>, grid, Traits::kThreads, Traits::kSmemBytes, p, stream);
+  const int m_blocks = (query_grid_rows(p) + Traits::kBlockM - 1) / Traits::kBlockM;
+  // Split KV: the reduce that follows is the caller's (hstu_fwd in api.cu).
+  if (p.num_splits > 1) {
+    const dim3 grid(m_blocks * p.num_splits, p.heads, p.batch);
+    auto kernel = p.q_offsets != nullptr ? hstu_fwd_kernel<Traits, true, true> : hstu_fwd_kernel<Traits, false, true>;
+    return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemBytes, p, stream);
   }
-  return launch_kernel(hstu_fwd_kernel<Traits, false>, grid, Traits::kThreads, Traits::kSmemBytes, p, stream);
+  const dim3 grid(m_blocks, p.heads, p.batch);
+  if (p.q_offsets != nullptr) {
+    return launch_kernel(hstu_fwd_kernel<Traits, true, false>, grid, Traits::kThreads, Traits::kSmemBytes, p, stream);
+  }
+  return launch_kernel(hstu_fwd_kernel<Traits, false, false>, grid, Traits::kThreads, Traits::kSmemBytes, p, stream);
 }
 
 }  // namespace gr_kernels

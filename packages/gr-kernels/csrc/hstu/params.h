@@ -43,6 +43,13 @@ struct HstuFwdParams {
   int contextual_seq_len = 0;
   int target_group_size = 1;
   DType dtype = DType::kBFloat16;
+
+  // Split KV (forward only, hstu/fwd_split.cuh): with num_splits > 1 the key tiles of every (query tile, head,
+  // sequence) are divided among num_splits CTAs, each writing its fp32 share of O / N to split_accum, contiguous
+  // [num_splits, total_q_rows, heads, head_dim] (allocated by the caller), and a reduce kernel sums the shares into
+  // out. 1 (the default) = no split: each CTA walks all its key tiles and writes out itself.
+  int num_splits = 1;
+  float* split_accum = nullptr;
 };
 
 // Backward: the forward's arguments plus the output gradient and the gradient buffers. dq and drab are fp32

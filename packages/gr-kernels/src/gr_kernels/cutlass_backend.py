@@ -15,6 +15,10 @@ forward and backward, Hopper forward) and passed the GPU parity suite on an H200
 native tests: every mask family, rab on/off, ragged q and kv lengths including 0, hypothesis shapes), so delta-q
 calls take the native path like full ones. ``GR_KERNELS_NATIVE_DELTA_Q=0`` (read per call) sends them to the
 reference instead, e.g. to bisect a numerical difference.
+
+Split KV (``gr_kernels.split_kv``): a forward whose grid is small (delta q against a long cached history) can divide
+each CTA's key tiles among several CTAs that write fp32 partials into a torch-allocated workspace, summed by a reduce
+kernel; ``GR_KERNELS_FWD_SPLITS`` forces a count (1 = off), and the heuristic is off by default until GPU-verified.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import Tensor
 from gr_kernels.backends import _log_skip_once
 from gr_kernels.params import AttentionCall, HSTUParams
 from gr_kernels.reference import reference_backward
+from gr_kernels.split_kv import fwd_splits
 
 try:
     from gr_kernels import _C  # type: ignore[attr-defined]
@@ -105,7 +110,19 @@ class CutlassBackend:
         q, k, v = (_aligned(t) for t in (q, k, v))
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # total_q rows with delta q
         args, _ = _common_args(q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
-        _C.hstu_fwd(out.data_ptr(), (out.stride(0), out.stride(1)), _stream(q), *args)
+        # Split KV (gr_kernels.split_kv): small grids share each CTA's key tiles among `splits` CTAs whose fp32
+        # partials land in this workspace; the extension sums them into out.
+        grid_rows = params.max_seq_len if q_offsets is None else params.max_q_len
+        splits = fwd_splits(seq_offsets.numel() - 1, q.shape[1], grid_rows, params.max_seq_len, q.shape[2], q.device)
+        accum = torch.empty((splits, *out.shape), dtype=torch.float32, device=q.device) if splits > 1 else None
+        _C.hstu_fwd(
+            out.data_ptr(),
+            (out.stride(0), out.stride(1)),
+            _stream(q),
+            *args,
+            0 if accum is None else accum.data_ptr(),
+            splits,
+        )
         return out
 
     def backward(

@@ -1,4 +1,5 @@
-// Epilogue of the Hopper HSTU forward kernel: O / N -> 16-bit rows of the jagged output.
+// Epilogue of the Hopper HSTU forward kernel: O / N -> 16-bit rows of the jagged output (store), or with split KV
+// -> fp32 rows of this split's workspace plane (store_partial).
 //
 // Each consumer warpgroup stages its own 64 rows of O in the Q buffer (its GMMAs read only those rows of Q, and all
 // of them have completed), syncs on a warpgroup-local named barrier, then writes whole 16-byte chunks of the rows
@@ -9,6 +10,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 
+#include "hstu/fwd_split.cuh"
 #include "hstu/params.h"
 #include "hstu/sm90/kernel_traits.h"
 #include "hstu/utils.cuh"
@@ -54,6 +56,30 @@ struct FwdEpilogue {
       if (m0 + r < length) {
         *reinterpret_cast<uint4*>(out + int64_t(m0 + r) * p.o_row_stride + col) =
             *reinterpret_cast<const uint4*>(&sO(r, col));
+      }
+    }
+  }
+
+  // Split KV: this CTA's share of O / N, in fp32, into plane `split` of p.split_accum (hstu/fwd_split.cuh) straight
+  // from the accumulators: each pair (2t, 2t + 1) is two adjacent columns (an even one first), so one 8-byte store,
+  // and the four threads of a quad fill 32 contiguous bytes. Only the sequence's query rows are written; the reduce
+  // reads no others. q_start, m0 and length count q's rows, as in store().
+  template <typename FragO>
+  __device__ static void store_partial(const HstuFwdParams& p, FragO const& tOrO, int tidx, int split, int q_start,
+                                       int head, int m0, int length) {
+    using namespace cute;
+    typename Traits::MmaPV mma_pv;
+    Tensor tOcO = mma_pv.get_thread_slice(tidx).partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+    const float scale = p.inv_scaling_seqlen;
+    float* accum = p.split_accum + split_accum_offset(p, split, q_start, head);
+    const int64_t row_stride = int64_t(p.heads) * kHeadDim;
+    CUTE_UNROLL
+    for (int t = 0; t < size(tOrO) / 2; ++t) {
+      const int r = get<0>(tOcO(2 * t));
+      const int col = get<1>(tOcO(2 * t));
+      if (m0 + r < length) {
+        *reinterpret_cast<float2*>(accum + int64_t(m0 + r) * row_stride + col) =
+            make_float2(tOrO(2 * t) * scale, tOrO(2 * t + 1) * scale);
       }
     }
   }

@@ -3,6 +3,9 @@
 // Warp-specialised: warpgroup 0 loads (TMA into an mbarrier pipeline), warpgroups 1-2 compute (WGMMA) and store.
 // Pieces: kernel_traits.h (tiles, layouts, types), mainloop_fwd.cuh (loads, GEMMs, SiLU, masks, rab),
 // epilogue_fwd.cuh (1/N, output rows). The mask logic is the SM80 kernel's (hstu/mask.h).
+// Split KV (kSplit, p.num_splits > 1; hstu/fwd_split.cuh): blockIdx.x also names a split; the CTA walks its split's
+// contiguous share of the key tiles the unsplit CTA would visit and stores fp32 partials, which a reduce kernel sums.
+// kSplit = false compiles to the unsplit kernel as it was.
 // Delta q (p.q_offsets): the CTA's rows are query rows of q's own jagged layout (TMA loads them from q's rows, the
 // epilogue stores out's); key tiles, mask-free tiles, masks and bias rows use their positions (row + kv_len - q_len).
 #pragma once
@@ -15,6 +18,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include "hstu/fwd_split.cuh"
 #include "hstu/mask.h"
 #include "hstu/params.h"
 #include "hstu/sm90/epilogue_fwd.cuh"
@@ -25,7 +29,7 @@
 namespace gr_kernels {
 namespace sm90 {
 
-template <typename Element_, typename Traits, bool kHasRab, bool kDeltaQ>
+template <typename Element_, typename Traits, bool kHasRab, bool kDeltaQ, bool kSplit>
 __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(const __grid_constant__ FwdArgs<Traits> args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Mainloop = FwdMainloop<Element_, Traits>;
@@ -38,7 +42,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(cons
   auto& ss = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
 
   // Highest query tiles first: under a causal mask they carry the most key tiles, so they should not be the tail.
-  const int m_block = int(gridDim.x) - 1 - int(blockIdx.x);
+  // With splits, blockIdx.x = query tile (same order) * num_splits + split.
+  int m_block, split = 0;
+  if constexpr (kSplit) {
+    m_block = int(gridDim.x) / p.num_splits - 1 - int(blockIdx.x) / p.num_splits;
+    split = int(blockIdx.x) % p.num_splits;
+  } else {
+    m_block = int(gridDim.x) - 1 - int(blockIdx.x);
+  }
   const int head = blockIdx.y;
   const int b = blockIdx.z;
   const int seq_start = p.seq_offsets[b];
@@ -51,6 +62,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(cons
   const SequenceMask mask = SequenceMask::of_sequence(p, b, length);
   int lo, hi;
   Mainloop::key_blocks(p, mask, pos0, lo, hi);
+  if constexpr (kSplit) {
+    // This split's contiguous share; an empty one still runs (Q load, no key tile) and stores zeros.
+    int lo_s, hi_s;
+    split_key_blocks(lo, hi, p.num_splits, split, lo_s, hi_s);
+    lo = lo_s;
+    hi = hi_s;
+  }
 
   const int warp_group = __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
   if (threadIdx.x == 0) {
@@ -87,7 +105,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(cons
                               : static_cast<const Element_*>(p.rab) + detail::rab_plane_offset(p, b, head);
     Mainloop::template mma<kHasRab>(p, ss, pipeline_k, pipeline_v, state_k, state_v, tOrO, tidx, mask, pos0, lo, hi,
                                        rab);
-    Epilogue::store(p, ss, tOrO, tidx, rows.start, head, m0, rows.length);
+    if constexpr (kSplit) {
+      Epilogue::store_partial(p, tOrO, tidx, split, rows.start, head, m0, rows.length);
+    } else {
+      Epilogue::store(p, ss, tOrO, tidx, rows.start, head, m0, rows.length);
+    }
   }
 #else
   __trap();  // built without sm90a device code: the host dispatch never launches this
@@ -117,13 +139,23 @@ const char* run_hstu_fwd_sm90(const HstuFwdParams& p, cudaStream_t stream) {
       make_tma_copy(SM90_TMA_LOAD{}, gmem(p.v, p.total_rows, p.v_row_stride, p.v_head_stride),
                     take<0, 2>(typename Traits::SmemLayoutV{}), tile_kv, _1{}),
   };
-  const dim3 grid((query_grid_rows(p) + Traits::kBlockM - 1) / Traits::kBlockM, p.heads, p.batch);
-  // Four variants: with/without the bias, full attention/delta q (the full-attention code stays as before delta q).
+  const int m_blocks = (query_grid_rows(p) + Traits::kBlockM - 1) / Traits::kBlockM;
+  // Eight variants: with/without the bias, full attention/delta q (the full-attention code stays as before delta
+  // q), unsplit/split KV (the reduce that follows a split launch is the caller's, hstu_fwd in api.cu).
   const bool rab = p.rab != nullptr, delta_q = p.q_offsets != nullptr;
-  auto kernel = rab ? (delta_q ? hstu_fwd_sm90_kernel<Element_, Traits, true, true>
-                               : hstu_fwd_sm90_kernel<Element_, Traits, true, false>)
-                    : (delta_q ? hstu_fwd_sm90_kernel<Element_, Traits, false, true>
-                               : hstu_fwd_sm90_kernel<Element_, Traits, false, false>);
+  if (p.num_splits > 1) {
+    const dim3 grid(m_blocks * p.num_splits, p.heads, p.batch);
+    auto kernel = rab ? (delta_q ? hstu_fwd_sm90_kernel<Element_, Traits, true, true, true>
+                                 : hstu_fwd_sm90_kernel<Element_, Traits, true, false, true>)
+                      : (delta_q ? hstu_fwd_sm90_kernel<Element_, Traits, false, true, true>
+                                 : hstu_fwd_sm90_kernel<Element_, Traits, false, false, true>);
+    return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemBytes, args, stream);
+  }
+  const dim3 grid(m_blocks, p.heads, p.batch);
+  auto kernel = rab ? (delta_q ? hstu_fwd_sm90_kernel<Element_, Traits, true, true, false>
+                               : hstu_fwd_sm90_kernel<Element_, Traits, true, false, false>)
+                    : (delta_q ? hstu_fwd_sm90_kernel<Element_, Traits, false, true, false>
+                               : hstu_fwd_sm90_kernel<Element_, Traits, false, false, false>);
   return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemBytes, args, stream);
 }
 

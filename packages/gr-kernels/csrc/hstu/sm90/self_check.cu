@@ -7,11 +7,16 @@
 // is the same bytes as V; each consumer warpgroup's S rows are its own 64; 8-element chunks of the Q/O tile stay
 // contiguous and 16-byte aligned under the swizzle (the epilogue's 16-byte reads), and its accumulator pairs are
 // adjacent 32-bit words there (its packed stores).
+// Split KV: for every schedule case above and split counts 1..64, the splits' key-tile ranges are contiguous, cover
+// the unsplit range exactly once and nothing outside it, and keep the fast loop's premise (walking a split's tiles
+// downwards, once a tile is mask-free every lower one is); the split epilogue's accumulator pairs are adjacent
+// columns of one row (its 8-byte fp32 stores).
 #include <cute/tensor.hpp>
 
 #include <cstdint>
 #include <cstdio>
 
+#include "hstu/fwd_split.cuh"
 #include "hstu/mask.h"
 #include "hstu/sm90/kernel_traits.h"
 #include "hstu/sm90/mainloop_fwd.cuh"
@@ -70,7 +75,47 @@ bool check_layouts() {
       if (reinterpret_cast<std::uintptr_t>(&tOsO(i)) % 4 != 0) return fail("O pair misaligned", t, i);
       if (&tOsO(i + 1) != &tOsO(i) + 1) return fail("O pair not adjacent", t, i);
     }
+    Tensor tOcO = mma_pv.get_thread_slice(t).partition_C(make_identity_tensor(Shape<Int<M>, Int<kHeadDim>>{}));
+    for (int i = 0; i < int(size(tOcO)); i += 2) {
+      const auto a = tOcO(i);
+      const auto b = tOcO(i + 1);
+      if (get<1>(a) % 2 != 0 || get<0>(b) != get<0>(a) || get<1>(b) != get<1>(a) + 1) {
+        return fail("split O pair not two adjacent columns of a row", t, i);
+      }
+    }
   }
+  return true;
+}
+
+// The splits of key tiles [lo, hi) into `splits` shares: contiguous, in order, each tile exactly once, none outside.
+// `report` describes the case for the failure message.
+bool check_split_cover(int lo, int hi, int splits, const char* report) {
+  int next = lo;  // the first tile not yet covered
+  for (int s = 0; s < splits; ++s) {
+    int lo_s, hi_s;
+    split_key_blocks(lo, hi, splits, s, lo_s, hi_s);
+    if (lo_s >= hi_s) continue;  // an empty share
+    if (lo_s != next || hi_s > hi) {
+      std::snprintf(g_report, sizeof(g_report), "split %d/%d of key tiles [%d, %d) is [%d, %d), expected from %d (%s)",
+                    s, splits, lo, hi, lo_s, hi_s, next, report);
+      return false;
+    }
+    next = hi_s;
+  }
+  if (next != (hi > lo ? hi : lo)) {
+    std::snprintf(g_report, sizeof(g_report), "splits of key tiles [%d, %d) into %d end at %d (%s)", lo, hi, splits,
+                  next, report);
+    return false;
+  }
+  return true;
+}
+
+// Arbitrary ranges (the SM80 kernel's too) and split counts, including more splits than tiles.
+bool check_split_ranges() {
+  for (int lo = 0; lo < 6; ++lo)
+    for (int hi = 0; hi < 70; ++hi)
+      for (int splits = 1; splits <= 80; ++splits)
+        if (!check_split_cover(lo, hi, splits, "generic range")) return false;
   return true;
 }
 
@@ -114,6 +159,27 @@ bool check_schedule() {
                                       kHeadDim, i, j, lo, hi, length, q_len, causal, window, context, targets, group);
                         return false;
                       }
+                  for (int splits : {1, 2, 3, 7, 32, 64}) {
+                    char what[160];
+                    std::snprintf(what, sizeof(what), "head dim %d L=%d Q=%d m0=%d causal=%d W=%d C=%d T=%d G=%d",
+                                  kHeadDim, length, q_len, m0, causal, window, context, targets, group);
+                    if (!check_split_cover(lo, hi, splits, what)) return false;
+                    for (int s = 0; s < splits; ++s) {
+                      int lo_s, hi_s;
+                      split_key_blocks(lo, hi, splits, s, lo_s, hi_s);
+                      bool free_above = false;
+                      for (int n = hi_s - 1; n >= lo_s; --n) {
+                        const bool free_tile = Mainloop::mask_free_tile(p, mask, m0, n * N);
+                        if (free_above && !free_tile) {
+                          std::snprintf(g_report, sizeof(g_report),
+                                        "split %d/%d: masked key tile %d below a mask-free one (%s)", s, splits, n,
+                                        what);
+                          return false;
+                        }
+                        free_above = free_tile;
+                      }
+                    }
+                  }
                   for (int n = lo; n < hi; ++n) {
                     if (!Mainloop::mask_free_tile(p, mask, m0, n * N)) continue;
                     for (int i = m0; i < m0 + M; ++i)
@@ -142,7 +208,7 @@ bool check_schedule() {
 
 const char* fwd_self_check() {
   g_report[0] = '\0';
-  const bool ok = check_schedule<64>() && check_schedule<128>() && check_schedule<256>() &&
+  const bool ok = check_split_ranges() && check_schedule<64>() && check_schedule<128>() && check_schedule<256>() &&
                   check_layouts<__nv_bfloat16, 64>() && check_layouts<__nv_bfloat16, 128>() &&
                   check_layouts<__nv_bfloat16, 256>() && check_layouts<__half, 64>() &&
                   check_layouts<__half, 128>() && check_layouts<__half, 256>();
