@@ -2,11 +2,11 @@
 //
 // Per query tile (walked upwards from the first one that can see the CTA's keys):
 //   producer : Q tile -> stage (pipeline_q), dO tile -> stage (pipeline_do)
-//   consumer : S = Q K^T, dP = dO V^T (issued back to back); while dP runs, P = SiLU(alpha (S + rab)) * mask / N
-//              goes to shared memory and S is overwritten with mask * SiLU'(z) * alpha / N; then
-//              dX = dP * that -> shared memory (and into drab); both warpgroups sync; dQ = dX K,
-//              dV += P^T dO, dK += dX^T Q are issued together; dQ is added into the fp32 dq buffer while dV and dK
-//              still run.
+//   consumer : S = Q K^T, dP = dO V^T (issued back to back); then, element by element,
+//              P = SiLU(alpha (S + rab)) * mask / N and dX = dP * SiLU'(z) * mask * alpha / N (dX also into drab),
+//              both to shared memory (stmatrix); both warpgroups sync; dQ = dX K, dV += P^T dO, dK += dX^T Q are
+//              issued together; dQ is added into the fp32 dq buffer (global float2 atomics) while dV and dK still
+//              run. The two consumer warpgroups move in step (one barrier per tile: dQ needs every key of dX).
 // P / dX use two shared-memory buffers (alternating per tile): a warpgroup writing tile t + 1's buffer has passed
 // the barrier of tile t, which the other warpgroup reached only after its GEMMs of tile t - 1 (same buffer) retired.
 #pragma once
