@@ -212,6 +212,17 @@ def test_forced_splits_match_reference(splits: int, mask: str, rab_heads: int, d
 @needs_sm90
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["sm90", "sm80"])
+def test_empty_calls_with_forced_splits(kernel: str, spy: _Spy) -> None:
+    # No query rows at all: nothing to split (an empty workspace has no address), the call runs unsplit.
+    for lengths, q_lengths in (([0, 0], [0, 0]), ([0], None), ([5, 3], [0, 0])):
+        out = check_split(lengths, q_lengths, 4, kernel=kernel, rab_heads=1)
+        assert out.numel() == 0
+    assert spy.splits == [1, 1, 1]
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["sm90", "sm80"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dim", [64, 128, 256])
 @pytest.mark.parametrize("splits", [2, 7])

@@ -114,6 +114,8 @@ class CutlassBackend:
         # partials land in this workspace; the extension sums them into out.
         grid_rows = params.max_seq_len if q_offsets is None else params.max_q_len
         splits = fwd_splits(seq_offsets.numel() - 1, q.shape[1], grid_rows, params.max_seq_len, q.shape[2], q.device)
+        if out.numel() == 0:
+            splits = 1  # nothing to split (and an empty workspace has no address)
         accum = torch.empty((splits, *out.shape), dtype=torch.float32, device=q.device) if splits > 1 else None
         _C.hstu_fwd(
             out.data_ptr(),
