@@ -19,7 +19,7 @@ from gr_dynemb import (
     InitializerConfig,
     cuda_available,
 )
-from gr_dynemb.grouped import grouped_train_lookup
+from gr_dynemb.grouped import grouped_train_lookup, lookup_tables
 from gr_dynemb.table import MAX_GROUP_TABLES, TableFullError, apply_optimizer_group, find_or_insert_embeddings_group
 
 KINDS = ["sgd", "adagrad", "rowwise_adagrad", "adam"]
@@ -142,6 +142,29 @@ def test_group_calls_check_their_arguments() -> None:
         apply_optimizer_group(tables[:2], keys, [0, 2, 4], out, [sgd, ("lamb", *sgd[1:])], found)
     with pytest.raises(ValueError, match="optimizer's state does not fit"):
         apply_optimizer_group(tables[:2], keys, [0, 2, 4], out, [sgd, ("adam", *sgd[1:])], found)
+
+
+def test_lookup_tables_groups_what_it_can() -> None:
+    def modules() -> list[DynamicEmbedding]:
+        admit = DynamicEmbedding(DynamicEmbeddingConfig(DynamicTableConfig(dim=2), admit_after=2))
+        evaluating = make("adam", 2, 3)
+        evaluating.eval()
+        return [make("sgd", 2, 0), admit, make("adagrad", 3, 1), make("adam", 2, 2), evaluating]
+
+    together, alone = modules(), modules()
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        ids = [torch.randint(0, 20, (2, 5), generator=gen) for _ in together]
+        out_t = lookup_tables(together, ids)
+        out_a = [m(x) for m, x in zip(alone, ids, strict=True)]
+        for a, b in zip(out_t, out_a, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        sum(o.sum() for o in out_t if o.requires_grad).backward()
+        sum(o.sum() for o in out_a if o.requires_grad).backward()
+        for a, b in zip(together, alone, strict=True):
+            assert contents(a.table) == contents(b.table) and a.step == b.step and a.unadmitted == b.unadmitted
+    with pytest.raises(TypeError, match="ids must be int64"):
+        lookup_tables(together[:1], [torch.tensor([1.0])])
 
 
 def test_reserved_id_raises_like_the_table() -> None:

@@ -14,7 +14,7 @@ from torch import nn
 from torchrec import JaggedTensor, KeyedJaggedTensor
 
 from gr_dynemb.embedding import DynamicEmbedding, DynamicEmbeddingConfig
-from gr_dynemb.grouped import group_key, groupable, grouped_train_lookup
+from gr_dynemb.grouped import lookup_tables
 
 
 @dataclass
@@ -73,18 +73,11 @@ class DynamicEmbeddingCollection(nn.Module):
         by_table: dict[str, list[str]] = {}
         for name in names:
             by_table.setdefault(self._table_of[name], []).append(name)
-        ids = {t: _concat([jts[f].values() for f in feats]) for t, feats in by_table.items()}
-        rows: dict[str, torch.Tensor] = {}
-        groups: dict[tuple, list[str]] = {}
-        for t in by_table:
-            module = self._tables[t]
-            if groupable(module):
-                groups.setdefault(group_key(module), []).append(t)
-            else:
-                rows[t] = module(ids[t])
-        for members in groups.values():
-            looked_up = grouped_train_lookup([self._tables[t] for t in members], [ids[t] for t in members])
-            rows.update(zip(members, looked_up, strict=True))
+        tables = list(by_table)
+        looked_up = lookup_tables(
+            [self._tables[t] for t in tables], [_concat([jts[f].values() for f in by_table[t]]) for t in tables]
+        )
+        rows = dict(zip(tables, looked_up, strict=True))
         embs: dict[str, torch.Tensor] = {}
         for table, feats in by_table.items():
             for f, emb in zip(feats, rows[table].split([jts[f].values().numel() for f in feats]), strict=True):

@@ -48,6 +48,25 @@ def group_key(module: DynamicEmbedding) -> tuple[torch.device, torch.device, int
     return module.table.device, module._anchor.device, module.dim
 
 
+def lookup_tables(modules: Sequence[DynamicEmbedding], ids: Sequence[Tensor]) -> list[Tensor]:
+    """``[modules[i](ids[i]) for i]``: the training lookups of modules that share a ``group_key`` together
+    (``grouped_train_lookup``), the others (evaluation, admission) one module at a time."""
+    if len(modules) != len(ids):
+        raise ValueError(f"need one id tensor per module, got {len(modules)} modules and {len(ids)} id tensors")
+    out: list[Tensor | None] = [None] * len(modules)
+    groups: dict[tuple[torch.device, torch.device, int], list[int]] = {}
+    for i, (m, x) in enumerate(zip(modules, ids, strict=True)):
+        if groupable(m) and isinstance(x, Tensor) and x.dtype == torch.int64:
+            groups.setdefault(group_key(m), []).append(i)
+        else:
+            out[i] = m(x)  # its own lookup (and its own errors)
+    for members in groups.values():
+        looked_up = grouped_train_lookup([modules[i] for i in members], [ids[i] for i in members])
+        for i, rows in zip(members, looked_up, strict=True):
+            out[i] = rows
+    return out  # type: ignore[return-value]
+
+
 @dataclass
 class _Batch:
     """The group's de-duplicated batch: ``keys[bounds[t]:bounds[t + 1]]`` are table t's unique ids (ascending);
