@@ -181,3 +181,73 @@ def test_relative_bias_rows_match_the_module():
     square = bias(ts, qts, torch.tensor([0, n]), n, pos)[0, 0]
     got = relative_bias_rows(bias, ts, pos, qts[5:], pos[5:])
     assert torch.equal(got, square[5:])
+
+
+def test_relative_bias_rows_take_per_row_keys():
+    """Keys ``[n_q, n_k]`` (each query row its own sequence's keys): row ``i`` equals the one-sequence call on its
+    keys, so one call serves the query rows of every sequence of a pass."""
+    torch.manual_seed(1)
+    bias = RelativeBucketedTimeAndPositionBias(max_seq_len=16, num_time_buckets=20)
+    key_t = torch.sort(torch.randint(0, 100_000, (3, 10)), dim=1).values
+    key_pos = torch.tensor([list(range(10)), [0, 1, 2, 3, 4, 5, 6, 6, 6, 6], [0, 1, 2, 3, 3, 3, 3, 3, 3, 3]])
+    q_t, q_pos = torch.tensor([200_000, 150_000, 99_000]), torch.tensor([9, 6, 3])
+    got = relative_bias_rows(bias, key_t, key_pos, q_t, q_pos)
+    for i in range(3):
+        assert torch.equal(got[i], relative_bias_rows(bias, key_t[i], key_pos[i], q_t[i : i + 1], q_pos[i : i + 1])[0])
+
+
+def test_write_rows_and_slots_match_per_layer_writes():
+    cache, ref = make_cache(8), make_cache(8)
+    k, v = rows(0, 11, DQK), rows(1, 11, DV)
+    for c in (cache, ref):
+        c.reserve("a", "v1", 3)  # "a" takes page 0, so "u"'s pages are not the first ones
+        c.reserve("u", "v1", 11)
+    cache.write_rows("u", 0, k[:, :6], v[:, :6])
+    cache.write_rows("u", 6, k[:, 6:], v[:, 6:])
+    for layer in range(L):
+        ref.write("u", layer, 0, k[layer], v[layer])
+    assert torch.equal(cache.read("u")[0], k) and torch.equal(cache.read("u")[1], v)
+    assert torch.equal(cache.k_pool, ref.k_pool) and torch.equal(cache.v_pool, ref.v_pool)
+    slots = cache.slots("u", 2, 9)
+    assert slots.device.type == "cpu" and torch.equal(cache.k_pool[:, slots], k[:, 2:9])
+    with pytest.raises(ValueError, match="k/v must be"):
+        cache.write_rows("u", 0, k[0], v[0])
+    with pytest.raises(IndexError, match="outside user 'u'"):
+        cache.write_rows("u", 8, k[:, :4], v[:, :4])
+    with pytest.raises(KeyError, match="no cache entry"):
+        cache.slots("nobody", 0, 1)
+
+
+@settings(max_examples=15, deadline=None)
+@given(past=st.lists(st.integers(0, 6), min_size=1, max_size=4), seed=st.integers(0, 100))
+def test_forward_into_keys_equals_forward_with_past(past, seed):
+    """The block with a caller-laid-out key buffer equals ``forward_with_past`` (jagged concatenation per call),
+    and leaves the new rows' K/V in the buffer."""
+    from gr_models.modules.hstu import HSTUBlock
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = HSTUConfig(embedding_dim=8, num_heads=2, max_seq_len=16, dropout=0.0)
+    torch.manual_seed(seed)
+    block = HSTUBlock(cfg).eval()
+    new = [1 + (p + seed) % 3 for p in past]
+    n_past, n_new = sum(past), sum(new)
+    past_k, past_v = torch.randn(n_past, 2, 4, generator=g), torch.randn(n_past, 2, 4, generator=g)
+    x = torch.randn(n_new, 8, generator=g)
+    past_off = torch.tensor([0, *torch.tensor(past).cumsum(0).tolist()])
+    q_off = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()])
+    kv_off = past_off + q_off
+    targets = torch.tensor([min(1, q) for q in new])
+    want, want_k, want_v = block.forward_with_past(
+        x, q_off, past_k, past_v, past_off, 16, None, num_targets=targets, max_q_len=max(new)
+    )
+    k_all, v_all = torch.full((n_past + n_new, 2, 4), float("nan")), torch.full((n_past + n_new, 2, 4), float("nan"))
+    past_rows = torch.cat([torch.arange(kv_off[b], kv_off[b] + p) for b, p in enumerate(past)])
+    key_rows = torch.cat([torch.arange(kv_off[b] + p, kv_off[b + 1]) for b, p in enumerate(past)])
+    k_all[past_rows], v_all[past_rows] = past_k, past_v
+    got = block.forward_into_keys(
+        x, q_off, k_all, v_all, kv_off, key_rows, 16, None, num_targets=targets, max_q_len=max(new)
+    )
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(k_all[key_rows], want_k) and torch.equal(v_all[key_rows], want_v)
+    none = block.forward_into_keys(x, q_off, k_all, v_all, kv_off, key_rows, 16, None, need_output=False)
+    assert none is None

@@ -631,3 +631,68 @@ def test_score_many_keeps_the_cache_exact_when_a_group_evicts_or_forgets_its_own
     assert forgetful.cache.users() == ["b", "c"]
     for (_, feats, new, cands, t), out in zip(group, got, strict=True):
         assert close(out, forgetful.full_recompute(feats, new, cands, t))
+
+
+# -- a cache hit in one encoder pass --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action_mode", ["add", "interleave"])
+def test_cache_hit_runs_the_last_token_and_every_micro_batch_in_one_pass(action_mode):
+    """A new request time (and a small append) recomputes the last history token(s) as extra queries of each
+    candidate micro-batch: one encoder pass, exact scores, and the K/V it caches equal a prefix-only recompute."""
+    model = make_model(action_mode=action_mode)
+    fused, ref = make_scorer(model, micro_batch=4), make_scorer(model, micro_batch=4)
+    hist, cands = events(6, 0, 1), candidates(7, 1)  # 7 candidates in 2 micro-batches: up to 4 rows may be repeated
+    for scorer in (fused, ref):
+        scorer.score("u", FEATS, hist, cands, 6000)
+    history, t = hist, 6000
+    for new in (None, events(1, 7000, 2), None):
+        if new is not None:
+            history = history.concat(new)
+        t = max(t, history.last_timestamp) + 500
+        before = dataclasses.replace(fused.stats)
+        got = fused.score("u", FEATS, new, cands, t)
+        assert fused.stats.encoder_passes == before.encoder_passes + 1
+        assert fused.stats.prefix_incremental == before.prefix_incremental + 1
+        changed = fused.tokens_per_event * (0 if new is None else len(new)) + 1  # the new rows and the last token
+        assert fused.stats.tokens_computed == before.tokens_computed + changed
+        assert close(got, fused.full_recompute(FEATS, history, cands, t))
+        ref.append("u", FEATS, new if new is not None else UserEvents.empty(), t)  # prefix pass only, no candidates
+        (k, v), (ref_k, ref_v) = fused.cache.read("u"), ref.cache.read("u")
+        assert close(k, ref_k) and close(v, ref_v)
+
+
+def test_many_changed_rows_get_a_pass_of_their_own():
+    """Fusing repeats the changed prefix rows in every micro-batch, so a long recompute (a miss) with several
+    micro-batches runs the prefix once and the candidates in a second pass; with one micro-batch it is one pass."""
+    model = make_model()
+    scorer = make_scorer(model, micro_batch=3)
+    hist = events(6, 0, 1)  # 2 features + 6 events = 8 rows to compute
+    scorer.score("a", FEATS, hist, candidates(7, 1), 6000)  # 3 micro-batches: (3 - 1) * 8 > 3 rows repeated
+    assert scorer.stats.encoder_passes == 2
+    got = scorer.score("b", FEATS, hist, candidates(3, 1), 6000)  # one micro-batch: the whole window at once
+    assert scorer.stats.encoder_passes == 3
+    assert close(got, scorer.full_recompute(FEATS, hist, candidates(3, 1), 6000))
+    assert scorer.stats.tokens_computed == 16 and scorer.stats.prefix_full == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_cache_hit_never_waits_for_the_device():
+    """A cache hit (new request time, no events) issues no synchronising CUDA call: every index is built on the host
+    and shipped with one non_blocking copy."""
+    model = make_model(context="causal").cuda()
+    cache = KVCache.for_encoder(
+        model.config.hstu, budget_bytes=1 << 20, page_size=4, device="cuda", dtype=torch.bfloat16
+    )
+    scorer = CachedRankingScorer(model, cache, micro_batch=3, dtype=torch.bfloat16)
+    hist, cands = events(9, 0, 1), candidates(7, 1)
+    scorer.score("u", FEATS, hist, cands, 6000)
+    scorer.score("u", FEATS, None, cands, 6500)  # warm-up: allocations, lazy initialisation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = scorer.score("u", FEATS, None, cands, 7000)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert close(got.float().cpu(), scorer.full_recompute(FEATS, hist, cands, 7000).float().cpu(), 0.1)

@@ -139,17 +139,17 @@ def window_inputs(
     ids = list(torch.cat(pieces).to(emb_device, non_blocking=True).split(sizes))
     items, bag_vals, bag_lens, action_ids, gather_t, positions_t = ids[:6]
 
-    emb = _item_lookup(model, items)
-    if model.bag_embedding is not None:
-        emb = emb + _bag_lookup(model, bag_vals, bag_lens)
-    action_emb = model.action_embedding(action_ids)
     parts = []
     if feats:
         parts.append(_user_lookup(model, ids[6], n_feat_users))
-    if m == 1:
-        parts += [emb[:n_ev] + action_emb, emb[n_ev:]]
-    else:
-        parts += [emb, action_emb]
+    if n_ev + n_cand:  # (TorchRec cannot look up zero ids)
+        emb = _item_lookup(model, items)
+        if model.bag_embedding is not None:
+            emb = emb + _bag_lookup(model, bag_vals, bag_lens)
+        action_emb = model.action_embedding(action_ids)
+        parts += [emb[:n_ev] + action_emb, emb[n_ev:]] if m == 1 else [emb, action_emb]
+    if not parts:  # nothing to compute (e.g. an append of no events to a cached user)
+        return torch.zeros(0, d, device=device, dtype=dtype), infos
     table = torch.cat(parts) if len(parts) > 1 else parts[0]
     x = table.index_select(0, gather_t) * math.sqrt(d)
     x = model.input_embedding.dropout(x + model.input_embedding.position_embeddings(positions_t))
