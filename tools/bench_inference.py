@@ -2,7 +2,8 @@
 
 One request = score ``candidates`` items for one user with ``history`` events. ``cached``: the user's prefix is in
 the KV cache (``CachedRankingScorer``); each request comes at a new request time, so the last history token is
-recomputed (delta q, 1 token) and the candidates run in micro-batches of ``--micro-batch`` against the cached K/V.
+recomputed: it rides along as an extra query of each candidate micro-batch (``--micro-batch``), all micro-batches in
+one delta-q encoder pass against the cached K/V (``--profile`` prints the ops, kernels and syncs of such a request).
 ``full``: ``CachedRankingScorer.full_recompute``, the plain model forward over ``[features | history | candidates]``
 (no cache, no micro-batches). Latency is the best of ``--repeats`` requests after one warm-up, the cases timed
 round-robin (robust to bursts of other jobs on a shared machine; the median is recorded too);
@@ -58,7 +59,12 @@ def build_model(args: argparse.Namespace, max_seq_len: int):
         max_seq_len=max_seq_len,
         dropout=0.0,
         context_attention="causal",
-        hstu=HSTUConfig(embedding_dim=args.dim, num_blocks=args.blocks, num_heads=args.heads, alpha=1.0 / (args.dim // args.heads) ** 0.5),
+        hstu=HSTUConfig(
+            embedding_dim=args.dim,
+            num_blocks=args.blocks,
+            num_heads=args.heads,
+            alpha=1.0 / (args.dim // args.heads) ** 0.5,
+        ),
     )
     torch.manual_seed(0)
     return HSTURankingModel(cfg).eval()
@@ -120,6 +126,10 @@ def bench(args: argparse.Namespace) -> list[dict]:
             call()
             sync()
             times.append(time.perf_counter() - start)
+    if args.profile:
+        for key, call, _ in cases:
+            if key[-1] == "cached":
+                print(f"profile {key}: {profile_request(call, device)}", flush=True)
     records = []
     for (dtype_name, history, m, mode), _, times in cases:
         latency = min(times) * 1e3
@@ -134,6 +144,33 @@ def bench(args: argparse.Namespace) -> list[dict]:
     return records
 
 
+def profile_request(call, device: torch.device) -> dict:
+    """Host-side cost of one request under torch.profiler: aten ops, CUDA kernels, synchronising CUDA calls and
+    host-to-device copies (``--profile``; the profiler's own overhead makes it unfit for timing)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    counts = {"aten_ops": 0, "cuda_kernels": 0, "syncs": 0, "memcpy": 0, "attention_calls": 0}
+    for e in prof.events():
+        if e.name.startswith("aten::"):
+            counts["aten_ops"] += 1
+        elif e.name == "gr_kernels::hstu_attention_fwd":
+            counts["attention_calls"] += 1
+        elif e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("Memcpy"):
+            counts["cuda_kernels"] += 1
+        elif e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"):
+            counts["syncs"] += 1
+        elif e.name.startswith("cudaMemcpy"):
+            counts["memcpy"] += 1
+    if device.type == "cuda":
+        counts["syncs"] -= 1  # the synchronize after the call
+    return counts
+
+
 def markdown(runs: list[dict], records: list[dict]) -> str:
     lines = ["# HSTU ranking inference: KV-cached scoring vs full recompute", ""]
     for meta in runs:
@@ -143,8 +180,9 @@ def markdown(runs: list[dict], records: list[dict]) -> str:
         )
     lines += [
         "",
-        "`cached`: prefix in the KV cache, new request time (the last history token is recomputed), candidates in "
-        "micro-batches against the cached K/V. `full`: the plain model forward over features + history + all "
+        "`cached`: prefix in the KV cache, new request time: the last history token is recomputed as an extra "
+        "query of each candidate micro-batch, all micro-batches in one delta-q encoder pass against the cached K/V. "
+        "`full`: the plain model forward over features + history + all "
         "candidates. Latency of one request, best of the repeats; qps = requests/s one at a time.",
         "",
         "| device | history | candidates | dtype | mode | latency ms | qps | candidates/s | cached speedup |",
@@ -172,11 +210,11 @@ def markdown(runs: list[dict], records: list[dict]) -> str:
         "Notes: both modes run gr_kernels' attention through the backend `auto` picks; on CPU that is the portable "
         "PyTorch reference, which pads to `[B, H, queries, keys]` scores: the full forward costs ~(history + "
         "candidates)^2 per layer, the cached request ~candidates x history, hence the speedup growing with the "
-        "history. Delta q (the cached path) runs on the reference on every device until the native kernels take "
-        "`q_offsets`; the full path may use a native kernel on GPU. CPU bf16/fp16 timings depend on the CPU's "
-        "half-precision matmul support (this machine's speedups are not a GPU prediction). The CPU machine is shared "
-        "with other jobs: the cases are timed round-robin and the best of the repeats is kept (`median_ms` in the "
-        "JSON shows the spread).",
+        "history. On sm90 GPUs both paths run the native kernel, delta q (the cached path) included "
+        "(`GR_KERNELS_NATIVE_DELTA_Q=0` sends delta q to the reference instead). CPU bf16/fp16 timings depend on "
+        "the CPU's half-precision matmul support (this machine's speedups are not a GPU prediction). The CPU "
+        "machine is shared with other jobs: the cases are timed round-robin and the best of the repeats is kept "
+        "(`median_ms` in the JSON shows the spread).",
     ]
     if not any(r["device"] != "cpu" for r in records):
         lines += [
@@ -237,6 +275,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
     ap.add_argument("--out", default=str(REPO / "docs/benchmarks/inference"))
     ap.add_argument("--replot", action="store_true", help="only rewrite the .md/.png from the .json")
+    ap.add_argument(
+        "--profile", action="store_true", help="also print aten ops, CUDA kernels and syncs of one cached request"
+    )
     args = ap.parse_args()
     out = Path(args.out)
     if args.replot:
