@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from gr_models.inference.transfer import to_device
+
 
 class CacheCapacityError(RuntimeError):
     """A single entry needs more pages than the whole pool holds."""
@@ -242,8 +244,7 @@ class KVCache:
         return (pages.view(-1, 1) * self.page_size + torch.arange(self.page_size)).view(-1)[start:end]
 
     def _slots(self, entry: CacheEntry, start: int, end: int) -> torch.Tensor:
-        # non_blocking: a host-to-device copy that does not wait for the device (pageable memory is staged at once)
-        return self.slots(entry.user_id, start, end).to(self.device, non_blocking=True)
+        return to_device(self.slots(entry.user_id, start, end), self.device)
 
     def write(self, user_id: Hashable, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k [n, H, Dqk]`` and ``v [n, H, Dv]`` as rows ``[start, start + n)`` of ``layer`` (cast to the

@@ -63,6 +63,7 @@ from gr_models.inference.bias import relative_bias_rows
 from gr_models.inference.cast_model import CastRankingModel, resolve_dtype
 from gr_models.inference.kv_cache import CacheCapacityError, KVCache
 from gr_models.inference.requests import Candidates, InferenceInputError, UserEvents
+from gr_models.inference.transfer import to_device
 from gr_models.inference.window import WindowInputs, WindowRows, window_inputs
 from gr_models.ranking.hstu_ranking import HSTURankingModel
 
@@ -654,7 +655,7 @@ class CachedRankingScorer:
             perm = torch.cat(
                 [torch.arange(starts[k], starts[k + 1]) for k in sorted(range(len(done)), key=done.__getitem__)]
             )
-            y = y.index_select(0, perm.to(y.device, non_blocking=True))
+            y = y.index_select(0, to_device(perm, y.device))
         return y
 
     def _run_pass(self, seqs: list[_Seq], x: torch.Tensor, need_output: bool) -> torch.Tensor | None:
@@ -704,8 +705,7 @@ class CachedRankingScorer:
         if self.encoder.relative_bias is not None:
             pieces.update(self._bias_pieces(seqs, n))
         sizes = [t.numel() for t in pieces.values()]
-        # non_blocking: the host-to-device copy does not wait for the device (pageable memory is staged at once).
-        packed = torch.cat(list(pieces.values())).to(device, non_blocking=True)
+        packed = to_device(torch.cat(list(pieces.values())), device)
         d = dict(zip(pieces, packed.split(sizes), strict=True))
 
         if any_pool:

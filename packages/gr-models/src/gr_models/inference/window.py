@@ -17,6 +17,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from gr_models.inference.requests import Candidates
+from gr_models.inference.transfer import to_device
 from gr_models.ranking.hstu_ranking import HSTURankingModel
 
 
@@ -136,7 +137,7 @@ def window_inputs(
     if feats:
         pieces.append(torch.cat(feats).t().reshape(-1))
     sizes = [t.numel() for t in pieces]
-    ids = list(torch.cat(pieces).to(emb_device, non_blocking=True).split(sizes))
+    ids = list(to_device(torch.cat(pieces), emb_device).split(sizes))
     items, bag_vals, bag_lens, action_ids, gather_t, positions_t = ids[:6]
 
     parts = []
