@@ -17,6 +17,7 @@ API for the serving helper (``gr_models.serving`` builds on this; one call at a 
     scorer.score_many([UserRequest(user_id, feats, events, candidates, t), (other_id, ...), ...])
         # -> [Tensor | InferenceInputError, ...]: result i == score(*requests[i]) called in order; the group's
         #    prefix updates run as one jagged delta-q encoder pass, all its candidate micro-batches as another
+        #    (a few changed rows, e.g. the last token at a new request time, ride along: one pass per request)
     scorer.num_users                               # users whose history is kept (<= max_users)
     scorer.append(user_id, user_features, new_events)   # record events, update the cache, score nothing
     scorer.invalidate(user_id)                     # drop cached K/V (history kept);  scorer.forget(user_id): both

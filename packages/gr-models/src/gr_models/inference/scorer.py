@@ -5,9 +5,19 @@ scorer keeps, per user, the K/V of every HSTU layer for the prefix (features + h
 events in a bounded history store (so an evicted user is recomputed, never forgotten). A request
 
 1. appends its new events to the history and brings the cached prefix up to date: only rows that changed are run
-   (as delta-q queries of ``HSTUBlock.forward_with_past`` against the cached K/V of the rows before them);
-2. scores the candidates in micro-batches of ``micro_batch``: each micro-batch is a delta-q call whose queries are
-   the candidates (the op's targets, each seeing the prefix and itself only) against the cached prefix.
+   (as delta-q queries against the cached K/V of the rows before them);
+2. scores the candidates in micro-batches of ``micro_batch``: each micro-batch is a delta-q sequence whose queries
+   are the candidates (the op's targets, each seeing the prefix and itself only) after the cached prefix.
+
+When few prefix rows changed (a new request time recomputes just the last history token), they ride along: each
+micro-batch's queries are ``[changed prefix rows | its candidates]`` after the cached rows before them, so the whole
+request is one encoder pass (``_run_works``). The changed rows are non-targets, so they see only the rows before them
+and themselves, exactly as in a prefix-only pass, and their K/V from the first micro-batch go into the cache; every
+micro-batch repeats them, so this is done while the repeats cost at most one micro-batch of rows (otherwise, e.g. on a
+miss with several micro-batches, the prefix runs in a pass of its own first). A pass gathers its keys from the paged
+pool once for all layers into one buffer ``[L, keys, H, D]`` (each layer writes its new rows' K/V into it), builds the
+encoder inputs of the computed rows only (``window.window_inputs``), the bias rows of all its queries in one call, and
+ships every index it needs to the device in one non-blocking copy: a cache hit never waits for the device.
 
 Exactness (why the results equal one uncached forward of the whole sequence, up to float summation order):
 
@@ -33,15 +43,17 @@ Exactness (why the results equal one uncached forward of the whole sequence, up 
   so the scores equal per-candidate forwards of the plain model (the plain model cannot take all at once then).
 
 Several users (``score_many``): the op is jagged over sequences, so the prefix updates of a group of distinct users
-are one delta-q pass (each user's new rows after its own cached K/V), and every candidate micro-batch of every user is
-one sequence of a second pass (the user's prefix K/V repeated as its past). Users are all looked up before any is
-written back, and a user evicted meanwhile by another's reservation is written back whole. Passes are bounded by
+that do not ride along are one delta-q pass (each user's new rows after its own cached K/V), and every candidate
+micro-batch of every user is one sequence of a second pass (the user's prefix K/V repeated as its past). Users are all
+looked up before anything runs, every pass reads the pool before anything is written back (the stores come last),
+and a user evicted meanwhile by another's reservation is written back whole. Passes are bounded by
 ``max_batch_bias_bytes`` because the op takes the bias of a delta-q pass as a ``[B, 1, N, N]`` square of which only
 the query rows are read (one reused buffer holds it).
 
 tests/gr_models/test_inference_scorer.py proves each claim against ``full_recompute`` (the plain model), including
 negative controls: skipping the last-token recompute, or appending incrementally to a "full" model, fails them, and
-``score_many`` against ``score`` called per request.
+``score_many`` against ``score`` called per request; a cache hit is one pass and caches the K/V a prefix-only pass
+gives.
 
 Not thread-safe: a server serialises calls to one scorer (or runs one per worker).
 """
