@@ -42,7 +42,8 @@ class DynamicTableOptions:
     eval_missing: str = "default"  # see DynamicEmbeddingConfig.eval_missing
     optimizer: FusedOptimizerConfig | None = None
     # Where a shard's table lives: "cpu" (host memory) or, with a gr_dynemb built with its CUDA table, "cuda" (the
-    # rank's GPU), optionally with only hbm_budget_bytes of value rows in HBM and the rest in pinned host memory.
+    # GPU DistributedModelParallel shards this rank onto; "cuda:<i>" pins one), optionally with only hbm_budget_bytes
+    # of value rows in HBM and the rest in pinned host memory.
     device: str = "cpu"
     hbm_budget_bytes: int | None = None
 

@@ -20,6 +20,7 @@ as TorchRec's own embedding all-to-alls do.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -37,11 +38,22 @@ from gr_dynemb.distributed.options import (
     DYNAMIC_KERNEL,
     DYNAMIC_SHARDING,
     DynamicParameterSharding,
+    DynamicTableOptions,
     resolve_optimizer,
 )
 from gr_dynemb.embedding import DynamicEmbedding, DynamicEmbeddingConfig
 from gr_dynemb.grouped import lookup_tables
 from gr_dynemb.table import owner_ranks
+
+
+def _on_rank_device(options: DynamicTableOptions, device: torch.device) -> DynamicTableOptions:
+    """A table asked for on "cuda" without an index lives on this rank's GPU (the device DMP shards onto), not on
+    whatever GPU happens to be current: ranks sharing a host must not pile their shards onto one GPU. Explicit
+    indices and CPU tables are kept as asked."""
+    asked = torch.device(options.device)
+    if asked.type == "cuda" and asked.index is None and device.type == "cuda" and device.index is not None:
+        return dataclasses.replace(options, device=str(device))
+    return options
 
 
 class DynamicEmbeddingShard(DynamicEmbedding):
@@ -167,7 +179,7 @@ class ShardedDynamicEmbeddingCollection(
                 continue
             if cfg.data_type.value.lower() not in ("fp32", "float32"):
                 raise ValueError(f"dynamic table {cfg.name!r}: only fp32 rows are supported, got {cfg.data_type}")
-            options = dynamic_plan[cfg.name].dynamic
+            options = _on_rank_device(dynamic_plan[cfg.name].dynamic, self._device)
             weight = module.embeddings[cfg.name].weight
             optimizer = resolve_optimizer(cfg.name, options, static_sharder.fused_params, weight)
             shard = DynamicEmbeddingShard(
