@@ -696,3 +696,18 @@ def test_cuda_cache_hit_never_waits_for_the_device():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert close(got.float().cpu(), scorer.full_recompute(FEATS, hist, cands, 7000).float().cpu(), 0.1)
+
+
+def test_riding_rows_split_over_several_passes_stay_exact():
+    """With a bias bound of one sequence per pass, each micro-batch (with its copy of the recomputed last token) is a
+    pass of its own: the scores and the K/V cached from the first micro-batch stay exact."""
+    model = make_model()
+    scorer = make_scorer(model, micro_batch=3, max_batch_bias_bytes=1)
+    hist, cands = events(6, 0, 1), candidates(8, 1)
+    scorer.score("u", FEATS, hist, candidates(2, 1), 6000)
+    before = scorer.stats.encoder_passes
+    got = scorer.score("u", FEATS, None, cands, 7000)  # 3 micro-batches, the last token rides along in each
+    assert scorer.stats.encoder_passes == before + 3
+    assert close(got, scorer.full_recompute(FEATS, hist, cands, 7000))
+    assert close(scorer.score("u", FEATS, None, cands, 7000), got)  # served from the cache as it was left
+    assert scorer.stats.prefix_reused == 1
