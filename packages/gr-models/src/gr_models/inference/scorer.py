@@ -377,9 +377,9 @@ class CachedRankingScorer:
                 f"user_features has {feats.numel()} values, the model expects {spec.num_user_features} "
                 f"({', '.join(spec.user_feature_names)})"
             )
-        for i, (name, size) in enumerate(zip(spec.user_feature_names, spec.user_feature_sizes, strict=True)):
-            if not 0 <= int(feats[i]) < size:
-                raise InferenceInputError(f"user feature {name!r} = {int(feats[i])} outside [0, {size})")
+        for name, size, value in zip(spec.user_feature_names, spec.user_feature_sizes, feats.tolist(), strict=True):
+            if not 0 <= value < size:
+                raise InferenceInputError(f"user feature {name!r} = {value} outside [0, {size})")
         return feats
 
     def _check_items(self, what: str, items: torch.Tensor, bag_values: torch.Tensor) -> None:
