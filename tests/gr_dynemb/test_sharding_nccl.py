@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gr_dynemb import cuda_available
 from tests.gr_dynemb.test_sharding_workers import spawn, worker_train_dump, worker_train_load, worker_train_state_dict
@@ -110,3 +112,32 @@ def test_a_cuda_table_without_index_goes_to_the_rank_gpu() -> None:
     assert _on_rank_device(DynamicTableOptions(device="cuda"), torch.device("cpu")).device == "cuda"
     options = DynamicTableOptions(device="cuda", capacity=512)
     assert _on_rank_device(options, rank_gpu).capacity == 512 and options.device == "cuda"  # a copy, not a mutation
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    keys=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=0, max_size=64),
+    world_size=st.integers(1, 2**40),
+)
+def test_device_owner_hash_equals_the_native_one(keys: list[int], world_size: int) -> None:
+    """The torch-op owner hash (run on GPUs, so routed ids never go to the host) gives the native owner_ranks bits."""
+    from gr_dynemb import owner_ranks
+    from gr_dynemb.distributed.routing import hashed_owners, owner_ranks_on_device
+
+    t = torch.tensor(keys, dtype=torch.int64)
+    want = owner_ranks(t, world_size)
+    assert torch.equal(hashed_owners(t, world_size), want)
+    assert torch.equal(owner_ranks_on_device(t, world_size), want)
+
+
+@pytest.mark.gpu
+@unless_gpus(1)
+def test_owner_ranks_on_a_gpu_equal_the_native_ones() -> None:
+    from gr_dynemb import owner_ranks
+    from gr_dynemb.distributed.routing import owner_ranks_on_device
+
+    keys = torch.cat([torch.randint(-(2**63), 2**63 - 1, (1 << 16,)), torch.tensor([-(2**63), 2**63 - 1, 0, -1])])
+    for world_size in (1, 2, 3, 4, 8, 1000):
+        got = owner_ranks_on_device(keys.cuda(), world_size)
+        assert got.device.type == "cuda"
+        assert torch.equal(got.cpu(), owner_ranks(keys, world_size)), world_size

@@ -14,7 +14,8 @@ Per step (data-parallel KJT in, data-parallel ``dict[feature, JaggedTensor]`` ou
 The input dist is TorchRec's ``KJTListSplitsAwaitable`` (the static part's KJT all-to-alls, then the routed dynamic
 ids), so TorchRec's train pipelines (``TrainPipelineSparseDist``) drive this module as they drive their own. The
 dynamic exchanges are synchronous ``torch.distributed`` all-to-alls on the module's device (gloo on CPU, NCCL on
-CUDA); backward divides the returning gradients by the world size when TorchRec's gradient division is on (default),
+CUDA; owners are hashed where the ids are, see ``routing``, and a table asked for on "cuda" lives on the rank's
+GPU); backward divides the returning gradients by the world size when TorchRec's gradient division is on (default),
 as TorchRec's own embedding all-to-alls do.
 """
 
@@ -41,6 +42,7 @@ from gr_dynemb.distributed.options import (
     DynamicTableOptions,
     resolve_optimizer,
 )
+from gr_dynemb.distributed.routing import owner_ranks_on_device
 from gr_dynemb.embedding import DynamicEmbedding, DynamicEmbeddingConfig
 from gr_dynemb.grouped import lookup_tables
 from gr_dynemb.table import owner_ranks
@@ -249,7 +251,7 @@ class ShardedDynamicEmbeddingCollection(
             ctx.send = ctx.recv = [payload.shape[0]]
             ctx.inverse = None
             return payload
-        owner = owner_ranks(payload[:, 0], self._world_size)
+        owner = owner_ranks_on_device(payload[:, 0], self._world_size)  # where the ids are: no host round trip
         order = torch.argsort(owner, stable=True)
         ctx.inverse = torch.argsort(order)
         send_counts = torch.bincount(owner, minlength=self._world_size)
