@@ -179,7 +179,12 @@ def main() -> int:
                                 print(json.dumps(rec), flush=True)
                                 torch.cuda.empty_cache()
     meta = {
-        "command": "python tools/bench_hstu_attention.py " + " ".join(sys.argv[1:]),
+        # The kernel switches (GR_KERNELS_FWD_KERNEL, GR_KERNELS_BWD_KERNEL, GR_KERNELS_FWD_SPLITS, ...) change which
+        # kernel a "cutlass" record measures, so they are part of the command.
+        "command": " ".join(
+            [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("GR_KERNELS_")]
+            + ["python tools/bench_hstu_attention.py", *sys.argv[1:]]
+        ),
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
