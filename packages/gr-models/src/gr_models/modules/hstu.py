@@ -179,25 +179,25 @@ class HSTUBlock(nn.Module):
 
         Equal to ``forward`` on the whole sequences restricted to the new rows, given the past K/V that ``forward``
         would compute (the caller's job: a past row must not depend on the new rows)."""
-        u, v, q, k = self.project(x)
-        if not need_output:
-            return None, k, v
-        k_all = concat_jagged(past_k, past_offsets, k, q_offsets)
-        v_all = concat_jagged(past_v, past_offsets, v, q_offsets)
-        attn = self._attention(
-            q,
+        past_rows, key_rows = concat_rows(past_offsets, q_offsets, past_k.shape[0], x.shape[0])
+        k_all = past_k.new_empty((past_k.shape[0] + x.shape[0], *past_k.shape[1:])).index_copy_(0, past_rows, past_k)
+        v_all = past_v.new_empty((past_v.shape[0] + x.shape[0], *past_v.shape[1:])).index_copy_(0, past_rows, past_v)
+        y = self.forward_into_keys(
+            x,
+            q_offsets,
             k_all,
             v_all,
             past_offsets + q_offsets,
+            key_rows,
             max_seq_len,
             rab,
             num_targets=num_targets,
             contextual_seq_len=contextual_seq_len,
-            q_offsets=q_offsets,
             max_q_len=max_q_len,
+            need_output=need_output,
             validate=validate,
         )
-        return self.finish(x, u, attn), k, v
+        return y, k_all[key_rows], v_all[key_rows]
 
     def forward_into_keys(
         self,
@@ -242,20 +242,28 @@ class HSTUBlock(nn.Module):
         return self.finish(x, u, attn)
 
 
+def concat_rows(
+    a_offsets: torch.Tensor, b_offsets: torch.Tensor, a_total: int, b_total: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the rows of jagged ``a`` and ``b`` (same number of sequences) land when each sequence's ``a`` rows are
+    followed by its ``b`` rows: ``(a_dst [a_total], b_dst [b_total])`` row indices into the concatenation."""
+    device = a_offsets.device
+    if a_offsets.numel() == 2:  # one sequence: a plain concatenation
+        return torch.arange(a_total, device=device), torch.arange(a_total, a_total + b_total, device=device)
+    a_len = a_offsets[1:] - a_offsets[:-1]
+    b_len = b_offsets[1:] - b_offsets[:-1]
+    out_offsets = a_offsets + b_offsets
+    a_dst = torch.arange(a_total, device=device) + torch.repeat_interleave(b_offsets[:-1], a_len, output_size=a_total)
+    b_dst = torch.arange(b_total, device=device) + torch.repeat_interleave(
+        out_offsets[:-1] + a_len - b_offsets[:-1], b_len, output_size=b_total
+    )
+    return a_dst, b_dst
+
+
 def concat_jagged(a: torch.Tensor, a_offsets: torch.Tensor, b: torch.Tensor, b_offsets: torch.Tensor) -> torch.Tensor:
     """Per sequence, rows of ``a`` then rows of ``b`` (both jagged over the same number of sequences)."""
-    if a_offsets.numel() == 2:  # one sequence: a plain concatenation
-        return torch.cat([a, b])
-    a_len = a_offsets[1:] - a_offsets[:-1]
-    out_offsets = a_offsets + b_offsets
+    a_dst, b_dst = concat_rows(a_offsets, b_offsets, a.shape[0], b.shape[0])
     out = a.new_empty((a.shape[0] + b.shape[0], *a.shape[1:]))
-    a_dst = torch.arange(a.shape[0], device=a.device) + torch.repeat_interleave(
-        b_offsets[:-1], a_len, output_size=a.shape[0]
-    )
-    b_len = b_offsets[1:] - b_offsets[:-1]
-    b_dst = torch.arange(b.shape[0], device=b.device) + torch.repeat_interleave(
-        out_offsets[:-1] + a_len - b_offsets[:-1], b_len, output_size=b.shape[0]
-    )
     return out.index_copy_(0, a_dst, a).index_copy_(0, b_dst, b)
 
 
