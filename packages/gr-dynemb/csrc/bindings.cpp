@@ -7,6 +7,7 @@
 #include <tuple>
 #include <vector>
 
+#include "binding_utils.h"
 #include "table/cpu_table.h"
 #include "table/hash.h"
 
@@ -19,23 +20,9 @@ void register_cuda_table(py::module_& m);  // csrc/cuda_bindings.cpp
 }
 #endif
 
-namespace {
-
-template <typename T>
-T* ptr(std::uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
-// (kind, lr, eps, beta1, beta2, step) per table of a group -> checked optimizer steps.
-using OptimizerParams = std::tuple<int, double, double, double, double, int64_t>;
-std::vector<OptimizerStep> optimizer_steps(const std::vector<OptimizerParams>& params) {
-  std::vector<OptimizerStep> steps;
-  for (const auto& [kind, lr, eps, beta1, beta2, step] : params)
-    steps.push_back(OptimizerStep::make(kind, lr, eps, beta1, beta2, step));
-  return steps;
-}
-
-}  // namespace
+using binding::OptimizerParams;
+using binding::optimizer_steps;
+using binding::ptr;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gr_dynemb native hash tables";

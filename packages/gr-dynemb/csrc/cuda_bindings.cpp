@@ -8,29 +8,16 @@
 #include <tuple>
 #include <vector>
 
+#include "binding_utils.h"
 #include "table/cuda_table.h"
 
 namespace py = pybind11;
 
 namespace gr_dynemb {
 
-namespace {
-
-template <typename T>
-T* ptr(std::uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
-// (kind, lr, eps, beta1, beta2, step) per table of a group -> checked optimizer steps.
-using OptimizerParams = std::tuple<int, double, double, double, double, int64_t>;
-std::vector<OptimizerStep> optimizer_steps(const std::vector<OptimizerParams>& params) {
-  std::vector<OptimizerStep> steps;
-  for (const auto& [kind, lr, eps, beta1, beta2, step] : params)
-    steps.push_back(OptimizerStep::make(kind, lr, eps, beta1, beta2, step));
-  return steps;
-}
-
-}  // namespace
+using binding::OptimizerParams;
+using binding::optimizer_steps;
+using binding::ptr;
 
 void register_cuda_table(py::module_& m) {
   py::class_<CudaTable>(m, "CudaTable")
