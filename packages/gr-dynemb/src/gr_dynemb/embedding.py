@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from gr_dynemb.grouped import groupable, grouped_train_lookup
+from gr_dynemb.grouped import groupable, grouped_train_lookup, sum_rows
 from gr_dynemb.table import DynamicHashTable, DynamicTableConfig
 
 OptimizerKind = Literal["sgd", "adagrad", "rowwise_adagrad", "adam"]
@@ -75,8 +75,7 @@ class _Lookup(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         module: DynamicEmbedding = ctx.module
         unique: Tensor = ctx.unique
-        summed = torch.zeros(unique.numel(), grad.shape[-1], dtype=torch.float32, device=unique.device)
-        summed.index_add_(0, ctx.inverse, grad.detach().to(unique.device, torch.float32))
+        summed = sum_rows(grad.detach().to(unique.device, torch.float32), ctx.inverse, unique.numel())
         module.apply_gradients(unique, summed, distinct=True)
         return None, None, None, None, None
 
@@ -166,22 +165,14 @@ class DynamicEmbedding(nn.Module):
     def apply_gradients(self, unique: Tensor, grad: Tensor, *, distinct: bool = False) -> None:
         """One fused optimizer step on the rows of ``unique`` (de-duplicated ids) with summed gradients;
         ``distinct=True`` skips the table's bucket locks (see ``DynamicHashTable.apply_optimizer``)."""
-        found = self.optimizer_step(unique, grad, distinct=distinct)
-        self._unadmitted += (~found).sum()
-
-    @torch.no_grad()
-    def optimizer_step(
-        self, unique: Tensor, grad: Tensor, *, found: Tensor | None = None, distinct: bool = False
-    ) -> Tensor:
-        """``apply_gradients`` without the dropped-gradient count: advances the step and returns ``found`` (written
-        into ``found`` when given); the caller counts the ids without a slot."""
         self.step += 1
         opt = self.config.optimizer
         # One native pass: find each row, update it and its state in place (no gather/scatter, no host sync).
-        return self.table.apply_optimizer(
+        found = self.table.apply_optimizer(
             unique, grad, opt.kind, lr=opt.lr, eps=opt.eps, beta1=opt.beta1, beta2=opt.beta2, step=self.step,
-            found=found, distinct=distinct,
+            distinct=distinct,
         )  # fmt: skip
+        self._unadmitted += (~found).sum()
 
     # state_dict holds the table's rows (embedding + optimizer state), scores and the step counter.
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
