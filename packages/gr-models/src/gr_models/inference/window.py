@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torchrec import KeyedJaggedTensor
 
 from gr_models.inference.requests import Candidates
 from gr_models.inference.transfer import to_device
@@ -142,11 +141,12 @@ def window_inputs(
 
     parts = []
     if feats:
-        parts.append(_user_lookup(model, ids[6], n_feat_users))
+        # ids[6] is feature-major ([F, users] flattened); the module takes [users, F].
+        parts.append(model.user_embedding(ids[6].view(f, n_feat_users).t()).reshape(-1, d))
     if n_ev + n_cand:  # (TorchRec cannot look up zero ids)
-        emb = _item_lookup(model, items)
+        emb = model.input_embedding.embed_ids(items)
         if model.bag_embedding is not None:
-            emb = emb + _bag_lookup(model, bag_vals, bag_lens)
+            emb = emb + model.bag_embedding(bag_vals, bag_lens)
         action_emb = model.action_embedding(action_ids)
         parts += [emb[:n_ev] + action_emb, emb[n_ev:]] if m == 1 else [emb, action_emb]
     if not parts:  # nothing to compute (e.g. an append of no events to a cached user)
@@ -155,44 +155,3 @@ def window_inputs(
     x = table.index_select(0, gather_t) * math.sqrt(d)
     x = model.input_embedding.dropout(x + model.input_embedding.position_embeddings(positions_t))
     return x.to(device=device, dtype=dtype), infos
-
-
-def _item_lookup(model: HSTURankingModel, ids: torch.Tensor) -> torch.Tensor:
-    """``input_embedding.embed_ids``, with the KJT's per-key length given (TorchRec would read it off the device)."""
-    emb = model.input_embedding
-    n = ids.numel()
-    kjt = KeyedJaggedTensor(
-        keys=[emb.feature_name],
-        values=ids,
-        lengths=torch.ones(n, dtype=torch.int64, device=ids.device),
-        length_per_key=[n],
-        offset_per_key=[0, n],
-    )
-    return emb.lookup(kjt)
-
-
-def _bag_lookup(model: HSTURankingModel, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    bags = model.bag_embedding
-    kjt = KeyedJaggedTensor(
-        keys=[bags.key],
-        values=values,
-        lengths=lengths,
-        length_per_key=[values.numel()],
-        offset_per_key=[0, values.numel()],
-    )
-    return bags.bags(kjt)[bags.key]
-
-
-def _user_lookup(model: HSTURankingModel, values: torch.Tensor, b: int) -> torch.Tensor:
-    """``user_embedding`` of ``b`` users' features (``values`` feature-major, as it builds them): ``[b * F, D]``."""
-    ue = model.user_embedding
-    f = len(ue.names)
-    kjt = KeyedJaggedTensor(
-        keys=[f"user_{n}" for n in ue.names],
-        values=values,
-        lengths=torch.ones(b * f, dtype=torch.int64, device=values.device),
-        length_per_key=[b] * f,
-        offset_per_key=[i * b for i in range(f + 1)],
-    )
-    out = ue.tables(kjt)
-    return torch.stack([out[f"user_{n}"].values() for n in ue.names], dim=1).reshape(-1, ue.embedding_dim)

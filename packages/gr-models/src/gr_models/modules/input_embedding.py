@@ -142,10 +142,13 @@ class ItemInputEmbedding(nn.Module):
     def embed_ids(self, item_ids: torch.Tensor) -> torch.Tensor:
         """Embeddings of arbitrary item ids (any shape) through the same table, e.g. targets and negatives."""
         flat = item_ids.reshape(-1)
+        n = flat.numel()  # per-key length given: TorchRec would otherwise read it back from the device (a sync)
         kjt = KeyedJaggedTensor(
             keys=[self.feature_name],
             values=flat,
-            lengths=torch.ones(flat.numel(), dtype=torch.int64, device=flat.device),
+            lengths=torch.ones(n, dtype=torch.int64, device=flat.device),
+            length_per_key=[n],
+            offset_per_key=[0, n],
         )
         return self.lookup(kjt).reshape(*item_ids.shape, self.embedding_dim)
 

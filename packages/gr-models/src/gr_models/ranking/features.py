@@ -89,10 +89,13 @@ class UserFeatureEmbedding(nn.Module):
         b, f = values.shape
         if f != len(self.names):
             raise ValueError(f"user_features has {f} columns, the model was built for {len(self.names)}: {self.names}")
+        # Per-key lengths and offsets are known here; without them TorchRec reads them back from the device (a sync).
         kjt = KeyedJaggedTensor(
             keys=[f"user_{n}" for n in self.names],
             values=values.t().reshape(-1),
             lengths=torch.ones(b * f, dtype=torch.int64, device=values.device),
+            length_per_key=[b] * f,
+            offset_per_key=[i * b for i in range(f + 1)],
         )
         out = self.tables(kjt)
         return torch.stack([out[f"user_{n}"].values() for n in self.names], dim=1)
@@ -120,5 +123,8 @@ class ItemBagEmbedding(nn.Module):
         )
 
     def forward(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        kjt = KeyedJaggedTensor(keys=[self.key], values=values, lengths=lengths)
+        n = values.numel()  # one key: its length is every value (given, so TorchRec need not read it back)
+        kjt = KeyedJaggedTensor(
+            keys=[self.key], values=values, lengths=lengths, length_per_key=[n], offset_per_key=[0, n]
+        )
         return self.bags(kjt)[self.key]
