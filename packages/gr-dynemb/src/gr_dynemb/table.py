@@ -312,7 +312,6 @@ class DynamicHashTable:
         beta1: float = 0.9,
         beta2: float = 0.999,
         step: int = 1,
-        found: Tensor | None = None,
         distinct: bool = False,
     ) -> Tensor:
         """One fused optimizer step (``sgd``, ``adagrad``, ``rowwise_adagrad``, ``adam``; formulas in
@@ -320,9 +319,7 @@ class DynamicHashTable:
         step count ``step``. The optimizer state is the row's columns after the embedding. Returns ``found``;
         absent and reserved keys are skipped. Pass distinct keys (sum duplicate gradients first): duplicates are
         applied one after another under the bucket lock. ``distinct=True`` promises distinct keys (e.g. from
-        ``torch.unique``): no bucket locks are taken, which a GPU needs no time for (duplicates would then race).
-        ``found``: an optional contiguous bool ``[n]`` tensor on the table's device to write (and return) instead of
-        a new one."""
+        ``torch.unique``): no bucket locks are taken, which a GPU needs no time for (duplicates would then race)."""
         if kind not in _OPTIMIZERS:
             raise ValueError(f"optimizer kind must be one of {sorted(_OPTIMIZERS)}, got {kind!r}")
         keys = self._keys(keys)
@@ -332,10 +329,7 @@ class DynamicHashTable:
                 f"{getattr(grads, 'dtype', type(grads).__name__)} {tuple(getattr(grads, 'shape', ()))}"
             )
         grads = grads.detach().to(self.device).contiguous()
-        if found is None:
-            found = torch.empty(keys.numel(), dtype=torch.bool, device=self.device)
-        else:
-            _check_out(found, (keys.numel(),), torch.bool, self.device, "found")
+        found = torch.empty(keys.numel(), dtype=torch.bool, device=self.device)
         self._table.apply_optimizer(
             keys.data_ptr(), keys.numel(), grads.data_ptr(), _OPTIMIZERS[kind], lr, eps, beta1, beta2, step,
             found.data_ptr(), distinct, *self._stream(),
@@ -442,11 +436,8 @@ def find_or_insert_embeddings_group(
     tables on one device with one dim; ``out [n, dim]``, ``status [n]`` as there. The caller makes sure that no key
     is reserved (a reserved key would only be counted, and the next inserting call of its table would raise);
     tables with policy ``"none"`` raise ``TableFullError`` as ``find_or_insert`` does."""
-    first = _check_group(tables, bounds)
-    keys = first._keys(keys)
+    first, keys = _check_group(tables, bounds, keys)
     n = keys.numel()
-    if bounds[-1] != n:
-        raise ValueError(f"the group's bounds end at {bounds[-1]}, but there are {n} keys")
     _check_out(out, (n, first.dim), torch.float32, first.device, "out")
     _check_out(status, (n,), torch.int8, first.device, "status")
     type(first._table).find_or_insert_embeddings_group(
@@ -470,11 +461,8 @@ def apply_optimizer_group(
     """``tables[k].apply_optimizer`` on ``keys[bounds[k]:bounds[k + 1]]`` for every k in one native call, with table
     k's optimizer ``optimizers[k] = (kind, lr, eps, beta1, beta2, step)``; ``grads [n, dim]`` and ``found [n]``
     (written) as there, as is ``distinct``."""
-    first = _check_group(tables, bounds)
-    keys = first._keys(keys)
+    first, keys = _check_group(tables, bounds, keys)
     n = keys.numel()
-    if bounds[-1] != n:
-        raise ValueError(f"the group's bounds end at {bounds[-1]}, but there are {n} keys")
     if len(optimizers) != len(tables):
         raise ValueError(f"need one optimizer per table, got {len(optimizers)} for {len(tables)} tables")
     for kind, *_ in optimizers:
@@ -489,7 +477,11 @@ def apply_optimizer_group(
     )  # fmt: skip
 
 
-def _check_group(tables: Sequence[DynamicHashTable], bounds: Sequence[int]) -> DynamicHashTable:
+def _check_group(
+    tables: Sequence[DynamicHashTable], bounds: Sequence[int], keys: Tensor
+) -> tuple[DynamicHashTable, Tensor]:
+    """(the group's first table, its checked keys): 1..MAX_GROUP_TABLES tables sharing device and dim, bounds that
+    split exactly the keys."""
     if not 1 <= len(tables) <= MAX_GROUP_TABLES:
         raise ValueError(f"a group holds 1 to {MAX_GROUP_TABLES} tables, got {len(tables)}")
     if len(bounds) != len(tables) + 1:
@@ -500,7 +492,10 @@ def _check_group(tables: Sequence[DynamicHashTable], bounds: Sequence[int]) -> D
             raise ValueError(
                 f"a group's tables share device and dim: {first.device}/{first.dim} and {t.device}/{t.dim}"
             )
-    return first
+    keys = first._keys(keys)
+    if bounds[-1] != keys.numel():
+        raise ValueError(f"the group's bounds end at {bounds[-1]}, but there are {keys.numel()} keys")
+    return first, keys
 
 
 def owner_ranks(keys: Tensor, world_size: int) -> Tensor:
