@@ -69,9 +69,11 @@ PYBIND11_MODULE(_C, m) {
       .def("rejected_count", &CpuTable::rejected_count)
       .def("take_reserved_count", &CpuTable::take_reserved_count)
       .def("find",
-           [](CpuTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t found, bool touch) {
+           [](CpuTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t found, bool touch,
+              std::uintptr_t scores_out) {
              py::gil_scoped_release nogil;
-             t.find(ptr<const int64_t>(keys), n, ptr<float>(values), ptr<bool>(found), touch);
+             t.find(ptr<const int64_t>(keys), n, ptr<float>(values), ptr<bool>(found), touch,
+                    ptr<uint64_t>(scores_out));
            })
       .def("find_or_insert",
            [](CpuTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t status,
@@ -93,6 +95,15 @@ PYBIND11_MODULE(_C, m) {
              py::gil_scoped_release nogil;
              t.insert_or_assign(ptr<const int64_t>(keys), n, ptr<const float>(values), ptr<int8_t>(status),
                                 ptr<const uint64_t>(scores));
+           })
+      .def("insert_or_assign_evicting",
+           [](CpuTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t status,
+              std::uintptr_t scores, std::uintptr_t evicted_keys, std::uintptr_t evicted_values,
+              std::uintptr_t evicted_scores) {
+             py::gil_scoped_release nogil;
+             t.insert_or_assign_evicting(ptr<const int64_t>(keys), n, ptr<const float>(values), ptr<int8_t>(status),
+                                         ptr<const uint64_t>(scores), ptr<int64_t>(evicted_keys),
+                                         ptr<float>(evicted_values), ptr<uint64_t>(evicted_scores));
            })
       .def("assign",
            [](CpuTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t found) {

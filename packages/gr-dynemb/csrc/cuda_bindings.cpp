@@ -47,9 +47,10 @@ void register_cuda_table(py::module_& m) {
       .def("take_reserved_count", &CudaTable::take_reserved_count, py::call_guard<py::gil_scoped_release>())
       .def("find",
            [](CudaTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t found, bool touch,
-              std::uintptr_t stream) {
+              std::uintptr_t scores_out, std::uintptr_t stream) {
              py::gil_scoped_release nogil;
-             t.find(ptr<const int64_t>(keys), n, ptr<float>(values), ptr<bool>(found), touch, stream);
+             t.find(ptr<const int64_t>(keys), n, ptr<float>(values), ptr<bool>(found), touch, stream,
+                    ptr<uint64_t>(scores_out));
            })
       .def("find_or_insert",
            [](CudaTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t status,
@@ -71,6 +72,15 @@ void register_cuda_table(py::module_& m) {
              py::gil_scoped_release nogil;
              t.insert_or_assign(ptr<const int64_t>(keys), n, ptr<const float>(values), ptr<int8_t>(status),
                                 ptr<const uint64_t>(scores), stream);
+           })
+      .def("insert_or_assign_evicting",
+           [](CudaTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t status,
+              std::uintptr_t scores, std::uintptr_t evicted_keys, std::uintptr_t evicted_values,
+              std::uintptr_t evicted_scores, std::uintptr_t stream) {
+             py::gil_scoped_release nogil;
+             t.insert_or_assign_evicting(ptr<const int64_t>(keys), n, ptr<const float>(values), ptr<int8_t>(status),
+                                         ptr<const uint64_t>(scores), ptr<int64_t>(evicted_keys),
+                                         ptr<float>(evicted_values), ptr<uint64_t>(evicted_scores), stream);
            })
       .def("assign",
            [](CudaTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t found,

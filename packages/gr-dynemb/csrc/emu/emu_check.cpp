@@ -1,4 +1,5 @@
 // The emulated CUDA table (run.sh) against the CPU table: every check must hold exactly (same statuses, rows, scores).
+#include <algorithm>
 #include <cassert>
 #include <cstdio>
 #include <map>
@@ -298,6 +299,72 @@ void groups() {
   CHECK(threw);
 }
 
+// insert_or_assign_evicting and find's scores: key by key into a full bucket (LRU, LFU, custom scores) the CUDA
+// table reports the same victims (key, row, score) as the CPU table, and each victim is what the table held; a
+// batch into full buckets loses nothing: what the table held plus the batch equals what it holds plus the victims.
+void evicting() {
+  const int dim = 3, vd = 7;
+  for (ScorePolicy pol : {ScorePolicy::kLru, ScorePolicy::kLfu, ScorePolicy::kCustom}) {
+    auto to = topt(dim, vd, 128, 128, pol, 1.0, Initializer{InitKind::kUniform, -1.f, 1.f, 2});
+    CpuTable cpu(to); CudaTable gpu(gopt(to));
+    std::mt19937_64 rng(17 + int(pol));
+    std::vector<int64_t> keys(260); for (auto& k : keys) k = int64_t(rng() >> 3) + 9;
+    for (int i = 0; i < 260; ++i) {
+      cpu.set_step(1 + i / 8); gpu.set_step(1 + i / 8);
+      if (i > 130 && i % 3 == 0) {  // touch an older key (found or not) and read its score
+        const int64_t o = keys[rng() % i];
+        std::vector<float> x(vd), y(vd); bool a, b; uint64_t sa = 7, sb = 9;
+        cpu.find(&o, 1, x.data(), &a, true, &sa); gpu.find(&o, 1, y.data(), &b, true, 0, &sb);
+        CHECK(a == b); CHECK(x == y); CHECK(sa == sb); CHECK(a || sa == 0);
+        if (a) CHECK(contents_cpu(cpu, vd)[o].s == sa);
+      }
+      const auto before = contents_cpu(cpu, vd);
+      std::vector<float> row(vd); for (auto& x : row) x = float(rng() % 1000) / 10.f;
+      uint64_t sc = 1 + rng() % 60; const uint64_t* sp = pol == ScorePolicy::kLru ? nullptr : &sc;  // given scores: any policy
+      int8_t a = -1, b = -1; int64_t ka = 1, kb = 2; std::vector<float> ra(vd, -1.f), rb(vd, -1.f); uint64_t sa = 0, sb = 0;
+      cpu.insert_or_assign_evicting(&keys[i], 1, row.data(), &a, sp, &ka, ra.data(), &sa);
+      gpu.insert_or_assign_evicting(&keys[i], 1, row.data(), &b, sp, &kb, rb.data(), &sb, 0);
+      CHECK(a == b); CHECK(ka == kb);
+      CHECK((a == int8_t(InsertStatus::kEvicted)) == (ka != kEmptyKey));
+      if (a == int8_t(InsertStatus::kEvicted)) {
+        CHECK(ra == rb); CHECK(sa == sb);
+        CHECK(before.count(ka) == 1 && before.at(ka).v == ra && before.at(ka).s == sa);
+        CHECK(contents_cpu(cpu, vd).count(ka) == 0);
+      }
+    }
+    CHECK(contents_cpu(cpu, vd) == contents_gpu(gpu, vd));
+    CHECK(cpu.evicted_count() == gpu.evicted_count(0) && cpu.evicted_count() > 0);
+  }
+  // A batch of distinct new keys into full buckets (LRU, newer step): conservation of keys, rows and scores.
+  auto to = topt(dim, vd, 256, 256, ScorePolicy::kLru, 1.0);
+  CudaTable gpu(gopt(to)); CpuTable cpu(to);
+  std::mt19937_64 rng(23);
+  std::vector<int64_t> old(256); for (auto& k : old) k = int64_t(rng() >> 2);
+  std::vector<float> rows(256 * vd); for (auto& x : rows) x = float(rng() % 999);
+  std::vector<int8_t> st(256);
+  gpu.set_step(1); cpu.set_step(1);
+  gpu.insert_or_assign(old.data(), 256, rows.data(), st.data(), nullptr, 0);
+  cpu.insert_or_assign(old.data(), 256, rows.data(), st.data(), nullptr);
+  for (int side = 0; side < 2; ++side) {
+    const auto before = side ? contents_gpu(gpu, vd) : contents_cpu(cpu, vd);
+    std::vector<int64_t> nw(150); for (auto& k : nw) k = int64_t(rng() >> 2);
+    std::vector<float> nv(150 * vd); for (auto& x : nv) x = float(rng() % 999) + 0.5f;
+    std::vector<int8_t> ns(150); std::vector<int64_t> ek(150); std::vector<float> ev(150 * vd); std::vector<uint64_t> es(150);
+    if (side) { gpu.set_step(2); gpu.insert_or_assign_evicting(nw.data(), 150, nv.data(), ns.data(), nullptr, ek.data(), ev.data(), es.data(), 0); }
+    else { cpu.set_step(2); cpu.insert_or_assign_evicting(nw.data(), 150, nv.data(), ns.data(), nullptr, ek.data(), ev.data(), es.data()); }
+    const auto after = side ? contents_gpu(gpu, vd) : contents_cpu(cpu, vd);
+    std::map<int64_t, Row> lhs = before, rhs = after;
+    for (int i = 0; i < 150; ++i) {
+      if (ns[i] != int8_t(InsertStatus::kRejected)) lhs[nw[i]] = Row{{nv.begin() + i * vd, nv.begin() + (i + 1) * vd}, 2};
+      else CHECK(after.count(nw[i]) == 0);
+      CHECK((ns[i] == int8_t(InsertStatus::kEvicted)) == (ek[i] != kEmptyKey));
+      if (ek[i] != kEmptyKey) { CHECK(rhs.count(ek[i]) == 0); rhs[ek[i]] = Row{{ev.begin() + i * vd, ev.begin() + (i + 1) * vd}, es[i]}; }
+    }
+    CHECK(lhs == rhs);
+    CHECK(std::count(ns.begin(), ns.end(), int8_t(InsertStatus::kEvicted)) > 0);
+  }
+}
+
 int main() {
   groups(); std::printf("groups done\n");
   embeddings_only(); std::printf("embeddings only done\n");
@@ -308,6 +375,7 @@ int main() {
   for (auto p : {ScorePolicy::kLru, ScorePolicy::kLfu, ScorePolicy::kEpochLru, ScorePolicy::kEpochLfu, ScorePolicy::kCustom, ScorePolicy::kNone}) eviction(p);
   full_batch(); std::printf("full batch done\n");
   hybrid(); std::printf("hybrid done\n");
+  evicting(); std::printf("evicting done\n");
   std::printf("failures: %d\n", failures);
   return failures != 0;
 }

@@ -115,7 +115,8 @@ void CpuTable::lock(int64_t bucket) {
 
 void CpuTable::unlock(int64_t bucket) { locks_[bucket].store(0, std::memory_order_release); }
 
-int64_t CpuTable::place(int64_t key, const Probe& pr, uint64_t score, InsertStatus& status, int64_t free_slot) {
+int64_t CpuTable::place(int64_t key, const Probe& pr, uint64_t score, InsertStatus& status, int64_t free_slot,
+                        Slot* victim_out) {
   const int64_t base = pr.bucket * kBucketSize;
   // free_slot: the first free slot on the probe path, found by the caller's locate(); -1 means the bucket is full.
   if (free_slot >= 0) {
@@ -131,6 +132,7 @@ int64_t CpuTable::place(int64_t key, const Probe& pr, uint64_t score, InsertStat
       if (slots_[s].score < slots_[victim].score) victim = s;
     }
     if (score > slots_[victim].score) {
+      if (victim_out) *victim_out = slots_[victim];
       slots_[victim].key = key;
       slots_[victim].score = score;
       status = InsertStatus::kEvicted;
@@ -154,7 +156,8 @@ void CpuTable::initial_columns(int64_t key, float* row, int cols) const {
   if (cols > options_.dim) std::fill(row + options_.dim, row + cols, 0.f);
 }
 
-void CpuTable::find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score) {
+void CpuTable::find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score,
+                    uint64_t* scores_out) {
   const int vd = options_.value_dim;
   parallel_for(n, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -165,13 +168,17 @@ void CpuTable::find(const int64_t* keys, int64_t n, float* values, bool* found, 
       found[i] = slot >= 0;
       if (slot < 0) {
         if (values) std::fill(values + i * vd, values + (i + 1) * vd, 0.f);
+        if (scores_out) scores_out[i] = 0;
         continue;
       }
       if (values) std::memcpy(values + i * vd, &values_[slot * vd], sizeof(float) * vd);
       if (update_score) {
         lock(pr.bucket);
         slots_[slot].score = touched_score(slots_[slot].score, false, nullptr, i);
+        if (scores_out) scores_out[i] = slots_[slot].score;
         unlock(pr.bucket);
+      } else if (scores_out) {
+        scores_out[i] = slots_[slot].score;
       }
     }
   });
@@ -206,8 +213,9 @@ void CpuTable::upsert_batch(const int64_t* keys, int64_t n, int8_t* status, cons
     for (int64_t i = begin; i < end; ++i) {
       prefetch(keys, i, end);
       const int64_t key = keys[i];
+      Slot victim{kEmptyKey, 0};
       if (is_reserved(key)) {  // never stored: rejected and counted, the Python layer raises
-        body(i, key, int64_t(-1), InsertStatus::kRejected);
+        body(i, key, int64_t(-1), InsertStatus::kRejected, victim);
         status[i] = static_cast<int8_t>(InsertStatus::kRejected);
         ++tally.reserved;
         continue;
@@ -220,9 +228,9 @@ void CpuTable::upsert_batch(const int64_t* keys, int64_t n, int8_t* status, cons
       if (slot >= 0) {
         slots_[slot].score = touched_score(slots_[slot].score, false, scores, i);
       } else {
-        slot = place(key, pr, touched_score(0, true, scores, i), st, free_slot);
+        slot = place(key, pr, touched_score(0, true, scores, i), st, free_slot, &victim);
       }
-      body(i, key, slot, st);
+      body(i, key, slot, st, victim);
       unlock(pr.bucket);
       status[i] = static_cast<int8_t>(st);
       tally.add(st);
@@ -243,7 +251,7 @@ void CpuTable::find_or_insert_embeddings(const int64_t* keys, int64_t n, float* 
 void CpuTable::upsert_rows(const int64_t* keys, int64_t n, float* out, int out_cols, int8_t* status,
                            const uint64_t* scores) {
   const int vd = options_.value_dim;
-  upsert_batch(keys, n, status, scores, [&](int64_t i, int64_t key, int64_t slot, InsertStatus st) {
+  upsert_batch(keys, n, status, scores, [&](int64_t i, int64_t key, int64_t slot, InsertStatus st, const Slot&) {
     float* o = out + i * out_cols;
     if (slot < 0) {  // rejected: the initializer's row, no slot
       initial_columns(key, o, out_cols);
@@ -257,7 +265,23 @@ void CpuTable::upsert_rows(const int64_t* keys, int64_t n, float* out, int out_c
 void CpuTable::insert_or_assign(const int64_t* keys, int64_t n, const float* values, int8_t* status,
                                 const uint64_t* scores) {
   const int vd = options_.value_dim;
-  upsert_batch(keys, n, status, scores, [&](int64_t i, int64_t, int64_t slot, InsertStatus) {
+  upsert_batch(keys, n, status, scores, [&](int64_t i, int64_t, int64_t slot, InsertStatus, const Slot&) {
+    if (slot >= 0) std::memcpy(&values_[slot * vd], values + i * vd, sizeof(float) * vd);
+  });
+}
+
+void CpuTable::insert_or_assign_evicting(const int64_t* keys, int64_t n, const float* values, int8_t* status,
+                                         const uint64_t* scores, int64_t* evicted_keys, float* evicted_values,
+                                         uint64_t* evicted_scores) {
+  if (n > 0 && evicted_keys == nullptr) throw std::invalid_argument("insert_or_assign_evicting needs evicted_keys");
+  const int vd = options_.value_dim;
+  upsert_batch(keys, n, status, scores, [&](int64_t i, int64_t, int64_t slot, InsertStatus st, const Slot& victim) {
+    const bool evicted = st == InsertStatus::kEvicted;
+    evicted_keys[i] = evicted ? victim.key : kEmptyKey;
+    if (evicted) {  // the victim's row is still in the slot: hand it out before the newcomer's row replaces it
+      if (evicted_values) std::memcpy(evicted_values + i * vd, &values_[slot * vd], sizeof(float) * vd);
+      if (evicted_scores) evicted_scores[i] = victim.score;
+    }
     if (slot >= 0) std::memcpy(&values_[slot * vd], values + i * vd, sizeof(float) * vd);
   });
 }

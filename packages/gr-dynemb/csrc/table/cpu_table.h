@@ -43,8 +43,10 @@ class CpuTable {
   // Reserved keys offered to inserting operations since the last call (they were rejected, not stored); resets.
   int64_t take_reserved_count() { return reserved_.exchange(0); }
 
-  // values: [n, value_dim] or null; found: [n]. Touches scores when update_score.
-  void find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score);
+  // values: [n, value_dim] or null; found: [n]. Touches scores when update_score. scores_out: [n] or null: each
+  // present key's score (after the touch), 0 for absent keys.
+  void find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score,
+            uint64_t* scores_out = nullptr);
   // values: [n, value_dim] out (present row, or the initializer's row for new/rejected keys); status: [n].
   // scores: [n] given -> used as the keys' scores whatever the policy (kCustom needs them); null -> the policy's.
   void find_or_insert(const int64_t* keys, int64_t n, float* values, int8_t* status, const uint64_t* scores);
@@ -53,6 +55,13 @@ class CpuTable {
                                  const uint64_t* scores);
   // values: [n, value_dim] in; status: [n].
   void insert_or_assign(const int64_t* keys, int64_t n, const float* values, int8_t* status, const uint64_t* scores);
+  // insert_or_assign that reports what it displaced (a cache's write-back needs the evicted rows): for key i,
+  // evicted_keys[i] is the key that its insert evicted (status EVICTED) and kEmptyKey otherwise; for evicting keys
+  // evicted_values[i] ([n, value_dim]) and evicted_scores[i] get that key's row and score (other positions are
+  // left as they were; either array may be null).
+  void insert_or_assign_evicting(const int64_t* keys, int64_t n, const float* values, int8_t* status,
+                                 const uint64_t* scores, int64_t* evicted_keys, float* evicted_values,
+                                 uint64_t* evicted_scores);
   // Overwrites rows of present keys only (scores untouched); found: [n] or null.
   void assign(const int64_t* keys, int64_t n, const float* values, bool* found);
   // Adds delta rows ([n, value_dim]) to present keys' rows; found: [n] or null. (Gradient updates on unique keys.)
@@ -105,13 +114,16 @@ class CpuTable {
   int64_t locate(int64_t key, const Probe& pr, int64_t* free_slot = nullptr) const;
   uint64_t touched_score(uint64_t old_score, bool is_new, const uint64_t* custom, int64_t i) const;
   // Places absent `key` (bucket lock held) in free_slot, or evicts when it is -1; returns the slot or -1 (rejected).
-  int64_t place(int64_t key, const Probe& pr, uint64_t score, InsertStatus& status, int64_t free_slot);
+  // victim (optional) gets the evicted slot's old key and score when the status is kEvicted.
+  int64_t place(int64_t key, const Probe& pr, uint64_t score, InsertStatus& status, int64_t free_slot,
+                Slot* victim = nullptr);
   void prefetch(const int64_t* keys, int64_t i, int64_t end) const;
   void lock(int64_t bucket);
   void unlock(int64_t bucket);
   void grow_for(int64_t incoming);
   // The loop of the inserting operations: per key, under its bucket lock, find it (touching its score) or place it,
-  // then body(i, key, slot, status) (slot -1: rejected); statuses to `status`, counts to the table.
+  // then body(i, key, slot, status, victim) (slot -1: rejected; victim: the evicted key and score when status is
+  // kEvicted, whose row is still in the slot); statuses to `status`, counts to the table.
   template <typename Body>
   void upsert_batch(const int64_t* keys, int64_t n, int8_t* status, const uint64_t* scores, Body&& body);
   // find_or_insert writing the first out_cols columns of each row to out ([n, out_cols]).

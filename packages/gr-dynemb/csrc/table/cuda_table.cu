@@ -312,7 +312,11 @@ __device__ __forceinline__ int64_t group_index(const Tile& g) {
 }
 
 // <= 32 registers: eight 256-thread blocks per SM; lookups are bound by memory latency, so occupancy pays.
-__global__ void __launch_bounds__(kBlock, 8) find_kernel(View t, const int64_t* keys, int64_t n, float* values, bool* found, bool touch) {
+// kScores: also write each key's score (after the touch; 0 if absent) to scores_out (a separate instantiation, so
+// the plain lookup's code is unchanged).
+template <bool kScores>
+__global__ void __launch_bounds__(kBlock, 8) find_kernel(View t, const int64_t* keys, int64_t n, float* values, bool* found, bool touch,
+                                                         uint64_t* scores_out) {
   const Tile g = cg::tiled_partition<kGroup>(cg::this_thread_block());
   const int64_t i = group_index(g);
   if (i >= n) return;
@@ -335,14 +339,28 @@ __global__ void __launch_bounds__(kBlock, 8) find_kernel(View t, const int64_t* 
     auto* addr = reinterpret_cast<unsigned long long*>(t.scores + pr.base + s);
     unsigned long long old = *addr;
     while (true) {
-      const unsigned long long prev = atomicCAS(addr, old, touched_score(t, old, false, nullptr, i));
-      if (prev == old) break;
+      const unsigned long long next = touched_score(t, old, false, nullptr, i);
+      const unsigned long long prev = atomicCAS(addr, old, next);
+      if (prev == old) {
+        if (kScores) scores_out[i] = next;
+        break;
+      }
       old = prev;
     }
+  } else if (kScores && g.thread_rank() == 0) {
+    scores_out[i] = s >= 0 ? t.scores[pr.base + s] : 0;
   }
 }
 
-enum class Upsert { kFindOrInsert, kInsertOrAssign };
+enum class Upsert { kFindOrInsert, kInsertOrAssign, kInsertEvicting };
+
+// Where kInsertEvicting reports the slots it took from other keys: per key i, the evicted key (kEmptyKey if none)
+// and, for evicting keys, that key's row and score.
+struct Evicted {
+  int64_t* keys;
+  float* values;     // [n, vd] or null
+  uint64_t* scores;  // [n] or null
+};
 
 // One key of an inserting operation, by the group's lanes: under the bucket lock, find it (touching its score) or
 // place it (free slot, eviction or rejection); find_or_insert writes the first `out_cols` columns of its row to `out`
@@ -351,10 +369,12 @@ enum class Upsert { kFindOrInsert, kInsertOrAssign };
 template <Upsert kMode>
 __device__ __forceinline__ void upsert_key(const View& t, const Tile& g, int64_t i, int64_t key, float* out,
                                            int out_cols, const float* in, int8_t* status, const uint64_t* scores,
-                                           unsigned long long* counts) {
+                                           unsigned long long* counts, const Evicted& ev = Evicted{}) {
+  constexpr bool kEvicting = kMode == Upsert::kInsertEvicting;
   if (is_reserved(key)) {  // never stored: rejected and counted, the Python layer raises
     if (kMode == Upsert::kFindOrInsert) initial_row(t, g, key, out, out_cols);
     if (g.thread_rank() == 0) {
+      if (kEvicting) ev.keys[i] = kEmptyKey;
       status[i] = static_cast<int8_t>(InsertStatus::kRejected);
       atomicAdd(counts + 3, 1ULL);
     }
@@ -382,6 +402,14 @@ __device__ __forceinline__ void upsert_key(const View& t, const Tile& g, int64_t
       if (score > low) {
         s = victim;
         st = InsertStatus::kEvicted;
+        if (kEvicting) {  // hand out the victim (key, score, row) before the newcomer replaces it
+          if (g.thread_rank() == 0) {
+            ev.keys[i] = __ldcg(t.keys + pr.base + s);
+            if (ev.scores) ev.scores[i] = low;
+          }
+          if (ev.values) copy_row<true>(g, ev.values + i * t.vd, row_of(t, pr.base + s), t.vd);
+          g.sync();  // every lane has read the old row before any lane writes the new one below
+        }
       } else {
         st = InsertStatus::kRejected;
       }
@@ -407,6 +435,7 @@ __device__ __forceinline__ void upsert_key(const View& t, const Tile& g, int64_t
   }
   unlock_bucket(t, g, pr.bucket);
   if (g.thread_rank() == 0) {
+    if (kEvicting && st != InsertStatus::kEvicted) ev.keys[i] = kEmptyKey;
     status[i] = static_cast<int8_t>(st);
     if (st == InsertStatus::kInserted) atomicAdd(counts + 0, 1ULL);
     if (st == InsertStatus::kEvicted) atomicAdd(counts + 1, 1ULL);
@@ -418,7 +447,7 @@ __device__ __forceinline__ void upsert_key(const View& t, const Tile& g, int64_t
 // occupancy pays more than the 16 bytes ptxas spills for one variant.
 template <Upsert kMode>
 __global__ void __launch_bounds__(kBlock, 8) upsert_kernel(View t, const int64_t* keys, int64_t n, float* out_values, int out_cols,
-                              const float* in_values, int8_t* status, const uint64_t* scores) {
+                              const float* in_values, int8_t* status, const uint64_t* scores, Evicted ev) {
   __shared__ unsigned long long counts[4];
   if (threadIdx.x < 4) counts[threadIdx.x] = 0;
   __syncthreads();
@@ -426,8 +455,8 @@ __global__ void __launch_bounds__(kBlock, 8) upsert_kernel(View t, const int64_t
   const int64_t i = group_index(g);
   if (i < n) {
     upsert_key<kMode>(t, g, i, keys[i], kMode == Upsert::kFindOrInsert ? out_values + i * out_cols : nullptr,
-                      out_cols, kMode == Upsert::kInsertOrAssign ? in_values + i * t.vd : nullptr, status, scores,
-                      counts);
+                      out_cols, kMode != Upsert::kFindOrInsert ? in_values + i * t.vd : nullptr, status, scores,
+                      counts, ev);
   }
   flush_tally(t, counts);
 }
@@ -804,10 +833,17 @@ int64_t CudaTable::take_reserved_count(uintptr_t stream) {
 int64_t CudaTable::evicted_count(uintptr_t stream) { return read_counter(1, stream); }
 int64_t CudaTable::rejected_count(uintptr_t stream) { return read_counter(2, stream); }
 
-void CudaTable::find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score, uintptr_t stream) {
+void CudaTable::find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score, uintptr_t stream,
+                     uint64_t* scores_out) {
   if (n <= 0) return;
   DeviceGuard guard(options_.device);
-  find_kernel<<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, values, found, update_score);
+  if (scores_out) {
+    find_kernel<true><<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, values, found, update_score,
+                                                                        scores_out);
+  } else {
+    find_kernel<false><<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, values, found, update_score,
+                                                                         nullptr);
+  }
   check(cudaGetLastError(), "find");
 }
 
@@ -841,7 +877,8 @@ void CudaTable::upsert_rows(const int64_t* keys, int64_t n, float* out, int out_
   DeviceGuard guard(options_.device);
   grow_for(n, stream);
   upsert_kernel<Upsert::kFindOrInsert>
-      <<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, out, out_cols, nullptr, status, scores);
+      <<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, out, out_cols, nullptr, status, scores,
+                                                        Evicted{});
   check(cudaGetLastError(), "find_or_insert");
 }
 
@@ -905,8 +942,21 @@ void CudaTable::insert_or_assign(const int64_t* keys, int64_t n, const float* va
   DeviceGuard guard(options_.device);
   grow_for(n, stream);
   upsert_kernel<Upsert::kInsertOrAssign>
-      <<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, nullptr, 0, values, status, scores);
+      <<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, nullptr, 0, values, status, scores,
+                                                        Evicted{});
   check(cudaGetLastError(), "insert_or_assign");
+}
+
+void CudaTable::insert_or_assign_evicting(const int64_t* keys, int64_t n, const float* values, int8_t* status,
+                                          const uint64_t* scores, int64_t* evicted_keys, float* evicted_values,
+                                          uint64_t* evicted_scores, uintptr_t stream) {
+  if (n <= 0) return;
+  if (evicted_keys == nullptr) throw std::invalid_argument("insert_or_assign_evicting needs evicted_keys");
+  DeviceGuard guard(options_.device);
+  grow_for(n, stream);
+  upsert_kernel<Upsert::kInsertEvicting><<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(
+      view(), keys, n, nullptr, 0, values, status, scores, Evicted{evicted_keys, evicted_values, evicted_scores});
+  check(cudaGetLastError(), "insert_or_assign_evicting");
 }
 
 void CudaTable::assign(const int64_t* keys, int64_t n, const float* values, bool* found, uintptr_t stream) {

@@ -48,7 +48,9 @@ class CudaTable {
   // Reserved keys offered to inserting operations since the last call (they were rejected, not stored); resets.
   int64_t take_reserved_count(uintptr_t stream);
 
-  void find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score, uintptr_t stream);
+  // scores_out: [n] or null: each present key's score after the touch, 0 for absent keys (as CpuTable::find).
+  void find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score, uintptr_t stream,
+            uint64_t* scores_out = nullptr);
   void find_or_insert(const int64_t* keys, int64_t n, float* values, int8_t* status, const uint64_t* scores,
                       uintptr_t stream);
   // find_or_insert that writes only each row's embedding (embeddings: [n, dim]); the training lookup's path.
@@ -56,6 +58,10 @@ class CudaTable {
                                  const uint64_t* scores, uintptr_t stream);
   void insert_or_assign(const int64_t* keys, int64_t n, const float* values, int8_t* status, const uint64_t* scores,
                         uintptr_t stream);
+  // insert_or_assign that reports the keys it evicted, with their rows and scores (see CpuTable).
+  void insert_or_assign_evicting(const int64_t* keys, int64_t n, const float* values, int8_t* status,
+                                 const uint64_t* scores, int64_t* evicted_keys, float* evicted_values,
+                                 uint64_t* evicted_scores, uintptr_t stream);
   // A group of tables (same device and dim) in one kernel launch: table k's keys are keys[bounds[k], bounds[k + 1])
   // (see kMaxGroupTables), with the semantics of a find_or_insert_embeddings / apply_optimizer per table (the
   // optimizer steps[k] for table k). Reserved keys are rejected and counted by the table they are offered to.

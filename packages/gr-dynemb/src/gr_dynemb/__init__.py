@@ -2,12 +2,15 @@
 
 ``DynamicHashTable`` is the native collision-free int64 -> row table (host memory with multi-threaded C++, or a GPU
 with an optional pinned-host-memory tier for value rows) with scores, eviction policies, growth and export;
-``DynamicEmbedding`` is an embedding module over it with admission and fused backward optimizers (SGD, Adagrad,
-row-wise Adagrad, Adam). ``DynamicEmbeddingCollection`` is TorchRec's ``EmbeddingCollection`` interface over such
-tables; ``gr_dynemb.distributed`` puts dynamic tables into TorchRec's ``DistributedModelParallel`` (sharded by key
-hash on the ``CUSTOMIZED_KERNEL`` hook, next to TorchRec's static tables).
+``CachingHashTable`` (``make_table`` of a config with ``cache_capacity``) keeps every row in host memory and the
+hot ones in a cache on the GPU; ``DynamicEmbedding`` is an embedding module over either with admission and fused
+backward optimizers (SGD, Adagrad, row-wise Adagrad, Adam). ``DynamicEmbeddingCollection`` is TorchRec's
+``EmbeddingCollection`` interface over such tables; ``gr_dynemb.distributed`` puts dynamic tables into TorchRec's
+``DistributedModelParallel`` (sharded by key hash on the ``CUSTOMIZED_KERNEL`` hook, next to TorchRec's static
+tables).
 """
 
+from gr_dynemb.caching import CachingHashTable, make_table
 from gr_dynemb.embedding import DynamicEmbedding, DynamicEmbeddingConfig, FusedOptimizerConfig
 from gr_dynemb.table import (
     BUCKET_SIZE,
@@ -43,6 +46,7 @@ __all__ = [
     "INSERTED",
     "REJECTED",
     "RESERVED_KEYS",
+    "CachingHashTable",
     "DynamicEmbedding",
     "DynamicEmbeddingCollection",
     "DynamicEmbeddingConfig",
@@ -53,5 +57,6 @@ __all__ = [
     "InitializerConfig",
     "TableFullError",
     "cuda_available",
+    "make_table",
     "owner_ranks",
 ]

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from gr_dynemb.caching import make_table
 from gr_dynemb.grouped import groupable, grouped_train_lookup, sum_rows
 from gr_dynemb.table import DynamicHashTable, DynamicTableConfig
 
@@ -87,7 +88,8 @@ class DynamicEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.dim = config.table.dim
-        self.table = DynamicHashTable(config.table, state_dim=config.optimizer.state_dim(self.dim))
+        # One table on the config's device, or caching storage (config.table.cache_capacity: gr_dynemb.caching).
+        self.table = make_table(config.table, state_dim=config.optimizer.state_dim(self.dim))
         self.counter: DynamicHashTable | None = None
         if config.admit_after > 0:
             # Sightings per id: a constant-0 row of width 1 whose value counts the batches the id appeared in.

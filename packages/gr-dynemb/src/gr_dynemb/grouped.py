@@ -32,15 +32,22 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from gr_dynemb.table import ERASED_KEY, MAX_GROUP_TABLES, apply_optimizer_group, find_or_insert_embeddings_group
+from gr_dynemb.table import (
+    ERASED_KEY,
+    MAX_GROUP_TABLES,
+    DynamicHashTable,
+    apply_optimizer_group,
+    find_or_insert_embeddings_group,
+)
 
 if TYPE_CHECKING:
     from gr_dynemb.embedding import DynamicEmbedding
 
 
 def groupable(module: DynamicEmbedding) -> bool:
-    """Whether the module's lookups take the grouped path now: training, no admission counter."""
-    return module.training and module.counter is None
+    """Whether the module's lookups take the grouped path now: training, no admission counter, one table (a
+    caching table moves rows between its tiers in its own lookup)."""
+    return module.training and module.counter is None and isinstance(module.table, DynamicHashTable)
 
 
 def group_key(module: DynamicEmbedding) -> tuple[torch.device, torch.device, int]:

@@ -49,6 +49,9 @@ _POLICIES = {"none": 0, "lru": 1, "lfu": 2, "epoch_lru": 3, "epoch_lfu": 4, "cus
 _INITS = {"normal": 0, "truncated_normal": 1, "uniform": 2, "constant": 3}
 _OPTIMIZERS = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3}
 
+# Policies a caching table can evict by (``none`` never evicts; ``custom`` needs the caller's scores on every op).
+CACHE_POLICIES = ("lru", "lfu", "epoch_lru", "epoch_lfu")
+
 # Per-key results of the inserting operations (``status`` tensors, int8).
 FOUND, INSERTED, EVICTED, REJECTED = 0, 1, 2, 3
 
@@ -100,6 +103,9 @@ class DynamicTableConfig:
     num_threads: int = 0  # 0: all cores (CPU table)
     device: str = "cpu"  # "cpu" or "cuda" / "cuda:<i>": where keys, scores and rows live, and where tensors go
     hbm_budget_bytes: int | None = None  # CUDA: bytes of value rows kept in HBM (the rest in pinned host memory)
+    # Caching storage (gr_dynemb.caching): every row lives in a host-memory table and a table of this many slots on
+    # ``device`` caches the recently used ones; None: one table on ``device``.
+    cache_capacity: int | None = None
 
     def __post_init__(self) -> None:
         if self.dim <= 0:
@@ -118,6 +124,34 @@ class DynamicTableConfig:
                 raise ValueError("hbm_budget_bytes is for CUDA tables (device='cuda'); a CPU table is all host memory")
             if self.hbm_budget_bytes < 0:
                 raise ValueError(f"hbm_budget_bytes must be >= 0, got {self.hbm_budget_bytes}")
+        if self.cache_capacity is not None:
+            if self.cache_capacity <= 0:
+                raise ValueError(f"cache_capacity must be positive, got {self.cache_capacity}")
+            if self.cache_capacity > self.max_capacity:
+                raise ValueError(
+                    f"cache_capacity ({self.cache_capacity}) must not exceed max_capacity ({self.max_capacity}): the "
+                    "cache holds a part of the table"
+                )
+            if self.policy not in CACHE_POLICIES:
+                raise ValueError(
+                    f"caching storage (cache_capacity) needs a score policy the cache can evict by, one of "
+                    f"{list(CACHE_POLICIES)}; got policy={self.policy!r}"
+                )
+            if self.hbm_budget_bytes is not None:
+                raise ValueError(
+                    "cache_capacity (caching storage) and hbm_budget_bytes (hybrid storage) are two ways to keep only "
+                    "some rows in HBM; set one of them"
+                )
+
+    @property
+    def storage(self) -> Literal["host", "hbm", "hybrid", "caching"]:
+        """Where the rows live: ``host`` (CPU table), ``hbm`` (CUDA table), ``hybrid`` (CUDA table with value rows
+        beyond ``hbm_budget_bytes`` in pinned host memory) or ``caching`` (host table + cache on ``device``)."""
+        if self.cache_capacity is not None:
+            return "caching"
+        if torch.device(self.device).type == "cpu":
+            return "host"
+        return "hbm" if self.hbm_budget_bytes is None else "hybrid"
 
 
 class DynamicHashTable:
@@ -137,6 +171,11 @@ class DynamicHashTable:
         self.device = _table_device(config.device if device is None else device)
         if config.hbm_budget_bytes is not None and self.device.type != "cuda":
             raise ValueError("hbm_budget_bytes is for CUDA tables; this table is on the CPU")
+        if config.cache_capacity is not None:
+            raise ValueError(
+                "this config asks for caching storage (cache_capacity): build it with gr_dynemb.make_table (a "
+                "CachingHashTable), not DynamicHashTable"
+            )
         kind, a, b, seed = config.initializer.native()
         common = dict(
             capacity=config.capacity,
@@ -220,8 +259,20 @@ class DynamicHashTable:
         keys = self._keys(keys)
         values = torch.empty(keys.numel(), self.value_dim, device=self.device)  # missing keys' rows: zero-filled
         found = torch.empty(keys.numel(), dtype=torch.bool, device=self.device)
-        self._table.find(keys.data_ptr(), keys.numel(), values.data_ptr(), found.data_ptr(), touch, *self._stream())
+        self._table.find(keys.data_ptr(), keys.numel(), values.data_ptr(), found.data_ptr(), touch, 0, *self._stream())
         return values, found
+
+    def find_with_scores(self, keys: Tensor, *, touch: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """``find`` that also returns each key's score (uint64 ``[n]``; after the touch; 0 for missing keys)."""
+        keys = self._keys(keys)
+        values = torch.empty(keys.numel(), self.value_dim, device=self.device)
+        found = torch.empty(keys.numel(), dtype=torch.bool, device=self.device)
+        scores = torch.empty(keys.numel(), dtype=torch.int64, device=self.device)  # uint64 bits (viewed below)
+        self._table.find(
+            keys.data_ptr(), keys.numel(), values.data_ptr(), found.data_ptr(), touch, scores.data_ptr(),
+            *self._stream(),
+        )  # fmt: skip
+        return values, found, scores.view(torch.uint64)
 
     def find_or_insert(self, keys: Tensor, scores: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(values [n, value_dim], status int8 [n])``: present rows, new rows from the initializer, and the
@@ -276,6 +327,34 @@ class DynamicHashTable:
         self._raise_if_reserved(keys)
         self._raise_if_full(status, keys)
         return status
+
+    def insert_or_assign_evicting(
+        self, keys: Tensor, values: Tensor, scores: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``insert_or_assign`` that hands out what it evicted: ``(status [n], evicted_keys [e], evicted_values
+        [e, value_dim], evicted_scores [e] uint64)``, the keys that lost their slot to a key of this batch (status
+        EVICTED), in batch order, with the rows and scores they had. This is a cache's write-back path, so
+        ``scores`` (int64/uint64 ``[n]``, optional) are taken for any policy, as ``restore`` takes them; without
+        them keys get their policy's score. Reads the evicted count (on CUDA: synchronises the stream)."""
+        keys = self._keys(keys)
+        n = keys.numel()
+        values = self._values(values, n)
+        if scores is not None:
+            if scores.shape != (n,) or scores.dtype not in (torch.int64, torch.uint64):
+                raise ValueError(f"scores must be int64/uint64 [{n}], got {scores.dtype} {tuple(scores.shape)}")
+            scores = _as_u64_bits(scores, self.device)
+        status = torch.empty(n, dtype=torch.int8, device=self.device)
+        ev_keys = torch.empty(n, dtype=torch.int64, device=self.device)
+        ev_values = torch.empty(n, self.value_dim, device=self.device)
+        ev_scores = torch.empty(n, dtype=torch.int64, device=self.device)  # uint64 bits
+        self._table.insert_or_assign_evicting(
+            keys.data_ptr(), n, values.data_ptr(), status.data_ptr(), 0 if scores is None else scores.data_ptr(),
+            ev_keys.data_ptr(), ev_values.data_ptr(), ev_scores.data_ptr(), *self._stream(),
+        )  # fmt: skip
+        self._raise_if_reserved(keys)
+        self._raise_if_full(status, keys)
+        at = (status == EVICTED).nonzero().squeeze(1)
+        return status, ev_keys[at], ev_values[at], ev_scores[at].view(torch.uint64)
 
     def restore(self, keys: Tensor, values: Tensor, scores: Tensor) -> Tensor:
         """Inserts or overwrites rows together with their saved scores (any policy): the checkpoint-load path.
