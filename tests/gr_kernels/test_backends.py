@@ -36,11 +36,13 @@ class SpyBackend(ReferenceBackend):
 
 @pytest.fixture(autouse=True)
 def only_reference() -> Iterator[None]:
-    """These tests reason about a registry holding only the reference: the built-in "cutlass" backend steps aside."""
-    saved = gr_kernels.get_backend("cutlass")
-    gr_kernels.unregister_backend("cutlass")
+    """These tests reason about a registry holding only the reference: the built-in backends step aside."""
+    saved = {name: gr_kernels.get_backend(name) for name in ("cutlass", "triton")}
+    for name in saved:
+        gr_kernels.unregister_backend(name)
     yield
-    gr_kernels.register_backend("cutlass", saved, replace=True)
+    for name, backend in saved.items():
+        gr_kernels.register_backend(name, backend, replace=True)
 
 
 @pytest.fixture

@@ -18,11 +18,14 @@ from gr_kernels.hstu_attention import hstu_attention
 from gr_kernels.masks import hstu_valid_mask
 from gr_kernels.params import AttentionCall, HSTUParams
 from gr_kernels.reference import ReferenceBackend, reference_backward, reference_forward
+from gr_kernels.triton_backend import TritonBackend, triton_available
 
 __version__ = "0.1.0"
 
 # Registered even without the compiled module: "auto" then logs once why it is skipped.
 register_backend("cutlass", CutlassBackend())
+# Portable kernels for other GPUs (and sm90 without the native build); needs triton, imported on first use.
+register_backend("triton", TritonBackend())
 
 __all__ = [
     "AttentionCall",
@@ -30,6 +33,7 @@ __all__ = [
     "HSTUAttentionBackend",
     "HSTUParams",
     "ReferenceBackend",
+    "TritonBackend",
     "available_backends",
     "get_backend",
     "hstu_attention",
@@ -38,5 +42,6 @@ __all__ = [
     "reference_backward",
     "reference_forward",
     "register_backend",
+    "triton_available",
     "unregister_backend",
 ]

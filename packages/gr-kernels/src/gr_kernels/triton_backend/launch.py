@@ -1,0 +1,316 @@
+"""Launchers of the Triton kernels: argument layout, grids, config choice (a small cached autotune), interpreter.
+
+CUDA tensors run the compiled kernels of ``kernels.py``. Tensors on any other device run a second copy of that
+module loaded with the Triton interpreter switched on for the duration of the import only (``@triton.jit`` picks
+compiled or interpreted at decoration time), so the process-wide ``TRITON_INTERPRET`` setting, which inductor's own
+Triton kernels also read, is never changed.
+
+Backward: dK/dV come from one program per key tile that walks the query tiles with dK and dV in registers. dQ has
+two implementations, chosen by ``GR_KERNELS_TRITON_DQ`` (read per call):
+
+- ``separate`` (default): a second kernel, one program per query tile walking the key tiles with dQ in registers
+  (it recomputes Q K^T and dO V^T: 7 matrix products per tile pair instead of 5). On Hopper this is the faster and
+  deterministic choice for head dims >= 128: Triton lowers a block ``atomic_add`` to one ``red.global.add.f32`` per
+  element, and a [64, 256] fp32 dQ tile per key step is ~16K reductions per ~10 MFLOP of tensor-core work, which
+  saturates the L2 atomic units long before the tensor cores; the recompute costs 40% more MMA but stays compute
+  bound, needs no fp32 dQ buffer (zeroing it and the final cast are two more memory passes), and gives bit-stable
+  gradients. The bias gradient is written by this kernel too (row-major, coalesced).
+- ``atomic``: dQ added by the dK/dV kernel into an fp32 buffer with atomics (5 products), kept for GPUs and head
+  dims where the trade goes the other way; ``tools/bench_hstu_attention.py`` measures both (``triton_atomic_dq``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from gr_kernels.params import HSTUParams
+from gr_kernels.triton_backend import configs
+from gr_kernels.triton_backend.configs import TileConfig
+
+DQ_ENV = "GR_KERNELS_TRITON_DQ"
+_DQ_MODES = ("separate", "atomic")
+_INTERPRETED_NAME = "gr_kernels.triton_backend._interpreted_kernels"
+
+
+def dq_mode() -> str:
+    mode = os.environ.get(DQ_ENV, "separate").strip().lower() or "separate"
+    if mode not in _DQ_MODES:
+        raise ValueError(f"{DQ_ENV} must be one of {_DQ_MODES}, got {mode!r}")
+    return mode
+
+
+@functools.cache
+def compiled_kernels() -> ModuleType:
+    from gr_kernels.triton_backend import kernels
+
+    return kernels
+
+
+@functools.cache
+def interpreted_kernels() -> ModuleType:
+    """``kernels.py`` imported a second time with the Triton interpreter on (CPU tensors)."""
+    from triton import knobs
+
+    path = os.path.join(os.path.dirname(__file__), "kernels.py")
+    spec = importlib.util.spec_from_file_location(_INTERPRETED_NAME, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    with knobs.runtime.scope():  # restores the knob and TRITON_INTERPRET on exit
+        knobs.runtime.interpret = True
+        spec.loader.exec_module(module)
+    # The interpreter runs the kernels' Python with this module's globals: shadow range() there (see below).
+    module.range = _interpreter_range
+    sys.modules[_INTERPRETED_NAME] = module
+    return module
+
+
+def _interpreter_range(*bounds: object) -> range:
+    """``range`` over interpreter scalars: they are 1-element arrays, whose ``int()`` NumPy >= 2.3 refuses (Triton
+    3.6's interpreter converts loop bounds with ``int(array)``)."""
+    return range(*(_scalar(b) for b in bounds))
+
+
+def _scalar(x: object) -> int:
+    data = getattr(getattr(x, "handle", None), "data", None)
+    return int(data.reshape(-1)[0]) if data is not None else int(x)  # type: ignore[call-overload]
+
+
+def _kernels(device: torch.device) -> ModuleType:
+    return compiled_kernels() if device.type == "cuda" else interpreted_kernels()
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(x - 1, 0).bit_length()
+
+
+def _padded_dim(dim: int) -> int:
+    return max(16, _next_pow2(dim))
+
+
+def _seq_bucket(max_seq_len: int) -> int:
+    """Sequence-length class of the autotuner's key: tile choice depends on it only coarsely."""
+    return min(max(_next_pow2(max_seq_len), 256), 16384)
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# Best config per (kernel, device, shape class, variant); filled on first use by timing the candidates.
+_CHOSEN: dict[tuple, TileConfig] = {}
+
+
+def _launch(
+    kernel: Callable,
+    table: dict[int, tuple[TileConfig, ...]],
+    padded_dim: int,
+    grid_of: Callable[[TileConfig], tuple[int, int, int]],
+    args: tuple,
+    constexprs: dict,
+    device: torch.device,
+    reset: tuple[Tensor, ...] = (),
+    key: tuple = (),
+) -> None:
+    """Launches ``kernel`` with the config chosen for ``key`` (timing each candidate once per key when there are
+    several); ``reset`` are buffers the kernel accumulates into, zeroed before every timed launch."""
+    interpreted = device.type != "cuda"
+    options = configs.candidates(table, padded_dim, interpreted)
+
+    def run(cfg: TileConfig) -> None:
+        kernel[grid_of(cfg)](*args, **constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+
+    if len(options) == 1 or torch.cuda.is_current_stream_capturing():
+        run(options[0])
+        return
+    full_key = (kernel.__name__, device.index, padded_dim, *key, tuple(sorted(constexprs.items())))
+    chosen = _CHOSEN.get(full_key)
+    if chosen is None:
+        chosen = _tune(run, options, reset)
+        _CHOSEN[full_key] = chosen
+    run(chosen)
+
+
+def _tune(run: Callable[[TileConfig], None], options: tuple[TileConfig, ...], reset: tuple[Tensor, ...]) -> TileConfig:
+    from triton.testing import do_bench
+
+    timings: dict[TileConfig, float] = {}
+    for cfg in options:
+
+        def once(cfg: TileConfig = cfg) -> None:
+            for t in reset:
+                t.zero_()
+            run(cfg)
+
+        try:
+            timings[cfg] = do_bench(once, warmup=5, rep=25)
+        except Exception as e:  # out of shared memory / registers on this GPU: not a candidate here
+            if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e).lower():
+                raise
+    if not timings:
+        raise RuntimeError(f"no Triton tile config fits this GPU: {options}")
+    for t in reset:
+        t.zero_()
+    return min(timings, key=timings.__getitem__)
+
+
+def _common(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
+    num_targets: Tensor | None,
+    rab: Tensor | None,
+    params: HSTUParams,
+    q_offsets: Tensor | None,
+) -> tuple[dict, dict, Tensor | None, tuple[int, int, int]]:
+    """Tensors, scalars and constexprs both directions share; the bias in q's dtype and its strides."""
+    if q_offsets is not None and params.max_q_len < 1:
+        raise ValueError(f"delta q (q_offsets) needs params.max_q_len >= 1, got {params.max_q_len}")
+    offsets = seq_offsets.to(torch.int32).contiguous()
+    tensors = {
+        "SEQ_OFFSETS": offsets,
+        "Q_OFFSETS": offsets if q_offsets is None else q_offsets.to(torch.int32).contiguous(),
+        "NUM_TARGETS": offsets if num_targets is None else num_targets.to(torch.int32).contiguous(),
+    }
+    bias = None if rab is None else rab.to(q.dtype).contiguous()
+    rab_strides = (0, 0, 0) if bias is None else (bias.stride(0), 0 if bias.shape[1] == 1 else bias.stride(1),
+                                                  bias.stride(2))  # fmt: skip
+    p = params
+    constexprs = {
+        "DIM_QK": q.shape[2],
+        "DIM_V": v.shape[2],
+        "BLOCK_DQK": _padded_dim(q.shape[2]),
+        "BLOCK_DV": _padded_dim(v.shape[2]),
+        "CAUSAL": bool(p.causal),
+        "HAS_WINDOW": p.max_attn_len > 0,
+        "HAS_CONTEXT": p.contextual_seq_len > 0,
+        "HAS_TARGETS": num_targets is not None,
+        "HAS_RAB": bias is not None,
+        "DELTA_Q": q_offsets is not None,
+        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
+    return tensors, constexprs, bias, rab_strides
+
+
+def _scalars(p: HSTUParams) -> tuple:
+    return (float(p.alpha), 1.0 / p.scaling_seqlen, int(p.max_attn_len), int(p.contextual_seq_len),
+            int(p.target_group_size), _seq_bucket(p.max_seq_len))  # fmt: skip
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
+    num_targets: Tensor | None,
+    rab: Tensor | None,
+    params: HSTUParams,
+    q_offsets: Tensor | None = None,
+) -> Tensor:
+    """``[total_q, heads, hidden_dim]`` HSTU attention output (see ``gr_kernels.reference.reference_forward``)."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+    num_seqs = seq_offsets.numel() - 1
+    if out.numel() == 0 or num_seqs == 0:
+        return out.zero_()
+    tensors, constexprs, bias, rab_strides = _common(q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
+    rows = params.max_seq_len if q_offsets is None else params.max_q_len
+    mod = _kernels(q.device)
+    seq_tensors = (tensors["SEQ_OFFSETS"], tensors["Q_OFFSETS"], tensors["NUM_TARGETS"])
+    args = (q, k, v, q if bias is None else bias, out, *seq_tensors,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            *rab_strides, *_scalars(params))  # fmt: skip
+    heads = q.shape[1]
+    _launch(
+        mod.hstu_fwd_kernel,
+        configs.FWD,
+        max(constexprs["BLOCK_DQK"], constexprs["BLOCK_DV"]),
+        lambda cfg: (_cdiv(rows, cfg.block_m), heads, num_seqs),
+        args,
+        constexprs,
+        q.device,
+        key=(str(q.dtype), _seq_bucket(params.max_seq_len)),
+    )
+    return out
+
+
+def backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
+    num_targets: Tensor | None,
+    rab: Tensor | None,
+    params: HSTUParams,
+    q_offsets: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(dq, dk, dv, drab)`` (see ``gr_kernels.reference.reference_backward``)."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    grad_out = _last_dim_contiguous(grad_out.to(q.dtype))
+    num_seqs = seq_offsets.numel() - 1
+    heads = q.shape[1]
+    atomic = dq_mode() == "atomic"
+    # dq/dk/dv: every row is written by some program (all rows belong to a sequence); drab only where visited.
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else torch.empty_like(q)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    drab_mode = 0 if rab is None else (2 if rab.shape[1] == 1 and heads > 1 else 1)
+    drab = None
+    if rab is not None:
+        drab = torch.zeros(rab.shape, dtype=torch.float32 if drab_mode == 2 else q.dtype, device=q.device)
+    if q.shape[0] == 0 or k.shape[0] == 0 or num_seqs == 0:
+        dk.zero_(), dv.zero_()
+        return dq.to(q.dtype), dk, dv, None if drab is None else drab.to(rab.dtype)
+    tensors, constexprs, bias, rab_strides = _common(q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
+    mod = _kernels(q.device)
+    padded = max(constexprs["BLOCK_DQK"], constexprs["BLOCK_DV"])
+    rows = params.max_seq_len if q_offsets is None else params.max_q_len
+    drab_arg = drab if drab is not None else dq  # an unused pointer when there is no bias
+    key = (str(q.dtype), _seq_bucket(params.max_seq_len))
+    strides_qkv_do = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                      grad_out.stride(0), grad_out.stride(1))  # fmt: skip
+    seq_tensors = (tensors["SEQ_OFFSETS"], tensors["Q_OFFSETS"], tensors["NUM_TARGETS"])
+    bias_arg = q if bias is None else bias  # an unused pointer when there is no bias
+    dkdv_args = (q, k, v, grad_out, dq, dk, dv, bias_arg, drab_arg, *seq_tensors, *strides_qkv_do,
+                 dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                 *rab_strides, *_scalars(params))  # fmt: skip
+    atomic_buffers = (dq,) + ((drab,) if drab_mode == 2 else ()) if atomic else ()
+    _launch(
+        mod.hstu_bwd_dkdv_kernel,
+        configs.DKDV,
+        padded,
+        lambda cfg: (_cdiv(params.max_seq_len, cfg.block_n), heads, num_seqs),
+        dkdv_args,
+        {**constexprs, "ATOMIC_DQ": atomic, "DRAB_MODE": drab_mode if atomic else 0},
+        q.device,
+        reset=atomic_buffers,
+        key=key,
+    )
+    if not atomic:
+        dq_args = (q, k, v, grad_out, dq, bias_arg, drab_arg, *seq_tensors, *strides_qkv_do, dq.stride(0),
+                   dq.stride(1), *rab_strides, *_scalars(params))  # fmt: skip
+        _launch(
+            mod.hstu_bwd_dq_kernel,
+            configs.DQ,
+            padded,
+            lambda cfg: (_cdiv(rows, cfg.block_m), heads, num_seqs),
+            dq_args,
+            {**constexprs, "DRAB_MODE": drab_mode},
+            q.device,
+            reset=(drab,) if drab_mode == 2 else (),
+            key=key,
+        )
+    return dq.to(q.dtype), dk, dv, None if drab is None else drab.to(rab.dtype)
