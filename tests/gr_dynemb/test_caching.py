@@ -49,11 +49,20 @@ def contents(t) -> dict[int, tuple[list[float], int]]:
     }
 
 
+def assert_close_contents(a, b) -> None:
+    """Same keys and scores, rows equal to fp32 rounding (CUDA sums a batch's duplicate gradients in any order)."""
+    ca, cb = contents(a), contents(b)
+    assert ca.keys() == cb.keys()
+    for k, (v, s) in cb.items():
+        assert ca[k][1] == s, k
+        assert ca[k][0] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
 def power_law_ids(n: int, id_space: int, gen: torch.Generator) -> torch.Tensor:
     """Skewed ids (P(rank) ~ 1/rank) spread over int64 by a fixed odd multiplier."""
     weights = 1.0 / torch.arange(1, id_space + 1, dtype=torch.float64)
     ranks = torch.multinomial(weights, n, replacement=True, generator=gen)
-    return ranks * 0x9E3779B97F4A7C15 % (1 << 62) - (1 << 61)
+    return ranks * 0x1E3779B97F4A7C15 % (1 << 62) - (1 << 61)
 
 
 def train_twins(
@@ -74,7 +83,10 @@ def train_twins(
             out = module(ids.to(dev))
             (out * weight.to(dev)).sum().backward()
             outs.append(out.detach().cpu())
-        assert torch.equal(outs[0], outs[1])
+        if device == "cpu":
+            assert torch.equal(outs[0], outs[1])
+        else:
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
     return single, cached
 
 
@@ -314,7 +326,7 @@ def test_insert_or_assign_evicting_hands_out_the_victims() -> None:
 def test_cuda_cache_training_twin(optimizer: str, policy: str) -> None:
     single, cached = train_twins(optimizer, policy, dim=8, cache=4 * BUCKET_SIZE, steps=20, device="cuda")
     assert cached.table.cache.is_cuda and cached.table.write_backs > 0
-    assert contents(single.table) == contents(cached.table)
+    assert_close_contents(single.table, cached.table)
 
 
 @needs_gpu
@@ -348,11 +360,12 @@ def test_cuda_caching_matches_hybrid_and_round_trips(tmp_path) -> None:
     for _ in range(15):
         ids = power_law_ids(1000, 5000, gen).cuda()
         outs = [m(ids) for m in (hybrid, cached)]
-        assert torch.equal(outs[0], outs[1])
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
         for out in outs:
             out.square().sum().backward()
-    assert contents(hybrid.table) == contents(cached.table)
+    assert cached.table.write_backs > 0 and cached.table.size() == hybrid.table.size()
+    assert_close_contents(hybrid.table, cached.table)
     dump_table(cached.table, tmp_path / "c.pt")
     fresh = make_table(table_config(16, "lru", 2 * BUCKET_SIZE, "cuda"), state_dim=1)
     load_table(fresh, tmp_path / "c.pt")
-    assert contents(fresh) == contents(hybrid.table)
+    assert contents(fresh) == contents(cached.table)

@@ -113,10 +113,15 @@ class CachingHashTable:
     # ------------------------------------------------------------------ moving rows between the tiers
     def _to_host(self, t: Tensor) -> Tensor:
         """A device tensor in (pinned) host memory; waits for the copy."""
+        return self._to_host_all(t)[0]
+
+    def _to_host_all(self, *tensors: Tensor) -> list[Tensor]:
+        """Device tensors in pinned host memory, copied asynchronously and waited for once."""
         if not self.is_cuda:
-            return t
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        out.copy_(t, non_blocking=True)
+            return list(tensors)
+        out = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for o, t in zip(out, tensors, strict=True):
+            o.copy_(t, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
         return out
 
@@ -130,7 +135,7 @@ class CachingHashTable:
     def _write_back(self, keys: Tensor, values: Tensor, scores: Tensor) -> None:
         """Rows leaving the cache (or copied out by flush) overwrite the host table's, with the cache's scores."""
         if keys.numel():
-            self.host.restore(self._to_host(keys), self._to_host(values), self._to_host(scores.view(torch.int64)))
+            self.host.restore(*self._to_host_all(keys, values, scores.view(torch.int64)))
 
     def _uncache(self, keys: Tensor) -> None:
         """Writes the cached rows of ``keys`` back and drops them from the cache: the host table is then the one
@@ -271,8 +276,9 @@ class CachingHashTable:
         found = self.cache.apply_optimizer(keys, grads, kind, **opt)
         miss = (~found).nonzero().squeeze(1)
         if miss.numel():
-            host_keys = self._to_host(self.cache._keys(keys)[miss])
-            host_grads = self._to_host(grads.detach().reshape(-1, self.dim)[miss].contiguous())
+            host_keys, host_grads = self._to_host_all(
+                self.cache._keys(keys)[miss], grads.detach().reshape(-1, self.dim)[miss]
+            )
             found[miss] = self._to_device(self.host.apply_optimizer(host_keys, host_grads, kind, **opt))
         return found
 

@@ -1,0 +1,306 @@
+"""Caching storage against the hybrid tier under power-law traffic: lookups (B-KV/s) and training steps.
+
+Every table knows all ``--id-space`` ids (prefilled). Each batch draws ``--keys`` ids with P(rank) ~ (rank+1)^-alpha
+(ranks spread over int64 by a fixed odd multiplier) and looks up its unique ids, as a training step does:
+
+- ``lookup``: ``find_or_insert`` of the batch's unique ids (embedding rows only, no optimizer state), B-KV/s over
+  those ids, timed per batch from the Python call to the end of its device work, after ``--warmup`` batches;
+- ``train_step``: ``DynamicEmbedding`` forward + backward with fused Adam on a batch (de-duplication included), ms.
+
+Modes on a GPU, with the same bytes of value rows in HBM (``--cache-rows`` rows):
+- ``caching``: a CUDA cache of ``--cache-rows`` slots in front of a CPU host table of every id
+  (``DynamicTableConfig(cache_capacity=...)``);
+- ``hybrid``: one CUDA table of every id (load factor <= 0.5) whose first ``--cache-rows`` slots' value rows are in HBM
+  and the rest in pinned host memory (``hbm_budget_bytes``): keys and scores of every slot stay in HBM.
+On the CPU (``--device cpu``) ``caching`` (a CPU cache in front of the host table) runs against ``host`` (the host
+table alone), which shows what the cache's bookkeeping costs where both tiers are host memory.
+
+Records merge into ``docs/benchmarks/dynemb_caching.{json,md,png}`` per device (tools/bench_outputs.py).
+
+    python tools/bench_dynemb_caching.py --device cuda     # H200: dims 64/128, alpha 1.05/1.2
+    python tools/bench_dynemb_caching.py                   # CPU, smaller sizes
+    python tools/bench_dynemb_caching.py --replot
+    python tools/bench_dynemb_caching.py --merge /path/to/gpu/dynemb_caching.json   # add another machine's run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools modules
+from bench_outputs import merge_device_run, saved_runs, write_outputs
+
+REPO = Path(__file__).resolve().parents[1]
+SPREAD = 0x1E3779B97F4A7C15  # odd: rank * SPREAD mod 2^62 is a bijection, so distinct ranks are distinct keys
+ROW_BYTES_PER_SLOT = 8 + 8 + 1  # key, score, digest of a CUDA slot (HBM)
+
+
+def rank_to_key(ranks: torch.Tensor) -> torch.Tensor:
+    return ranks * SPREAD % (1 << 62)
+
+
+class PowerLaw:
+    """Ranks in ``[0, id_space)`` with P(r) ~ (r + 1)^-alpha by inverse-CDF sampling (CDF kept on ``device``)."""
+
+    def __init__(self, id_space: int, alpha: float, device: torch.device, seed: int) -> None:
+        weights = torch.arange(1, id_space + 1, dtype=torch.float64, device=device).pow_(-alpha)
+        self.cdf = torch.cumsum(weights, 0)
+        self.cdf /= self.cdf[-1].clone()
+        self.id_space = id_space
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+
+    def keys(self, n: int) -> torch.Tensor:
+        u = torch.rand(n, generator=self.gen, dtype=torch.float64, device=self.cdf.device)
+        return rank_to_key(torch.searchsorted(self.cdf, u).clamp_(max=self.id_space - 1))
+
+
+def table_config(args, mode: str, dim: int, value_dim: int, device: str):
+    from gr_dynemb import DynamicTableConfig
+
+    capacity = 1 << max(7, (2 * args.id_space - 1).bit_length())  # every id at load factor <= 0.5
+    cfg = DynamicTableConfig(
+        dim=dim, capacity=capacity, max_capacity=capacity, policy="lru", device=device, num_threads=args.threads
+    )
+    if mode == "caching":
+        cfg.cache_capacity = args.cache_rows
+    elif mode == "hybrid":
+        cfg.hbm_budget_bytes = args.cache_rows * value_dim * 4
+    cfg.__post_init__()
+    return cfg
+
+
+def prefill(table, id_space: int, value_dim: int, dim: int) -> None:
+    """Every id present, with small embeddings and zero optimizer state (rows go straight into the table that holds
+    them all: the host table of a caching table)."""
+    target = table.host if hasattr(table, "host") else table
+    for lo in range(0, id_space, 1 << 21):
+        ranks = torch.arange(lo, min(id_space, lo + (1 << 21)), device=target.device)
+        rows = torch.zeros(ranks.numel(), value_dim, device=target.device)
+        rows[:, :dim] = torch.randn(ranks.numel(), dim, device=target.device) * 0.02
+        target.insert_or_assign(rank_to_key(ranks), rows)
+
+
+def hbm_bytes(mode: str, table, value_dim: int) -> int | None:
+    if mode == "caching" and table.is_cuda:
+        return table.cache.capacity() * (value_dim * 4 + ROW_BYTES_PER_SLOT)
+    if mode == "hybrid":
+        return table.hbm_rows() * value_dim * 4 + table.capacity() * ROW_BYTES_PER_SLOT
+    return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_lookups(args, mode: str, dim: int, device: torch.device, base: dict) -> list[dict]:
+    from gr_dynemb import make_table
+
+    table = make_table(table_config(args, mode, dim, dim, str(device)))
+    prefill(table, args.id_space, dim, dim)
+    records = []
+    for alpha in args.alphas:
+        gen = PowerLaw(args.id_space, alpha, device, seed=1)
+        batches = [torch.unique(gen.keys(args.keys)) for _ in range(args.warmup + args.batches)]
+        step = 0
+        for batch in batches[: args.warmup]:
+            step += 1
+            table.set_step(step)
+            table.find_or_insert(batch)
+        hits0, misses0, wb0 = (getattr(table, k, 0) for k in ("hits", "misses", "write_backs"))
+        seconds, n = 0.0, 0
+        for batch in batches[args.warmup :]:
+            step += 1
+            table.set_step(step)
+            sync(device)
+            t0 = time.perf_counter()
+            table.find_or_insert(batch)
+            sync(device)
+            seconds += time.perf_counter() - t0
+            n += batch.numel()
+        rec = dict(
+            base, bench="lookup", mode=mode, dim=dim, alpha=alpha, unique_per_batch=n // args.batches,
+            bkv_per_s=round(n / seconds / 1e9, 5), ms_per_batch=round(1e3 * seconds / args.batches, 3),
+            hbm_bytes=hbm_bytes(mode, table, dim),
+        )  # fmt: skip
+        if mode == "caching":
+            looked = table.hits + table.misses - hits0 - misses0
+            rec["hit_rate"] = round((table.hits - hits0) / looked, 4)
+            rec["write_backs_per_batch"] = (table.write_backs - wb0) // args.batches
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+        del batches
+    return records
+
+
+def bench_train(args, mode: str, dim: int, device: torch.device, base: dict) -> list[dict]:
+    from gr_dynemb import DynamicEmbedding, DynamicEmbeddingConfig, FusedOptimizerConfig
+
+    opt = FusedOptimizerConfig(kind="adam", lr=1e-3)
+    value_dim = dim + opt.state_dim(dim)
+    module = DynamicEmbedding(DynamicEmbeddingConfig(table_config(args, mode, dim, value_dim, str(device)), opt))
+    prefill(module.table, args.id_space, value_dim, dim)
+    records = []
+    for alpha in args.alphas:
+        gen = PowerLaw(args.id_space, alpha, device, seed=2)
+        batches = [gen.keys(args.keys) for _ in range(args.warmup + args.batches)]
+        for ids in batches[: args.warmup]:
+            module(ids).sum().backward()
+        times = []
+        for ids in batches[args.warmup :]:
+            sync(device)
+            t0 = time.perf_counter()
+            module(ids).sum().backward()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        rec = dict(
+            base, bench="train_step", mode=mode, dim=dim, alpha=alpha, optimizer="adam",
+            ms=round(1e3 * times[len(times) // 2], 3), ms_min=round(1e3 * times[0], 3),
+            hbm_bytes=hbm_bytes(mode, module.table, value_dim),
+        )  # fmt: skip
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+        del batches
+    return records
+
+
+def markdown(runs: list[dict], records: list[dict]) -> str:
+    lines = ["# gr-dynemb caching storage vs the hybrid tier under power-law traffic", ""]
+    for meta in runs:
+        lines.append(
+            f"- **{meta['device']}**: `{meta['command']}`; {meta['machine']}; torch {meta['torch']}; Python "
+            f"{meta['python']}; {meta['date']}; {meta['id_space']} ids, cache / HBM value rows {meta['cache_rows']}, "
+            f"{meta['keys']} keys per batch, {meta['batches']} timed batches after {meta['warmup']}."
+        )
+    lines += [
+        "",
+        "Lookups: `find_or_insert` of each batch's unique ids (B-KV/s over unique ids). Training: DynamicEmbedding "
+        "forward + backward + fused Adam per batch (median ms). HBM: bytes of value rows and slots in HBM.",
+        "",
+        "| device | bench | dim | alpha | mode | unique ids/batch | B-KV/s | ms | hit rate | write-backs/batch "
+        "| HBM MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(records, key=lambda r: (r["device"], r["bench"], r["dim"], r["alpha"], r["mode"])):
+        ms = r.get("ms", r.get("ms_per_batch"))
+        hbm = f"{r['hbm_bytes'] / 2**20:.0f}" if r.get("hbm_bytes") else "-"
+        lines.append(
+            f"| {r['device']} | {r['bench']} | {r['dim']} | {r['alpha']} | {r['mode']} | "
+            f"{r.get('unique_per_batch', '-')} | {r.get('bkv_per_s', '-')} | {ms} | {r.get('hit_rate', '-')} | "
+            f"{r.get('write_backs_per_batch', '-')} | {hbm} |"
+        )
+    lines.append("")
+    for r in records:
+        if r["mode"] != "caching":
+            continue
+        other = [
+            o
+            for o in records
+            if o["mode"] != "caching"
+            and (o["device"], o["bench"], o["dim"], o["alpha"]) == (r["device"], r["bench"], r["dim"], r["alpha"])
+        ]
+        for o in other:
+            if r["bench"] == "lookup":
+                ratio = r["bkv_per_s"] / o["bkv_per_s"]
+                what = "lookup throughput"
+            else:
+                ratio = o["ms"] / r["ms"]
+                what = "training step speed"
+            lines.append(
+                f"- {r['device']}, dim {r['dim']}, alpha {r['alpha']}: caching {what} = {ratio:.2f}x {o['mode']}."
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, bench, key, label in (
+        (axes[0], "lookup", "bkv_per_s", "lookups (B-KV/s, higher is better)"),
+        (axes[1], "train_step", "ms", "training step (ms, lower is better)"),
+    ):
+        rows = sorted(
+            (r for r in records if r["bench"] == bench), key=lambda r: (r["device"], r["dim"], r["alpha"], r["mode"])
+        )
+        names = [f"{r['device'].replace('NVIDIA ', '')}\ndim {r['dim']} a {r['alpha']}\n{r['mode']}" for r in rows]
+        colors = ["tab:green" if r["mode"] == "caching" else "tab:gray" for r in rows]
+        ax.bar(range(len(rows)), [r[key] for r in rows], color=colors)
+        ax.set_xticks(range(len(rows)), names, fontsize=6)
+        ax.set_title(label)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--alphas", type=float, nargs="+", default=[1.05, 1.2])
+    ap.add_argument("--id-space", type=int, default=None, help="ids (default 2^22 CUDA, 2^20 CPU)")
+    ap.add_argument("--cache-rows", type=int, default=None, help="cache slots = HBM value rows (default id-space/8)")
+    ap.add_argument("--keys", type=int, default=None, help="ids per batch (default 2^19 CUDA, 2^16 CPU)")
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--benches", nargs="+", choices=["lookup", "train_step"], default=["lookup", "train_step"])
+    ap.add_argument("--threads", type=int, default=0, help="host table threads (0: all cores)")
+    ap.add_argument("--replot", action="store_true", help="only rewrite the .md/.png from the .json")
+    ap.add_argument("--merge", type=Path, help="merge another run's .json (e.g. a GPU machine's) into --out")
+    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "dynemb_caching"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.replot:
+        write_outputs(out, *saved_runs(out), markdown, plot)
+        return 0
+    if args.merge:
+        runs, records = saved_runs(args.merge.with_suffix(""))
+        for meta in runs:
+            mine = [r for r in records if r["device"] == meta["device"]]
+            write_outputs(out, *merge_device_run(out, meta, mine), markdown, plot)
+        return 0
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        ap.error("--device cuda needs a CUDA GPU")
+    args.id_space = args.id_space or (1 << 22 if cuda else 1 << 20)
+    args.cache_rows = args.cache_rows or args.id_space // 8
+    args.keys = args.keys or (1 << 19 if cuda else 1 << 16)
+    device = torch.device("cuda" if cuda else "cpu")
+    meta = {
+        "command": "python tools/bench_dynemb_caching.py " + " ".join(sys.argv[1:]),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        **{k: getattr(args, k) for k in ("id_space", "cache_rows", "keys", "warmup", "batches")},
+    }
+    base = {"device": meta["device"], "id_space": args.id_space, "cache_rows": args.cache_rows, "keys": args.keys}
+    modes = ["caching", "hybrid"] if cuda else ["caching", "host"]
+    records = []
+    for dim in args.dims:
+        for mode in modes:
+            if "lookup" in args.benches:
+                records += bench_lookups(args, mode, dim, device, base)
+            if "train_step" in args.benches:
+                records += bench_train(args, mode, dim, device, base)
+            if cuda:
+                torch.cuda.empty_cache()
+            write_outputs(out, *merge_device_run(out, meta, records), markdown, plot)  # what finished so far
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
