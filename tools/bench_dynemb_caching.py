@@ -257,6 +257,7 @@ def main() -> int:
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--benches", nargs="+", choices=["lookup", "train_step"], default=["lookup", "train_step"])
     ap.add_argument("--threads", type=int, default=0, help="host table threads (0: all cores)")
+    ap.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--replot", action="store_true", help="only rewrite the .md/.png from the .json")
     ap.add_argument("--merge", type=Path, help="merge another run's .json (e.g. a GPU machine's) into --out")
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "dynemb_caching"))
@@ -271,6 +272,8 @@ def main() -> int:
             mine = [r for r in records if r["device"] == meta["device"]]
             write_outputs(out, *merge_device_run(out, meta, mine), markdown, plot)
         return 0
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         ap.error("--device cuda needs a CUDA GPU")
@@ -281,7 +284,8 @@ def main() -> int:
     meta = {
         "command": "python tools/bench_dynemb_caching.py " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, host "
+        f"table threads {args.threads or os.cpu_count()}",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
@@ -290,14 +294,13 @@ def main() -> int:
     base = {"device": meta["device"], "id_space": args.id_space, "cache_rows": args.cache_rows, "keys": args.keys}
     modes = ["caching", "hybrid"] if cuda else ["caching", "host"]
     records = []
+    benches = {"lookup": bench_lookups, "train_step": bench_train}
     for dim in args.dims:
-        for mode in modes:
-            if "lookup" in args.benches:
-                records += bench_lookups(args, mode, dim, device, base)
-            if "train_step" in args.benches:
-                records += bench_train(args, mode, dim, device, base)
-            if cuda:
-                torch.cuda.empty_cache()
+        for bench in args.benches:
+            for mode in modes:
+                records += benches[bench](args, mode, dim, device, base)
+                if cuda:
+                    torch.cuda.empty_cache()
             write_outputs(out, *merge_device_run(out, meta, records), markdown, plot)  # what finished so far
     return 0
 

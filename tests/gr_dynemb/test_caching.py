@@ -286,6 +286,15 @@ def test_bad_configs_are_refused() -> None:
     assert DynamicTableConfig(dim=4).storage == "host"
 
 
+def test_sharding_options_carry_the_cache() -> None:
+    pytest.importorskip("torchrec")
+    from gr_dynemb.distributed import DynamicTableOptions
+
+    cfg = DynamicTableOptions(capacity=1 << 10, cache_capacity=256).embedding_config(8, FusedOptimizerConfig("sgd"))
+    assert cfg.table.storage == "caching"
+    assert isinstance(DynamicEmbedding(cfg).table, CachingHashTable)
+
+
 @given(st.integers(1, 1 << 22))
 def test_cache_slots_are_whole_power_of_two_buckets_within_the_request(requested: int) -> None:
     slots = cache_slots(requested)

@@ -46,6 +46,9 @@ class DynamicTableOptions:
     # of value rows in HBM and the rest in pinned host memory.
     device: str = "cpu"
     hbm_budget_bytes: int | None = None
+    # Caching storage for each shard (gr_dynemb.caching): a host table of the shard's rows with a cache of this many
+    # slots on ``device``.
+    cache_capacity: int | None = None
 
     def embedding_config(self, dim: int, optimizer: FusedOptimizerConfig) -> DynamicEmbeddingConfig:
         table = DynamicTableConfig(
@@ -58,6 +61,7 @@ class DynamicTableOptions:
             num_threads=self.num_threads,
             device=self.device,
             hbm_budget_bytes=self.hbm_budget_bytes,
+            cache_capacity=self.cache_capacity,
         )
         return DynamicEmbeddingConfig(
             table,
