@@ -293,6 +293,15 @@ def test_hybrid_tier_equals_hbm_mode(budget_rows: int) -> None:
         hyb.accumulate(cuda(part), delta)
     assert hyb.capacity() > 1024 and hyb.hbm_rows() == budget_rows  # grew: the new host tier holds the rest
     assert torch.equal(hbm.find(cuda(keys))[0], hyb.find(cuda(keys))[0])
+    # With a host tier, find reads rows in slot order (locate, sort, gather): same rows, flags and touched scores,
+    # zero rows for absent keys, in the keys' order.
+    probe = torch.cat([keys[:500], torch.randint(INT64_MIN + 2, INT64_MAX, (200,), generator=gen)])
+    probe = cuda(probe[torch.randperm(probe.numel(), generator=gen)])
+    for t in (hbm, hyb):
+        t.set_step(9)
+    want, got = hbm.find_with_scores(probe, touch=True), hyb.find_with_scores(probe, touch=True)
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True)) and int(got[1].sum()) >= 500
+    assert not bool(got[0][~got[1]].any())
     assert contents(hbm) == contents(hyb)
     hyb.erase(cuda(keys[:3000]))
     hbm.erase(cuda(keys[:3000]))

@@ -52,6 +52,19 @@ void register_cuda_table(py::module_& m) {
              t.find(ptr<const int64_t>(keys), n, ptr<float>(values), ptr<bool>(found), touch, stream,
                     ptr<uint64_t>(scores_out));
            })
+      .def("locate",
+           [](CudaTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t slots, std::uintptr_t found, bool touch,
+              std::uintptr_t scores_out, std::uintptr_t stream) {
+             py::gil_scoped_release nogil;
+             t.locate(ptr<const int64_t>(keys), n, ptr<int64_t>(slots), ptr<bool>(found), touch, stream,
+                      ptr<uint64_t>(scores_out));
+           })
+      .def("gather_rows",
+           [](CudaTable& t, std::uintptr_t sorted_slots, std::uintptr_t order, int64_t n, std::uintptr_t values,
+              std::uintptr_t stream) {
+             py::gil_scoped_release nogil;
+             t.gather_rows(ptr<const int64_t>(sorted_slots), ptr<const int64_t>(order), n, ptr<float>(values), stream);
+           })
       .def("find_or_insert",
            [](CudaTable& t, std::uintptr_t keys, int64_t n, std::uintptr_t values, std::uintptr_t status,
               std::uintptr_t scores, std::uintptr_t stream) {

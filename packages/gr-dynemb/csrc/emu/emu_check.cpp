@@ -1,4 +1,5 @@
 // The emulated CUDA table (run.sh) against the CPU table: every check must hold exactly (same statuses, rows, scores).
+#include <numeric>
 #include <algorithm>
 #include <cassert>
 #include <cstdio>
@@ -148,6 +149,19 @@ void hybrid() {
     CHECK(hyb.capacity() > 1024 && hyb.hbm_slots() == budget_rows);
     auto x = contents_gpu(hbm, 32), y = contents_gpu(hyb, 32), z = contents_cpu(cpu, 32);
     CHECK(x == y); CHECK(x == z);
+    // The two-half find (locate, sort the slots, gather_rows) returns find's rows, zero rows for absent keys.
+    std::vector<int64_t> probe; for (auto& [k, r] : x) if (probe.size() < 200) probe.push_back(k);
+    for (int i = 0; i < 100; ++i) probe.push_back(int64_t(rng() >> 1));
+    std::shuffle(probe.begin(), probe.end(), rng);
+    const int64_t n = int64_t(probe.size());
+    std::vector<float> want(n * 32), got(n * 32, 7.f); std::vector<char> fw(n), fg(n); std::vector<int64_t> slots(n), order(n), sorted(n);
+    hbm.find(probe.data(), n, want.data(), (bool*)fw.data(), false, 0);
+    hyb.locate(probe.data(), n, slots.data(), (bool*)fg.data(), false, 0);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return slots[a] < slots[b]; });
+    for (int64_t j = 0; j < n; ++j) sorted[j] = slots[order[j]];
+    hyb.gather_rows(sorted.data(), order.data(), n, got.data(), 0);
+    CHECK(want == got); CHECK(fw == fg); CHECK(std::count(fg.begin(), fg.end(), 1) == 200);
   }
 }
 

@@ -314,9 +314,11 @@ __device__ __forceinline__ int64_t group_index(const Tile& g) {
 // <= 32 registers: eight 256-thread blocks per SM; lookups are bound by memory latency, so occupancy pays.
 // kScores: also write each key's score (after the touch; 0 if absent) to scores_out (a separate instantiation, so
 // the plain lookup's code is unchanged).
+// slots_out (non-null, with values null): each key's slot (-1 if absent) instead of its row: the hybrid find's first
+// half (see CudaTable::locate).
 template <bool kScores>
 __global__ void __launch_bounds__(kBlock, 8) find_kernel(View t, const int64_t* keys, int64_t n, float* values, bool* found, bool touch,
-                                                         uint64_t* scores_out) {
+                                                         uint64_t* scores_out, int64_t* slots_out) {
   const Tile g = cg::tiled_partition<kGroup>(cg::this_thread_block());
   const int64_t i = group_index(g);
   if (i >= n) return;
@@ -328,6 +330,7 @@ __global__ void __launch_bounds__(kBlock, 8) find_kernel(View t, const int64_t* 
     s = find_slot(t, g, pr, key);
   }
   if (g.thread_rank() == 0) found[i] = s >= 0;
+  if (slots_out && g.thread_rank() == 0) slots_out[i] = s >= 0 ? pr.base + s : -1;
   if (values) {
     if (s >= 0) {
       copy_row<false>(g, values + i * t.vd, row_of(t, pr.base + s), t.vd);
@@ -349,6 +352,23 @@ __global__ void __launch_bounds__(kBlock, 8) find_kernel(View t, const int64_t* 
     }
   } else if (kScores && g.thread_rank() == 0) {
     scores_out[i] = s >= 0 ? t.scores[pr.base + s] : 0;
+  }
+}
+
+// The hybrid find's second half: rows of slots sorted ascending (absent keys' -1 first), written to their keys'
+// positions (order). Walking the host tier in address order is what makes it fast: the GPU's translation of mapped
+// host pages misses on nearly every random row once the tier is a few GiB, while sorted rows share pages.
+__global__ void __launch_bounds__(kBlock, 8) gather_rows_kernel(View t, const int64_t* sorted_slots, const int64_t* order,
+                                                                int64_t n, float* values) {
+  const Tile g = cg::tiled_partition<kGroup>(cg::this_thread_block());
+  const int64_t j = group_index(g);
+  if (j >= n) return;
+  const int64_t slot = sorted_slots[j];
+  float* dst = values + order[j] * t.vd;
+  if (slot >= 0) {
+    copy_row<false>(g, dst, row_of(t, slot), t.vd);
+  } else {
+    zero_row(g, dst, t.vd);
   }
 }
 
@@ -839,12 +859,34 @@ void CudaTable::find(const int64_t* keys, int64_t n, float* values, bool* found,
   DeviceGuard guard(options_.device);
   if (scores_out) {
     find_kernel<true><<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, values, found, update_score,
-                                                                        scores_out);
+                                                                        scores_out, nullptr);
   } else {
     find_kernel<false><<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, values, found, update_score,
-                                                                         nullptr);
+                                                                         nullptr, nullptr);
   }
   check(cudaGetLastError(), "find");
+}
+
+void CudaTable::locate(const int64_t* keys, int64_t n, int64_t* slots, bool* found, bool update_score,
+                       uintptr_t stream, uint64_t* scores_out) {
+  if (n <= 0) return;
+  DeviceGuard guard(options_.device);
+  if (scores_out) {
+    find_kernel<true><<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, nullptr, found, update_score,
+                                                                        scores_out, slots);
+  } else {
+    find_kernel<false><<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, nullptr, found, update_score,
+                                                                         nullptr, slots);
+  }
+  check(cudaGetLastError(), "locate");
+}
+
+void CudaTable::gather_rows(const int64_t* sorted_slots, const int64_t* order, int64_t n, float* values,
+                            uintptr_t stream) {
+  if (n <= 0) return;
+  DeviceGuard guard(options_.device);
+  gather_rows_kernel<<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), sorted_slots, order, n, values);
+  check(cudaGetLastError(), "gather_rows");
 }
 
 void CudaTable::grow_for(int64_t incoming, uintptr_t stream) {

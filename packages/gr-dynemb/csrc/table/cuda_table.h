@@ -51,6 +51,12 @@ class CudaTable {
   // scores_out: [n] or null: each present key's score after the touch, 0 for absent keys (as CpuTable::find).
   void find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score, uintptr_t stream,
             uint64_t* scores_out = nullptr);
+  // find in two halves, for tables with a host tier: locate writes each key's slot (-1 if absent) and touches as find
+  // does; after the caller sorts the slots ascending (order: their keys' positions), gather_rows copies the rows in
+  // slot order, so host rows are read in address order (values: [n, value_dim], absent keys' rows zero).
+  void locate(const int64_t* keys, int64_t n, int64_t* slots, bool* found, bool update_score, uintptr_t stream,
+              uint64_t* scores_out = nullptr);
+  void gather_rows(const int64_t* sorted_slots, const int64_t* order, int64_t n, float* values, uintptr_t stream);
   void find_or_insert(const int64_t* keys, int64_t n, float* values, int8_t* status, const uint64_t* scores,
                       uintptr_t stream);
   // find_or_insert that writes only each row's embedding (embeddings: [n, dim]); the training lookup's path.

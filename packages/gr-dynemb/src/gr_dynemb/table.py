@@ -259,7 +259,7 @@ class DynamicHashTable:
         keys = self._keys(keys)
         values = torch.empty(keys.numel(), self.value_dim, device=self.device)  # missing keys' rows: zero-filled
         found = torch.empty(keys.numel(), dtype=torch.bool, device=self.device)
-        self._table.find(keys.data_ptr(), keys.numel(), values.data_ptr(), found.data_ptr(), touch, 0, *self._stream())
+        self._find_into(keys, values, found, touch, None)
         return values, found
 
     def find_with_scores(self, keys: Tensor, *, touch: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -268,11 +268,21 @@ class DynamicHashTable:
         values = torch.empty(keys.numel(), self.value_dim, device=self.device)
         found = torch.empty(keys.numel(), dtype=torch.bool, device=self.device)
         scores = torch.empty(keys.numel(), dtype=torch.int64, device=self.device)  # uint64 bits (viewed below)
-        self._table.find(
-            keys.data_ptr(), keys.numel(), values.data_ptr(), found.data_ptr(), touch, scores.data_ptr(),
-            *self._stream(),
-        )  # fmt: skip
+        self._find_into(keys, values, found, touch, scores)
         return values, found, scores.view(torch.uint64)
+
+    def _find_into(self, keys: Tensor, values: Tensor, found: Tensor, touch: bool, scores: Tensor | None) -> None:
+        """The native find. With a host tier it runs in two halves around a sort of the keys' slots, so host rows
+        are read in address order: the GPU's translation of mapped host pages misses on almost every random row of
+        a multi-GiB tier (H200: 11 GB/s random vs 52 GB/s sorted at 4 GiB, ``docs/benchmarks/dynemb.md``)."""
+        n, scores_ptr, stream = keys.numel(), 0 if scores is None else scores.data_ptr(), self._stream()
+        if not self.is_cuda or self.hbm_rows() >= self.capacity():
+            self._table.find(keys.data_ptr(), n, values.data_ptr(), found.data_ptr(), touch, scores_ptr, *stream)
+            return
+        slots = torch.empty(n, dtype=torch.int64, device=self.device)
+        self._table.locate(keys.data_ptr(), n, slots.data_ptr(), found.data_ptr(), touch, scores_ptr, *stream)
+        sorted_slots, order = torch.sort(slots)
+        self._table.gather_rows(sorted_slots.data_ptr(), order.data_ptr(), n, values.data_ptr(), *stream)
 
     def find_or_insert(self, keys: Tensor, scores: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(values [n, value_dim], status int8 [n])``: present rows, new rows from the initializer, and the
