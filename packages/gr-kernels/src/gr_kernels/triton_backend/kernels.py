@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -162,6 +162,34 @@ def _full_query_tiles(j_first, hist, base, window, u_start, u_end, BLOCK_M: tl.c
 
 
 @triton.jit
+def _load_tile(base, rows, stride, rows_ok, ROW_MASK: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[len(rows), BLOCK_D]`` rows of a ``[*, DIM]`` matrix at ``base`` (zeros where masked).
+
+    Offsets are int32 (the launcher checks they fit) and masks appear only where they can be false, so the loads
+    stay 16-byte vectors: a mask that varies along the head dim would split them into scalar loads.
+    """
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = base + (rows * stride)[:, None] + cols[None, :]
+    if DIM == BLOCK_D:
+        x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0) if ROW_MASK else tl.load(ptrs)
+    elif ROW_MASK:
+        x = tl.load(ptrs, mask=rows_ok[:, None] & (cols[None, :] < DIM), other=0.0)
+    else:
+        x = tl.load(ptrs, mask=cols[None, :] < DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_tile(base, rows, stride, rows_ok, x, DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = base + (rows * stride)[:, None] + cols[None, :]
+    if DIM == BLOCK_D:
+        tl.store(ptrs, x.to(base.dtype.element_ty), mask=rows_ok[:, None])
+    else:
+        tl.store(ptrs, x.to(base.dtype.element_ty), mask=rows_ok[:, None] & (cols[None, :] < DIM))
+
+
+@triton.jit
 def _silu_parts(s, alpha):
     """``z = alpha * s`` and ``sigmoid(z)``."""
     z = s * alpha
@@ -171,29 +199,23 @@ def _silu_parts(s, alpha):
 
 # ----------------------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_tiles(acc, q, K, V, RAB, k_base, v_base, rab_base, stride_kt, stride_vt, stride_ri,
+def _fwd_tiles(acc, q, K_seq, V_seq, RAB_seq, stride_kt, stride_vt, stride_ri,
                i, rows, row_ok, seq_len, hist, ctx, window, group, alpha, t_lo, t_hi,
                DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CONTEXT: tl.constexpr,
                HAS_TARGETS: tl.constexpr, HAS_RAB: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-    d_qk = tl.arange(0, BLOCK_DQK)
-    d_v = tl.arange(0, BLOCK_DV)
     for t in range(t_lo, t_hi):
         j = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_mask = d_qk[None, :] < DIM_QK
-        v_mask = d_v[None, :] < DIM_V
-        if MASKED:
-            k_mask = k_mask & (j[:, None] < seq_len)
-            v_mask = v_mask & (j[:, None] < seq_len)
-        k = tl.load(K + k_base + j[:, None].to(tl.int64) * stride_kt + d_qk[None, :], mask=k_mask, other=0.0)
-        v = tl.load(V + v_base + j[:, None].to(tl.int64) * stride_vt + d_v[None, :], mask=v_mask, other=0.0)
+        key_ok = j < seq_len
+        k = _load_tile(K_seq, j, stride_kt, key_ok, MASKED, DIM_QK, BLOCK_DQK)
+        v = _load_tile(V_seq, j, stride_vt, key_ok, MASKED, DIM_V, BLOCK_DV)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
             visible = _visible(i[:, None], j[None, :], row_ok[:, None], seq_len, hist, ctx, window, group,
                                CAUSAL, HAS_WINDOW, HAS_CONTEXT, HAS_TARGETS)  # fmt: skip
         if HAS_RAB:
-            rab_ptr = RAB + rab_base + i[:, None].to(tl.int64) * stride_ri + j[None, :]
+            rab_ptr = RAB_seq + (i * stride_ri)[:, None] + j[None, :]
             if MASKED:
                 s += tl.load(rab_ptr, mask=visible, other=0.0).to(tl.float32)
             else:
@@ -231,13 +253,10 @@ def hstu_fwd_kernel(Q, K, V, RAB, OUT, SEQ_OFFSETS, Q_OFFSETS, NUM_TARGETS,
     i_first = base + r0
     i_last = base + tl.minimum(r0 + BLOCK_M, num_q) - 1
 
-    d_qk = tl.arange(0, BLOCK_DQK)
-    d_v = tl.arange(0, BLOCK_DV)
-    q_ptr = Q + (q_start + rows[:, None]) * stride_qt + h * stride_qh + d_qk[None, :]
-    q = tl.load(q_ptr, mask=row_ok[:, None] & (d_qk[None, :] < DIM_QK), other=0.0)
-    k_base = kv_start * stride_kt + h * stride_kh
-    v_base = kv_start * stride_vt + h * stride_vh
-    rab_base = b.to(tl.int64) * stride_rb + h * stride_rh
+    q = _load_tile(Q + q_start * stride_qt + h * stride_qh, rows, stride_qt, row_ok, True, DIM_QK, BLOCK_DQK)
+    K_seq = K + kv_start * stride_kt + h * stride_kh
+    V_seq = V + kv_start * stride_vt + h * stride_vh
+    RAB_seq = RAB + b.to(tl.int64) * stride_rb + h * stride_rh
 
     lo, hi = _key_range(i_first, i_last, seq_len, hist, ctx, window, CAUSAL, HAS_WINDOW, HAS_CONTEXT)
     t_start = lo // BLOCK_N
@@ -246,26 +265,24 @@ def hstu_fwd_kernel(Q, K, V, RAB, OUT, SEQ_OFFSETS, Q_OFFSETS, NUM_TARGETS,
                                  CAUSAL, HAS_WINDOW)  # fmt: skip
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     # Unmasked interior first, then the edge tiles on either side of it.
-    acc = _fwd_tiles(acc, q, K, V, RAB, k_base, v_base, rab_base, stride_kt, stride_vt, stride_ri,
+    acc = _fwd_tiles(acc, q, K_seq, V_seq, RAB_seq, stride_kt, stride_vt, stride_ri,
                      i, rows, row_ok, seq_len, hist, ctx, window, group, alpha, f_lo, f_hi,
                      DIM_QK, DIM_V, BLOCK_N, BLOCK_DQK, BLOCK_DV, False,
                      CAUSAL, HAS_WINDOW, HAS_CONTEXT, HAS_TARGETS, HAS_RAB, PRECISION)  # fmt: skip
-    acc = _fwd_tiles(acc, q, K, V, RAB, k_base, v_base, rab_base, stride_kt, stride_vt, stride_ri,
+    acc = _fwd_tiles(acc, q, K_seq, V_seq, RAB_seq, stride_kt, stride_vt, stride_ri,
                      i, rows, row_ok, seq_len, hist, ctx, window, group, alpha, t_start, f_lo,
                      DIM_QK, DIM_V, BLOCK_N, BLOCK_DQK, BLOCK_DV, True,
                      CAUSAL, HAS_WINDOW, HAS_CONTEXT, HAS_TARGETS, HAS_RAB, PRECISION)  # fmt: skip
-    acc = _fwd_tiles(acc, q, K, V, RAB, k_base, v_base, rab_base, stride_kt, stride_vt, stride_ri,
+    acc = _fwd_tiles(acc, q, K_seq, V_seq, RAB_seq, stride_kt, stride_vt, stride_ri,
                      i, rows, row_ok, seq_len, hist, ctx, window, group, alpha, f_hi, t_end,
                      DIM_QK, DIM_V, BLOCK_N, BLOCK_DQK, BLOCK_DV, True,
                      CAUSAL, HAS_WINDOW, HAS_CONTEXT, HAS_TARGETS, HAS_RAB, PRECISION)  # fmt: skip
-    out = (acc * inv_scale).to(OUT.dtype.element_ty)
-    o_ptr = OUT + (q_start + rows[:, None]) * stride_ot + h * stride_oh + d_v[None, :]
-    tl.store(o_ptr, out, mask=row_ok[:, None] & (d_v[None, :] < DIM_V))
+    _store_tile(OUT + q_start * stride_ot + h * stride_oh, rows, stride_ot, row_ok, acc * inv_scale, DIM_V, BLOCK_DV)
 
 
 # ---------------------------------------------------------------------------------------------- backward: dK and dV
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, DQ, RAB, DRAB, q_base, do_base, dq_base, rab_base,
+def _dkdv_tiles(dk, dv, k, v, Q_seq, DO_seq, DQ_seq, RAB_seq, DRAB_seq,
                 stride_qt, stride_dot, stride_dqt, stride_ri,
                 j, num_q, base, seq_len, hist, ctx, window, group, alpha, inv_scale, u_lo, u_hi,
                 DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -274,25 +291,18 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, DQ, RAB, DRAB, q_base, do_base, dq_base, ra
                 HAS_TARGETS: tl.constexpr, HAS_RAB: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                 DRAB_MODE: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     """Scores are kept transposed (``[keys, queries]``) so that dV += A^T dO and dK += dS^T Q need no transpose."""
-    d_qk = tl.arange(0, BLOCK_DQK)
-    d_v = tl.arange(0, BLOCK_DV)
     for u in range(u_lo, u_hi):
         rows = u * BLOCK_M + tl.arange(0, BLOCK_M)
         i = base + rows
-        q_mask = d_qk[None, :] < DIM_QK
-        do_mask = d_v[None, :] < DIM_V
-        if MASKED:
-            row_ok = rows < num_q
-            q_mask = q_mask & row_ok[:, None]
-            do_mask = do_mask & row_ok[:, None]
-        q = tl.load(Q + q_base + rows[:, None].to(tl.int64) * stride_qt + d_qk[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + do_base + rows[:, None].to(tl.int64) * stride_dot + d_v[None, :], mask=do_mask, other=0.0)
+        row_ok = rows < num_q
+        q = _load_tile(Q_seq, rows, stride_qt, row_ok, MASKED, DIM_QK, BLOCK_DQK)
+        do = _load_tile(DO_seq, rows, stride_dot, row_ok, MASKED, DIM_V, BLOCK_DV)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         if MASKED:
             visible_t = _visible(i[None, :], j[:, None], row_ok[None, :], seq_len, hist, ctx, window, group,
                                  CAUSAL, HAS_WINDOW, HAS_CONTEXT, HAS_TARGETS)  # fmt: skip
         if HAS_RAB:
-            rab_ptr = RAB + rab_base + i[None, :].to(tl.int64) * stride_ri + j[:, None]
+            rab_ptr = RAB_seq + (i * stride_ri)[None, :] + j[:, None]
             if MASKED:
                 s_t += tl.load(rab_ptr, mask=visible_t, other=0.0).to(tl.float32)
             else:
@@ -308,13 +318,14 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, DQ, RAB, DRAB, q_base, do_base, dq_base, ra
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION)
-            dq_ptr = DQ + dq_base + rows[:, None].to(tl.int64) * stride_dqt + d_qk[None, :]
-            tl.atomic_add(dq_ptr, dq, mask=(rows[:, None] < num_q) & (d_qk[None, :] < DIM_QK), sem="relaxed")
+            d_qk = tl.arange(0, BLOCK_DQK)
+            dq_ptr = DQ_seq + (rows * stride_dqt)[:, None] + d_qk[None, :]
+            tl.atomic_add(dq_ptr, dq, mask=row_ok[:, None] & (d_qk[None, :] < DIM_QK), sem="relaxed")
         if DRAB_MODE != 0:
-            drab_ptr = DRAB + rab_base + i[None, :].to(tl.int64) * stride_ri + j[:, None]
-            in_range = (rows[None, :] < num_q) & (j[:, None] < seq_len)
+            drab_ptr = DRAB_seq + (i * stride_ri)[None, :] + j[:, None]
+            in_range = row_ok[None, :] & (j[:, None] < seq_len)
             if DRAB_MODE == 1:
-                tl.store(drab_ptr, ds_t.to(DRAB.dtype.element_ty), mask=in_range)
+                tl.store(drab_ptr, ds_t.to(DRAB_seq.dtype.element_ty), mask=in_range)
             else:
                 tl.atomic_add(drab_ptr, ds_t, mask=in_range, sem="relaxed")
     return dk, dv
@@ -348,12 +359,8 @@ def hstu_bwd_dkdv_kernel(Q, K, V, DO, DQ, DK, DV, RAB, DRAB, SEQ_OFFSETS, Q_OFFS
     base = seq_len - num_q
     j = j0 + tl.arange(0, BLOCK_N)
     key_ok = j < seq_len
-    d_qk = tl.arange(0, BLOCK_DQK)
-    d_v = tl.arange(0, BLOCK_DV)
-    k_mask = key_ok[:, None] & (d_qk[None, :] < DIM_QK)
-    v_mask = key_ok[:, None] & (d_v[None, :] < DIM_V)
-    k = tl.load(K + (kv_start + j[:, None]) * stride_kt + h * stride_kh + d_qk[None, :], mask=k_mask, other=0.0)
-    v = tl.load(V + (kv_start + j[:, None]) * stride_vt + h * stride_vh + d_v[None, :], mask=v_mask, other=0.0)
+    k = _load_tile(K + kv_start * stride_kt + h * stride_kh, j, stride_kt, key_ok, True, DIM_QK, BLOCK_DQK)
+    v = _load_tile(V + kv_start * stride_vt + h * stride_vh, j, stride_vt, key_ok, True, DIM_V, BLOCK_DV)
 
     lo, hi = _query_range(j0, tl.minimum(j0 + BLOCK_N, seq_len) - 1, seq_len, hist, ctx, window,
                           CAUSAL, HAS_WINDOW, HAS_CONTEXT)  # fmt: skip
@@ -364,59 +371,52 @@ def hstu_bwd_dkdv_kernel(Q, K, V, DO, DQ, DK, DV, RAB, DRAB, SEQ_OFFSETS, Q_OFFS
     u_end = (tl.maximum(r_hi, 0) + BLOCK_M - 1) // BLOCK_M
     g_lo, g_hi = _full_query_tiles(j0, hist, base, window, u_start, u_end, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
 
-    q_base = q_start * stride_qt + h * stride_qh
-    do_base = q_start * stride_dot + h * stride_doh
-    dq_base = q_start * stride_dqt + h * stride_dqh
-    rab_base = b.to(tl.int64) * stride_rb + h * stride_rh
+    Q_seq = Q + q_start * stride_qt + h * stride_qh
+    DO_seq = DO + q_start * stride_dot + h * stride_doh
+    DQ_seq = DQ + q_start * stride_dqt + h * stride_dqh
+    RAB_seq = RAB + b.to(tl.int64) * stride_rb + h * stride_rh
+    DRAB_seq = DRAB + b.to(tl.int64) * stride_rb + h * stride_rh
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, DQ, RAB, DRAB, q_base, do_base, dq_base, rab_base,
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q_seq, DO_seq, DQ_seq, RAB_seq, DRAB_seq,
                          stride_qt, stride_dot, stride_dqt, stride_ri,
                          j, num_q, base, seq_len, hist, ctx, window, group, alpha, inv_scale, g_lo, g_hi,
                          DIM_QK, DIM_V, BLOCK_M, BLOCK_DQK, BLOCK_DV, False, CAUSAL, HAS_WINDOW, HAS_CONTEXT,
                          HAS_TARGETS, HAS_RAB, ATOMIC_DQ, DRAB_MODE, PRECISION)  # fmt: skip
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, DQ, RAB, DRAB, q_base, do_base, dq_base, rab_base,
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q_seq, DO_seq, DQ_seq, RAB_seq, DRAB_seq,
                          stride_qt, stride_dot, stride_dqt, stride_ri,
                          j, num_q, base, seq_len, hist, ctx, window, group, alpha, inv_scale, u_start, g_lo,
                          DIM_QK, DIM_V, BLOCK_M, BLOCK_DQK, BLOCK_DV, True, CAUSAL, HAS_WINDOW, HAS_CONTEXT,
                          HAS_TARGETS, HAS_RAB, ATOMIC_DQ, DRAB_MODE, PRECISION)  # fmt: skip
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, DQ, RAB, DRAB, q_base, do_base, dq_base, rab_base,
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q_seq, DO_seq, DQ_seq, RAB_seq, DRAB_seq,
                          stride_qt, stride_dot, stride_dqt, stride_ri,
                          j, num_q, base, seq_len, hist, ctx, window, group, alpha, inv_scale, g_hi, u_end,
                          DIM_QK, DIM_V, BLOCK_M, BLOCK_DQK, BLOCK_DV, True, CAUSAL, HAS_WINDOW, HAS_CONTEXT,
                          HAS_TARGETS, HAS_RAB, ATOMIC_DQ, DRAB_MODE, PRECISION)  # fmt: skip
-    dk_ptr = DK + (kv_start + j[:, None]) * stride_dkt + h * stride_dkh + d_qk[None, :]
-    dv_ptr = DV + (kv_start + j[:, None]) * stride_dvt + h * stride_dvh + d_v[None, :]
-    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=k_mask)
-    tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=v_mask)
+    _store_tile(DK + kv_start * stride_dkt + h * stride_dkh, j, stride_dkt, key_ok, dk, DIM_QK, BLOCK_DQK)
+    _store_tile(DV + kv_start * stride_dvt + h * stride_dvh, j, stride_dvt, key_ok, dv, DIM_V, BLOCK_DV)
 
 
 # ---------------------------------------------------------------------------------------------- backward: dQ (+dRab)
 @triton.jit
-def _dq_tiles(dq, q, do, K, V, RAB, DRAB, k_base, v_base, rab_base, stride_kt, stride_vt, stride_ri,
+def _dq_tiles(dq, q, do, K_seq, V_seq, RAB_seq, DRAB_seq, stride_kt, stride_vt, stride_ri,
               i, rows, row_ok, num_q, seq_len, hist, ctx, window, group, alpha, inv_scale, t_lo, t_hi,
               DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CONTEXT: tl.constexpr,
               HAS_TARGETS: tl.constexpr, HAS_RAB: tl.constexpr, DRAB_MODE: tl.constexpr,
               PRECISION: tl.constexpr):  # fmt: skip
-    d_qk = tl.arange(0, BLOCK_DQK)
-    d_v = tl.arange(0, BLOCK_DV)
     for t in range(t_lo, t_hi):
         j = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_mask = d_qk[None, :] < DIM_QK
-        v_mask = d_v[None, :] < DIM_V
-        if MASKED:
-            k_mask = k_mask & (j[:, None] < seq_len)
-            v_mask = v_mask & (j[:, None] < seq_len)
-        k = tl.load(K + k_base + j[:, None].to(tl.int64) * stride_kt + d_qk[None, :], mask=k_mask, other=0.0)
-        v = tl.load(V + v_base + j[:, None].to(tl.int64) * stride_vt + d_v[None, :], mask=v_mask, other=0.0)
+        key_ok = j < seq_len
+        k = _load_tile(K_seq, j, stride_kt, key_ok, MASKED, DIM_QK, BLOCK_DQK)
+        v = _load_tile(V_seq, j, stride_vt, key_ok, MASKED, DIM_V, BLOCK_DV)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
             visible = _visible(i[:, None], j[None, :], row_ok[:, None], seq_len, hist, ctx, window, group,
                                CAUSAL, HAS_WINDOW, HAS_CONTEXT, HAS_TARGETS)  # fmt: skip
         if HAS_RAB:
-            rab_ptr = RAB + rab_base + i[:, None].to(tl.int64) * stride_ri + j[None, :]
+            rab_ptr = RAB_seq + (i * stride_ri)[:, None] + j[None, :]
             if MASKED:
                 s += tl.load(rab_ptr, mask=visible, other=0.0).to(tl.float32)
             else:
@@ -429,10 +429,10 @@ def _dq_tiles(dq, q, do, K, V, RAB, DRAB, k_base, v_base, rab_base, stride_kt, s
         ds = dp * w * sig * (1.0 + z * (1.0 - sig)) * alpha
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         if DRAB_MODE != 0:
-            drab_ptr = DRAB + rab_base + i[:, None].to(tl.int64) * stride_ri + j[None, :]
-            in_range = row_ok[:, None] & (j[None, :] < seq_len)
+            drab_ptr = DRAB_seq + (i * stride_ri)[:, None] + j[None, :]
+            in_range = row_ok[:, None] & key_ok[None, :]
             if DRAB_MODE == 1:
-                tl.store(drab_ptr, ds.to(DRAB.dtype.element_ty), mask=in_range)
+                tl.store(drab_ptr, ds.to(DRAB_seq.dtype.element_ty), mask=in_range)
             else:
                 tl.atomic_add(drab_ptr, ds, mask=in_range, sem="relaxed")
     return dq
@@ -464,15 +464,12 @@ def hstu_bwd_dq_kernel(Q, K, V, DO, DQ, RAB, DRAB, SEQ_OFFSETS, Q_OFFSETS, NUM_T
     i = base + rows
     i_first = base + r0
     i_last = base + tl.minimum(r0 + BLOCK_M, num_q) - 1
-    d_qk = tl.arange(0, BLOCK_DQK)
-    d_v = tl.arange(0, BLOCK_DV)
-    q_mask = row_ok[:, None] & (d_qk[None, :] < DIM_QK)
-    q = tl.load(Q + (q_start + rows[:, None]) * stride_qt + h * stride_qh + d_qk[None, :], mask=q_mask, other=0.0)
-    do_mask = row_ok[:, None] & (d_v[None, :] < DIM_V)
-    do = tl.load(DO + (q_start + rows[:, None]) * stride_dot + h * stride_doh + d_v[None, :], mask=do_mask, other=0.0)
-    k_base = kv_start * stride_kt + h * stride_kh
-    v_base = kv_start * stride_vt + h * stride_vh
-    rab_base = b.to(tl.int64) * stride_rb + h * stride_rh
+    q = _load_tile(Q + q_start * stride_qt + h * stride_qh, rows, stride_qt, row_ok, True, DIM_QK, BLOCK_DQK)
+    do = _load_tile(DO + q_start * stride_dot + h * stride_doh, rows, stride_dot, row_ok, True, DIM_V, BLOCK_DV)
+    K_seq = K + kv_start * stride_kt + h * stride_kh
+    V_seq = V + kv_start * stride_vt + h * stride_vh
+    RAB_seq = RAB + b.to(tl.int64) * stride_rb + h * stride_rh
+    DRAB_seq = DRAB + b.to(tl.int64) * stride_rb + h * stride_rh
 
     lo, hi = _key_range(i_first, i_last, seq_len, hist, ctx, window, CAUSAL, HAS_WINDOW, HAS_CONTEXT)
     t_start = lo // BLOCK_N
@@ -480,17 +477,16 @@ def hstu_bwd_dq_kernel(Q, K, V, DO, DQ, RAB, DRAB, SEQ_OFFSETS, Q_OFFSETS, NUM_T
     f_lo, f_hi = _full_key_tiles(i_first, hist, window, t_start, t_end, BLOCK_M, BLOCK_N,
                                  CAUSAL, HAS_WINDOW)  # fmt: skip
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
-    dq = _dq_tiles(dq, q, do, K, V, RAB, DRAB, k_base, v_base, rab_base, stride_kt, stride_vt, stride_ri,
+    dq = _dq_tiles(dq, q, do, K_seq, V_seq, RAB_seq, DRAB_seq, stride_kt, stride_vt, stride_ri,
                    i, rows, row_ok, num_q, seq_len, hist, ctx, window, group, alpha, inv_scale, f_lo, f_hi,
                    DIM_QK, DIM_V, BLOCK_N, BLOCK_DQK, BLOCK_DV, False, CAUSAL, HAS_WINDOW, HAS_CONTEXT,
                    HAS_TARGETS, HAS_RAB, DRAB_MODE, PRECISION)  # fmt: skip
-    dq = _dq_tiles(dq, q, do, K, V, RAB, DRAB, k_base, v_base, rab_base, stride_kt, stride_vt, stride_ri,
+    dq = _dq_tiles(dq, q, do, K_seq, V_seq, RAB_seq, DRAB_seq, stride_kt, stride_vt, stride_ri,
                    i, rows, row_ok, num_q, seq_len, hist, ctx, window, group, alpha, inv_scale, t_start, f_lo,
                    DIM_QK, DIM_V, BLOCK_N, BLOCK_DQK, BLOCK_DV, True, CAUSAL, HAS_WINDOW, HAS_CONTEXT,
                    HAS_TARGETS, HAS_RAB, DRAB_MODE, PRECISION)  # fmt: skip
-    dq = _dq_tiles(dq, q, do, K, V, RAB, DRAB, k_base, v_base, rab_base, stride_kt, stride_vt, stride_ri,
+    dq = _dq_tiles(dq, q, do, K_seq, V_seq, RAB_seq, DRAB_seq, stride_kt, stride_vt, stride_ri,
                    i, rows, row_ok, num_q, seq_len, hist, ctx, window, group, alpha, inv_scale, f_hi, t_end,
                    DIM_QK, DIM_V, BLOCK_N, BLOCK_DQK, BLOCK_DV, True, CAUSAL, HAS_WINDOW, HAS_CONTEXT,
                    HAS_TARGETS, HAS_RAB, DRAB_MODE, PRECISION)  # fmt: skip
-    dq_ptr = DQ + (q_start + rows[:, None]) * stride_dqt + h * stride_dqh + d_qk[None, :]
-    tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=q_mask)
+    _store_tile(DQ + q_start * stride_dqt + h * stride_dqh, rows, stride_dqt, row_ok, dq, DIM_QK, BLOCK_DQK)
