@@ -638,10 +638,10 @@ def test_native_delta_hypothesis(jagged: Callable, data: st.DataObject) -> None:
 
 @needs_sm90
 @pytest.mark.gpu
-def test_native_delta_is_used_only_when_opted_in(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_native_delta_is_the_default_and_the_switch_opts_out(monkeypatch: pytest.MonkeyPatch) -> None:
     call = AttentionCall(HSTUParams(8, 1.0, 8, max_q_len=2), torch.device("cuda"), torch.bfloat16, 2, 64, 64,
                          torch.int64, False, 0, False, True)  # fmt: skip
     monkeypatch.delenv(NATIVE_DELTA_Q_ENV, raising=False)
-    assert resolve_backend("auto", call) == "reference"
-    monkeypatch.setenv(NATIVE_DELTA_Q_ENV, "1")
     assert resolve_backend("auto", call) == "cutlass"
+    monkeypatch.setenv(NATIVE_DELTA_Q_ENV, "0")
+    assert resolve_backend("auto", call) != "cutlass"

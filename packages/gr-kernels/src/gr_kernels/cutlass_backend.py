@@ -5,8 +5,9 @@ version and never synchronises with the host; outputs are allocated through torc
 it usable under CUDA graph capture.
 
 Status: forward native for head dims 64/128/256 (the Hopper WGMMA/TMA kernel on sm90, ``GR_KERNELS_FWD_KERNEL=sm80``
-selects the SM80-MMA kernel); backward native for 64/128 (the SM80-MMA kernel, or the Hopper kernel with
-``GR_KERNELS_BWD_KERNEL=sm90``) and, in builds with sm90a code, for 256 (only the Hopper backward exists there). dq and
+selects the SM80-MMA kernel); backward native for 64/128 (the Hopper WGMMA/TMA kernel on sm90,
+``GR_KERNELS_BWD_KERNEL=sm80`` selects the SM80-MMA kernel) and, in builds with sm90a code, for 256 (only the Hopper
+backward exists there). dq and
 drab accumulate in fp32 buffers, cast once at the end. A head-dim-256 backward without the sm90a build, or with delta
 q, runs the PyTorch reference (``reference_backward``).
 
@@ -18,7 +19,7 @@ reference instead, e.g. to bisect a numerical difference.
 
 Split KV (``gr_kernels.split_kv``): a forward whose grid is small (delta q against a long cached history) can divide
 each CTA's key tiles among several CTAs that write fp32 partials into a torch-allocated workspace, summed by a reduce
-kernel; ``GR_KERNELS_FWD_SPLITS`` forces a count (1 = off), and the heuristic is off by default until GPU-verified.
+kernel; ``GR_KERNELS_FWD_SPLITS`` forces a count (1 = off); unset, the heuristic decides (verified on an H200).
 """
 
 from __future__ import annotations
