@@ -4,7 +4,8 @@ Every table knows all ``--id-space`` ids (prefilled). Each batch draws ``--keys`
 (ranks spread over int64 by a fixed odd multiplier) and looks up its unique ids, as a training step does:
 
 - ``lookup``: ``find_or_insert`` of the batch's unique ids (embedding rows only, no optimizer state), B-KV/s over
-  those ids, timed per batch from the Python call to the end of its device work, after ``--warmup`` batches;
+  those ids, timed per batch from the Python call to the end of its device work, after warm-up batches (at least
+  ``--warmup``, and for a caching table as many as it takes to fill its cache to 90%: steady-state evictions);
 - ``train_step``: ``DynamicEmbedding`` forward + backward with fused Adam on a batch (de-duplication included), ms.
 
 Modes on a GPU, with the same bytes of value rows in HBM (``--cache-rows`` rows):
@@ -96,6 +97,19 @@ def hbm_bytes(mode: str, table, value_dim: int) -> int | None:
     return None
 
 
+def warm_up(args, table, run_batch) -> int:
+    """Runs ``--warmup`` batches, and more (up to ``--max-warmup``) until a caching table's cache is 90% full, so the
+    timed batches pay for the evictions and write-backs of a steady state. Returns the batches run."""
+    cache = getattr(table, "cache", None)
+    done = 0
+    while done < args.warmup or (
+        cache is not None and done < args.max_warmup and cache.size() < 0.9 * cache.capacity()
+    ):
+        run_batch()
+        done += 1
+    return done
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -109,15 +123,17 @@ def bench_lookups(args, mode: str, dim: int, device: torch.device, base: dict) -
     records = []
     for alpha in args.alphas:
         gen = PowerLaw(args.id_space, alpha, device, seed=1)
-        batches = [torch.unique(gen.keys(args.keys)) for _ in range(args.warmup + args.batches)]
-        step = 0
-        for batch in batches[: args.warmup]:
-            step += 1
-            table.set_step(step)
-            table.find_or_insert(batch)
+
+        def lookup(gen: PowerLaw = gen) -> None:
+            table.set_step(table.step + 1)
+            table.find_or_insert(torch.unique(gen.keys(args.keys)))
+
+        warmed = warm_up(args, table, lookup)
+        batches = [torch.unique(gen.keys(args.keys)) for _ in range(args.batches)]
         hits0, misses0, wb0 = (getattr(table, k, 0) for k in ("hits", "misses", "write_backs"))
+        step = table.step
         seconds, n = 0.0, 0
-        for batch in batches[args.warmup :]:
+        for batch in batches:
             step += 1
             table.set_step(step)
             sync(device)
@@ -129,7 +145,7 @@ def bench_lookups(args, mode: str, dim: int, device: torch.device, base: dict) -
         rec = dict(
             base, bench="lookup", mode=mode, dim=dim, alpha=alpha, unique_per_batch=n // args.batches,
             bkv_per_s=round(n / seconds / 1e9, 5), ms_per_batch=round(1e3 * seconds / args.batches, 3),
-            hbm_bytes=hbm_bytes(mode, table, dim),
+            hbm_bytes=hbm_bytes(mode, table, dim), warmup_batches=warmed,
         )  # fmt: skip
         if mode == "caching":
             looked = table.hits + table.misses - hits0 - misses0
@@ -151,11 +167,10 @@ def bench_train(args, mode: str, dim: int, device: torch.device, base: dict) -> 
     records = []
     for alpha in args.alphas:
         gen = PowerLaw(args.id_space, alpha, device, seed=2)
-        batches = [gen.keys(args.keys) for _ in range(args.warmup + args.batches)]
-        for ids in batches[: args.warmup]:
-            module(ids).sum().backward()
+        warmed = warm_up(args, module.table, lambda gen=gen: module(gen.keys(args.keys)).sum().backward())
+        batches = [gen.keys(args.keys) for _ in range(args.batches)]
         times = []
-        for ids in batches[args.warmup :]:
+        for ids in batches:
             sync(device)
             t0 = time.perf_counter()
             module(ids).sum().backward()
@@ -165,7 +180,7 @@ def bench_train(args, mode: str, dim: int, device: torch.device, base: dict) -> 
         rec = dict(
             base, bench="train_step", mode=mode, dim=dim, alpha=alpha, optimizer="adam",
             ms=round(1e3 * times[len(times) // 2], 3), ms_min=round(1e3 * times[0], 3),
-            hbm_bytes=hbm_bytes(mode, module.table, value_dim),
+            hbm_bytes=hbm_bytes(mode, module.table, value_dim), warmup_batches=warmed,
         )  # fmt: skip
         records.append(rec)
         print(json.dumps(rec), flush=True)
@@ -179,7 +194,8 @@ def markdown(runs: list[dict], records: list[dict]) -> str:
         lines.append(
             f"- **{meta['device']}**: `{meta['command']}`; {meta['machine']}; torch {meta['torch']}; Python "
             f"{meta['python']}; {meta['date']}; {meta['id_space']} ids, cache / HBM value rows {meta['cache_rows']}, "
-            f"{meta['keys']} keys per batch, {meta['batches']} timed batches after {meta['warmup']}."
+            f"{meta['keys']} keys per batch, {meta['batches']} timed batches after >= {meta['warmup']} warm-up batches "
+            "(caching: until its cache is 90% full)."
         )
     lines += [
         "",
@@ -245,7 +261,7 @@ def plot(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
@@ -253,7 +269,8 @@ def main() -> int:
     ap.add_argument("--id-space", type=int, default=None, help="ids (default 2^22 CUDA, 2^20 CPU)")
     ap.add_argument("--cache-rows", type=int, default=None, help="cache slots = HBM value rows (default id-space/8)")
     ap.add_argument("--keys", type=int, default=None, help="ids per batch (default 2^19 CUDA, 2^16 CPU)")
-    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=8, help="warm-up batches (at least)")
+    ap.add_argument("--max-warmup", type=int, default=150, help="warm-up batches to fill a cache (at most)")
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--benches", nargs="+", choices=["lookup", "train_step"], default=["lookup", "train_step"])
     ap.add_argument("--threads", type=int, default=0, help="host table threads (0: all cores)")
@@ -261,7 +278,7 @@ def main() -> int:
     ap.add_argument("--replot", action="store_true", help="only rewrite the .md/.png from the .json")
     ap.add_argument("--merge", type=Path, help="merge another run's .json (e.g. a GPU machine's) into --out")
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "dynemb_caching"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out)
     if args.replot:
         write_outputs(out, *saved_runs(out), markdown, plot)
@@ -282,14 +299,14 @@ def main() -> int:
     args.keys = args.keys or (1 << 19 if cuda else 1 << 16)
     device = torch.device("cuda" if cuda else "cpu")
     meta = {
-        "command": "python tools/bench_dynemb_caching.py " + " ".join(sys.argv[1:]),
+        "command": "python tools/bench_dynemb_caching.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, host "
         f"table threads {args.threads or os.cpu_count()}",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
-        **{k: getattr(args, k) for k in ("id_space", "cache_rows", "keys", "warmup", "batches")},
+        **{k: getattr(args, k) for k in ("id_space", "cache_rows", "keys", "warmup", "max_warmup", "batches")},
     }
     base = {"device": meta["device"], "id_space": args.id_space, "cache_rows": args.cache_rows, "keys": args.keys}
     modes = ["caching", "hybrid"] if cuda else ["caching", "host"]

@@ -3,6 +3,10 @@ holding the same keys. CPU tests use a CPU cache; the CUDA tests (gpu mark) a CU
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -324,6 +328,23 @@ def test_insert_or_assign_evicting_hands_out_the_victims() -> None:
     assert status.tolist() == [REJECTED] and ek.numel() == 0  # score 1 beats no one (lowest is 1 or 2)
     _, found, scores = t.find_with_scores(torch.tensor([500, 900]), touch=True)
     assert found.tolist() == [True, False] and scores.view(torch.int64).tolist() == [2, 0]
+
+
+def test_bench_tool_runs_and_records_both_modes(tmp_path: Path) -> None:
+    """tools/bench_dynemb_caching.py, one tiny CPU run: caching and host records of both benches, a readable table."""
+    path = Path(__file__).resolve().parents[2] / "tools" / "bench_dynemb_caching.py"
+    spec = importlib.util.spec_from_file_location("bench_dynemb_caching", path)
+    tool = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(tool)  # type: ignore[union-attr]
+    out = tmp_path / "caching"
+    sizes = ["--id-space", "4096", "--cache-rows", "256", "--keys", "512", "--dims", "8", "--alphas", "1.1"]
+    assert tool.main([*sizes, "--warmup", "2", "--batches", "2", "--threads", "1", "--out", str(out)]) == 0
+    records = json.loads(out.with_suffix(".json").read_text())["records"]
+    got = {(r["bench"], r["mode"]) for r in records}
+    assert got == {(b, m) for b in ("lookup", "train_step") for m in ("caching", "host")}
+    lookup = next(r for r in records if r["bench"] == "lookup" and r["mode"] == "caching")
+    assert 0 < lookup["hit_rate"] < 1 and lookup["bkv_per_s"] > 0 and lookup["warmup_batches"] >= 2
+    assert "caching lookup throughput" in out.with_suffix(".md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------- CUDA
