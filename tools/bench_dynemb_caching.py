@@ -129,7 +129,8 @@ def bench_lookups(args, mode: str, dim: int, device: torch.device, base: dict) -
             table.find_or_insert(torch.unique(gen.keys(args.keys)))
 
         warmed = warm_up(args, table, lookup)
-        batches = [torch.unique(gen.keys(args.keys)) for _ in range(args.batches)]
+        timed = PowerLaw(args.id_space, alpha, device, seed=101)  # every mode times the same batches
+        batches = [torch.unique(timed.keys(args.keys)) for _ in range(args.batches)]
         hits0, misses0, wb0 = (getattr(table, k, 0) for k in ("hits", "misses", "write_backs"))
         step = table.step
         seconds, n = 0.0, 0
@@ -168,7 +169,8 @@ def bench_train(args, mode: str, dim: int, device: torch.device, base: dict) -> 
     for alpha in args.alphas:
         gen = PowerLaw(args.id_space, alpha, device, seed=2)
         warmed = warm_up(args, module.table, lambda gen=gen: module(gen.keys(args.keys)).sum().backward())
-        batches = [gen.keys(args.keys) for _ in range(args.batches)]
+        timed = PowerLaw(args.id_space, alpha, device, seed=102)  # every mode times the same batches
+        batches = [timed.keys(args.keys) for _ in range(args.batches)]
         times = []
         for ids in batches:
             sync(device)
