@@ -25,6 +25,7 @@ from gr_kernels.params import AttentionCall, HSTUParams
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
+_INT32_MAX = 2**31 - 1
 
 
 def triton_available() -> bool:
@@ -53,6 +54,9 @@ class TritonBackend:
             return f"head dims q/k {call.attention_dim}, v {call.hidden_dim}: the kernels take at most {MAX_HEAD_DIM}"
         if call.params.dropout_p > 0.0:
             return "attention dropout is not implemented in the Triton kernels"
+        n = call.params.max_seq_len
+        if max(n * call.num_heads * max(call.attention_dim, call.hidden_dim), n * n) > _INT32_MAX:
+            return f"max_seq_len {n} is too long for the kernels' 32-bit offsets within one sequence"
         if call.device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(call.device)
             if (major, minor) < (7, 5) or (call.dtype == torch.bfloat16 and major < 8):

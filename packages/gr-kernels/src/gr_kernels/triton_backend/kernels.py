@@ -256,7 +256,7 @@ def hstu_fwd_kernel(Q, K, V, RAB, OUT, SEQ_OFFSETS, Q_OFFSETS, NUM_TARGETS,
     q = _load_tile(Q + q_start * stride_qt + h * stride_qh, rows, stride_qt, row_ok, True, DIM_QK, BLOCK_DQK)
     K_seq = K + kv_start * stride_kt + h * stride_kh
     V_seq = V + kv_start * stride_vt + h * stride_vh
-    RAB_seq = RAB + b.to(tl.int64) * stride_rb + h * stride_rh
+    RAB_seq = RAB + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh
 
     lo, hi = _key_range(i_first, i_last, seq_len, hist, ctx, window, CAUSAL, HAS_WINDOW, HAS_CONTEXT)
     t_start = lo // BLOCK_N
@@ -374,8 +374,8 @@ def hstu_bwd_dkdv_kernel(Q, K, V, DO, DQ, DK, DV, RAB, DRAB, SEQ_OFFSETS, Q_OFFS
     Q_seq = Q + q_start * stride_qt + h * stride_qh
     DO_seq = DO + q_start * stride_dot + h * stride_doh
     DQ_seq = DQ + q_start * stride_dqt + h * stride_dqh
-    RAB_seq = RAB + b.to(tl.int64) * stride_rb + h * stride_rh
-    DRAB_seq = DRAB + b.to(tl.int64) * stride_rb + h * stride_rh
+    RAB_seq = RAB + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh
+    DRAB_seq = DRAB + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q_seq, DO_seq, DQ_seq, RAB_seq, DRAB_seq,
@@ -468,8 +468,8 @@ def hstu_bwd_dq_kernel(Q, K, V, DO, DQ, RAB, DRAB, SEQ_OFFSETS, Q_OFFSETS, NUM_T
     do = _load_tile(DO + q_start * stride_dot + h * stride_doh, rows, stride_dot, row_ok, True, DIM_V, BLOCK_DV)
     K_seq = K + kv_start * stride_kt + h * stride_kh
     V_seq = V + kv_start * stride_vt + h * stride_vh
-    RAB_seq = RAB + b.to(tl.int64) * stride_rb + h * stride_rh
-    DRAB_seq = DRAB + b.to(tl.int64) * stride_rb + h * stride_rh
+    RAB_seq = RAB + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh
+    DRAB_seq = DRAB + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh
 
     lo, hi = _key_range(i_first, i_last, seq_len, hist, ctx, window, CAUSAL, HAS_WINDOW, HAS_CONTEXT)
     t_start = lo // BLOCK_N

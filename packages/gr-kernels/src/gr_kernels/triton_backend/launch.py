@@ -162,6 +162,26 @@ def _tune(run: Callable[[TileConfig], None], options: tuple[TileConfig, ...], re
     return min(timings, key=timings.__getitem__)
 
 
+INT32_MAX = 2**31 - 1
+
+
+def check_offsets_fit(max_rows: int, **tensors: Tensor | None) -> None:
+    """The kernels index rows inside a sequence with int32 (``row * row_stride + column``, the sequence start and
+    the bias batch/head in int64): raise a clear error when ``max_rows`` rows of a tensor would overflow that."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dim() == 4:  # the bias [B, H, N, N]: row * N + column within one (batch, head) slice
+            reach = (t.shape[2] - 1) * t.stride(2) + t.shape[3]
+        else:
+            reach = max(max_rows - 1, 0) * t.stride(0) + (t.shape[1] - 1) * t.stride(1) + t.shape[2]
+        if reach > INT32_MAX:
+            raise ValueError(
+                f"{name} {tuple(t.shape)} with strides {t.stride()}: one sequence spans {reach} elements, beyond the "
+                "Triton kernels' 32-bit offsets; use shorter max_seq_len or the reference backend"
+            )
+
+
 def _common(
     q: Tensor,
     k: Tensor,
@@ -175,6 +195,7 @@ def _common(
     """Tensors, scalars and constexprs both directions share; the bias in q's dtype and its strides."""
     if q_offsets is not None and params.max_q_len < 1:
         raise ValueError(f"delta q (q_offsets) needs params.max_q_len >= 1, got {params.max_q_len}")
+    check_offsets_fit(max(params.max_seq_len, params.max_q_len), q=q, k=k, v=v, rab=rab)
     offsets = seq_offsets.to(torch.int32).contiguous()
     tensors = {
         "SEQ_OFFSETS": offsets,
