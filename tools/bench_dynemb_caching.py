@@ -3,9 +3,11 @@
 Every table knows all ``--id-space`` ids (prefilled). Each batch draws ``--keys`` ids with P(rank) ~ (rank+1)^-alpha
 (ranks spread over int64 by a fixed odd multiplier) and looks up its unique ids, as a training step does:
 
-- ``lookup``: ``find_or_insert`` of the batch's unique ids (embedding rows only, no optimizer state), B-KV/s over
-  those ids, timed per batch from the Python call to the end of its device work, after warm-up batches (at least
-  ``--warmup``, and for a caching table as many as it takes to fill its cache to 90%: steady-state evictions);
+- ``lookup``: ``find_or_insert`` (op of a training lookup) and ``find`` (touching scores; a caching table reads its
+  misses from the host table without loading them) of a batch's unique ids (embedding rows only, no optimizer
+  state; separate batches per op), B-KV/s over those ids, timed per batch from the Python call to the end of its
+  device work, after warm-up batches (at least ``--warmup``, and for a caching table as many as it takes to fill its
+  cache to 90%: steady-state evictions);
 - ``train_step``: ``DynamicEmbedding`` forward + backward with fused Adam on a batch (de-duplication included), ms.
 
 Modes on a GPU, with the same bytes of value rows in HBM (``--cache-rows`` rows):
@@ -129,32 +131,33 @@ def bench_lookups(args, mode: str, dim: int, device: torch.device, base: dict) -
             table.find_or_insert(torch.unique(gen.keys(args.keys)))
 
         warmed = warm_up(args, table, lookup)
-        timed = PowerLaw(args.id_space, alpha, device, seed=101)  # every mode times the same batches
-        batches = [torch.unique(timed.keys(args.keys)) for _ in range(args.batches)]
-        hits0, misses0, wb0 = (getattr(table, k, 0) for k in ("hits", "misses", "write_backs"))
-        step = table.step
-        seconds, n = 0.0, 0
-        for batch in batches:
-            step += 1
-            table.set_step(step)
-            sync(device)
-            t0 = time.perf_counter()
-            table.find_or_insert(batch)
-            sync(device)
-            seconds += time.perf_counter() - t0
-            n += batch.numel()
-        rec = dict(
-            base, bench="lookup", mode=mode, dim=dim, alpha=alpha, unique_per_batch=n // args.batches,
-            bkv_per_s=round(n / seconds / 1e9, 5), ms_per_batch=round(1e3 * seconds / args.batches, 3),
-            hbm_bytes=hbm_bytes(mode, table, dim), warmup_batches=warmed,
-        )  # fmt: skip
-        if mode == "caching":
-            looked = table.hits + table.misses - hits0 - misses0
-            rec["hit_rate"] = round((table.hits - hits0) / looked, 4)
-            rec["write_backs_per_batch"] = (table.write_backs - wb0) // args.batches
-        records.append(rec)
-        print(json.dumps(rec), flush=True)
-        del batches
+        for op, seed in (("find_or_insert", 101), ("find", 103)):
+            timed = PowerLaw(args.id_space, alpha, device, seed=seed)  # every mode times the same batches
+            batches = [torch.unique(timed.keys(args.keys)) for _ in range(args.batches)]
+            hits0, misses0, wb0 = (getattr(table, k, 0) for k in ("hits", "misses", "write_backs"))
+            seconds, n = 0.0, 0
+            for batch in batches:
+                table.set_step(table.step + 1)
+                sync(device)
+                t0 = time.perf_counter()
+                if op == "find":
+                    table.find(batch, touch=True)
+                else:
+                    table.find_or_insert(batch)
+                sync(device)
+                seconds += time.perf_counter() - t0
+                n += batch.numel()
+            rec = dict(
+                base, bench="lookup", op=op, mode=mode, dim=dim, alpha=alpha, unique_per_batch=n // args.batches,
+                bkv_per_s=round(n / seconds / 1e9, 5), ms_per_batch=round(1e3 * seconds / args.batches, 3),
+                hbm_bytes=hbm_bytes(mode, table, dim), warmup_batches=warmed,
+            )  # fmt: skip
+            if mode == "caching" and op == "find_or_insert":  # find reads past the cache without counting
+                looked = table.hits + table.misses - hits0 - misses0
+                rec["hit_rate"] = round((table.hits - hits0) / looked, 4)
+                rec["write_backs_per_batch"] = (table.write_backs - wb0) // args.batches
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
     return records
 
 
@@ -201,18 +204,19 @@ def markdown(runs: list[dict], records: list[dict]) -> str:
         )
     lines += [
         "",
-        "Lookups: `find_or_insert` of each batch's unique ids (B-KV/s over unique ids). Training: DynamicEmbedding "
-        "forward + backward + fused Adam per batch (median ms). HBM: bytes of value rows and slots in HBM.",
+        "Lookups: `find_or_insert` / `find` of each batch's unique ids (B-KV/s over unique ids). Training: "
+        "DynamicEmbedding forward + backward + fused Adam per batch (median ms). HBM: bytes of value rows and slots "
+        "in HBM.",
         "",
-        "| device | bench | dim | alpha | mode | unique ids/batch | B-KV/s | ms | hit rate | write-backs/batch "
+        "| device | bench | op | dim | alpha | mode | unique ids/batch | B-KV/s | ms | hit rate | write-backs/batch "
         "| HBM MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(records, key=lambda r: (r["device"], r["bench"], r["dim"], r["alpha"], r["mode"])):
+    for r in sorted(records, key=lambda r: (r["device"], r["bench"], r.get("op", ""), r["dim"], r["alpha"], r["mode"])):
         ms = r.get("ms", r.get("ms_per_batch"))
         hbm = f"{r['hbm_bytes'] / 2**20:.0f}" if r.get("hbm_bytes") else "-"
         lines.append(
-            f"| {r['device']} | {r['bench']} | {r['dim']} | {r['alpha']} | {r['mode']} | "
+            f"| {r['device']} | {r['bench']} | {r.get('op', '-')} | {r['dim']} | {r['alpha']} | {r['mode']} | "
             f"{r.get('unique_per_batch', '-')} | {r.get('bkv_per_s', '-')} | {ms} | {r.get('hit_rate', '-')} | "
             f"{r.get('write_backs_per_batch', '-')} | {hbm} |"
         )
@@ -224,12 +228,13 @@ def markdown(runs: list[dict], records: list[dict]) -> str:
             o
             for o in records
             if o["mode"] != "caching"
-            and (o["device"], o["bench"], o["dim"], o["alpha"]) == (r["device"], r["bench"], r["dim"], r["alpha"])
+            and (o["device"], o["bench"], o.get("op"), o["dim"], o["alpha"])
+            == (r["device"], r["bench"], r.get("op"), r["dim"], r["alpha"])
         ]
         for o in other:
             if r["bench"] == "lookup":
                 ratio = r["bkv_per_s"] / o["bkv_per_s"]
-                what = "lookup throughput"
+                what = f"{r['op']} throughput"
             else:
                 ratio = o["ms"] / r["ms"]
                 what = "training step speed"
@@ -247,11 +252,12 @@ def plot(records: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, bench, key, label in (
-        (axes[0], "lookup", "bkv_per_s", "lookups (B-KV/s, higher is better)"),
+        (axes[0], "lookup", "bkv_per_s", "find_or_insert (B-KV/s, higher is better)"),
         (axes[1], "train_step", "ms", "training step (ms, lower is better)"),
     ):
         rows = sorted(
-            (r for r in records if r["bench"] == bench), key=lambda r: (r["device"], r["dim"], r["alpha"], r["mode"])
+            (r for r in records if r["bench"] == bench and r.get("op", "find_or_insert") == "find_or_insert"),
+            key=lambda r: (r["device"], r["dim"], r["alpha"], r["mode"]),
         )
         names = [f"{r['device'].replace('NVIDIA ', '')}\ndim {r['dim']} a {r['alpha']}\n{r['mode']}" for r in rows]
         colors = ["tab:green" if r["mode"] == "caching" else "tab:gray" for r in rows]

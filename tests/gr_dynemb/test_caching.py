@@ -340,11 +340,12 @@ def test_bench_tool_runs_and_records_both_modes(tmp_path: Path) -> None:
     sizes = ["--id-space", "4096", "--cache-rows", "256", "--keys", "512", "--dims", "8", "--alphas", "1.1"]
     assert tool.main([*sizes, "--warmup", "2", "--batches", "2", "--threads", "1", "--out", str(out)]) == 0
     records = json.loads(out.with_suffix(".json").read_text())["records"]
-    got = {(r["bench"], r["mode"]) for r in records}
-    assert got == {(b, m) for b in ("lookup", "train_step") for m in ("caching", "host")}
-    lookup = next(r for r in records if r["bench"] == "lookup" and r["mode"] == "caching")
+    got = {(r["bench"], r.get("op"), r["mode"]) for r in records}
+    runs = [("lookup", "find_or_insert"), ("lookup", "find"), ("train_step", None)]
+    assert got == {(b, op, m) for b, op in runs for m in ("caching", "host")}
+    lookup = next(r for r in records if r.get("op") == "find_or_insert" and r["mode"] == "caching")
     assert 0 < lookup["hit_rate"] < 1 and lookup["bkv_per_s"] > 0 and lookup["warmup_batches"] >= 2
-    assert "caching lookup throughput" in out.with_suffix(".md").read_text()
+    assert "caching find_or_insert throughput" in out.with_suffix(".md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------- CUDA
