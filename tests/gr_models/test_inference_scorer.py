@@ -22,6 +22,7 @@ from gr_models.inference import (
     UserRequest,
     model_fingerprint,
 )
+from gr_models.inference.pass_graphs import PassGraphs, pass_shape
 from gr_models.modules.hstu import HSTUConfig
 from gr_models.ranking import HSTURankingConfig, HSTURankingModel, RankingFeatureSpec, RankingTask
 
@@ -711,3 +712,66 @@ def test_riding_rows_split_over_several_passes_stay_exact():
     assert close(got, scorer.full_recompute(FEATS, hist, cands, 7000))
     assert close(scorer.score("u", FEATS, None, cands, 7000), got)  # served from the cache as it was left
     assert scorer.stats.prefix_reused == 1
+
+
+# -- padded passes (what the CUDA graphs replay) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:4], ids=lambda v: "-".join(str(x) for x in v.values()))
+def test_padded_passes_equal_the_plain_model(variant):
+    """``cuda_graphs=True`` pads every pass over pooled keys to a bucket with one padding sequence (on the CPU the
+    padded pass runs eagerly): the scores still equal the plain model, across appends, repeats and several users."""
+    model = make_model(**variant)
+    scorer = make_scorer(model, cuda_graphs=True, max_graphs=2)
+    history = UserEvents.empty()
+    t = 10_000
+    for step, n_new in enumerate([4, 1, 0, 2, 0]):
+        new = events(n_new, t, seed=step)
+        history = history.concat(new)
+        t = (history.last_timestamp or t) + 100
+        cands = candidates(5 + step, seed=step)
+        got = scorer.score("u", FEATS, new, cands, t)
+        assert close(got, scorer.full_recompute(FEATS, history, cands, t)), step
+    assert scorer.stats.padded_passes >= 4 and len(scorer.graphs) <= 2
+    reqs = [("u", FEATS, None, candidates(4, 7), t + 50), ("v", FEATS, events(3, 0, 9), candidates(6, 8), t + 60)]
+    many = scorer.score_many(reqs)
+    assert close(many[0], scorer.full_recompute(FEATS, history, reqs[0][3], t + 50))
+    assert close(many[1], scorer.full_recompute(FEATS, events(3, 0, 9), reqs[1][3], t + 60))
+
+
+def test_pass_shape_buckets_and_pads_with_one_sequence():
+    s = pass_shape([300, 40], [129, 3], 130, 140, need_output=True)
+    assert (s.num_seqs, s.queries, s.pad_queries) == (3, 192, 60)
+    assert s.keys % 256 == 0 and s.keys == 340 + s.pad_past + s.pad_queries and s.pad_past >= 0
+    assert s.max_len == 512 and s.max_q == 192 and s.candidates == 192 and s.x_rows == 256
+    same = pass_shape([301, 41], [129, 3], 130, 100, need_output=True)  # other lengths, same bucket
+    assert same.bucket == s.bucket and same.pad_past != s.pad_past
+    assert pass_shape([300, 40], [129, 3], 130, 140, need_output=False).bucket != s.bucket
+    with pytest.raises(ValueError, match="max_graphs"):
+        PassGraphs(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_equal_eager_passes_and_reuse_their_bucket():
+    model = make_model(context="causal").cuda()
+
+    def scorer(graphs: bool) -> CachedRankingScorer:
+        cache = KVCache.for_encoder(
+            model.config.hstu, budget_bytes=1 << 20, page_size=4, device="cuda", dtype=torch.bfloat16
+        )
+        return CachedRankingScorer(model, cache, micro_batch=3, dtype=torch.bfloat16, cuda_graphs=graphs)
+
+    graphed, eager = scorer(True), scorer(False)
+    hist = events(9, 0, 1)
+    for s in (graphed, eager):
+        s.score("u", FEATS, hist, candidates(7, 1), 6000)
+    captures = []
+    for i, t in enumerate([6500, 7000, 7500]):  # cache hits of one bucket: captured once, then replayed
+        cands = candidates(7, 2 + i)
+        got, want = graphed.score("u", FEATS, None, cands, t), eager.score("u", FEATS, None, cands, t)
+        assert close(got.float().cpu(), want.float().cpu(), 0.05), i
+        assert close(got.float().cpu(), graphed.full_recompute(FEATS, hist, cands, t).float().cpu(), 0.1)
+        captures.append(graphed.stats.graph_captures)
+    assert captures[0] >= 1 and captures[1] == captures[2] == captures[0]
+    assert eager.stats.padded_passes == 0 and graphed.stats.padded_passes >= 3

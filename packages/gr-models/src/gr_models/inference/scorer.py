@@ -74,6 +74,7 @@ from gr_models.data.ranking import RankingBatch
 from gr_models.inference.bias import relative_bias_rows
 from gr_models.inference.cast_model import CastRankingModel, resolve_dtype
 from gr_models.inference.kv_cache import CacheCapacityError, KVCache
+from gr_models.inference.pass_graphs import PassGraphs, PassShape, pass_shape
 from gr_models.inference.requests import Candidates, InferenceInputError, UserEvents
 from gr_models.inference.transfer import to_device
 from gr_models.inference.window import WindowInputs, WindowRows, window_inputs
@@ -124,6 +125,8 @@ class ScorerStats:
     prefix_uncacheable: int = 0  # prefix larger than the whole cache: computed and used without caching
     tokens_computed: int = 0  # prefix tokens run through the encoder
     encoder_passes: int = 0  # jagged delta-q passes through the encoder (one call per block each), all users together
+    padded_passes: int = 0  # passes padded to a bucket (replayed from a CUDA graph on CUDA)
+    graph_captures: int = 0  # CUDA graphs captured (one per new bucket)
     full_fallback_reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -207,6 +210,10 @@ class CachedRankingScorer:
             when the model has no bias); a sequence above it on its own runs alone. The default holds three
             micro-batches of a 4096-event history in fp32 (seven in bf16), so a cache hit with 256 candidates in
             micro-batches of 128 is one pass.
+        cuda_graphs: pad every pass whose keys all come from the pool (every cache hit) to a shape bucket and, on
+            CUDA, replay it from a CUDA graph captured per bucket (``pass_graphs``); on the CPU the padded pass runs
+            eagerly. Default: on for a CUDA cache.
+        max_graphs: buckets kept (least recently used dropped first); each holds its pass's key and bias buffers.
     """
 
     def __init__(
@@ -220,6 +227,8 @@ class CachedRankingScorer:
         max_candidates: int = 4096,
         max_users: int = 100_000,
         max_batch_bias_bytes: int = 256 << 20,
+        cuda_graphs: bool | None = None,
+        max_graphs: int = 8,
     ) -> None:
         if not isinstance(model, HSTURankingModel):
             raise TypeError(f"model must be an HSTURankingModel, got {type(model).__name__}")
@@ -258,7 +267,10 @@ class CachedRankingScorer:
         self._histories: OrderedDict[Hashable, UserHistory] = OrderedDict()
         self.stats = ScorerStats()
         self._logged_full_context = False
-        self._rab_buffer: torch.Tensor | None = None  # flat, zero-initialised; see _batch_bias
+        self._rab_buffer: torch.Tensor | None = None  # flat, zero-initialised; see _shared_rab_buffer
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        self.graphs = PassGraphs(max_graphs) if cuda_graphs else None
 
     # -- public API ----------------------------------------------------------------------------------------------
 
@@ -674,14 +686,64 @@ class CachedRankingScorer:
         """The queries of every sequence through every block as one jagged delta-q call per block, on one key buffer
         per pass (``[L, keys, H, D]``: gathered once from the pool for all layers, each layer writing its new rows'
         K/V into it). Every index the pass needs is built on the host and copied to the device at once, so the pass
-        never waits for the device. Leaves each computed prefix's K/V on its work (``_Work.prefix_kv``); returns
-        the candidates' final outputs (``need_output``)."""
-        cache, device = self.cache, self.device
+        never waits for the device. A pass whose keys all come from the pool (every cache hit) is padded to a bucket
+        and, on CUDA, replayed from a CUDA graph (``pass_graphs``). Leaves each computed prefix's K/V on its work
+        (``_Work.prefix_kv``); returns the candidates' final outputs (``need_output``)."""
+        shape = None
+        if self.graphs is not None and not any(s.from_prefix for s in seqs):
+            shape = pass_shape(
+                [s.length for s in seqs],
+                [s.num_q for s in seqs],
+                sum(s.c1 - s.c0 for s in seqs),
+                x.shape[0],
+                need_output=need_output,
+            )
+        pieces, kv_offsets, any_pool, copies = self._pass_pieces(seqs, need_output, shape)
+        if shape is None:
+            b, n, max_q = len(seqs), max(s.length for s in seqs), max(s.num_q for s in seqs)
+            sizes = [t.numel() for t in pieces.values()]
+            packed = to_device(torch.cat(list(pieces.values())), self.device)
+            d = dict(zip(pieces, packed.split(sizes), strict=True))
+            k_all, v_all, out = self._encode(
+                d, x, self._shared_rab_buffer(b, n), b, n, max_q, kv_offsets[-1], need_output, any_pool, copies
+            )
+        else:
+            b, n, max_q = shape.num_seqs, shape.max_len, shape.max_q
+
+            def statics() -> dict[str, torch.Tensor]:
+                if self.encoder.relative_bias is None:
+                    return {}
+                return {"rab": torch.zeros(b * n * n, device=self.device, dtype=self.dtype)}
+
+            def encode(d, xs, st):
+                return self._encode(d, xs, st.get("rab"), b, n, max_q, shape.keys, need_output, True, {})
+
+            key = (shape.bucket, tuple(pieces))
+            k_all, v_all, out = self.graphs.run(key, list(pieces), list(pieces.values()), x, shape.x_rows, statics,
+                                                encode)  # fmt: skip
+            if out is not None:
+                out = out[: sum(s.c1 - s.c0 for s in seqs)]
+            self.stats.padded_passes += 1
+            self.stats.graph_captures = self.graphs.captures
+        self.stats.encoder_passes += 1
+        for i, s in enumerate(seqs):
+            if s.num_prefix_q and s.c0 == 0:  # the first sequence with the user's computed rows keeps them
+                s.work.prefix_kv = (k_all, v_all, kv_offsets[i])
+        return out
+
+    def _pass_pieces(
+        self, seqs: list[_Seq], need_output: bool, shape: PassShape | None
+    ) -> tuple[dict[str, torch.Tensor], list[int], bool, dict]:
+        """Host side of a pass: its index tensors (CPU int64; with ``shape``, padded to it by one padding sequence
+        of ``shape.pad_past`` pool rows at slot 0 and ``shape.pad_queries`` queries reading input row 0), the key
+        offsets, whether keys come from the pool, and the key copies from computed prefixes (eager passes only)."""
         kv_offsets = list(itertools.accumulate((s.length for s in seqs), initial=0))
         q_offsets = list(itertools.accumulate((s.num_q for s in seqs), initial=0))
-        n = max(s.length for s in seqs)
-        pool_rows = torch.zeros(kv_offsets[-1], dtype=torch.int64)  # a placeholder slot for rows filled otherwise
-        any_pool = False
+        if shape is not None:
+            kv_offsets.append(kv_offsets[-1] + shape.pad_past + shape.pad_queries)
+            q_offsets.append(q_offsets[-1] + shape.pad_queries)
+        pool_rows = torch.zeros(kv_offsets[-1], dtype=torch.int64)  # slot 0 for rows filled otherwise (or padding)
+        any_pool = shape is not None
         copies: dict[int, tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = {}
         key_rows, q_rows, cand_rows = [], [], []
         for b, s in enumerate(seqs):
@@ -700,6 +762,12 @@ class CachedRankingScorer:
             c_row = r0 + w.inputs.num_prefix_rows
             q_rows.append(torch.arange(c_row + s.c0, c_row + s.c1))
             cand_rows.append(torch.arange(q_offsets[b] + s.num_prefix_q, q_offsets[b + 1]))
+        targets = [s.c1 - s.c0 for s in seqs]
+        if shape is not None:
+            key_rows.append(torch.arange(kv_offsets[-2] + shape.pad_past, kv_offsets[-1]))
+            q_rows.append(torch.zeros(shape.pad_queries, dtype=torch.int64))
+            targets.append(0)
+            cand_rows.append(torch.zeros(shape.candidates - sum(targets), dtype=torch.int64))
         pieces = {
             "q_offsets": torch.tensor(q_offsets),
             "kv_offsets": torch.tensor(kv_offsets),
@@ -707,29 +775,43 @@ class CachedRankingScorer:
             "key_rows": torch.cat(key_rows),
             "q_rows": torch.cat(q_rows),
         }
-        targets = [s.c1 - s.c0 for s in seqs]
-        if any(targets):
+        if any(targets) or shape is not None:
             pieces["num_targets"] = torch.tensor(targets)
         if need_output:
             pieces["cand_rows"] = torch.cat(cand_rows)
         for i, (_, dst, src) in enumerate(copies.values()):
             pieces[f"dst{i}"], pieces[f"src{i}"] = torch.cat(dst), torch.cat(src)
         if self.encoder.relative_bias is not None:
-            pieces.update(self._bias_pieces(seqs, n))
-        sizes = [t.numel() for t in pieces.values()]
-        packed = to_device(torch.cat(list(pieces.values())), device)
-        d = dict(zip(pieces, packed.split(sizes), strict=True))
+            n = shape.max_len if shape is not None else max(s.length for s in seqs)
+            pieces.update(self._bias_pieces(seqs, n, shape))
+        return pieces, kv_offsets, any_pool, copies
 
+    def _encode(
+        self,
+        d: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        rab_buffer: torch.Tensor | None,
+        b: int,
+        n: int,
+        max_q: int,
+        total_keys: int,
+        need_output: bool,
+        any_pool: bool,
+        copies: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Device side of a pass (no host sync, so it can be captured): the key buffers ``[L, keys, H, D]`` after
+        every layer wrote its new rows, and the candidates' outputs (``need_output``)."""
+        cache = self.cache
         if any_pool:
             k_all, v_all = cache.k_pool.index_select(1, d["pool_rows"]), cache.v_pool.index_select(1, d["pool_rows"])
         else:
-            shape = (cache.num_layers, kv_offsets[-1], cache.num_heads)
-            k_all = torch.empty(*shape, cache.qk_dim, device=device, dtype=self.dtype)
-            v_all = torch.empty(*shape, cache.v_dim, device=device, dtype=self.dtype)
+            shape = (cache.num_layers, total_keys, cache.num_heads)
+            k_all = torch.empty(*shape, cache.qk_dim, device=self.device, dtype=self.dtype)
+            v_all = torch.empty(*shape, cache.v_dim, device=self.device, dtype=self.dtype)
         for i, ((k_src, v_src), _, _) in enumerate(copies.values()):
             k_all.index_copy_(1, d[f"dst{i}"], k_src.index_select(1, d[f"src{i}"]))
             v_all.index_copy_(1, d[f"dst{i}"], v_src.index_select(1, d[f"src{i}"]))
-        rab = None if self.encoder.relative_bias is None else self._pass_bias(d, len(seqs), n)
+        rab = None if rab_buffer is None else self._pass_bias(d, rab_buffer, b, n)
         h = x.index_select(0, d["q_rows"])
         blocks = self.encoder.blocks
         for layer, block in enumerate(blocks):
@@ -744,22 +826,19 @@ class CachedRankingScorer:
                 rab,
                 num_targets=d.get("num_targets"),
                 contextual_seq_len=self.model.contextual_seq_len,
-                max_q_len=max(s.num_q for s in seqs),
+                max_q_len=max_q,
                 need_output=need_output or layer < len(blocks) - 1,
                 validate=False,  # offsets built here; the check would sync a GPU
             )
             if y is not None:
                 h = y
-        self.stats.encoder_passes += 1
-        for b, s in enumerate(seqs):
-            if s.num_prefix_q and s.c0 == 0:  # the first sequence with the user's computed rows keeps them
-                s.work.prefix_kv = (k_all, v_all, kv_offsets[b])
-        return h.index_select(0, d["cand_rows"]) if need_output else None
+        return k_all, v_all, (h.index_select(0, d["cand_rows"]) if need_output else None)
 
-    def _bias_pieces(self, seqs: list[_Seq], n: int) -> dict[str, torch.Tensor]:
+    def _bias_pieces(self, seqs: list[_Seq], n: int, shape: PassShape | None) -> dict[str, torch.Tensor]:
         """Host side of ``_pass_bias``: per query row its sequence, row in the flattened ``[B * N, N]`` bias, query
-        time and position and its sequence's prefix length; per sequence the key times padded to ``N``."""
-        key_times = torch.zeros(len(seqs), n, dtype=torch.int64)
+        time and position and its sequence's prefix length; per sequence the key times padded to ``N`` (the padding
+        sequence's all zero, its query rows its own bias rows)."""
+        key_times = torch.zeros(len(seqs) + (shape is not None), n, dtype=torch.int64)
         seq_of, rab_row, q_time, q_pos, prefix_len = [], [], [], [], []
         for b, s in enumerate(seqs):
             inp, nq = s.work.inputs, s.num_q
@@ -771,6 +850,13 @@ class CachedRankingScorer:
             q_time += [inp.query_times[inp.num_prefix_rows - s.num_prefix_q :], inp.candidate_times[s.c0 : s.c1]]
             q_pos += [torch.arange(p - s.num_prefix_q, p), torch.full((s.c1 - s.c0,), p, dtype=torch.int64)]
             prefix_len.append(torch.full((nq,), p, dtype=torch.int64))
+        if shape is not None:
+            b, pad = len(seqs), shape.pad_queries
+            seq_of.append(torch.full((pad,), b, dtype=torch.int64))
+            rab_row.append(torch.arange(b * n + shape.pad_past, b * n + shape.pad_past + pad))
+            q_time.append(torch.zeros(pad, dtype=torch.int64))
+            q_pos.append(torch.zeros(pad, dtype=torch.int64))
+            prefix_len.append(torch.zeros(pad, dtype=torch.int64))
         return {
             "key_times": key_times.view(-1),
             "seq_of": torch.cat(seq_of),
@@ -780,16 +866,22 @@ class CachedRankingScorer:
             "prefix_len": torch.cat(prefix_len),
         }
 
-    def _pass_bias(self, d: dict[str, torch.Tensor], b: int, n: int) -> torch.Tensor:
-        """The pass's bias rows in the op's delta-q layout ``[B, 1, N, N]`` (row = query position), all query rows in
-        one call. Keys: prefix row ``j`` at position ``j``, the candidates at ``P``. Only the query rows are read,
-        so they are written into a reused flat buffer rather than a fresh square per pass: rows left from earlier
-        passes are finite and fall on masked or unread entries."""
+    def _shared_rab_buffer(self, b: int, n: int) -> torch.Tensor | None:
+        """The eager passes' flat, zero-initialised bias buffer, grown to hold ``[b * n, n]``."""
+        if self.encoder.relative_bias is None:
+            return None
         need = b * n * n
         if self._rab_buffer is None or self._rab_buffer.numel() < need:
             size = max(need, self.model.config.max_seq_len**2)
             self._rab_buffer = torch.zeros(size, device=self.device, dtype=self.dtype)
-        rab = self._rab_buffer[:need].view(b * n, n)
+        return self._rab_buffer
+
+    def _pass_bias(self, d: dict[str, torch.Tensor], buffer: torch.Tensor, b: int, n: int) -> torch.Tensor:
+        """The pass's bias rows in the op's delta-q layout ``[B, 1, N, N]`` (row = query position), all query rows in
+        one call. Keys: prefix row ``j`` at position ``j``, the candidates at ``P``. Only the query rows are read,
+        so they are written into a reused flat buffer rather than a fresh square per pass: rows left from earlier
+        passes are finite and fall on masked or unread entries."""
+        rab = buffer[: b * n * n].view(b * n, n)
         key_times = d["key_times"].view(b, n).index_select(0, d["seq_of"])
         key_pos = torch.arange(n, device=self.device).view(1, n).minimum(d["prefix_len"].view(-1, 1))
         rows = relative_bias_rows(self.encoder.relative_bias, key_times, key_pos, d["q_time"], d["q_pos"])
