@@ -1,7 +1,7 @@
 """Benchmark of HSTU attention backends against torch SDPA on the same shapes, in one run.
 
 For every case (head dim, max length, uniform or jagged lengths, mask, rab on/off) and direction (fwd, bwd) it times
-our backends (``cutlass``, ``reference``, later ``triton``) and torch's ``scaled_dot_product_attention`` (causal
+our backends (``cutlass``, ``triton``, ``reference``) and torch's ``scaled_dot_product_attention`` (causal
 softmax, FLASH and CUDNN backends; no rab or targets, so only for the plain causal cases), and reports TFLOP/s with
 FLOPs = 2 * H * D * sum(L_i^2) forward (the causal half of 4 * H * D * L^2) and 2.5x that backward.
 
@@ -14,6 +14,8 @@ Writes ``docs/benchmarks/hstu_attention.{json,md,png}`` (``--out`` prefix) and p
 
 Backends ``cutlass_sm90`` / ``cutlass_sm80`` are the native backend with its forward routed to the Hopper
 (WGMMA/TMA) or the SM80-MMA kernel (GR_KERNELS_FWD_KERNEL=sm90|sm80); ``cutlass`` uses the build's default.
+``triton`` is the portable Triton backend (autotuned over its short config list on first use, inside the warmup);
+``triton_atomic_dq`` / ``triton_fused_dkdv`` run it with GR_KERNELS_TRITON_DQ=atomic / GR_KERNELS_TRITON_SPLIT_DKDV=0.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 TOKENS_PER_BATCH = 32 * 4096  # batch = TOKENS_PER_BATCH // max_seq_len: B=32 at T=4096
 REFERENCE_MAX_BYTES = 4 * 2**30  # the reference materialises [B, H, N, N] scores several times: skip larger
+# Benchmark names that run a registered backend under kernel switches: name -> (backend, environment).
+VARIANTS = {
+    "cutlass_sm90": ("cutlass", {"GR_KERNELS_FWD_KERNEL": "sm90"}),
+    "cutlass_sm80": ("cutlass", {"GR_KERNELS_FWD_KERNEL": "sm80"}),
+    "triton_atomic_dq": ("triton", {"GR_KERNELS_TRITON_DQ": "atomic"}),
+    "triton_fused_dkdv": ("triton", {"GR_KERNELS_TRITON_SPLIT_DKDV": "0"}),
+}
 
 
 def lengths_for(batch: int, max_len: int, jagged: bool) -> list[int]:
@@ -67,8 +76,8 @@ def hstu_case(backend: str, lengths: list[int], heads: int, dim: int, mask: str,
     targets = None
     if mask == "causal_targets":
         targets = torch.tensor([min(16, max(length - 1, 0)) for length in lengths], device=dev)
-    forced = {"cutlass_sm90": "sm90", "cutlass_sm80": "sm80"}.get(backend)
-    kw = dict(alpha=1.0 / dim**0.5, num_targets=targets, rab=bias, backend="cutlass" if forced else backend)
+    name, switches = VARIANTS.get(backend, (backend, {}))
+    kw = dict(alpha=1.0 / dim**0.5, num_targets=targets, rab=bias, backend=name)
     if direction == "fwd":
         fn = lambda: gr_kernels.hstu_attention(q, k, v, offsets, n, **kw)  # noqa: E731
     else:
@@ -76,17 +85,18 @@ def hstu_case(backend: str, lengths: list[int], heads: int, dim: int, mask: str,
         out = gr_kernels.hstu_attention(*leaves, offsets, n, **kw)
         grad = torch.randn_like(out)
         fn = lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)  # noqa: E731
-    if forced is None:
+    if not switches:
         return fn
 
-    def with_forward_kernel():  # the native dispatch reads GR_KERNELS_FWD_KERNEL on every call
-        os.environ["GR_KERNELS_FWD_KERNEL"] = forced
+    def with_switches():  # the backends read their GR_KERNELS_* switches on every call
+        os.environ.update(switches)
         try:
             return fn()
         finally:
-            os.environ.pop("GR_KERNELS_FWD_KERNEL", None)
+            for key in switches:
+                os.environ.pop(key, None)
 
-    return with_forward_kernel
+    return with_switches
 
 
 def sdpa_case(kind: str, lengths: list[int], heads: int, dim: int, direction: str):
@@ -119,13 +129,14 @@ def sdpa_case(kind: str, lengths: list[int], heads: int, dim: int, direction: st
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--backends", nargs="+", default=["cutlass", "reference", "sdpa_flash", "sdpa_cudnn"])
+    ap.add_argument("--backends", nargs="+", default=["cutlass", "triton", "reference", "sdpa_flash", "sdpa_cudnn"])
     ap.add_argument("--directions", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--dims", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--max-lens", type=int, nargs="+", default=None, help="default: 1024 4096 (--quick), 256..8192")
     ap.add_argument("--masks", nargs="+", default=["causal", "causal_targets"], choices=["causal", "causal_targets"])
     ap.add_argument("--layouts", nargs="+", default=["uniform", "jagged"], choices=["uniform", "jagged"])
+    ap.add_argument("--rab", nargs="+", default=["off", "on"], choices=["off", "on"], help="cases without/with rab")
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "hstu_attention"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -143,7 +154,7 @@ def main() -> int:
                 lengths = lengths_for(batch, max_len, jagged)
                 fwd_flops = 2 * args.heads * dim * sum(length * length for length in lengths)
                 for mask in args.masks:
-                    for rab in (False, True):
+                    for rab in [r == "on" for r in args.rab]:
                         for backend in args.backends:
                             is_sdpa = backend.startswith("sdpa")
                             if is_sdpa and (mask != "causal" or rab):

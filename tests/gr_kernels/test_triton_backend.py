@@ -40,7 +40,7 @@ needs_cuda = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), 
 def interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """CPU tensors allowed into the backend for one test; default tiles, dQ mode and autotuning."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for name in (configs.BLOCKS_ENV, configs.AUTOTUNE_ENV, "GR_KERNELS_TRITON_DQ"):
+    for name in (configs.BLOCKS_ENV, configs.AUTOTUNE_ENV, configs.SPLIT_DKDV_ENV, "GR_KERNELS_TRITON_DQ"):
         monkeypatch.delenv(name, raising=False)
     yield
 
@@ -49,7 +49,7 @@ def interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def gpu_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """GPU parity runs the first config of each list (no timing runs): compile time, not tile choice, is the cost."""
     monkeypatch.setenv(configs.AUTOTUNE_ENV, "0")
-    for name in (configs.BLOCKS_ENV, "GR_KERNELS_TRITON_DQ"):
+    for name in (configs.BLOCKS_ENV, configs.SPLIT_DKDV_ENV, "GR_KERNELS_TRITON_DQ"):
         monkeypatch.delenv(name, raising=False)
     yield
 
@@ -213,6 +213,14 @@ def test_config_switches(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(configs.BLOCKS_ENV, bad)
         with pytest.raises(ValueError, match=configs.BLOCKS_ENV):
             configs.forced_blocks()
+    monkeypatch.delenv(configs.SPLIT_DKDV_ENV, raising=False)
+    assert configs.split_dkdv(256, interpreted=False) and not configs.split_dkdv(128, interpreted=False)
+    assert not configs.split_dkdv(256, interpreted=True)
+    monkeypatch.setenv(configs.SPLIT_DKDV_ENV, "1")
+    assert configs.split_dkdv(64, interpreted=True)
+    monkeypatch.setenv(configs.SPLIT_DKDV_ENV, "yes")
+    with pytest.raises(ValueError, match=configs.SPLIT_DKDV_ENV):
+        configs.split_dkdv(64, interpreted=False)
     for table in (configs.FWD, configs.DKDV, configs.DQ):
         assert all(len(options) <= 3 for options in table.values())  # the documented, limited autotune set
 
@@ -271,9 +279,15 @@ def test_interpreter_tile_shapes(blocks: str, mask: str, interpreter: None, monk
 
 
 @needs_triton
-@pytest.mark.parametrize("rab_heads", [1, 2])
-def test_interpreter_atomic_dq(rab_heads: int, interpreter: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GR_KERNELS_TRITON_DQ", "atomic")
+@pytest.mark.parametrize(
+    ("dq", "split", "rab_heads"), [("atomic", "0", 1), ("atomic", "1", 2), ("separate", "1", 1), ("atomic", "1", 0)]
+)
+def test_interpreter_backward_variants(
+    dq: str, split: str, rab_heads: int, interpreter: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # dQ with atomics in the dK/dV kernel, and dK/dV in two passes (the head-dim-256 path on GPU).
+    monkeypatch.setenv("GR_KERNELS_TRITON_DQ", dq)
+    monkeypatch.setenv(configs.SPLIT_DKDV_ENV, split)
     _check(RAGGED, 2, 16, rab_heads=rab_heads, seed=4, **MASKS["targets_groups"])
 
 
@@ -371,9 +385,12 @@ def test_gpu_long_sequences(dim: int, mask: str, rab_heads: int, gpu_env: None) 
 
 @needs_cuda
 @pytest.mark.gpu
-def test_gpu_atomic_dq(gpu_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("dim", "split"), [(128, "0"), (128, "1"), (256, "0")])
+def test_gpu_backward_variants(dim: int, split: str, gpu_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Atomic dQ with fused or two-pass dK/dV (head dim 256 defaults to two passes: here the fused one too).
     monkeypatch.setenv("GR_KERNELS_TRITON_DQ", "atomic")
-    _check(GPU_RAGGED, 2, 128, dtype=torch.bfloat16, device="cuda", rab_heads=1, **MASKS["targets_groups"])
+    monkeypatch.setenv(configs.SPLIT_DKDV_ENV, split)
+    _check(GPU_RAGGED, 2, dim, dtype=torch.bfloat16, device="cuda", rab_heads=1, **MASKS["targets_groups"])
 
 
 @needs_cuda

@@ -17,6 +17,9 @@ larger one exceeds shared memory on a smaller GPU (Triton scores such configs as
 Switches (read per call):
 
 - ``GR_KERNELS_TRITON_AUTOTUNE=0``: no benchmarking, the first config of each list.
+- ``GR_KERNELS_TRITON_SPLIT_DKDV=0|1``: dK and dV in one pass (0) or in two (1, one fp32 accumulator each); unset:
+  two passes from padded head dim 256 up (the fused kernel spills there: two [64, 256] fp32 accumulators plus K
+  and V do not fit 255 registers per thread at 8 warps), one below.
 - ``GR_KERNELS_TRITON_BLOCKS=M,N``: force BLOCK_M and BLOCK_N of every kernel (tests use it to put tile edges at
   chosen places; powers of two >= 16); implies no autotuning. The interpreter (CPU tensors) uses 16,16 by default.
 """
@@ -27,6 +30,8 @@ import os
 from dataclasses import dataclass
 
 AUTOTUNE_ENV = "GR_KERNELS_TRITON_AUTOTUNE"
+SPLIT_DKDV_ENV = "GR_KERNELS_TRITON_SPLIT_DKDV"
+SPLIT_DKDV_MIN_DIM = 256
 BLOCKS_ENV = "GR_KERNELS_TRITON_BLOCKS"
 
 
@@ -89,3 +94,14 @@ def candidates(table: dict[int, tuple[TileConfig, ...]], padded_dim: int, interp
     if interpreted or not autotune_enabled():
         return (default,)
     return table[dim_class(padded_dim)]
+
+
+def split_dkdv(padded_dim: int, interpreted: bool) -> bool:
+    """Whether the backward runs dV and dK in two passes (see the module docstring); the interpreter follows the
+    switch only (both paths are tested there)."""
+    raw = os.environ.get(SPLIT_DKDV_ENV, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{SPLIT_DKDV_ENV} must be 0 or 1, got {raw!r}")
+    if raw:
+        return raw == "1"
+    return not interpreted and padded_dim >= SPLIT_DKDV_MIN_DIM

@@ -289,7 +289,7 @@ def _dkdv_tiles(dk, dv, k, v, Q_seq, DO_seq, DQ_seq, RAB_seq, DRAB_seq,
                 BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CONTEXT: tl.constexpr,
                 HAS_TARGETS: tl.constexpr, HAS_RAB: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                DRAB_MODE: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+                DRAB_MODE: tl.constexpr, PRECISION: tl.constexpr, PASS: tl.constexpr):  # fmt: skip
     """Scores are kept transposed (``[keys, queries]``) so that dV += A^T dO and dK += dS^T Q need no transpose."""
     for u in range(u_lo, u_hi):
         rows = u * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -311,17 +311,19 @@ def _dkdv_tiles(dk, dv, k, v, Q_seq, DO_seq, DQ_seq, RAB_seq, DRAB_seq,
         w = inv_scale
         if MASKED:
             w = tl.where(visible_t, inv_scale, 0.0)
-        a_t = z * sig * w
-        dv += tl.dot(a_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = dp_t * w * sig * (1.0 + z * (1.0 - sig)) * alpha
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-        if ATOMIC_DQ:
+        if PASS != 2:
+            a_t = z * sig * w
+            dv += tl.dot(a_t.to(do.dtype), do, input_precision=PRECISION)
+        if PASS != 1:
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = dp_t * w * sig * (1.0 + z * (1.0 - sig)) * alpha
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        if ATOMIC_DQ and PASS != 1:
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION)
             d_qk = tl.arange(0, BLOCK_DQK)
             dq_ptr = DQ_seq + (rows * stride_dqt)[:, None] + d_qk[None, :]
             tl.atomic_add(dq_ptr, dq, mask=row_ok[:, None] & (d_qk[None, :] < DIM_QK), sem="relaxed")
-        if DRAB_MODE != 0:
+        if DRAB_MODE != 0 and PASS != 1:
             drab_ptr = DRAB_seq + (i * stride_ri)[None, :] + j[:, None]
             in_range = row_ok[None, :] & (j[:, None] < seq_len)
             if DRAB_MODE == 1:
@@ -341,12 +343,14 @@ def hstu_bwd_dkdv_kernel(Q, K, V, DO, DQ, DK, DV, RAB, DRAB, SEQ_OFFSETS, Q_OFFS
                          CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CONTEXT: tl.constexpr,
                          HAS_TARGETS: tl.constexpr, HAS_RAB: tl.constexpr, DELTA_Q: tl.constexpr,
                          ATOMIC_DQ: tl.constexpr, DRAB_MODE: tl.constexpr, PRECISION: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                         PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """One program: BLOCK_N keys of one head of one sequence; dK/dV stay in registers over the query tiles.
 
     ``ATOMIC_DQ``: also adds dQ = dS K into an fp32 buffer with atomics (else ``hstu_bwd_dq_kernel`` computes dQ).
     ``DRAB_MODE``: 0 no bias gradient here, 1 store it (one head per bias head), 2 add it atomically (fp32 buffer,
-    a bias shared by several heads).
+    a bias shared by several heads). ``PASS``: 0 dK and dV together; 1 dV only; 2 dK only (with the dQ/dRab work):
+    at head dim 256 two fp32 [BLOCK_N, 256] accumulators plus K and V exceed the register file, so the launcher
+    runs two passes, each with one accumulator (one extra Q K^T product per tile pair, no spills).
     """
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -360,7 +364,10 @@ def hstu_bwd_dkdv_kernel(Q, K, V, DO, DQ, DK, DV, RAB, DRAB, SEQ_OFFSETS, Q_OFFS
     j = j0 + tl.arange(0, BLOCK_N)
     key_ok = j < seq_len
     k = _load_tile(K + kv_start * stride_kt + h * stride_kh, j, stride_kt, key_ok, True, DIM_QK, BLOCK_DQK)
-    v = _load_tile(V + kv_start * stride_vt + h * stride_vh, j, stride_vt, key_ok, True, DIM_V, BLOCK_DV)
+    if PASS != 1:
+        v = _load_tile(V + kv_start * stride_vt + h * stride_vh, j, stride_vt, key_ok, True, DIM_V, BLOCK_DV)
+    else:
+        v = k  # unused by the dV-only pass
 
     lo, hi = _query_range(j0, tl.minimum(j0 + BLOCK_N, seq_len) - 1, seq_len, hist, ctx, window,
                           CAUSAL, HAS_WINDOW, HAS_CONTEXT)  # fmt: skip
@@ -382,19 +389,21 @@ def hstu_bwd_dkdv_kernel(Q, K, V, DO, DQ, DK, DV, RAB, DRAB, SEQ_OFFSETS, Q_OFFS
                          stride_qt, stride_dot, stride_dqt, stride_ri,
                          j, num_q, base, seq_len, hist, ctx, window, group, alpha, inv_scale, g_lo, g_hi,
                          DIM_QK, DIM_V, BLOCK_M, BLOCK_DQK, BLOCK_DV, False, CAUSAL, HAS_WINDOW, HAS_CONTEXT,
-                         HAS_TARGETS, HAS_RAB, ATOMIC_DQ, DRAB_MODE, PRECISION)  # fmt: skip
+                         HAS_TARGETS, HAS_RAB, ATOMIC_DQ, DRAB_MODE, PRECISION, PASS)  # fmt: skip
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q_seq, DO_seq, DQ_seq, RAB_seq, DRAB_seq,
                          stride_qt, stride_dot, stride_dqt, stride_ri,
                          j, num_q, base, seq_len, hist, ctx, window, group, alpha, inv_scale, u_start, g_lo,
                          DIM_QK, DIM_V, BLOCK_M, BLOCK_DQK, BLOCK_DV, True, CAUSAL, HAS_WINDOW, HAS_CONTEXT,
-                         HAS_TARGETS, HAS_RAB, ATOMIC_DQ, DRAB_MODE, PRECISION)  # fmt: skip
+                         HAS_TARGETS, HAS_RAB, ATOMIC_DQ, DRAB_MODE, PRECISION, PASS)  # fmt: skip
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q_seq, DO_seq, DQ_seq, RAB_seq, DRAB_seq,
                          stride_qt, stride_dot, stride_dqt, stride_ri,
                          j, num_q, base, seq_len, hist, ctx, window, group, alpha, inv_scale, g_hi, u_end,
                          DIM_QK, DIM_V, BLOCK_M, BLOCK_DQK, BLOCK_DV, True, CAUSAL, HAS_WINDOW, HAS_CONTEXT,
-                         HAS_TARGETS, HAS_RAB, ATOMIC_DQ, DRAB_MODE, PRECISION)  # fmt: skip
-    _store_tile(DK + kv_start * stride_dkt + h * stride_dkh, j, stride_dkt, key_ok, dk, DIM_QK, BLOCK_DQK)
-    _store_tile(DV + kv_start * stride_dvt + h * stride_dvh, j, stride_dvt, key_ok, dv, DIM_V, BLOCK_DV)
+                         HAS_TARGETS, HAS_RAB, ATOMIC_DQ, DRAB_MODE, PRECISION, PASS)  # fmt: skip
+    if PASS != 1:
+        _store_tile(DK + kv_start * stride_dkt + h * stride_dkh, j, stride_dkt, key_ok, dk, DIM_QK, BLOCK_DQK)
+    if PASS != 2:
+        _store_tile(DV + kv_start * stride_dvt + h * stride_dvh, j, stride_dvt, key_ok, dv, DIM_V, BLOCK_DV)
 
 
 # ---------------------------------------------------------------------------------------------- backward: dQ (+dRab)

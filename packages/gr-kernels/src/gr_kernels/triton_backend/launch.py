@@ -309,17 +309,19 @@ def backward(
                  dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                  *rab_strides, *_scalars(params))  # fmt: skip
     atomic_buffers = (dq,) + ((drab,) if drab_mode == 2 else ()) if atomic else ()
-    _launch(
-        mod.hstu_bwd_dkdv_kernel,
-        configs.DKDV,
-        padded,
-        lambda cfg: (_cdiv(params.max_seq_len, cfg.block_n), heads, num_seqs),
-        dkdv_args,
-        {**constexprs, "ATOMIC_DQ": atomic, "DRAB_MODE": drab_mode if atomic else 0},
-        q.device,
-        reset=atomic_buffers,
-        key=key,
-    )
+    # One fused dK/dV pass, or a dV pass then a dK pass (configs.split_dkdv: head dim 256, where the fused one spills).
+    for dkdv_pass in (1, 2) if configs.split_dkdv(padded, q.device.type != "cuda") else (0,):
+        _launch(
+            mod.hstu_bwd_dkdv_kernel,
+            configs.DKDV,
+            padded,
+            lambda cfg: (_cdiv(params.max_seq_len, cfg.block_n), heads, num_seqs),
+            dkdv_args,
+            {**constexprs, "ATOMIC_DQ": atomic, "DRAB_MODE": drab_mode if atomic else 0, "PASS": dkdv_pass},
+            q.device,
+            reset=atomic_buffers if dkdv_pass != 1 else (),
+            key=key,
+        )
     if not atomic:
         dq_args = (q, k, v, grad_out, dq, bias_arg, drab_arg, *seq_tensors, *strides_qkv_do, dq.stride(0),
                    dq.stride(1), *rab_strides, *_scalars(params))  # fmt: skip
