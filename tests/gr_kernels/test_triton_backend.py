@@ -101,7 +101,7 @@ def _case(lengths, heads, dim, *, seed=0, rab_heads=0, q_lengths=None, max_seq_l
 def _check(lengths, heads, dim, *, dtype=torch.float32, device="cpu", **kw) -> None:
     """Forward within 2x and every gradient within 5x of the reference's own error in ``dtype``."""
     run = _case(lengths, heads, dim, **kw)
-    exact_dtype = torch.float64 if device == "cpu" else torch.float32
+    exact_dtype = torch.float64 if dtype == torch.float32 else torch.float32
     got, ref_low, exact = (
         run("triton", dtype, device),
         run("reference", dtype, device),
