@@ -11,7 +11,9 @@ its slot, i.e. by hash, so under skewed traffic the hot keys' rows are in host m
 every lookup of them crosses PCIe through UVA (measured at 7-50 GB/s, falling with the size of the host tier:
 docs/benchmarks/dynemb_hybrid.md). The cache keeps exactly the keys the eviction policy ranks highest in HBM and
 fills all of its slots, so with power-law ids most lookups never leave HBM; only misses and write-backs move rows,
-in bulk copies through pinned buffers (``tools/bench_dynemb_caching.py`` measures both modes).
+in bulk copies through pinned buffers (``tools/bench_dynemb_caching.py`` measures both modes). The host table's
+side of a write-back runs on a writer thread, overlapping the rest of the training step; every access to the host
+table waits for it first.
 
 A training lookup (``find_or_insert``):
 
@@ -45,6 +47,7 @@ A CPU cache (``device="cpu"``) works the same way (tests run it); on a GPU the c
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -93,7 +96,11 @@ class CachingHashTable:
         self.config = config
         self.device = _table_device(config.device if device is None else device)
         base = dataclasses.replace(config, cache_capacity=None, hbm_budget_bytes=None)
-        self.host = DynamicHashTable(dataclasses.replace(base, device="cpu"), state_dim=state_dim)
+        self._host = DynamicHashTable(dataclasses.replace(base, device="cpu"), state_dim=state_dim)
+        # Evicted rows are written back to the host table on this thread while the caller's step goes on; every
+        # access to the host table (the ``host`` property) waits for it first.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gr_dynemb-write-back")
+        self._pending: Future | None = None
         slots = cache_slots(config.cache_capacity)
         # A fixed-size cache that fills every slot (load factor 1) and evicts by the table's policy.
         cache_cfg = dataclasses.replace(base, capacity=slots, max_capacity=slots, max_load_factor=1.0)
@@ -109,6 +116,14 @@ class CachingHashTable:
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def host(self) -> DynamicHashTable:
+        """The host table, once the write-back in flight (if any) has landed (its error, if any, is raised here)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+        return self._host
 
     # ------------------------------------------------------------------ moving rows between the tiers
     def _to_host(self, t: Tensor) -> Tensor:
@@ -132,10 +147,17 @@ class CachingHashTable:
     def _host_empty(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=self.is_cuda)
 
-    def _write_back(self, keys: Tensor, values: Tensor, scores: Tensor) -> None:
-        """Rows leaving the cache (or copied out by flush) overwrite the host table's, with the cache's scores."""
-        if keys.numel():
-            self.host.restore(*self._to_host_all(keys, values, scores.view(torch.int64)))
+    def _write_back(self, keys: Tensor, values: Tensor, scores: Tensor, *, wait: bool = True) -> None:
+        """Rows leaving the cache (or copied out by flush) overwrite the host table's, with the cache's scores;
+        ``wait=False`` leaves the host table's part to the writer thread (the next host access waits for it)."""
+        if not keys.numel():
+            return
+        host = self.host
+        rows = self._to_host_all(keys, values, scores.view(torch.int64))  # in host memory before the call returns
+        if wait:
+            host.restore(*rows)
+        else:
+            self._pending = self._writer.submit(host.restore, *rows)
 
     def _uncache(self, keys: Tensor) -> None:
         """Writes the cached rows of ``keys`` back and drops them from the cache: the host table is then the one
@@ -202,7 +224,7 @@ class CachingHashTable:
                     miss_keys[at], miss_rows[at], cache_scores
                 )
                 self.write_backs += ev_keys.numel()
-                self._write_back(ev_keys, ev_values, ev_scores)
+                self._write_back(ev_keys, ev_values, ev_scores, wait=False)
         if bad is not None:
             raise ValueError(
                 f"key {bad} is reserved by the table (reserved keys: {list(RESERVED_KEYS)}); it was not stored, the "
