@@ -136,17 +136,21 @@ def bench_lookups(args, mode: str, dim: int, device: torch.device, base: dict) -
             batches = [torch.unique(timed.keys(args.keys)) for _ in range(args.batches)]
             hits0, misses0, wb0 = (getattr(table, k, 0) for k in ("hits", "misses", "write_backs"))
             seconds, n = 0.0, 0
-            for batch in batches:
-                table.set_step(table.step + 1)
-                sync(device)
-                t0 = time.perf_counter()
-                if op == "find":
-                    table.find(batch, touch=True)
-                else:
-                    table.find_or_insert(batch)
-                sync(device)
-                seconds += time.perf_counter() - t0
-                n += batch.numel()
+            try:
+                for batch in batches:
+                    table.set_step(table.step + 1)
+                    sync(device)
+                    t0 = time.perf_counter()
+                    if op == "find":
+                        table.find(batch, touch=True)
+                    else:
+                        table.find_or_insert(batch)
+                    sync(device)
+                    seconds += time.perf_counter() - t0
+                    n += batch.numel()
+            except Exception as exc:  # one failing op must not cost the other records
+                print(json.dumps({"failed": f"lookup {op} {mode} dim {dim} alpha {alpha}", "error": repr(exc)}))
+                continue
             rec = dict(
                 base, bench="lookup", op=op, mode=mode, dim=dim, alpha=alpha, unique_per_batch=n // args.batches,
                 bkv_per_s=round(n / seconds / 1e9, 5), ms_per_batch=round(1e3 * seconds / args.batches, 3),
@@ -337,7 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     for dim in args.dims:
         for bench in args.benches:
             for mode in modes:
-                records += benches[bench](args, mode, dim, device, base)
+                try:
+                    records += benches[bench](args, mode, dim, device, base)
+                except Exception as exc:  # a failing mode must not cost the other records
+                    print(json.dumps({"failed": f"{bench} {mode} dim {dim}", "error": repr(exc)}), flush=True)
                 if cuda:
                     torch.cuda.empty_cache()
             write_outputs(out, *merge_device_run(out, meta, records), markdown, plot)  # what finished so far
