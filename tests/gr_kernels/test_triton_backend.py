@@ -239,6 +239,27 @@ def test_dq_mode_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @needs_triton
+def test_configs_that_do_not_fit_fall_back_to_smaller_ones() -> None:
+    from triton.runtime.errors import OutOfResources
+
+    from gr_kernels.triton_backend import launch
+
+    tried: list[configs.TileConfig] = []
+
+    def run(cfg: configs.TileConfig) -> None:
+        tried.append(cfg)
+        if cfg.block_m > 64:
+            raise OutOfResources(cfg.block_m * 1024, 100 * 1024, "shared memory")
+
+    options = configs.FWD[128]
+    assert launch._first_that_fits(run, options) == options[2] and tried == list(options)
+    with pytest.raises(OutOfResources):
+        launch._first_that_fits(run, options[:2])
+    with pytest.raises(ZeroDivisionError):  # anything else is not a resource problem: raised at once
+        launch._first_that_fits(lambda cfg: 1 / 0, options)
+
+
+@needs_triton
 def test_offsets_that_overflow_int32_are_a_clear_error() -> None:
     from gr_kernels.triton_backend import launch
 

@@ -128,15 +128,37 @@ def _launch(
         kernel[grid_of(cfg)](*args, **constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
 
-    if len(options) == 1 or torch.cuda.is_current_stream_capturing():
-        run(options[0])
-        return
-    full_key = (kernel.__name__, device.index, padded_dim, *key, tuple(sorted(constexprs.items())))
+    # The candidates are part of the key: the switches (forced blocks, autotuning off) change them per call.
+    full_key = (kernel.__name__, device.index, padded_dim, options, *key, tuple(sorted(constexprs.items())))
     chosen = _CHOSEN.get(full_key)
+    if chosen is None and (len(options) == 1 or torch.cuda.is_current_stream_capturing()):
+        # No timing (one candidate, or inside CUDA graph capture): the first config that fits this GPU, falling back
+        # along the table (its last entry is small) when a larger one exceeds shared memory.
+        fallbacks = () if interpreted else tuple(c for c in table[configs.dim_class(padded_dim)] if c != options[0])
+        chosen = _first_that_fits(run, (options[0], *fallbacks))
+        _CHOSEN[full_key] = chosen
+        return
     if chosen is None:
         chosen = _tune(run, options, reset)
         _CHOSEN[full_key] = chosen
     run(chosen)
+
+
+def _out_of_resources(e: Exception) -> bool:
+    return "OutOfResources" in type(e).__name__ or "out of resource" in str(e).lower()
+
+
+def _first_that_fits(run: Callable[[TileConfig], None], options: tuple[TileConfig, ...]) -> TileConfig:
+    """Runs the first of ``options`` that launches (a launch refused for resources writes nothing)."""
+    for i, cfg in enumerate(options):
+        try:
+            run(cfg)
+        except Exception as e:
+            if not _out_of_resources(e) or i == len(options) - 1:
+                raise
+        else:
+            return cfg
+    raise AssertionError("unreachable")
 
 
 def _tune(run: Callable[[TileConfig], None], options: tuple[TileConfig, ...], reset: tuple[Tensor, ...]) -> TileConfig:
@@ -153,7 +175,7 @@ def _tune(run: Callable[[TileConfig], None], options: tuple[TileConfig, ...], re
         try:
             timings[cfg] = do_bench(once, warmup=5, rep=25)
         except Exception as e:  # out of shared memory / registers on this GPU: not a candidate here
-            if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e).lower():
+            if not _out_of_resources(e):
                 raise
     if not timings:
         raise RuntimeError(f"no Triton tile config fits this GPU: {options}")
