@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python tools/bench_dynemb_caching.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, host "
-        f"table threads {args.threads or os.cpu_count()}",
+        f"table threads {args.threads or os.cpu_count()}, load average at start {os.getloadavg()[0]:.1f}",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
