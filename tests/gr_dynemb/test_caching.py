@@ -290,6 +290,43 @@ def test_bad_configs_are_refused() -> None:
     assert DynamicTableConfig(dim=4).storage == "host"
 
 
+def test_collection_mixes_caching_and_single_tables() -> None:
+    """A DynamicEmbeddingCollection with one caching table next to a single table trains like one of single tables
+    (the caching table takes its own lookup, the others the grouped one)."""
+    pytest.importorskip("torchrec")
+    from torchrec import KeyedJaggedTensor
+
+    from gr_dynemb import DynamicEmbeddingCollection, DynamicTable
+
+    opt = FusedOptimizerConfig("adagrad", lr=0.2)
+
+    def build(cache: int | None) -> DynamicEmbeddingCollection:
+        return DynamicEmbeddingCollection(
+            [
+                DynamicTable("items", ["item"], DynamicEmbeddingConfig(table_config(4, "lru", cache), opt)),
+                DynamicTable("users", ["user"], DynamicEmbeddingConfig(table_config(4, "lru"), opt)),
+            ]
+        )
+
+    plain, mixed = build(None), build(BUCKET_SIZE)
+    assert isinstance(mixed.table("items").table, CachingHashTable)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(8):
+        items, users = power_law_ids(400, 3000, gen), power_law_ids(40, 100, gen)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["item", "user"], values=torch.cat([items, users]), lengths=torch.full((44,), 10)
+        )
+        outs = []
+        for ec in (plain, mixed):
+            out = ec(kjt)
+            (out["item"].values().square().sum() + out["user"].values().sum()).backward()
+            outs.append(torch.cat([out["item"].values(), out["user"].values()]).detach())
+        assert torch.equal(outs[0], outs[1])
+    assert mixed.table("items").table.write_backs > 0
+    for name in ("items", "users"):
+        assert contents(plain.table(name).table) == contents(mixed.table(name).table)
+
+
 def test_sharding_options_carry_the_cache() -> None:
     pytest.importorskip("torchrec")
     from gr_dynemb.distributed import DynamicTableOptions
