@@ -269,6 +269,58 @@ def test_offsets_that_overflow_int32_are_a_clear_error() -> None:
     launch.check_offsets_fit(4096, q=big)
 
 
+def _compile_for(arch: int, kernel_name: str, constexprs: dict, num_warps: int) -> dict:
+    """Compiles one kernel for ``sm<arch>`` without a GPU (Triton ships ptxas): catches what only the compiler
+    sees (layouts, types of scalar branches), which the interpreter does not. Returns the kernel's metadata."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from gr_kernels.triton_backend import launch
+
+    fn = getattr(launch.compiled_kernels(), kernel_name)
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("SEQ_OFFSETS", "Q_OFFSETS", "NUM_TARGETS"):
+            sig[name] = "*i32"
+        elif name in ("DQ", "DRAB"):
+            sig[name] = "*fp32"
+        elif name.isupper():
+            sig[name] = "*bf16"
+        else:
+            sig[name] = "fp32" if name in ("alpha", "inv_scale") else "i32"
+    # What the JIT specializes for 16-byte aligned inputs whose row strides are multiples of 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.isupper() or "stride" in n}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": 2})
+    return {"shared": kernel.metadata.shared, "ptx": kernel.asm["ptx"]}
+
+
+@needs_triton
+@pytest.mark.parametrize("arch", [90, 80])
+def test_kernels_compile_for_gpus_without_one(arch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import triton
+
+    from gr_kernels.triton_backend import launch
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not isinstance(launch.compiled_kernels().hstu_fwd_kernel, triton.JITFunction):
+        pytest.skip("kernels.py was imported under TRITON_INTERPRET=1 in this process")
+    every_flag = dict(CAUSAL=False, HAS_WINDOW=True, HAS_CONTEXT=True, HAS_TARGETS=True, HAS_RAB=True, DELTA_Q=True,
+                      PRECISION="tf32", DIM_QK=64, DIM_V=48, BLOCK_DQK=64, BLOCK_DV=64)  # fmt: skip
+    every_flag.update(BLOCK_M=64, BLOCK_N=32)
+    fwd = _compile_for(arch, "hstu_fwd_kernel", every_flag, 4)
+    if arch == 90:
+        assert "wgmma.mma_async" in fwd["ptx"] and "cp.async" in fwd["ptx"]  # tensor cores, pipelined loads
+        _compile_for(arch, "hstu_bwd_dkdv_kernel", dict(every_flag, ATOMIC_DQ=True, DRAB_MODE=2, PASS=0), 4)
+        _compile_for(arch, "hstu_bwd_dkdv_kernel", dict(every_flag, ATOMIC_DQ=False, DRAB_MODE=0, PASS=2), 4)
+        _compile_for(arch, "hstu_bwd_dq_kernel", dict(every_flag, DRAB_MODE=1), 4)
+    else:
+        assert "mma.sync.aligned" in fwd["ptx"]
+
+
 # ------------------------------------------------------------------------------------------ CPU interpreter parity
 @needs_triton
 @pytest.mark.parametrize("mask", sorted(MASKS))
