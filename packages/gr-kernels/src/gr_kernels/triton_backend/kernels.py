@@ -243,7 +243,8 @@ def hstu_fwd_kernel(Q, K, V, RAB, OUT, SEQ_OFFSETS, Q_OFFSETS, NUM_TARGETS,
     kv_start, q_start, seq_len, num_q, hist, ctx = _seq_info(
         SEQ_OFFSETS, Q_OFFSETS, NUM_TARGETS, b, contextual, DELTA_Q, HAS_CONTEXT, HAS_TARGETS
     )
-    r0 = tl.program_id(0) * BLOCK_M
+    # Last query tiles first: under a causal mask they see the most keys, so the grid's tail holds the light ones.
+    r0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     if r0 >= num_q:
         return
     base = seq_len - num_q
@@ -464,7 +465,8 @@ def hstu_bwd_dq_kernel(Q, K, V, DO, DQ, RAB, DRAB, SEQ_OFFSETS, Q_OFFSETS, NUM_T
     kv_start, q_start, seq_len, num_q, hist, ctx = _seq_info(
         SEQ_OFFSETS, Q_OFFSETS, NUM_TARGETS, b, contextual, DELTA_Q, HAS_CONTEXT, HAS_TARGETS
     )
-    r0 = tl.program_id(0) * BLOCK_M
+    # Last query tiles first: under a causal mask they see the most keys, so the grid's tail holds the light ones.
+    r0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     if r0 >= num_q:
         return
     base = seq_len - num_q
