@@ -36,9 +36,10 @@ struct CuteType<__half> {
   using type = cutlass::half_t;
 };
 
-// Key-tile width per head dim: the largest that keeps S (fp32), P (16-bit), the rab prefetch and O (fp32) of 64
-// rows inside 240 registers per consumer thread without spills (ptxas -v), and two K + two V stages plus Q inside
-// 227 KiB of shared memory.
+// Key-tile width per head dim: the largest that keeps S (fp32), P (16-bit) and O (fp32) of 64 rows inside 240
+// registers per consumer thread without spills (ptxas -v; only the per-thread rab-load fallback, which also holds
+// the bias of a tile in registers, spills ~100 bytes at head dims 128 and 256), and two K + two V stages plus Q (plus
+// two rab stages with TMA rab) inside 227 KiB of shared memory.
 template <int kHeadDim>
 struct FwdBlockN;
 template <>

@@ -231,8 +231,9 @@ struct FwdMainloop {
       }
     };
     // S <- SiLU(alpha (S + rab)) * mask, in place; the 1/N scale is applied once to O in the epilogue. Without the
-    // bias, mask-free tiles compile to their own short loop (compile-time flags): a loop body that carried every
-    // variant overflowed the instruction cache (ncu: 40% of the stall cycles were instruction fetch at head dim 128).
+    // bias or with it in shared memory, mask-free tiles compile to their own short loop (compile-time flags): a loop
+    // body that carried every variant overflowed the instruction cache (ncu: 40% of the stall cycles were
+    // instruction fetch at head dim 128).
     // stage: the K stage of this tile (kSmem reads its bias there; each pair is one 32-bit shared load).
     auto silu_mask = [&](int n0, int stage, auto full_tile) __attribute__((always_inline)) {
       [[maybe_unused]] const unsigned char* rab_stage =
