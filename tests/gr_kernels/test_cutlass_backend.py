@@ -216,6 +216,44 @@ def test_forward_long_sequences(dim: int, mask: str, fwd_kernel: str) -> None:
     _check_forward([1000, 0, 517, 2049], 2, dim, torch.bfloat16, rab_heads=2, max_seq_len=2051, **MASKS[mask])
 
 
+@contextlib.contextmanager
+def _rab_tma(enabled: bool) -> Iterator[None]:
+    """Let the Hopper forward read an aligned rab through TMA (default) or force its per-thread global loads."""
+    before = os.environ.get("GR_KERNELS_FWD_RAB_TMA")
+    os.environ["GR_KERNELS_FWD_RAB_TMA"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("GR_KERNELS_FWD_RAB_TMA", None)
+        else:
+            os.environ["GR_KERNELS_FWD_RAB_TMA"] = before
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("mask", ["causal", "context_targets_window", "full"])
+@pytest.mark.parametrize("rab_heads", [1, 2])
+def test_forward_rab_through_tma(dim: int, mask: str, rab_heads: int) -> None:
+    # max_seq_len a multiple of 8 (16-byte rab rows): the Hopper forward loads rab tiles with TMA next to each K
+    # tile. Many key tiles (the rab stages wrap around), a sequence ending mid-tile, rows past max_seq_len (TMA zero
+    # fill). Same math as the per-thread-load fallback, so the two paths must agree bit for bit.
+    lengths, n = [1000, 0, 517, 2050], 2056
+    with _forward_kernel("sm90"), _rab_tma(True):
+        _check_forward(lengths, 2, dim, torch.bfloat16, rab_heads=rab_heads, max_seq_len=n, **MASKS[mask])
+    kw = dict(MASKS[mask])
+    (q, k, v), _, offsets, _, rab, targets = _inputs(
+        lengths, 2, dim, torch.bfloat16, 0, rab_heads, kw.pop("num_targets", 0), n
+    )
+    kw.update(alpha=dim**-0.5, num_targets=targets, rab=rab.to(torch.bfloat16), backend="cutlass")
+    outs = []
+    for tma in (True, False):
+        with _forward_kernel("sm90"), _rab_tma(tma):
+            outs.append(hstu_attention(q, k, v, offsets, n, **kw))
+    assert torch.equal(outs[0], outs[1]), (outs[0].float() - outs[1].float()).abs().max().item()
+
+
 @needs_sm90
 @pytest.mark.gpu
 def test_forward_strided_inputs_and_graph_capture(fwd_kernel: str) -> None:

@@ -6,6 +6,8 @@
 // Split KV (kSplit, p.num_splits > 1; hstu/fwd_split.cuh): blockIdx.x also names a split; the CTA walks its split's
 // contiguous share of the key tiles the unsplit CTA would visit and stores fp32 partials, which a reduce kernel sums.
 // kSplit = false compiles to the unsplit kernel as it was.
+// Bias (kRab, hstu/sm90/kernel_traits.h): none, per-thread global loads, or TMA tiles in shared memory next to each
+// K stage; the host picks TMA when the bias rows are 16-byte aligned (rab_tma_possible) and the loads otherwise.
 // Delta q (p.q_offsets): the CTA's rows are query rows of q's own jagged layout (TMA loads them from q's rows, the
 // epilogue stores out's); key tiles, mask-free tiles, masks and bias rows use their positions (row + kv_len - q_len).
 #pragma once
@@ -13,6 +15,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include <cute/tensor.hpp>
 #include <cutlass/arch/reg_reconfig.h>
@@ -29,17 +33,20 @@
 namespace gr_kernels {
 namespace sm90 {
 
-template <typename Element_, typename Traits, bool kHasRab, bool kDeltaQ, bool kSplit>
+template <typename Element_, typename Traits, RabSource kRab, bool kDeltaQ, bool kSplit>
 __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(const __grid_constant__ FwdArgs<Traits> args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Mainloop = FwdMainloop<Element_, Traits>;
   using Epilogue = FwdEpilogue<Element_, Traits>;
   using Pipeline = typename Traits::Pipeline;
   using PipelineState = typename Traits::PipelineState;
+  using Element = typename Traits::Element;
   const HstuFwdParams& p = args.p;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& ss = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
+  // Bias stages (kSmem launches only: they allocate kSmemBytesRab).
+  Element* smem_rab = reinterpret_cast<Element*>(smem_raw + Traits::kSmemRabOffset);
 
   // Highest query tiles first: under a causal mask they carry the most key tiles, so they should not be the tail.
   // With splits, blockIdx.x = query tile (same order) * num_splits + split.
@@ -79,7 +86,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(cons
   pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pipe_params.is_leader = threadIdx.x == 0;
   pipe_params.num_consumers = Traits::kConsumerThreads;
-  Pipeline pipeline_k(ss.pipeline_k, pipe_params, cute::Shape<cute::_1, cute::_1, cute::_1>{});
+  typename Pipeline::Params pipe_params_k = pipe_params;
+  if constexpr (kRab == RabSource::kSmem) pipe_params_k.transaction_bytes += Traits::kTmaBytesRab;  // bias rides along
+  Pipeline pipeline_k(ss.pipeline_k, pipe_params_k, cute::Shape<cute::_1, cute::_1, cute::_1>{});
   Pipeline pipeline_v(ss.pipeline_v, pipe_params, cute::Shape<cute::_1, cute::_1, cute::_1>{});
   __syncthreads();  // barriers initialised and visible to every warpgroup
 
@@ -89,9 +98,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(cons
       cute::prefetch_tma_descriptor(args.tma_q.get_tma_descriptor());
       cute::prefetch_tma_descriptor(args.tma_k.get_tma_descriptor());
       cute::prefetch_tma_descriptor(args.tma_v.get_tma_descriptor());
+      if constexpr (kRab == RabSource::kSmem) cute::prefetch_tma_descriptor(args.tma_rab.get_tma_descriptor());
       PipelineState state = cutlass::make_producer_start_state<Pipeline>();
-      Mainloop::load(args, ss, pipeline_k, pipeline_v, state, seq_start, rows.start,
-                     kDeltaQ ? p.total_q_rows : p.total_rows, head, m_block, lo, hi);
+      Mainloop::template load<kRab>(args, ss, smem_rab, pipeline_k, pipeline_v, state, seq_start, rows.start,
+                                    kDeltaQ ? p.total_q_rows : p.total_rows, head, m_block, lo, hi, pos0,
+                                    b * p.rab_heads + (p.rab_heads == 1 ? 0 : head));
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
@@ -103,8 +114,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(cons
     const Element_* rab = p.rab == nullptr
                               ? nullptr
                               : static_cast<const Element_*>(p.rab) + detail::rab_plane_offset(p, b, head);
-    Mainloop::template mma<kHasRab>(p, ss, pipeline_k, pipeline_v, state_k, state_v, tOrO, tidx, mask, pos0, lo, hi,
-                                       rab);
+    Mainloop::template mma<kRab>(p, ss, pipeline_k, pipeline_v, state_k, state_v, tOrO, tidx, mask, pos0, lo, hi,
+                                    rab, smem_rab);
     if constexpr (kSplit) {
       Epilogue::store_partial(p, tOrO, tidx, split, rows.start, head, m0, rows.length);
     } else {
@@ -114,6 +125,29 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(cons
 #else
   __trap();  // built without sm90a device code: the host dispatch never launches this
 #endif
+}
+
+// Host side: the bias can go through TMA when its rows (max_seq_len elements) and its base are 16-byte aligned.
+// GR_KERNELS_FWD_RAB_TMA=0 keeps the per-thread loads anyway (A/B benchmarks, tests of the fallback).
+inline bool rab_tma_possible(const HstuFwdParams& p) {
+  if (p.rab == nullptr || reinterpret_cast<std::uintptr_t>(p.rab) % 16 != 0 || p.max_seq_len % 8 != 0) return false;
+  const char* v = std::getenv("GR_KERNELS_FWD_RAB_TMA");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+template <typename Element_, typename Traits, bool kSplit>
+auto select_fwd_kernel(RabSource rab, bool delta_q) {
+  switch (rab) {
+    case RabSource::kSmem:
+      return delta_q ? hstu_fwd_sm90_kernel<Element_, Traits, RabSource::kSmem, true, kSplit>
+                     : hstu_fwd_sm90_kernel<Element_, Traits, RabSource::kSmem, false, kSplit>;
+    case RabSource::kGlobal:
+      return delta_q ? hstu_fwd_sm90_kernel<Element_, Traits, RabSource::kGlobal, true, kSplit>
+                     : hstu_fwd_sm90_kernel<Element_, Traits, RabSource::kGlobal, false, kSplit>;
+    default:
+      return delta_q ? hstu_fwd_sm90_kernel<Element_, Traits, RabSource::kNone, true, kSplit>
+                     : hstu_fwd_sm90_kernel<Element_, Traits, RabSource::kNone, false, kSplit>;
+  }
 }
 
 // Host side: builds the TMA descriptors and launches one (dtype, head dim) instantiation.
@@ -138,25 +172,35 @@ const char* run_hstu_fwd_sm90(const HstuFwdParams& p, cudaStream_t stream) {
                     take<0, 2>(typename Traits::SmemLayoutK{}), tile_kv, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, gmem(p.v, p.total_rows, p.v_row_stride, p.v_head_stride),
                     take<0, 2>(typename Traits::SmemLayoutV{}), tile_kv, _1{}),
+      {},
   };
+  const RabSource rab = p.rab == nullptr       ? RabSource::kNone
+                        : rab_tma_possible(p) ? RabSource::kSmem
+                                              : RabSource::kGlobal;
+  int smem = Traits::kSmemBytes;
+  if (rab == RabSource::kSmem) {
+    // [max_seq_len, max_seq_len] planes, one per (sequence, rab head), key-contiguous.
+    const int64_t n = p.max_seq_len;
+    auto g_rab = make_tensor(make_gmem_ptr(static_cast<const Element*>(p.rab)),
+                             make_layout(make_shape(int32_t(n), int32_t(n), int32_t(p.batch) * p.rab_heads),
+                                         make_stride(n, _1{}, n * n)));
+    args.tma_rab = make_tma_copy(SM90_TMA_LOAD{}, g_rab, take<0, 2>(typename Traits::SmemLayoutRab{}),
+                                 Shape<Int<Traits::kBlockM>, Int<Traits::kBlockN>>{}, _1{});
+    smem = Traits::kSmemBytesRab;
+  }
   const int m_blocks = (query_grid_rows(p) + Traits::kBlockM - 1) / Traits::kBlockM;
-  // Eight variants: with/without the bias, full attention/delta q (the full-attention code stays as before delta
-  // q), unsplit/split KV (the reduce that follows a split launch is the caller's, hstu_fwd in api.cu).
-  const bool rab = p.rab != nullptr, delta_q = p.q_offsets != nullptr;
+  // Twelve variants: bias source (none, global loads, TMA), full attention/delta q (the full-attention code stays
+  // as before delta q), unsplit/split KV (the reduce that follows a split launch is the caller's, hstu_fwd in
+  // api.cu).
+  const bool delta_q = p.q_offsets != nullptr;
   if (p.num_splits > 1) {
     const dim3 grid(m_blocks * p.num_splits, p.heads, p.batch);
-    auto kernel = rab ? (delta_q ? hstu_fwd_sm90_kernel<Element_, Traits, true, true, true>
-                                 : hstu_fwd_sm90_kernel<Element_, Traits, true, false, true>)
-                      : (delta_q ? hstu_fwd_sm90_kernel<Element_, Traits, false, true, true>
-                                 : hstu_fwd_sm90_kernel<Element_, Traits, false, false, true>);
-    return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemBytes, args, stream);
+    return launch_kernel(select_fwd_kernel<Element_, Traits, true>(rab, delta_q), grid, Traits::kThreads, smem, args,
+                         stream);
   }
   const dim3 grid(m_blocks, p.heads, p.batch);
-  auto kernel = rab ? (delta_q ? hstu_fwd_sm90_kernel<Element_, Traits, true, true, false>
-                               : hstu_fwd_sm90_kernel<Element_, Traits, true, false, false>)
-                    : (delta_q ? hstu_fwd_sm90_kernel<Element_, Traits, false, true, false>
-                               : hstu_fwd_sm90_kernel<Element_, Traits, false, false, false>);
-  return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemBytes, args, stream);
+  return launch_kernel(select_fwd_kernel<Element_, Traits, false>(rab, delta_q), grid, Traits::kThreads, smem, args,
+                       stream);
 }
 
 }  // namespace sm90

@@ -36,9 +36,10 @@ struct CuteType<__half> {
   using type = cutlass::half_t;
 };
 
-// Key-tile width per head dim: the largest that keeps S (fp32), P (16-bit), the rab prefetch and O (fp32) of 64
-// rows inside 240 registers per consumer thread without spills (ptxas -v), and two K + two V stages plus Q inside
-// 227 KiB of shared memory.
+// Key-tile width per head dim: the largest that keeps S (fp32), P (16-bit) and O (fp32) of 64 rows inside 240
+// registers per consumer thread without spills (ptxas -v; only the per-thread rab-load fallback, which also holds
+// the bias of a tile in registers, spills ~100 bytes at head dims 128 and 256), and two K + two V stages plus Q (plus
+// two rab stages with TMA rab) inside 227 KiB of shared memory.
 template <int kHeadDim>
 struct FwdBlockN;
 template <>
@@ -119,7 +120,28 @@ struct FwdTraits {
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "shared memory budget of one sm90 CTA exceeded");
+
+  // Relative attention bias through TMA (RabSource::kSmem): the [kBlockM x kBlockN] bias tile of each key tile lands
+  // in a stage of its own next to the K stage of that tile (same mbarrier, same release), behind SharedStorage so
+  // that the other kernels' shared memory stays as it was. Key-contiguous rows with the 128-byte swizzle: the 32-bit
+  // reads of the S accumulator order (per warp: 8 rows x one 16-byte chunk) then hit 32 distinct banks.
+  using SmemLayoutRab = decltype(cute::tile_to_shape(
+      SmemAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockN>, cute::Int<kStages>>{}));
+  // Bias view (query position, key position, plane = sequence * rab_heads + rab head): [max_seq_len, max_seq_len]
+  // planes, key-contiguous.
+  using TmaRab = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_LOAD{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemLayout{}),
+      cute::take<0, 2>(SmemLayoutRab{}), cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockN>>{}, cute::_1{}));
+  static constexpr uint32_t kTmaBytesRab = kBlockM * kBlockN * sizeof(Element);
+  static constexpr int kSmemRabOffset = (kSmemBytes + 1023) / 1024 * 1024;  // swizzle atoms want 1024-byte bases
+  static constexpr int kSmemBytesRab = kSmemRabOffset + int(cute::cosize_v<SmemLayoutRab> * sizeof(Element));
+  static_assert(kSmemBytesRab <= 227 * 1024, "shared memory budget of one sm90 CTA exceeded (TMA bias stages)");
 };
+
+// Where a kernel reads the relative attention bias from: nowhere (rab-free kernels), per-thread global loads into
+// registers (any rab; the fallback when its rows are not 16-byte aligned), or shared memory that the producer fills
+// through TMA with each K tile.
+enum class RabSource : int { kNone = 0, kGlobal = 1, kSmem = 2 };
 
 // Kernel arguments: the launch's plain parameters plus the TMA descriptors (passed as __grid_constant__).
 template <typename Traits>
@@ -128,6 +150,7 @@ struct FwdArgs {
   typename Traits::TmaQ tma_q;
   typename Traits::TmaKV tma_k;
   typename Traits::TmaKV tma_v;
+  typename Traits::TmaRab tma_rab;  // built only for RabSource::kSmem launches (value-initialised otherwise)
 };
 
 }  // namespace sm90

@@ -2,8 +2,10 @@
 //
 // Per key tile (walked from the last visible one down, so the diagonal tiles that need per-element masks come
 // first and the mask-free interior tiles follow):
-//   producer : K tile -> stage (pipeline_k), V tile -> stage (pipeline_v)
+//   producer : K tile (+ its rab tile with RabSource::kSmem) -> stage (pipeline_k), V tile -> stage (pipeline_v)
 //   consumer : S = Q K^T (SS GMMA); P = SiLU(alpha (S + rab)) * mask in registers; O += P V (RS GMMA).
+// The bias comes from shared memory (kSmem: each thread reads its S elements' bias, then releases the K stage) or,
+// when rab rows are not 16-byte aligned (host decision, fwd_kernel.cuh), from per-thread global loads (kGlobal).
 // There is no running max or rescaling: each key tile's contribution to O is final.
 #pragma once
 
@@ -90,11 +92,45 @@ struct FwdMainloop {
     return cute::make_shape(int32_t(rows), int32_t(kHeadDim), int32_t(p.heads));
   }
 
+  // kSmem: where a consumer thread's S elements sit in a bias stage. SmemLayoutRab's 128-byte swizzle written out:
+  // element (r, c) is at byte (c / 64) * kBlockM * 128 + r * 128 + ((c % 64 / 8) ^ (r % 8)) * 16 + (c % 8) * 2. The
+  // thread's element 2t is (r0 + dr, c0 + dc) with c0 < 8 and dr, dc multiples of 8 (GMMA accumulator layout), so
+  // with base = rab_thread_base(r0, c0) everything but one XOR per 8-key chunk folds into load immediates.
+  // self_check.cu compares every offset with the cute layout (and checks the reads are bank-conflict free).
+  __host__ __device__ __forceinline__ static uint32_t rab_thread_base(int r0, int c0) {
+    return uint32_t(r0 * 128 + c0 * 2) | (uint32_t(r0 % 8) << 4);
+  }
+  __host__ __device__ __forceinline__ static uint32_t rab_word_offset(uint32_t base, int dr, int dc) {
+    return (base ^ (uint32_t(dc % 64 / 8) << 4)) + uint32_t(dr * 128 + dc / 64 * kBlockM * 128);
+  }
+
+  // kSmem: the producer's (source, destination) TMA views of the bias tiles, indexed (_, key tile) and (_, stage).
+  // Rows are query positions from pos0 (< 0 only for invalid delta q, whose rows see nothing); rows and keys past
+  // max_seq_len are zero-filled by TMA, those past the sequence end are masked by the consumers. Other sources: none.
+  template <RabSource kRab>
+  __device__ __forceinline__ static auto rab_tma_tiles(const FwdArgs<Traits>& args, Element* smem_rab, int pos0,
+                                                       int rab_plane) {
+    using namespace cute;
+    if constexpr (kRab == RabSource::kSmem) {
+      Tensor sRab = make_tensor(make_smem_ptr(smem_rab), typename Traits::SmemLayoutRab{});
+      const int32_t n = args.p.max_seq_len;
+      const auto shape = make_shape(n, n, int32_t(args.p.batch) * args.p.rab_heads);
+      Tensor plane = args.tma_rab.get_tma_tensor(shape)(_, _, rab_plane);
+      Tensor gRab = local_tile(domain_offset(make_coord(pos0, _0{}), plane), Shape<Int<kBlockM>, Int<kBlockN>>{},
+                               make_coord(_0{}, _));
+      return tma_partition(args.tma_rab, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sRab), group_modes<0, 2>(gRab));
+    } else {
+      return 0;
+    }
+  }
+
   // Producer (one thread): Q once (query rows from q_start of q's q_rows), then K and V of every key tile (rows
-  // from seq_start), highest tile first.
-  __device__ static void load(const FwdArgs<Traits>& args, SharedStorage& ss, Pipeline& pipeline_k,
+  // from seq_start), highest tile first. kSmem: with each K tile, the bias tile of query positions [pos0, pos0 +
+  // kBlockM) and the tile's keys from plane rab_plane into the rab stage of the same index (same barrier).
+  template <RabSource kRab>
+  __device__ static void load(const FwdArgs<Traits>& args, SharedStorage& ss, Element* smem_rab, Pipeline& pipeline_k,
                               Pipeline& pipeline_v, PipelineState& state, int seq_start, int q_start, int64_t q_rows,
-                              int head, int m_block, int lo, int hi) {
+                              int head, int m_block, int lo, int hi, int pos0, int rab_plane) {
     using namespace cute;
     Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});
@@ -118,9 +154,14 @@ struct FwdMainloop {
     ss.barrier_q.arrive_and_expect_tx(Traits::kTmaBytesQ);
     copy(args.tma_q.with(reinterpret_cast<cutlass::arch::ClusterTransactionBarrier::ValueType&>(ss.barrier_q), 0),
          tQgQ, tQsQ);
+    auto rab_tiles = rab_tma_tiles<kRab>(args, smem_rab, pos0, rab_plane);
     for (int n_block = hi - 1; n_block >= lo; --n_block) {
       pipeline_k.producer_acquire(state);
       copy(args.tma_k.with(*pipeline_k.producer_get_barrier(state), 0), tKgK(_, n_block), tKsK(_, state.index()));
+      if constexpr (kRab == RabSource::kSmem) {  // same barrier: the K stage completes with its bias
+        copy(args.tma_rab.with(*pipeline_k.producer_get_barrier(state), 0), get<0>(rab_tiles)(_, n_block),
+             get<1>(rab_tiles)(_, state.index()));
+      }
       pipeline_v.producer_acquire(state);
       copy(args.tma_v.with(*pipeline_v.producer_get_barrier(state), 0), tVgV(_, n_block), tVsV(_, state.index()));
       ++state;
@@ -133,12 +174,16 @@ struct FwdMainloop {
   // Intra-warpgroup overlap: with P of tile t in registers, the GEMMs S(t+1) = Q K(t+1)^T and O += P(t) V(t) are
   // issued back to back; SiLU + mask of S(t+1) (special-function and ALU work) then runs while O += P(t) V(t) is
   // still on the tensor cores, and P is overwritten only after that GEMM has retired.
-  // kHasRab: the kernel is compiled with and without the bias, so each variant's loop stays small.
-  template <bool kHasRab, typename FragO>
+  // kRab: the kernel is compiled per bias source, so each variant's loop stays small. rab: the (sequence, head)
+  // bias plane in global memory (kGlobal); smem_rab: the bias stages (kSmem).
+  template <RabSource kRab, typename FragO>
   __device__ static void mma(const HstuFwdParams& p, SharedStorage& ss, Pipeline& pipeline_k, Pipeline& pipeline_v,
                              PipelineState& state_k, PipelineState& state_v, FragO& tOrO, int tidx,
-                             const SequenceMask& mask, int m0, int lo, int hi, const Element_* rab) {
+                             const SequenceMask& mask, int m0, int lo, int hi, const Element_* rab,
+                             const Element* smem_rab) {
     using namespace cute;
+    // With the bias in shared memory, the K stage (which carries it) is released only after SiLU has read it.
+    constexpr bool kRabInStage = kRab == RabSource::kSmem;
     typename Traits::MmaQK mma_qk;
     typename Traits::MmaPV mma_pv;
     auto thr_qk = mma_qk.get_thread_slice(tidx);
@@ -152,6 +197,8 @@ struct FwdMainloop {
     // (row, col) inside the tile of every S accumulator element this thread holds.
     Tensor tScS = thr_qk.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
     Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    // kSmem: this thread's base for rab_word_offset (its element 0 is its lowest row and column).
+    const uint32_t rab_base = rab_thread_base(get<0>(tScS(0)), get<1>(tScS(0)));
     // P as the register A operand of P V; its per-thread element order equals the S accumulator's (both walk
     // column pairs, then the +8 row, then 8-column groups), so element i of S becomes element i of P.
     Tensor tOrP = make_tensor<Element>(partition_shape_A(mma_pv, Shape<Int<kBlockM>, Int<kBlockN>>{}));
@@ -166,7 +213,7 @@ struct FwdMainloop {
 
     // Bias of one tile straight into registers (issued before the tile's S GEMM, so the loads fly meanwhile).
     uint32_t rab_bits[kFrag / 2];
-    auto load_rab = [&](int n0, bool full_tile) __attribute__((always_inline)) {
+    auto load_rab = [&](int n0, bool full_tile) __attribute__((always_inline)) {  // kGlobal
       CUTE_UNROLL
       for (int t = 0; t < kFrag / 2; ++t) {
         const int i = m0 + get<0>(tScS(2 * t));
@@ -184,13 +231,22 @@ struct FwdMainloop {
       }
     };
     // S <- SiLU(alpha (S + rab)) * mask, in place; the 1/N scale is applied once to O in the epilogue. Without the
-    // bias, mask-free tiles compile to their own short loop (compile-time flags): a loop body that carried every
-    // variant overflowed the instruction cache (ncu: 40% of the stall cycles were instruction fetch at head dim 128).
-    auto silu_mask = [&](int n0, auto full_tile) __attribute__((always_inline)) {
+    // bias or with it in shared memory, mask-free tiles compile to their own short loop (compile-time flags): a loop
+    // body that carried every variant overflowed the instruction cache (ncu: 40% of the stall cycles were
+    // instruction fetch at head dim 128).
+    // stage: the K stage of this tile (kSmem reads its bias there; each pair is one 32-bit shared load).
+    auto silu_mask = [&](int n0, int stage, auto full_tile) __attribute__((always_inline)) {
+      [[maybe_unused]] const unsigned char* rab_stage =
+          reinterpret_cast<const unsigned char*>(smem_rab) + stage * Traits::kTmaBytesRab;
       CUTE_UNROLL
       for (int t = 0; t < kFrag / 2; ++t) {
         float b0 = 0.f, b1 = 0.f;
-        if constexpr (kHasRab) unpack2<Element_>(rab_bits[t], b0, b1);
+        if constexpr (kRab == RabSource::kGlobal) unpack2<Element_>(rab_bits[t], b0, b1);
+        if constexpr (kRab == RabSource::kSmem) {
+          const int dr = get<0>(tScS(2 * t)) - get<0>(tScS(0));  // compile-time after folding
+          const int dc = get<1>(tScS(2 * t)) - get<1>(tScS(0));
+          unpack2<Element_>(*reinterpret_cast<const uint32_t*>(rab_stage + rab_word_offset(rab_base, dr, dc)), b0, b1);
+        }
         const float z0 = alpha * (tSrS(2 * t) + b0);
         const float z1 = alpha * (tSrS(2 * t + 1) + b1);
         float p0 = z0 * detail::fast_sigmoid(z0);
@@ -218,29 +274,43 @@ struct FwdMainloop {
     // First (highest) tile: S, then P; its P V is issued together with the next tile's S.
     auto first_tile = [&](auto full_tile) __attribute__((always_inline)) {
       const int n0 = (hi - 1) * kBlockN;
-      if constexpr (kHasRab) load_rab(n0, bool(full_tile));
+      if constexpr (kRab == RabSource::kGlobal) load_rab(n0, bool(full_tile));
       pipeline_k.consumer_wait(state_k);
       warpgroup_gemm_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, state_k.index()), tSrS);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
-      pipeline_k.consumer_release(state_k);
-      ++state_k;
-      silu_mask(n0, full_tile);
+      const int stage = state_k.index();
+      if constexpr (!kRabInStage) {
+        pipeline_k.consumer_release(state_k);
+        ++state_k;
+      }
+      silu_mask(n0, stage, full_tile);
+      if constexpr (kRabInStage) {
+        pipeline_k.consumer_release(state_k);
+        ++state_k;
+      }
       to_p();
     };
     // Every later tile: S of this tile and P V of the previous one back to back.
     auto next_tile = [&](int n_block, auto full_tile) __attribute__((always_inline)) {
       const int n0 = n_block * kBlockN;
-      if constexpr (kHasRab) load_rab(n0, bool(full_tile));
+      if constexpr (kRab == RabSource::kGlobal) load_rab(n0, bool(full_tile));
       pipeline_k.consumer_wait(state_k);
       warpgroup_gemm_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, state_k.index()), tSrS);
       pipeline_v.consumer_wait(state_v);
       warpgroup_gemm_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, state_v.index()), tOrO);
       warpgroup_wait<1>();  // S of this tile has landed; P V of the previous tile may still run
       warpgroup_fence_operand(tSrS);
-      pipeline_k.consumer_release(state_k);
-      ++state_k;
-      silu_mask(n0, full_tile);
+      const int stage = state_k.index();
+      if constexpr (!kRabInStage) {
+        pipeline_k.consumer_release(state_k);
+        ++state_k;
+      }
+      silu_mask(n0, stage, full_tile);
+      if constexpr (kRabInStage) {
+        pipeline_k.consumer_release(state_k);
+        ++state_k;
+      }
       warpgroup_wait<0>();  // the previous P V has retired: its V stage and P registers are free
       warpgroup_fence_operand(tOrO);
       warpgroup_fence_operand(tOrP);
@@ -248,14 +318,15 @@ struct FwdMainloop {
       ++state_v;
       to_p();
     };
-    if constexpr (kHasRab) {
-      // With the bias: one loop, a runtime flag per tile (two specialised copies of the bias path made ptxas
-      // move the S/P fragments to the stack).
+    if constexpr (kRab == RabSource::kGlobal) {
+      // Bias in registers: one loop, a runtime flag per tile (two specialised copies of this path made ptxas move
+      // the S/P fragments to the stack).
       first_tile(mask_free_tile(p, mask, m0, (hi - 1) * kBlockN));
       for (int n_block = hi - 2; n_block >= lo; --n_block) {
         next_tile(n_block, mask_free_tile(p, mask, m0, n_block * kBlockN));
       }
     } else {
+      // No bias, or the bias read from shared memory inside silu_mask (no registers held across the S GEMM).
       // Tiles are walked downwards and mask_free_tile is monotone in n0 (a lower key tile of a mask-free tile is
       // mask-free too), so the masked tiles come first and one loop per kind covers them.
       if (mask_free_tile(p, mask, m0, (hi - 1) * kBlockN)) {

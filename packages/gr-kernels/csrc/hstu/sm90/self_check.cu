@@ -11,6 +11,9 @@
 // the unsplit range exactly once and nothing outside it, and keep the fast loop's premise (walking a split's tiles
 // downwards, once a tile is mask-free every lower one is); the split epilogue's accumulator pairs are adjacent
 // columns of one row (its 8-byte fp32 stores).
+// TMA bias stages: the shared-memory element a consumer thread reads for S element i of a stage is the bias tile's
+// (row(i), col(i)) of that stage, pairs (2t, 2t + 1) are one aligned 32-bit word, and each warp's 32 reads of one
+// pair index touch 32 distinct banks (no conflicts).
 #include <cute/tensor.hpp>
 
 #include <cstdint>
@@ -27,6 +30,63 @@ namespace sm90 {
 namespace {
 
 char g_report[256];
+
+template <typename ElementT, int kHeadDim>
+bool check_rab_stages() {
+  using namespace cute;
+  using T = FwdTraits<ElementT, kHeadDim>;
+  using Mainloop = FwdMainloop<ElementT, T>;
+  using Element = typename T::Element;
+  constexpr int M = T::kBlockM, N = T::kBlockN;
+  auto fail = [](const char* what, int a, int b) {
+    std::snprintf(g_report, sizeof(g_report), "head dim %d, block %dx%d: rab stages: %s (%d, %d)", kHeadDim, M, N, what,
+                  a, b);
+    return false;
+  };
+  static_assert(T::kSmemRabOffset % 1024 == 0 && T::kSmemRabOffset >= T::kSmemBytes, "rab stages misplaced");
+  static_assert(T::kTmaBytesRab == M * N * sizeof(Element), "one TMA box fills one bias stage");
+  // A 1024-byte aligned stand-in for the stages' base (the kernel's smem_raw + kSmemRabOffset).
+  Element* base = reinterpret_cast<Element*>(std::uintptr_t(1) << 20);
+  Tensor sRab = make_tensor(make_smem_ptr(base), typename T::SmemLayoutRab{});
+  if (int(cosize(typename T::SmemLayoutRab{})) != M * N * T::kStages) return fail("stages not dense", 0, 0);
+  typename T::MmaQK mma_qk;
+  const auto tile_mn = Shape<Int<M>, Int<N>>{};
+  constexpr int kMaxPairs = 64;
+  for (int s = 0; s < T::kStages; ++s) {
+    const std::uintptr_t stage = reinterpret_cast<std::uintptr_t>(base) + std::uintptr_t(s) * T::kTmaBytesRab;
+    for (int warp = 0; warp < T::kConsumerThreads / 32; ++warp) {
+      std::uintptr_t words[32][kMaxPairs];  // [lane][pair]: byte address of each 32-bit read
+      int pairs = 0;
+      for (int lane = 0; lane < 32; ++lane) {
+        const int t = warp * 32 + lane;
+        Tensor cS = mma_qk.get_thread_slice(t).partition_C(make_identity_tensor(tile_mn));
+        pairs = int(size(cS)) / 2;
+        if (pairs > kMaxPairs) return fail("fragment too large for the check", t, pairs);
+        // What the mainloop reads for pair (2p, 2p + 1): must be the TMA tile's elements of that row and columns.
+        const int r0 = get<0>(cS(0)), c0 = get<1>(cS(0));
+        const uint32_t thread_base = Mainloop::rab_thread_base(r0, c0);
+        for (int p = 0; p < pairs; ++p) {
+          const int r = get<0>(cS(2 * p)), c = get<1>(cS(2 * p));
+          if (get<0>(cS(2 * p + 1)) != r || get<1>(cS(2 * p + 1)) != c + 1) return fail("S pair not adjacent", t, p);
+          const std::uintptr_t read = stage + Mainloop::rab_word_offset(thread_base, r - r0, c - c0);
+          if (read != reinterpret_cast<std::uintptr_t>(&sRab(r, c, s))) return fail("S element reads other bias", t, p);
+          if (read % 4 != 0 || reinterpret_cast<std::uintptr_t>(&sRab(r, c + 1, s)) != read + sizeof(Element)) {
+            return fail("bias pair not one 32-bit word", t, p);
+          }
+          words[lane][p] = read;
+        }
+      }
+      for (int p = 0; p < pairs; ++p) {
+        for (int a = 0; a < 32; ++a)
+          for (int b = a + 1; b < 32; ++b) {
+            const bool same_bank = (words[a][p] / 4) % 32 == (words[b][p] / 4) % 32;
+            if (same_bank && words[a][p] != words[b][p]) return fail("bank conflict between lanes", a, b);
+          }
+      }
+    }
+  }
+  return true;
+}
 
 template <typename ElementT, int kHeadDim>
 bool check_layouts() {
@@ -84,7 +144,7 @@ bool check_layouts() {
       }
     }
   }
-  return true;
+  return check_rab_stages<ElementT, kHeadDim>();
 }
 
 // The splits of key tiles [lo, hi) into `splits` shares: contiguous, in order, each tile exactly once, none outside.
