@@ -17,7 +17,9 @@ sigmoid from ``exp2``; the probabilities/gradients are rounded to the input dtyp
 matrix product (as flash attention does). fp32 inputs use IEEE fp32 products (``IEEE=True``), not TF32.
 
 This module is loaded twice by ``launch.py``: once normally (compiled kernels for CUDA tensors) and once with the
-Triton interpreter switched on (for CPU tensors), so it must stay free of module-level state.
+Triton interpreter switched on (for CPU tensors), so it must stay free of module-level state, and it calls only
+builtins of ``triton.language``: the ``@jit`` helpers of its standard library (``tl.zeros``, ``tl.sigmoid``, ...) are
+compiled-mode objects when Triton was imported without the interpreter, which the interpreted copy cannot call.
 """
 
 from __future__ import annotations
@@ -264,7 +266,7 @@ def hstu_fwd_kernel(Q, K, V, RAB, OUT, SEQ_OFFSETS, Q_OFFSETS, NUM_TARGETS,
     t_end = (hi + BLOCK_N - 1) // BLOCK_N
     f_lo, f_hi = _full_key_tiles(i_first, hist, window, t_start, t_end, BLOCK_M, BLOCK_N,
                                  CAUSAL, HAS_WINDOW)  # fmt: skip
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
     # Unmasked interior first, then the edge tiles on either side of it.
     acc = _fwd_tiles(acc, q, K_seq, V_seq, RAB_seq, stride_kt, stride_vt, stride_ri,
                      i, rows, row_ok, seq_len, hist, ctx, window, group, alpha, f_lo, f_hi,
@@ -384,8 +386,8 @@ def hstu_bwd_dkdv_kernel(Q, K, V, DO, DQ, DK, DV, RAB, DRAB, SEQ_OFFSETS, Q_OFFS
     DQ_seq = DQ + q_start * stride_dqt + h * stride_dqh
     RAB_seq = RAB + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh
     DRAB_seq = DRAB + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh
-    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_DQK], 0.0, tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q_seq, DO_seq, DQ_seq, RAB_seq, DRAB_seq,
                          stride_qt, stride_dot, stride_dqt, stride_ri,
                          j, num_q, base, seq_len, hist, ctx, window, group, alpha, inv_scale, g_lo, g_hi,
@@ -487,7 +489,7 @@ def hstu_bwd_dq_kernel(Q, K, V, DO, DQ, RAB, DRAB, SEQ_OFFSETS, Q_OFFSETS, NUM_T
     t_end = (hi + BLOCK_N - 1) // BLOCK_N
     f_lo, f_hi = _full_key_tiles(i_first, hist, window, t_start, t_end, BLOCK_M, BLOCK_N,
                                  CAUSAL, HAS_WINDOW)  # fmt: skip
-    dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_DQK], 0.0, tl.float32)
     dq = _dq_tiles(dq, q, do, K_seq, V_seq, RAB_seq, DRAB_seq, stride_kt, stride_vt, stride_ri,
                    i, rows, row_ok, num_q, seq_len, hist, ctx, window, group, alpha, inv_scale, f_lo, f_hi,
                    DIM_QK, DIM_V, BLOCK_N, BLOCK_DQK, BLOCK_DV, False, CAUSAL, HAS_WINDOW, HAS_CONTEXT,
