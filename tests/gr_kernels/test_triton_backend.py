@@ -497,8 +497,9 @@ def test_gpu_torch_compile(gpu_env: None) -> None:
         out = fn(*leaves)
         out.float().square().sum().backward()
         results.append([out, *(t.grad for t in leaves)])
-    for eager, compiled in zip(results[0], results[1], strict=True):
-        torch.testing.assert_close(compiled, eager, atol=0, rtol=0)  # same kernels, same inputs, no atomics
+    torch.testing.assert_close(results[1][0], results[0][0], atol=0, rtol=0)  # same kernel, same inputs
+    for eager, compiled in zip(results[0][1:], results[1][1:], strict=True):  # grad_out may be fused differently
+        torch.testing.assert_close(compiled, eager)
 
 
 @needs_cuda
