@@ -5,18 +5,20 @@ module loaded with the Triton interpreter switched on for the duration of the im
 compiled or interpreted at decoration time), so the process-wide ``TRITON_INTERPRET`` setting, which inductor's own
 Triton kernels also read, is never changed.
 
-Backward: dK/dV come from one program per key tile that walks the query tiles with dK and dV in registers. dQ has
-two implementations, chosen by ``GR_KERNELS_TRITON_DQ`` (read per call):
+Backward: dK/dV come from one program per key tile that walks the query tiles with dK and dV in registers (two
+passes, dV then dK, at head dim 256: ``configs.split_dkdv``). dQ has two implementations, chosen by
+``GR_KERNELS_TRITON_DQ`` (read per call):
 
 - ``separate`` (default): a second kernel, one program per query tile walking the key tiles with dQ in registers
-  (it recomputes Q K^T and dO V^T: 7 matrix products per tile pair instead of 5). On Hopper this is the faster and
-  deterministic choice for head dims >= 128: Triton lowers a block ``atomic_add`` to one ``red.global.add.f32`` per
-  element, and a [64, 256] fp32 dQ tile per key step is ~16K reductions per ~10 MFLOP of tensor-core work, which
-  saturates the L2 atomic units long before the tensor cores; the recompute costs 40% more MMA but stays compute
-  bound, needs no fp32 dQ buffer (zeroing it and the final cast are two more memory passes), and gives bit-stable
-  gradients. The bias gradient is written by this kernel too (row-major, coalesced).
-- ``atomic``: dQ added by the dK/dV kernel into an fp32 buffer with atomics (5 products), kept for GPUs and head
-  dims where the trade goes the other way; ``tools/bench_hstu_attention.py`` measures both (``triton_atomic_dq``).
+  (it recomputes Q K^T and dO V^T: 7 matrix products per tile pair instead of 5). Chosen for Hopper because its
+  cost is plain tensor-core work that the pipelined loop hides loads behind, while the atomic variant adds a
+  [BLOCK_M, D] fp32 tile into global memory per key step (4K-16K fp32 adds per step, as ``atom.global.v4.f32`` on sm90)
+  from every key-tile program of the sequence, L / BLOCK_N programs contending for the same dQ rows on long
+  sequences, plus an fp32 dQ buffer to zero and cast (two more memory passes). It is also deterministic (bit-stable
+  gradients, exact CUDA-graph / torch.compile replays). The bias gradient is written by this kernel too (row-major
+  stores, coalesced).
+- ``atomic``: dQ added by the dK/dV kernel into an fp32 buffer with atomics (5 products), kept because the trade
+  depends on GPU, head dim and lengths; ``tools/bench_hstu_attention.py`` measures it as ``triton_atomic_dq``.
 """
 
 from __future__ import annotations
