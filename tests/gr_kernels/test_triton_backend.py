@@ -32,6 +32,10 @@ from gr_kernels.triton_backend import configs
 from tests.gr_kernels.native_cases import MASK_FAMILIES, rounding_floor
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:
+    # Imported now, before any test sets TRITON_INTERPRET=1: Triton decides compiled or interpreted for its own
+    # standard library at import, and a later compile (GPU tests in the same session) needs the compiled one.
+    import triton  # noqa: F401
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs triton and a CUDA GPU")
 
@@ -307,7 +311,7 @@ def test_kernels_compile_for_gpus_without_one(arch: int, monkeypatch: pytest.Mon
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if not isinstance(launch.compiled_kernels().hstu_fwd_kernel, triton.JITFunction):
-        pytest.skip("kernels.py was imported under TRITON_INTERPRET=1 in this process")
+        pytest.skip("Triton or kernels.py was imported under TRITON_INTERPRET=1 in this process")
     every_flag = dict(CAUSAL=False, HAS_WINDOW=True, HAS_CONTEXT=True, HAS_TARGETS=True, HAS_RAB=True, DELTA_Q=True,
                       PRECISION="tf32", DIM_QK=64, DIM_V=48, BLOCK_DQK=64, BLOCK_DV=64)  # fmt: skip
     every_flag.update(BLOCK_M=64, BLOCK_N=32)
