@@ -182,7 +182,9 @@ def test_auto_uses_the_interpreter_only_when_asked(monkeypatch: pytest.MonkeyPat
     assert any("'triton' not used" in r.getMessage() and "TRITON_INTERPRET" in r.getMessage() for r in caplog.records)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("auto", call) == "triton"
-    assert resolve_backend("auto", _call("cpu", torch.float64)) == "reference"  # the interpreter runs fp32 only
+    assert resolve_backend("auto", _call("cpu", torch.float16)) == "triton"
+    assert resolve_backend("auto", _call("cpu", torch.float64)) == "reference"
+    assert "bfloat16" in gr_kernels.get_backend("triton").supports(_call("cpu", torch.bfloat16))
 
 
 @needs_triton
@@ -366,6 +368,11 @@ def test_interpreter_backward_variants(
     monkeypatch.setenv("GR_KERNELS_TRITON_DQ", dq)
     monkeypatch.setenv(configs.SPLIT_DKDV_ENV, split)
     _check(RAGGED, 2, 16, rab_heads=rab_heads, seed=4, **MASKS["targets_groups"])
+
+
+@needs_triton
+def test_interpreter_float16(interpreter: None) -> None:
+    _check(RAGGED, 2, 16, dtype=torch.float16, rab_heads=1, seed=8, **MASKS["context_targets_window"])
 
 
 @needs_triton

@@ -7,9 +7,10 @@ contextual prefix, targets with groups), delta q (``q_offsets``), ``rab`` shared
 ``alpha`` and ``scaling_seqlen``; bf16/fp16 (fp16 from sm75, bf16 from sm80) and fp32 (IEEE products); head dims up
 to 256 (q/k and v may differ; dims that are not powers of two are padded inside the kernel).
 
-CPU tensors run only when the Triton interpreter is requested (``TRITON_INTERPRET=1``): slow, for tests and
-debugging (``launch.py`` runs an interpreted copy of the kernels, whatever the process-wide setting was at import).
-Triton itself is imported on the first call, so ``import gr_kernels`` works and stays fast without it.
+CPU tensors run only when the Triton interpreter is requested (``TRITON_INTERPRET=1``), in float32 or float16 (the
+interpreter computes on NumPy, which has no bfloat16): slow, for tests and debugging (``launch.py`` runs an
+interpreted copy of the kernels, whatever the process-wide setting was at import). Triton itself is imported on
+the first call, so ``import gr_kernels`` works and stays fast without it.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class TritonBackend:
             return f"inputs are on {call.device.type}, not CUDA (CPU runs only under TRITON_INTERPRET=1)"
         if call.dtype not in _DTYPES:
             return f"dtype {call.dtype} is not bfloat16, float16 or float32"
+        if call.device.type != "cuda" and call.dtype == torch.bfloat16:
+            return "the Triton interpreter computes bfloat16 wrongly (NumPy has no bfloat16): use float32 or float16"
         if max(call.attention_dim, call.hidden_dim) > MAX_HEAD_DIM:
             return f"head dims q/k {call.attention_dim}, v {call.hidden_dim}: the kernels take at most {MAX_HEAD_DIM}"
         if call.params.dropout_p > 0.0:
