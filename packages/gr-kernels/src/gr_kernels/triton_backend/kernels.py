@@ -14,7 +14,7 @@ out-of-range rows never reach an output.
 
 Numerics: Q K^T and every other product accumulate in fp32 (``tl.dot``); SiLU is ``z * sigmoid(z)`` with the
 sigmoid from ``exp2``; the probabilities/gradients are rounded to the input dtype only as the operand of the next
-matrix product (as flash attention does). fp32 inputs use IEEE fp32 products (``IEEE=True``), not TF32.
+matrix product (as flash attention does). fp32 inputs use IEEE fp32 products (``PRECISION="ieee"``), not TF32.
 
 This module is loaded twice by ``launch.py``: once normally (compiled kernels for CUDA tensors) and once with the
 Triton interpreter switched on (for CPU tensors), so it must stay free of module-level state, and it calls only
