@@ -245,7 +245,7 @@ def hstu_attention(
             sits at position ``L - Q + r``, so its output is row ``L - Q + r`` of the full attention (every mask
             option, ``rab`` row, ``scaling_seqlen``, ``alpha`` and dropout keep-mask as there). dq comes back for
             the queries, dk/dv for every key, drab on the queries' rows only. Runs on backends that declare delta q
-            (the reference; not the native kernels yet).
+            (the reference, the native kernels and the Triton kernels).
         max_q_len: with ``q_offsets``, an upper bound on every ``Q`` (int in ``[1, max_seq_len]``); the reference
             pads the queries to ``[B, max_q_len]``, so a tight bound makes short deltas cheap. Default
             ``min(total_q, max_seq_len)``.
