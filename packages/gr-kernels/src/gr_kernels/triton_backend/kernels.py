@@ -74,6 +74,23 @@ def _seq_info(SEQ_OFFSETS, Q_OFFSETS, NUM_TARGETS, b, contextual,
 
 
 @triton.jit
+def _query_tile_start(BLOCK_M: tl.constexpr):
+    """First query row of this program's tile. Last query tiles first: under a causal mask they see the most keys,
+    so the grid's tail holds the light ones."""
+    return (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+
+
+@triton.jit
+def _query_rows(r0, seq_len, num_q, BLOCK_M: tl.constexpr):
+    """The tile's query rows (``rows`` within the sequence's queries, ``row_ok``), their positions ``i`` among the
+    keys (queries are the last ``num_q`` tokens), and the first and last valid position."""
+    base = seq_len - num_q
+    rows = r0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_q
+    return rows, row_ok, base + rows, base + r0, base + tl.minimum(r0 + BLOCK_M, num_q) - 1
+
+
+@triton.jit
 def _key_range(i_first, i_last, seq_len, hist, ctx, window,
                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CONTEXT: tl.constexpr):  # fmt: skip
     """Keys ``[lo, hi)`` that query positions ``[i_first, i_last]`` may see (a superset of the visible ones)."""
@@ -245,16 +262,10 @@ def hstu_fwd_kernel(Q, K, V, RAB, OUT, SEQ_OFFSETS, Q_OFFSETS, NUM_TARGETS,
     kv_start, q_start, seq_len, num_q, hist, ctx = _seq_info(
         SEQ_OFFSETS, Q_OFFSETS, NUM_TARGETS, b, contextual, DELTA_Q, HAS_CONTEXT, HAS_TARGETS
     )
-    # Last query tiles first: under a causal mask they see the most keys, so the grid's tail holds the light ones.
-    r0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    r0 = _query_tile_start(BLOCK_M)
     if r0 >= num_q:
         return
-    base = seq_len - num_q
-    rows = r0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < num_q
-    i = base + rows
-    i_first = base + r0
-    i_last = base + tl.minimum(r0 + BLOCK_M, num_q) - 1
+    rows, row_ok, i, i_first, i_last = _query_rows(r0, seq_len, num_q, BLOCK_M)
 
     q = _load_tile(Q + q_start * stride_qt + h * stride_qh, rows, stride_qt, row_ok, True, DIM_QK, BLOCK_DQK)
     K_seq = K + kv_start * stride_kt + h * stride_kh
@@ -467,16 +478,10 @@ def hstu_bwd_dq_kernel(Q, K, V, DO, DQ, RAB, DRAB, SEQ_OFFSETS, Q_OFFSETS, NUM_T
     kv_start, q_start, seq_len, num_q, hist, ctx = _seq_info(
         SEQ_OFFSETS, Q_OFFSETS, NUM_TARGETS, b, contextual, DELTA_Q, HAS_CONTEXT, HAS_TARGETS
     )
-    # Last query tiles first: under a causal mask they see the most keys, so the grid's tail holds the light ones.
-    r0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    r0 = _query_tile_start(BLOCK_M)
     if r0 >= num_q:
         return
-    base = seq_len - num_q
-    rows = r0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < num_q
-    i = base + rows
-    i_first = base + r0
-    i_last = base + tl.minimum(r0 + BLOCK_M, num_q) - 1
+    rows, row_ok, i, i_first, i_last = _query_rows(r0, seq_len, num_q, BLOCK_M)
     q = _load_tile(Q + q_start * stride_qt + h * stride_qh, rows, stride_qt, row_ok, True, DIM_QK, BLOCK_DQK)
     do = _load_tile(DO + q_start * stride_dot + h * stride_doh, rows, stride_dot, row_ok, True, DIM_V, BLOCK_DV)
     K_seq = K + kv_start * stride_kt + h * stride_kh
