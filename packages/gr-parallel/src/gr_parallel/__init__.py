@@ -1,8 +1,26 @@
 """gr-parallel: hybrid parallelism for generative recommenders.
 
 TorchRec model-parallel sparse part + Megatron-Core tensor/data-parallel dense part. The glue is tracked by the
-gr-parallel issue; this package currently provides only its distribution metadata so that the monorepo layout,
-dependency graph and install tests are in place.
+gr-parallel issue. Available so far: length-aware data-parallel batches (``load_balance``): a global batch of jagged
+sequences split over DP ranks so that each rank's attention cost (sum of L^2) is balanced.
 """
 
+from gr_parallel.load_balance import (
+    LengthBalancedBatchSampler,
+    balanced_partition,
+    contiguous_partition,
+    hstu_linear_coef,
+    partition_costs,
+    sequence_costs,
+)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "LengthBalancedBatchSampler",
+    "balanced_partition",
+    "contiguous_partition",
+    "hstu_linear_coef",
+    "partition_costs",
+    "sequence_costs",
+]
