@@ -17,6 +17,7 @@ from gr_parallel import (
     balanced_partition,
     contiguous_partition,
     hstu_linear_coef,
+    max_cost_lower_bound,
     partition_costs,
     sequence_costs,
 )
@@ -54,8 +55,7 @@ def test_refinement_never_raises_the_max_and_respects_the_lower_bound(lengths, w
     check_partition(greedy_parts, len(lengths), world_size)
     greedy = partition_costs(lengths, greedy_parts, coef).max(initial=0)
     assert refined <= greedy
-    cost = sequence_costs(lengths, coef)
-    assert refined >= max(cost.max(initial=0), cost.sum() / world_size) * (1 - 1e-12)
+    assert refined >= max_cost_lower_bound(lengths, world_size, coef) * (1 - 1e-12)
 
 
 def brute_force_max_cost(lengths: list[int], world_size: int) -> float:
@@ -82,6 +82,7 @@ def test_near_optimal_against_brute_force(data, world_size) -> None:
     best = brute_force_max_cost(lengths, world_size)
     got = partition_costs(lengths, balanced_partition(lengths, world_size)).max()
     assert got <= OPTIMALITY_FACTOR * best + 1e-9, (lengths, got, best)
+    assert max_cost_lower_bound(lengths, world_size) <= best  # the bound the skewed-lengths test relies on
 
 
 def test_refinement_reaches_the_optimum_where_greedy_does_not() -> None:
@@ -100,15 +101,6 @@ def power_law_lengths(rng: np.random.Generator, n: int, exponent: float = 1.5, m
     return np.floor((1 - u * (1 - max_len ** (1 - exponent))) ** (1 / (1 - exponent))).astype(np.int64)
 
 
-def lower_bound(cost: np.ndarray, world_size: int) -> float:
-    """No count-balanced partition (len(cost) a multiple of world_size) has a smaller max per-rank cost: the mean;
-    the costliest sequence plus the q - 1 cheapest that must share its rank; two of the world_size + 1 costliest
-    sharing a rank."""
-    c = np.sort(cost)[::-1]
-    q = len(c) // world_size
-    return max(c.sum() / world_size, c[0] + c[len(c) - q + 1 :].sum(), c[world_size - 1] + c[world_size])
-
-
 @pytest.mark.parametrize("world_size, batch_size", [(4, 32), (8, 16)])
 def test_balanced_beats_contiguous_split_on_skewed_lengths(world_size, batch_size) -> None:
     rng = np.random.default_rng(7)
@@ -119,7 +111,7 @@ def test_balanced_beats_contiguous_split_on_skewed_lengths(world_size, batch_siz
         mean = cost.sum() / world_size
         balanced.append(partition_costs(lengths, balanced_partition(lengths, world_size)).max() / mean)
         naive.append(partition_costs(lengths, contiguous_partition(len(lengths), world_size)).max() / mean)
-        bound.append(lower_bound(cost, world_size) / mean)
+        bound.append(max_cost_lower_bound(lengths, world_size) / mean)
     assert np.mean(balanced) < np.mean(naive)
     assert all(b <= n for b, n in zip(balanced, naive, strict=True))
     assert max(b / lb for b, lb in zip(balanced, bound, strict=True)) <= 1.01

@@ -10,6 +10,7 @@ from gr_parallel.load_balance import (
     balanced_partition,
     contiguous_partition,
     hstu_linear_coef,
+    max_cost_lower_bound,
     partition_costs,
     sequence_costs,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "balanced_partition",
     "contiguous_partition",
     "hstu_linear_coef",
+    "max_cost_lower_bound",
     "partition_costs",
     "sequence_costs",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "balanced_partition",
     "contiguous_partition",
     "hstu_linear_coef",
+    "max_cost_lower_bound",
     "partition_costs",
     "sequence_costs",
 ]
@@ -78,6 +79,25 @@ def partition_costs(
     """Total cost of each part (a list of positions into ``lengths``)."""
     cost = sequence_costs(lengths, linear_coef)
     return np.array([cost[np.asarray(p, dtype=np.int64)].sum() if len(p) else 0.0 for p in parts])
+
+
+def max_cost_lower_bound(
+    lengths: Sequence[int] | np.ndarray | torch.Tensor, world_size: int, linear_coef: float = 0.0
+) -> float:
+    """A value no count-balanced partition's max per-rank cost is below (to judge a partition by): the largest of the
+    mean per-rank cost; the costliest sequence plus the ``q - 1`` cheapest others, since its rank holds at least
+    ``q = n // world_size``; and, with more sequences than ranks, the ``world_size``-th plus the
+    ``world_size + 1``-th costliest, two of which share a rank."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    c = np.sort(sequence_costs(lengths, linear_coef))[::-1]
+    if len(c) == 0:
+        return 0.0
+    q = len(c) // world_size
+    bound = max(c.sum() / world_size, c[0] + c[len(c) - q + 1 :].sum() if q >= 1 else c[0])
+    if len(c) > world_size:
+        bound = max(bound, c[world_size - 1] + c[world_size])
+    return float(bound)
 
 
 def _count_caps(n: int, world_size: int) -> tuple[int, int]:
