@@ -18,6 +18,7 @@ same partition of the same global batch and keeps its own part, with no communic
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -107,23 +108,26 @@ def _count_caps(n: int, world_size: int) -> tuple[int, int]:
 
 def _greedy(cost: np.ndarray, world_size: int) -> list[list[int]]:
     """Longest-processing-time first with count caps: the costliest sequence goes to the cheapest rank that may still
-    take one. A rank is full at q + 1 sequences, or at q once r ranks already hold q + 1."""
-    n = len(cost)
-    q, r = _count_caps(n, world_size)
-    loads = np.zeros(world_size)
-    counts = np.zeros(world_size, dtype=np.int64)
+    take one (the lowest rank on ties). A rank is full at q + 1 sequences, or at q once r ranks already hold q + 1."""
+    q, r = _count_caps(len(cost), world_size)
+    heap = [(0.0, k) for k in range(world_size)]  # (load, rank): sorted, so already a heap
+    counts = [0] * world_size
     parts: list[list[int]] = [[] for _ in range(world_size)]
     ranks_at_q_plus_1 = 0
+    values = cost.tolist()
     # Stable sort on -cost: equal costs keep their input order, so the result is reproducible everywhere.
-    for i in np.argsort(-cost, kind="stable"):
-        open_ = counts < q + 1 if ranks_at_q_plus_1 < r else counts < q
-        candidates = np.flatnonzero(open_)
-        k = int(candidates[np.argmin(loads[candidates])])  # argmin: first (lowest) rank on ties
-        parts[k].append(int(i))
-        loads[k] += cost[i]
+    for i in np.argsort(-cost, kind="stable").tolist():
+        while True:
+            load, k = heapq.heappop(heap)
+            # A rank dropped here is full for good: counts only grow and the cap only shrinks.
+            if counts[k] < (q + 1 if ranks_at_q_plus_1 < r else q):
+                break
+        parts[k].append(i)
         counts[k] += 1
         if counts[k] == q + 1:
             ranks_at_q_plus_1 += 1
+        else:
+            heapq.heappush(heap, (load + values[i], k))
     return parts
 
 
