@@ -200,6 +200,7 @@ def test_sampler_drives_a_dataloader() -> None:
         ({"world_size": 2, "rank": 0, "lengths": [[1, 2]]}, ValueError, "one-dimensional"),
         ({"world_size": 2, "rank": 0, "linear_coef": -1.0}, ValueError, "linear_coef must be finite and >= 0"),
         ({"world_size": 2.0, "rank": 0}, TypeError, "world_size must be an int"),
+        ({"world_size": 2, "rank": 0, "seed": -1}, ValueError, "seed must be >= 0"),
     ],
 )
 def test_sampler_rejects_bad_input(kwargs, error, match) -> None:
@@ -219,5 +220,7 @@ def test_partition_rejects_bad_input() -> None:
         s = all_ranks(8, 1, 2)[0]
         s.set_epoch(0, start_batch=-1)
         list(s)
+    with pytest.raises(ValueError, match="epoch must be >= 0"):
+        all_ranks(8, 1, 2)[0].set_epoch(-1)
     with pytest.raises(ValueError, match="dim must be >= 1"):
         hstu_linear_coef(0)
