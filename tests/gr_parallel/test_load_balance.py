@@ -224,3 +224,34 @@ def test_partition_rejects_bad_input() -> None:
         all_ranks(8, 1, 2)[0].set_epoch(-1)
     with pytest.raises(ValueError, match="dim must be >= 1"):
         hstu_linear_coef(0)
+
+
+def test_sampler_serves_gr_models_jagged_batches() -> None:
+    """The lengths recipe of the sampler's docstring matches what gr-models' collate produces, and make_dataloader
+    accepts the sampler in place of its EpochBatchSampler."""
+    from gr_models.data import NextItemTrainDataset, UserSequences, make_dataloader
+
+    rng = np.random.default_rng(0)
+    seq_lengths = rng.integers(1, 60, 50)
+    offsets = np.concatenate([[0], np.cumsum(seq_lengths)]).astype(np.int64)
+    total = int(offsets[-1])
+    sequences = UserSequences(
+        users=np.arange(50, dtype=np.int64),
+        offsets=offsets,
+        items=rng.integers(0, 100, total).astype(np.int64),
+        timestamps=np.arange(total, dtype=np.int64),
+        ratings=None,
+        num_items=100,
+    )
+    dataset = NextItemTrainDataset(sequences, max_seq_len=32)
+    lengths = np.minimum(dataset.sequences.lengths[dataset.positions] - 1, dataset.max_seq_len)
+    per_rank = []
+    for rank in range(2):
+        sampler = LengthBalancedBatchSampler(lengths, 6, world_size=2, rank=rank, seed=4)
+        batches = list(make_dataloader(dataset, sampler))
+        assert [b.features.lengths().tolist() for b in batches] == [lengths[i].tolist() for i in sampler]
+        per_rank.append([int((b.features.lengths() ** 2).sum()) for b in batches])
+    global_batches = list(sampler.global_batches())
+    assert [a + b for a, b in zip(*per_rank, strict=True)] == [int(np.sum(lengths[g] ** 2)) for g in global_batches]
+    naive = [partition_costs(lengths[g], contiguous_partition(len(g), 2)).max() for g in global_batches]
+    assert sum(max(a, b) for a, b in zip(*per_rank, strict=True)) < sum(naive)  # the slowest rank, summed over steps
