@@ -4,7 +4,8 @@ With jagged sequences a rank's step time grows with the sum of ``L_i^2`` of its 
 linear in ``sum L_i`` (projections, MLP, embeddings). Splitting a shuffled global batch into contiguous chunks gives
 each rank the same number of sequences but not the same cost, and every step waits for the slowest rank. Here a
 global batch of ``world_size * batch_size`` sequences is partitioned so that the largest per-rank cost is as small as
-a cheap heuristic gets it, keeping the per-rank sequence counts equal (within one for a short last batch).
+a cheap heuristic gets it, keeping the per-rank sequence counts equal (within one when the batch is not a multiple of
+the world size).
 
 Cost of a sequence of length ``L``: ``L**2 + linear_coef * L``. For an HSTU layer of width ``d`` (``H * D = d``) the
 causal attention forward is ``2 * d * L**2`` FLOPs (the convention of ``tools/bench_hstu_attention.py``) and the
