@@ -853,17 +853,22 @@ int64_t CudaTable::take_reserved_count(uintptr_t stream) {
 int64_t CudaTable::evicted_count(uintptr_t stream) { return read_counter(1, stream); }
 int64_t CudaTable::rejected_count(uintptr_t stream) { return read_counter(2, stream); }
 
+// find and locate: rows (values) or slots, with or without the scores (the instantiation without keeps the plain
+// lookup's code).
+static void launch_find(const View& t, const int64_t* keys, int64_t n, float* values, int64_t* slots, bool* found,
+                        bool update_score, uint64_t* scores_out, cudaStream_t stream) {
+  if (scores_out) {
+    find_kernel<true><<<blocks_for(n), kBlock, 0, stream>>>(t, keys, n, values, found, update_score, scores_out, slots);
+  } else {
+    find_kernel<false><<<blocks_for(n), kBlock, 0, stream>>>(t, keys, n, values, found, update_score, nullptr, slots);
+  }
+}
+
 void CudaTable::find(const int64_t* keys, int64_t n, float* values, bool* found, bool update_score, uintptr_t stream,
                      uint64_t* scores_out) {
   if (n <= 0) return;
   DeviceGuard guard(options_.device);
-  if (scores_out) {
-    find_kernel<true><<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, values, found, update_score,
-                                                                        scores_out, nullptr);
-  } else {
-    find_kernel<false><<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, values, found, update_score,
-                                                                         nullptr, nullptr);
-  }
+  launch_find(view(), keys, n, values, nullptr, found, update_score, scores_out, as_stream(stream));
   check(cudaGetLastError(), "find");
 }
 
@@ -871,13 +876,7 @@ void CudaTable::locate(const int64_t* keys, int64_t n, int64_t* slots, bool* fou
                        uintptr_t stream, uint64_t* scores_out) {
   if (n <= 0) return;
   DeviceGuard guard(options_.device);
-  if (scores_out) {
-    find_kernel<true><<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, nullptr, found, update_score,
-                                                                        scores_out, slots);
-  } else {
-    find_kernel<false><<<blocks_for(n), kBlock, 0, as_stream(stream)>>>(view(), keys, n, nullptr, found, update_score,
-                                                                         nullptr, slots);
-  }
+  launch_find(view(), keys, n, nullptr, slots, found, update_score, scores_out, as_stream(stream));
   check(cudaGetLastError(), "locate");
 }
 

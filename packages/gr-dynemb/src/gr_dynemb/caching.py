@@ -210,11 +210,9 @@ class CachingHashTable:
             if bool(reserved.any()):
                 bad = int(host_keys[reserved][0])
             rows, host_status, host_scores = self._load(host_keys, reserved)
-            if bool((host_status == EVICTED).any()):  # the host table was full: it dropped keys for these
-                self._drop_orphans()
+            status[miss] = self._host_inserted(host_status)  # (drops from the cache what a full host table evicted)
             miss_rows = self._to_device(rows)
             values[miss] = miss_rows
-            status[miss] = self._to_device(host_status)
             # Keys with a host slot enter the cache (rejected and reserved keys have none).
             cacheable = (host_status != REJECTED).nonzero().squeeze(1)
             if cacheable.numel():

@@ -244,6 +244,13 @@ class DynamicHashTable:
             raise ValueError("custom scores must be >= 0")
         return _as_u64_bits(scores, self.device)
 
+    def _saved_scores(self, scores: Tensor, n: int) -> Tensor:
+        """Scores carried with rows (checkpoints, write-backs), taken for any policy: int64/uint64 ``[n]`` as uint64
+        bits on the table's device."""
+        if scores.shape != (n,) or scores.dtype not in (torch.int64, torch.uint64):
+            raise ValueError(f"scores must be int64/uint64 [{n}], got {scores.dtype} {tuple(scores.shape)}")
+        return _as_u64_bits(scores, self.device)
+
     def _raise_if_full(self, status: Tensor, keys: Tensor) -> None:
         if self.config.policy == "none" and bool((status == REJECTED).any()):
             key = int(keys[status == REJECTED][0])
@@ -350,9 +357,7 @@ class DynamicHashTable:
         n = keys.numel()
         values = self._values(values, n)
         if scores is not None:
-            if scores.shape != (n,) or scores.dtype not in (torch.int64, torch.uint64):
-                raise ValueError(f"scores must be int64/uint64 [{n}], got {scores.dtype} {tuple(scores.shape)}")
-            scores = _as_u64_bits(scores, self.device)
+            scores = self._saved_scores(scores, n)
         status = torch.empty(n, dtype=torch.int8, device=self.device)
         ev_keys = torch.empty(n, dtype=torch.int64, device=self.device)
         ev_values = torch.empty(n, self.value_dim, device=self.device)
@@ -372,9 +377,7 @@ class DynamicHashTable:
         device are accepted (a checkpoint is read to the CPU)."""
         keys = self._keys(_check_int64(keys).to(self.device))
         values = self._values(values, keys.numel())
-        if scores.shape != (keys.numel(),) or scores.dtype not in (torch.int64, torch.uint64):
-            raise ValueError(f"scores must be int64/uint64 [{keys.numel()}], got {scores.dtype} {tuple(scores.shape)}")
-        scores = _as_u64_bits(scores, self.device)
+        scores = self._saved_scores(scores, keys.numel())
         status = torch.empty(keys.numel(), dtype=torch.int8, device=self.device)
         self._table.insert_or_assign(
             keys.data_ptr(), keys.numel(), values.data_ptr(), status.data_ptr(), scores.data_ptr(), *self._stream()
