@@ -134,15 +134,14 @@ def window_inputs(
         torch.cat(positions),
     ]
     if feats:
-        pieces.append(torch.cat(feats).t().reshape(-1))
+        pieces.append(torch.cat(feats).reshape(-1))
     sizes = [t.numel() for t in pieces]
     ids = list(to_device(torch.cat(pieces), emb_device).split(sizes))
     items, bag_vals, bag_lens, action_ids, gather_t, positions_t = ids[:6]
 
     parts = []
     if feats:
-        # ids[6] is feature-major ([F, users] flattened); the module takes [users, F].
-        parts.append(model.user_embedding(ids[6].view(f, n_feat_users).t()).reshape(-1, d))
+        parts.append(model.user_embedding(ids[6].view(n_feat_users, f)).reshape(-1, d))
     if n_ev + n_cand:  # (TorchRec cannot look up zero ids)
         emb = model.input_embedding.embed_ids(items)
         if model.bag_embedding is not None:
