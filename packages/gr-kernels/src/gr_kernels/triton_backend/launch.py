@@ -215,17 +215,18 @@ def _common(
     rab: Tensor | None,
     params: HSTUParams,
     q_offsets: Tensor | None,
-) -> tuple[dict, dict, Tensor | None, tuple[int, int, int]]:
-    """Tensors, scalars and constexprs both directions share; the bias in q's dtype and its strides."""
+) -> tuple[tuple[Tensor, Tensor, Tensor], dict, Tensor, tuple[int, int, int]]:
+    """What both directions pass: the int32 (seq offsets, q offsets, num targets) (seq offsets standing in for
+    absent ones), the constexprs, the bias in q's dtype (q when there is none: an unused pointer) and its strides."""
     if q_offsets is not None and params.max_q_len < 1:
         raise ValueError(f"delta q (q_offsets) needs params.max_q_len >= 1, got {params.max_q_len}")
     check_offsets_fit(max(params.max_seq_len, params.max_q_len), q=q, k=k, v=v, rab=rab)
     offsets = seq_offsets.to(torch.int32).contiguous()
-    tensors = {
-        "SEQ_OFFSETS": offsets,
-        "Q_OFFSETS": offsets if q_offsets is None else q_offsets.to(torch.int32).contiguous(),
-        "NUM_TARGETS": offsets if num_targets is None else num_targets.to(torch.int32).contiguous(),
-    }
+    seq_tensors = (
+        offsets,
+        offsets if q_offsets is None else q_offsets.to(torch.int32).contiguous(),
+        offsets if num_targets is None else num_targets.to(torch.int32).contiguous(),
+    )
     bias = None if rab is None else rab.to(q.dtype).contiguous()
     rab_strides = (0, 0, 0) if bias is None else (bias.stride(0), 0 if bias.shape[1] == 1 else bias.stride(1),
                                                   bias.stride(2))  # fmt: skip
@@ -243,7 +244,7 @@ def _common(
         "DELTA_Q": q_offsets is not None,
         "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }
-    return tensors, constexprs, bias, rab_strides
+    return seq_tensors, constexprs, q if bias is None else bias, rab_strides
 
 
 def _scalars(p: HSTUParams) -> tuple:
@@ -271,11 +272,10 @@ def forward(
     num_seqs = seq_offsets.numel() - 1
     if out.numel() == 0 or num_seqs == 0:
         return out.zero_()
-    tensors, constexprs, bias, rab_strides = _common(q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
+    seq_tensors, constexprs, bias_arg, rab_strides = _common(q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
     rows = params.max_seq_len if q_offsets is None else params.max_q_len
     mod = _kernels(q.device)
-    seq_tensors = (tensors["SEQ_OFFSETS"], tensors["Q_OFFSETS"], tensors["NUM_TARGETS"])
-    args = (q, k, v, q if bias is None else bias, out, *seq_tensors,
+    args = (q, k, v, bias_arg, out, *seq_tensors,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
             *rab_strides, *_scalars(params))  # fmt: skip
     heads = q.shape[1]
@@ -319,7 +319,7 @@ def backward(
     if q.shape[0] == 0 or k.shape[0] == 0 or num_seqs == 0:
         dk.zero_(), dv.zero_()
         return dq.to(q.dtype), dk, dv, None if drab is None else drab.to(rab.dtype)
-    tensors, constexprs, bias, rab_strides = _common(q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
+    seq_tensors, constexprs, bias_arg, rab_strides = _common(q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
     mod = _kernels(q.device)
     padded = max(constexprs["BLOCK_DQK"], constexprs["BLOCK_DV"])
     rows = params.max_seq_len if q_offsets is None else params.max_q_len
@@ -327,8 +327,6 @@ def backward(
     key = (str(q.dtype), _seq_bucket(params.max_seq_len))
     strides_qkv_do = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                       grad_out.stride(0), grad_out.stride(1))  # fmt: skip
-    seq_tensors = (tensors["SEQ_OFFSETS"], tensors["Q_OFFSETS"], tensors["NUM_TARGETS"])
-    bias_arg = q if bias is None else bias  # an unused pointer when there is no bias
     dkdv_args = (q, k, v, grad_out, dq, dk, dv, bias_arg, drab_arg, *seq_tensors, *strides_qkv_do,
                  dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                  *rab_strides, *_scalars(params))  # fmt: skip
