@@ -25,6 +25,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from gr_models.data import EpochBatchSampler
+
 __all__ = [
     "LengthBalancedBatchSampler",
     "balanced_partition",
@@ -304,42 +306,38 @@ class LengthBalancedBatchSampler:
         self.world_size = int(world_size)
         self.rank = int(rank)
         self.seed = seed
-        self.shuffle = shuffle
-        self.drop_last = drop_last
         self.linear_coef = _check_linear_coef(linear_coef)
-        self.epoch = 0
-        self.start_batch = start_batch
+        # The epoch's order and its cut into global batches are gr-models' (the same order a single process serves).
+        self._epochs = EpochBatchSampler(len(self.lengths), self.global_batch_size, shuffle=shuffle, seed=seed,
+                                         drop_last=drop_last, start_batch=start_batch)  # fmt: skip
+
+    @property
+    def epoch(self) -> int:
+        return self._epochs.epoch
+
+    @property
+    def start_batch(self) -> int:
+        return self._epochs.start_batch
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch = epoch
-        self.start_batch = start_batch
+        self._epochs.set_epoch(epoch, start_batch)
 
     def order(self) -> np.ndarray:
         """Dataset indices of the current epoch, in order (before the split over ranks)."""
-        n = len(self.lengths)
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(n)
+        return self._epochs.order()
 
     def __len__(self) -> int:
-        n = len(self.lengths)
-        if self.drop_last:
-            return n // self.global_batch_size
-        return -(-n // self.global_batch_size)
+        return len(self._epochs)
 
     def global_batches(self) -> Iterator[np.ndarray]:
         """The epoch's global batches (dataset indices, padded last batch included), from ``start_batch`` on."""
-        if self.start_batch < 0:
-            raise ValueError(f"start_batch must be >= 0, got {self.start_batch}")
-        order = self.order()
-        g = self.global_batch_size
-        for b in range(self.start_batch, len(self)):
-            batch = order[b * g : (b + 1) * g]
+        for indices in self._epochs:
+            batch = np.asarray(indices, dtype=np.int64)
             short = -len(batch) % self.world_size
             if short:  # only the last batch, without drop_last: pad from the start of the epoch
-                batch = np.concatenate([batch, np.resize(order, short)])
+                batch = np.concatenate([batch, np.resize(self.order(), short)])
             yield batch
 
     def __iter__(self) -> Iterator[list[int]]:
