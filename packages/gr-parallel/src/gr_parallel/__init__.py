@@ -2,10 +2,20 @@
 
 TorchRec model-parallel sparse part + Megatron-Core tensor/data-parallel dense part. The glue is tracked by the
 gr-parallel issue. Available so far: length-aware data-parallel batches (``load_balance``): a global batch of jagged
-sequences split over DP ranks so that each rank's attention cost (sum of L^2) is balanced.
+sequences split over DP ranks so that each rank's attention cost (sum of L^2) is balanced; ``parallelize`` (TP
+conversion, every embedding table sharded over the world by TorchRec + gr-dynemb, dense gradient sync over DP,
+clipping across TP and DP, bf16) with its parts ``shard_sparse`` and ``dense``.
 """
 
 from gr_parallel.context import ParallelConfig, ParallelContext, destroy, get_context, initialize
+from gr_parallel.dense import (
+    DenseGradSync,
+    DenseOptimizerConfig,
+    clip_grad_norm_,
+    dense_parameters,
+    global_count,
+    sync_dense_grads,
+)
 from gr_parallel.load_balance import (
     LengthBalancedBatchSampler,
     balanced_partition,
@@ -15,20 +25,34 @@ from gr_parallel.load_balance import (
     partition_costs,
     sequence_costs,
 )
+from gr_parallel.parallelize import EmbeddingOptimizerConfig, ParallelizeConfig, ParallelModel, parallelize
+from gr_parallel.sparse import fused_params_for, shard_sparse
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DenseGradSync",
+    "DenseOptimizerConfig",
+    "EmbeddingOptimizerConfig",
     "LengthBalancedBatchSampler",
     "ParallelConfig",
     "ParallelContext",
+    "ParallelModel",
+    "ParallelizeConfig",
     "balanced_partition",
+    "clip_grad_norm_",
     "contiguous_partition",
+    "dense_parameters",
     "destroy",
+    "fused_params_for",
     "get_context",
+    "global_count",
     "hstu_linear_coef",
     "initialize",
     "max_cost_lower_bound",
+    "parallelize",
     "partition_costs",
     "sequence_costs",
+    "shard_sparse",
+    "sync_dense_grads",
 ]

@@ -1,0 +1,267 @@
+"""Rank workers and the parity harness of the hybrid-parallel training tests (no tests here).
+
+A tiny ``gr_models`` retrieval model (HSTU, 2 blocks, dim 16, 2 heads, dropout 0), jagged global batches, fixed
+negatives per GLOBAL batch (a function of the step) sliced per rank, and loss = summed sampled softmax / global token
+count. ``train_sharded`` trains it through ``gr_parallel.parallelize`` on the current process group;
+``train_reference`` trains the same global batches on one process with the same optimizers (the static table with
+torch SGD, what FBGEMM's fused EXACT_SGD computes; a dynamic table with its own fused optimizer). ``spawn`` runs a
+worker on N gloo ranks over a file store (no ports). Workers live in an importable module because spawned ranks
+unpickle them by module name; other helpers' tests may import the harness."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from gr_models.data.batching import ITEM_FEATURE, SequenceBatch
+from gr_models.modules.hstu import HSTUConfig
+from gr_models.modules.input_embedding import DynamicItemTableConfig
+from gr_models.retrieval.model import RetrievalModel, RetrievalModelConfig
+
+NUM_ITEMS = 48
+DIM = 16
+HEADS = 2
+MAX_LEN = 12
+GLOBAL_BATCH = 8  # sequences per global batch
+NEGATIVES = 6
+TEMPERATURE = 0.1
+STEPS = 20
+TABLE_LR = 0.05
+DENSE_LR = 5e-3
+GRAD_CLIP = 0.5  # low enough that clipping triggers on most steps (tested)
+TOL = 1e-5
+
+
+@dataclass
+class Scenario:
+    """One parity case: the item table kind and whether the dense gradients are clipped."""
+
+    item_table: str = "static"  # "static" (EXACT_SGD fused) or "dynamic" (gr-dynemb, its own Adam)
+    grad_clip: float | None = GRAD_CLIP
+    steps: int = STEPS
+
+
+def model_config(item_table: str) -> RetrievalModelConfig:
+    return RetrievalModelConfig(
+        num_items=NUM_ITEMS,
+        encoder="hstu",
+        embedding_dim=DIM,
+        max_seq_len=MAX_LEN,
+        dropout=0.0,
+        hstu=HSTUConfig(num_blocks=2, num_heads=HEADS, num_time_buckets=16, attention_backend="reference"),
+        item_table=item_table,  # type: ignore[arg-type]
+        dynamic_item_table=DynamicItemTableConfig(capacity=256, optimizer="adam", lr=TABLE_LR, seed=3),
+    )
+
+
+def make_model(item_table: str, seed: int = 0) -> RetrievalModel:
+    torch.manual_seed(seed)
+    return RetrievalModel(model_config(item_table))
+
+
+# ------------------------------------------------------------------------------------------ data
+def global_sequences(step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The global batch of ``step``: per sequence (items, timestamps, next items), jagged lengths 1..MAX_LEN."""
+    g = torch.Generator().manual_seed(10_000 + step)
+    out = []
+    for _ in range(GLOBAL_BATCH):
+        n = int(torch.randint(1, MAX_LEN + 1, (1,), generator=g))
+        seq = torch.randint(0, NUM_ITEMS, (n + 1,), generator=g)
+        ts = torch.cumsum(torch.randint(1, 5000, (n + 1,), generator=g), 0) + 1_600_000_000
+        out.append((seq[:-1], ts[:-1], torch.stack([seq[1:], ts[1:]])))
+    return out
+
+
+def global_negatives(step: int, total: int) -> torch.Tensor:
+    """``[total, NEGATIVES]`` negatives of the global batch's tokens (fixed per step, independent of the layout)."""
+    g = torch.Generator().manual_seed(20_000 + step)
+    return torch.randint(0, NUM_ITEMS, (total, NEGATIVES), generator=g)
+
+
+def make_batch(seqs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> SequenceBatch:
+    items = torch.cat([s[0] for s in seqs])
+    lengths = torch.tensor([s[0].numel() for s in seqs], dtype=torch.int64)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    return SequenceBatch(
+        user_ids=torch.arange(len(seqs), dtype=torch.int64),
+        features=KeyedJaggedTensor.from_lengths_sync(keys=[ITEM_FEATURE], values=items, lengths=lengths),
+        timestamps=torch.cat([s[1] for s in seqs]),
+        seq_offsets=offsets,
+        max_seq_len=int(lengths.max()),
+        target_items=torch.cat([s[2][0] for s in seqs]),
+        target_timestamps=torch.cat([s[2][1] for s in seqs]),
+    )
+
+
+def local_batch(step: int, dp_rank: int, dp_size: int) -> tuple[SequenceBatch, torch.Tensor]:
+    """This DP rank's slice of the global batch of ``step`` and its rows of the global negatives."""
+    if GLOBAL_BATCH % dp_size:
+        raise ValueError(f"the global batch of {GLOBAL_BATCH} does not split over {dp_size} DP ranks")
+    seqs = global_sequences(step)
+    per = GLOBAL_BATCH // dp_size
+    lengths = [s[0].numel() for s in seqs]
+    start = sum(lengths[: dp_rank * per])
+    stop = start + sum(lengths[dp_rank * per : (dp_rank + 1) * per])
+    negs = global_negatives(step, sum(lengths))[start:stop]
+    return make_batch(seqs[dp_rank * per : (dp_rank + 1) * per]), negs
+
+
+def loss_sum(model: nn.Module, batch: SequenceBatch, negatives: torch.Tensor) -> torch.Tensor:
+    """Summed sampled-softmax loss of the batch's tokens (accidental hits masked)."""
+    q = model(batch)
+    targets = batch.target_items
+    pos = (q * model.item_embeddings(targets)).sum(-1, keepdim=True)
+    neg = torch.einsum("nd,nkd->nk", q, model.item_embeddings(negatives))
+    neg = neg.masked_fill(negatives == targets.unsqueeze(1), float("-inf"))
+    logits = torch.cat([pos, neg], dim=1) / TEMPERATURE
+    return F.cross_entropy(logits, torch.zeros_like(targets), reduction="sum")
+
+
+# ------------------------------------------------------------------------------------------ reference
+def table_weight(model: RetrievalModel) -> nn.Parameter | None:
+    if model.config.item_table != "static":
+        return None
+    return model.input_embedding.item_embeddings.embeddings["item_table"].weight
+
+
+def train_reference(scenario: Scenario, seed: int = 0) -> tuple[RetrievalModel, list[float], list[float]]:
+    """Single-process training on the global batches: (model, losses, dense grad norms before clipping)."""
+    model = make_model(scenario.item_table, seed)
+    table = table_weight(model)
+    dense = [p for p in model.parameters() if p is not table]
+    opt = torch.optim.AdamW(dense, lr=DENSE_LR)
+    table_opt = torch.optim.SGD([table], lr=TABLE_LR) if table is not None else None
+    losses, norms = [], []
+    for step in range(scenario.steps):
+        batch, negs = local_batch(step, 0, 1)
+        loss = loss_sum(model, batch, negs) / batch.target_items.numel()
+        loss.backward()
+        if scenario.grad_clip is not None:
+            norms.append(float(torch.nn.utils.clip_grad_norm_(dense, scenario.grad_clip)))
+        opt.step()
+        opt.zero_grad()
+        if table_opt is not None:
+            table_opt.step()
+            table_opt.zero_grad()
+        losses.append(float(loss))
+    return model, losses, norms
+
+
+# ------------------------------------------------------------------------------------------ sharded
+def parallelize_config(scenario: Scenario):
+    from gr_parallel.dense import DenseOptimizerConfig
+    from gr_parallel.parallelize import EmbeddingOptimizerConfig, ParallelizeConfig
+
+    return ParallelizeConfig(
+        embedding_optimizer=EmbeddingOptimizerConfig("sgd", lr=TABLE_LR),
+        dense_optimizer=DenseOptimizerConfig(lr=DENSE_LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
+        grad_clip=scenario.grad_clip,
+    )
+
+
+def train_sharded(ctx, scenario: Scenario, seed: int = 0):
+    """Trains through ``parallelize`` on this rank's slices: (ParallelModel, global losses, grad norms)."""
+    from gr_parallel.dense import global_count
+    from gr_parallel.parallelize import parallelize
+
+    pm = parallelize(make_model(scenario.item_table, seed), ctx, parallelize_config(scenario))
+    losses, norms = [], []
+    for step in range(scenario.steps):
+        batch, negs = local_batch(step, ctx.dp_rank, ctx.dp_size)
+        count = global_count(batch.target_items.numel(), ctx)
+        loss = loss_sum(pm.module, batch.to(ctx.device), negs.to(ctx.device)) / count
+        loss.backward()
+        norm = pm.step()
+        if norm is not None:
+            norms.append(float(norm))
+        total = loss.detach().clone()
+        dist.all_reduce(total, group=ctx.dp_group)
+        losses.append(float(total))
+    return pm, losses, norms
+
+
+def item_rows(model: nn.Module) -> torch.Tensor:
+    """Every item's raw embedding row (a collective on a sharded model: every rank asks for all rows)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        device = model.input_embedding.position_embeddings.weight.device
+        rows = model.input_embedding.embed_ids(torch.arange(NUM_ITEMS, device=device)).cpu().clone()
+    model.train(was_training)
+    return rows
+
+
+def full_dense_state(pm, ctx) -> dict[str, torch.Tensor]:
+    """The dense parameters under their single-device names and shapes (TP shards gathered)."""
+    names = {id(p) for p in pm.dense_params}
+    if ctx.tp_size > 1:
+        from gr_parallel.tensor_parallel import full_dense_state_dict
+
+        state = full_dense_state_dict(pm.module, ctx)
+        return {k: v.detach().cpu() for k, v in state.items()}
+    return {n: p.detach().cpu() for n, p in pm.module.named_parameters() if id(p) in names}
+
+
+def compare(pm, ctx, scenario: Scenario, losses: list[float], norms: list[float]) -> dict[str, float]:
+    """Max abs differences (losses, dense params, item rows, norms) against the single-process reference; asserts
+    each is within ``TOL``."""
+    ref, ref_losses, ref_norms = train_reference(scenario)
+    diffs = {"loss": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))}
+    if scenario.grad_clip is not None:
+        diffs["grad_norm"] = max(abs(a - b) for a, b in zip(norms, ref_norms, strict=True))
+        clipped = sum(n > scenario.grad_clip for n in ref_norms)
+        assert clipped >= scenario.steps // 2, f"clipping triggered on only {clipped} of {scenario.steps} steps"
+    got = full_dense_state(pm, ctx)
+    want = {n: p.detach() for n, p in ref.named_parameters() if p is not table_weight(ref)}
+    assert sorted(got) == sorted(want), (sorted(got), sorted(want))
+    diffs["dense"] = max(float((got[n] - want[n]).abs().max()) for n in want)
+    moved = max(
+        float((want[n] - p.detach()).abs().max())
+        for n, p in make_model(scenario.item_table).named_parameters()
+        if n in want
+    )
+    assert moved > 1e-3, f"the dense parameters barely moved ({moved}): the comparison would be vacuous"
+    diffs["rows"] = float((item_rows(pm.module) - item_rows(ref)).abs().max())
+    for k, v in diffs.items():
+        assert v <= TOL, f"rank {ctx.rank} ({ctx.tp_size=}, {ctx.dp_size=}, {scenario}): {k} differs by {v}"
+    assert not any(math.isnan(x) for x in losses)
+    return diffs
+
+
+# ------------------------------------------------------------------------------------------ spawning
+def spawn(world_size: int, worker: Callable, tmp: Path, *args: object) -> None:
+    """Runs ``worker(ctx, tmp, *args)`` on ``world_size`` gloo ranks (a failure in any rank fails)."""
+    mp.spawn(_entry, args=(world_size, worker, str(tmp), args), nprocs=world_size, join=True)
+
+
+def _entry(rank: int, world_size: int, worker: Callable, tmp: str, args: tuple) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    tp = int(args[0]) if args and isinstance(args[0], int) else 1
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world_size)
+    import gr_parallel.context as context
+
+    try:
+        ctx = context.initialize(tp=tp, backend="gloo", timeout_s=120.0)
+        worker(ctx, Path(tmp), *args)
+    finally:
+        context.destroy()
+        dist.destroy_process_group()
+
+
+def worker_parity(ctx, tmp: Path, tp: int, item_table: str) -> None:
+    """Sharded training equals single-process training; rank 0 writes the measured differences."""
+    scenario = Scenario(item_table=item_table)
+    pm, losses, norms = train_sharded(ctx, scenario)
+    diffs = compare(pm, ctx, scenario, losses, norms)
+    torch.save(diffs, tmp / f"diffs{ctx.rank}.pt")
