@@ -66,11 +66,12 @@ struct BwdMainloop {
     }
   }
 
-  // Every (i, j) of the tile is visible: rows and keys in the history, no window, (causal) every key at or before
-  // every query. Such tiles skip the per-element mask.
+  // Every (i, j) of the tile is visible: rows inside the sequence (rows past its end are the next sequence's and
+  // must not reach dK/dV), keys in the history, no window, (causal) every key at or before every query. Target rows
+  // see every history key, so they may be in the tile. Such tiles skip the per-element mask.
   __host__ __device__ __forceinline__ static bool mask_free_tile(const HstuFwdParams& p, const SequenceMask& mask,
                                                                  int m0, int n0) {
-    return m0 + kBlockM <= mask.history && p.max_attn_len == 0 && n0 + kBlockN <= mask.history &&
+    return m0 + kBlockM <= mask.length && p.max_attn_len == 0 && n0 + kBlockN <= mask.history &&
            (!p.causal || n0 + kBlockN - 1 <= m0);
   }
 

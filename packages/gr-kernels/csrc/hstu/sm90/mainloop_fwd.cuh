@@ -78,12 +78,14 @@ struct FwdMainloop {
     hi = (n_end + kBlockN - 1) / kBlockN;
   }
 
-  // Whether every (i, j) of the tile (rows m0.., keys n0..) is visible, so it needs no per-element mask: all rows
-  // and columns in the history, no window, and (causal) every key at or before every query. (m0 < 0 only for
-  // invalid delta-q input, q_len > kv_len, whose rows see nothing.)
+  // Whether every (i, j) of the tile (rows m0.., keys n0..) is visible, so it needs no per-element mask: every row
+  // inside the sequence, every key in the history, no window, and (causal) every key at or before every query.
+  // Target rows may be in the tile: they see every history key, so a delta-q tile of candidates against the cached
+  // history skips the mask on all but the key tiles that hold targets. (m0 < 0 only for invalid delta-q input,
+  // q_len > kv_len, whose rows see nothing.)
   __host__ __device__ __forceinline__ static bool mask_free_tile(const HstuFwdParams& p, const SequenceMask& mask,
                                                                  int m0, int n0) {
-    return m0 >= 0 && m0 + kBlockM <= mask.history && p.max_attn_len == 0 && n0 + kBlockN <= mask.history &&
+    return m0 >= 0 && m0 + kBlockM <= mask.length && p.max_attn_len == 0 && n0 + kBlockN <= mask.history &&
            (!p.causal || n0 + kBlockN - 1 <= m0);
   }
 
