@@ -29,6 +29,13 @@ def build_parser(prog: str, description: str, set_example: str) -> argparse.Argu
     p.add_argument("--output-dir", help="shorthand for --set output.dir=...")
     p.add_argument("--resume", action="store_true", help="continue from <output.dir>/last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument(
+        "--tp",
+        type=int,
+        metavar="N",
+        help="tensor-parallel ranks per HSTU block (shorthand for --set parallel.tp=N); launch with torchrun, "
+        "the data-parallel size is the world size / N",
+    )
     return p
 
 
@@ -52,6 +59,8 @@ def run_cli(
         overrides.append(f"output.dir={json.dumps(args.output_dir)}")
     if args.quiet:
         overrides.append("output.progress=false")
+    if args.tp is not None:
+        overrides.append(f"parallel.tp={args.tp}")
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )

@@ -43,3 +43,44 @@ class OutputConfig:
     dir: str = "runs/example"
     tensorboard: bool = True
     progress: bool = True  # tqdm bars
+
+
+@dataclass
+class ParallelConfig:
+    """The ``[parallel]`` section: how a run launched by torchrun (or with ``tp > 1``) is laid out and trained.
+
+    A single process with ``tp = 1`` ignores everything but ``grad_clip`` and ``bf16``. Under torchrun the world is
+    ``tp * dp`` ranks (gr-parallel's layout: consecutive ranks form a tensor-parallel group); ``train.batch_size``
+    stays the GLOBAL batch, split over the ``dp`` data-parallel ranks, so a run trains the same batches at any size.
+    """
+
+    tp: int = 1  # tensor-parallel ranks per HSTU block (must divide model.hstu.num_heads and the world size)
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
+    load_balance: bool = True  # split each global batch over DP ranks by sum of L^2 (False: contiguous chunks)
+    grad_clip: float = 0.0  # max global gradient norm (across TP and DP); 0 = no clipping
+    bf16: bool = False  # bfloat16 mixed precision for the dense part
+    timeout_s: float = 300.0  # collectives that wait longer fail (a crashed rank ends the run instead of a hang)
+    # Static embedding tables: "model_parallel" shards them over the world (TorchRec planner; they train inside
+    # backward with table_optimizer), "data_parallel" replicates them and trains them with the dense AdamW like a
+    # single process does; "auto": model_parallel with CUDA, data_parallel on the CPU (FBGEMM's CPU kernel has no
+    # Adam). Dynamic (gr-dynemb) tables are always sharded and keep their own optimizer.
+    table_sharding: str = "auto"
+    table_optimizer: str = "adam"  # model-parallel tables: adam | adagrad | rowwise_adagrad | sgd (lr = train.lr)
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ValueError(f"parallel.tp must be >= 1, got {self.tp}")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"parallel.backend must be auto, gloo or nccl, got {self.backend!r}")
+        if self.grad_clip < 0:
+            raise ValueError(f"parallel.grad_clip must be >= 0, got {self.grad_clip}")
+        if self.table_sharding not in ("auto", "model_parallel", "data_parallel"):
+            raise ValueError(
+                f"parallel.table_sharding must be auto, model_parallel or data_parallel, got {self.table_sharding!r}"
+            )
+        if self.table_optimizer not in ("adam", "adagrad", "rowwise_adagrad", "sgd"):
+            raise ValueError(
+                f"parallel.table_optimizer must be adam, adagrad, rowwise_adagrad or sgd, got {self.table_optimizer!r}"
+            )
+        if self.timeout_s <= 0:
+            raise ValueError(f"parallel.timeout_s must be > 0, got {self.timeout_s}")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from examples.common.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from examples.common.config import to_dict
 from examples.common.runtime import ScalarLog, resolve_device, write_json_atomic
-from examples.common.sections import TrainConfig
+from examples.common.sections import ParallelConfig, TrainConfig
 
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
@@ -24,6 +24,8 @@ RESULTS_FILE = "results.json"
 
 # Loop-length, output and runtime knobs may change on resume; everything that shapes the math may not.
 RESUMABLE_TRAIN_KEYS = ("epochs", "max_steps", "checkpoint_every_steps", "num_threads", "early_stop_patience", "device")
+# The [parallel] keys that change the result (the rest is layout: tp, backend, load balance, timeout).
+PARALLEL_MATH_KEYS = ("grad_clip", "bf16", "table_sharding", "table_optimizer")
 
 
 def dynamic_table_for_training(table: Any, tc: TrainConfig) -> Any:
@@ -57,6 +59,8 @@ class EpochTrainer:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     sampler: Any
+    # False on every rank of a distributed run but rank 0: that one alone shows progress and writes outputs.
+    is_main: bool = True
 
     def __init__(self, config: Any, log: logging.Logger) -> None:
         self.config = config
@@ -88,7 +92,7 @@ class EpochTrainer:
         }
         if resume:
             self._resume()
-        self.scalars = ScalarLog(self.out_dir, self.config.output.tensorboard)
+        self.scalars = ScalarLog(self.out_dir, self.config.output.tensorboard and self.is_main)
 
     # ---------------------------------------------------------------- hooks
     def _train_loader(self) -> Iterable[Any]:
@@ -120,6 +124,12 @@ class EpochTrainer:
         for key in RESUMABLE_TRAIN_KEYS:
             cfg["train"].pop(key)
         cfg.pop("output")
+        if "parallel" in cfg:  # the layout may change on resume (checkpoints re-shard); clipping and bf16 may not
+            math = {key: cfg["parallel"][key] for key in PARALLEL_MATH_KEYS}
+            defaults = {key: getattr(ParallelConfig, key) for key in PARALLEL_MATH_KEYS}
+            cfg["parallel"] = math
+            if math == defaults:  # so checkpoints of runs from before the section existed still resume
+                cfg.pop("parallel")
         return cfg
 
     def _save_last(self) -> None:
@@ -133,6 +143,12 @@ class EpochTrainer:
                 "config": self._config_fingerprint(),
             },
         )
+
+    def _save_best(self, epoch: int) -> None:
+        save_checkpoint(self.out_dir / BEST_CHECKPOINT, {"model": self.model.state_dict(), "epoch": epoch})
+
+    def _load_best(self) -> None:
+        self.model.load_state_dict(load_checkpoint(self.out_dir / BEST_CHECKPOINT)["model"])
 
     def _resume(self) -> None:
         path = self.out_dir / LAST_CHECKPOINT
@@ -151,6 +167,22 @@ class EpochTrainer:
         self.log.info("resumed from %s at epoch %d, batch %d", path, self.state["epoch"], self.state["batch_in_epoch"])
 
     # ---------------------------------------------------------------- loop
+    def _train_step(self, batch: Any) -> float:
+        """One optimizer step on a host batch; returns the batch's loss (what the log and TensorBoard show)."""
+        pc = self.config.parallel
+        batch = batch.to(self.device)
+        if pc.bf16:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                loss = self._train_loss(batch)
+        else:
+            loss = self._train_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if pc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), pc.grad_clip)
+        self.optimizer.step()
+        return float(loss.detach())
+
     def _train_epoch(self, epoch: int) -> bool:
         """Trains the rest of ``epoch``; returns False when ``max_steps`` stopped it midway."""
         tc, st = self.config.train, self.state
@@ -160,20 +192,15 @@ class EpochTrainer:
             self._train_loader(),
             total=len(self.sampler) - self.sampler.start_batch,
             desc=f"epoch {epoch}",
-            disable=not self.config.output.progress,
+            disable=not (self.config.output.progress and self.is_main),
             leave=False,
         )
         t_start = time.perf_counter()
         for batch in bar:
-            batch = batch.to(self.device)
-            loss = self._train_loss(batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            value = self._train_step(batch)
 
             st["global_step"] += 1
             st["batch_in_epoch"] += 1
-            value = float(loss.detach())
             st["epoch_loss_sum"] += value
             st["epoch_batches"] += 1
             bar.set_postfix(loss=f"{value:.4f}")
@@ -204,7 +231,7 @@ class EpochTrainer:
         improved = score > st["best_metric"]
         if improved:
             st["best_metric"], st["best_epoch"], st["evals_since_best"] = score, epoch, 0
-            save_checkpoint(self.out_dir / BEST_CHECKPOINT, {"model": self.model.state_dict(), "epoch": epoch})
+            self._save_best(epoch)
         else:
             st["evals_since_best"] += 1
         self.log.info(
@@ -220,7 +247,8 @@ class EpochTrainer:
     def fit(self) -> dict[str, Any]:
         """Trains to ``train.epochs`` (or early stop / ``max_steps``); returns what it writes to results.json."""
         tc, st = self.config.train, self.state
-        bar = tqdm(range(st["epoch"], tc.epochs), desc="train", disable=not self.config.output.progress, unit="epoch")
+        show = self.config.output.progress and self.is_main
+        bar = tqdm(range(st["epoch"], tc.epochs), desc="train", disable=not show, unit="epoch")
         for epoch in bar:
             if st["finished"]:
                 break
@@ -242,7 +270,7 @@ class EpochTrainer:
         st = self.state
         if st["best_epoch"] < 0:  # no validation ran (e.g. epochs already reached): validate now
             self._validate(st["epoch"])
-        self.model.load_state_dict(load_checkpoint(self.out_dir / BEST_CHECKPOINT)["model"])
+        self._load_best()
         wall = st["train_wall_s"]
         results = {
             **self._results_head(),
@@ -260,7 +288,8 @@ class EpochTrainer:
             "device": str(self.device),
         }
         path = self.out_dir / RESULTS_FILE
-        write_json_atomic(path, results)
+        if self.is_main:
+            write_json_atomic(path, results)
         for name, value in results["test"].items():
             self.scalars.scalar(f"test/{name}", value, st["epoch"])
         self.scalars.close()

@@ -71,3 +71,4 @@ class RetrievalExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    parallel: common.ParallelConfig = field(default_factory=common.ParallelConfig)  # torchrun layout (--tp)

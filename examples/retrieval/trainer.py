@@ -7,17 +7,29 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
-from examples.common.trainer import EpochTrainer, dynamic_table_for_training
+from examples.common.distributed import StepPlan, all_gather_uneven
+from examples.common.parallel_trainer import ParallelEpochTrainer
+from examples.common.trainer import dynamic_table_for_training
 from examples.retrieval.config import DataConfig, RetrievalExperimentConfig
-from gr_models.data.batching import EpochBatchSampler, NextItemEvalDataset, NextItemTrainDataset, make_dataloader
+from gr_models.data.batching import (
+    EpochBatchSampler,
+    NextItemEvalDataset,
+    NextItemTrainDataset,
+    collate_sequences,
+    make_dataloader,
+)
 from gr_models.data.interactions import InteractionLog
 from gr_models.data.movielens import load_movielens
 from gr_models.data.sequences import build_user_sequences, leave_one_out_split
 from gr_models.data.synthetic import generate_synthetic
+from gr_models.jagged import last_in_sequence
 from gr_models.modules.input_embedding import DynamicItemTableConfig
 from gr_models.retrieval import RankingMetrics, RetrievalModelConfig, SampledSoftmaxLoss, evaluate_retrieval
+from gr_models.retrieval.evaluation import target_ranks
 from gr_models.retrieval.model import RetrievalModel
 
 log = logging.getLogger("examples.retrieval")
@@ -29,17 +41,55 @@ def load_interactions(cfg: DataConfig) -> InteractionLog:
     return load_movielens(cfg.dataset, cfg.data_dir, download=cfg.download)
 
 
-class RetrievalTrainer(EpochTrainer):
+def train_lengths(dataset: NextItemTrainDataset) -> np.ndarray:
+    """Tokens (= target positions) of every training example, as the model sees it after truncation."""
+    return np.minimum(dataset.sequences.lengths[dataset.positions] - 1, dataset.max_seq_len)
+
+
+class GlobalBatchSampledSoftmax(SampledSoftmaxLoss):
+    """Sampled softmax whose negatives, on a data-parallel rank, are the rows of this rank's positions in the draw a
+    single process makes for the whole global batch (``plan``; None: an ordinary draw). Every rank draws the same
+    ``[global positions, K]`` from the same RNG state, so a DP run trains with the single-process negatives;
+    ``in_batch`` negatives come from the global batch's targets (gathered over the DP group)."""
+
+    plan: StepPlan | None = None
+    dp_group: Any = None
+
+    def sample_negatives(self, targets: torch.Tensor) -> torch.Tensor:
+        plan = self.plan
+        if plan is None:
+            return super().sample_negatives(targets)
+        rows = torch.from_numpy(plan.token_rows()).to(targets.device)
+        if rows.numel() != targets.numel():
+            raise RuntimeError(
+                f"data-parallel batch has {targets.numel()} target positions but its plan says {rows.numel()}: the "
+                "sampler's lengths do not match the collated batches"
+            )
+        shape = (plan.global_tokens, self.num_negatives)
+        if self.negatives == "uniform":
+            return torch.randint(self.num_items, shape).to(targets.device)[rows]
+        everyone = all_gather_uneven(targets, self.dp_group) if len(plan.parts) > 1 else [targets]
+        global_targets = targets.new_empty(plan.global_tokens)
+        for r, part in enumerate(everyone):
+            global_targets[torch.from_numpy(plan.token_rows(r)).to(targets.device)] = part
+        return global_targets[torch.randint(plan.global_tokens, shape).to(targets.device)][rows]
+
+
+class RetrievalTrainer(ParallelEpochTrainer):
     """Trains a next-item retrieval model as configured; ``fit()`` returns the results written to results.json.
 
     The loop state (epoch, batch within epoch, RNG states, optimizer, best validation) is checkpointed to
     ``<output.dir>/last.pt`` after every epoch (and every ``checkpoint_every_steps``); ``resume=True`` continues
     from there and reproduces an uninterrupted run exactly: the batch order is a pure function of (seed, epoch)
     and every random draw (dropout, negatives) comes from the checkpointed torch RNG.
+
+    Under torchrun (or with ``parallel.tp > 1``) it trains the same global batches data/tensor parallel (see
+    ``examples.common.parallel_trainer``).
     """
 
     def __init__(self, config: RetrievalExperimentConfig, *, resume: bool = False) -> None:
-        super().__init__(config, log)
+        mc = config.model
+        super().__init__(config, log, num_heads=mc.hstu.num_heads if mc.encoder == "hstu" else None, encoder=mc.encoder)
         tc = config.train
 
         t0 = time.perf_counter()
@@ -60,7 +110,9 @@ class RetrievalTrainer(EpochTrainer):
             len(self.train_set),
             time.perf_counter() - t0,
         )
-        self.sampler = EpochBatchSampler(len(self.train_set), tc.batch_size, shuffle=True, seed=tc.seed)
+        self.sampler = self._train_sampler(
+            len(self.train_set), lambda: train_lengths(self.train_set), config.model.embedding_dim
+        )
 
         mc = config.model
         model_cfg = RetrievalModelConfig(
@@ -75,11 +127,11 @@ class RetrievalTrainer(EpochTrainer):
             item_table=mc.item_table,
             dynamic_item_table=self._dynamic_item_table(),
         )
-        self.model = RetrievalModel(model_cfg).to(self.device)
-        self.loss_fn = SampledSoftmaxLoss(self.num_items, tc.num_negatives, tc.temperature, tc.negatives)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay
-        )
+        self.model = self._parallelize(RetrievalModel(model_cfg).to(self.device))
+        self.loss_fn = GlobalBatchSampledSoftmax(self.num_items, tc.num_negatives, tc.temperature, tc.negatives)
+        if self.distributed:
+            self.loss_fn.dp_group = self.ctx.dp_group
+        self.optimizer = self._optimizer(self.model)
         self._start(resume, counters=("train_sequences", "train_tokens"))
 
     def _dynamic_item_table(self) -> DynamicItemTableConfig:
@@ -96,12 +148,47 @@ class RetrievalTrainer(EpochTrainer):
 
     def evaluate(self, stage: str) -> dict[str, float]:
         dataset = self.valid_set if stage == "valid" else self.test_set
-        return evaluate_retrieval(self.model, self._eval_loader(dataset), device=self.device, metrics=RankingMetrics())
+        if not self.distributed:
+            return evaluate_retrieval(
+                self.model, self._eval_loader(dataset), device=self.device, metrics=RankingMetrics()
+            )
+        return self._evaluate_sharded(dataset)
+
+    @torch.no_grad()
+    def _evaluate_sharded(self, dataset: NextItemEvalDataset) -> dict[str, float]:
+        """``evaluate_retrieval`` over this DP rank's shard; the targets' ranks are gathered in dataset order and
+        scored once, so every rank returns the metrics a single process computes from the same ranks."""
+        batches, valid = self._eval_shard(len(dataset))
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_sequences)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            items = self.model.all_item_embeddings()  # a lookup of every item: all ranks take part
+            ranks = []
+            for batch, n in zip(loader, valid, strict=True):
+                batch = batch.to(self.device)
+                queries = last_in_sequence(self.model(batch), batch.seq_offsets)
+                r = target_ranks(queries @ items.T, batch.target_items, batch.history_offsets, batch.history_items)
+                ranks.append(r[:n])
+        finally:
+            self.model.train(was_training)
+        metrics = RankingMetrics()
+        metrics.update(self._gather_rows(torch.cat(ranks)))
+        return metrics.compute()
 
     def _train_loader(self) -> Any:
-        return make_dataloader(self.train_set, self.sampler)
+        return self._plan_recording(make_dataloader(self.train_set, self.sampler))
+
+    def _loss_count(self, batch: Any) -> int:
+        return int(batch.target_items.numel())
+
+    def _train_step(self, batch: Any) -> float:
+        value = super()._train_step(batch)
+        self.loss_fn.plan = None
+        return value
 
     def _train_loss(self, batch: Any) -> torch.Tensor:
+        self.loss_fn.plan = getattr(self, "plan", None) if self.distributed else None
         queries = self.model(batch)
         loss = self.loss_fn(queries, batch.target_items, self.model.item_embeddings)
         self.state["train_sequences"] += len(batch)

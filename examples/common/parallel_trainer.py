@@ -1,0 +1,291 @@
+"""The epoch loop of ``examples.common.trainer`` on one process or under torchrun (gloo or NCCL), one code path.
+
+A trainer derived from ``ParallelEpochTrainer`` runs exactly like an ``EpochTrainer`` in a single process with
+``parallel.tp = 1``. Launched by torchrun (``WORLD_SIZE > 1``) or with ``parallel.tp > 1`` it:
+
+- initialises gr-parallel (``world = tp * dp``; consecutive ranks form a tensor-parallel group);
+- trains the same global batches as a single process: each of ``train.batch_size`` sequences is split over the
+  ``dp`` data-parallel ranks (``DataParallelBatchSampler``, load-balanced by sum of L^2), the ranks of a TP group
+  read the same part;
+- builds the model identically on every rank and hands it to ``gr_parallel.parallelize`` (TP HSTU blocks, sharded
+  or replicated tables, dense gradient sync, the dense AdamW);
+- divides each rank's summed loss by the global count, so the DP-summed gradients are the single-process mean's;
+- evaluates a contiguous shard per DP rank (every rank takes part in every sharded lookup) and gathers the
+  per-example results in dataset order, so metrics are computed from the same numbers as in one process;
+- writes results.json, TensorBoard, logs and progress bars from rank 0 only, and checkpoints with
+  ``gr_parallel.save_distributed`` / ``load_distributed`` (exact resume; a different world size re-shards).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from examples.common.distributed import (
+    DataParallelBatchSampler,
+    ParallelLayoutError,
+    StepPlan,
+    check_launched,
+    check_layout,
+    launched_world_size,
+    wants_distributed,
+)
+from examples.common.trainer import EpochTrainer
+from gr_models.data.batching import EpochBatchSampler
+
+LAST_DIR = "last"  # distributed checkpoints are folders (one file per rank and shard), next to last.pt's place
+BEST_DIR = "best"
+
+
+class ParallelEpochTrainer(EpochTrainer):
+    """``EpochTrainer`` that also runs distributed. A subclass calls ``__init__`` (which initialises the process
+    group when needed) and builds its parts through ``_train_sampler``, ``_parallelize`` and ``_optimizer``; its
+    ``_train_loss`` returns the batch's MEAN loss and ``_loss_count`` the number of terms averaged."""
+
+    ctx: Any = None  # gr_parallel.ParallelContext when distributed
+    parallel: Any = None  # gr_parallel.ParallelModel when distributed
+
+    def __init__(self, config: Any, log: logging.Logger, *, num_heads: int | None, encoder: str) -> None:
+        pc = config.parallel
+        self.dp_size, self.dp_rank = 1, 0
+        if wants_distributed(pc):
+            check_launched(pc)
+            self.dp_size = check_layout(
+                pc,
+                launched_world_size(),
+                batch_size=config.train.batch_size,
+                eval_batch_size=config.train.eval_batch_size,
+                num_heads=num_heads,
+                encoder=encoder,
+            )
+            import gr_parallel
+
+            backend = None if pc.backend == "auto" else pc.backend
+            self.ctx = gr_parallel.initialize(gr_parallel.ParallelConfig(pc.tp, backend, pc.timeout_s))
+            self.dp_rank = self.ctx.dp_rank
+            self.is_main = self.ctx.rank == 0
+            if not self.is_main:
+                log.setLevel(logging.WARNING)
+            if config.train.device != "auto" and torch.device(config.train.device).type != self.ctx.device.type:
+                raise ParallelLayoutError(
+                    f"train.device={config.train.device!r} but the {self.ctx.backend} backend runs on "
+                    f"{self.ctx.device.type}; use train.device=auto or parallel.backend to match"
+                )
+        super().__init__(config, log)
+        if self.ctx is not None:
+            self.device = self.ctx.device
+            log.info(
+                "distributed: world %d = tp %d x dp %d, backend %s, device %s",
+                self.ctx.world_size,
+                self.ctx.tp_size,
+                self.ctx.dp_size,
+                self.ctx.backend,
+                self.device,
+            )
+
+    @property
+    def distributed(self) -> bool:
+        return self.ctx is not None
+
+    # ---------------------------------------------------------------- building
+    def _train_sampler(self, num_examples: int, lengths: Callable[[], np.ndarray], width: int) -> Any:
+        """The training batches: gr-models' ``EpochBatchSampler`` in one process; this DP rank's part of the same
+        global batches when distributed (``lengths()``: tokens per example; ``width``: the HSTU width, which weighs
+        the per-token against the attention cost in the load balance)."""
+        tc = self.config.train
+        if not self.distributed:
+            return EpochBatchSampler(num_examples, tc.batch_size, shuffle=True, seed=tc.seed)
+        from gr_parallel import hstu_linear_coef
+
+        return DataParallelBatchSampler(
+            lengths(),
+            tc.batch_size,
+            dp_size=self.dp_size,
+            dp_rank=self.dp_rank,
+            seed=tc.seed,
+            load_balance=self.config.parallel.load_balance,
+            linear_coef=hstu_linear_coef(width),
+        )
+
+    def _table_sharding(self) -> str:
+        chosen = self.config.parallel.table_sharding
+        if chosen == "auto":
+            return "model_parallel" if self.device.type == "cuda" else "data_parallel"
+        return chosen
+
+    def _parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` itself in one process; distributed, the model inside ``gr_parallel.parallelize`` (kept in
+        ``self.parallel``), whose methods (``item_embeddings``, ``config``...) the trainer keeps calling."""
+        if not self.distributed:
+            return model
+        from torchrec.distributed.planner import ParameterConstraints
+
+        import gr_parallel
+        from gr_parallel.parallelize import EmbeddingOptimizerConfig, ParallelizeConfig
+        from gr_parallel.sparse import embedding_tables
+
+        tc, pc = self.config.train, self.config.parallel
+        sharding = self._table_sharding()
+        static = [name for name, (_, kind) in embedding_tables(model).items() if kind == "static"]
+        constraints = {}
+        if sharding == "data_parallel":
+            constraints = {name: ParameterConstraints(sharding_types=["data_parallel"]) for name in static}
+        elif static:
+            if tc.weight_decay:
+                raise ParallelLayoutError(
+                    "parallel.table_sharding=model_parallel trains the tables with a fused optimizer that has no "
+                    f"weight decay; set train.weight_decay=0 (got {tc.weight_decay}) or table_sharding=data_parallel"
+                )
+            if pc.table_optimizer == "adam" and self.device.type != "cuda":
+                raise ParallelLayoutError(
+                    "parallel.table_optimizer=adam needs CUDA for model-parallel tables (FBGEMM's CPU kernel has no "
+                    "Adam); on the CPU use parallel.table_sharding=data_parallel or another table_optimizer"
+                )
+        beta1, beta2 = tc.betas
+        config = ParallelizeConfig(
+            constraints=constraints,
+            embedding_optimizer=EmbeddingOptimizerConfig(pc.table_optimizer, tc.lr, beta1=beta1, beta2=beta2),
+            dense_optimizer=gr_parallel.DenseOptimizerConfig(tc.lr, tc.betas, weight_decay=tc.weight_decay),
+            bf16=pc.bf16,
+            grad_clip=pc.grad_clip or None,
+            planner_batch_size=tc.batch_size // self.dp_size,
+        )
+        self.parallel = gr_parallel.parallelize(model, self.ctx, config)
+        return self.parallel.module
+
+    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """AdamW over every parameter in one process; distributed, the dense AdamW ``parallelize`` built (tables
+        sharded over the world train inside backward)."""
+        if self.distributed:
+            return self.parallel.optimizer
+        tc = self.config.train
+        return torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+
+    # ---------------------------------------------------------------- hooks
+    def _loss_count(self, batch: Any) -> int:
+        """How many terms ``_train_loss`` averaged over (the global count sums it over DP ranks)."""
+        raise NotImplementedError
+
+    def _start(self, resume: bool, counters: Any) -> None:
+        self._counter_names = tuple(counters)
+        super()._start(resume, self._counter_names)
+
+    # ---------------------------------------------------------------- training step
+    def _next_plan(self) -> StepPlan | None:
+        """The ``StepPlan`` of the batch being trained (batches reach the loop in the order the sampler made them)."""
+        if not self.distributed:
+            return None
+        return self._plans.popleft()
+
+    def _train_loader(self) -> Any:  # pragma: no cover - subclasses implement it
+        raise NotImplementedError
+
+    def _train_epoch(self, epoch: int) -> bool:
+        if self.distributed:
+            self._plans: deque[StepPlan] = deque()
+        return super()._train_epoch(epoch)
+
+    def _plan_recording(self, loader: Any) -> Iterator[Any]:
+        """Yields ``loader``'s batches, queueing the sampler's plan of each (used by subclasses' ``_train_loader``)."""
+        for batch in loader:
+            if self.distributed:
+                self._plans.append(self.sampler.plan)
+            yield batch
+
+    def _train_step(self, batch: Any) -> float:
+        if not self.distributed:
+            return super()._train_step(batch)
+        self.plan = self._next_plan()
+        st = self.state
+        before = [st[name] for name in self._counter_names]
+        batch = batch.to(self.device)
+        with self.parallel.autocast():
+            mean = self._train_loss(batch)
+        local = self._loss_count(batch)
+        # One DP all-reduce carries the global count (what gr_parallel.global_count sums), the summed loss for the
+        # log, and the throughput counters' increments; built on the device, so nothing waits for the forward.
+        increments = [st[name] - b for name, b in zip(self._counter_names, before, strict=True)]
+        counts = torch.tensor([float(local), *increments], dtype=torch.float64, device=self.device)
+        stats = torch.cat([counts[:1], (mean.detach().double() * local).reshape(1), counts[1:]])
+        if self.ctx.dp_size > 1:
+            dist.all_reduce(stats, group=self.ctx.dp_group)
+        loss = mean * (local / stats[0]).to(mean.dtype)
+        loss.backward()  # tables train inside backward
+        self.parallel.step()  # DP gradient sync, clipping, dense AdamW, zero_grad
+        total, loss_sum, *summed = stats.tolist()
+        for name, b, inc in zip(self._counter_names, before, summed, strict=True):
+            st[name] = b + (round(inc) if isinstance(b, int) else inc)
+        return loss_sum / total
+
+    # ---------------------------------------------------------------- evaluation
+    def _eval_shard(self, n: int) -> tuple[list[list[int]], list[int]]:
+        """This DP rank's evaluation batches of a dataset of ``n`` examples and how many of each are real.
+
+        Rank r takes the contiguous block ``[r * m, (r + 1) * m)`` (``m = ceil(n / dp)``), padded with example 0 to
+        ``m`` so that every rank runs the same number of batches of ``eval_batch_size / dp``: the sharded tables'
+        lookups are collectives. Gathering the blocks in rank order restores the dataset order."""
+        per_rank = -(-n // self.dp_size)
+        start = min(self.dp_rank * per_rank, n)
+        own = list(range(start, min(start + per_rank, n)))
+        indices = own + [0] * (per_rank - len(own))
+        size = self.config.train.eval_batch_size // self.dp_size
+        batches = [indices[i : i + size] for i in range(0, per_rank, size)]
+        valid = [max(0, min(size, len(own) - i)) for i in range(0, per_rank, size)]
+        return batches, valid
+
+    def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's per-example results concatenated with the other DP ranks', in rank (= dataset) order."""
+        if not self.distributed or self.ctx.dp_size == 1:
+            return rows
+        from examples.common.distributed import all_gather_uneven
+
+        return torch.cat(all_gather_uneven(rows, self.ctx.dp_group))
+
+    # ---------------------------------------------------------------- checkpoints
+    def _save_last(self) -> None:
+        if not self.distributed:
+            return super()._save_last()
+        from examples.common.checkpoint import rng_state
+        from gr_parallel import save_distributed
+
+        trainer_state = {"state": self.state, "config": self._config_fingerprint(), "rng": rng_state()}
+        save_distributed(self.out_dir / LAST_DIR, self.parallel, [self.optimizer], trainer_state, self.ctx)
+
+    def _resume(self) -> None:
+        if not self.distributed:
+            return super()._resume()
+        from examples.common.checkpoint import set_rng_state
+        from gr_parallel import load_distributed
+
+        path = self.out_dir / LAST_DIR
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume given but no distributed checkpoint at {path}")
+        trainer_state = load_distributed(path, self.parallel, [self.optimizer], self.ctx)
+        if trainer_state["config"] != self._config_fingerprint():
+            raise ValueError(
+                f"cannot resume from {path}: it was written with a different data/model/optimizer config; "
+                "use a new output.dir or the same config"
+            )
+        self.state = trainer_state["state"]
+        set_rng_state(trainer_state["rng"])
+        self.log.info("resumed from %s at epoch %d, batch %d", path, self.state["epoch"], self.state["batch_in_epoch"])
+
+    def _save_best(self, epoch: int) -> None:
+        if not self.distributed:
+            return super()._save_best(epoch)
+        from gr_parallel import save_distributed
+
+        save_distributed(self.out_dir / BEST_DIR, self.parallel, [], {"epoch": epoch}, self.ctx)
+
+    def _load_best(self) -> None:
+        if not self.distributed:
+            return super()._load_best()
+        from gr_parallel import load_distributed
+
+        load_distributed(self.out_dir / BEST_DIR, self.parallel, [], self.ctx)
