@@ -27,6 +27,13 @@ from gr_parallel.load_balance import (
 )
 from gr_parallel.parallelize import EmbeddingOptimizerConfig, ParallelizeConfig, ParallelModel, parallelize
 from gr_parallel.sparse import fused_params_for, shard_sparse
+from gr_parallel.tensor_parallel import (
+    TensorParallelHSTUBlock,
+    full_dense_grads,
+    full_dense_state_dict,
+    load_full_dense_state_dict,
+    tensor_parallel_hstu,
+)
 
 __version__ = "0.1.0"
 
@@ -39,20 +46,25 @@ __all__ = [
     "ParallelContext",
     "ParallelModel",
     "ParallelizeConfig",
+    "TensorParallelHSTUBlock",
     "balanced_partition",
     "clip_grad_norm_",
     "contiguous_partition",
     "dense_parameters",
     "destroy",
+    "full_dense_grads",
+    "full_dense_state_dict",
     "fused_params_for",
     "get_context",
     "global_count",
     "hstu_linear_coef",
     "initialize",
+    "load_full_dense_state_dict",
     "max_cost_lower_bound",
     "parallelize",
     "partition_costs",
     "sequence_costs",
     "shard_sparse",
     "sync_dense_grads",
+    "tensor_parallel_hstu",
 ]
