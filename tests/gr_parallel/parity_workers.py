@@ -47,6 +47,8 @@ class Scenario:
     """One parity case: the item table kind and whether the dense gradients are clipped."""
 
     item_table: str = "static"  # "static" (EXACT_SGD fused) or "dynamic" (gr-dynemb, its own Adam)
+    # Static table: "row_wise" / "table_wise" (sharded, fused SGD) or "data_parallel" (replicated, dense AdamW).
+    table_sharding: str = "row_wise"
     grad_clip: float | None = GRAD_CLIP
     steps: int = STEPS
 
@@ -128,8 +130,9 @@ def loss_sum(model: nn.Module, batch: SequenceBatch, negatives: torch.Tensor) ->
 
 
 # ------------------------------------------------------------------------------------------ reference
-def table_weight(model: RetrievalModel) -> nn.Parameter | None:
-    if model.config.item_table != "static":
+def table_weight(model: RetrievalModel, scenario: Scenario) -> nn.Parameter | None:
+    """The item table's weight when a fused SGD trains it (static, sharded); None when the dense optimizer does."""
+    if model.config.item_table != "static" or scenario.table_sharding == "data_parallel":
         return None
     return model.input_embedding.item_embeddings.embeddings["item_table"].weight
 
@@ -137,7 +140,7 @@ def table_weight(model: RetrievalModel) -> nn.Parameter | None:
 def train_reference(scenario: Scenario, seed: int = 0) -> tuple[RetrievalModel, list[float], list[float]]:
     """Single-process training on the global batches: (model, losses, dense grad norms before clipping)."""
     model = make_model(scenario.item_table, seed)
-    table = table_weight(model)
+    table = table_weight(model, scenario)
     dense = [p for p in model.parameters() if p is not table]
     opt = torch.optim.AdamW(dense, lr=DENSE_LR)
     table_opt = torch.optim.SGD([table], lr=TABLE_LR) if table is not None else None
@@ -153,16 +156,22 @@ def train_reference(scenario: Scenario, seed: int = 0) -> tuple[RetrievalModel, 
         if table_opt is not None:
             table_opt.step()
             table_opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return model, losses, norms
 
 
 # ------------------------------------------------------------------------------------------ sharded
 def parallelize_config(scenario: Scenario):
+    from torchrec.distributed.planner import ParameterConstraints
+
     from gr_parallel.dense import DenseOptimizerConfig
     from gr_parallel.parallelize import EmbeddingOptimizerConfig, ParallelizeConfig
 
+    constraints = {}
+    if scenario.item_table == "static":
+        constraints["item_table"] = ParameterConstraints(sharding_types=[scenario.table_sharding])
     return ParallelizeConfig(
+        constraints=constraints,
         embedding_optimizer=EmbeddingOptimizerConfig("sgd", lr=TABLE_LR),
         dense_optimizer=DenseOptimizerConfig(lr=DENSE_LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
         grad_clip=scenario.grad_clip,
@@ -175,6 +184,7 @@ def train_sharded(ctx, scenario: Scenario, seed: int = 0):
     from gr_parallel.parallelize import parallelize
 
     pm = parallelize(make_model(scenario.item_table, seed), ctx, parallelize_config(scenario))
+    check_plan(pm, scenario)
     losses, norms = [], []
     for step in range(scenario.steps):
         batch, negs = local_batch(step, ctx.dp_rank, ctx.dp_size)
@@ -188,6 +198,21 @@ def train_sharded(ctx, scenario: Scenario, seed: int = 0):
         dist.all_reduce(total, group=ctx.dp_group)
         losses.append(float(total))
     return pm, losses, norms
+
+
+def check_plan(pm, scenario: Scenario) -> None:
+    """The item table is planned as the scenario asks (a replicated table is left out of the plan)."""
+    from gr_dynemb.distributed import DYNAMIC_KERNEL
+
+    entries = {name: ps for module_plan in pm.plan.plan.values() for name, ps in module_plan.items()}
+    if scenario.item_table == "static" and scenario.table_sharding == "data_parallel":
+        assert entries == {}, entries
+        return
+    ps = entries["item_table"]
+    if scenario.item_table == "dynamic":
+        assert (ps.sharding_type, ps.compute_kernel) == ("row_wise", DYNAMIC_KERNEL), ps
+    else:
+        assert (ps.sharding_type, ps.compute_kernel) == (scenario.table_sharding, "fused"), ps
 
 
 def item_rows(model: nn.Module) -> torch.Tensor:
@@ -222,7 +247,8 @@ def compare(pm, ctx, scenario: Scenario, losses: list[float], norms: list[float]
         clipped = sum(n > scenario.grad_clip for n in ref_norms)
         assert clipped >= scenario.steps // 2, f"clipping triggered on only {clipped} of {scenario.steps} steps"
     got = full_dense_state(pm, ctx)
-    want = {n: p.detach() for n, p in ref.named_parameters() if p is not table_weight(ref)}
+    table = table_weight(ref, scenario)
+    want = {n: p.detach() for n, p in ref.named_parameters() if p is not table}
     assert sorted(got) == sorted(want), (sorted(got), sorted(want))
     diffs["dense"] = max(float((got[n] - want[n]).abs().max()) for n in want)
     moved = max(
@@ -231,7 +257,10 @@ def compare(pm, ctx, scenario: Scenario, losses: list[float], norms: list[float]
         if n in want
     )
     assert moved > 1e-3, f"the dense parameters barely moved ({moved}): the comparison would be vacuous"
-    diffs["rows"] = float((item_rows(pm.module) - item_rows(ref)).abs().max())
+    ref_rows = item_rows(ref)
+    diffs["rows"] = float((item_rows(pm.module) - ref_rows).abs().max())
+    rows_moved = float((ref_rows - item_rows(make_model(scenario.item_table))).abs().max())
+    assert rows_moved > 1e-3, f"the item rows barely moved ({rows_moved}): the comparison would be vacuous"
     for k, v in diffs.items():
         assert v <= TOL, f"rank {ctx.rank} ({ctx.tp_size=}, {ctx.dp_size=}, {scenario}): {k} differs by {v}"
     assert not any(math.isnan(x) for x in losses)
@@ -259,9 +288,9 @@ def _entry(rank: int, world_size: int, worker: Callable, tmp: str, args: tuple) 
         dist.destroy_process_group()
 
 
-def worker_parity(ctx, tmp: Path, tp: int, item_table: str) -> None:
-    """Sharded training equals single-process training; rank 0 writes the measured differences."""
-    scenario = Scenario(item_table=item_table)
+def worker_parity(ctx, tmp: Path, tp: int, item_table: str, table_sharding: str = "row_wise") -> None:
+    """Sharded training equals single-process training; every rank writes the measured differences."""
+    scenario = Scenario(item_table=item_table, table_sharding=table_sharding)
     pm, losses, norms = train_sharded(ctx, scenario)
     diffs = compare(pm, ctx, scenario, losses, norms)
     torch.save(diffs, tmp / f"diffs{ctx.rank}.pt")

@@ -22,3 +22,12 @@ def run_parity(tmp_path, world: int, tp: int, item_table: str) -> dict[str, floa
 @pytest.mark.parametrize("item_table", ["static", "dynamic"])
 def test_dp2_matches_single_process(tmp_path, item_table):
     run_parity(tmp_path, world=2, tp=1, item_table=item_table)
+
+
+@pytest.mark.parametrize("table_sharding", ["table_wise", "data_parallel"])
+def test_dp2_table_constraints(tmp_path, table_sharding):
+    """Per-table constraints: a table-wise sharded table, and a replicated (data-parallel) one that trains with the
+    dense optimizer, both match the single process."""
+    pw.spawn(2, pw.worker_parity, tmp_path, 1, "static", table_sharding)
+    diffs = torch.load(tmp_path / "diffs0.pt")
+    assert all(v <= pw.TOL for v in diffs.values()), diffs

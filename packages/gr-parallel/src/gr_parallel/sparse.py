@@ -9,9 +9,11 @@ Gradient bookkeeping. Every rank of a tensor-parallel group reads the same local
 back to its owner ``tp`` times per data-parallel slice. The embedding outputs' gradients are therefore scaled so
 that a table sees exactly the SUM over data-parallel ranks of their gradients (the trainer normalises its loss by
 the global count, see ``dense.global_count``): ``1 / tp``, times the world size when TorchRec's gradient division
-(``torchrec.distributed.comm_ops``, on by default) divides the returning gradients by it. Data-parallel (replicated)
-tables never cross an all-to-all; their gradients are dense gradients, summed over the DP group with the other dense
-ones, and are not scaled.
+(``torchrec.distributed.comm_ops``, on by default) divides the returning gradients by it.
+
+Data-parallel (replicated) tables: a collection whose tables are all constrained to ``sharding_types=
+["data_parallel"]`` is left unsharded (see ``replicated_collections``); its weights are ordinary dense parameters,
+summed over the DP group and trained by the dense optimizer, and its outputs are not scaled.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class NoDataParallel(DataParallelWrapper):
     only, which DDP over the whole world would get wrong under tensor parallelism."""
 
     def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
-        return None
+        # TorchRec's DDP wrapper is what moves the dense part to the device; without it we do.
+        dmp._dmp_wrapped_module.to(device)
 
 
 # ------------------------------------------------------------------------------------------ finding the tables
@@ -186,6 +189,11 @@ def resolve_constraints(
                 "gr-dynemb tables (build the model with the dynamic table instead)"
             )
         c = dataclasses.replace(c) if c is not None else ParameterConstraints()
+        if c.sharding_types is not None and DATA_PARALLEL in c.sharding_types and len(c.sharding_types) > 1:
+            raise ValueError(
+                f"table {name!r}: data_parallel must be the only sharding type of a table (a replicated table is "
+                f"trained by the dense optimizer, a sharded one by its fused optimizer), got {c.sharding_types}"
+            )
         if device.type == "cpu":
             if c.sharding_types is None:
                 c.sharding_types = list(CPU_STATIC_SHARDINGS)
@@ -193,6 +201,31 @@ def resolve_constraints(
                 c.compute_kernels = ["dense"] if c.sharding_types == [DATA_PARALLEL] else list(CPU_STATIC_KERNELS)
         out[name] = c
     return out
+
+
+def replicated_collections(model: nn.Module, constraints: Mapping[str, ParameterConstraints]) -> list[str]:
+    """Paths of the collections whose tables are all constrained to ``data_parallel``. They are not sharded:
+    TorchRec's data-parallel sharding wraps the lookups in DDP over the whole world (averaging, and double-counting
+    the TP ranks) and its dense kernel does not run an EmbeddingCollection on the CPU. Left as plain modules their
+    weights are dense parameters: summed over the DP group with the rest and trained by the dense optimizer."""
+    out = []
+    for path, module in model.named_modules():
+        if not isinstance(module, EmbeddingCollection):
+            continue
+        names = [c.name for c in module.embedding_configs()]
+        dp = [n for n in names if _is_replicated(constraints.get(n))]
+        if dp and len(dp) != len(names):
+            raise ValueError(
+                f"collection {path or '<root>'} mixes data-parallel tables {dp} with sharded ones "
+                f"{sorted(set(names) - set(dp))}; put the data-parallel tables in a collection of their own"
+            )
+        if dp:
+            out.append(path)
+    return out
+
+
+def _is_replicated(c: ParameterConstraints | None) -> bool:
+    return c is not None and list(c.sharding_types or []) == [DATA_PARALLEL]
 
 
 # ------------------------------------------------------------------------------------------ gradient scaling
@@ -291,6 +324,7 @@ def shard_sparse(
     for name, c in swapped.items():
         cons[name] = (constraints or {}).get(name, c)  # a user's DynamicParameterConstraints wins
 
+    replicated = replicated_collections(model, cons)
     features_by_path = {
         path: {c.name: list(c.feature_names) for c in m.embedding_configs()}
         for path, m in model.named_modules()
@@ -308,6 +342,8 @@ def shard_sparse(
     else:
         dynamic = {n: c.dynamic for n, c in cons.items() if hasattr(c, "dynamic")}
         plan = with_dynamic_options(plan, dynamic)
+    for path in replicated:
+        plan.plan.pop(path, None)  # left unsharded: its weights are dense parameters, replicated on every rank
     dmp = DistributedModelParallel(
         model,
         env=ShardingEnv.from_process_group(world),
@@ -322,8 +358,13 @@ def shard_sparse(
         sharded = dmp.module.get_submodule(path) if path else dmp.module
         features = set()
         for name, ps in module_plan.items():
-            if ps.sharding_type != DATA_PARALLEL:
-                features.update(features_by_path[path][name])
+            if ps.sharding_type == DATA_PARALLEL:
+                raise ValueError(
+                    f"the plan puts table {name!r} at {path} on TorchRec's data_parallel sharding, whose DDP would "
+                    "average its gradients over the whole world; mark the table data_parallel in the constraints "
+                    "instead (its collection then stays unsharded and trains with the dense parameters)"
+                )
+            features.update(features_by_path[path][name])
         if features:
             dmp._gr_grad_scaling.append(install_grad_scaling(sharded, features, scale))  # type: ignore[attr-defined]
     return dmp
