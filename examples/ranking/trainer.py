@@ -8,10 +8,12 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from examples.common.trainer import EpochTrainer, dynamic_table_for_training
+from examples.common.parallel_trainer import ParallelEpochTrainer
+from examples.common.trainer import dynamic_table_for_training
 from examples.ranking.config import DataConfig, ModelConfig, RankingExperimentConfig
 from gr_models.data.batching import EpochBatchSampler
 from gr_models.data.ranking import RankingDataset, RankingLog, make_ranking_dataloader, ranking_split
@@ -73,17 +75,28 @@ def build_model(
     )
 
 
-class RankingTrainer(EpochTrainer):
+def window_lengths(dataset: RankingDataset, num_user_features: int, tokens_per_event: int) -> np.ndarray:
+    """Tokens of every window in the HSTU ranking sequence: user features, history events, candidates."""
+    w = dataset.windows
+    history = np.asarray(w.cand_start) - np.asarray(w.hist_start)
+    candidates = np.asarray(w.cand_end) - np.asarray(w.cand_start)
+    return num_user_features + tokens_per_event * history + candidates
+
+
+class RankingTrainer(ParallelEpochTrainer):
     """Trains the configured ranking model; ``fit()`` returns what it writes to results.json.
 
     Checkpoints ``<output.dir>/last.pt`` after every epoch (and every ``checkpoint_every_steps``) with the model,
     optimizer, RNG states and loop position; ``resume=True`` continues from it and reproduces an uninterrupted run
     exactly (the batch order is a pure function of (seed, epoch); dropout draws from the checkpointed RNG).
+
+    Under torchrun it trains the same global batches data (and, for HSTU, tensor) parallel; see
+    ``examples.common.parallel_trainer``. The serving bundle is written by single-process runs.
     """
 
     def __init__(self, config: RankingExperimentConfig, *, resume: bool = False) -> None:
-        super().__init__(config, log)
-        tc, dc, mc = config.train, config.data, config.model
+        dc, mc = config.data, config.model
+        super().__init__(config, log, num_heads=mc.hstu.num_heads if mc.type == "hstu" else None, encoder=mc.type)
 
         t0 = time.perf_counter()
         self.log_data = load_ranking_log(dc)
@@ -100,18 +113,19 @@ class RankingTrainer(EpochTrainer):
             *(len(self.datasets[s]) for s in ("train", "valid", "test")),
             time.perf_counter() - t0,
         )
-        self.sampler = EpochBatchSampler(len(self.datasets["train"]), tc.batch_size, shuffle=True, seed=tc.seed)
-
         spec = RankingFeatureSpec.of_log(self.log_data)
         tokens = 2 if mc.action_mode == "interleave" else 1
+        train = self.datasets["train"]
+        self.sampler = self._train_sampler(
+            len(train), lambda: window_lengths(train, spec.num_user_features, tokens), mc.embedding_dim
+        )
         needed = spec.num_user_features + tokens * dc.max_history + dc.num_candidates
         dynamic = dynamic_item_table(config)
         self.model = build_model(mc, spec, mc.max_seq_len or needed, dynamic).to(self.device)
         self._init_regression_bias()
+        self.model = self._parallelize(self.model)
         self.loss_fn = MultiTaskLoss(self.model.config.tasks)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay
-        )
+        self.optimizer = self._optimizer(self.model)
         self._start(resume, counters=("train_candidates",))
 
     def _init_regression_bias(self) -> None:
@@ -129,6 +143,8 @@ class RankingTrainer(EpochTrainer):
     @torch.no_grad()
     def evaluate(self, stage: str) -> dict[str, float]:
         dataset = self.datasets[stage]
+        if self.distributed:
+            return self._evaluate_sharded(dataset)
         sampler = EpochBatchSampler(len(dataset), self.config.train.eval_batch_size, shuffle=False, seed=0)
         metrics = RankingMetrics([t.spec() for t in self.model.config.tasks])
         was_training = self.model.training
@@ -140,8 +156,37 @@ class RankingTrainer(EpochTrainer):
         self.model.train(was_training)
         return metrics.compute()
 
+    def _evaluate_sharded(self, dataset: RankingDataset) -> dict[str, float]:
+        """This DP rank's shard of ``dataset``; every candidate's predictions, labels and user are gathered in
+        dataset order and scored once, so every rank returns what one process computes from the same numbers."""
+        tasks = self.model.config.tasks
+        w = dataset.windows
+        candidates = np.asarray(w.cand_end) - np.asarray(w.cand_start)
+        batches, valid = self._eval_shard(len(dataset))
+        was_training = self.model.training
+        self.model.eval()
+        rows = []
+        try:
+            for indices, n in zip(batches, valid, strict=True):
+                batch = dataset.collate(indices).to(self.device)
+                keep = int(candidates[indices[:n]].sum())
+                labels = torch.stack([batch.labels[t.label_name] for t in tasks], dim=1)
+                columns = (self.model(batch).float(), labels.float(), batch.candidate_users.unsqueeze(1).double())
+                rows.append(torch.cat([c.double() for c in columns], dim=1)[:keep])
+        finally:
+            self.model.train(was_training)
+        table = self._gather_rows(torch.cat(rows)).cpu()  # float64: exact for fp32 values and int user ids
+        k = len(tasks)
+        metrics = RankingMetrics([t.spec() for t in tasks])
+        labels = {t.name: table[:, k + j].float() for j, t in enumerate(tasks)}
+        metrics.update(table[:, :k].float(), labels, table[:, 2 * k].long())
+        return metrics.compute()
+
     def _train_loader(self) -> Any:
-        return make_ranking_dataloader(self.datasets["train"], self.sampler)
+        return self._plan_recording(make_ranking_dataloader(self.datasets["train"], self.sampler))
+
+    def _loss_count(self, batch: Any) -> int:
+        return int(batch.candidate_items.numel())
 
     def _train_loss(self, batch: Any) -> torch.Tensor:
         loss, _ = self.loss_fn(self.model(batch), batch.labels)
@@ -150,7 +195,9 @@ class RankingTrainer(EpochTrainer):
 
     def _finish(self) -> dict[str, Any]:
         results = super()._finish()  # leaves the best weights in self.model
-        if isinstance(self.model, HSTURankingModel) and self.model.config.dynamic_item_table is None:
+        if self.distributed:
+            log.info("no serving bundle from a distributed run (its tables are sharded); train one process for it")
+        elif isinstance(self.model, HSTURankingModel) and self.model.config.dynamic_item_table is None:
             meta = {"dataset": self.config.data.dataset, "best_epoch": str(self.state["best_epoch"])}
             log.info("serving bundle -> %s", save_bundle(self.model, self.out_dir / BUNDLE_FILE, metadata=meta))
         return results
