@@ -269,6 +269,30 @@ def check_sharded_dropout(ctx) -> None:
     assert torch.equal(block._sharded_dropout(y), y)
 
 
+def check_incremental(ctx) -> None:
+    """The inference path (new rows attending to cached K/V, ``forward_with_past``) of a TP block: block outputs
+    equal the single-device block's, and the returned K/V are this rank's heads of the single-device ones."""
+    from gr_parallel.tensor_parallel import tensor_parallel_hstu
+
+    config = encoder_config(heads=2 * ctx.tp_size, qk=3, v=2, dim=8, blocks=1, use_rab=False)
+    ref = make_encoder(config, 31).blocks[0]
+    block = tensor_parallel_hstu(make_encoder(config, 31), ctx).blocks[0]
+    g = torch.Generator().manual_seed(32)
+    past_offsets, q_offsets = torch.tensor([0, 3, 5]), torch.tensor([0, 1, 3])
+    x_past, x_new = torch.randn(5, 8, generator=g), torch.randn(3, 8, generator=g)
+    rab = torch.randn(2, 1, 5, 5, generator=g) * 0.1
+    heads = slice(ctx.tp_rank * block.local_heads, (ctx.tp_rank + 1) * block.local_heads)
+    with torch.no_grad():
+        _, ref_pv, _, ref_pk = ref.project(x_past)
+        _, pv, _, pk = block.project(x_past)
+        torch.testing.assert_close(pk, ref_pk[:, heads], **TOL)
+        ref_y, ref_k, ref_v = ref.forward_with_past(x_new, q_offsets, ref_pk, ref_pv, past_offsets, 5, rab)
+        y, k, v = block.forward_with_past(x_new, q_offsets, pk, pv, past_offsets, 5, rab)
+    torch.testing.assert_close(y, ref_y, **TOL)
+    torch.testing.assert_close(k, ref_k[:, heads], **TOL)
+    torch.testing.assert_close(v, ref_v[:, heads], **TOL)
+
+
 def check_conversion_errors(ctx) -> None:
     from gr_parallel.tensor_parallel import tensor_parallel_hstu
 
@@ -284,7 +308,8 @@ def check_conversion_errors(ctx) -> None:
 
 def worker_tensor_parallel(rank: int, world: int, tmp: Path, tp: int, examples: int) -> None:
     """Parity of the TP encoder with the single-device one over hypothesis-drawn shapes (every rank draws the same
-    examples: derandomised), training, state-dict round trip, dropout and errors."""
+    examples: derandomised; a failure is then the same on every rank, so no rank waits in a collective), training,
+    state-dict round trip, dropout, the inference path and errors."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
@@ -314,5 +339,6 @@ def worker_tensor_parallel(rank: int, world: int, tmp: Path, tp: int, examples: 
         check_training(ctx, encoder_config(2 * tp, 3, 5, 12, 2, True), optimizer)
     check_state_dict_round_trip(ctx, encoder_config(2 * tp, 3, 2, 10, 2, True))
     check_sharded_dropout(ctx)
+    check_incremental(ctx)
     check_conversion_errors(ctx)
     gr_parallel.destroy()
