@@ -190,6 +190,16 @@ class _Seq:
         return self.num_past + self.num_q
 
 
+# An eager pass's max_seq_len (the bias square's side) is its longest sequence rounded up to this: bias rows of 16
+# bytes' multiple let the Hopper kernel load them through TMA instead of per-thread loads (about 3x faster there).
+RAB_ROW_ALIGN = 8
+
+
+def _eager_max_len(seqs: Sequence[_Seq]) -> int:
+    longest = max(s.length for s in seqs)
+    return -(-longest // RAB_ROW_ALIGN) * RAB_ROW_ALIGN
+
+
 class CachedRankingScorer:
     """Scores candidates for a user (``score``) or a group of users (``score_many``) against their cached histories
     (module docstring).
@@ -700,7 +710,7 @@ class CachedRankingScorer:
             )
         pieces, kv_offsets, any_pool, copies = self._pass_pieces(seqs, need_output, shape)
         if shape is None:
-            b, n, max_q = len(seqs), max(s.length for s in seqs), max(s.num_q for s in seqs)
+            b, n, max_q = len(seqs), _eager_max_len(seqs), max(s.num_q for s in seqs)
             sizes = [t.numel() for t in pieces.values()]
             packed = to_device(torch.cat(list(pieces.values())), self.device)
             d = dict(zip(pieces, packed.split(sizes), strict=True))
@@ -782,7 +792,7 @@ class CachedRankingScorer:
         for i, (_, dst, src) in enumerate(copies.values()):
             pieces[f"dst{i}"], pieces[f"src{i}"] = torch.cat(dst), torch.cat(src)
         if self.encoder.relative_bias is not None:
-            n = shape.max_len if shape is not None else max(s.length for s in seqs)
+            n = shape.max_len if shape is not None else _eager_max_len(seqs)
             pieces.update(self._bias_pieces(seqs, n, shape))
         return pieces, kv_offsets, any_pool, copies
 
