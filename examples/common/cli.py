@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -70,5 +71,6 @@ def run_cli(
         print(f"error: {e}", file=sys.stderr)
         return 2
     results = train(config, args.resume)
-    print(json.dumps({k: results[k] for k in PRINTED_RESULTS if k in results}, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the results; one prints them
+        print(json.dumps({k: results[k] for k in PRINTED_RESULTS if k in results}, indent=2))
     return 0

@@ -251,41 +251,47 @@ class ParallelEpochTrainer(EpochTrainer):
     def _save_last(self) -> None:
         if not self.distributed:
             return super()._save_last()
-        from examples.common.checkpoint import rng_state
-        from gr_parallel import save_distributed
+        from gr_parallel.checkpoint import save_distributed
 
-        trainer_state = {"state": self.state, "config": self._config_fingerprint(), "rng": rng_state()}
-        save_distributed(self.out_dir / LAST_DIR, self.parallel, [self.optimizer], trainer_state, self.ctx)
+        # Every rank's RNG states are saved by save_distributed itself (dropout and negatives resume exactly).
+        trainer_state = {"state": self.state, "config": self._config_fingerprint()}
+        save_distributed(self.out_dir / LAST_DIR, self.parallel, self.optimizer, trainer_state, self.ctx)
 
     def _resume(self) -> None:
         if not self.distributed:
             return super()._resume()
-        from examples.common.checkpoint import set_rng_state
-        from gr_parallel import load_distributed
+        from gr_parallel.checkpoint import load_distributed
 
         path = self.out_dir / LAST_DIR
-        if not path.is_dir():
+        if not (path / "meta.json").is_file():
             raise FileNotFoundError(f"--resume given but no distributed checkpoint at {path}")
-        trainer_state = load_distributed(path, self.parallel, [self.optimizer], self.ctx)
-        if trainer_state["config"] != self._config_fingerprint():
+        loaded = load_distributed(path, self.parallel, self.optimizer, self.ctx)
+        if loaded.trainer_state["config"] != self._config_fingerprint():
             raise ValueError(
                 f"cannot resume from {path}: it was written with a different data/model/optimizer config; "
                 "use a new output.dir or the same config"
             )
-        self.state = trainer_state["state"]
-        set_rng_state(trainer_state["rng"])
+        self.state = loaded.trainer_state["state"]
+        if not loaded.rng_restored:
+            self.log.warning(
+                "%s was written by %d ranks, this run has %d: tables and optimizers are re-sharded, but the random "
+                "streams (dropout, negatives) start afresh, so the run is not bit-exact with an uninterrupted one",
+                path,
+                loaded.saved_world_size,
+                self.ctx.world_size,
+            )
         self.log.info("resumed from %s at epoch %d, batch %d", path, self.state["epoch"], self.state["batch_in_epoch"])
 
     def _save_best(self, epoch: int) -> None:
         if not self.distributed:
             return super()._save_best(epoch)
-        from gr_parallel import save_distributed
+        from gr_parallel.checkpoint import save_distributed
 
-        save_distributed(self.out_dir / BEST_DIR, self.parallel, [], {"epoch": epoch}, self.ctx)
+        save_distributed(self.out_dir / BEST_DIR, self.parallel, None, {"epoch": epoch}, self.ctx)
 
     def _load_best(self) -> None:
         if not self.distributed:
             return super()._load_best()
-        from gr_parallel import load_distributed
+        from gr_parallel.checkpoint import load_distributed
 
-        load_distributed(self.out_dir / BEST_DIR, self.parallel, [], self.ctx)
+        load_distributed(self.out_dir / BEST_DIR, self.parallel, None, self.ctx)

@@ -159,7 +159,8 @@ class RetrievalTrainer(ParallelEpochTrainer):
         """``evaluate_retrieval`` over this DP rank's shard; the targets' ranks are gathered in dataset order and
         scored once, so every rank returns the metrics a single process computes from the same ranks."""
         batches, valid = self._eval_shard(len(dataset))
-        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_sequences)
+        # A private generator: a DataLoader draws its base seed from it, not from the global RNG (exact resume).
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_sequences, generator=torch.Generator())
         was_training = self.model.training
         self.model.eval()
         try:
