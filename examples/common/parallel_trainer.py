@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from examples.common.checkpoint import rng_state, set_rng_state
 from examples.common.distributed import (
     DataParallelBatchSampler,
     ParallelLayoutError,
@@ -156,7 +157,11 @@ class ParallelEpochTrainer(EpochTrainer):
             grad_clip=pc.grad_clip or None,
             planner_batch_size=tc.batch_size // self.dp_size,
         )
+        # Building the parallel layers draws their (then overwritten) initial weights from the global RNG; the
+        # random stream of training (negatives, dropout) must continue where the single-device model left it.
+        rng = rng_state()
         self.parallel = gr_parallel.parallelize(model, self.ctx, config)
+        set_rng_state(rng)
         return self.parallel.module
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
