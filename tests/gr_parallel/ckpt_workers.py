@@ -265,6 +265,21 @@ def worker_load_reshard(ctx, tmp: Path, item_table: str, k: int) -> float:
     return max(float((got[n] - expected["after"][n]).abs().max()) for n in got)
 
 
+def worker_save_on_two_ranks(ctx, tmp: Path, tables: list[str], k: int) -> dict[str, Any]:
+    """Exact resume for each item table kind, then the checkpoints the re-shard loads read."""
+    resumed = {t: worker_resume(ctx, tmp, t, k) for t in tables}
+    for t in tables:
+        worker_save_for_reshard(ctx, tmp, t, k)
+    return resumed
+
+
+def worker_load_on_other_world(ctx, tmp: Path, tables: list[str], k: int) -> dict[str, float]:
+    diffs = {t: worker_load_reshard(ctx, tmp, t, k) for t in tables}
+    if ctx.world_size == 1:
+        worker_mismatch(ctx, tmp)
+    return diffs
+
+
 def worker_mismatch(ctx, tmp: Path) -> None:
     """Loading into a model the checkpoint does not fit fails with the reason; nothing half-written loads."""
     import dataclasses
