@@ -26,9 +26,13 @@ from tests.gr_parallel.tp_workers import (
 )
 
 
-@pytest.mark.parametrize(("world", "tp", "examples"), [(2, 2, 8), (4, 2, 4)], ids=["tp2", "tp2-dp2"])
-def test_tensor_parallel_encoder_equals_single_device(world: int, tp: int, examples: int, tmp_path: Path) -> None:
-    spawn(world, worker_tensor_parallel, tmp_path, tp, examples)
+@pytest.mark.parametrize(
+    ("world", "tp", "examples", "tp_only_checks"), [(2, 2, 8, True), (4, 2, 3, False)], ids=["tp2", "tp2-dp2"]
+)
+def test_tensor_parallel_encoder_equals_single_device(
+    world: int, tp: int, examples: int, tp_only_checks: bool, tmp_path: Path
+) -> None:
+    spawn(world, worker_tensor_parallel, tmp_path, tp, examples, tp_only_checks)
 
 
 @settings(max_examples=50, deadline=None)

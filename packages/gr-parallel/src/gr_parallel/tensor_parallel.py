@@ -102,10 +102,16 @@ class TensorParallelLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.local_features:
             raise ValueError(f"expected {self.local_features} local features, got shape {tuple(x.shape)}")
-        mean = _all_reduce_sum(x.sum(-1, keepdim=True), self.group) / self.full_features
-        centred = x - mean
+        # In fp32 like nn.LayerNorm under autocast (whose result is then fp32 too); otherwise in x's dtype.
+        autocast = torch.is_autocast_enabled(x.device.type)
+        xf = x.float() if autocast else x
+        mean = _all_reduce_sum(xf.sum(-1, keepdim=True), self.group) / self.full_features
+        centred = xf - mean
         var = _all_reduce_sum(centred.square().sum(-1, keepdim=True), self.group) / self.full_features
-        return centred * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        normed = centred * torch.rsqrt(var + self.eps)
+        if autocast:
+            return normed * self.weight.float() + self.bias.float()
+        return normed * self.weight + self.bias
 
     def extra_repr(self) -> str:
         return f"{self.local_features} of {self.full_features}, eps={self.eps}"
@@ -140,6 +146,11 @@ class TensorParallelRelativeBias(RelativeBucketedTimeAndPositionBias):
             for name, p in self.named_parameters(recurse=False)
         }
         return torch.func.functional_call(self._twin, params, args, kwargs)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _megatron_config(dtype: torch.dtype, tp: int):
@@ -187,6 +198,7 @@ class TensorParallelHSTUBlock(nn.Module):
             init_method=nn.init.zeros_,
             bias=True,
             gather_output=False,
+            skip_bias_add=True,  # added in _column_parallel (dtype-matched under autocast)
             tp_group=ctx.tp_group,
         )
         self.attn_norm = TensorParallelLayerNorm(h * dv, hl * dv, ctx.tp_group, config.layer_norm_eps, dtype=dtype)
@@ -199,7 +211,7 @@ class TensorParallelHSTUBlock(nn.Module):
             init_method=nn.init.zeros_,
             bias=True,
             input_is_parallel=True,
-            skip_bias_add=False,
+            skip_bias_add=True,  # added once after the reduce in _row_parallel
             tp_group=ctx.tp_group,
         )
         self.dropout = nn.Dropout(config.dropout)
@@ -244,15 +256,50 @@ class TensorParallelHSTUBlock(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
-        uvqk, _ = self.uvqk(self.input_norm(x))
+        uvqk = self._column_parallel(self.input_norm(x))
         u, v, q, k = F.silu(uvqk).split(self._split, dim=-1)
         h = self.local_heads
         return u, v.reshape(-1, h, cfg.v_dim), q.reshape(-1, h, cfg.qk_dim), k.reshape(-1, h, cfg.qk_dim)
 
     def finish(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         y = u * self.attn_norm(attn.reshape(-1, self.local_heads * self.config.v_dim))
-        out, _ = self.output(self._sharded_dropout(y))
-        return x + out
+        return x + self._row_parallel(self._sharded_dropout(y))
+
+    # Megatron's linear autograd function re-enters autocast in its backward only for CUDA (custom_fwd/custom_bwd
+    # with device_type="cuda"), so under CPU autocast its backward would multiply bf16 gradients by fp32 weights.
+    # Under any autocast the layers therefore get inputs and weights already in the autocast dtype, with autocast
+    # off inside: the same bf16 matmuls as nn.Linear under autocast, on every device.
+    def _column_parallel(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.uvqk
+        dtype = _autocast_dtype(x)
+        if dtype is None:
+            out, bias = layer(x)
+            return out + bias
+        with torch.autocast(x.device.type, enabled=False):
+            out, bias = layer(x.to(dtype), weight=layer.weight.to(dtype))
+            return out + bias.to(dtype)
+
+    def _row_parallel(self, y: torch.Tensor) -> torch.Tensor:
+        layer = self.output
+        dtype = _autocast_dtype(y)
+        if dtype is None:
+            out, bias = layer(y)
+            return out + bias
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+        from megatron.core.tensor_parallel.layers import linear_with_grad_accumulation_and_async_allreduce
+
+        # RowParallelLinear.forward takes no weight argument: its two steps with the cast weight.
+        with torch.autocast(y.device.type, enabled=False):
+            partial = linear_with_grad_accumulation_and_async_allreduce(
+                y.to(dtype),
+                layer.weight.to(dtype),
+                None,
+                gradient_accumulation_fusion=False,
+                allreduce_dgrad=False,
+                sequence_parallel=False,
+                tp_group=layer.tp_group,
+            )
+            return reduce_from_tensor_model_parallel_region(partial, group=layer.tp_group) + layer.bias.to(dtype)
 
     def _sharded_dropout(self, y: torch.Tensor) -> torch.Tensor:
         """Dropout of this rank's columns. Every TP rank must drop independently (its columns are different
