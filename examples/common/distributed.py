@@ -132,7 +132,8 @@ class DataParallelBatchSampler:
 
     The global batches are ``gr_parallel.LengthBalancedBatchSampler``'s (gr-models' epoch order, cut every
     ``dp * per_rank_batch``); each is split by ``balanced_partition`` (``load_balance``: equal sum of ``L**2`` per
-    rank) or into contiguous chunks. ``lengths[i]`` is dataset item i's token count in the model.
+    rank) or into contiguous chunks. ``lengths[i]`` is dataset item i's token count in the model. The epoch's short
+    last batch is split as it is (uneven counts), so every epoch trains exactly the single-process batches.
     """
 
     def __init__(
@@ -187,7 +188,14 @@ class DataParallelBatchSampler:
         return contiguous_partition(len(lengths), self.dp_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self._global.global_batches():
+        n, size = len(self.lengths), self._global.global_batch_size
+        for b, batch in enumerate(self._global.global_batches(), start=self.start_batch):
+            real = min(size, n - b * size)
+            if real >= self.dp_size:
+                # A short last batch is split unevenly (counts differ by one) rather than padded with repeated
+                # sequences: the loss is normalised by the global count, so this trains what one process trains.
+                # Only a last batch with fewer sequences than ranks keeps the sampler's padding (no rank idles).
+                batch = batch[:real]
             lengths = self.lengths[batch]
             parts = tuple(np.asarray(p, dtype=np.int64) for p in self._split(lengths))
             self.plan = StepPlan(batch, parts, lengths, self.dp_rank)
