@@ -64,7 +64,8 @@ def torchrun(module: str, nproc: int, overrides: list[str], *flags: str) -> subp
     """``python -m torch.distributed.run --standalone --nproc-per-node nproc -m module`` with ``--set`` overrides."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", module]
     cmd += [*flags, "--quiet", *[a for s in overrides for a in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return done
@@ -226,3 +227,33 @@ def test_parallel_section_is_validated() -> None:
     for bad, match in [("tp=0", "parallel.tp"), ('backend="mpi"', "parallel.backend"), ("grad_clip=-1", "grad_clip")]:
         with pytest.raises(ValueError, match=match):
             load_config(RetrievalExperimentConfig, None, [f"parallel.{bad}"])
+
+
+# ------------------------------------------------------------------------------------------ GPUs (NCCL)
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_nccl_dp2_and_tp2_equal_one_gpu_and_sharded_tables_train(tmp_path: Path) -> None:
+    """Same code path on GPUs: with replicated tables (the dense AdamW, like one process) DP=2 and TP=2 over NCCL
+    train the one-GPU run's losses; with the CUDA default (tables sharded over the GPUs, fused Adam) it trains."""
+    gpu = [*TINY, "parallel.backend=nccl"]  # one process ignores the backend
+    replicated = [*gpu, "parallel.table_sharding=data_parallel"]
+    out = tmp_path / "one"
+    reference = RetrievalTrainer(
+        load_config(RetrievalExperimentConfig, None, [*replicated, f'output.dir="{out}"'])
+    ).fit()
+    ref_losses = step_losses(out)
+    for name, flags in (("dp2", ()), ("tp2", ("--tp", "2"))):
+        run = tmp_path / name
+        torchrun("examples.retrieval", 2, [*replicated, f'output.dir="{run}"'], *flags)
+        results = json.loads((run / "results.json").read_text())
+        losses = step_losses(run)
+        assert results["device"].startswith("cuda") and sorted(losses) == sorted(ref_losses)
+        for step, value in ref_losses.items():  # fp32 on GPUs: other kernels per batch shape, so not bit-exact
+            assert losses[step] == pytest.approx(value, abs=1e-4), f"{name} step {step}: {losses[step]} vs {value}"
+        assert results["test"]["hr@200"] == pytest.approx(reference["test"]["hr@200"], abs=0.02)
+    sharded = tmp_path / "sharded"
+    torchrun("examples.retrieval", 2, [*gpu, f'output.dir="{sharded}"', "train.max_steps=5"])
+    torchrun("examples.retrieval", 2, [*gpu, f'output.dir="{sharded}"'], "--resume")
+    results = json.loads((sharded / "results.json").read_text())
+    assert results["global_steps"] == reference["global_steps"] and 0 <= results["test"]["hr@10"] <= 1
+    assert results["train_loss_history"][-1] < results["train_loss_history"][0]
