@@ -74,3 +74,12 @@ def test_nccl_without_cuda_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="'nccl' needs CUDA"):
         gr_parallel.initialize(backend="nccl")
     assert not dist.is_initialized()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and dist.is_nccl_available()),
+    reason="needs 2 CUDA GPUs and NCCL",
+)
+def test_nccl_layout_collectives_reinitialise_destroy(tmp_path: Path) -> None:
+    spawn(2, worker_context, tmp_path, backend="nccl")

@@ -73,3 +73,21 @@ def test_one_rank_conversion_is_the_single_device_encoder(monkeypatch: pytest.Mo
         assert {k: v.shape for k, v in full.items()} == {k: v.shape for k, v in ref.state_dict().items()}
     finally:
         gr_parallel.destroy()
+
+
+def _gpus(n: int) -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() >= n and torch.distributed.is_nccl_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpus(2), reason="needs 2 CUDA GPUs and NCCL")
+def test_nccl_tensor_parallel_encoder_equals_single_device(tmp_path: Path) -> None:
+    """The same checks over NCCL, each rank on its GPU (fp32 parity with the reference attention; the bf16 autocast
+    check runs the default backend's kernels)."""
+    spawn(2, worker_tensor_parallel, tmp_path, 2, 4, True, "reference", backend="nccl")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpus(4), reason="needs 4 CUDA GPUs and NCCL")
+def test_nccl_tp2_dp2(tmp_path: Path) -> None:
+    spawn(4, worker_tensor_parallel, tmp_path, 2, 2, False, "reference", backend="nccl")

@@ -5,6 +5,7 @@ worker instead sets torchrun's environment and lets ``gr_parallel.initialize`` c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -27,11 +28,15 @@ def check_layout(ctx: gr_parallel.ParallelContext, rank: int, world: int, tp: in
     assert ctx.dp_ranks == list(range(rank % tp, world, tp))
     assert dist.get_process_group_ranks(ctx.tp_group) == ctx.tp_ranks
     assert dist.get_process_group_ranks(ctx.dp_group) == ctx.dp_ranks
-    assert ctx.device == torch.device("cpu") and ctx.backend == "gloo"
-    t = torch.tensor([float(rank)])
+    backend = str(dist.get_backend())
+    assert ctx.backend == backend
+    assert ctx.device == (
+        torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    )
+    t = torch.tensor([float(rank)], device=ctx.device)
     dist.all_reduce(t, group=ctx.tp_group)
     assert t.item() == sum(ctx.tp_ranks)
-    d = torch.tensor([float(rank) ** 2])
+    d = torch.tensor([float(rank) ** 2], device=ctx.device)
     dist.all_reduce(d, group=ctx.dp_group)
     assert d.item() == sum(r * r for r in ctx.dp_ranks)
 
@@ -54,7 +59,7 @@ def worker_context(rank: int, world: int, tmp: Path) -> None:
         assert gr_parallel.get_context() is ctx
         # The same config again (as an object or by keyword, backend named or not) is the same context.
         assert gr_parallel.initialize(ParallelConfig(tp=tp)) is ctx
-        assert gr_parallel.initialize(tp=tp, backend="gloo") is ctx
+        assert gr_parallel.initialize(tp=tp, backend=ctx.backend) is ctx
         with pytest.raises(RuntimeError, match="already initialised"):
             gr_parallel.initialize(tp=world // tp if world // tp != tp else tp * 2)
         with pytest.raises(RuntimeError, match="already initialised"):
@@ -68,8 +73,9 @@ def worker_context(rank: int, world: int, tmp: Path) -> None:
         assert dist.is_initialized()  # the caller's process group stays
     with pytest.raises(ValueError, match="does not divide the world size"):
         gr_parallel.initialize(tp=3)
-    with pytest.raises(ValueError, match="already initialised with 'gloo'"):
-        gr_parallel.initialize(tp=1, backend="nccl")
+    backend = str(dist.get_backend())
+    with pytest.raises(ValueError, match=f"already initialised with '{backend}'"):
+        gr_parallel.initialize(tp=1, backend="nccl" if backend == "gloo" else "gloo")
     assert not gr_parallel.context.is_initialized()
     gr_parallel.destroy()  # a no-op when nothing is initialised
     # Still usable after the errors.
@@ -99,6 +105,9 @@ def worker_torchrun_env(rank: int, world: int, port: int) -> None:
 # tensor parallel
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
+# Where the TP workers build encoders and inputs, and the attention backend they use: set by the worker from its
+# context (CPU on gloo; the rank's GPU on NCCL, where "reference" keeps the fp32 parity free of TF32 kernels).
+SETUP = {"device": torch.device("cpu"), "attention": "auto"}
 
 
 def encoder_config(
@@ -117,6 +126,7 @@ def encoder_config(
         causal=causal,
         use_rab=use_rab,
         num_time_buckets=16,
+        attention_backend=SETUP["attention"],
     )
 
 
@@ -129,7 +139,7 @@ def make_encoder(config, seed: int):
         for name, p in enc.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.3)
-    return enc
+    return enc.to(SETUP["device"])
 
 
 def encoder_inputs(lengths: list[int], dim: int, seed: int) -> dict:
@@ -138,7 +148,7 @@ def encoder_inputs(lengths: list[int], dim: int, seed: int) -> dict:
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
     total = int(lens.sum())
     ts = torch.randint(0, 10_000, (total,), generator=g)
-    return {
+    inputs = {
         "x": torch.randn(total, dim, generator=g),
         "seq_offsets": offsets,
         "max_seq_len": max(lengths),
@@ -146,6 +156,7 @@ def encoder_inputs(lengths: list[int], dim: int, seed: int) -> dict:
         "query_timestamps": ts + torch.randint(0, 5_000, (total,), generator=g),
         "out_weight": torch.randn(total, dim, generator=g),
     }
+    return {k: v.to(SETUP["device"]) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def run_encoder(enc, inp: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +251,7 @@ def check_state_dict_round_trip(ctx, config) -> None:
     with pytest.raises(ValueError, match="expected size"):
         load_full_dense_state_dict(dst, bad, ctx)
     bad = dict(full)
-    bad["blocks.0.output.bias"] = torch.zeros(config.embedding_dim + 1)
+    bad["blocks.0.output.bias"] = torch.zeros(config.embedding_dim + 1, device=ctx.device)
     with pytest.raises(ValueError, match="does not fit"):
         load_full_dense_state_dict(dst, bad, ctx)
     bad = dict(full)
@@ -256,7 +267,7 @@ def check_sharded_dropout(ctx) -> None:
 
     config = encoder_config(heads=2 * ctx.tp_size, qk=2, v=4, dim=8, blocks=1, use_rab=False, dropout=0.5)
     block = tensor_parallel_hstu(make_encoder(config, 3), ctx).blocks[0]
-    y = torch.ones(64, block.local_heads * 4)
+    y = torch.ones(64, block.local_heads * 4, device=ctx.device)
     torch.manual_seed(5)
     a = block._sharded_dropout(y)
     torch.manual_seed(5)
@@ -278,9 +289,10 @@ def check_incremental(ctx) -> None:
     ref = make_encoder(config, 31).blocks[0]
     block = tensor_parallel_hstu(make_encoder(config, 31), ctx).blocks[0]
     g = torch.Generator().manual_seed(32)
-    past_offsets, q_offsets = torch.tensor([0, 3, 5]), torch.tensor([0, 1, 3])
-    x_past, x_new = torch.randn(5, 8, generator=g), torch.randn(3, 8, generator=g)
-    rab = torch.randn(2, 1, 5, 5, generator=g) * 0.1
+    dev = ctx.device
+    past_offsets, q_offsets = torch.tensor([0, 3, 5], device=dev), torch.tensor([0, 1, 3], device=dev)
+    x_past, x_new = torch.randn(5, 8, generator=g).to(dev), torch.randn(3, 8, generator=g).to(dev)
+    rab = (torch.randn(2, 1, 5, 5, generator=g) * 0.1).to(dev)
     heads = slice(ctx.tp_rank * block.local_heads, (ctx.tp_rank + 1) * block.local_heads)
     with torch.no_grad():
         _, ref_pv, _, ref_pk = ref.project(x_past)
@@ -299,11 +311,12 @@ def check_autocast(ctx) -> None:
     stay fp32."""
     from gr_parallel.tensor_parallel import full_dense_grads, tensor_parallel_hstu
 
-    config = encoder_config(heads=2 * ctx.tp_size, qk=4, v=4, dim=16, blocks=2, use_rab=True)
+    # The default attention backend: on a GPU its bf16 kernels.
+    config = dataclasses.replace(encoder_config(2 * ctx.tp_size, 4, 4, 16, 2, True), attention_backend="auto")
     ref = make_encoder(config, 41)
     tp_enc = tensor_parallel_hstu(make_encoder(config, 41), ctx)
     inp = encoder_inputs([6, 3, 8], 16, 42)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(ctx.device.type, dtype=torch.bfloat16):
         ref_out, ref_dx = run_encoder(ref, inp)
         out, dx = run_encoder(tp_enc, inp)
     bf16 = {"atol": 5e-2, "rtol": 5e-2}
@@ -330,7 +343,9 @@ def check_conversion_errors(ctx) -> None:
         tensor_parallel_hstu(enc.blocks[0], ctx)
 
 
-def worker_tensor_parallel(rank: int, world: int, tmp: Path, tp: int, examples: int, tp_only_checks: bool) -> None:
+def worker_tensor_parallel(
+    rank: int, world: int, tmp: Path, tp: int, examples: int, tp_only_checks: bool, attention: str = "auto"
+) -> None:
     """Parity of the TP encoder with the single-device one over hypothesis-drawn shapes (every rank draws the same
     examples: derandomised; a failure is then the same on every rank, so no rank waits in a collective), training,
     state-dict round trip, dropout, the inference path, bf16 autocast and errors."""
@@ -338,6 +353,7 @@ def worker_tensor_parallel(rank: int, world: int, tmp: Path, tp: int, examples: 
     from hypothesis import strategies as st
 
     ctx = gr_parallel.initialize(tp=tp, timeout_s=120.0)
+    SETUP.update(device=ctx.device, attention=attention)
 
     @settings(max_examples=examples, derandomize=True, database=None, deadline=None)
     @given(
