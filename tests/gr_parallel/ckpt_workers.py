@@ -333,25 +333,12 @@ def crash_main(fail_rank: int, fail_step: int) -> None:
     pm = build(ctx, "static")
     for sb in step_batches(ctx, 0, 100):
         if ctx.rank == fail_rank and sb.step == fail_step:
+            print(f"rank {ctx.rank} raises at {time.time():.3f}", flush=True)
             raise ValueError(f"rank {ctx.rank} fails on purpose at step {sb.step}")
         train_plain(pm, ctx, iter([sb]))
         print(f"rank {ctx.rank} finished step {sb.step}", flush=True)
     time.sleep(60)  # never reached in the test: the job must die first
     gr_parallel.destroy()
-
-
-def rank_raises(fail_rank: int) -> None:
-    """A ``run_ranks`` worker: ``fail_rank`` raises, the others block in an all-reduce it never joins."""
-    if dist.get_rank() == fail_rank:
-        time.sleep(1.0)
-        raise KeyError(f"rank {fail_rank} lost its table")
-    dist.all_reduce(torch.ones(1))
-
-
-def rank_value(scale: int) -> tuple[int, int]:
-    t = torch.tensor([dist.get_rank() + 1])
-    dist.all_reduce(t)
-    return dist.get_rank() * scale, int(t)
 
 
 if __name__ == "__main__":

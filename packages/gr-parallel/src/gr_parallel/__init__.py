@@ -7,6 +7,7 @@ conversion, every embedding table sharded over the world by TorchRec + gr-dynemb
 clipping across TP and DP, bf16) with its parts ``shard_sparse`` and ``dense``.
 """
 
+from gr_parallel.checkpoint import CheckpointMismatchError, LoadedCheckpoint, load_distributed, save_distributed
 from gr_parallel.context import ParallelConfig, ParallelContext, destroy, get_context, initialize
 from gr_parallel.dense import (
     DenseGradSync,
@@ -16,6 +17,7 @@ from gr_parallel.dense import (
     global_count,
     sync_dense_grads,
 )
+from gr_parallel.launch import RankFailedError, run_ranks
 from gr_parallel.load_balance import (
     LengthBalancedBatchSampler,
     balanced_partition,
@@ -26,6 +28,7 @@ from gr_parallel.load_balance import (
     sequence_costs,
 )
 from gr_parallel.parallelize import EmbeddingOptimizerConfig, ParallelizeConfig, ParallelModel, parallelize
+from gr_parallel.pipeline import TrainPipeline
 from gr_parallel.sparse import fused_params_for, shard_sparse
 from gr_parallel.tensor_parallel import (
     TensorParallelHSTUBlock,
@@ -38,15 +41,19 @@ from gr_parallel.tensor_parallel import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointMismatchError",
     "DenseGradSync",
     "DenseOptimizerConfig",
     "EmbeddingOptimizerConfig",
     "LengthBalancedBatchSampler",
+    "LoadedCheckpoint",
     "ParallelConfig",
     "ParallelContext",
     "ParallelModel",
     "ParallelizeConfig",
+    "RankFailedError",
     "TensorParallelHSTUBlock",
+    "TrainPipeline",
     "balanced_partition",
     "clip_grad_norm_",
     "contiguous_partition",
@@ -59,10 +66,13 @@ __all__ = [
     "global_count",
     "hstu_linear_coef",
     "initialize",
+    "load_distributed",
     "load_full_dense_state_dict",
     "max_cost_lower_bound",
     "parallelize",
     "partition_costs",
+    "run_ranks",
+    "save_distributed",
     "sequence_costs",
     "shard_sparse",
     "sync_dense_grads",
