@@ -142,7 +142,8 @@ def make_encoder(config, seed: int):
     return enc.to(SETUP["device"])
 
 
-def encoder_inputs(lengths: list[int], dim: int, seed: int) -> dict:
+def encoder_inputs(lengths: list[int], dim: int, seed: int, targets: bool = False) -> dict:
+    """Jagged inputs; ``targets`` marks the second half of each sequence as targets (the ranking mask)."""
     g = torch.Generator().manual_seed(seed)
     lens = torch.tensor(lengths)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
@@ -155,6 +156,7 @@ def encoder_inputs(lengths: list[int], dim: int, seed: int) -> dict:
         "timestamps": ts,
         "query_timestamps": ts + torch.randint(0, 5_000, (total,), generator=g),
         "out_weight": torch.randn(total, dim, generator=g),
+        "num_targets": lens // 2 if targets else None,
     }
     return {k: v.to(SETUP["device"]) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
@@ -162,7 +164,14 @@ def encoder_inputs(lengths: list[int], dim: int, seed: int) -> dict:
 def run_encoder(enc, inp: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward + backward of a fixed linear loss; returns (output, input gradient)."""
     x = inp["x"].clone().requires_grad_(True)
-    out = enc(x, inp["seq_offsets"], inp["max_seq_len"], inp["timestamps"], inp["query_timestamps"])
+    out = enc(
+        x,
+        inp["seq_offsets"],
+        inp["max_seq_len"],
+        inp["timestamps"],
+        inp["query_timestamps"],
+        num_targets=inp["num_targets"],
+    )
     (out * inp["out_weight"]).sum().backward()
     return out.detach(), x.grad
 
@@ -182,14 +191,14 @@ def check_replicated_grads_identical(tp_enc, ctx) -> None:
     assert replicated > 0
 
 
-def check_parity(ctx, config, lengths: list[int], seed: int) -> None:
+def check_parity(ctx, config, lengths: list[int], seed: int, targets: bool = False) -> None:
     """Forward output, input gradient and every parameter gradient of the TP encoder equal the single-device one's."""
     from gr_parallel.tensor_parallel import full_dense_grads, tensor_parallel_hstu
 
     ref = make_encoder(config, seed)
     tp_enc = tensor_parallel_hstu(make_encoder(config, seed), ctx)
     # Each DP group gets its own data; the TP ranks of one group share it.
-    inp = encoder_inputs(lengths, config.embedding_dim, seed * 100 + ctx.dp_rank)
+    inp = encoder_inputs(lengths, config.embedding_dim, seed * 100 + ctx.dp_rank, targets)
     ref_out, ref_dx = run_encoder(ref, inp)
     out, dx = run_encoder(tp_enc, inp)
     grads = full_dense_grads(tp_enc, ctx)
@@ -364,12 +373,13 @@ def worker_tensor_parallel(
         blocks=st.integers(1, 2),
         use_rab=st.booleans(),
         causal=st.booleans(),
+        targets=st.booleans(),
         lengths=st.lists(st.integers(1, 8), min_size=1, max_size=3),
         seed=st.integers(0, 2**16),
     )
-    def parity(heads_per_rank, qk, v, dim, blocks, use_rab, causal, lengths, seed) -> None:
+    def parity(heads_per_rank, qk, v, dim, blocks, use_rab, causal, targets, lengths, seed) -> None:
         config = encoder_config(heads_per_rank * tp, qk, v, dim, blocks, use_rab, causal)
-        check_parity(ctx, config, lengths, seed)
+        check_parity(ctx, config, lengths, seed, targets)
 
     # The issue's shapes first (rab on and off), then drawn ones.
     for use_rab in (True, False):
