@@ -1,0 +1,281 @@
+"""Hybrid-parallel training throughput: HSTU retrieval training at 1, 2 (and 4) GPUs, DP against TP.
+
+Each configuration ``(gpus, tp)`` (``dp = gpus / tp``) is one ``torchrun`` job of this script in ``--worker`` mode:
+a ``gr_models`` ``RetrievalModel`` (HSTU encoder, static item table) goes through ``gr_parallel.parallelize`` (item
+table sharded by TorchRec over every rank, HSTU blocks tensor-parallel over ``tp``, dense gradients all-reduced over
+``dp``), then trains on synthetic jagged batches (lengths uniform in [1, ``--max-len``], seed per step and DP rank;
+``--seqs-per-rank`` sequences per DP rank and step, so DP grows the global batch and TP does not) with the sampled
+softmax loss, bf16 autocast and fused row-wise Adagrad tables. After ``--warmup`` steps, ``--steps`` steps are timed.
+
+Reported per configuration: tokens/s (all ranks), model TFLOP/s per GPU, MFU against 989 dense bf16 TFLOP/s (H100/H200
+SXM), and scaling efficiency = tokens/s / (gpus x the 1-GPU tokens/s). Model FLOPs count the HSTU blocks only, as
+NVIDIA's recsys-examples do: per token and block 2 * D * (2 * H * (Dqk + Dv)) for the U/V/Q/K projection and
+2 * H * Dv * D for the output projection; per sequence and block 2 * H * Dqk * L^2 for causal attention (the
+forward convention of tools/bench_hstu_attention.py); backward = 2x the projections and 2.5x the attention.
+
+    python tools/bench_parallel.py --configs 1x1 2x1 2x2           # GPU machine: 1 GPU, 2 GPUs DP=2, 2 GPUs TP=2
+    python tools/bench_parallel.py --device cpu --tiny --configs 1x1 2x1 2x2   # gloo smoke run of the same path
+    python tools/bench_parallel.py --replot
+
+Writes ``docs/benchmarks/parallel.{json,md,png}`` (``--out``); records
+``{"gpus", "tp", "dp", "tokens_per_s", "tflops_per_gpu", "mfu", "scaling_efficiency", ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16
+
+
+def hstu_flops(lengths: list[int], blocks: int, dim: int, heads: int, dqk: int, dv: int) -> float:
+    """Training FLOPs (forward + backward) of the HSTU blocks for sequences of ``lengths``."""
+    tokens = sum(lengths)
+    proj_fwd = tokens * (2 * dim * 2 * heads * (dqk + dv) + 2 * heads * dv * dim)
+    attn_fwd = sum(2 * heads * dqk * n * n for n in lengths)
+    return blocks * (3 * proj_fwd + 3.5 * attn_fwd)
+
+
+# ---------------------------------------------------------------------------------------------------- worker
+def _synthetic_batch(step: int, dp_rank: int, args: argparse.Namespace):
+    """The DP rank's sequences of one step (TP ranks of a DP group draw the same)."""
+    from torchrec import KeyedJaggedTensor
+
+    from gr_models.data.batching import ITEM_FEATURE, SequenceBatch
+
+    g = torch.Generator().manual_seed(1_000_003 * step + dp_rank)
+    lengths = torch.randint(1, args.max_len + 1, (args.seqs_per_rank,), generator=g)
+    total = int(lengths.sum())
+    items = torch.randint(0, args.num_items, (total,), generator=g)
+    targets = torch.randint(0, args.num_items, (total,), generator=g)
+    ts = torch.arange(total, dtype=torch.int64)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    features = KeyedJaggedTensor(
+        keys=[ITEM_FEATURE], values=items, lengths=lengths, length_per_key=[total], offset_per_key=[0, total]
+    )
+    batch = SequenceBatch(
+        user_ids=torch.arange(len(lengths)),
+        features=features,
+        timestamps=ts,
+        seq_offsets=offsets,
+        max_seq_len=int(lengths.max()),
+        target_items=targets,
+        target_timestamps=ts + 1,
+    )
+    return batch, lengths.tolist()
+
+
+def worker(args: argparse.Namespace) -> None:
+    import gr_parallel
+    from gr_models.modules.hstu import HSTUConfig
+    from gr_models.retrieval import RetrievalModelConfig, SampledSoftmaxLoss
+    from gr_models.retrieval.model import RetrievalModel
+    from gr_parallel.parallelize import EmbeddingOptimizerConfig, ParallelizeConfig
+
+    ctx = gr_parallel.initialize(gr_parallel.ParallelConfig(tp=args.tp))
+    torch.manual_seed(0)
+    hstu = HSTUConfig(num_blocks=args.blocks, num_heads=args.heads, use_rab=False, attention_backend="auto")
+    cfg = RetrievalModelConfig(
+        num_items=args.num_items, embedding_dim=args.dim, max_seq_len=args.max_len, dropout=0.0, hstu=hstu
+    )
+    model = RetrievalModel(cfg)
+    pm = gr_parallel.parallelize(
+        model,
+        ctx,
+        ParallelizeConfig(
+            embedding_optimizer=EmbeddingOptimizerConfig(kind="rowwise_adagrad", lr=0.01),
+            bf16=ctx.device.type == "cuda",
+            grad_clip=1.0,
+        ),
+    )
+    loss_fn = SampledSoftmaxLoss(args.num_items, args.negatives, 0.05, "uniform")
+    net = pm.module
+    sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
+    step_times, flops, tokens, losses = [], 0.0, 0, []
+    for step in range(args.warmup + args.steps):
+        batch, lengths = _synthetic_batch(step, ctx.dp_rank, args)
+        batch = batch.to(ctx.device, non_blocking=True)
+        sync()
+        t0 = time.perf_counter()
+        with pm.autocast():
+            queries = pm(batch)
+            loss = loss_fn(queries.float(), batch.target_items, net.item_embeddings)
+        loss.backward()
+        pm.step()
+        sync()
+        if step >= args.warmup:
+            step_times.append(time.perf_counter() - t0)
+            losses.append(float(loss.detach()))
+            # Global work of the step: summed over the DP groups (TP ranks of a group share their sequences).
+            flops_local = hstu_flops(lengths, args.blocks, args.dim, args.heads, hstu.qk_dim, hstu.v_dim)
+            counts = torch.tensor([flops_local, float(sum(lengths))], dtype=torch.float64, device=ctx.device)
+            torch.distributed.all_reduce(counts, group=ctx.dp_group)
+            flops += float(counts[0])
+            tokens += int(counts[1])
+    wall = sum(step_times)
+    times = torch.tensor([wall], dtype=torch.float64, device=ctx.device)
+    torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)  # the slowest rank sets the pace
+    wall = float(times[0])
+    if ctx.rank == 0:
+        gpus = ctx.world_size
+        tflops_per_gpu = flops / wall / gpus / 1e12
+        record = {
+            "device": torch.cuda.get_device_name(0) if ctx.device.type == "cuda" else "cpu",
+            "gpus": gpus,
+            "tp": ctx.tp_size,
+            "dp": ctx.dp_size,
+            "tokens_per_s": round(tokens / wall, 1),
+            "tflops_per_gpu": round(tflops_per_gpu, 2),
+            "mfu": round(tflops_per_gpu / PEAK_BF16_TFLOPS, 4),
+            "step_ms": round(wall / len(step_times) * 1e3, 2),
+            "loss_first": round(losses[0], 4),
+            "loss_last": round(losses[-1], 4),
+            "blocks": args.blocks,
+            "dim": args.dim,
+            "heads": args.heads,
+            "max_len": args.max_len,
+            "seqs_per_rank": args.seqs_per_rank,
+            "num_items": args.num_items,
+            "steps": args.steps,
+        }
+        Path(args.record).write_text(json.dumps(record) + "\n")
+    gr_parallel.destroy()
+
+
+# ---------------------------------------------------------------------------------------------------- launcher
+def run_config(args: argparse.Namespace, gpus: int, tp: int, record: Path) -> dict:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+        str(Path(__file__).resolve()), "--worker", f"--tp={tp}", f"--record={record}",
+        f"--blocks={args.blocks}", f"--dim={args.dim}", f"--heads={args.heads}", f"--max-len={args.max_len}",
+        f"--seqs-per-rank={args.seqs_per_rank}", f"--num-items={args.num_items}", f"--negatives={args.negatives}",
+        f"--warmup={args.warmup}", f"--steps={args.steps}",
+    ]  # fmt: skip
+    env = dict(os.environ)
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, cwd=REPO)
+    print(f"config {gpus}x{tp}: {time.perf_counter() - t:.0f}s", file=sys.stderr)
+    return json.loads(record.read_text())
+
+
+def add_scaling(records: list[dict]) -> None:
+    base = {r["device"]: r["tokens_per_s"] for r in records if r["gpus"] == 1}
+    for r in records:
+        one = base.get(r["device"])
+        r["scaling_efficiency"] = round(r["tokens_per_s"] / (r["gpus"] * one), 4) if one else None
+
+
+def markdown(runs: list[dict], records: list[dict]) -> str:
+    lines = ["# Hybrid-parallel HSTU training throughput", ""]
+    for run in runs:
+        lines.append(
+            f"- **{run['device']}**: `{run['command']}`; {run['machine']}; torch {run['torch']}; {run['date']}. "
+            f"Model: {run['model']}."
+        )
+    lines += [
+        "",
+        "Model FLOPs: HSTU blocks only (projections 3x forward, attention 3.5x forward); MFU against "
+        f"{PEAK_BF16_TFLOPS:.0f} TFLOP/s. Scaling efficiency: tokens/s over (GPUs x the 1-GPU tokens/s).",
+        "",
+        "| device | GPUs | TP | DP | step ms | tokens/s | TFLOP/s per GPU | MFU | scaling efficiency |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        eff = "-" if r.get("scaling_efficiency") is None else f"{r['scaling_efficiency']:.0%}"
+        lines.append(
+            f"| {r['device']} | {r['gpus']} | {r['tp']} | {r['dp']} | {r['step_ms']} | {r['tokens_per_s']:.0f} | "
+            f"{r['tflops_per_gpu']:.1f} | {r['mfu']:.1%} | {eff} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    labels = [f"{r['device'][:12]}\n{r['gpus']} GPU TP{r['tp']} DP{r['dp']}" for r in records]
+    axes[0].bar(labels, [r["tokens_per_s"] for r in records], color="tab:blue")
+    axes[0].set_ylabel("tokens/s")
+    axes[1].bar(labels, [r["tflops_per_gpu"] for r in records], color="tab:orange")
+    axes[1].set_ylabel("model TFLOP/s per GPU")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle("HSTU hybrid-parallel training (bench_parallel.py)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--configs", nargs="+", default=["1x1", "2x1", "2x2"], help="GPUSxTP, e.g. 2x2 = 2 GPUs, TP=2")
+    ap.add_argument("--tiny", action="store_true", help="a small model and batch (CPU smoke runs)")
+    ap.add_argument("--blocks", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--max-len", type=int, default=4096)
+    ap.add_argument("--seqs-per-rank", type=int, default=8)
+    ap.add_argument("--num-items", type=int, default=10_000_000)
+    ap.add_argument("--negatives", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", default=str(REPO / "docs/benchmarks/parallel"))
+    ap.add_argument("--replot", action="store_true")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--record", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.tiny:
+        args.blocks, args.dim, args.heads, args.max_len = 2, 32, 2, 64
+        args.seqs_per_rank, args.num_items, args.negatives, args.warmup, args.steps = 4, 1000, 8, 1, 3
+    if args.worker:
+        worker(args)
+        return
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_outputs import merge_device_run, saved_runs, write_outputs
+
+    out = Path(args.out)
+    if args.replot:
+        runs, records = saved_runs(out)
+        write_outputs(out, runs, records, markdown, plot)
+        return
+    records = []
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    for spec in args.configs:
+        gpus, tp = (int(x) for x in spec.split("x"))
+        if gpus % tp:
+            raise SystemExit(f"config {spec}: tp={tp} does not divide gpus={gpus}")
+        records.append(run_config(args, gpus, tp, tmp / f"bench_parallel_{gpus}x{tp}.json"))
+    add_scaling(records)
+    device = records[0]["device"]
+    meta = {
+        "device": device,
+        "command": "python tools/bench_parallel.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "model": f"{args.blocks} HSTU blocks, dim {args.dim}, {args.heads} heads, lengths U[1, {args.max_len}], "
+        f"{args.seqs_per_rank} sequences per DP rank, {args.num_items} items, {args.negatives} negatives",
+    }
+    runs, all_records = merge_device_run(out, meta, records)
+    write_outputs(out, runs, all_records, markdown, plot)
+
+
+if __name__ == "__main__":
+    main()
