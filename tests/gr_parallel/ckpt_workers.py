@@ -28,17 +28,22 @@ JITTER = 0.01  # a loss factor drawn from the global RNG: the resumed run matche
 
 
 # ------------------------------------------------------------------------------------------ running ranks
-def run(world_size: int, worker: Callable, *args: Any, tp: int = 1, timeout_s: float = 600.0) -> list[Any]:
-    """``worker(ctx, *args)`` on ``world_size`` gloo ranks with ``gr_parallel`` initialised; the ranks' results."""
+def run(
+    world_size: int, worker: Callable, *args: Any, tp: int = 1, backend: str = "gloo", timeout_s: float = 600.0
+) -> list[Any]:
+    """``worker(ctx, *args)`` on ``world_size`` ranks (gloo, or nccl with a GPU per rank) with ``gr_parallel``
+    initialised; the ranks' results."""
     from gr_parallel.launch import run_ranks
 
-    return run_ranks(_with_context, world_size, worker, tp, args, timeout_s=timeout_s, pg_timeout_s=120.0)
+    return run_ranks(
+        _with_context, world_size, worker, tp, backend, args, backend=backend, timeout_s=timeout_s, pg_timeout_s=120.0
+    )
 
 
-def _with_context(worker: Callable, tp: int, args: tuple) -> Any:
+def _with_context(worker: Callable, tp: int, backend: str, args: tuple) -> Any:
     import gr_parallel
 
-    ctx = gr_parallel.initialize(tp=tp, backend="gloo")
+    ctx = gr_parallel.initialize(tp=tp, backend=backend)
     try:
         return worker(ctx, *args)
     finally:
@@ -122,6 +127,19 @@ def snapshot(pm, ctx) -> dict[str, torch.Tensor]:
     return {"rows": item_rows(pm.module), **{f"dense.{k}": v for k, v in dense.items()}}
 
 
+def tolerance(ctx) -> float:
+    """Runs that must agree bit for bit on the CPU; on CUDA, kernels that accumulate with atomics (embedding
+    backward) may round differently run to run."""
+    return 0.0 if ctx.device.type == "cpu" else 1e-5
+
+
+def assert_losses(got: list[float], want: list[float], ctx, what: str) -> None:
+    tol = tolerance(ctx)
+    assert len(got) == len(want), f"{what}: {len(got)} losses, {len(want)} expected"
+    worst = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(got, want, strict=True))
+    assert worst <= tol, f"{what}: losses {got} != {want}"
+
+
 def assert_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str, atol: float = 0.0) -> None:
     assert sorted(got) == sorted(want), f"{what}: {sorted(got)} vs {sorted(want)}"
     for k in want:
@@ -168,8 +186,8 @@ def worker_pipeline(ctx, item_table: str, steps: int) -> dict[str, Any]:
             break
         assert step == len(piped)
         piped.append(global_loss(loss, ctx))
-    assert piped == plain, f"pipelined losses {piped} != plain {plain}"
-    assert_equal(snapshot(pm, ctx), want, "pipeline vs plain loop")
+    assert_losses(piped, plain, ctx, "pipeline vs plain loop")
+    assert_equal(snapshot(pm, ctx), want, "pipeline vs plain loop", atol=tolerance(ctx))
     for step, n_fetched, in_flight in ahead:
         last = step == steps - 1
         assert n_fetched == (step + 1 if last else step + 2), f"step {step}: {n_fetched} batches fetched at forward"
@@ -228,8 +246,8 @@ def worker_resume(ctx, tmp: Path, item_table: str, k: int) -> dict[str, Any]:
     assert loaded.rng_restored and loaded.saved_world_size == ctx.world_size
     assert loaded.trainer_state == {"step": k, "losses": before}
     after = train_plain(second, ctx, step_batches(ctx, k, 2 * k), jitter=True)
-    assert before + after == straight, f"resumed losses {before + after} != straight {straight}"
-    assert_equal(snapshot(second, ctx), want, "resumed vs straight")
+    assert_losses(before + after, straight, ctx, "resumed vs straight")
+    assert_equal(snapshot(second, ctx), want, "resumed vs straight", atol=tolerance(ctx))
     return {"losses": straight}
 
 

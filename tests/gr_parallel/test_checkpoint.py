@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.gr_parallel.ckpt_workers import run, worker_load_on_other_world, worker_save_on_two_ranks
+from tests.gr_parallel.ckpt_workers import run, worker_load_on_other_world, worker_resume, worker_save_on_two_ranks
 from tests.gr_parallel.parity_workers import NUM_ITEMS
 
 TABLES = ["static", "dynamic"]
@@ -53,3 +54,12 @@ def test_two_rank_checkpoint_loads_on_another_world_size(two_rank_checkpoints: P
     diffs = run(world_size, worker_load_on_other_world, two_rank_checkpoints, TABLES, K)
     for table in TABLES:
         assert max(d[table] for d in diffs) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("table", TABLES)
+def test_exact_resume_on_two_gpus(tmp_path: Path, table: str) -> None:
+    """Over NCCL with the tables on the GPUs (within 1e-5: embedding backward kernels accumulate with atomics)."""
+    results = run(2, worker_resume, tmp_path, table, K, backend="nccl")
+    assert results[0]["losses"] == results[1]["losses"]
