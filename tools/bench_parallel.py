@@ -24,6 +24,7 @@ Writes ``docs/benchmarks/parallel.{json,md,png}`` (``--out``); records
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -75,6 +76,26 @@ def _synthetic_batch(step: int, dp_rank: int, args: argparse.Namespace):
     return batch, lengths.tolist()
 
 
+def item_table_on_meta(model, num_items: int):
+    """``model`` (built with a 1-row item table) with a ``num_items``-row table on the meta device: TorchRec's
+    sharded modules then initialise their shards on their own devices, so no rank builds the full table on the host
+    (10M x 512 fp32 rows are 20 GB)."""
+    from torchrec import EmbeddingCollection, EmbeddingConfig
+
+    emb = model.input_embedding
+    (table,) = emb.item_embeddings.embedding_configs()
+    meta = EmbeddingConfig(
+        name=table.name,
+        embedding_dim=table.embedding_dim,
+        num_embeddings=num_items,
+        feature_names=table.feature_names,
+        init_fn=table.init_fn,
+    )
+    emb.item_embeddings = EmbeddingCollection(tables=[meta], device=torch.device("meta"))
+    emb.num_items = model.config.num_items = num_items
+    return model
+
+
 def worker(args: argparse.Namespace) -> None:
     import gr_parallel
     from gr_models.modules.hstu import HSTUConfig
@@ -88,7 +109,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg = RetrievalModelConfig(
         num_items=args.num_items, embedding_dim=args.dim, max_seq_len=args.max_len, dropout=0.0, hstu=hstu
     )
-    model = RetrievalModel(cfg)
+    model = item_table_on_meta(RetrievalModel(dataclasses.replace(cfg, num_items=1)), args.num_items)
     pm = gr_parallel.parallelize(
         model,
         ctx,
@@ -242,7 +263,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.tiny:
         args.blocks, args.dim, args.heads, args.max_len = 2, 32, 2, 64
-        args.seqs_per_rank, args.num_items, args.negatives, args.warmup, args.steps = 4, 1000, 8, 1, 3
+        args.seqs_per_rank, args.num_items, args.negatives, args.warmup, args.steps = 4, 1000, 8, 2, 3
     if args.worker:
         worker(args)
         return
