@@ -126,13 +126,15 @@ class TensorParallelRelativeBias(RelativeBucketedTimeAndPositionBias):
     def __init__(self, max_seq_len: int, num_time_buckets: int, log_base: float, group: dist.ProcessGroup) -> None:
         super().__init__(max_seq_len, num_time_buckets, log_base)
         self.group = group
-        # A parameter-free twin the forward runs on (with this module's parameters passed in): keeps the bias logic
-        # in gr-models. Kept out of the module tree (no state, no parameters of its own that count).
+        # A plain twin whose code the forward runs with this module's (TP-mapped) parameters swapped in, so the bias
+        # logic stays in gr-models. Kept out of the module tree: its own two small parameters are never used.
         twin = RelativeBucketedTimeAndPositionBias(max_seq_len, num_time_buckets, log_base)
         object.__setattr__(self, "_twin", twin)
 
     @classmethod
-    def from_module(cls, module: RelativeBucketedTimeAndPositionBias, group: dist.ProcessGroup):
+    def from_module(
+        cls, module: RelativeBucketedTimeAndPositionBias, group: dist.ProcessGroup
+    ) -> TensorParallelRelativeBias:
         new = cls(module.max_seq_len, module.num_time_buckets, module.log_base, group)
         new.load_state_dict(module.state_dict())
         p = module.position_weights
