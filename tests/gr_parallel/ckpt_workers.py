@@ -251,50 +251,75 @@ def worker_resume(ctx, tmp: Path, item_table: str, k: int) -> dict[str, Any]:
     return {"losses": straight}
 
 
-def worker_save_for_reshard(ctx, tmp: Path, item_table: str, k: int) -> None:
-    """Trains k steps and saves; records (rank 0) the rows and dense state at the save and after one more step."""
+def worker_save_for_reshard(ctx, tmp: Path, item_table: str, k: int, tag: str = "") -> None:
+    """Trains k steps and saves to ``reshard-<tag or item_table>``; records (rank 0) the rows and dense state at the
+    save and after one more step."""
     from gr_parallel.checkpoint import save_distributed
 
+    tag = tag or item_table
     pm = build(ctx, item_table)
     train_plain(pm, ctx, step_batches(ctx, 0, k))
-    save_distributed(tmp / f"reshard-{item_table}", pm, {"dense": pm.optimizer}, {"step": k}, ctx)
+    save_distributed(tmp / f"reshard-{tag}", pm, {"dense": pm.optimizer}, {"step": k}, ctx)
     at_save = snapshot(pm, ctx)
     loss = train_plain(pm, ctx, step_batches(ctx, k, k + 1))
     after = snapshot(pm, ctx)
     if ctx.rank == 0:
-        torch.save({"at_save": at_save, "loss": loss, "after": after}, tmp / f"expected-{item_table}.pt")
+        torch.save({"at_save": at_save, "loss": loss, "after": after}, tmp / f"expected-{tag}.pt")
 
 
-def worker_load_reshard(ctx, tmp: Path, item_table: str, k: int) -> float:
-    """Loads the 2-rank checkpoint on this world size: the same rows and dense state; the next step gives the loss
-    and state the 2-rank run got (up to summation order). Returns the largest difference after the step."""
+def worker_load_reshard(ctx, tmp: Path, item_table: str, k: int, tag: str = "") -> float:
+    """Loads the 2-rank checkpoint ``reshard-<tag or item_table>`` on this layout: the same rows and dense state; the
+    next step gives the loss and state the 2-rank run got (up to summation order). Returns the largest difference
+    after the step."""
     from gr_parallel.checkpoint import load_distributed
 
-    expected = torch.load(tmp / f"expected-{item_table}.pt")
+    tag = tag or item_table
+    expected = torch.load(tmp / f"expected-{tag}.pt")
     pm = build(ctx, item_table, seed=1)
-    loaded = load_distributed(tmp / f"reshard-{item_table}", pm, {"dense": pm.optimizer}, ctx)
+    loaded = load_distributed(tmp / f"reshard-{tag}", pm, {"dense": pm.optimizer}, ctx)
     assert loaded.trainer_state == {"step": k} and loaded.saved_world_size == 2
     assert loaded.rng_restored == (ctx.world_size == 2)
-    assert_equal(snapshot(pm, ctx), expected["at_save"], f"loaded on {ctx.world_size} ranks")
+    where = f"{tag} loaded on {ctx.world_size} ranks, tp={ctx.tp_size}"
+    assert_equal(snapshot(pm, ctx), expected["at_save"], where)
     loss = train_plain(pm, ctx, step_batches(ctx, k, k + 1))
     torch.testing.assert_close(loss, expected["loss"], rtol=1e-5, atol=1e-6)
     got = snapshot(pm, ctx)
-    assert_equal(got, expected["after"], f"next step on {ctx.world_size} ranks", atol=1e-5)
+    assert_equal(got, expected["after"], f"next step, {where}", atol=1e-5)
     return max(float((got[n] - expected["after"][n]).abs().max()) for n in got)
 
 
+def _relayout(ctx, tp: int):
+    """Re-initialises gr_parallel on the same process group with another TP size."""
+    import gr_parallel
+
+    gr_parallel.destroy()
+    return gr_parallel.initialize(tp=tp, backend=ctx.backend)
+
+
 def worker_save_on_two_ranks(ctx, tmp: Path, tables: list[str], k: int) -> dict[str, Any]:
-    """Exact resume for each item table kind, then the checkpoints the re-shard loads read."""
+    """Exact resume for each item table kind, then the checkpoints the re-shard loads read: one per table at
+    (tp=1, dp=2), and a static-table one at (tp=2, dp=1)."""
     resumed = {t: worker_resume(ctx, tmp, t, k) for t in tables}
     for t in tables:
         worker_save_for_reshard(ctx, tmp, t, k)
+    tp2 = _relayout(ctx, 2)
+    worker_save_for_reshard(tp2, tmp, "static", k, tag="tp2")
+    _relayout(tp2, 1)
     return resumed
 
 
 def worker_load_on_other_world(ctx, tmp: Path, tables: list[str], k: int) -> dict[str, float]:
+    """1 rank: every checkpoint at tp=1 (the tp=2 one is gathered), plus the mismatch errors. 4 ranks: the tp=1
+    checkpoints at (tp=1, dp=4), then the static ones at (tp=2, dp=2): tp=1 -> 2 and dp=1 -> 2."""
     diffs = {t: worker_load_reshard(ctx, tmp, t, k) for t in tables}
     if ctx.world_size == 1:
+        diffs["tp2"] = worker_load_reshard(ctx, tmp, "static", k, tag="tp2")
         worker_mismatch(ctx, tmp)
+    else:
+        tp2 = _relayout(ctx, 2)
+        diffs["tp1->tp2"] = worker_load_reshard(tp2, tmp, "static", k)
+        diffs["tp2"] = worker_load_reshard(tp2, tmp, "static", k, tag="tp2")
+        _relayout(tp2, 1)
     return diffs
 
 

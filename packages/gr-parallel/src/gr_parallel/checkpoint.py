@@ -7,7 +7,7 @@ Layout of ``<path>/`` (a directory on a file system every rank sees)::
                                  state (TorchRec ShardedTensors; DCP re-shards them on load)
     dynamic/<table>/rank<r>-of-<W>.pt   gr-dynemb dumps of the dynamic tables (rows + optimizer state + clock)
     dense.pt                     the dense parameters and buffers in single-device form (rank 0)
-    dense_optim/tp<r>-of-<T>.pt  the dense optimizers' states (one file per TP rank, written by DP rank 0)
+    dense_optim.pt               the dense optimizers' states, by parameter name, in single-device form (rank 0)
     trainer.pt                   the caller's trainer state (rank 0)
     rng/rank<r>.pt               every rank's RNG states (python, numpy, torch, CUDA)
 
@@ -17,8 +17,9 @@ Every rank writes into ``<path>.tmp-<id>``; after a barrier rank 0 writes ``meta
 
 Dense parameters are saved in single-device form (``gr_parallel.tensor_parallel.full_dense_state_dict`` under tensor
 parallelism) so they load on any TP size. Dense optimizer states are data-parallel replicas (every DP rank steps the
-same summed gradients), so any DP size loads them; under TP they are per-TP-rank shards and load only on the same TP
-size (``load_distributed`` says so). RNG states are restored only on the world size that wrote them.
+same summed gradients), so any DP size loads them; their TP-sharded tensors (moments of head-split weights) are
+gathered and re-split like the weights, so any TP size loads them too. RNG states are restored only on the world
+size that wrote them.
 """
 
 from __future__ import annotations
@@ -183,35 +184,79 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): n.replace(_DMP_PREFIX, "") for n, p in model.named_parameters()}
 
 
-def _optimizer_state_by_name(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
-    """The optimizer's state dict with parameters named instead of numbered, so a model rebuilt elsewhere (another
-    parameter order, another world size) maps it back by name."""
+def _tp_layouts(model: nn.Module) -> dict[int, tuple[Any, dist.ProcessGroup]]:
+    """id(parameter) -> (its ``HeadShard`` layout, TP group) for every tensor-parallel HSTU block's split weights."""
+    from gr_parallel.tensor_parallel import TensorParallelHSTUBlock
+
+    found = {}
+    for module in model.modules():
+        if isinstance(module, TensorParallelHSTUBlock):
+            params = dict(module.named_parameters())
+            for name, layout in module.shard_layout().items():
+                found[id(params[name])] = (layout, module.tp_group)
+    return found
+
+
+def _gather_tp(value: torch.Tensor, layout: Any, group: dist.ProcessGroup) -> torch.Tensor:
+    shards = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, value.detach().contiguous(), group=group)
+    return layout.unshard(shards)
+
+
+def _optimizer_state_by_name(opt: torch.optim.Optimizer, names: dict[int, str], layouts: dict) -> dict[str, Any]:
+    """The optimizer's state dict with parameters named instead of numbered and TP-split state tensors gathered
+    into single-device form, so a model rebuilt elsewhere (another parameter order, world or TP size) maps it back.
+    Under TP a collective over the TP group: every rank of it calls this."""
     sd = opt.state_dict()
-    index_to_name: dict[int, str] = {}
+    index_to_param: dict[int, torch.Tensor] = {}
     for group, sd_group in zip(opt.param_groups, sd["param_groups"], strict=True):
         for p, index in zip(group["params"], sd_group["params"], strict=True):
             if id(p) not in names:
                 raise ValueError("a dense optimizer holds a parameter that is not in the model")
-            index_to_name[index] = names[id(p)]
-    groups = [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in sd["param_groups"]]
-    state = {index_to_name[i]: {k: _to_cpu(v) for k, v in s.items()} for i, s in sd["state"].items()}
+            index_to_param[index] = p
+    state = {}
+    for index in sorted(sd["state"]):  # the same order on every TP rank: the gathers pair up
+        p = index_to_param[index]
+        entry = {}
+        for key, value in sd["state"][index].items():
+            if id(p) in layouts and isinstance(value, torch.Tensor) and value.shape == p.shape:
+                value = _gather_tp(value, *layouts[id(p)])
+            entry[key] = _to_cpu(value)
+        state[names[id(p)]] = entry
+    groups = [{**g, "params": [names[id(index_to_param[i])] for i in g["params"]]} for g in sd["param_groups"]]
     return {"param_groups": groups, "state": state}
 
 
 def _load_optimizer_state_by_name(
-    opt: torch.optim.Optimizer, saved: dict[str, Any], names: dict[int, str], label: str
+    opt: torch.optim.Optimizer,
+    saved: dict[str, Any],
+    names: dict[int, str],
+    layouts: dict,
+    ctx: ParallelContext,
+    label: str,
 ) -> None:
-    groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
-    saved_groups = [g["params"] for g in saved["param_groups"]]
+    params = {names[id(p)]: p for g in opt.param_groups for p in g["params"]}
+    groups = [sorted(names[id(p)] for p in g["params"]) for g in opt.param_groups]
+    saved_groups = [sorted(g["params"]) for g in saved["param_groups"]]
     if groups != saved_groups:
         raise CheckpointMismatchError(
             f"dense optimizer {label!r}: the checkpoint's parameter groups {saved_groups} differ from this "
             f"optimizer's {groups}"
         )
-    index = {name: i for i, name in enumerate(n for g in groups for n in g)}
+    index = {names[id(p)]: i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    state = {}
+    for name, entry in saved["state"].items():
+        p = params[name]
+        local = {}
+        for key, value in entry.items():
+            if id(p) in layouts and isinstance(value, torch.Tensor) and value.dim() == p.dim() and value.dim() > 0:
+                value = layouts[id(p)][0].shard(value, ctx.tp_rank, ctx.tp_size)  # this rank's heads
+            local[key] = value
+        state[index[name]] = local
+    this_groups = [[index[names[id(p)]] for p in g["params"]] for g in opt.param_groups]
     sd = {
-        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]],
-        "state": {index[n]: s for n, s in saved["state"].items()},
+        "param_groups": [{**g, "params": ids} for g, ids in zip(saved["param_groups"], this_groups, strict=True)],
+        "state": state,
     }
     opt.load_state_dict(sd)  # casts the state to each parameter's device and dtype
 
@@ -296,10 +341,11 @@ def save_distributed(
             dcp.save({"model": sparse, "fused_optimizer": fused}, checkpoint_id=str(tmp / "sparse"))
         if _dynamic_tables(model):
             dump_sharded(model, tmp / "dynamic")
-        if ctx.dp_rank == 0 and named:
-            names = _param_names(model)
-            states = {n: _optimizer_state_by_name(o, names) for n, o in named.items()}
-            _save(states, tmp / "dense_optim" / f"tp{ctx.tp_rank}-of-{ctx.tp_size}.pt")
+        if ctx.dp_rank == 0 and named:  # DP replicas hold the same states; the first TP group gathers its shards
+            names, layouts = _param_names(model), _tp_layouts(model)
+            states = {n: _optimizer_state_by_name(o, names, layouts) for n, o in named.items()}
+            if ctx.rank == 0:
+                _save(states, tmp / "dense_optim.pt")
         _save(rng_state(), tmp / "rng" / f"rank{ctx.rank}.pt")
         if ctx.rank == 0:
             _save(dense, tmp / "dense.pt")
@@ -406,11 +452,6 @@ def load_distributed(
         raise CheckpointMismatchError(
             f"checkpoint {path} holds dense optimizer(s) {meta['optimizers']}, not {sorted(named)}"
         )
-    if named and meta["tp_size"] != ctx.tp_size:
-        raise CheckpointMismatchError(
-            f"checkpoint {path} was saved with tp={meta['tp_size']}; its dense optimizer states are per-TP-rank "
-            f"shards and do not load on tp={ctx.tp_size} (the model itself does: pass optimizers=None)"
-        )
 
     if sparse:
         fused_opt = getattr(model, "fused_optimizer", None)
@@ -427,12 +468,10 @@ def load_distributed(
     dense = torch.load(path / "dense.pt", map_location="cpu", weights_only=True)
     _load_full_dense(model, dense, ctx)
     if named:
-        states = torch.load(
-            path / "dense_optim" / f"tp{ctx.tp_rank}-of-{ctx.tp_size}.pt", map_location="cpu", weights_only=False
-        )
-        names = _param_names(model)
+        states = torch.load(path / "dense_optim.pt", map_location="cpu", weights_only=False)
+        names, layouts = _param_names(model), _tp_layouts(model)
         for name, opt in named.items():
-            _load_optimizer_state_by_name(opt, states[name], names, name)
+            _load_optimizer_state_by_name(opt, states[name], names, layouts, ctx, name)
 
     same_world = meta["world_size"] == ctx.world_size
     if same_world:
