@@ -62,8 +62,9 @@ def run_cli(
         overrides.append("output.progress=false")
     if args.tp is not None:
         overrides.append(f"parallel.tp={args.tp}")
+    # force: importing fbgemm_gpu logs through the root logger, which configures it (at WARNING) before we get here.
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True
     )
     try:
         config = load_config(config_cls, args.config, overrides)

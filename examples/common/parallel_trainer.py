@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,14 @@ from examples.common.distributed import (
 from examples.common.trainer import EpochTrainer
 from gr_models.data.batching import EpochBatchSampler
 
+
+@dataclass(frozen=True)
+class _TakenStep:
+    """A step the train pipeline already took; the loop only books its loss."""
+
+    loss: float
+
+
 LAST_DIR = "last"  # distributed checkpoints are folders (one file per rank and shard), next to last.pt's place
 BEST_DIR = "best"
 
@@ -51,6 +60,7 @@ class ParallelEpochTrainer(EpochTrainer):
 
     ctx: Any = None  # gr_parallel.ParallelContext when distributed
     parallel: Any = None  # gr_parallel.ParallelModel when distributed
+    pipeline: Any = None  # gr_parallel.TrainPipeline when distributed with sharded tables (see _make_pipeline)
 
     def __init__(self, config: Any, log: logging.Logger, *, num_heads: int | None, encoder: str) -> None:
         pc = config.parallel
@@ -182,34 +192,66 @@ class ParallelEpochTrainer(EpochTrainer):
         super()._start(resume, self._counter_names)
 
     # ---------------------------------------------------------------- training step
-    def _next_plan(self) -> StepPlan | None:
-        """The ``StepPlan`` of the batch being trained (batches reach the loop in the order the sampler made them)."""
-        if not self.distributed:
-            return None
-        return self._plans.popleft()
-
-    def _train_loader(self) -> Any:  # pragma: no cover - subclasses implement it
-        raise NotImplementedError
-
     def _train_epoch(self, epoch: int) -> bool:
-        if self.distributed:
-            self._plans: deque[StepPlan] = deque()
-        return super()._train_epoch(epoch)
-
-    def _plan_recording(self, loader: Any) -> Iterator[Any]:
-        """Yields ``loader``'s batches, queueing the sampler's plan of each (used by subclasses' ``_train_loader``)."""
-        for batch in loader:
-            if self.distributed:
-                self._plans.append(self.sampler.plan)
-            yield batch
-
-    def _train_step(self, batch: Any) -> float:
         if not self.distributed:
-            return super()._train_step(batch)
-        self.plan = self._next_plan()
+            return super()._train_epoch(epoch)
+        self._plans: deque[StepPlan] = deque()
+        try:
+            return super()._train_epoch(epoch)
+        finally:
+            if self.pipeline is not None:  # a max_steps stop leaves the next batch in flight: settle it first
+                self.pipeline.reset()
+
+    def _distributed_batches(self, loader: Any) -> Iterator[Any]:
+        """What the loop iterates (subclasses' ``_train_loader`` returns this over their DataLoader): the batches
+        themselves, each with its sampler plan queued; with the train pipeline, steps already taken by it."""
+        if not self.distributed:
+            yield from loader
+            return
+
+        def planned() -> Iterator[Any]:
+            for batch in loader:
+                self._plans.append(self.sampler.plan)
+                yield batch
+
+        if self.pipeline is None:
+            yield from planned()
+            return
+        batches = planned()
+        while True:
+            try:
+                self.pipeline.progress(batches)  # forward/backward/step of batch i while batch i+1 travels
+            except StopIteration:
+                return
+            yield _TakenStep(self._finish_stats())
+
+    def _make_pipeline(self, enabled: bool) -> Any:
+        """``gr_parallel.TrainPipeline`` over the model's sharded tables (its input dist and copy of the next batch
+        overlap this one), when ``parallel.pipeline`` and the subclass's batches allow it; otherwise None."""
+        from torchrec.distributed.types import ShardedModule
+
+        from gr_parallel.pipeline import TrainPipeline
+
+        if not (self.distributed and self.config.parallel.pipeline and enabled):
+            return None
+        if not any(isinstance(m, ShardedModule) for m in self.model.modules()):
+            return None  # every table replicated: no input dist to overlap
+
+        def before_step() -> None:
+            self.parallel.sync_grads()
+            if self.parallel.config.grad_clip is not None:
+                self.parallel.clip_grad_norm_()
+
+        self.log.info("train pipeline: the next batch's copy and sparse input dist overlap each step")
+        return TrainPipeline(
+            self.model, self.optimizer, self.device, forward=self._scaled_loss, before_step=before_step
+        )
+
+    def _scaled_loss(self, batch: Any) -> torch.Tensor:
+        """This rank's loss divided by the global count (its gradients sum over DP ranks to the global mean's)."""
+        self.plan = self._plans.popleft()  # batches reach the step in the order the sampler made them
         st = self.state
         before = [st[name] for name in self._counter_names]
-        batch = batch.to(self.device)
         with self.parallel.autocast():
             mean = self._train_loss(batch)
         local = self._loss_count(batch)
@@ -220,13 +262,26 @@ class ParallelEpochTrainer(EpochTrainer):
         stats = torch.cat([counts[:1], (mean.detach().double() * local).reshape(1), counts[1:]])
         if self.ctx.dp_size > 1:
             dist.all_reduce(stats, group=self.ctx.dp_group)
-        loss = mean * (local / stats[0]).to(mean.dtype)
-        loss.backward()  # tables train inside backward
-        self.parallel.step()  # DP gradient sync, clipping, dense AdamW, zero_grad
+        self._pending = (stats, before)
+        return mean * (local / stats[0]).to(mean.dtype)
+
+    def _finish_stats(self) -> float:
+        """After the step: the counters become global totals; returns the global batch's mean loss."""
+        stats, before = self._pending
         total, loss_sum, *summed = stats.tolist()
         for name, b, inc in zip(self._counter_names, before, summed, strict=True):
-            st[name] = b + (round(inc) if isinstance(b, int) else inc)
+            self.state[name] = b + (round(inc) if isinstance(b, int) else inc)
         return loss_sum / total
+
+    def _train_step(self, batch: Any) -> float:
+        if not self.distributed:
+            return super()._train_step(batch)
+        if isinstance(batch, _TakenStep):
+            return batch.loss
+        loss = self._scaled_loss(batch.to(self.device))
+        loss.backward()  # tables train inside backward
+        self.parallel.step()  # DP gradient sync, clipping, dense AdamW, zero_grad
+        return self._finish_stats()
 
     # ---------------------------------------------------------------- evaluation
     def _eval_shard(self, n: int) -> tuple[list[list[int]], list[int]]:

@@ -66,6 +66,9 @@ class ParallelConfig:
     # Adam). Dynamic (gr-dynemb) tables are always sharded and keep their own optimizer.
     table_sharding: str = "auto"
     table_optimizer: str = "adam"  # model-parallel tables: adam | adagrad | rowwise_adagrad | sgd (lr = train.lr)
+    # Retrieval with model-parallel tables: the next batch's host-to-device copy and sparse input all-to-all run
+    # during this batch's step (gr_parallel.TrainPipeline; same results as the plain loop).
+    pipeline: bool = True
 
     def __post_init__(self) -> None:
         if self.tp < 1:

@@ -183,7 +183,7 @@ class RankingTrainer(ParallelEpochTrainer):
         return metrics.compute()
 
     def _train_loader(self) -> Any:
-        return self._plan_recording(make_ranking_dataloader(self.datasets["train"], self.sampler))
+        return self._distributed_batches(make_ranking_dataloader(self.datasets["train"], self.sampler))
 
     def _loss_count(self, batch: Any) -> int:
         return int(batch.candidate_items.numel())

@@ -132,6 +132,7 @@ class RetrievalTrainer(ParallelEpochTrainer):
         if self.distributed:
             self.loss_fn.dp_group = self.ctx.dp_group
         self.optimizer = self._optimizer(self.model)
+        self.pipeline = self._make_pipeline(enabled=True)  # batch.features feeds the item table's input dist
         self._start(resume, counters=("train_sequences", "train_tokens"))
 
     def _dynamic_item_table(self) -> DynamicItemTableConfig:
@@ -178,7 +179,7 @@ class RetrievalTrainer(ParallelEpochTrainer):
         return metrics.compute()
 
     def _train_loader(self) -> Any:
-        return self._plan_recording(make_dataloader(self.train_set, self.sampler))
+        return self._distributed_batches(make_dataloader(self.train_set, self.sampler))
 
     def _loss_count(self, batch: Any) -> int:
         return int(batch.target_items.numel())

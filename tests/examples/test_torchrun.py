@@ -60,10 +60,18 @@ RANKING_TINY = [
 ]
 
 
+def cli_args(overrides: list[str], *flags: str) -> list[str]:
+    return [*flags, "--quiet", *[a for s in overrides for a in ("--set", s)]]
+
+
 def torchrun(module: str, nproc: int, overrides: list[str], *flags: str) -> subprocess.CompletedProcess[str]:
-    """``python -m torch.distributed.run --standalone --nproc-per-node nproc -m module`` with ``--set`` overrides."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", module]
-    cmd += [*flags, "--quiet", *[a for s in overrides for a in ("--set", s)]]
+    """``python -m torch.distributed.run --standalone --nproc-per-node nproc -m module`` with ``--set`` overrides
+    (``module`` ending in ``.py``: that script, with ``flags`` as its arguments)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    if module.endswith(".py"):
+        cmd += [module, *flags]
+    else:
+        cmd += ["-m", module, *cli_args(overrides, *flags)]
     path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
@@ -119,25 +127,57 @@ def check_against_single(out: Path, single: tuple[dict, dict[int, float]]) -> di
     return results
 
 
-def test_dp2_equals_single_process_and_resumes_exactly(tmp_path: Path, single: tuple[dict, dict[int, float]]) -> None:
-    out = tmp_path / "dp2"
-    base = [*TINY, f'output.dir="{out}"']
-    # 4 steps per epoch: stop inside epoch 2, then resume to the end.
-    stopped = torchrun("examples.retrieval", 2, [*base, "train.max_steps=6"])
-    assert printed_results(stopped.stdout) == [{}]  # a stopped run has no test results; rank 0 alone prints
-    assert (out / "last" / "meta.json").is_file() and not (out / "results.json").exists()
-    resumed = torchrun("examples.retrieval", 2, base, "--resume")
-    assert len(printed_results(resumed.stdout)) == 1
-    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per launch, from rank 0
-    results = check_against_single(out, single)
-    assert results["config"]["parallel"]["tp"] == 1
+# Three DP=2 runs of the retrieval CLI in one launch (a launch costs ~30 s of imports on 2 cores; gr_parallel keeps its
+# context across trainers of the same layout): replicated tables (the CPU default), then tables sharded over the ranks
+# (fused Adagrad inside backward: FBGEMM's CPU kernel has no Adam) with the plain loop and with the train pipeline.
+SHARDED = ["parallel.table_sharding=model_parallel", "parallel.table_optimizer=adagrad"]
+WORKER_RUNS = {"dp2": [], "plain": [*SHARDED, "parallel.pipeline=false"], "piped": [*SHARDED, "parallel.pipeline=true"]}
 
 
-def test_tp2_equals_single_process(tmp_path: Path, single: tuple[dict, dict[int, float]]) -> None:
+def _worker(out: Path) -> None:
+    """What each rank of the launch below runs."""
+    from examples.retrieval.__main__ import main
+
+    for name, extra in WORKER_RUNS.items():
+        assert main(cli_args([*TINY, *extra], "--output-dir", str(out / name))) == 0
+
+
+@pytest.fixture(scope="module")
+def dp2_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("dp2")
+    done = torchrun(__file__, 2, [], str(out))
+    return out, done.stdout
+
+
+def test_dp2_equals_single_process(dp2_runs: tuple[Path, str], single: tuple[dict, dict[int, float]]) -> None:
+    out, stdout = dp2_runs
+    assert len(printed_results(stdout)) == len(WORKER_RUNS)  # rank 0 alone prints, once per run
+    run = out / "dp2"
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1  # and writes TensorBoard
+    assert (run / "best" / "meta.json").is_file() and (run / "last" / "meta.json").is_file()
+    results = check_against_single(run, single)
+    assert results["config"]["parallel"]["tp"] == 1 and results["device"] == "cpu"
+
+
+def test_sharded_tables_train_pipelined_like_the_plain_loop(dp2_runs: tuple[Path, str]) -> None:
+    """The train pipeline (the next batch's input all-to-all during this step) gives the plain loop's results."""
+    out, _ = dp2_runs
+    plain, piped = (json.loads((out / name / "results.json").read_text()) for name in ("plain", "piped"))
+    assert step_losses(out / "piped") == step_losses(out / "plain")
+    assert piped["test"] == plain["test"] and piped["val_history"] == plain["val_history"]
+    assert plain["train_loss_history"][-1] < plain["train_loss_history"][0]
+
+
+def test_tp2_equals_single_process_and_resumes_exactly(tmp_path: Path, single: tuple[dict, dict[int, float]]) -> None:
     out = tmp_path / "tp2"
-    done = torchrun("examples.retrieval", 2, [*TINY, f'output.dir="{out}"'], "--tp", "2")
-    assert len(printed_results(done.stdout)) == 1
-    check_against_single(out, single)
+    base = [*TINY, f'output.dir="{out}"']
+    # 4 steps per epoch: stop inside epoch 2, then resume to the end from the distributed checkpoint.
+    stopped = torchrun("examples.retrieval", 2, [*base, "train.max_steps=6"], "--tp", "2")
+    assert printed_results(stopped.stdout) == [{}]  # a stopped run has no test results to print
+    assert (out / "last" / "meta.json").is_file() and not (out / "results.json").exists()
+    torchrun("examples.retrieval", 2, base, "--tp", "2", "--resume")
+    results = check_against_single(out, single)
+    assert results["config"]["parallel"]["tp"] == 2
 
 
 def test_ranking_dp2_trains_like_one_process(tmp_path: Path) -> None:
@@ -257,3 +297,7 @@ def test_nccl_dp2_and_tp2_equal_one_gpu_and_sharded_tables_train(tmp_path: Path)
     results = json.loads((sharded / "results.json").read_text())
     assert results["global_steps"] == reference["global_steps"] and 0 <= results["test"]["hr@10"] <= 1
     assert results["train_loss_history"][-1] < results["train_loss_history"][0]
+
+
+if __name__ == "__main__":  # a rank of the dp2_runs launch
+    _worker(Path(sys.argv[1]))
