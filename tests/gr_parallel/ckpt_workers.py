@@ -288,6 +288,26 @@ def worker_load_reshard(ctx, tmp: Path, item_table: str, k: int, tag: str = "") 
     return max(float((got[n] - expected["after"][n]).abs().max()) for n in got)
 
 
+def failed_save_keeps_the_old_checkpoint(ctx, path: Path) -> None:
+    """A save that fails on one rank (rank 0 cannot pickle the trainer state) fails on every rank and publishes
+    nothing: the checkpoint already at ``path`` stays as it was, no temporary directory is left."""
+    from gr_parallel.checkpoint import save_distributed
+
+    meta = (path / "meta.json").read_text()
+    dense = (path / "dense.pt").read_bytes()
+    pm = build(ctx, "static", seed=2)
+    try:
+        save_distributed(path, pm, {"dense": pm.optimizer}, {"unpicklable": lambda: None}, ctx)
+    except Exception as exc:
+        expected = "another rank failed" if ctx.rank else "lambda"
+        assert expected in str(exc), f"rank {ctx.rank}: {exc!r}"
+    else:
+        raise AssertionError("a save that could not write the trainer state succeeded")
+    dist.barrier()
+    assert (path / "meta.json").read_text() == meta and (path / "dense.pt").read_bytes() == dense
+    assert not list(path.parent.glob(f"{path.name}.tmp-*")), "the failed save left its temporary directory"
+
+
 def _relayout(ctx, tp: int):
     """Re-initialises gr_parallel on the same process group with another TP size."""
     import gr_parallel
@@ -302,6 +322,7 @@ def worker_save_on_two_ranks(ctx, tmp: Path, tables: list[str], k: int) -> dict[
     resumed = {t: worker_resume(ctx, tmp, t, k) for t in tables}
     for t in tables:
         worker_save_for_reshard(ctx, tmp, t, k)
+    failed_save_keeps_the_old_checkpoint(ctx, tmp / "reshard-static")
     tp2 = _relayout(ctx, 2)
     worker_save_for_reshard(tp2, tmp, "static", k, tag="tp2")
     _relayout(tp2, 1)
