@@ -237,33 +237,42 @@ def full_dense_state(pm, ctx) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu() for n, p in pm.module.named_parameters() if id(p) in names}
 
 
-def compare(pm, ctx, scenario: Scenario, losses: list[float], norms: list[float]) -> dict[str, float]:
-    """Max abs differences (losses, dense params, item rows, norms) against the single-process reference; asserts
-    each is within ``TOL``."""
+def compare(pm, ctx, scenario: Scenario, losses: list[float], norms: list[float]) -> dict[str, float] | None:
+    """Max abs differences (losses, grad norms, dense params, item rows) against the single-process reference,
+    each asserted within ``TOL``. Every rank gathers the full model and checks it equals rank 0's (DP replicas
+    agree); rank 0 alone trains the reference (it is the same on every rank) and returns the differences."""
+    initial = make_model(scenario.item_table)
+    table = table_weight(initial, scenario)
+    names = [n for n, p in initial.named_parameters() if p is not table]  # the single-device dense parameters
+    state = full_dense_state(pm, ctx)
+    missing = sorted(set(names) - set(state))
+    assert not missing, f"parameters missing from the sharded model's dense state: {missing}"
+    got = {n: state[n] for n in names}
+    rows = item_rows(pm.module)
+    mine = torch.cat([got[n].reshape(-1) for n in names] + [rows.reshape(-1), torch.tensor(losses + norms)])
+    first = mine.clone()
+    dist.broadcast(first, src=0)
+    spread = float((mine - first).abs().max())
+    assert spread <= TOL, f"rank {ctx.rank}'s model differs from rank 0's by {spread}"
+    if ctx.rank != 0:
+        return None
     ref, ref_losses, ref_norms = train_reference(scenario)
-    diffs = {"loss": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))}
+    diffs = {"loss": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)), "ranks": spread}
     if scenario.grad_clip is not None:
         diffs["grad_norm"] = max(abs(a - b) for a, b in zip(norms, ref_norms, strict=True))
         clipped = sum(n > scenario.grad_clip for n in ref_norms)
         assert clipped >= scenario.steps // 2, f"clipping triggered on only {clipped} of {scenario.steps} steps"
-    got = full_dense_state(pm, ctx)
-    table = table_weight(ref, scenario)
-    want = {n: p.detach() for n, p in ref.named_parameters() if p is not table}
-    assert sorted(got) == sorted(want), (sorted(got), sorted(want))
+    want = {n: p.detach() for n, p in ref.named_parameters() if n in got}
     diffs["dense"] = max(float((got[n] - want[n]).abs().max()) for n in want)
-    moved = max(
-        float((want[n] - p.detach()).abs().max())
-        for n, p in make_model(scenario.item_table).named_parameters()
-        if n in want
-    )
+    moved = max(float((want[n] - p.detach()).abs().max()) for n, p in initial.named_parameters() if n in want)
     assert moved > 1e-3, f"the dense parameters barely moved ({moved}): the comparison would be vacuous"
     ref_rows = item_rows(ref)
-    diffs["rows"] = float((item_rows(pm.module) - ref_rows).abs().max())
-    rows_moved = float((ref_rows - item_rows(make_model(scenario.item_table))).abs().max())
+    diffs["rows"] = float((rows - ref_rows).abs().max())
+    rows_moved = float((ref_rows - item_rows(initial)).abs().max())
     assert rows_moved > 1e-3, f"the item rows barely moved ({rows_moved}): the comparison would be vacuous"
-    for k, v in diffs.items():
-        assert v <= TOL, f"rank {ctx.rank} ({ctx.tp_size=}, {ctx.dp_size=}, {scenario}): {k} differs by {v}"
     assert not any(math.isnan(x) for x in losses)
+    for k, v in diffs.items():
+        assert v <= TOL, f"({ctx.tp_size=}, {ctx.dp_size=}, {scenario}): {k} differs by {v}"
     return diffs
 
 
@@ -289,8 +298,120 @@ def _entry(rank: int, world_size: int, worker: Callable, tmp: str, args: tuple) 
 
 
 def worker_parity(ctx, tmp: Path, tp: int, item_table: str, table_sharding: str = "row_wise") -> None:
-    """Sharded training equals single-process training; every rank writes the measured differences."""
+    """Sharded training equals single-process training; rank 0 writes the measured differences (diffs.pt)."""
     scenario = Scenario(item_table=item_table, table_sharding=table_sharding)
     pm, losses, norms = train_sharded(ctx, scenario)
     diffs = compare(pm, ctx, scenario, losses, norms)
-    torch.save(diffs, tmp / f"diffs{ctx.rank}.pt")
+    if diffs is not None:
+        torch.save(diffs, tmp / "diffs.pt")
+
+
+# ------------------------------------------------------------------------------------------ dense unit workers
+def _fake_params(seed: int, rank_seed: int) -> list[nn.Parameter]:
+    """Parameters of mixed shapes and dtypes, with rank-dependent gradients: a fp64 one, one without a gradient on
+    odd ranks, one with a sparse gradient."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(5, 3), (7,), (4, 4, 2), (1,), (9, 2)]
+    params = [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    params.append(nn.Parameter(torch.randn(6, generator=g, dtype=torch.float64)))
+    gr = torch.Generator().manual_seed(rank_seed)
+    for i, p in enumerate(params):
+        if i == 3 and rank_seed % 2:
+            continue  # no gradient on this rank
+        p.grad = torch.randn(p.shape, generator=gr, dtype=p.dtype)
+    sparse = nn.Parameter(torch.zeros(6, 3))
+    idx = torch.tensor([[rank_seed % 6, (rank_seed + 2) % 6]])
+    sparse.grad = torch.sparse_coo_tensor(idx, torch.randn(2, 3, generator=gr), (6, 3))
+    params.append(sparse)
+    return params
+
+
+def worker_grad_sync(ctx, tmp: Path, tp: int) -> None:
+    """The bucketed sync (buckets of a few elements, so several per dtype) equals one all-reduce per parameter over
+    the DP group; ranks of other DP groups are not mixed in; broadcast_parameters copies the first DP rank's values."""
+    from gr_parallel.dense import DenseGradSync
+
+    params = _fake_params(0, rank_seed=ctx.rank)
+    expected = []
+    for p in _fake_params(0, rank_seed=ctx.rank):
+        g = torch.zeros_like(p) if p.grad is None else p.grad.to_dense()
+        dist.all_reduce(g, group=ctx.dp_group)
+        expected.append(g)
+    sync = DenseGradSync(params, ctx, bucket_mb=40 / 2**20)  # 40 bytes: many buckets
+    assert len(sync.buckets) > 3, len(sync.buckets)
+    sync.sync()
+    for i, (p, want) in enumerate(zip(params, expected, strict=True)):
+        assert not p.grad.is_sparse
+        torch.testing.assert_close(p.grad, want, rtol=0, atol=0, msg=f"param {i}")
+    # Hand check of the group: the sum over the ranks sharing this rank's TP index.
+    first = params[0].grad
+    manual = sum(_fake_params(0, rank_seed=r)[0].grad for r in ctx.dp_ranks)
+    torch.testing.assert_close(first, manual, rtol=1e-6, atol=1e-6)
+    one = DenseGradSync(_fake_params(0, rank_seed=ctx.rank), ctx)  # default buckets: one per dtype
+    assert len(one.buckets) == 3, [[p.dtype for p in b] for b in one.buckets]  # fp32, fp64, fp32 (order kept)
+    # broadcast: every DP rank ends with the first DP rank's values
+    mine = [nn.Parameter(torch.full((3,), float(ctx.rank)))]
+    DenseGradSync(mine, ctx).broadcast_parameters()
+    assert torch.equal(mine[0].detach(), torch.full((3,), float(ctx.dp_ranks[0]))), mine[0]
+
+
+def _tp_model(ctx, seed: int) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(full parameters with gradients, this rank's parameters): the first two are split along dim 0 over the TP
+    group and marked ``tensor_model_parallel``, the rest replicated. Gradients are a function of the DP rank (the
+    full model of one DP rank is its TP group's shards)."""
+    g = torch.Generator().manual_seed(seed)
+    full = [nn.Parameter(torch.randn(s, generator=g)) for s in [(8, 3), (4,), (5, 2), (3,)]]
+    gr = torch.Generator().manual_seed(seed + 1)
+    for p in full:
+        p.grad = torch.randn(p.shape, generator=gr) * 3
+    local = []
+    for i, p in enumerate(full):
+        if i < 2:
+            n = p.shape[0] // ctx.tp_size
+            q = nn.Parameter(p.detach()[ctx.tp_rank * n : (ctx.tp_rank + 1) * n].clone())
+            q.grad = p.grad[ctx.tp_rank * n : (ctx.tp_rank + 1) * n].clone()
+            q.tensor_model_parallel = True
+            q.partition_dim = 0
+        else:
+            q = nn.Parameter(p.detach().clone())
+            q.grad = p.grad.clone()
+        local.append(q)
+    return full, local
+
+
+def worker_clip(ctx, tmp: Path, tp: int) -> None:
+    """clip_grad_norm_ across TP (shards summed over the TP group, replicated parameters once) equals torch's on the
+    full model, for the L2 and the inf norm, clipping and not clipping."""
+    from gr_parallel.dense import clip_grad_norm_
+
+    for norm_type in (2.0, math.inf):
+        for max_norm in (0.5, 1e6):
+            full, local = _tp_model(ctx, 5)
+            want = torch.nn.utils.clip_grad_norm_(full, max_norm, norm_type=norm_type)
+            got = clip_grad_norm_(local, max_norm, ctx, norm_type=norm_type)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            for i, (f, q) in enumerate(zip(full, local, strict=True)):
+                expected = f.grad
+                if i < 2:
+                    n = f.shape[0] // ctx.tp_size
+                    expected = f.grad[ctx.tp_rank * n : (ctx.tp_rank + 1) * n]
+                torch.testing.assert_close(q.grad, expected, rtol=1e-6, atol=1e-7, msg=f"{norm_type} {max_norm} {i}")
+
+
+def worker_global_count(ctx, tmp: Path, tp: int) -> None:
+    """global_count sums over the DP group only (the TP ranks of a group share a batch)."""
+    from gr_parallel.dense import global_count
+
+    local = 10 + ctx.dp_rank  # equal within a TP group
+    got = global_count(local, ctx)
+    assert got.dtype == torch.int64 and int(got) == sum(10 + d for d in range(ctx.dp_size)), got
+    got_t = global_count(torch.tensor(float(local)), ctx)
+    assert float(got_t) == float(sum(10 + d for d in range(ctx.dp_size)))
+    assert float(global_count(2.5, ctx)) == 2.5 * ctx.dp_size
+
+
+def worker_dense_units(ctx, tmp: Path, tp: int) -> None:
+    """The dense unit checks on one layout (one spawn: rank start-up dominates these tests' time)."""
+    worker_grad_sync(ctx, tmp, tp)
+    worker_clip(ctx, tmp, tp)
+    worker_global_count(ctx, tmp, tp)

@@ -1,0 +1,72 @@
+"""Dense gradient sync, clipping and counts over the TP/DP groups (gloo, spawned ranks; workers in
+parity_workers.py), and their argument checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gr_parallel.context import ParallelConfig, ParallelContext
+from gr_parallel.dense import DenseGradSync, DenseOptimizerConfig, clip_grad_norm_, global_count, grad_norm
+from tests.gr_parallel import parity_workers as pw
+
+
+@pytest.mark.parametrize(("world", "tp"), [(2, 1), (2, 2), (4, 2)])
+def test_sync_clip_count_on_layout(tmp_path, world, tp):
+    """On DP=2, TP=2 and TP=2 x DP=2: the bucketed sync equals one all-reduce per parameter over the DP group;
+    clip_grad_norm_ (L2 and inf) equals torch's on the gathered full model; global_count sums over DP only."""
+    pw.spawn(world, pw.worker_dense_units, tmp_path, tp)
+
+
+def one_rank() -> ParallelContext:
+    """A one-rank layout (no collectives are issued when tp = dp = 1)."""
+    return ParallelContext(
+        rank=0,
+        world_size=1,
+        tp_size=1,
+        dp_size=1,
+        tp_rank=0,
+        dp_rank=0,
+        tp_group=None,  # type: ignore[arg-type]
+        dp_group=None,  # type: ignore[arg-type]
+        device=torch.device("cpu"),
+        backend="gloo",
+        config=ParallelConfig(),
+        tp_ranks=[0],
+        dp_ranks=[0],
+    )
+
+
+def test_single_rank_clip_equals_torch():
+    torch.manual_seed(0)
+    a = [nn.Parameter(torch.randn(4, 3)) for _ in range(3)]
+    b = [nn.Parameter(p.detach().clone()) for p in a]
+    for p, q in zip(a, b, strict=True):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    want = torch.nn.utils.clip_grad_norm_(a, 0.3)
+    got = clip_grad_norm_(b, 0.3, one_rank())
+    torch.testing.assert_close(got, want)
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(q.grad, p.grad)
+
+
+def test_bad_arguments():
+    p = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="bucket_mb"):
+        DenseGradSync([p], one_rank(), bucket_mb=0)
+    with pytest.raises(ValueError, match="listed twice"):
+        DenseGradSync([p, p], one_rank())
+    with pytest.raises(ValueError, match="max_norm"):
+        clip_grad_norm_([p], 0.0, one_rank())
+    with pytest.raises(ValueError, match="norm_type"):
+        grad_norm([p], one_rank(), norm_type=-1)
+    with pytest.raises(ValueError, match="scalar count"):
+        global_count(torch.ones(3), one_rank())
+    with pytest.raises(TypeError, match="int, float or scalar tensor"):
+        global_count("7", one_rank())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lr"):
+        DenseOptimizerConfig(lr=0)
+    with pytest.raises(ValueError, match="betas"):
+        DenseOptimizerConfig(betas=(0.9, 1.0))
