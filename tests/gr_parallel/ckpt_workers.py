@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torchrec import KeyedJaggedTensor
 
 from gr_models.data.batching import SequenceBatch
 from tests.gr_parallel.parity_workers import DENSE_LR, TABLE_LR, item_rows, local_batch, loss_sum, make_model
@@ -207,8 +208,44 @@ def worker_pipeline(ctx, item_table: str, steps: int) -> dict[str, Any]:
     return {"losses": piped, "moved": float((want["rows"] - item_rows(make_model(item_table))).abs().max())}
 
 
-def worker_pipelines(ctx, item_tables: list[str], steps: int) -> dict[str, dict[str, Any]]:
-    return {t: worker_pipeline(ctx, t, steps) for t in item_tables}
+@dataclass
+class FeaturesBatch:
+    features: KeyedJaggedTensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> FeaturesBatch:
+        return FeaturesBatch(self.features.to(device, non_blocking=non_blocking))
+
+
+def pipeline_mixed_collection(ctx, steps: int) -> list[float]:
+    """gr-dynemb's toy collection mixing a static and a dynamic table in one EmbeddingCollection (its sharded form
+    nests TorchRec's sharded collection of the static table): pipelined == plain loop, every lookup exactly."""
+    from gr_parallel.pipeline import TrainPipeline
+    from tests.gr_dynemb.test_sharding_workers import GLOBAL_BATCH, batch, build_sharded, loss_of, probe
+
+    per_rank = GLOBAL_BATCH // ctx.world_size
+    data = [FeaturesBatch(batch(s, ctx.rank * per_rank, (ctx.rank + 1) * per_rank)) for s in range(steps)]
+    device = ctx.device.type
+    plain_dmp, _, plan = build_sharded(ctx.world_size, "sgd", device=device)
+    plain = []
+    for b in data:
+        loss = loss_of(plain_dmp(b.to(ctx.device).features))
+        loss.backward()
+        plain.append(global_loss(loss, ctx))
+    dmp, _, _ = build_sharded(ctx.world_size, "sgd", plan=plan, device=device)
+    pipeline = TrainPipeline(dmp, [], ctx.device, forward=lambda b: loss_of(dmp(b.features)))
+    assert len(pipeline._sharded) == 1, sorted(pipeline._sharded)  # the outer collection only
+    it = iter(data)
+    piped = [global_loss(pipeline.progress(it), ctx) for _ in range(steps)]
+    assert_losses(piped, plain, ctx, "mixed collection, pipeline vs plain loop")
+    assert_equal(probe(dmp, device), probe(plain_dmp, device), "mixed collection lookups", atol=tolerance(ctx))
+    pipeline.reset()
+    return piped
+
+
+def worker_pipelines(ctx, item_tables: list[str], steps: int) -> dict[str, Any]:
+    out: dict[str, Any] = {t: worker_pipeline(ctx, t, steps) for t in item_tables}
+    out["mixed"] = pipeline_mixed_collection(ctx, steps)
+    return out
 
 
 def _copy(sb: StepBatch) -> SequenceBatch:

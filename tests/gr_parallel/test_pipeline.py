@@ -1,7 +1,8 @@
 """gr_parallel.TrainPipeline (CPU, gloo, 2 ranks): batch i+1's copy and sparse input all-to-all are issued before
 batch i's forward, and training through the pipeline equals the plain loop exactly (every loss, every item row and
 dense parameter), with a static (fused Adagrad) or a dynamic (gr-dynemb, Adam) item table looked up three times a
-step (inputs through the prefetched dist, targets and negatives through the module's own forward)."""
+step (inputs through the prefetched dist, targets and negatives through the module's own forward); and a collection
+mixing a static and a dynamic table (gr-dynemb's sharded collection nesting TorchRec's) pipelines as one module."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def test_pipeline_equals_plain_loop_on_two_ranks() -> None:
         losses = [r[table]["losses"] for r in results]
         assert losses[0] == losses[1] and len(losses[0]) == STEPS  # every rank saw the same global losses
         assert results[0][table]["moved"] > 1e-3, "the item rows barely trained: the comparison would be vacuous"
+    assert results[0]["mixed"] == results[1]["mixed"] and len(results[0]["mixed"]) == STEPS
 
 
 two_gpus = pytest.mark.skipif(

@@ -62,6 +62,17 @@ class _PrefetchedForward:
         return self.module.compute_and_output_dist(pending.context, self.pipeline._finish_dist(pending))
 
 
+def _outermost_sharded(model: nn.Module) -> dict[str, ShardedModule]:
+    """The model's sharded modules by name, leaving out those inside another (gr-dynemb's sharded collection holds
+    TorchRec's sharded collection of its static tables: the outer one is what the model calls)."""
+    found = {name: m for name, m in model.named_modules() if isinstance(m, ShardedModule)}
+
+    def inside(name: str, other: str) -> bool:
+        return name != other and (other == "" or name.startswith(other + "."))
+
+    return {n: m for n, m in found.items() if not any(inside(n, other) for other in found)}
+
+
 class TrainPipeline:
     """Runs training steps with the next batch's copy and sparse input dist in flight.
 
@@ -90,7 +101,7 @@ class TrainPipeline:
         self.device = torch.device(device)
         self._forward = forward if forward is not None else model
         self._before_step = before_step
-        self._sharded = {name: m for name, m in model.named_modules() if isinstance(m, ShardedModule)}
+        self._sharded = _outermost_sharded(model)
         if not self._sharded:
             raise ValueError(f"{type(model).__name__} holds no TorchRec sharded module: shard it (DMP) first")
         self._sparse_features = sparse_features if sparse_features is not None else self._default_sparse_features
