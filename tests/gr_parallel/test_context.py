@@ -18,9 +18,10 @@ from tests.gr_dynemb.test_sharding_workers import spawn
 from tests.gr_parallel.tp_workers import worker_context, worker_torchrun_env
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_layout_collectives_reinitialise_destroy(world: int, tmp_path: Path) -> None:
-    spawn(world, worker_context, tmp_path)
+@pytest.mark.parametrize(("world", "tps"), [(2, (1,)), (4, (2,))])
+def test_layout_collectives_reinitialise_destroy(world: int, tps: tuple[int, ...], tmp_path: Path) -> None:
+    """tps, then tp = world: on 2 ranks tp 1 and 2, on 4 ranks tp 2 (2 x 2) and 4."""
+    spawn(world, worker_context, tmp_path, tps)
 
 
 def test_initialize_from_torchrun_environment() -> None:
@@ -82,4 +83,4 @@ def test_nccl_without_cuda_is_a_clear_error() -> None:
     reason="needs 2 CUDA GPUs and NCCL",
 )
 def test_nccl_layout_collectives_reinitialise_destroy(tmp_path: Path) -> None:
-    spawn(2, worker_context, tmp_path, backend="nccl")
+    spawn(2, worker_context, tmp_path, (1,), backend="nccl")
