@@ -78,8 +78,7 @@ class DenseGradSync:
         self.buckets = _buckets(self.params, int(bucket_mb * 2**20))
 
     def sync(self) -> None:
-        if self.ctx.dp_size == 1:
-            return
+        # With one DP rank there is nothing to sum, but gradients still leave in the same form (dense, none missing).
         for bucket in self.buckets:
             grads = []
             for p in bucket:
@@ -90,7 +89,8 @@ class DenseGradSync:
                     g = g.to_dense()
                 grads.append(g.reshape(-1))
             flat = torch.cat(grads) if len(grads) > 1 else grads[0].clone()
-            dist.all_reduce(flat, group=self.ctx.dp_group)
+            if self.ctx.dp_size > 1:
+                dist.all_reduce(flat, group=self.ctx.dp_group)
             offset = 0
             for p in bucket:
                 n = p.numel()
