@@ -310,8 +310,6 @@ def shard_sparse(
         with_dynamic_options,
     )
 
-    if not dist.is_initialized():
-        raise RuntimeError("shard_sparse needs torch.distributed initialised (gr_parallel.initialize)")
     if isinstance(model, DistributedModelParallel):
         raise ValueError("the model is already sharded (a DistributedModelParallel)")
     tables = embedding_tables(model)
@@ -319,6 +317,8 @@ def shard_sparse(
         raise ValueError("the model holds no EmbeddingCollection or DynamicEmbeddingCollection to shard")
     if fused_params is not None and not isinstance(fused_params, dict):
         raise TypeError(f"fused_params must be a dict (see fused_params_for), got {type(fused_params).__name__}")
+    if not dist.is_initialized():
+        raise RuntimeError("shard_sparse needs torch.distributed initialised (gr_parallel.initialize)")
     cons = resolve_constraints(tables, constraints, ctx.device)
     swapped = swap_dynamic_collections(model, ctx.device)
     for name, c in swapped.items():
