@@ -434,7 +434,7 @@ def crash_main(fail_rank: int, fail_step: int) -> None:
     pm = build(ctx, "static")
     for sb in step_batches(ctx, 0, 100):
         if ctx.rank == fail_rank and sb.step == fail_step:
-            print(f"rank {ctx.rank} raises at {time.time():.3f}", flush=True)
+            print(f"rank {ctx.rank} raises at {time.time():.3f};", flush=True)  # one write: lines interleave
             raise ValueError(f"rank {ctx.rank} fails on purpose at step {sb.step}")
         train_plain(pm, ctx, iter([sb]))
         print(f"rank {ctx.rank} finished step {sb.step}", flush=True)

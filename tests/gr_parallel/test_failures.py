@@ -7,6 +7,7 @@ kills a job that outlives its timeout."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,7 +65,7 @@ def test_torchrun_job_with_a_failing_rank_exits_with_its_error() -> None:
     exited = time.time()
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
-    raised = float(out.split("rank 1 raises at ")[1].split()[0])
+    raised = float(re.search(r"rank 1 raises at (\d+\.\d{3});", out).group(1))  # type: ignore[union-attr]
     # From the failure to the whole job's exit (start-up, slow on a loaded machine, is not counted).
     assert exited - raised < 30, f"the job exited {exited - raised:.0f} s after rank 1 failed"
     assert "rank 0 finished step 2" in out and "rank 1 finished step 2" in out  # it failed mid-training

@@ -161,6 +161,10 @@ def _fused_optimizer_state(model: nn.Module, sparse_keys: set[str]) -> dict[str,
     if fused is None:
         return {}
     state = fused.state_dict()["state"]
+    dynamic = _dynamic_prefixes(model)
+    lost = [k for k in state if k not in sparse_keys and not any(k.startswith(p) for p in dynamic)]
+    if lost:  # a table's optimizer state the checkpoint would silently drop
+        raise ValueError(f"fused optimizer state of {lost} matches no table entry of the model's state dict")
     return {k: v for k, v in state.items() if k in sparse_keys}
 
 
