@@ -242,9 +242,10 @@ def pipeline_mixed_collection(ctx, steps: int) -> list[float]:
     return piped
 
 
-def worker_pipelines(ctx, item_tables: list[str], steps: int) -> dict[str, Any]:
+def worker_pipelines(ctx, item_tables: list[str], steps: int, mixed: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {t: worker_pipeline(ctx, t, steps) for t in item_tables}
-    out["mixed"] = pipeline_mixed_collection(ctx, steps)
+    if mixed:
+        out["mixed"] = pipeline_mixed_collection(ctx, steps)
     return out
 
 
