@@ -318,13 +318,26 @@ class ParallelEpochTrainer(EpochTrainer):
         save_distributed(self.out_dir / LAST_DIR, self.parallel, self.optimizer, trainer_state, self.ctx)
 
     def _resume(self) -> None:
+        from examples.common.trainer import LAST_CHECKPOINT
+
+        path = self.out_dir / LAST_DIR
         if not self.distributed:
+            if not (self.out_dir / LAST_CHECKPOINT).is_file() and (path / "meta.json").is_file():
+                raise FileNotFoundError(
+                    f"--resume: {self.out_dir} holds a distributed checkpoint ({path}), not {LAST_CHECKPOINT}; resume "
+                    "it under torchrun (any number of processes with the same --tp)"
+                )
             return super()._resume()
         from gr_parallel.checkpoint import load_distributed
 
-        path = self.out_dir / LAST_DIR
         if not (path / "meta.json").is_file():
-            raise FileNotFoundError(f"--resume given but no distributed checkpoint at {path}")
+            written_alone = (self.out_dir / LAST_CHECKPOINT).is_file()
+            hint = (
+                f": {self.out_dir / LAST_CHECKPOINT} was written by one process; resume it there"
+                if written_alone
+                else ""
+            )
+            raise FileNotFoundError(f"--resume given but no distributed checkpoint at {path}{hint}")
         loaded = load_distributed(path, self.parallel, self.optimizer, self.ctx)
         if loaded.trainer_state["config"] != self._config_fingerprint():
             raise ValueError(

@@ -157,6 +157,9 @@ def test_dp2_equals_single_process(dp2_runs: tuple[Path, str], single: tuple[dic
     assert (run / "best" / "meta.json").is_file() and (run / "last" / "meta.json").is_file()
     results = check_against_single(run, single)
     assert results["config"]["parallel"]["tp"] == 1 and results["device"] == "cpu"
+    alone = load_config(RetrievalExperimentConfig, None, [*TINY, f'output.dir="{run}"'])
+    with pytest.raises(FileNotFoundError, match=r"holds a distributed checkpoint .* resume it under torchrun"):
+        RetrievalTrainer(alone, resume=True)
 
 
 def test_sharded_tables_train_pipelined_like_the_plain_loop(dp2_runs: tuple[Path, str]) -> None:
