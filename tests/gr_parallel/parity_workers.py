@@ -237,7 +237,9 @@ def full_dense_state(pm, ctx) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu() for n, p in pm.module.named_parameters() if id(p) in names}
 
 
-def compare(pm, ctx, scenario: Scenario, losses: list[float], norms: list[float]) -> dict[str, float] | None:
+def compare(
+    pm, ctx, scenario: Scenario, losses: list[float], norms: list[float], tol: float = TOL
+) -> dict[str, float] | None:
     """Max abs differences (losses, grad norms, dense params, item rows) against the single-process reference,
     each asserted within ``TOL``. Every rank gathers the full model and checks it equals rank 0's (DP replicas
     agree); rank 0 alone trains the reference (it is the same on every rank) and returns the differences."""
@@ -250,10 +252,10 @@ def compare(pm, ctx, scenario: Scenario, losses: list[float], norms: list[float]
     got = {n: state[n] for n in names}
     rows = item_rows(pm.module)
     mine = torch.cat([got[n].reshape(-1) for n in names] + [rows.reshape(-1), torch.tensor(losses + norms)])
-    first = mine.clone()
+    first = mine.to(ctx.device)
     dist.broadcast(first, src=0)
-    spread = float((mine - first).abs().max())
-    assert spread <= TOL, f"rank {ctx.rank}'s model differs from rank 0's by {spread}"
+    spread = float((mine - first.cpu()).abs().max())
+    assert spread <= tol, f"rank {ctx.rank}'s model differs from rank 0's by {spread}"
     if ctx.rank != 0:
         return None
     ref, ref_losses, ref_norms = train_reference(scenario)
@@ -272,36 +274,43 @@ def compare(pm, ctx, scenario: Scenario, losses: list[float], norms: list[float]
     assert rows_moved > 1e-3, f"the item rows barely moved ({rows_moved}): the comparison would be vacuous"
     assert not any(math.isnan(x) for x in losses)
     for k, v in diffs.items():
-        assert v <= TOL, f"({ctx.tp_size=}, {ctx.dp_size=}, {scenario}): {k} differs by {v}"
+        assert v <= tol, f"({ctx.tp_size=}, {ctx.dp_size=}, {scenario}): {k} differs by {v}"
     return diffs
 
 
 # ------------------------------------------------------------------------------------------ spawning
-def spawn(world_size: int, worker: Callable, tmp: Path, *args: object) -> None:
-    """Runs ``worker(ctx, tmp, *args)`` on ``world_size`` gloo ranks (a failure in any rank fails)."""
-    mp.spawn(_entry, args=(world_size, worker, str(tmp), args), nprocs=world_size, join=True)
+def spawn(world_size: int, worker: Callable, tmp: Path, *args: object, backend: str = "gloo") -> None:
+    """Runs ``worker(ctx, tmp, *args)`` on ``world_size`` ranks (a failure in any rank fails); the first of
+    ``args``, when an int, is the TP size. ``backend="nccl"``: rank r on GPU r."""
+    mp.spawn(_entry, args=(world_size, worker, str(tmp), args, backend), nprocs=world_size, join=True)
 
 
-def _entry(rank: int, world_size: int, worker: Callable, tmp: str, args: tuple) -> None:
+def _entry(rank: int, world_size: int, worker: Callable, tmp: str, args: tuple, backend: str = "gloo") -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     tp = int(args[0]) if args and isinstance(args[0], int) else 1
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world_size)
+    if backend == "nccl":
+        os.environ["LOCAL_RANK"] = str(rank)
+        torch.cuda.set_device(rank)
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity: no TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = False
+    dist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=rank, world_size=world_size)
     import gr_parallel.context as context
 
     try:
-        ctx = context.initialize(tp=tp, backend="gloo", timeout_s=120.0)
+        ctx = context.initialize(tp=tp, backend=backend, timeout_s=120.0)
         worker(ctx, Path(tmp), *args)
     finally:
         context.destroy()
         dist.destroy_process_group()
 
 
-def worker_parity(ctx, tmp: Path, tp: int, item_table: str, table_sharding: str = "row_wise") -> None:
-    """Sharded training equals single-process training; rank 0 writes the measured differences (diffs.pt)."""
+def worker_parity(ctx, tmp: Path, tp: int, item_table: str, table_sharding: str = "row_wise", tol: float = TOL) -> None:
+    """Sharded training equals single-process training (on CUDA the reference still runs on the CPU); rank 0 writes
+    the measured differences (diffs.pt)."""
     scenario = Scenario(item_table=item_table, table_sharding=table_sharding)
     pm, losses, norms = train_sharded(ctx, scenario)
-    diffs = compare(pm, ctx, scenario, losses, norms)
+    diffs = compare(pm, ctx, scenario, losses, norms, tol)
     if diffs is not None:
         torch.save(diffs, tmp / "diffs.pt")
 
@@ -415,3 +424,34 @@ def worker_dense_units(ctx, tmp: Path, tp: int) -> None:
     worker_grad_sync(ctx, tmp, tp)
     worker_clip(ctx, tmp, tp)
     worker_global_count(ctx, tmp, tp)
+
+
+def worker_bf16(ctx, tmp: Path, tp: int) -> None:
+    """bf16 mixed precision (``ParallelizeConfig.bf16``): the model trains under autocast with fp32 parameters,
+    gradients and optimizer, and its losses stay within bf16 rounding of the fp32 single-process run."""
+    from gr_parallel.dense import global_count
+    from gr_parallel.parallelize import parallelize
+
+    scenario = Scenario(steps=5)
+    config = parallelize_config(scenario)
+    config.bf16 = True
+    pm = parallelize(make_model("static"), ctx, config)
+    _, ref_losses, _ = train_reference(scenario)
+    saw_bf16 = []
+    linear = next(m for m in pm.module.encoder.modules() if isinstance(m, nn.Linear))  # the U/V/Q/K projection
+    handle = linear.register_forward_hook(lambda m, a, out: saw_bf16.append(out.dtype))
+    for step in range(scenario.steps):
+        batch, negs = local_batch(step, ctx.dp_rank, ctx.dp_size)
+        count = global_count(batch.target_items.numel(), ctx)
+        with pm.autocast():
+            loss = loss_sum(pm.module, batch.to(ctx.device), negs.to(ctx.device)) / count
+        loss.backward()
+        grads = [p.grad for p in pm.dense_params if p.grad is not None]
+        assert grads and all(g.dtype == torch.float32 for g in grads)
+        pm.step()
+        total = loss.detach().float().clone()
+        dist.all_reduce(total, group=ctx.dp_group)
+        assert abs(float(total) - ref_losses[step]) <= 3e-2 * abs(ref_losses[step]), (step, float(total))
+    handle.remove()
+    assert saw_bf16 and all(d == torch.bfloat16 for d in saw_bf16), saw_bf16
+    assert all(p.dtype == torch.float32 for p in pm.dense_params)

@@ -39,3 +39,17 @@ def test_dp2_table_constraints(tmp_path, table_sharding):
     """Per-table constraints: a table-wise sharded table, and a replicated (data-parallel) one that trains with the
     dense optimizer, both match the single process."""
     run_parity(tmp_path, world=2, tp=1, item_table="static", table_sharding=table_sharding)
+
+
+def test_bf16_autocast_trains_close_to_fp32(tmp_path):
+    pw.spawn(2, pw.worker_bf16, tmp_path, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("tp", "item_table"), [(1, "static"), (2, "static"), (1, "dynamic"), (2, "dynamic")])
+def test_nccl_matches_single_process(tmp_path, tp, item_table):
+    """The same parity on 2 GPUs over NCCL (reference on the CPU): GPU reductions run in another order, so 1e-4."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    pw.spawn(2, pw.worker_parity, tmp_path, tp, item_table, "row_wise", 1e-4, backend="nccl")
+    print(f"nccl tp={tp} {item_table}:", torch.load(tmp_path / "diffs.pt"))
