@@ -131,7 +131,14 @@ def check_against_single(out: Path, single: tuple[dict, dict[int, float]]) -> di
 # context across trainers of the same layout): replicated tables (the CPU default), then tables sharded over the ranks
 # (fused Adagrad inside backward: FBGEMM's CPU kernel has no Adam) with the plain loop and with the train pipeline.
 SHARDED = ["parallel.table_sharding=model_parallel", "parallel.table_optimizer=adagrad"]
-WORKER_RUNS = {"dp2": [], "plain": [*SHARDED, "parallel.pipeline=false"], "piped": [*SHARDED, "parallel.pipeline=true"]}
+# Clipping by the global norm (across DP after the sync) with contiguous DP slices instead of balanced ones.
+CLIPPED = ["parallel.grad_clip=0.5", "parallel.load_balance=false", "train.epochs=1"]
+WORKER_RUNS = {
+    "dp2": [],
+    "plain": [*SHARDED, "parallel.pipeline=false"],
+    "piped": [*SHARDED, "parallel.pipeline=true"],
+    "clipped": CLIPPED,
+}
 
 
 def _worker(out: Path) -> None:
@@ -160,6 +167,13 @@ def test_dp2_equals_single_process(dp2_runs: tuple[Path, str], single: tuple[dic
     alone = load_config(RetrievalExperimentConfig, None, [*TINY, f'output.dir="{run}"'])
     with pytest.raises(FileNotFoundError, match=r"holds a distributed checkpoint .* resume it under torchrun"):
         RetrievalTrainer(alone, resume=True)
+
+
+def test_dp2_clips_like_one_process(dp2_runs: tuple[Path, str], tmp_path: Path) -> None:
+    out, _ = dp2_runs
+    alone = load_config(RetrievalExperimentConfig, None, [*TINY, *CLIPPED, f'output.dir="{tmp_path}"'])
+    reference = RetrievalTrainer(alone).fit()
+    check_against_single(out / "clipped", (reference, step_losses(tmp_path)))
 
 
 def test_sharded_tables_train_pipelined_like_the_plain_loop(dp2_runs: tuple[Path, str]) -> None:
