@@ -325,7 +325,7 @@ class ParallelEpochTrainer(EpochTrainer):
             if not (self.out_dir / LAST_CHECKPOINT).is_file() and (path / "meta.json").is_file():
                 raise FileNotFoundError(
                     f"--resume: {self.out_dir} holds a distributed checkpoint ({path}), not {LAST_CHECKPOINT}; resume "
-                    "it under torchrun (any number of processes with the same --tp)"
+                    "it under torchrun (any number of processes and --tp: it re-shards)"
                 )
             return super()._resume()
         from gr_parallel.checkpoint import load_distributed
