@@ -4,6 +4,7 @@ python -m examples.ranking --config examples/configs/ranking-synthetic.toml
 python -m examples.ranking --config examples/configs/ranking-ml-100k.toml --set data.data_dir=../shared/data/ml-100k
 python -m examples.ranking --config ... --set model.type=dlrm          # the DLRM-style baseline, same split
 python -m examples.ranking --config ... --output-dir runs/x --resume
+torchrun --standalone --nproc-per-node 2 -m examples.ranking --config examples/configs/ranking-synthetic.toml  # DP=2
 """
 
 from __future__ import annotations

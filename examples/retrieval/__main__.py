@@ -3,6 +3,7 @@
 python -m examples.retrieval                                   # synthetic data, runs anywhere
 python -m examples.retrieval --config examples/configs/ml-100k.toml --set data.data_dir=../shared/data/ml-100k
 python -m examples.retrieval --config ... --output-dir runs/x --resume
+torchrun --standalone --nproc-per-node 2 -m examples.retrieval --config examples/configs/synthetic-parallel.toml --tp 2
 """
 
 from __future__ import annotations
