@@ -27,7 +27,7 @@ def rank_raises(fail_rank: int) -> None:
     """``fail_rank`` raises; the others block in an all-reduce it never joins."""
     if dist.get_rank() == fail_rank:
         time.sleep(1.0)
-        raise KeyError(f"rank {fail_rank} lost its table")
+        raise KeyError(f"rank {fail_rank} lost its table at {time.time():.3f}")
     dist.all_reduce(torch.ones(1))
 
 
@@ -35,6 +35,13 @@ def rank_hangs(hang_rank: int) -> None:
     """``hang_rank`` neither fails nor joins; the others block in an all-reduce."""
     if dist.get_rank() == hang_rank:
         time.sleep(3600)
+    dist.all_reduce(torch.ones(1))
+
+
+def rank_dies(dying_rank: int) -> None:
+    """``dying_rank`` exits hard (as if killed) without raising; the others block in an all-reduce."""
+    if dist.get_rank() == dying_rank:
+        os._exit(3)
     dist.all_reduce(torch.ones(1))
 
 
@@ -76,11 +83,12 @@ def test_torchrun_job_with_a_failing_rank_exits_with_its_error() -> None:
 
 
 def test_run_ranks_reraises_the_first_error_and_kills_the_others() -> None:
-    start = time.monotonic()
-    with pytest.raises(RankFailedError, match="rank 1 failed: KeyError: 'rank 1 lost its table'") as info:
+    with pytest.raises(RankFailedError, match="rank 1 failed: KeyError: 'rank 1 lost its table at ") as info:
         run_ranks(rank_raises, 2, 1, timeout_s=120)
+    returned = time.time()
     assert info.value.rank == 1 and "rank_raises" in info.value.remote_traceback
-    assert time.monotonic() - start < 60
+    raised = float(re.search(r"lost its table at (\d+\.\d{3})", str(info.value)).group(1))  # type: ignore[union-attr]
+    assert returned - raised < 15, f"run_ranks returned {returned - raised:.0f} s after the failure"
 
 
 def test_run_ranks_kills_a_job_past_its_timeout() -> None:
@@ -90,7 +98,9 @@ def test_run_ranks_kills_a_job_past_its_timeout() -> None:
     assert time.monotonic() - start < 40
 
 
-def test_run_ranks_returns_every_rank_result() -> None:
+def test_run_ranks_returns_every_rank_result_and_reports_a_dead_rank() -> None:
     assert run_ranks(rank_value, 3, 10, timeout_s=120) == [(0, 6), (10, 6), (20, 6)]
+    with pytest.raises(RankFailedError, match="rank 0 failed: exited with code 3 without reporting a result"):
+        run_ranks(rank_dies, 2, 0, timeout_s=120)
     with pytest.raises(ValueError, match="world_size must be >= 1"):
         run_ranks(rank_value, 0, 10)

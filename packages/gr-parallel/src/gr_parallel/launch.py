@@ -4,7 +4,8 @@ whole job down with its error, instead of leaving the others blocked in a collec
 ``run_ranks(fn, world_size, *args)`` spawns ``world_size`` processes, each with torch.distributed initialised over a
 file store (no ports) and the torchrun environment variables set (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), so code
 that calls ``gr_parallel.initialize()`` runs unchanged. It returns every rank's return value; when a rank raises it
-kills the survivors and raises ``RankFailedError`` naming the rank, its exception and traceback; when the job
+kills the survivors and raises ``RankFailedError`` naming the rank, its exception and traceback (a rank that died
+without a word, killed or hard-exited, is named before the connection errors it caused in its peers); when the job
 outlives ``timeout_s`` it kills every rank and raises ``TimeoutError``. Used by tests and small examples; real jobs
 use ``torchrun`` (whose agent does the same with ``--max-restarts 0``).
 """
@@ -114,12 +115,13 @@ def run_ranks(
 
 def _collect(procs: list, results: mp.Queue, world_size: int, timeout_s: float) -> list[Any]:
     values: dict[int, Any] = {}
+    reported: set[int] = set()
     deadline = time.monotonic() + timeout_s
     while len(values) < world_size:
         try:
             kind, rank, value, tb = results.get(timeout=0.1)
         except queue.Empty:
-            ended = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode is not None and r not in values]
+            ended = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode is not None and r not in reported]
             if ended:
                 try:  # a rank flushes its report before it exits: one last look
                     kind, rank, value, tb = results.get(timeout=1.0)
@@ -133,10 +135,26 @@ def _collect(procs: list, results: mp.Queue, world_size: int, timeout_s: float) 
                 ) from None
             else:
                 continue
+        reported.add(rank)
         if kind == "error":
+            _blame_silent_death(procs, results, reported, f"then rank {rank}: {value}")
             raise RankFailedError(rank, value, tb)
         values[rank] = value
     return [values[r] for r in range(world_size)]
+
+
+def _blame_silent_death(procs: list, results: mp.Queue, reported: set[int], then: str) -> None:
+    """A rank's error is often the echo of another rank's death (its peer closed the connection): when a rank has
+    died without a report (killed, or a hard exit), that rank is the cause and is the one raised."""
+    time.sleep(0.5)  # the dead rank's exit and other ranks' reports arrive
+    while True:
+        try:
+            reported.add(results.get_nowait()[1])
+        except queue.Empty:
+            break
+    for r, p in enumerate(procs):
+        if p.exitcode not in (None, 0) and r not in reported:
+            raise RankFailedError(r, f"exited with code {p.exitcode} without reporting a result ({then})")
 
 
 def _stop(procs: list, grace_s: float) -> None:
