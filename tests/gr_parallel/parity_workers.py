@@ -49,6 +49,7 @@ class Scenario:
     item_table: str = "static"  # "static" (EXACT_SGD fused) or "dynamic" (gr-dynemb, its own Adam)
     # Static table: "row_wise" / "table_wise" (sharded, fused SGD) or "data_parallel" (replicated, dense AdamW).
     table_sharding: str = "row_wise"
+    megatron_ddp: bool = False  # CUDA: Megatron-Core DDP as the dense gradient sync
     grad_clip: float | None = GRAD_CLIP
     steps: int = STEPS
 
@@ -175,6 +176,7 @@ def parallelize_config(scenario: Scenario):
         embedding_optimizer=EmbeddingOptimizerConfig("sgd", lr=TABLE_LR),
         dense_optimizer=DenseOptimizerConfig(lr=DENSE_LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
         grad_clip=scenario.grad_clip,
+        megatron_ddp=scenario.megatron_ddp,
     )
 
 
@@ -305,10 +307,18 @@ def _entry(rank: int, world_size: int, worker: Callable, tmp: str, args: tuple, 
         dist.destroy_process_group()
 
 
-def worker_parity(ctx, tmp: Path, tp: int, item_table: str, table_sharding: str = "row_wise", tol: float = TOL) -> None:
+def worker_parity(
+    ctx,
+    tmp: Path,
+    tp: int,
+    item_table: str,
+    table_sharding: str = "row_wise",
+    tol: float = TOL,
+    megatron_ddp: bool = False,
+) -> None:
     """Sharded training equals single-process training (on CUDA the reference still runs on the CPU); rank 0 writes
     the measured differences (diffs.pt)."""
-    scenario = Scenario(item_table=item_table, table_sharding=table_sharding)
+    scenario = Scenario(item_table=item_table, table_sharding=table_sharding, megatron_ddp=megatron_ddp)
     pm, losses, norms = train_sharded(ctx, scenario)
     diffs = compare(pm, ctx, scenario, losses, norms, tol)
     if diffs is not None:

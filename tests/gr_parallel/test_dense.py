@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from gr_parallel.context import ParallelConfig, ParallelContext
-from gr_parallel.dense import DenseGradSync, DenseOptimizerConfig, clip_grad_norm_, global_count, grad_norm
+from gr_parallel.dense import (
+    DenseGradSync,
+    DenseOptimizerConfig,
+    MegatronGradSync,
+    clip_grad_norm_,
+    global_count,
+    grad_norm,
+)
 from tests.gr_parallel import parity_workers as pw
 
 
@@ -66,6 +73,8 @@ def test_bad_arguments():
         global_count(torch.ones(3), one_rank())
     with pytest.raises(TypeError, match="int, float or scalar tensor"):
         global_count("7", one_rank())  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="Megatron-Core DDP needs CUDA"):
+        MegatronGradSync([p], one_rank())
     with pytest.raises(ValueError, match="lr"):
         DenseOptimizerConfig(lr=0)
     with pytest.raises(ValueError, match="betas"):

@@ -53,3 +53,13 @@ def test_nccl_matches_single_process(tmp_path, tp, item_table):
         pytest.skip("needs 2 CUDA devices")
     pw.spawn(2, pw.worker_parity, tmp_path, tp, item_table, "row_wise", 1e-4, backend="nccl")
     print(f"nccl tp={tp} {item_table}:", torch.load(tmp_path / "diffs.pt"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tp", [1, 2])
+def test_nccl_megatron_ddp_matches_single_process(tmp_path, tp):
+    """ParallelizeConfig.megatron_ddp: Megatron-Core DDP syncs the dense gradients; same parity."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    pw.spawn(2, pw.worker_parity, tmp_path, tp, "static", "row_wise", 1e-4, True, backend="nccl")
+    print(f"nccl megatron_ddp tp={tp}:", torch.load(tmp_path / "diffs.pt"))

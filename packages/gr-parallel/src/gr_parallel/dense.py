@@ -6,9 +6,13 @@ of the whole global batch, all-reduced over the DP group). The gradients each DP
 gradient of the global mean, so ``DenseGradSync`` all-reduces with SUM (no division by the DP size), and sharded
 tables see the same sum (``gr_parallel.sparse``).
 
-Megatron-Core's ``DistributedDataParallel`` and distributed optimizer allocate their buffers on the current CUDA
-device, so they cannot run on the CPU; the path here (``DenseGradSync`` + torch ``AdamW``) runs on gloo and NCCL
-alike and is what ``parallelize`` uses.
+Two gradient syncs with one interface (``sync()``, ``zero_grad()``, ``broadcast_parameters()``): ``DenseGradSync``
+(ours: flat SUM all-reduces; gloo and NCCL, the CPU path and the default) and ``MegatronGradSync`` (Megatron-Core's
+``DistributedDataParallel`` over the same parameters: contiguous fp32 grad buffers filled by grad-accumulation hooks
+during backward; CUDA only, since Megatron allocates its buffers on the current CUDA device; opt-in with
+``ParallelizeConfig.megatron_ddp``). The dense optimizer is torch ``AdamW`` on every path: Megatron-Core's
+distributed optimizer re-points ``param.data`` into its own sharded buffers and keeps its state in its own checkpoint
+format, which the TorchRec/DCP checkpoints of this package do not read.
 """
 
 from __future__ import annotations
@@ -103,6 +107,10 @@ class DenseGradSync:
 
     __call__ = sync
 
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
     @torch.no_grad()
     def broadcast_parameters(self) -> None:
         """Makes every DP rank start from the first DP rank's values (TP shards differ by TP rank and stay)."""
@@ -116,6 +124,65 @@ class DenseGradSync:
             for p in bucket:
                 p.copy_(flat[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
+
+
+class MegatronGradSync:
+    """Megatron-Core ``DistributedDataParallel`` as the dense gradient sync (CUDA/NCCL only).
+
+    Megatron's DDP wraps a module; here it wraps a holder of exactly the dense parameters (wherever they live in the
+    model: the hooks sit on each parameter's gradient accumulator, not on a forward). During backward each gradient
+    is added into a contiguous fp32 ``param.main_grad`` buffer; ``sync()`` all-reduces the buffers over the DP group
+    (``calculate_per_token_loss``: a SUM, our loss is normalised by the global count) and points ``param.grad`` at
+    them for clipping and the torch optimizer. ``zero_grad()`` clears the buffers (call it instead of the optimizer's
+    zero_grad)."""
+
+    def __init__(
+        self, params: Iterable[nn.Parameter], ctx: ParallelContext, *, bucket_mb: float = DEFAULT_BUCKET_MB
+    ) -> None:
+        if ctx.device.type != "cuda":
+            raise RuntimeError(
+                "Megatron-Core DDP needs CUDA (its gradient buffers live on the current CUDA device); on the CPU use "
+                "DenseGradSync (ParallelizeConfig.megatron_ddp=False)"
+            )
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.transformer import TransformerConfig
+
+        self.ctx = ctx
+        self.params = [p for p in params if p.requires_grad]
+        holder = nn.Module()
+        holder.params = nn.ParameterList(self.params)
+        # Only the parallel sizes and the loss convention of this config matter to DDP.
+        config = TransformerConfig(
+            num_layers=1,
+            hidden_size=ctx.tp_size,
+            num_attention_heads=ctx.tp_size,
+            tensor_model_parallel_size=ctx.tp_size,
+            calculate_per_token_loss=True,
+        )
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=False,
+            average_in_collective=False,
+            bucket_size=int(bucket_mb * 2**20 / 4),
+        )
+        self.ddp = DistributedDataParallel(config, ddp_config, holder)
+
+    def sync(self) -> None:
+        self.ddp.finish_grad_sync()
+        for p in self.params:
+            p.grad = p.main_grad if p.main_grad.dtype == p.dtype else p.main_grad.to(p.dtype)
+
+    __call__ = sync
+
+    def zero_grad(self) -> None:
+        self.ddp.zero_grad_buffer()
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def broadcast_parameters(self) -> None:
+        DenseGradSync(self.params, self.ctx).broadcast_parameters()
 
 
 def _buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:

@@ -29,6 +29,7 @@ from gr_parallel.dense import (
     DEFAULT_BUCKET_MB,
     DenseGradSync,
     DenseOptimizerConfig,
+    MegatronGradSync,
     autocast,
     clip_grad_norm_,
     dense_optimizer,
@@ -65,6 +66,7 @@ class ParallelizeConfig:
     bf16: bool = False  # autocast to bf16 in pm.autocast(); fp32 parameters, gradients and optimizer
     grad_clip: float | None = None  # max global L2 norm of the dense gradients (None: no clipping)
     bucket_mb: float = DEFAULT_BUCKET_MB  # DP all-reduce bucket size
+    megatron_ddp: bool = False  # CUDA: Megatron-Core DDP as the dense gradient sync (else ours, any backend)
     broadcast_dense: bool = True  # start every DP rank from the first DP rank's dense parameters
     planner_batch_size: int | None = None  # the per-rank batch the sharding planner costs
 
@@ -93,7 +95,8 @@ class ParallelModel(nn.Module):
         self.config = config
         self.plan = plan
         self.dense_params = dense_parameters(dmp.module)
-        self.grad_sync = DenseGradSync(self.dense_params, ctx, bucket_mb=config.bucket_mb)
+        sync_type = MegatronGradSync if config.megatron_ddp else DenseGradSync
+        self.grad_sync: DenseGradSync | MegatronGradSync = sync_type(self.dense_params, ctx, bucket_mb=config.bucket_mb)
         if config.broadcast_dense:
             self.grad_sync.broadcast_parameters()
         self.optimizer = dense_optimizer(self.dense_params, config.dense_optimizer)
@@ -133,11 +136,12 @@ class ParallelModel(nn.Module):
         self.sync_grads()
         norm = self.clip_grad_norm_() if self.config.grad_clip is not None else None
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         return norm
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # type: ignore[override]
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        """Clears the dense gradients (and Megatron's grad buffers when it syncs them)."""
+        self.grad_sync.zero_grad()
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         """The DMP's state dict (sharded tables as TorchRec's sharded tensors, dynamic shards, local dense params)."""
