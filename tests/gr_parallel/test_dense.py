@@ -3,8 +3,12 @@ parity_workers.py), and their argument checks."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from gr_parallel.context import ParallelConfig, ParallelContext
@@ -14,6 +18,7 @@ from gr_parallel.dense import (
     MegatronGradSync,
     clip_grad_norm_,
     global_count,
+    grad_buckets,
     grad_norm,
 )
 from tests.gr_parallel import parity_workers as pw
@@ -79,3 +84,40 @@ def test_bad_arguments():
         DenseOptimizerConfig(lr=0)
     with pytest.raises(ValueError, match="betas"):
         DenseOptimizerConfig(betas=(0.9, 1.0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=3), min_size=1, max_size=6),
+    max_norm=st.floats(0.01, 10.0),
+    norm_type=st.sampled_from([1.0, 2.0, 3.0, math.inf]),
+    seed=st.integers(0, 1000),
+)
+def test_clip_equals_torch_any_shapes(shapes, max_norm, norm_type, seed):
+    """One rank (no TP shards): the norm and the clipped gradients are torch's, for any shapes and norm type."""
+    g = torch.Generator().manual_seed(seed)
+    a = [nn.Parameter(torch.zeros(s)) for s in shapes]
+    b = [nn.Parameter(torch.zeros(s)) for s in shapes]
+    for p, q in zip(a, b, strict=True):
+        p.grad = torch.randn(p.shape, generator=g) * 2
+        q.grad = p.grad.clone()
+    want = torch.nn.utils.clip_grad_norm_(a, max_norm, norm_type=norm_type)
+    got = clip_grad_norm_(b, max_norm, one_rank(), norm_type=norm_type)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.tuples(st.integers(1, 40), st.sampled_from([torch.float32, torch.float64])), max_size=12),
+    bucket_bytes=st.integers(4, 400),
+)
+def test_buckets_keep_order_dtype_and_size(sizes, bucket_bytes):
+    params = [nn.Parameter(torch.zeros(n, dtype=dt)) for n, dt in sizes]
+    buckets = grad_buckets(params, bucket_bytes)
+    assert [p for b in buckets for p in b] == params  # every parameter once, in order
+    for b in buckets:
+        assert len({p.dtype for p in b}) == 1
+        nbytes = sum(p.numel() * p.element_size() for p in b)
+        assert nbytes <= bucket_bytes or len(b) == 1  # only a parameter larger than a bucket stands alone over it

@@ -79,7 +79,7 @@ class DenseGradSync:
             if id(p) in seen:
                 raise ValueError("a parameter is listed twice in the dense gradient sync")
             seen.add(id(p))
-        self.buckets = _buckets(self.params, int(bucket_mb * 2**20))
+        self.buckets = grad_buckets(self.params, int(bucket_mb * 2**20))
 
     def sync(self) -> None:
         # With one DP rank there is nothing to sum, but gradients still leave in the same form (dense, none missing).
@@ -185,7 +185,7 @@ class MegatronGradSync:
         DenseGradSync(self.params, self.ctx).broadcast_parameters()
 
 
-def _buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:
+def grad_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:
     """Consecutive parameters of one dtype and device, up to ``bucket_bytes`` per bucket (a larger parameter gets a
     bucket of its own)."""
     out: list[list[nn.Parameter]] = []
