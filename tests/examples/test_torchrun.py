@@ -133,11 +133,14 @@ def check_against_single(out: Path, single: tuple[dict, dict[int, float]]) -> di
 SHARDED = ["parallel.table_sharding=model_parallel", "parallel.table_optimizer=adagrad"]
 # Clipping by the global norm (across DP after the sync) with contiguous DP slices instead of balanced ones.
 CLIPPED = ["parallel.grad_clip=0.5", "parallel.load_balance=false", "train.epochs=1"]
+# A gr-dynemb item table (always sharded, its own fused Adam, one step per lookup as in one process).
+DYNAMIC = ["model.item_table=dynamic", "train.epochs=1"]
 WORKER_RUNS = {
     "dp2": [],
     "plain": [*SHARDED, "parallel.pipeline=false"],
     "piped": [*SHARDED, "parallel.pipeline=true"],
     "clipped": CLIPPED,
+    "dynamic": DYNAMIC,
 }
 
 
@@ -169,11 +172,14 @@ def test_dp2_equals_single_process(dp2_runs: tuple[Path, str], single: tuple[dic
         RetrievalTrainer(alone, resume=True)
 
 
-def test_dp2_clips_like_one_process(dp2_runs: tuple[Path, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "overrides"), [("clipped", CLIPPED), ("dynamic", DYNAMIC)])
+def test_dp2_clipping_and_dynamic_tables_train_like_one_process(
+    name: str, overrides: list[str], dp2_runs: tuple[Path, str], tmp_path: Path
+) -> None:
     out, _ = dp2_runs
-    alone = load_config(RetrievalExperimentConfig, None, [*TINY, *CLIPPED, f'output.dir="{tmp_path}"'])
+    alone = load_config(RetrievalExperimentConfig, None, [*TINY, *overrides, f'output.dir="{tmp_path}"'])
     reference = RetrievalTrainer(alone).fit()
-    check_against_single(out / "clipped", (reference, step_losses(tmp_path)))
+    check_against_single(out / name, (reference, step_losses(tmp_path)))
 
 
 def test_sharded_tables_train_pipelined_like_the_plain_loop(dp2_runs: tuple[Path, str]) -> None:
