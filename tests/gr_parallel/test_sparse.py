@@ -95,6 +95,8 @@ def test_constraints_defaults_and_errors():
     dynamic = embedding_tables(pw.make_model("dynamic"))
     (c,) = resolve_constraints(static, None, CPU).values()
     assert (c.sharding_types, c.compute_kernels) == (["row_wise", "table_wise"], ["fused"])
+    (c,) = resolve_constraints(static, None, torch.device("cuda")).values()  # planning only: no GPU needed
+    assert (c.sharding_types, c.compute_kernels) == (["row_wise", "table_wise"], None)  # planner picks the kernel
     given = {"item_table": ParameterConstraints(sharding_types=["table_wise"])}
     (c,) = resolve_constraints(static, given, CPU).values()
     assert (c.sharding_types, c.compute_kernels) == (["table_wise"], ["fused"])

@@ -38,7 +38,9 @@ DATA_PARALLEL = "data_parallel"
 # fbgemm-gpu-cpu (1.8) runs an EmbeddingCollection only on the fused kernel; on CUDA TorchRec's planner picks among
 # its kernels unless a constraint says otherwise.
 CPU_STATIC_KERNELS = ["fused"]
-CPU_STATIC_SHARDINGS = ["row_wise", "table_wise"]
+# Where a static table has no constraint, the planner chooses among these (never data_parallel on its own: a
+# replicated table changes which optimizer trains it, so it must be asked for; other types via constraints).
+DEFAULT_STATIC_SHARDINGS = ["row_wise", "table_wise"]
 
 _FBGEMM_OPTIMIZERS = {"sgd": "EXACT_SGD", "adagrad": "EXACT_ADAGRAD", "rowwise_adagrad": "EXACT_ROWWISE_ADAGRAD"}
 
@@ -163,8 +165,8 @@ def swap_dynamic_collections(model: nn.Module, device: torch.device) -> dict[str
 def resolve_constraints(
     tables: Mapping[str, tuple[str, str]], constraints: Mapping[str, ParameterConstraints] | None, device: torch.device
 ) -> dict[str, ParameterConstraints]:
-    """The plan constraints: the user's, checked against the model's tables, with CPU defaults for static tables
-    (the fused kernel, row- or table-wise) where the user set none."""
+    """The plan constraints: the user's, checked against the model's tables, with defaults for static tables where
+    the user set none (row- or table-wise; on the CPU the fused kernel)."""
     from gr_dynemb.distributed import DynamicParameterConstraints
 
     given = dict(constraints or {})
@@ -194,11 +196,10 @@ def resolve_constraints(
                 f"table {name!r}: data_parallel must be the only sharding type of a table (a replicated table is "
                 f"trained by the dense optimizer, a sharded one by its fused optimizer), got {c.sharding_types}"
             )
-        if device.type == "cpu":
-            if c.sharding_types is None:
-                c.sharding_types = list(CPU_STATIC_SHARDINGS)
-            if c.compute_kernels is None:
-                c.compute_kernels = ["dense"] if c.sharding_types == [DATA_PARALLEL] else list(CPU_STATIC_KERNELS)
+        if c.sharding_types is None:
+            c.sharding_types = list(DEFAULT_STATIC_SHARDINGS)
+        if device.type == "cpu" and c.compute_kernels is None:
+            c.compute_kernels = ["dense"] if c.sharding_types == [DATA_PARALLEL] else list(CPU_STATIC_KERNELS)
         out[name] = c
     return out
 
@@ -344,6 +345,14 @@ def shard_sparse(
         plan = with_dynamic_options(plan, dynamic)
     for path in replicated:
         plan.plan.pop(path, None)  # left unsharded: its weights are dense parameters, replicated on every rank
+    for path, module_plan in plan.plan.items():
+        for name, ps in module_plan.items():
+            if ps.sharding_type == DATA_PARALLEL:
+                raise ValueError(
+                    f"the plan puts table {name!r} at {path} on TorchRec's data_parallel sharding, whose DDP would "
+                    "average its gradients over the whole world; mark the table data_parallel in the constraints "
+                    "instead (its collection then stays unsharded and trains with the dense parameters)"
+                )
     dmp = DistributedModelParallel(
         model,
         env=ShardingEnv.from_process_group(world),
@@ -357,13 +366,7 @@ def shard_sparse(
     for path, module_plan in plan.plan.items():
         sharded = dmp.module.get_submodule(path) if path else dmp.module
         features = set()
-        for name, ps in module_plan.items():
-            if ps.sharding_type == DATA_PARALLEL:
-                raise ValueError(
-                    f"the plan puts table {name!r} at {path} on TorchRec's data_parallel sharding, whose DDP would "
-                    "average its gradients over the whole world; mark the table data_parallel in the constraints "
-                    "instead (its collection then stays unsharded and trains with the dense parameters)"
-                )
+        for name in module_plan:
             features.update(features_by_path[path][name])
         if features:
             dmp._gr_grad_scaling.append(install_grad_scaling(sharded, features, scale))  # type: ignore[attr-defined]
