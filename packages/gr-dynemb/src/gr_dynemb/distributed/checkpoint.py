@@ -1,8 +1,10 @@
 """Per-rank dumps of sharded dynamic tables, re-sharded on load.
 
-Layout: ``<directory>/<table>/rank<r>-of-<W>.pt``, one ``gr_dynemb.table/1`` dump (see ``gr_dynemb.checkpoint``)
+Layout: ``<directory>/<table>/rank<r>-of-<W>.pt``, one ``gr_dynemb.table`` dump (see ``gr_dynemb.checkpoint``)
 per rank; each rank writes its own file atomically. Loading reads every dump of a table, whatever ``W`` it was
-written with, and keeps the keys that ``owner_ranks`` gives to the loading rank under the current world size.
+written with, and keeps the keys that ``owner_ranks`` gives to the loading rank under the current world size: their
+rows and their admission counters. The optimizer step count (one per table, the same on every shard) comes back
+exactly; version 1 dumps, which lack it, resume it from the table clock (see ``gr_dynemb.checkpoint``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from gr_dynemb.checkpoint import dump_table, load_shards
+from gr_dynemb.checkpoint import dump_embedding, load_embedding
 from gr_dynemb.collection import DynamicEmbeddingCollection
 from gr_dynemb.distributed.sharded_collection import ShardedDynamicEmbeddingCollection
 from gr_dynemb.embedding import DynamicEmbedding
@@ -54,23 +56,22 @@ def shard_paths(directory: str | Path, table: str) -> list[Path]:
 
 
 def dump_sharded(module: nn.Module, directory: str | Path, *, since_score: int | None = None) -> dict[str, int]:
-    """Writes this rank's shard of every dynamic table in ``module`` (a DMP model or a collection); returns rows
-    written per table. Call on every rank."""
+    """Writes this rank's shard of every dynamic table in ``module`` (a DMP model or a collection), with its
+    optimizer step count and admission counters; returns rows written per table. Call on every rank."""
     tables, rank, world = _tables(module)
     written = {}
     for name, emb in tables.items():
-        written[name] = dump_table(
-            emb.table, Path(directory) / name / f"rank{rank}-of-{world}.pt", since_score=since_score
+        written[name] = dump_embedding(
+            emb, Path(directory) / name / f"rank{rank}-of-{world}.pt", since_score=since_score
         )
     return written
 
 
 def load_sharded(module: nn.Module, directory: str | Path) -> dict[str, int]:
     """Loads every table's full dumps (any old world size) into this rank's shards of the dynamic tables in
-    ``module``; returns rows loaded per table."""
+    ``module``: rows, admission counters and the optimizer step count; returns rows loaded per table."""
     tables, rank, world = _tables(module)
     loaded = {}
     for name, emb in tables.items():
-        loaded[name] = load_shards(emb.table, list(shard_paths(directory, name)), rank=rank, world_size=world)
-        emb.step = emb.table.step  # the optimizer's step count (Adam's t) resumes with the table clock
+        loaded[name] = load_embedding(emb, shard_paths(directory, name), rank=rank, world_size=world)
     return loaded
