@@ -71,7 +71,11 @@ def run_cli(
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = train(config, args.resume)
+    try:
+        results = train(config, args.resume)
+    except ConfigError as e:  # found once the run starts, e.g. a layout the launched processes cannot take
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the results; one prints them
         print(json.dumps({k: results[k] for k in PRINTED_RESULTS if k in results}, indent=2))
     return 0

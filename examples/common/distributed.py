@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from examples.common.config import ConfigError
 from examples.common.sections import ParallelConfig
 
 
@@ -38,8 +39,9 @@ def wants_distributed(pc: ParallelConfig) -> bool:
     return launched_world_size() > 1 or pc.tp > 1
 
 
-class ParallelLayoutError(ValueError):
-    """The config cannot be laid out over the launched ranks; the message names the key to change."""
+class ParallelLayoutError(ConfigError):
+    """The config cannot be laid out over the launched ranks; the message names the key to change (the CLI prints
+    it as a config error: ``error: ...``, exit status 2 on every rank)."""
 
 
 def check_layout(
@@ -147,7 +149,7 @@ class DataParallelBatchSampler:
         load_balance: bool,
         linear_coef: float = 0.0,
     ) -> None:
-        from gr_parallel import LengthBalancedBatchSampler
+        from gr_parallel.load_balance import LengthBalancedBatchSampler
 
         if global_batch_size % dp_size:
             raise ParallelLayoutError(f"global batch {global_batch_size} is not divisible by dp={dp_size}")
@@ -181,7 +183,7 @@ class DataParallelBatchSampler:
         return len(self._global)
 
     def _split(self, lengths: np.ndarray) -> list[list[int]]:
-        from gr_parallel import balanced_partition, contiguous_partition
+        from gr_parallel.load_balance import balanced_partition, contiguous_partition
 
         if self.load_balance:
             return balanced_partition(lengths, self.dp_size, linear_coef=self.linear_coef)

@@ -75,10 +75,10 @@ class ParallelEpochTrainer(EpochTrainer):
                 num_heads=num_heads,
                 encoder=encoder,
             )
-            import gr_parallel
+            from gr_parallel.context import ParallelConfig, initialize
 
             backend = None if pc.backend == "auto" else pc.backend
-            self.ctx = gr_parallel.initialize(gr_parallel.ParallelConfig(pc.tp, backend, pc.timeout_s))
+            self.ctx = initialize(ParallelConfig(pc.tp, backend, pc.timeout_s))
             self.dp_rank = self.ctx.dp_rank
             self.is_main = self.ctx.rank == 0
             if not self.is_main:
@@ -112,7 +112,7 @@ class ParallelEpochTrainer(EpochTrainer):
         tc = self.config.train
         if not self.distributed:
             return EpochBatchSampler(num_examples, tc.batch_size, shuffle=True, seed=tc.seed)
-        from gr_parallel import hstu_linear_coef
+        from gr_parallel.load_balance import hstu_linear_coef
 
         return DataParallelBatchSampler(
             lengths(),
@@ -137,8 +137,9 @@ class ParallelEpochTrainer(EpochTrainer):
             return model
         from torchrec.distributed.planner import ParameterConstraints
 
-        import gr_parallel
-        from gr_parallel.parallelize import EmbeddingOptimizerConfig, ParallelizeConfig
+        # Submodules by name: ``gr_parallel.parallelize`` is both a module and the function it defines.
+        from gr_parallel.dense import DenseOptimizerConfig
+        from gr_parallel.parallelize import EmbeddingOptimizerConfig, ParallelizeConfig, parallelize
         from gr_parallel.sparse import embedding_tables
 
         tc, pc = self.config.train, self.config.parallel
@@ -162,7 +163,7 @@ class ParallelEpochTrainer(EpochTrainer):
         config = ParallelizeConfig(
             constraints=constraints,
             embedding_optimizer=EmbeddingOptimizerConfig(pc.table_optimizer, tc.lr, beta1=beta1, beta2=beta2),
-            dense_optimizer=gr_parallel.DenseOptimizerConfig(tc.lr, tc.betas, weight_decay=tc.weight_decay),
+            dense_optimizer=DenseOptimizerConfig(tc.lr, tc.betas, weight_decay=tc.weight_decay),
             bf16=pc.bf16,
             grad_clip=pc.grad_clip or None,
             planner_batch_size=tc.batch_size // self.dp_size,
@@ -170,7 +171,7 @@ class ParallelEpochTrainer(EpochTrainer):
         # Building the parallel layers draws their (then overwritten) initial weights from the global RNG; the
         # random stream of training (negatives, dropout) must continue where the single-device model left it.
         rng = rng_state()
-        self.parallel = gr_parallel.parallelize(model, self.ctx, config)
+        self.parallel = parallelize(model, self.ctx, config)
         set_rng_state(rng)
         return self.parallel.module
 

@@ -286,6 +286,13 @@ def test_tp_without_launcher_says_how_to_launch(retrieval_config: Callable[..., 
         RetrievalTrainer(retrieval_config(tmp_path, "parallel.tp=2", "model.hstu.num_heads=2"))
 
 
+def test_cli_reports_layout_errors_as_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from examples.retrieval.__main__ import main
+
+    assert main(["--tp", "2", "--output-dir", str(tmp_path), "--set", "model.hstu.num_heads=2"]) == 2
+    assert "error: parallel.tp=2 needs 2 processes" in capsys.readouterr().err
+
+
 def test_parallel_section_is_validated() -> None:
     for bad, match in [("tp=0", "parallel.tp"), ('backend="mpi"', "parallel.backend"), ("grad_clip=-1", "grad_clip")]:
         with pytest.raises(ValueError, match=match):
