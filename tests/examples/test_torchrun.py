@@ -305,21 +305,26 @@ def test_parallel_section_is_validated() -> None:
 def test_nccl_dp2_and_tp2_equal_one_gpu_and_sharded_tables_train(tmp_path: Path) -> None:
     """Same code path on GPUs: with replicated tables (the dense AdamW, like one process) DP=2 and TP=2 over NCCL
     train the one-GPU run's losses; with the CUDA default (tables sharded over the GPUs, fused Adam) it trains."""
-    gpu = [*TINY, "parallel.backend=nccl"]  # one process ignores the backend
+    import importlib.util
+
+    # Per-step losses come from TensorBoard where it is installed (GPU stacks may lack it): else epoch means.
+    board = importlib.util.find_spec("tensorboard") is not None
+    gpu = [*TINY, "parallel.backend=nccl", f"output.tensorboard={str(board).lower()}"]  # one process ignores backend
     replicated = [*gpu, "parallel.table_sharding=data_parallel"]
     out = tmp_path / "one"
     reference = RetrievalTrainer(
         load_config(RetrievalExperimentConfig, None, [*replicated, f'output.dir="{out}"'])
     ).fit()
-    ref_losses = step_losses(out)
+    ref_losses = step_losses(out) if board else {}
     for name, flags in (("dp2", ()), ("tp2", ("--tp", "2"))):
         run = tmp_path / name
         torchrun("examples.retrieval", 2, [*replicated, f'output.dir="{run}"'], *flags)
         results = json.loads((run / "results.json").read_text())
-        losses = step_losses(run)
+        losses = step_losses(run) if board else {}
         assert results["device"].startswith("cuda") and sorted(losses) == sorted(ref_losses)
         for step, value in ref_losses.items():  # fp32 on GPUs: other kernels per batch shape, so not bit-exact
             assert losses[step] == pytest.approx(value, abs=1e-4), f"{name} step {step}: {losses[step]} vs {value}"
+        assert results["train_loss_history"] == pytest.approx(reference["train_loss_history"], abs=1e-4)
         assert results["test"]["hr@200"] == pytest.approx(reference["test"]["hr@200"], abs=0.02)
     sharded = tmp_path / "sharded"
     torchrun("examples.retrieval", 2, [*gpu, f'output.dir="{sharded}"', "train.max_steps=5"])
