@@ -5,7 +5,8 @@ Layout of ``<path>/`` (a directory on a file system every rank sees)::
     meta.json                    format, world/TP/DP sizes, every table and dense tensor with its shape
     sparse/                      torch.distributed.checkpoint: the sharded static tables and their fused optimizer
                                  state (TorchRec ShardedTensors; DCP re-shards them on load)
-    dynamic/<table>/rank<r>-of-<W>.pt   gr-dynemb dumps of the dynamic tables (rows + optimizer state + clock)
+    dynamic/<table>/rank<r>-of-<W>.pt   gr-dynemb dumps of the dynamic tables (rows + optimizer state, clock,
+                                 optimizer step count, admission counters)
     dense.pt                     the dense parameters and buffers in single-device form (rank 0)
     dense_optim.pt               the dense optimizers' states, by parameter name, in single-device form (rank 0)
     trainer.pt                   the caller's trainer state (rank 0)
@@ -29,6 +30,7 @@ import os
 import random
 import shutil
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,9 +376,6 @@ def save_distributed(
             "tables": _table_shapes(sparse, model),
             "dense": {k: list(v.shape) for k, v in dense.items()},
             "optimizers": sorted(named),
-            # The optimizer step (Adam's t) of each dynamic table: the dumps carry the table's clock, which falls
-            # behind it when a table is looked up more than once per training step (inputs, targets, negatives).
-            "dynamic_steps": {name: int(shard.step) for name, shard in _dynamic_tables(model).items()},
             "torch": torch.__version__,
         }
         with open(tmp / "meta.json", "w") as f:
@@ -442,8 +441,6 @@ def load_distributed(
     ``CheckpointMismatchError`` naming every table or tensor that is missing, extra or of another shape."""
     import torch.distributed.checkpoint as dcp
 
-    from gr_dynemb.distributed import load_sharded
-
     ctx = _context(ctx)
     model = _unwrap(model)
     path = Path(path)
@@ -465,9 +462,7 @@ def load_distributed(
         if fused_opt is not None and fused:
             fused_opt.load_state_dict(fused_sd)  # copies into the kernels' own state tensors
     if _dynamic_tables(model):
-        load_sharded(model, path / "dynamic")
-        for name, shard in _dynamic_tables(model).items():
-            shard.step = int(meta["dynamic_steps"][name])
+        _load_dynamic(model, path, meta)
 
     dense = torch.load(path / "dense.pt", map_location="cpu", weights_only=True)
     _load_full_dense(model, dense, ctx)
@@ -483,6 +478,32 @@ def load_distributed(
     trainer_state = torch.load(path / "trainer.pt", weights_only=False)
     dist.barrier()
     return LoadedCheckpoint(trainer_state, meta["world_size"], meta["tp_size"], same_world)
+
+
+def _load_dynamic(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
+    """The dynamic tables' rows, admission counters and optimizer step counts from the gr-dynemb dumps. Checkpoints
+    written before those dumps carried the step count (version 1 dumps) hold it in ``meta.json`` as
+    ``dynamic_steps``: it is taken from there (the dumps' fallback, the table clock, falls behind it when a table is
+    looked up more than once per training step)."""
+    from gr_dynemb.checkpoint import LegacyDumpWarning
+    from gr_dynemb.distributed import load_sharded
+
+    legacy_steps = meta.get("dynamic_steps")
+    with warnings.catch_warnings():
+        if legacy_steps is not None:  # the step is set below; only lost admission counters are worth a warning
+            warnings.simplefilter("ignore", LegacyDumpWarning)
+        load_sharded(model, path / "dynamic")
+    if legacy_steps is None:
+        return
+    for name, shard in _dynamic_tables(model).items():
+        shard.step = int(legacy_steps[name])
+        if shard.counter is not None:
+            warnings.warn(
+                f"{path}: the dumps of dynamic table {name!r} predate admission counters; they start empty (ids seen "
+                "but not yet admitted are counted again)",
+                LegacyDumpWarning,
+                stacklevel=3,
+            )
 
 
 def _context(ctx: ParallelContext | None) -> ParallelContext:
