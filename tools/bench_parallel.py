@@ -24,6 +24,7 @@ Writes ``docs/benchmarks/parallel.{json,md,png}`` (``--out``); records
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -105,7 +106,9 @@ def worker(args: argparse.Namespace) -> None:
 
     ctx = gr_parallel.initialize(gr_parallel.ParallelConfig(tp=args.tp))
     torch.manual_seed(0)
-    hstu = HSTUConfig(num_blocks=args.blocks, num_heads=args.heads, use_rab=False, attention_backend="auto")
+    hstu = HSTUConfig(
+        embedding_dim=args.dim, num_blocks=args.blocks, num_heads=args.heads, use_rab=False, attention_backend="auto"
+    )
     cfg = RetrievalModelConfig(
         num_items=args.num_items, embedding_dim=args.dim, max_seq_len=args.max_len, dropout=0.0, hstu=hstu
     )
@@ -143,6 +146,21 @@ def worker(args: argparse.Namespace) -> None:
             torch.distributed.all_reduce(counts, group=ctx.dp_group)
             flops += float(counts[0])
             tokens += int(counts[1])
+    if args.profile:  # one more step on every rank (the collectives need them all), profiled on rank 0
+        from torch.profiler import ProfilerActivity, profile
+
+        batch, _ = _synthetic_batch(args.warmup + args.steps, ctx.dp_rank, args)
+        batch = batch.to(ctx.device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+        with profile(activities=activities) if ctx.rank == 0 else contextlib.nullcontext() as prof:
+            with pm.autocast():
+                loss = loss_fn(pm(batch).float(), batch.target_items, net.item_embeddings)
+            loss.backward()
+            pm.step()
+            sync()
+        if ctx.rank == 0:
+            key = "self_cuda_time_total" if ctx.device.type == "cuda" else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
     wall = sum(step_times)
     times = torch.tensor([wall], dtype=torch.float64, device=ctx.device)
     torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)  # the slowest rank sets the pace
@@ -180,7 +198,7 @@ def run_config(args: argparse.Namespace, gpus: int, tp: int, record: Path) -> di
         str(Path(__file__).resolve()), "--worker", f"--tp={tp}", f"--record={record}",
         f"--blocks={args.blocks}", f"--dim={args.dim}", f"--heads={args.heads}", f"--max-len={args.max_len}",
         f"--seqs-per-rank={args.seqs_per_rank}", f"--num-items={args.num_items}", f"--negatives={args.negatives}",
-        f"--warmup={args.warmup}", f"--steps={args.steps}",
+        f"--warmup={args.warmup}", f"--steps={args.steps}", *(["--profile"] if args.profile else []),
     ]  # fmt: skip
     env = dict(os.environ)
     if args.device == "cpu":
@@ -257,6 +275,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=str(REPO / "docs/benchmarks/parallel"))
     ap.add_argument("--replot", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print rank 0's CUDA kernel table of one extra step")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--record", default="", help=argparse.SUPPRESS)
