@@ -162,7 +162,7 @@ def test_version1_dump_falls_back_to_the_clock_and_warns(tmp_path: Path) -> None
     write_version1(read_dump(tmp_path / "new.pt"), tmp_path / "v1.pt")
     assert read_dump(tmp_path / "v1.pt")["optimizer_step"] is None
     b = adam_embedding(admit_after=2)
-    with pytest.warns(LegacyDumpWarning, match="step count resumes from the table clock.*admission counters start"):
+    with pytest.warns(LegacyDumpWarning, match=r"step count resumes from the table clock.*admission counters start"):
         load_embedding(b, tmp_path / "v1.pt")
     assert b.step == a.table.step == 5 and rows(b.table) == rows(a.table)  # the version 1 reader's behaviour
     assert len(b.counter) == 0 < len(a.counter)
@@ -254,3 +254,39 @@ def test_two_rank_dumps_of_a_twice_looked_up_table_load_into_one_process(tmp_pat
     emb = coll.table("dyn")
     assert loaded == {"dyn": len(emb.table)} and emb.step == 2 * STEPS
     assert rows(emb.counter) == union("counters") and rows(emb.table) == union("rows")
+
+
+def test_state_dict_carries_admission_counters() -> None:
+    from gr_dynemb import owner_ranks
+    from gr_dynemb.distributed import DynamicEmbeddingShard
+
+    a = adam_embedding(admit_after=3)
+    for step in range(4):
+        one_lookup_step(a, step)
+    state = a.state_dict()
+    assert len(a.counter) > 0 and state["admission_keys"].numel() == len(a.counter)
+    b = adam_embedding(admit_after=3)
+    one_lookup_step(b, 99)
+    b.load_state_dict(state)
+    assert rows(b.counter) == rows(a.counter) and rows(b.table) == rows(a.table)
+    for step in range(4, 8):
+        one_lookup_step(a, step)
+        one_lookup_step(b, step)
+    assert rows(b.counter) == rows(a.counter) and rows(b.table) == rows(a.table)  # the same ids admitted
+    # A shard keeps the counters of the keys it owns, as it keeps their rows.
+    state = a.state_dict()
+    for rank in range(2):
+        shard = DynamicEmbeddingShard(adam_embedding(admit_after=3).config, rank, 2)
+        shard.load_state_dict(state)
+        mine = {k: v for k, v in rows(a.counter).items() if owner_ranks(torch.tensor([k]), 2).item() == rank}
+        assert rows(shard.counter) == mine
+    # A state saved without counters loads with them empty, and says so; one with them does not fit a table without
+    # admission; a state holding only some of the entries is refused.
+    old = {k: v for k, v in state.items() if not k.startswith("admission_")}
+    with pytest.warns(LegacyDumpWarning, match="no admission counters"):
+        b.load_state_dict(old)
+    assert len(b.counter) == 0 and rows(b.table) == rows(a.table)
+    with pytest.raises(RuntimeError, match=r"Unexpected key.*admission_keys"):
+        adam_embedding().load_state_dict(state)
+    with pytest.raises(RuntimeError, match=r"admission counters: \['admission_scores'\] missing"):
+        b.load_state_dict({k: v for k, v in state.items() if k != "admission_scores"})

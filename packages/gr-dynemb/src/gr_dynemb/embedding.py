@@ -16,6 +16,7 @@ training batches; until then it reads ``default_value`` and its gradient is drop
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,6 +28,9 @@ from gr_dynemb.grouped import groupable, grouped_train_lookup, sum_rows
 from gr_dynemb.table import DynamicHashTable, DynamicTableConfig
 
 OptimizerKind = Literal["sgd", "adagrad", "rowwise_adagrad", "adam"]
+
+# state_dict entries of the admission counters (admit_after > 0): ids, their batch counts [m, 1], their scores.
+ADMISSION_STATE = ("admission_keys", "admission_counts", "admission_scores")
 
 
 @dataclass
@@ -176,7 +180,8 @@ class DynamicEmbedding(nn.Module):
         )  # fmt: skip
         self._unadmitted += (~found).sum()
 
-    # state_dict holds the table's rows (embedding + optimizer state), scores and the step counter.
+    # state_dict holds the table's rows (embedding + optimizer state), scores and the step counter, and with
+    # admission (admit_after > 0) the counters of the ids not admitted yet.
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
         super()._save_to_state_dict(destination, prefix, keep_vars)
         keys, values, scores = self.table.export_to_host()  # rows are saved from host memory whatever the device
@@ -184,6 +189,11 @@ class DynamicEmbedding(nn.Module):
         destination[prefix + "table_values"] = values
         destination[prefix + "table_scores"] = scores
         destination[prefix + "step"] = torch.tensor(self.step)
+        if self.counter is not None:
+            keys, counts, scores = self.counter.export_to_host()
+            destination[prefix + "admission_keys"] = keys
+            destination[prefix + "admission_counts"] = counts
+            destination[prefix + "admission_scores"] = scores
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):  # type: ignore[override]
         names = [prefix + n for n in ("table_keys", "table_values", "table_scores", "step")]
@@ -200,8 +210,12 @@ class DynamicEmbedding(nn.Module):
                     self.table.restore(keys, values, scores)
                 self.step = int(step)
                 self.table.set_step(self.step)
+                if self.counter is not None:
+                    self._load_admission(state_dict, prefix, errors)
         elif strict:
             missing_keys.extend(n for n in names if n not in state_dict)
+        if self.counter is not None:  # without admission, saved counters are left to be reported as unexpected
+            names += [prefix + n for n in ADMISSION_STATE]
         super()._load_from_state_dict(
             {k: v for k, v in state_dict.items() if k not in names},
             prefix,
@@ -211,6 +225,30 @@ class DynamicEmbedding(nn.Module):
             unexpected_keys,
             errors,
         )
+
+    def _load_admission(self, state_dict, prefix: str, errors: list[str]) -> None:
+        """The admission counters from a state dict; one saved before they were (or without admission) leaves them
+        empty, with a warning: ids seen but not admitted yet are counted again."""
+        assert self.counter is not None
+        names = [prefix + n for n in ADMISSION_STATE]
+        present = [n in state_dict for n in names]
+        if any(present) and not all(present):
+            errors.append(f"admission counters: {[n for n in names if n not in state_dict]} missing from the state")
+            return
+        self.counter.clear()
+        if not any(present):
+            from gr_dynemb.checkpoint import LegacyDumpWarning
+
+            warnings.warn(
+                f"the state of {prefix or 'this DynamicEmbedding'} holds no admission counters (saved before they "
+                "were, or without admission): they start empty",
+                LegacyDumpWarning,
+                stacklevel=5,
+            )
+            return
+        keys, counts, scores = (state_dict[n] for n in names)
+        if keys.numel():
+            self.counter.restore(keys, counts, scores)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -43,7 +43,7 @@ from gr_dynemb.distributed.options import (
     resolve_optimizer,
 )
 from gr_dynemb.distributed.routing import owner_ranks_on_device
-from gr_dynemb.embedding import DynamicEmbedding, DynamicEmbeddingConfig
+from gr_dynemb.embedding import ADMISSION_STATE, DynamicEmbedding, DynamicEmbeddingConfig
 from gr_dynemb.grouped import lookup_tables
 from gr_dynemb.table import owner_ranks
 
@@ -67,13 +67,14 @@ class DynamicEmbeddingShard(DynamicEmbedding):
         self.rank, self.world_size = rank, world_size
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):  # type: ignore[override]
-        names = [prefix + n for n in ("table_keys", "table_values", "table_scores")]
-        if self.world_size > 1 and all(n in state_dict for n in names):
-            keys = state_dict[names[0]]
-            mine = owner_ranks(keys.cpu(), self.world_size) == self.rank
-            state_dict = dict(state_dict)
-            for n in names:
-                state_dict[n] = state_dict[n][mine.to(state_dict[n].device)]
+        for entries in (("table_keys", "table_values", "table_scores"), ADMISSION_STATE):  # rows, then counters
+            names = [prefix + n for n in entries]
+            if self.world_size > 1 and all(n in state_dict for n in names):
+                state_dict = dict(state_dict)
+                keys = state_dict[names[0]]
+                mine = owner_ranks(keys.cpu(), self.world_size) == self.rank
+                for n in names:
+                    state_dict[n] = state_dict[n][mine.to(state_dict[n].device)]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     def extra_repr(self) -> str:
