@@ -48,7 +48,8 @@ READABLE_FORMATS = ("gr_dynemb.table/1", FORMAT)
 
 
 class LegacyDumpWarning(UserWarning):
-    """A version 1 dump (no optimizer step, no admission counters) was loaded into a table where they matter."""
+    """A version 1 dump (no optimizer step, no admission counters), or a ``DynamicEmbedding`` state dict without
+    admission counters, was loaded into a table where they matter."""
 
 
 def dump_table(
