@@ -15,6 +15,7 @@ from tests.gr_parallel import parity_workers as pw
 def run_parity(tmp_path, world: int, tp: int, item_table: str, table_sharding: str = "row_wise") -> dict[str, float]:
     pw.spawn(world, pw.worker_parity, tmp_path, tp, item_table, table_sharding)
     diffs = torch.load(tmp_path / "diffs.pt")
+    print(f"world={world} tp={tp} {item_table} {table_sharding}: max abs diffs {diffs}")  # shown with pytest -s
     assert all(v <= pw.TOL for v in diffs.values()), diffs
     return diffs
 
