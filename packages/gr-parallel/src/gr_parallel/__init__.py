@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see every export as a plain import
     from gr_parallel.dense import (
         DenseGradSync,
         DenseOptimizerConfig,
+        MegatronGradSync,
         clip_grad_norm_,
         dense_parameters,
         global_count,
@@ -81,6 +82,7 @@ _EXPORTS: dict[str, str] = {
     "initialize": "gr_parallel.context",
     "DenseGradSync": "gr_parallel.dense",
     "DenseOptimizerConfig": "gr_parallel.dense",
+    "MegatronGradSync": "gr_parallel.dense",
     "clip_grad_norm_": "gr_parallel.dense",
     "dense_parameters": "gr_parallel.dense",
     "global_count": "gr_parallel.dense",
@@ -115,6 +117,7 @@ __all__ = [
     "EmbeddingOptimizerConfig",
     "LengthBalancedBatchSampler",
     "LoadedCheckpoint",
+    "MegatronGradSync",
     "ParallelConfig",
     "ParallelContext",
     "ParallelModel",
