@@ -11,6 +11,8 @@
 // the unsplit range exactly once and nothing outside it, and keep the fast loop's premise (walking a split's tiles
 // downwards, once a tile is mask-free every lower one is); the split epilogue's accumulator pairs are adjacent
 // columns of one row (its 8-byte fp32 stores).
+// Tile order: the forward's 1-D grid covers every (query tile, sequence, head) once, highest query tile first per
+// section of (sequence, head) pairs.
 // TMA bias stages: the shared-memory element a consumer thread reads for S element i of a stage is the bias tile's
 // (row(i), col(i)) of that stage, pairs (2t, 2t + 1) are one aligned 32-bit word, and each warp's 32 reads of one
 // pair index touch 32 distinct banks (no conflicts).
@@ -18,6 +20,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <vector>
 
 #include "hstu/fwd_split.cuh"
 #include "hstu/mask.h"
@@ -179,6 +182,45 @@ bool check_split_ranges() {
   return true;
 }
 
+// The forward's tile order (tile_order.h) maps the 1-D grid onto every (query tile, sequence, head) exactly once,
+// highest query tile first within each section.
+bool check_tile_order() {
+  for (int m_blocks : {1, 2, 5, 32})
+    for (int heads : {1, 3, 4})
+      for (int batch : {1, 2, 7, 33})
+        for (int section : {1, 2, 3, 5, 16, 1000}) {
+          FwdTileOrder order;
+          order.m_blocks = m_blocks;
+          order.heads = heads;
+          order.pairs = batch * heads;
+          order.section = section < order.pairs ? section : order.pairs;
+          const int ctas = m_blocks * order.pairs;
+          std::vector<char> seen(size_t(ctas), 0);
+          int prev_section = 0, prev_m = m_blocks;
+          for (int id = 0; id < ctas; ++id) {
+            int m, b, h;
+            order.tile(id, m, b, h);
+            const int pair = b * heads + h;
+            const bool in_range = m >= 0 && m < m_blocks && b >= 0 && b < batch && h >= 0 && h < heads;
+            if (!in_range || seen[size_t(pair) * m_blocks + m]) {
+              std::snprintf(g_report, sizeof(g_report), "tile order: CTA %d -> (%d, %d, %d) out of range or repeated "
+                            "(M=%d H=%d B=%d S=%d)", id, m, b, h, m_blocks, heads, batch, section);
+              return false;
+            }
+            seen[size_t(pair) * m_blocks + m] = 1;
+            const int sec = pair / order.section;
+            if (sec < prev_section || (sec == prev_section && m > prev_m)) {
+              std::snprintf(g_report, sizeof(g_report), "tile order: CTA %d takes query tile %d of section %d after "
+                            "tile %d of section %d", id, m, sec, prev_m, prev_section);
+              return false;
+            }
+            prev_section = sec;
+            prev_m = m;
+          }
+        }
+  return true;
+}
+
 template <int kHeadDim>
 bool check_schedule() {
   using T = FwdTraits<__nv_bfloat16, kHeadDim>;
@@ -268,7 +310,8 @@ bool check_schedule() {
 
 const char* fwd_self_check() {
   g_report[0] = '\0';
-  const bool ok = check_split_ranges() && check_schedule<64>() && check_schedule<128>() && check_schedule<256>() &&
+  const bool ok = check_split_ranges() && check_tile_order() && check_schedule<64>() && check_schedule<128>() &&
+                  check_schedule<256>() &&
                   check_layouts<__nv_bfloat16, 64>() && check_layouts<__nv_bfloat16, 128>() &&
                   check_layouts<__nv_bfloat16, 256>() && check_layouts<__half, 64>() &&
                   check_layouts<__half, 128>() && check_layouts<__half, 256>();
