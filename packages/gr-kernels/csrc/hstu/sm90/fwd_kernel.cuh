@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(cons
                               ? nullptr
                               : static_cast<const Element_*>(p.rab) + detail::rab_plane_offset(p, b, head);
     Mainloop::template mma<kRab>(p, ss, pipeline_k, pipeline_v, state_k, state_v, tOrO, tidx, mask, pos0, lo, hi,
-                                    rab, smem_rab);
+                                    rab, smem_rab, args.causal_fast);
     if constexpr (kSplit) {
       Epilogue::store_partial(p, tOrO, tidx, split, rows.start, head, m0, rows.length);
     } else {
@@ -197,6 +197,10 @@ const char* run_hstu_fwd_sm90(const HstuFwdParams& p, cudaStream_t stream) {
   // as before delta q), unsplit/split KV (the reduce that follows a split launch is the caller's, hstu_fwd in
   // api.cu).
   const bool delta_q = p.q_offsets != nullptr;
+  // GR_KERNELS_FWD_CAUSAL_FAST=0 (read per call) sends plain causal sequences' masked tiles through the general mask
+  // (A/B benchmarks, bisecting).
+  const char* fast = std::getenv("GR_KERNELS_FWD_CAUSAL_FAST");
+  args.causal_fast = fast == nullptr || std::strcmp(fast, "0") != 0;
   if (p.num_splits > 1) {
     const dim3 grid(m_blocks * p.num_splits, p.heads, p.batch);
     return launch_kernel(select_fwd_kernel<Element_, Traits, true>(rab, delta_q), grid, Traits::kThreads, smem, args,
