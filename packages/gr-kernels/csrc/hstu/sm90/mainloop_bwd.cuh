@@ -118,9 +118,10 @@ struct BwdMainloop {
   // Consumers (both warpgroups, tidx in [0, 256)): accumulate dV and dK of the CTA's keys over the query tiles of
   // [m_begin, m_end), and add each tile's dQ into p.dq_accum (rows from seq_start). K and V are in shared memory.
   template <bool kHasRab, typename FragDkv>
-  __device__ static void mma(const HstuBwdParams& p, SharedStorage& ss, Pipeline& pipeline_q, Pipeline& pipeline_do,
-                             FragDkv& tdVrdV, FragDkv& tdKrdK, int tidx, const SequenceMask& mask, int seq_start,
-                             int head, int n0, int m_begin, int m_end, const Element_* rab, float* drab) {
+  __device__ __forceinline__ static void mma(const HstuBwdParams& p, SharedStorage& ss, Pipeline& pipeline_q,
+                                             Pipeline& pipeline_do, FragDkv& tdVrdV, FragDkv& tdKrdK, int tidx,
+                                             const SequenceMask& mask, int seq_start, int head, int n0, int m_begin,
+                                             int m_end, const Element_* rab, float* drab) {
     using namespace cute;
     using M = Int<kBlockM>;
     using N = Int<kBlockN>;

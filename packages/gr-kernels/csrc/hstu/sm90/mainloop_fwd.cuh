@@ -178,10 +178,10 @@ struct FwdMainloop {
   // kRab: the kernel is compiled per bias source, so each variant's loop stays small. rab: the (sequence, head)
   // bias plane in global memory (kGlobal); smem_rab: the bias stages (kSmem).
   template <RabSource kRab, typename FragO>
-  __device__ static void mma(const HstuFwdParams& p, SharedStorage& ss, Pipeline& pipeline_k, Pipeline& pipeline_v,
-                             PipelineState& state_k, PipelineState& state_v, FragO& tOrO, int tidx,
-                             const SequenceMask& mask, int m0, int lo, int hi, const Element_* rab,
-                             const Element* smem_rab, bool causal_fast_allowed) {
+  __device__ __forceinline__ static void mma(const HstuFwdParams& p, SharedStorage& ss, Pipeline& pipeline_k,
+                                             Pipeline& pipeline_v, PipelineState& state_k, PipelineState& state_v,
+                                             FragO& tOrO, int tidx, const SequenceMask& mask, int m0, int lo, int hi,
+                                             const Element_* rab, const Element* smem_rab, bool causal_fast_allowed) {
     using namespace cute;
     // With the bias in shared memory, the K stage (which carries it) is released only after SiLU has read it.
     constexpr bool kRabInStage = kRab == RabSource::kSmem;
