@@ -5,7 +5,8 @@ section of the forward's longest-first tile order (1 = the per-sequence order th
 ``GR_KERNELS_FWD_CAUSAL_FAST=0`` sends the masked tiles of plain causal sequences through the general mask. Every
 CTA computes the same tile with the same arithmetic whatever the order, and the shortcut zeroes exactly the
 elements the general mask zeroes (host self-check: ``_C.sm90_fwd_self_check``), so all variants must agree bit for
-bit, and agree with the fp32 reference within the parity bound of tests/gr_kernels/test_cutlass_backend.py.
+bit (split KV: its two mask variants), and agree with the fp32 reference within the parity bound of
+tests/gr_kernels/test_cutlass_backend.py.
 """
 
 from __future__ import annotations
@@ -45,35 +46,46 @@ def _case(lengths: list[int], heads: int, dim: int, seed: int, dtype: torch.dtyp
     return [t.to("cuda") for t in (q, k, v)], [t.to("cuda", dtype) for t in (q, k, v)], offsets.to("cuda")
 
 
-def _variants(q, k, v, offsets, n, **kw) -> dict[str, torch.Tensor]:
+UNSPLIT = {
+    "default": {},
+    "per_sequence_order": {"GR_KERNELS_FWD_SECTION": "1"},
+    "section_3": {"GR_KERNELS_FWD_SECTION": "3"},
+    "general_mask": {"GR_KERNELS_FWD_CAUSAL_FAST": "0"},
+    "previous_kernel": {"GR_KERNELS_FWD_SECTION": "1", "GR_KERNELS_FWD_CAUSAL_FAST": "0"},
+}
+# Split KV keeps its own grid; only the mask shortcut applies there.
+SPLIT = {"split_3": {}, "split_3_general_mask": {"GR_KERNELS_FWD_CAUSAL_FAST": "0"}}
+
+
+def _variants(q, k, v, offsets, n, splits: str, variants: dict, **kw) -> dict[str, torch.Tensor]:
     outs = {}
-    for name, switches in {
-        "default": {},
-        "per_sequence_order": {"GR_KERNELS_FWD_SECTION": "1"},
-        "section_3": {"GR_KERNELS_FWD_SECTION": "3"},
-        "general_mask": {"GR_KERNELS_FWD_CAUSAL_FAST": "0"},
-        "previous_kernel": {"GR_KERNELS_FWD_SECTION": "1", "GR_KERNELS_FWD_CAUSAL_FAST": "0"},
-    }.items():
-        with _env(GR_KERNELS_FWD_KERNEL="sm90", GR_KERNELS_FWD_SPLITS="1", **switches):
+    for name, switches in variants.items():
+        with _env(GR_KERNELS_FWD_KERNEL="sm90", GR_KERNELS_FWD_SPLITS=splits, **switches):
             outs[name] = hstu_attention(q, k, v, offsets, n, backend="cutlass", **kw)
     return outs
+
+
+def _assert_all_equal(outs: dict[str, torch.Tensor], base: torch.Tensor) -> None:
+    for name, out in outs.items():
+        assert torch.equal(out, base), f"{name}: max diff {(out.float() - base.float()).abs().max().item():.3e}"
 
 
 def _check(lengths: list[int], heads: int, dim: int, seed: int, dtype: torch.dtype = torch.bfloat16, **kw) -> None:
     (q32, k32, v32), (q, k, v), offsets = _case(lengths, heads, dim, seed, dtype)
     n = max([*lengths, 1])
     kw.setdefault("alpha", dim**-0.5)
-    outs = _variants(q, k, v, offsets, n, **kw)
-    base = outs["previous_kernel"]
-    for name, out in outs.items():
-        assert torch.equal(out, base), f"{name}: max diff {(out.float() - base.float()).abs().max().item():.3e}"
-    if base.numel() == 0:
+    unsplit = _variants(q, k, v, offsets, n, "1", UNSPLIT, **kw)
+    _assert_all_equal(unsplit, unsplit["previous_kernel"])
+    split = _variants(q, k, v, offsets, n, "3", SPLIT, **kw)
+    _assert_all_equal(split, split["split_3_general_mask"])
+    if unsplit["default"].numel() == 0:
         return
     exact = hstu_attention(q32, k32, v32, offsets, n, backend="reference", **kw)
     low = hstu_attention(q, k, v, offsets, n, backend="reference", **kw)
-    err = (base.float() - exact).abs().max().item()
     ref_err = (low.float() - exact).abs().max().item()
-    assert err <= 2 * ref_err + rounding_floor(exact, dtype), f"kernel error {err:.3e}, reference error {ref_err:.3e}"
+    for out in (unsplit["default"], split["split_3"]):
+        err = (out.float() - exact).abs().max().item()
+        assert err <= 2 * ref_err + rounding_floor(exact, dtype), f"kernel error {err:.3e}, reference {ref_err:.3e}"
 
 
 @needs_sm90
