@@ -176,7 +176,9 @@ const char* run_hstu_fwd_sm90(const HstuFwdParams& p, cudaStream_t stream) {
                     take<0, 2>(typename Traits::SmemLayoutK{}), tile_kv, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, gmem(p.v, p.total_rows, p.v_row_stride, p.v_head_stride),
                     take<0, 2>(typename Traits::SmemLayoutV{}), tile_kv, _1{}),
-      {},
+      {},    // tma_rab: set below for TMA bias launches
+      {},    // order: set below for unsplit launches
+      true,  // causal_fast: set below from GR_KERNELS_FWD_CAUSAL_FAST
   };
   const RabSource rab = p.rab == nullptr       ? RabSource::kNone
                         : rab_tma_possible(p) ? RabSource::kSmem
