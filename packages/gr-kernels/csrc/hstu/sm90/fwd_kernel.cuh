@@ -6,6 +6,8 @@
 // Split KV (kSplit, p.num_splits > 1; hstu/fwd_split.cuh): blockIdx.x also names a split; the CTA walks its split's
 // contiguous share of the key tiles the unsplit CTA would visit and stores fp32 partials, which a reduce kernel sums.
 // kSplit = false compiles to the unsplit kernel as it was.
+// Tile order (tile_order.h): unsplit launches are a 1-D grid whose CTAs take the highest query tiles of a section
+// of (sequence, head) pairs first (longest-first under a causal mask, K/V of a section inside L2).
 // Bias (kRab, hstu/sm90/kernel_traits.h): none, per-thread global loads, or TMA tiles in shared memory next to each
 // K stage; the host picks TMA when the bias rows are 16-byte aligned (rab_tma_possible) and the loads otherwise.
 // Delta q (p.q_offsets): the CTA's rows are query rows of q's own jagged layout (TMA loads them from q's rows, the
@@ -49,16 +51,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(cons
   Element* smem_rab = reinterpret_cast<Element*>(smem_raw + Traits::kSmemRabOffset);
 
   // Highest query tiles first: under a causal mask they carry the most key tiles, so they should not be the tail.
-  // With splits, blockIdx.x = query tile (same order) * num_splits + split.
-  int m_block, split = 0;
+  // Unsplit: a 1-D grid; args.order says which (query tile, sequence, head) each CTA takes (tile_order.h: highest
+  // query tiles of a section of L2-sized (sequence, head) pairs first). With splits (small grids): blockIdx.x =
+  // query tile (highest first) * num_splits + split, blockIdx.y = head, blockIdx.z = sequence.
+  int m_block, head, b, split = 0;
   if constexpr (kSplit) {
     m_block = int(gridDim.x) / p.num_splits - 1 - int(blockIdx.x) / p.num_splits;
     split = int(blockIdx.x) % p.num_splits;
+    head = blockIdx.y;
+    b = blockIdx.z;
   } else {
-    m_block = int(gridDim.x) - 1 - int(blockIdx.x);
+    args.order.tile(int(blockIdx.x), m_block, b, head);
   }
-  const int head = blockIdx.y;
-  const int b = blockIdx.z;
   const int seq_start = p.seq_offsets[b];
   const int length = p.seq_offsets[b + 1] - seq_start;
   const QueryRows rows = QueryRows::of_sequence<kDeltaQ>(p, b, seq_start, length);
@@ -115,7 +119,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(cons
                               ? nullptr
                               : static_cast<const Element_*>(p.rab) + detail::rab_plane_offset(p, b, head);
     Mainloop::template mma<kRab>(p, ss, pipeline_k, pipeline_v, state_k, state_v, tOrO, tidx, mask, pos0, lo, hi,
-                                    rab, smem_rab);
+                                    rab, smem_rab, args.causal_fast);
     if constexpr (kSplit) {
       Epilogue::store_partial(p, tOrO, tidx, split, rows.start, head, m0, rows.length);
     } else {
@@ -172,7 +176,9 @@ const char* run_hstu_fwd_sm90(const HstuFwdParams& p, cudaStream_t stream) {
                     take<0, 2>(typename Traits::SmemLayoutK{}), tile_kv, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, gmem(p.v, p.total_rows, p.v_row_stride, p.v_head_stride),
                     take<0, 2>(typename Traits::SmemLayoutV{}), tile_kv, _1{}),
-      {},
+      {},    // tma_rab: set below for TMA bias launches
+      {},    // order: set below for unsplit launches
+      true,  // causal_fast: set below from GR_KERNELS_FWD_CAUSAL_FAST
   };
   const RabSource rab = p.rab == nullptr       ? RabSource::kNone
                         : rab_tma_possible(p) ? RabSource::kSmem
@@ -193,12 +199,23 @@ const char* run_hstu_fwd_sm90(const HstuFwdParams& p, cudaStream_t stream) {
   // as before delta q), unsplit/split KV (the reduce that follows a split launch is the caller's, hstu_fwd in
   // api.cu).
   const bool delta_q = p.q_offsets != nullptr;
+  // GR_KERNELS_FWD_CAUSAL_FAST=0 (read per call) sends plain causal sequences' masked tiles through the general mask
+  // (A/B benchmarks, bisecting).
+  const char* fast = std::getenv("GR_KERNELS_FWD_CAUSAL_FAST");
+  args.causal_fast = fast == nullptr || std::strcmp(fast, "0") != 0;
   if (p.num_splits > 1) {
     const dim3 grid(m_blocks * p.num_splits, p.heads, p.batch);
     return launch_kernel(select_fwd_kernel<Element_, Traits, true>(rab, delta_q), grid, Traits::kThreads, smem, args,
                          stream);
   }
-  const dim3 grid(m_blocks, p.heads, p.batch);
+  const int64_t ctas = int64_t(m_blocks) * p.batch * p.heads;
+  if (ctas > int64_t(0x7fffffff)) return "forward grid too large: query tiles * heads * batch exceeds 2^31 - 1";
+  const int pairs = p.batch * p.heads;
+  args.order.m_blocks = m_blocks;
+  args.order.heads = p.heads;
+  args.order.pairs = pairs;
+  args.order.section = fwd_section_pairs(pairs, p.max_seq_len, kHeadDim, int(sizeof(Element)));
+  const dim3 grid(unsigned(m_blocks) * unsigned(pairs));
   return launch_kernel(select_fwd_kernel<Element_, Traits, false>(rab, delta_q), grid, Traits::kThreads, smem, args,
                        stream);
 }

@@ -21,6 +21,7 @@
 #include <cuda_fp16.h>
 
 #include "hstu/params.h"
+#include "hstu/sm90/tile_order.h"
 
 namespace gr_kernels {
 namespace sm90 {
@@ -151,6 +152,8 @@ struct FwdArgs {
   typename Traits::TmaKV tma_k;
   typename Traits::TmaKV tma_v;
   typename Traits::TmaRab tma_rab;  // built only for RabSource::kSmem launches (value-initialised otherwise)
+  FwdTileOrder order;  // unsplit launches: which tile each CTA takes (tile_order.h); split launches use blockIdx
+  bool causal_fast = true;  // masked tiles of plain causal sequences use the two-compare mask (mainloop_fwd.cuh)
 };
 
 }  // namespace sm90

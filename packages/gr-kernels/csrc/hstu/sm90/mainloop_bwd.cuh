@@ -18,6 +18,7 @@
 #include "hstu/params.h"
 #include "hstu/sm90/kernel_traits_bwd.h"
 #include "hstu/sm90/mainloop_fwd.cuh"  // unpack2
+#include "hstu/sm90/plain_causal.h"
 #include "hstu/utils.cuh"
 
 namespace gr_kernels {
@@ -118,9 +119,10 @@ struct BwdMainloop {
   // Consumers (both warpgroups, tidx in [0, 256)): accumulate dV and dK of the CTA's keys over the query tiles of
   // [m_begin, m_end), and add each tile's dQ into p.dq_accum (rows from seq_start). K and V are in shared memory.
   template <bool kHasRab, typename FragDkv>
-  __device__ static void mma(const HstuBwdParams& p, SharedStorage& ss, Pipeline& pipeline_q, Pipeline& pipeline_do,
-                             FragDkv& tdVrdV, FragDkv& tdKrdK, int tidx, const SequenceMask& mask, int seq_start,
-                             int head, int n0, int m_begin, int m_end, const Element_* rab, float* drab) {
+  __device__ __forceinline__ static void mma(const HstuBwdParams& p, SharedStorage& ss, Pipeline& pipeline_q,
+                                             Pipeline& pipeline_do, FragDkv& tdVrdV, FragDkv& tdKrdK, int tidx,
+                                             const SequenceMask& mask, int seq_start, int head, int n0, int m_begin,
+                                             int m_end, const Element_* rab, float* drab) {
     using namespace cute;
     using M = Int<kBlockM>;
     using N = Int<kBlockN>;
@@ -204,9 +206,15 @@ struct BwdMainloop {
       }
     };
 
+    // This thread's S element 0 is its lowest row and column; the others sit at compile-time offsets from it.
+    const int r_base = get<0>(tScS(0));
+    const int c_base = get<1>(tScS(0));
+
     PipelineState state;  // consumers start at stage 0, phase 0
     int buf = 0;
-    auto tile = [&](int m0, auto full_tile) __attribute__((always_inline)) {
+    // causal_fast (compile-time; masked tiles of plain causal sequences only): the two-compare test of
+    // plain_causal.h instead of the general mask.
+    auto tile = [&](int m0, auto full_tile, auto causal_fast) __attribute__((always_inline)) {
       if constexpr (kHasRab) load_rab(m0, bool(full_tile));
       // Fresh accumulators: cleared registers end the previous tile's live ranges (the GMMA asm reads its C
       // operand even when told to overwrite it, which would keep S, dP and dQ alive across the loop).
@@ -221,6 +229,8 @@ struct BwdMainloop {
       warpgroup_fence_operand(tSrdP);
       // P = SiLU(z) * mask / N and dX = dP * SiLU'(z) * mask * alpha / N, element by element (S and dP die as P and
       // dX are produced, which keeps the peak register use low next to the dK / dV accumulators).
+      [[maybe_unused]] const int diag = (m0 + r_base) - (n0 + c_base);
+      [[maybe_unused]] const int rows_left = mask.length - (m0 + r_base);
       CUTE_UNROLL
       for (int t = 0; t < kFrag / 2; ++t) {
         float b0 = 0.f, b1 = 0.f;
@@ -236,8 +246,15 @@ struct BwdMainloop {
         const int j = n0 + get<1>(tScS(2 * t));
         bool v0 = true, v1 = true;
         if (!bool(full_tile)) {  // compile-time flag: mask-free tiles carry no mask code
-          v0 = mask(i, j);
-          v1 = mask(i, j + 1);
+          if constexpr (decltype(causal_fast)::value) {
+            const int dr = get<0>(tScS(2 * t)) - r_base;  // compile-time after folding
+            const int dc = get<1>(tScS(2 * t)) - c_base;
+            v0 = causal_visible(dr, dc, diag, rows_left);
+            v1 = causal_visible(dr, dc + 1, diag, rows_left);
+          } else {
+            v0 = mask(i, j);
+            v1 = mask(i, j + 1);
+          }
           if (!v0) f0 = x0 = 0.f;
           if (!v1) f1 = x1 = 0.f;
         }
@@ -287,11 +304,16 @@ struct BwdMainloop {
 
     using True = cute::true_type;
     using False = cute::false_type;
+    // Plain causal sequences (plain_causal.h; every query tile starts at a position >= 0 here): their masked tiles
+    // take the two-compare test. Only the masked tile body is compiled twice.
+    const bool causal_plain = plain_causal(p, mask, 0);
     for (int m0 = m_begin; m0 < m_end; m0 += kBlockM) {
       if (mask_free_tile(p, mask, m0, n0)) {
-        tile(m0, True{});
+        tile(m0, True{}, False{});
+      } else if (causal_plain) {
+        tile(m0, False{}, True{});
       } else {
-        tile(m0, False{});
+        tile(m0, False{}, False{});
       }
     }
   }

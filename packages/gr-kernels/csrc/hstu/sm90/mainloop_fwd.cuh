@@ -14,6 +14,7 @@
 #include "hstu/mask.h"
 #include "hstu/params.h"
 #include "hstu/sm90/kernel_traits.h"
+#include "hstu/sm90/plain_causal.h"
 #include "hstu/utils.cuh"
 
 namespace gr_kernels {
@@ -179,10 +180,10 @@ struct FwdMainloop {
   // kRab: the kernel is compiled per bias source, so each variant's loop stays small. rab: the (sequence, head)
   // bias plane in global memory (kGlobal); smem_rab: the bias stages (kSmem).
   template <RabSource kRab, typename FragO>
-  __device__ static void mma(const HstuFwdParams& p, SharedStorage& ss, Pipeline& pipeline_k, Pipeline& pipeline_v,
-                             PipelineState& state_k, PipelineState& state_v, FragO& tOrO, int tidx,
-                             const SequenceMask& mask, int m0, int lo, int hi, const Element_* rab,
-                             const Element* smem_rab) {
+  __device__ __forceinline__ static void mma(const HstuFwdParams& p, SharedStorage& ss, Pipeline& pipeline_k,
+                                             Pipeline& pipeline_v, PipelineState& state_k, PipelineState& state_v,
+                                             FragO& tOrO, int tidx, const SequenceMask& mask, int m0, int lo, int hi,
+                                             const Element_* rab, const Element* smem_rab, bool causal_fast_allowed) {
     using namespace cute;
     // With the bias in shared memory, the K stage (which carries it) is released only after SiLU has read it.
     constexpr bool kRabInStage = kRab == RabSource::kSmem;
@@ -199,8 +200,12 @@ struct FwdMainloop {
     // (row, col) inside the tile of every S accumulator element this thread holds.
     Tensor tScS = thr_qk.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
     Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    // kSmem: this thread's base for rab_word_offset (its element 0 is its lowest row and column).
-    const uint32_t rab_base = rab_thread_base(get<0>(tScS(0)), get<1>(tScS(0)));
+    // This thread's element 0 is its lowest row and column; every other element sits at a compile-time offset.
+    const int r_base = get<0>(tScS(0));
+    const int c_base = get<1>(tScS(0));
+    // kSmem: this thread's base for rab_word_offset.
+    const uint32_t rab_base = rab_thread_base(r_base, c_base);
+    const bool causal_plain = causal_fast_allowed && plain_causal(p, mask, m0);
     // P as the register A operand of P V; its per-thread element order equals the S accumulator's (both walk
     // column pairs, then the +8 row, then 8-column groups), so element i of S becomes element i of P.
     Tensor tOrP = make_tensor<Element>(partition_shape_A(mma_pv, Shape<Int<kBlockM>, Int<kBlockN>>{}));
@@ -237,9 +242,13 @@ struct FwdMainloop {
     // body that carried every variant overflowed the instruction cache (ncu: 40% of the stall cycles were
     // instruction fetch at head dim 128).
     // stage: the K stage of this tile (kSmem reads its bias there; each pair is one 32-bit shared load).
-    auto silu_mask = [&](int n0, int stage, auto full_tile) __attribute__((always_inline)) {
+    // causal_fast (compile-time; only for plain_causal sequences): the masked tile's test is causal_visible
+    // (plain_causal.h).
+    auto silu_mask = [&](int n0, int stage, auto full_tile, auto causal_fast) __attribute__((always_inline)) {
       [[maybe_unused]] const unsigned char* rab_stage =
           reinterpret_cast<const unsigned char*>(smem_rab) + stage * Traits::kTmaBytesRab;
+      [[maybe_unused]] const int diag = (m0 + r_base) - (n0 + c_base);
+      [[maybe_unused]] const int rows_left = mask.length - (m0 + r_base);
       CUTE_UNROLL
       for (int t = 0; t < kFrag / 2; ++t) {
         float b0 = 0.f, b1 = 0.f;
@@ -254,10 +263,17 @@ struct FwdMainloop {
         float p0 = z0 * detail::fast_sigmoid(z0);
         float p1 = z1 * detail::fast_sigmoid(z1);
         if (!bool(full_tile)) {  // a compile-time flag folds away; a runtime one branches per tile
-          const int i = m0 + get<0>(tScS(2 * t));
-          const int j = n0 + get<1>(tScS(2 * t));
-          if (!mask(i, j)) p0 = 0.f;
-          if (!mask(i, j + 1)) p1 = 0.f;
+          if constexpr (decltype(causal_fast)::value) {
+            const int dr = get<0>(tScS(2 * t)) - r_base;  // compile-time after folding
+            const int dc = get<1>(tScS(2 * t)) - c_base;
+            if (!causal_visible(dr, dc, diag, rows_left)) p0 = 0.f;
+            if (!causal_visible(dr, dc + 1, diag, rows_left)) p1 = 0.f;
+          } else {
+            const int i = m0 + get<0>(tScS(2 * t));
+            const int j = n0 + get<1>(tScS(2 * t));
+            if (!mask(i, j)) p0 = 0.f;
+            if (!mask(i, j + 1)) p1 = 0.f;
+          }
         }
         tSrS(2 * t) = p0;
         tSrS(2 * t + 1) = p1;
@@ -274,7 +290,7 @@ struct FwdMainloop {
     if (hi <= lo) return;
 
     // First (highest) tile: S, then P; its P V is issued together with the next tile's S.
-    auto first_tile = [&](auto full_tile) __attribute__((always_inline)) {
+    auto first_tile = [&](auto full_tile, auto causal_fast) __attribute__((always_inline)) {
       const int n0 = (hi - 1) * kBlockN;
       if constexpr (kRab == RabSource::kGlobal) load_rab(n0, bool(full_tile));
       pipeline_k.consumer_wait(state_k);
@@ -286,7 +302,7 @@ struct FwdMainloop {
         pipeline_k.consumer_release(state_k);
         ++state_k;
       }
-      silu_mask(n0, stage, full_tile);
+      silu_mask(n0, stage, full_tile, causal_fast);
       if constexpr (kRabInStage) {
         pipeline_k.consumer_release(state_k);
         ++state_k;
@@ -294,7 +310,7 @@ struct FwdMainloop {
       to_p();
     };
     // Every later tile: S of this tile and P V of the previous one back to back.
-    auto next_tile = [&](int n_block, auto full_tile) __attribute__((always_inline)) {
+    auto next_tile = [&](int n_block, auto full_tile, auto causal_fast) __attribute__((always_inline)) {
       const int n0 = n_block * kBlockN;
       if constexpr (kRab == RabSource::kGlobal) load_rab(n0, bool(full_tile));
       pipeline_k.consumer_wait(state_k);
@@ -308,7 +324,7 @@ struct FwdMainloop {
         pipeline_k.consumer_release(state_k);
         ++state_k;
       }
-      silu_mask(n0, stage, full_tile);
+      silu_mask(n0, stage, full_tile, causal_fast);
       if constexpr (kRabInStage) {
         pipeline_k.consumer_release(state_k);
         ++state_k;
@@ -323,22 +339,33 @@ struct FwdMainloop {
     if constexpr (kRab == RabSource::kGlobal) {
       // Bias in registers: one loop, a runtime flag per tile (two specialised copies of this path made ptxas move
       // the S/P fragments to the stack).
-      first_tile(mask_free_tile(p, mask, m0, (hi - 1) * kBlockN));
+      first_tile(mask_free_tile(p, mask, m0, (hi - 1) * kBlockN), False{});
       for (int n_block = hi - 2; n_block >= lo; --n_block) {
-        next_tile(n_block, mask_free_tile(p, mask, m0, n_block * kBlockN));
+        next_tile(n_block, mask_free_tile(p, mask, m0, n_block * kBlockN), False{});
       }
     } else {
       // No bias, or the bias read from shared memory inside silu_mask (no registers held across the S GEMM).
       // Tiles are walked downwards and mask_free_tile is monotone in n0 (a lower key tile of a mask-free tile is
-      // mask-free too), so the masked tiles come first and one loop per kind covers them.
+      // mask-free too), so the masked tiles come first and one loop per kind covers them. Masked tiles of a plain
+      // causal sequence take the two-compare mask (causal_fast); only they are compiled twice.
       if (mask_free_tile(p, mask, m0, (hi - 1) * kBlockN)) {
-        first_tile(True{});
+        first_tile(True{}, False{});
+      } else if (causal_plain) {
+        first_tile(False{}, True{});
       } else {
-        first_tile(False{});
+        first_tile(False{}, False{});
       }
       int n_block = hi - 2;
-      for (; n_block >= lo && !mask_free_tile(p, mask, m0, n_block * kBlockN); --n_block) next_tile(n_block, False{});
-      for (; n_block >= lo; --n_block) next_tile(n_block, True{});
+      if (causal_plain) {
+        for (; n_block >= lo && !mask_free_tile(p, mask, m0, n_block * kBlockN); --n_block) {
+          next_tile(n_block, False{}, True{});
+        }
+      } else {
+        for (; n_block >= lo && !mask_free_tile(p, mask, m0, n_block * kBlockN); --n_block) {
+          next_tile(n_block, False{}, False{});
+        }
+      }
+      for (; n_block >= lo; --n_block) next_tile(n_block, True{}, False{});
     }
     pipeline_v.consumer_wait(state_v);
     warpgroup_gemm_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, state_v.index()), tOrO);

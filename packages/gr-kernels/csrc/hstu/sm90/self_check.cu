@@ -11,6 +11,10 @@
 // the unsplit range exactly once and nothing outside it, and keep the fast loop's premise (walking a split's tiles
 // downwards, once a tile is mask-free every lower one is); the split epilogue's accumulator pairs are adjacent
 // columns of one row (its 8-byte fp32 stores).
+// Plain causal masked tiles: the two-compare test (plain_causal.h) equals the mask for every consumer thread and S
+// element of the forward and backward tiles, and is taken exactly for plain causal sequences.
+// Tile order: the forward's 1-D grid covers every (query tile, sequence, head) once, highest query tile first per
+// section of (sequence, head) pairs.
 // TMA bias stages: the shared-memory element a consumer thread reads for S element i of a stage is the bias tile's
 // (row(i), col(i)) of that stage, pairs (2t, 2t + 1) are one aligned 32-bit word, and each warp's 32 reads of one
 // pair index touch 32 distinct banks (no conflicts).
@@ -18,11 +22,14 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <vector>
 
 #include "hstu/fwd_split.cuh"
 #include "hstu/mask.h"
 #include "hstu/sm90/kernel_traits.h"
+#include "hstu/sm90/kernel_traits_bwd.h"
 #include "hstu/sm90/mainloop_fwd.cuh"
+#include "hstu/sm90/plain_causal.h"
 
 namespace gr_kernels {
 namespace sm90 {
@@ -179,6 +186,101 @@ bool check_split_ranges() {
   return true;
 }
 
+// The masked tiles of a plain causal sequence (causal_visible against the per-thread thresholds silu_mask's
+// causal_fast (forward) and the backward's tile derive from each consumer thread's S elements) keep exactly the
+// mask's visible elements, at any tile position: TiledMma is the S GEMM of the kernel (its C layout places the
+// elements), M x N its tile.
+template <typename TiledMma, int M, int N, int kThreads>
+bool check_causal_fast(const char* kernel) {
+  using namespace cute;
+  TiledMma mma;
+  for (int length : {1, 2, 63, 64, 65, 128, 129, 200, 300, 1000})
+    for (int m0 : {0, 64, 128, 192, 256})
+      for (int n0 : {0, 64, 128, 192, 256}) {
+        HstuFwdParams p;
+        SequenceMask mask;
+        mask.length = mask.history = length;
+        mask.context = 0;
+        mask.max_attn_len = 0;
+        mask.group_size = 1;
+        mask.causal = true;
+        if (!plain_causal(p, mask, m0)) {
+          std::snprintf(g_report, sizeof(g_report), "%s: a plain causal sequence is not plain_causal", kernel);
+          return false;
+        }
+        for (int t = 0; t < kThreads; ++t) {
+          Tensor cS = mma.get_thread_slice(t).partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
+          const int r_base = get<0>(cS(0)), c_base = get<1>(cS(0));
+          const int diag = (m0 + r_base) - (n0 + c_base);
+          const int rows_left = mask.length - (m0 + r_base);
+          for (int e = 0; e < int(size(cS)); e += 2) {
+            const int dr = get<0>(cS(e)) - r_base, dc = get<1>(cS(e)) - c_base;
+            if (dr < 0 || dc < 0 || get<0>(cS(e + 1)) != get<0>(cS(e)) || get<1>(cS(e + 1)) != get<1>(cS(e)) + 1) {
+              std::snprintf(g_report, sizeof(g_report), "%s: S elements %d, %d of thread %d are not a pair after "
+                            "element 0", kernel, e, e + 1, t);
+              return false;
+            }
+            for (int k = 0; k < 2; ++k) {
+              const int i = m0 + r_base + dr, j = n0 + c_base + dc + k;
+              if (causal_visible(dr, dc + k, diag, rows_left) != mask(i, j)) {
+                std::snprintf(g_report, sizeof(g_report), "%s: causal fast mask differs at (%d, %d) (thread %d, L=%d, "
+                              "tile at %d, %d)", kernel, i, j, t, length, m0, n0);
+                return false;
+              }
+            }
+          }
+        }
+      }
+  return true;
+}
+
+template <int kHeadDim>
+bool check_causal_fast_kernels() {
+  using F = FwdTraits<__nv_bfloat16, kHeadDim>;
+  using B = BwdTraits<__nv_bfloat16, kHeadDim>;
+  return check_causal_fast<typename F::MmaQK, F::kBlockM, F::kBlockN, F::kConsumerThreads>("forward") &&
+         check_causal_fast<typename B::MmaSdP, B::kBlockM, B::kBlockN, B::kConsumerThreads>("backward");
+}
+
+// The forward's tile order (tile_order.h) maps the 1-D grid onto every (query tile, sequence, head) exactly once,
+// highest query tile first within each section.
+bool check_tile_order() {
+  for (int m_blocks : {1, 2, 5, 32})
+    for (int heads : {1, 3, 4})
+      for (int batch : {1, 2, 7, 33})
+        for (int section : {1, 2, 3, 5, 16, 1000}) {
+          FwdTileOrder order;
+          order.m_blocks = m_blocks;
+          order.heads = heads;
+          order.pairs = batch * heads;
+          order.section = section < order.pairs ? section : order.pairs;
+          const int ctas = m_blocks * order.pairs;
+          std::vector<char> seen(size_t(ctas), 0);
+          int prev_section = 0, prev_m = m_blocks;
+          for (int id = 0; id < ctas; ++id) {
+            int m, b, h;
+            order.tile(id, m, b, h);
+            const int pair = b * heads + h;
+            const bool in_range = m >= 0 && m < m_blocks && b >= 0 && b < batch && h >= 0 && h < heads;
+            if (!in_range || seen[size_t(pair) * m_blocks + m]) {
+              std::snprintf(g_report, sizeof(g_report), "tile order: CTA %d -> (%d, %d, %d) out of range or repeated "
+                            "(M=%d H=%d B=%d S=%d)", id, m, b, h, m_blocks, heads, batch, section);
+              return false;
+            }
+            seen[size_t(pair) * m_blocks + m] = 1;
+            const int sec = pair / order.section;
+            if (sec < prev_section || (sec == prev_section && m > prev_m)) {
+              std::snprintf(g_report, sizeof(g_report), "tile order: CTA %d takes query tile %d of section %d after "
+                            "tile %d of section %d", id, m, sec, prev_m, prev_section);
+              return false;
+            }
+            prev_section = sec;
+            prev_m = m;
+          }
+        }
+  return true;
+}
+
 template <int kHeadDim>
 bool check_schedule() {
   using T = FwdTraits<__nv_bfloat16, kHeadDim>;
@@ -219,6 +321,13 @@ bool check_schedule() {
                                       kHeadDim, i, j, lo, hi, length, q_len, causal, window, context, targets, group);
                         return false;
                       }
+                  // The shortcut is taken exactly for the plain causal sequences it was checked on.
+                  const bool plain = causal && window == 0 && context == 0 && targets == 0 && m0 >= 0;
+                  if (plain_causal(p, mask, m0) != plain) {
+                    std::snprintf(g_report, sizeof(g_report), "plain_causal wrong (L=%d Q=%d m0=%d causal=%d W=%d "
+                                  "C=%d T=%d)", length, q_len, m0, causal, window, context, targets);
+                    return false;
+                  }
                   for (int splits : {1, 2, 3, 7, 32, 64}) {
                     char what[160];
                     std::snprintf(what, sizeof(what), "head dim %d L=%d Q=%d m0=%d causal=%d W=%d C=%d T=%d G=%d",
@@ -268,7 +377,9 @@ bool check_schedule() {
 
 const char* fwd_self_check() {
   g_report[0] = '\0';
-  const bool ok = check_split_ranges() && check_schedule<64>() && check_schedule<128>() && check_schedule<256>() &&
+  const bool ok = check_split_ranges() && check_tile_order() && check_causal_fast_kernels<64>() &&
+                  check_causal_fast_kernels<128>() && check_causal_fast_kernels<256>() && check_schedule<64>() &&
+                  check_schedule<128>() && check_schedule<256>() &&
                   check_layouts<__nv_bfloat16, 64>() && check_layouts<__nv_bfloat16, 128>() &&
                   check_layouts<__nv_bfloat16, 256>() && check_layouts<__half, 64>() &&
                   check_layouts<__half, 128>() && check_layouts<__half, 256>();
