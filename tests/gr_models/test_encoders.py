@@ -58,3 +58,23 @@ def test_config_errors_and_dims_follow_embedding_dim() -> None:
     assert cfg.hstu.qk_scale == pytest.approx(0.25)
     with pytest.raises(ValueError, match="encoder"):
         RetrievalModelConfig(num_items=10, encoder="gru")  # type: ignore[arg-type]
+
+
+def test_hstu_encoder_checks_offsets_once_per_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The op's value checks (a host sync on a GPU) run in the first block only; bad offsets still raise."""
+    import gr_kernels
+
+    enc = HSTUEncoder(HSTUConfig(embedding_dim=8, num_heads=2, num_blocks=3, max_seq_len=6, dropout=0.0)).eval()
+    seen = []
+    real = gr_kernels.hstu_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["validate"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gr_kernels, "hstu_attention", spy)
+    t = torch.arange(5) * 10
+    enc(torch.randn(5, 8), torch.tensor([0, 2, 5]), 3, t, t + 1)
+    assert seen == [True, False, False]
+    with pytest.raises(ValueError, match="seq_offsets"):
+        enc(torch.randn(5, 8), torch.tensor([0, 4, 2]), 3, t, t + 1)  # decreasing offsets

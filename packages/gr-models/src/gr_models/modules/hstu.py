@@ -97,11 +97,21 @@ class HSTUBlock(nn.Module):
         *,
         num_targets: torch.Tensor | None = None,
         contextual_seq_len: int = 0,
+        validate: bool = True,
     ) -> torch.Tensor:
-        """``num_targets``/``contextual_seq_len``: the attention op's target mask and contextual prefix (ranking)."""
+        """``num_targets``/``contextual_seq_len``: the attention op's target mask and contextual prefix (ranking).
+        ``validate=False`` skips the op's value checks of the offsets (a device-to-host copy, so a sync on a GPU)."""
         u, v, q, k = self.project(x)
         attn = self._attention(
-            q, k, v, seq_offsets, max_seq_len, rab, num_targets=num_targets, contextual_seq_len=contextual_seq_len
+            q,
+            k,
+            v,
+            seq_offsets,
+            max_seq_len,
+            rab,
+            num_targets=num_targets,
+            contextual_seq_len=contextual_seq_len,
+            validate=validate,
         )
         return self.finish(x, u, attn)
 
@@ -296,6 +306,15 @@ class HSTUEncoder(nn.Module):
         rab = None
         if self.relative_bias is not None:
             rab = self.relative_bias(timestamps, query_timestamps, seq_offsets, max_seq_len, positions).to(x.dtype)
-        for block in self.blocks:
-            x = block(x, seq_offsets, max_seq_len, rab, num_targets=num_targets, contextual_seq_len=contextual_seq_len)
+        # Every block sees the same offsets and targets: the op checks them (a host sync on a GPU) in the first only.
+        for i, block in enumerate(self.blocks):
+            x = block(
+                x,
+                seq_offsets,
+                max_seq_len,
+                rab,
+                num_targets=num_targets,
+                contextual_seq_len=contextual_seq_len,
+                validate=i == 0,
+            )
         return x
