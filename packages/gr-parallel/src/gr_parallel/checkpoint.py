@@ -192,15 +192,9 @@ def _param_names(model: nn.Module) -> dict[int, str]:
 
 def _tp_layouts(model: nn.Module) -> dict[int, tuple[Any, dist.ProcessGroup]]:
     """id(parameter) -> (its ``HeadShard`` layout, TP group) for every tensor-parallel HSTU block's split weights."""
-    from gr_parallel.tensor_parallel import TensorParallelHSTUBlock
+    from gr_parallel.tensor_parallel import sharded_tensors
 
-    found = {}
-    for module in model.modules():
-        if isinstance(module, TensorParallelHSTUBlock):
-            params = dict(module.named_parameters())
-            for name, layout in module.shard_layout().items():
-                found[id(params[name])] = (layout, module.tp_group)
-    return found
+    return sharded_tensors(model)
 
 
 def _gather_tp(value: torch.Tensor, layout: Any, group: dist.ProcessGroup) -> torch.Tensor:

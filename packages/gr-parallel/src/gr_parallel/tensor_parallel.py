@@ -343,7 +343,7 @@ def tensor_parallel_hstu(encoder: HSTUEncoder, ctx: ParallelContext) -> HSTUEnco
     return encoder
 
 
-def _sharded_tensors(model: nn.Module) -> dict[int, tuple[HeadShard, dist.ProcessGroup]]:
+def sharded_tensors(model: nn.Module) -> dict[int, tuple[HeadShard, dist.ProcessGroup]]:
     """id(parameter) -> its head split and TP group, for every TP block inside ``model``."""
     found: dict[int, tuple[HeadShard, dist.ProcessGroup]] = {}
     for module in model.modules():
@@ -380,7 +380,7 @@ def full_dense_state_dict(model: nn.Module, ctx: ParallelContext) -> dict[str, t
     """The dense state of ``model`` in single-device names and shapes: TP shards all-gathered over the TP group,
     replicated tensors as they are (detached, not copied). A collective over the TP group: every rank calls it.
     Entries that are not plain tensors (TorchRec's sharded tables) are left out."""
-    sharded = _sharded_tensors(model)
+    sharded = sharded_tensors(model)
     out = {}
     for name, value in _dense_entries(model).items():
         spec = sharded.get(id(value))
@@ -391,7 +391,7 @@ def full_dense_state_dict(model: nn.Module, ctx: ParallelContext) -> dict[str, t
 def full_dense_grads(model: nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor | None]:
     """The parameters' gradients in single-device names and shapes (None where a parameter has none); a collective
     over the TP group, as ``full_dense_state_dict``."""
-    sharded = _sharded_tensors(model)
+    sharded = sharded_tensors(model)
     out: dict[str, torch.Tensor | None] = {}
     for name, param in model.named_parameters():
         spec = sharded.get(id(param))
@@ -414,7 +414,7 @@ def load_full_dense_state_dict(
     """The inverse of ``full_dense_state_dict``: copies single-device names/shapes into ``model``, keeping this rank's
     shard of each TP-sharded tensor. No communication (every rank needs the full ``state``). ``strict``: every dense
     entry of the model must be in ``state`` and nothing else."""
-    sharded = _sharded_tensors(model)
+    sharded = sharded_tensors(model)
     entries = _dense_entries(model)
     if strict:
         missing, unexpected = sorted(set(entries) - set(state)), sorted(set(state) - set(entries))
