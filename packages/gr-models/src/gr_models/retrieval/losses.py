@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gr_models.retrieval.gathered_logits import in_batch_logits
+
 
 class SampledSoftmaxLoss(nn.Module):
     """``-log softmax([s(q, pos), s(q, neg_1..K)])[0]`` averaged over positions, ``s = <q, e> / temperature``.
@@ -21,6 +23,12 @@ class SampledSoftmaxLoss(nn.Module):
       popularity (cheap, harder negatives; no logQ correction).
 
     A negative equal to the position's positive is masked out (an "accidental hit"), never counted as negative.
+
+    In-batch negatives are rows of the targets' own embeddings: the loss draws their positions in the batch and
+    gathers them from the target embeddings (``target_embeddings`` when the caller has them, else one lookup of the
+    targets), so the table is not looked up for them at all; values, draws and gradients equal looking the drawn ids
+    up. A subclass that overrides ``sample_negatives`` (e.g. drawing over a larger batch than this one's targets) gets
+    its ids looked up through ``item_embeddings`` instead.
     """
 
     def __init__(
@@ -42,31 +50,63 @@ class SampledSoftmaxLoss(nn.Module):
         self.temperature = temperature
         self.negatives = negatives
 
+    def sample_negative_positions(self, targets: torch.Tensor) -> torch.Tensor:
+        """In-batch negatives as positions into ``targets``: ``[N, K]`` (the draw ``sample_negatives`` makes)."""
+        return torch.randint(targets.numel(), (targets.numel(), self.num_negatives)).to(targets.device)
+
     def sample_negatives(self, targets: torch.Tensor) -> torch.Tensor:
-        shape = (targets.numel(), self.num_negatives)
+        """Negative item ids ``[N, K]``."""
         if self.negatives == "uniform":
-            return torch.randint(self.num_items, shape).to(targets.device)
-        return targets[torch.randint(targets.numel(), shape).to(targets.device)]
+            return torch.randint(self.num_items, (targets.numel(), self.num_negatives)).to(targets.device)
+        return targets[self.sample_negative_positions(targets)]
+
+    def gathers_in_batch(self) -> bool:
+        """Whether in-batch negatives are gathered from the target embeddings (this class's own draw)."""
+        return self.negatives == "in_batch" and type(self).sample_negatives is SampledSoftmaxLoss.sample_negatives
 
     def forward(
         self,
         queries: torch.Tensor,
         targets: torch.Tensor,
-        item_embeddings: Callable[[torch.Tensor], torch.Tensor],
+        item_embeddings: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        target_embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``queries``: normalised ``[N, D]``; ``targets``: item ids ``[N]``; ``item_embeddings``: ids -> normalised
-        embeddings (any shape)."""
+        embeddings (any shape); ``target_embeddings``: the targets' normalised embeddings ``[N, D]`` when the caller
+        looked them up already (e.g. ``RetrievalModel.training_forward``). In-batch negatives need nothing else;
+        uniform ones need ``item_embeddings``."""
         if targets.numel() == 0:
             raise ValueError("SampledSoftmaxLoss got an empty batch (no target positions)")
-        negatives = self.sample_negatives(targets)
-        pos_logits = (queries * item_embeddings(targets)).sum(-1, keepdim=True)
-        d = queries.size(-1)
-        if self.num_items <= self.num_negatives * d:
-            # Small catalogue: scoring every item once and gathering is cheaper than gathering [N, K, D] rows.
-            all_logits = queries @ item_embeddings(torch.arange(self.num_items, device=targets.device)).T
-            neg_logits = all_logits.gather(1, negatives)
+        if item_embeddings is None and (target_embeddings is None or not self.gathers_in_batch()):
+            raise ValueError(
+                f"SampledSoftmaxLoss with {self.negatives!r} negatives"
+                + (" drawn by a subclass" if self.negatives == "in_batch" else "")
+                + " needs item_embeddings (ids -> embeddings) to look them up"
+            )
+        if target_embeddings is None:
+            target_embeddings = item_embeddings(targets)  # type: ignore[misc]
+        elif target_embeddings.shape != queries.shape:
+            raise ValueError(
+                f"target_embeddings {tuple(target_embeddings.shape)} must match queries {tuple(queries.shape)}"
+            )
+        pos_logits = (queries * target_embeddings).sum(-1, keepdim=True)
+        if self.gathers_in_batch():
+            positions = self.sample_negative_positions(targets)
+            negatives = targets[positions]
+            neg_logits = in_batch_logits(queries, target_embeddings, positions)
         else:
-            neg_logits = torch.einsum("nd,nkd->nk", queries, item_embeddings(negatives))
+            negatives = self.sample_negatives(targets)
+            neg_logits = self._looked_up_logits(queries, negatives, item_embeddings)  # type: ignore[arg-type]
         neg_logits = neg_logits.masked_fill(negatives == targets.unsqueeze(1), float("-inf"))
         logits = torch.cat([pos_logits, neg_logits], dim=1) / self.temperature
         return F.cross_entropy(logits, torch.zeros_like(targets))
+
+    def _looked_up_logits(
+        self, queries: torch.Tensor, negatives: torch.Tensor, item_embeddings: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        if self.num_items <= self.num_negatives * queries.size(-1):
+            # Small catalogue: scoring every item once and gathering is cheaper than gathering [N, K, D] rows.
+            all_logits = queries @ item_embeddings(torch.arange(self.num_items, device=negatives.device)).T
+            return all_logits.gather(1, negatives)
+        return torch.einsum("nd,nkd->nk", queries, item_embeddings(negatives))

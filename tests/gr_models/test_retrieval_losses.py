@@ -1,0 +1,134 @@
+"""In-batch negatives gathered from the target embeddings (no table lookup) against the lookup path, and the chunked
+gathered-logits op against its plain einsum reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gr_models.retrieval import gathered_logits as gl
+from gr_models.retrieval.losses import SampledSoftmaxLoss
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    m=st.integers(1, 30),
+    k=st.integers(1, 9),
+    d=st.integers(1, 12),
+    chunk_elements=st.integers(1, 500),
+    seed=st.integers(0, 2**16),
+)
+def test_gathered_logits_matches_einsum(n: int, m: int, k: int, d: int, chunk_elements: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(m, d, generator=g, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(m, (n, k), generator=g)
+    up = torch.randn(n, k, generator=g, dtype=torch.float64)
+
+    got = gl.gathered_logits(q, c, index, chunk_elements=chunk_elements)
+    gq, gc = torch.autograd.grad((got * up).sum(), (q, c))
+    want = gl.reference_gathered_logits(q, c, index)
+    wq, wc = torch.autograd.grad((want * up).sum(), (q, c))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gq, wq, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gc, wc, rtol=1e-12, atol=1e-12)
+
+    dense = gl.in_batch_logits(q, c, index, dense_max_elements=n * m)  # scores every candidate, then gathers
+    torch.testing.assert_close(dense, want, rtol=1e-12, atol=1e-12)
+
+
+def test_gathered_logits_autocast_and_bad_input() -> None:
+    q, c = torch.randn(5, 4), torch.randn(3, 4)
+    index = torch.randint(3, (5, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gl.gathered_logits(q, c, index)
+    assert out.dtype == torch.bfloat16  # like the einsum it replaces under autocast
+    torch.testing.assert_close(out.float(), gl.reference_gathered_logits(q, c, index), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        gl.gathered_logits(q, c[:, :3], index)
+    with pytest.raises(TypeError, match="int64"):
+        gl.gathered_logits(q, c, index.int())
+
+
+def _lookup_path_loss(loss_fn: SampledSoftmaxLoss, q, targets, table) -> torch.Tensor:
+    """The pre-gather loss: positives and the drawn negative ids both looked up through the table."""
+    negatives = loss_fn.sample_negatives(targets)
+    emb = lambda ids: F.normalize(table[ids], dim=-1)  # noqa: E731
+    pos = (q * emb(targets)).sum(-1, keepdim=True)
+    neg = torch.einsum("nd,nkd->nk", q, emb(negatives))
+    neg = neg.masked_fill(negatives == targets.unsqueeze(1), float("-inf"))
+    return F.cross_entropy(torch.cat([pos, neg], 1) / loss_fn.temperature, torch.zeros_like(targets))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(1, 30),
+    k=st.integers(1, 8),
+    d=st.integers(2, 10),
+    num_items=st.integers(1, 50),
+    dense=st.booleans(),
+    pass_targets=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_in_batch_gather_equals_lookup(
+    n: int, k: int, d: int, num_items: int, dense: bool, pass_targets: bool, seed: int
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    table0 = torch.randn(num_items, d, generator=g)
+    q0 = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    targets = torch.randint(num_items, (n,), generator=g)
+    loss_fn = SampledSoftmaxLoss(num_items, num_negatives=k, temperature=0.1, negatives="in_batch")
+
+    table, q = table0.clone().requires_grad_(), q0.clone().requires_grad_()
+    torch.manual_seed(seed)
+    want = _lookup_path_loss(loss_fn, q, targets, table)
+    w_table, w_q = torch.autograd.grad(want, (table, q))
+
+    table, q = table0.clone().requires_grad_(), q0.clone().requires_grad_()
+    calls = []
+
+    def embed(ids: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(ids.shape))
+        return F.normalize(table[ids], dim=-1)
+
+    saved = gl.DENSE_MAX_ELEMENTS
+    gl.DENSE_MAX_ELEMENTS = saved if dense else 0  # 0: always the chunked gather
+    torch.manual_seed(seed)  # the same draw
+    try:
+        got = loss_fn(q, targets, target_embeddings=embed(targets)) if pass_targets else loss_fn(q, targets, embed)
+    finally:
+        gl.DENSE_MAX_ELEMENTS = saved
+    assert calls == [(n,)]  # the targets only: the negatives are gathered, never looked up
+    g_table, g_q = torch.autograd.grad(got, (table, q))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_table, w_table, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_q, w_q, rtol=1e-5, atol=1e-6)
+
+
+def test_in_batch_without_item_embeddings_and_overridden_draws() -> None:
+    q = F.normalize(torch.randn(6, 4), dim=-1)
+    targets = torch.tensor([1, 2, 3, 1, 2, 9])
+    t_emb = F.normalize(torch.randn(6, 4), dim=-1)
+    in_batch = SampledSoftmaxLoss(10, num_negatives=3, negatives="in_batch")
+    assert torch.isfinite(in_batch(q, targets, target_embeddings=t_emb))
+    with pytest.raises(ValueError, match="must match queries"):
+        in_batch(q, targets, target_embeddings=t_emb[:, :3])
+    with pytest.raises(ValueError, match="'uniform' negatives needs item_embeddings"):
+        SampledSoftmaxLoss(10, num_negatives=3)(q, targets, target_embeddings=t_emb)
+
+    class Wider(SampledSoftmaxLoss):  # draws over more than this batch's targets: must look its ids up
+        def sample_negatives(self, targets: torch.Tensor) -> torch.Tensor:
+            return torch.full((targets.numel(), self.num_negatives), 7)
+
+    wider = Wider(100, num_negatives=3, negatives="in_batch")  # 100 > K * D items: the [N, K] ids are looked up
+    assert not wider.gathers_in_batch()
+    with pytest.raises(ValueError, match="drawn by a subclass"):
+        wider(q, targets, target_embeddings=t_emb)
+    looked_up = []
+    table = F.normalize(torch.randn(100, 4), dim=-1)
+    wider(q, targets, lambda ids: looked_up.append(tuple(ids.shape)) or table[ids], target_embeddings=t_emb)
+    assert looked_up == [(6, 3)]
