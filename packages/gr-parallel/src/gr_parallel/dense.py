@@ -297,9 +297,19 @@ class DenseOptimizerConfig:
 def dense_optimizer(params: Iterable[nn.Parameter], config: DenseOptimizerConfig) -> torch.optim.Optimizer:
     """torch ``AdamW`` over the dense parameters (each rank steps its own TP shards; DP ranks hold equal gradients
     after the sync, so they stay equal). This is the CPU path and the default everywhere; Megatron-Core's
-    distributed optimizer (optimizer state sharded over DP) is CUDA-only and not used here."""
+    distributed optimizer (optimizer state sharded over DP) is CUDA-only and not used here. Parameters all on CUDA
+    step with the fused kernel (one launch for every tensor), otherwise with the multi-tensor (foreach) one; both
+    compute the same update."""
+    params = list(params)
+    on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
     return torch.optim.AdamW(
-        list(params), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+        params,
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        fused=True if on_cuda else None,
+        foreach=None if on_cuda else True,
     )
 
 
