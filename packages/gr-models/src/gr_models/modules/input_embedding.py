@@ -19,9 +19,10 @@ class DynamicItemTableConfig:
 
     Ids need not be dense: any int64 id gets a row on first sight (from a seeded truncated normal with the static
     table's std, the same for the same id on any run). The table trains with its own fused optimizer inside
-    backward (the model's torch optimizer never sees it), one step per lookup call; a model that looks the table up
-    twice per training step (inputs, then targets and negatives) takes two. At evaluation ids are only found, never
-    inserted; unseen ids read their initializer row.
+    backward (the model's torch optimizer never sees it), one step per lookup call: ``RetrievalModel.training_forward``
+    looks the inputs and the targets up in one call, so a step with in-batch negatives takes one; looking the table up
+    again in the same step (``model(batch)`` then ``model.item_embeddings(targets)``, or uniform negatives) takes one
+    more step per call. At evaluation ids are only found, never inserted; unseen ids read their initializer row.
     """
 
     capacity: int = 1 << 16  # rows reserved up front; grows by doubling
@@ -152,6 +153,39 @@ class ItemInputEmbedding(nn.Module):
         )
         return self.lookup(kjt).reshape(*item_ids.shape, self.embedding_dim)
 
+    def with_targets(self, features: KeyedJaggedTensor, target_ids: torch.Tensor) -> KeyedJaggedTensor:
+        """One KJT of the item feature holding the input sequences (their B entries) and then one entry per target
+        id: what ``forward_with_targets`` looks up in a single call of the table."""
+        if features.keys() != [self.feature_name]:
+            raise ValueError(
+                f"input features must hold exactly the item feature {self.feature_name!r}, got {features.keys()}"
+            )
+        targets = target_ids.reshape(-1)
+        values = torch.cat([features.values(), targets.to(features.values().dtype)])
+        lengths = features.lengths()
+        lengths = torch.cat([lengths, torch.ones(targets.numel(), dtype=lengths.dtype, device=lengths.device)])
+        n = values.numel()  # per-key length given: TorchRec would otherwise read it back from the device (a sync)
+        return KeyedJaggedTensor(
+            keys=[self.feature_name], values=values, lengths=lengths, length_per_key=[n], offset_per_key=[0, n]
+        )
+
+    def forward_with_targets(
+        self, features: KeyedJaggedTensor, seq_offsets: torch.Tensor, max_seq_len: int, num_targets: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training form of ``forward``: ``features`` from ``with_targets`` (inputs, then ``num_targets`` target
+        ids), looked up in ONE call of the table, so a fused table optimizer takes one step for both. Returns
+        ``(x, item_emb, target_emb)``, the last ``[num_targets, D]`` raw target embeddings."""
+        self._check_length(max_seq_len)
+        num_seqs = seq_offsets.numel() - 1
+        if features.lengths().numel() != num_seqs + num_targets:
+            raise ValueError(
+                f"features hold {features.lengths().numel()} entries, not the batch's {num_seqs} sequences plus "
+                f"{num_targets} targets: build them with with_targets(batch features, target ids)"
+            )
+        rows = self.lookup(features)
+        item_emb, target_emb = rows.split([rows.size(0) - num_targets, num_targets])
+        return self._input(item_emb, seq_offsets), item_emb, target_emb
+
     def forward(
         self, features: KeyedJaggedTensor, seq_offsets: torch.Tensor, max_seq_len: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,12 +193,19 @@ class ItemInputEmbedding(nn.Module):
 
         ``max_seq_len`` is the batch's longest sequence (a host int, so no device sync is needed to check it).
         """
+        self._check_length(max_seq_len)
+        item_emb = self.lookup(features)
+        return self._input(item_emb, seq_offsets), item_emb
+
+    def _check_length(self, max_seq_len: int) -> None:
         if max_seq_len > self.max_seq_len:
             raise ValueError(
                 f"batch holds a sequence of length {max_seq_len}, longer than the positional table "
                 f"(max_seq_len={self.max_seq_len}); truncate inputs to max_seq_len in the data pipeline"
             )
-        item_emb = self.lookup(features)
+
+    def _input(self, item_emb: torch.Tensor, seq_offsets: torch.Tensor) -> torch.Tensor:
+        """Encoder input: item embeddings x sqrt(D) + positions, dropout."""
         positions = positions_in_sequence(seq_offsets, item_emb.size(0))
         x = item_emb * math.sqrt(self.embedding_dim) + self.position_embeddings(positions)
-        return self.dropout(x), item_emb
+        return self.dropout(x)

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchrec import KeyedJaggedTensor
 
 from gr_models.data.batching import SequenceBatch
 from gr_models.jagged import query_timestamps
@@ -69,6 +70,33 @@ class RetrievalModel(nn.Module):
     def forward(self, batch: SequenceBatch) -> torch.Tensor:
         """L2-normalised query embedding of every input position: ``[total, D]``."""
         x, _ = self.input_embedding(batch.features, batch.seq_offsets, batch.max_seq_len)
+        return self._queries(x, batch)
+
+    def training_features(self, batch: SequenceBatch) -> KeyedJaggedTensor:
+        """The one KJT ``training_forward`` looks up: the batch's input items, then its target items. A train
+        pipeline that prefetches the table's input dist (``gr_parallel.TrainPipeline``'s ``sparse_features``) gives
+        this object to ``training_forward``."""
+        if batch.is_eval:
+            raise ValueError("training_features needs a training batch (one target per input position)")
+        return self.input_embedding.with_targets(batch.features, batch.target_items)
+
+    def training_forward(
+        self, batch: SequenceBatch, features: KeyedJaggedTensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(queries, target_embeddings)``, both L2-normalised ``[total, D]``, from ONE lookup of the item table
+        for the inputs and the targets (``features``: ``training_features(batch)``, built here when None). Equal to
+        ``(self(batch), self.item_embeddings(batch.target_items))``, but a fused table optimizer takes one step per
+        training step instead of one per lookup, and sharded tables run one input/output all-to-all. Feed both to
+        ``SampledSoftmaxLoss(..., target_embeddings=...)``: in-batch negatives then need no further lookup."""
+        if features is None:
+            features = self.training_features(batch)
+        num_targets = batch.target_items.numel()
+        x, _, target_emb = self.input_embedding.forward_with_targets(
+            features, batch.seq_offsets, batch.max_seq_len, num_targets
+        )
+        return self._queries(x, batch), F.normalize(target_emb, dim=-1)
+
+    def _queries(self, x: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
         q_ts = query_timestamps(batch.timestamps, batch.seq_offsets, request_timestamps(batch))
         h = self.encoder(x, batch.seq_offsets, batch.max_seq_len, batch.timestamps, q_ts)
         return F.normalize(h, dim=-1)

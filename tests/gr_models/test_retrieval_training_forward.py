@@ -1,0 +1,150 @@
+"""RetrievalModel.training_forward: one table lookup for the inputs and the targets equals the two-lookup forward
+(values, loss and every gradient), and a fused-optimizer (gr-dynemb) table takes exactly one step per training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchrec import KeyedJaggedTensor
+
+from gr_models.data.batching import ITEM_FEATURE, SequenceBatch
+from gr_models.modules.hstu import HSTUConfig
+from gr_models.modules.input_embedding import DynamicItemTableConfig
+from gr_models.retrieval.losses import SampledSoftmaxLoss
+from gr_models.retrieval.model import RetrievalModel, RetrievalModelConfig
+
+NUM_ITEMS, DIM, MAX_LEN, TABLE_LR = 40, 8, 10, 0.05
+
+
+def config(item_table: str = "static") -> RetrievalModelConfig:
+    return RetrievalModelConfig(
+        num_items=NUM_ITEMS,
+        embedding_dim=DIM,
+        max_seq_len=MAX_LEN,
+        dropout=0.0,
+        hstu=HSTUConfig(num_blocks=1, num_heads=2, num_time_buckets=8, attention_backend="reference"),
+        item_table=item_table,  # type: ignore[arg-type]
+        dynamic_item_table=DynamicItemTableConfig(capacity=128, optimizer="adam", lr=TABLE_LR, seed=5),
+    )
+
+
+def make_batch(lengths: list[int], seed: int) -> SequenceBatch:
+    g = torch.Generator().manual_seed(seed)
+    lengths_t = torch.tensor(lengths, dtype=torch.int64)
+    total = int(lengths_t.sum())
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths_t.cumsum(0)])
+    ts = torch.arange(total, dtype=torch.int64) * 7 + 1_600_000_000
+    return SequenceBatch(
+        user_ids=torch.arange(len(lengths)),
+        features=KeyedJaggedTensor.from_lengths_sync(
+            keys=[ITEM_FEATURE], values=torch.randint(NUM_ITEMS, (total,), generator=g), lengths=lengths_t
+        ),
+        timestamps=ts,
+        seq_offsets=offsets,
+        max_seq_len=max(lengths),
+        target_items=torch.randint(NUM_ITEMS, (total,), generator=g),
+        target_timestamps=ts + 3,
+    )
+
+
+def lookup_path_loss(model: RetrievalModel, batch: SequenceBatch, loss_fn: SampledSoftmaxLoss) -> torch.Tensor:
+    """Three lookups: inputs (model forward), targets, and the drawn negative ids."""
+    q = model(batch)
+    targets = batch.target_items
+    negatives = loss_fn.sample_negatives(targets)
+    pos = (q * model.item_embeddings(targets)).sum(-1, keepdim=True)
+    neg = torch.einsum("nd,nkd->nk", q, model.item_embeddings(negatives))
+    neg = neg.masked_fill(negatives == targets.unsqueeze(1), float("-inf"))
+    return F.cross_entropy(torch.cat([pos, neg], 1) / loss_fn.temperature, torch.zeros_like(targets))
+
+
+def one_lookup_loss(model: RetrievalModel, batch: SequenceBatch, loss_fn: SampledSoftmaxLoss) -> torch.Tensor:
+    queries, target_emb = model.training_forward(batch)
+    return loss_fn(queries, batch.target_items, target_embeddings=target_emb)
+
+
+@settings(max_examples=12, deadline=None)
+@given(lengths=st.lists(st.integers(1, MAX_LEN), min_size=1, max_size=5), seed=st.integers(0, 1000))
+def test_one_lookup_equals_two_lookups(lengths: list[int], seed: int) -> None:
+    torch.manual_seed(seed)
+    model = RetrievalModel(config())
+    batch = make_batch(lengths, seed)
+    queries, target_emb = model.training_forward(batch)
+    torch.testing.assert_close(queries, model(batch), rtol=0, atol=0)
+    torch.testing.assert_close(target_emb, model.item_embeddings(batch.target_items), rtol=0, atol=0)
+
+    loss_fn = SampledSoftmaxLoss(NUM_ITEMS, num_negatives=4, temperature=0.1, negatives="in_batch")
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(seed + 1)
+    want = lookup_path_loss(model, batch, loss_fn)
+    want_grads = torch.autograd.grad(want, params, allow_unused=True)
+    torch.manual_seed(seed + 1)  # the same negatives
+    got = one_lookup_loss(model, batch, loss_fn)
+    got_grads = torch.autograd.grad(got, params, allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for (name, _), g, w in zip(model.named_parameters(), got_grads, want_grads, strict=True):
+        if w is None:
+            assert g is None, name
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_one_lookup_features_and_errors() -> None:
+    model = RetrievalModel(config())
+    batch = make_batch([3, 2], 0)
+    kjt = model.training_features(batch)
+    assert kjt.keys() == [ITEM_FEATURE]
+    assert kjt.lengths().tolist() == [3, 2, 1, 1, 1, 1, 1]  # the sequences, then one entry per target
+    assert kjt.values().tolist() == batch.features.values().tolist() + batch.target_items.tolist()
+    other = model.training_features(make_batch([2, 3], 0))
+    with pytest.raises(ValueError, match="not the batch's 2 sequences plus 4 targets"):
+        model.training_forward(make_batch([1, 3], 0), other)
+    two_keys = KeyedJaggedTensor.from_lengths_sync(["item", "x"], torch.arange(4), torch.tensor([1, 1, 1, 1]))
+    with pytest.raises(ValueError, match="exactly the item feature"):
+        model.input_embedding.with_targets(two_keys, torch.arange(2))
+
+
+def _dynamic_table(model: RetrievalModel):
+    return model.input_embedding.item_embeddings.table("item_table")
+
+
+def test_dynamic_table_takes_one_optimizer_step_per_training_step() -> None:
+    gr_dynemb = pytest.importorskip("gr_dynemb")  # noqa: F841
+    batch = make_batch([4, 6, 2], 11)
+    ids = torch.unique(torch.cat([batch.features.values(), batch.target_items]))
+    loss_fn = SampledSoftmaxLoss(NUM_ITEMS, num_negatives=5, temperature=0.1, negatives="in_batch")
+
+    torch.manual_seed(0)
+    dyn = RetrievalModel(config("dynamic"))
+    dyn.eval()
+    rows0 = dyn.input_embedding.embed_ids(ids)  # evaluation: initializer rows, nothing inserted
+    dyn.train()
+
+    # Reference: a static twin with the same rows and dense parameters gives the step's summed row gradients.
+    static = RetrievalModel(config("static"))
+    dense = {k: v for k, v in dyn.state_dict().items() if not k.startswith("input_embedding.item_embeddings")}
+    static.load_state_dict(dense, strict=False)
+    weight = static.input_embedding.item_embeddings.embeddings["item_table"].weight
+    with torch.no_grad():
+        weight[ids] = rows0
+    torch.manual_seed(7)
+    one_lookup_loss(static, batch, loss_fn).backward()
+    g = weight.grad[ids]
+
+    torch.manual_seed(7)
+    one_lookup_loss(dyn, batch, loss_fn).backward()
+    assert _dynamic_table(dyn).step == 1
+    dyn.eval()
+    rows1 = dyn.input_embedding.embed_ids(ids)
+    # One Adam step from zero state with the summed gradient (bias-corrected m = g, v = g^2).
+    torch.testing.assert_close(rows1, rows0 - TABLE_LR * g / (g.abs() + 1e-8), rtol=1e-5, atol=1e-6)
+
+    # The two-lookup forward steps the table once per lookup (what training_forward avoids).
+    torch.manual_seed(0)
+    twice = RetrievalModel(config("dynamic"))
+    torch.manual_seed(7)
+    loss_fn(twice(batch), batch.target_items, twice.item_embeddings).backward()
+    assert _dynamic_table(twice).step == 2
