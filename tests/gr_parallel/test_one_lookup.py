@@ -1,0 +1,159 @@
+"""The one-lookup training step sharded (CPU, gloo, 2 ranks): ``RetrievalModel.training_forward`` (inputs and targets
+in one call of the row-wise sharded item table) with in-batch negatives gathered from the targets' rows, run through
+``gr_parallel.TrainPipeline`` (its ``sparse_features`` prefetching that one KJT) and through the plain loop, equals
+single-process training in which the table takes ONE Adagrad step per training step: TorchRec's fused Adagrad thus
+updates once per step (a lookup per call would add a step and change every touched row)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gr_models.data.batching import SequenceBatch
+from gr_models.retrieval.losses import SampledSoftmaxLoss
+from gr_models.retrieval.model import RetrievalModel
+from tests.gr_parallel.ckpt_workers import build, global_loss, run
+from tests.gr_parallel.parity_workers import DENSE_LR, NUM_ITEMS, TABLE_LR, item_rows, local_batch, make_model
+
+STEPS = 4
+NEGATIVES = 5
+TOL = 1e-5
+
+
+def loss_fn() -> SampledSoftmaxLoss:
+    return SampledSoftmaxLoss(NUM_ITEMS, num_negatives=NEGATIVES, temperature=0.1, negatives="in_batch")
+
+
+def rank_loss(model: RetrievalModel, batch: SequenceBatch, features: Any, step: int, dp_rank: int, total: int):
+    """This DP rank's share of the global mean loss; its in-batch negatives drawn from a seed of (step, rank).
+    ``features=None``: the two-lookup step (inputs through the forward, then the targets through the table)."""
+    if features is None:
+        queries = model(batch)
+        torch.manual_seed(1000 * step + dp_rank)
+        mean = loss_fn()(queries, batch.target_items, model.item_embeddings)
+    else:
+        queries, target_emb = model.training_forward(batch, features)
+        torch.manual_seed(1000 * step + dp_rank)
+        mean = loss_fn()(queries, batch.target_items, target_embeddings=target_emb)
+    return mean * (batch.target_items.numel() / total)
+
+
+def global_tokens(step: int, dp_size: int) -> int:
+    return sum(local_batch(step, r, dp_size)[0].target_items.numel() for r in range(dp_size))
+
+
+@dataclass
+class OneLookupBatch:
+    batch: SequenceBatch
+    features: Any  # model.training_features(batch): what the pipeline prefetches and the forward looks up
+    step: int
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> OneLookupBatch:
+        return OneLookupBatch(
+            self.batch.to(device, non_blocking=non_blocking),
+            self.features.to(device, non_blocking=non_blocking),
+            self.step,
+        )
+
+
+def worker_one_lookup(ctx, modes: list[str]) -> dict[str, dict[str, float]]:
+    """Per mode, the max abs differences to the single-process reference (floats: tensors do not travel back)."""
+    want = train_reference(ctx.dp_size)
+    out = {}
+    for mode in modes:
+        got = train_sharded(ctx, mode)
+        out[mode] = {
+            "loss": max(abs(a - b) for a, b in zip(got["losses"], want["losses"], strict=True)),
+            "first_loss": abs(got["losses"][0] - want["losses"][0]),
+            "rows": float((got["rows"] - want["rows"]).abs().max()),
+            "dense": max(float((got["dense"][n] - w).abs().max()) for n, w in want["dense"].items()),
+        }
+    return out
+
+
+def train_sharded(ctx, mode: str) -> dict[str, Any]:
+    """``mode``: "pipeline" or "plain" (one-lookup step), "two_lookups" (plain loop, the table called twice)."""
+    from gr_parallel.pipeline import TrainPipeline
+
+    pm = build(ctx, "static")  # row-wise sharded table, fused Adagrad; AdamW dense, clipping at 0.5
+    net = pm.module
+
+    def batches():
+        for step in range(STEPS):
+            batch, _ = local_batch(step, ctx.dp_rank, ctx.dp_size)
+            yield OneLookupBatch(batch, net.training_features(batch), step)
+
+    def forward(ob: OneLookupBatch) -> torch.Tensor:
+        features = None if mode == "two_lookups" else ob.features
+        return rank_loss(net, ob.batch, features, ob.step, ctx.dp_rank, global_tokens(ob.step, ctx.dp_size))
+
+    losses = []
+    if mode == "pipeline":
+
+        def before_step() -> None:
+            pm.sync_grads()
+            pm.clip_grad_norm_()
+
+        pipeline = TrainPipeline(
+            pm.dmp,
+            pm.optimizer,
+            ctx.device,
+            forward=forward,
+            sparse_features=lambda ob: {"item_embeddings": ob.features},
+            before_step=before_step,
+        )
+        it = batches()
+        losses = [global_loss(pipeline.progress(it), ctx) for _ in range(STEPS)]
+        pipeline.reset()
+    else:
+        for ob in batches():
+            loss = forward(ob.to(ctx.device))
+            loss.backward()
+            pm.step()
+            losses.append(global_loss(loss, ctx))
+    rows = item_rows(net)
+    dense = {
+        n: p.detach().cpu().clone() for n, p in net.named_parameters() if id(p) in {id(q) for q in pm.dense_params}
+    }
+    return {"losses": losses, "rows": rows, "dense": dense}
+
+
+def train_reference(dp_size: int) -> dict[str, Any]:
+    """One process, the DP ranks' losses summed; the table with torch Adagrad (one step per training step)."""
+    model = make_model("static")
+    table = model.input_embedding.item_embeddings.embeddings["item_table"].weight
+    dense = [p for p in model.parameters() if p is not table]
+    opt = torch.optim.AdamW(dense, lr=DENSE_LR, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+    table_opt = torch.optim.Adagrad([table], lr=TABLE_LR, eps=1e-8)
+    losses = []
+    for step in range(STEPS):
+        total = global_tokens(step, dp_size)
+        loss = sum(
+            rank_loss(model, b, model.training_features(b), step, r, total)
+            for r in range(dp_size)
+            for b in [local_batch(step, r, dp_size)[0]]
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dense, 0.5)
+        opt.step()
+        table_opt.step()
+        opt.zero_grad()
+        table_opt.zero_grad()
+        losses.append(float(loss.detach()))
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {"losses": losses, "rows": item_rows(model), "dense": {names[id(p)]: p.detach() for p in dense}}
+
+
+def test_one_lookup_step_sharded_equals_single_process_with_one_table_step() -> None:
+    want = train_reference(dp_size=2)
+    moved = float((want["rows"] - item_rows(make_model("static"))).abs().max())
+    assert moved > 1e-3, "the item rows barely trained: the comparison would be vacuous"
+    for rank_result in run(2, worker_one_lookup, ["pipeline", "plain", "two_lookups"]):
+        for mode in ("pipeline", "plain"):
+            diffs = rank_result[mode]
+            assert all(v <= TOL for v in diffs.values()), (mode, diffs)
+        # The table called twice per step takes two fused Adagrad steps: same first loss, other rows.
+        two = rank_result["two_lookups"]
+        assert two["first_loss"] <= TOL and two["rows"] > 1e-4, two
