@@ -251,6 +251,9 @@ def worker(args: argparse.Namespace) -> None:
             "pipeline": not args.no_pipeline,
             "table_lookups_per_step": 1 if args.negatives == "in_batch" else 2,
             "steps": args.steps,
+            "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            if ctx.device.type == "cuda"
+            else None,
         }
         Path(args.record).write_text(json.dumps(record) + "\n")
     gr_parallel.destroy()

@@ -132,3 +132,26 @@ def test_in_batch_without_item_embeddings_and_overridden_draws() -> None:
     table = F.normalize(torch.randn(100, 4), dim=-1)
     wider(q, targets, lambda ids: looked_up.append(tuple(ids.shape)) or table[ids], target_embeddings=t_emb)
     assert looked_up == [(6, 3)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("autocast", [False, True])
+def test_gathered_logits_cuda(autocast: bool) -> None:
+    """On CUDA (index_add_ accumulates with atomics), chunked, fp32 and under bf16 autocast."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, m, k, d = 3000, 2500, 32, 64
+    q = torch.randn(n, d, device="cuda", generator=g, requires_grad=True)
+    c = torch.randn(m, d, device="cuda", generator=g, requires_grad=True)
+    index = torch.randint(m, (n, k), device="cuda", generator=g)
+    up = torch.randn(n, k, device="cuda", generator=g)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        got = gl.gathered_logits(q, c, index, chunk_elements=100_000)
+    gq, gc = torch.autograd.grad((got.float() * up).sum(), (q, c))
+    qr, cr = (q.bfloat16().float(), c.bfloat16().float()) if autocast else (q, c)
+    want = gl.reference_gathered_logits(qr.double(), cr.double(), index)
+    wq, wc = torch.autograd.grad((want * up.double()).sum(), (q, c))
+    tol = {"rtol": 2e-2, "atol": 5e-2} if autocast else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(got.double(), want, **tol)
+    torch.testing.assert_close(gq.double(), wq.double(), **tol)
+    torch.testing.assert_close(gc.double(), wc.double(), **tol)

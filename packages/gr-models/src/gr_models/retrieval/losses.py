@@ -12,6 +12,14 @@ from torch import nn
 from gr_models.retrieval.gathered_logits import in_batch_logits
 
 
+def _to_device(draw: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host draw on ``device``. To CUDA through pinned memory, asynchronously: a copy from pageable memory would
+    make the host wait for the whole forward queued before it, leaving the GPU idle while backward is launched."""
+    if device.type == "cuda":
+        return draw.pin_memory().to(device, non_blocking=True)
+    return draw.to(device)
+
+
 class SampledSoftmaxLoss(nn.Module):
     """``-log softmax([s(q, pos), s(q, neg_1..K)])[0]`` averaged over positions, ``s = <q, e> / temperature``.
 
@@ -52,12 +60,12 @@ class SampledSoftmaxLoss(nn.Module):
 
     def sample_negative_positions(self, targets: torch.Tensor) -> torch.Tensor:
         """In-batch negatives as positions into ``targets``: ``[N, K]`` (the draw ``sample_negatives`` makes)."""
-        return torch.randint(targets.numel(), (targets.numel(), self.num_negatives)).to(targets.device)
+        return _to_device(torch.randint(targets.numel(), (targets.numel(), self.num_negatives)), targets.device)
 
     def sample_negatives(self, targets: torch.Tensor) -> torch.Tensor:
         """Negative item ids ``[N, K]``."""
         if self.negatives == "uniform":
-            return torch.randint(self.num_items, (targets.numel(), self.num_negatives)).to(targets.device)
+            return _to_device(torch.randint(self.num_items, (targets.numel(), self.num_negatives)), targets.device)
         return targets[self.sample_negative_positions(targets)]
 
     def gathers_in_batch(self) -> bool:
