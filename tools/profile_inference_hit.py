@@ -70,7 +70,8 @@ def main() -> int:
 
         return wrapper
 
-    scorer_module.window_inputs = timed("window_inputs", scorer_module.window_inputs)
+    scorer_module.window_ids = timed("window_ids", scorer_module.window_ids)
+    scorer_module.embed_window_ids = timed("embed_window_ids (eager passes)", scorer_module.embed_window_ids)
     for name in ("_update_history", "_plan_prefix", "_pass_pieces", "_encode", "_store_prefix"):
         setattr(scorer, name, timed(name, getattr(scorer, name)))
     if scorer.graphs is not None:

@@ -3,12 +3,13 @@ rows bit for bit (every action mode and context placement, any first row, severa
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gr_models.inference import CachedRankingScorer, Candidates, KVCache, UserEvents, UserHistory
-from gr_models.inference.window import WindowRows, window_inputs
+from gr_models.inference.window import WindowRows, embed_window, window_ids, window_inputs
 from gr_models.modules.hstu import HSTUConfig
 from gr_models.ranking import HSTURankingConfig, HSTURankingModel, RankingFeatureSpec, RankingTask
 
@@ -91,3 +92,30 @@ def test_window_inputs_equal_the_models_input_rows(mode, bags, cand_times, shape
         # The positions the scorer's bias assumes: prefix row r at r, every candidate at P.
         assert torch.equal(tokens.positions[:p], torch.arange(p))
         assert bool((tokens.positions[tokens.candidate_rows] == p).all())
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    mode=st.sampled_from([("add", "causal"), ("interleave", "causal"), ("add", "full"), ("interleave", "full")]),
+    bags=st.booleans(),
+    shapes=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3), st.integers(0, 20)), min_size=1, max_size=3),
+    pad=st.tuples(st.integers(1, 9), st.integers(0, 9), st.integers(0, 9)),
+)
+def test_padded_window_pieces_give_the_same_rows(mode, bags, shapes, pad):
+    """What a CUDA-graph pass builds: the ids padded (items, bag values, rows) give the unpadded rows first."""
+    scorer = make_scorer(*mode, bags)
+    model, f, m_tok = scorer.model, 3, scorer.tokens_per_event
+    rows = []
+    for seed, (n, m, start_pick) in enumerate(shapes):
+        feats, events, cands = window(seed, n, m, bags, False)
+        rows.append(WindowRows(feats, events, cands, 9500 + seed, start_pick % (f + m_tok * n + 1)))
+    ids = window_ids(model, rows)
+    want, _ = window_inputs(model, rows, torch.device("cpu"), torch.float32)
+    items, values = ids.items.numel() + pad[0], ids.bag_values.numel() + pad[1]
+    pieces, num_items = ids.pieces(items, values, ids.rows + pad[2])
+    assert num_items == items and pieces["w_bag_lengths"].sum() == values
+    got = embed_window(model, pieces, num_items, torch.float32)
+    assert got.shape[0] == ids.rows + pad[2]
+    assert torch.equal(got[: ids.rows], want)
+    with pytest.raises(ValueError, match="padding"):
+        ids.pieces(ids.items.numel() - 1 if ids.items.numel() else 0, ids.bag_values.numel() + 1, ids.rows)

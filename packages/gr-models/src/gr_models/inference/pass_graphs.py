@@ -81,7 +81,7 @@ def pass_shape(lengths: list[int], num_q: list[int], candidates: int, x_rows: in
 class _Entry:
     graph: torch.cuda.CUDAGraph | None
     packed: torch.Tensor  # int64 indices, the layout of the bucket's pieces
-    x: torch.Tensor  # [x_rows, D] input rows
+    x: torch.Tensor | None  # [x_rows, D] input rows (None: the pass builds them)
     statics: dict[str, torch.Tensor]  # buffers the pass keeps across replays (e.g. the zeroed bias buffer)
     outputs: tuple[torch.Tensor | None, ...] = ()
 
@@ -109,15 +109,18 @@ class PassGraphs:
         key: tuple,
         names: list[str],
         pieces: list[torch.Tensor],
-        x: torch.Tensor,
+        device: torch.device,
+        x: torch.Tensor | None,
         x_rows: int,
         make_statics: Callable[[], dict[str, torch.Tensor]],
-        fn: Callable[[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor | None, ...]],
+        fn: Callable[
+            [dict[str, torch.Tensor], torch.Tensor | None, dict[str, torch.Tensor]], tuple[torch.Tensor | None, ...]
+        ],
     ) -> tuple[torch.Tensor | None, ...]:
         """``fn(indices, x, statics)`` on this request's ``pieces`` (host int64, the bucket's sizes) and input rows
-        ``x`` (at most ``x_rows``): replayed from the bucket's graph, captured on first use. The outputs are the
-        graph's own buffers, valid until the next ``run`` of the same bucket."""
-        device = x.device
+        ``x`` (at most ``x_rows``; None when ``fn`` builds its input rows from the indices, and gets None) on
+        ``device``: replayed from the bucket's graph, captured on first use. The outputs are the graph's own
+        buffers, valid until the next ``run`` of the same bucket."""
         sizes = [t.numel() for t in pieces]
         host = torch.cat(pieces)
         entry = self._entries.get(key)
@@ -125,7 +128,7 @@ class PassGraphs:
             entry = _Entry(
                 None,
                 torch.empty(host.numel(), dtype=torch.int64, device=device),
-                torch.zeros(x_rows, x.shape[1], dtype=x.dtype, device=device),
+                None if x is None else torch.zeros(x_rows, x.shape[1], dtype=x.dtype, device=device),
                 make_statics(),
             )
             self._entries[key] = entry
@@ -153,8 +156,9 @@ class PassGraphs:
         return entry.outputs
 
     @staticmethod
-    def _fill(entry: _Entry, host: torch.Tensor, x: torch.Tensor) -> None:
+    def _fill(entry: _Entry, host: torch.Tensor, x: torch.Tensor | None) -> None:
         if entry.packed.device.type == "cuda":
             host = host.pin_memory()  # a non-blocking copy from pinned memory: the host never waits
         entry.packed.copy_(host, non_blocking=True)
-        entry.x[: x.shape[0]].copy_(x)
+        if x is not None and entry.x is not None:
+            entry.x[: x.shape[0]].copy_(x)

@@ -77,7 +77,14 @@ from gr_models.inference.kv_cache import CacheCapacityError, KVCache
 from gr_models.inference.pass_graphs import PassGraphs, PassShape, pass_shape
 from gr_models.inference.requests import Candidates, InferenceInputError, UserEvents
 from gr_models.inference.transfer import to_device
-from gr_models.inference.window import WindowInputs, WindowRows, window_inputs
+from gr_models.inference.window import (
+    WindowIds,
+    WindowInputs,
+    WindowRows,
+    embed_window,
+    embed_window_ids,
+    window_ids,
+)
 from gr_models.ranking.hstu_ranking import HSTURankingModel
 
 logger = logging.getLogger(__name__)
@@ -200,6 +207,29 @@ def _eager_max_len(seqs: Sequence[_Seq]) -> int:
     return -(-longest // RAB_ROW_ALIGN) * RAB_ROW_ALIGN
 
 
+# Window id pieces of a CUDA-graph pass (item rows, bag values) are padded to multiples of this.
+WINDOW_GRANULE = 64
+
+
+def _round_up(n: int, granule: int) -> int:
+    return -(-n // granule) * granule
+
+
+class _CallInputs:
+    """The encoder inputs of one ``_run_works`` call: the host ids of its computed rows, and the rows themselves on
+    the device once an eager pass needs them (a CUDA-graph pass rebuilds them from the ids inside the graph)."""
+
+    def __init__(self, scorer: CachedRankingScorer, ids: WindowIds) -> None:
+        self.scorer, self.ids = scorer, ids
+        self._x: torch.Tensor | None = None
+
+    def eager(self) -> torch.Tensor:
+        if self._x is None:
+            sc = self.scorer
+            self._x = embed_window_ids(sc.model, self.ids, sc.device, sc.dtype)
+        return self._x
+
+
 class CachedRankingScorer:
     """Scores candidates for a user (``score``) or a group of users (``score_many``) against their cached histories
     (module docstring).
@@ -281,6 +311,12 @@ class CachedRankingScorer:
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         self.graphs = PassGraphs(max_graphs) if cuda_graphs else None
+        # A padded pass builds its input rows inside its graph (a hit then issues no embedding launches of its own)
+        # when the tables live on the cache's device and the item table is static (a dynamic table's lookup inserts
+        # and may read counts back: not capturable).
+        self._window_in_graph = (
+            self.graphs is not None and cfg.dynamic_item_table is None and self._embedding_device() == self.device
+        )
 
     # -- public API ----------------------------------------------------------------------------------------------
 
@@ -555,9 +591,9 @@ class CachedRankingScorer:
         rows = [
             WindowRows(w.hist.user_features, w.hist.events, w.candidates, w.request_time, w.plan.start) for w in works
         ]
-        x, inputs = window_inputs(self.model, rows, self.device, self.dtype)
+        x = _CallInputs(self, window_ids(self.model, rows))
         prefix_seqs, cand_seqs = [], []
-        for w, inp in zip(works, inputs, strict=True):
+        for w, inp in zip(works, x.ids.infos, strict=True):
             w.inputs = inp
             n_new, m = w.plan.end - w.plan.start, len(w.candidates)
             micro_batches = -(-m // self.micro_batch)
@@ -663,7 +699,7 @@ class CachedRankingScorer:
 
     # -- the encoder on jagged slices of rows --------------------------------------------------------------------
 
-    def _run_batched(self, seqs: list[_Seq], x: torch.Tensor, *, need_output: bool) -> torch.Tensor | None:
+    def _run_batched(self, seqs: list[_Seq], x: _CallInputs, *, need_output: bool) -> torch.Tensor | None:
         """``_run_pass`` over ``seqs`` in as few passes as ``max_batch_bias_bytes`` allows: sequences sorted by
         length, longest first, so each pass pads to about its own longest. With ``need_output``, the final outputs
         of every candidate ``[sum M, D]``, in user then candidate order."""
@@ -692,7 +728,7 @@ class CachedRankingScorer:
             y = y.index_select(0, to_device(perm, y.device))
         return y
 
-    def _run_pass(self, seqs: list[_Seq], x: torch.Tensor, need_output: bool) -> torch.Tensor | None:
+    def _run_pass(self, seqs: list[_Seq], x: _CallInputs, need_output: bool) -> torch.Tensor | None:
         """The queries of every sequence through every block as one jagged delta-q call per block, on one key buffer
         per pass (``[L, keys, H, D]``: gathered once from the pool for all layers, each layer writing its new rows'
         K/V into it). Every index the pass needs is built on the host and copied to the device at once, so the pass
@@ -705,7 +741,7 @@ class CachedRankingScorer:
                 [s.length for s in seqs],
                 [s.num_q for s in seqs],
                 sum(s.c1 - s.c0 for s in seqs),
-                x.shape[0],
+                x.ids.rows,
                 need_output=need_output,
             )
         pieces, kv_offsets, any_pool, copies = self._pass_pieces(seqs, need_output, shape)
@@ -715,10 +751,23 @@ class CachedRankingScorer:
             packed = to_device(torch.cat(list(pieces.values())), self.device)
             d = dict(zip(pieces, packed.split(sizes), strict=True))
             k_all, v_all, out = self._encode(
-                d, x, self._shared_rab_buffer(b, n), b, n, max_q, kv_offsets[-1], need_output, any_pool, copies
+                d, x.eager(), self._shared_rab_buffer(b, n), b, n, max_q, kv_offsets[-1], need_output, any_pool, copies
             )
         else:
             b, n, max_q = shape.num_seqs, shape.max_len, shape.max_q
+            # The input rows: built inside the graph from the padded ids (no embedding launches on a hit), or copied
+            # in from the eager ones.
+            in_graph = self._window_in_graph
+            xs_host, num_items = None, 0
+            if in_graph:
+                window, num_items = x.ids.pieces(
+                    _round_up(x.ids.items.numel() + 1, WINDOW_GRANULE),
+                    _round_up(x.ids.bag_values.numel(), WINDOW_GRANULE),
+                    shape.x_rows,
+                )
+                pieces.update(window)
+            else:
+                xs_host = x.eager()
 
             def statics() -> dict[str, torch.Tensor]:
                 if self.encoder.relative_bias is None:
@@ -726,11 +775,13 @@ class CachedRankingScorer:
                 return {"rab": torch.zeros(b * n * n, device=self.device, dtype=self.dtype)}
 
             def encode(d, xs, st):
+                if xs is None:
+                    xs = embed_window(self.model, d, num_items, self.dtype)
                 return self._encode(d, xs, st.get("rab"), b, n, max_q, shape.keys, need_output, True, {})
 
-            key = (shape.bucket, tuple(pieces))
-            k_all, v_all, out = self.graphs.run(key, list(pieces), list(pieces.values()), x, shape.x_rows, statics,
-                                                encode)  # fmt: skip
+            key = (shape.bucket, tuple((name, t.numel()) for name, t in pieces.items()) if in_graph else tuple(pieces))
+            k_all, v_all, out = self.graphs.run(key, list(pieces), list(pieces.values()), self.device, xs_host,
+                                                shape.x_rows, statics, encode)  # fmt: skip
             if out is not None:
                 out = out[: sum(s.c1 - s.c0 for s in seqs)]
             self.stats.padded_passes += 1

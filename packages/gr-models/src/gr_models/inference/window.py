@@ -67,17 +67,80 @@ def prefix_times(model: HSTURankingModel, events, request_time: int) -> tuple[to
     return torch.cat([ctx, keys]), torch.cat([ctx, queries])
 
 
-def window_inputs(
-    model: HSTURankingModel, windows: list[WindowRows], device: torch.device, dtype: torch.dtype
-) -> tuple[torch.Tensor, list[WindowInputs]]:
-    """Encoder input rows ``x [R, D]`` (in ``dtype`` on ``device``) of every window's prefix rows ``[start, P)`` and
-    candidates, stacked window after window, and each window's row range and times."""
+@dataclass
+class WindowIds:
+    """Host side of ``window_inputs``: the ids of every computed row, before they go to the device.
+
+    Token table rows are blocks ``[user features | block 1 | block 2]`` of ``num_items`` rows each (events then
+    candidates): "add" mode (one token per event) has ``item + action`` in block 1 (the events' rows) and the bare
+    item in block 2 (the candidates' rows); "interleave" has the item in block 1 and the action in block 2.
+    ``gather_block`` / ``gather_offset`` name each computed row's table row before the block sizes are fixed, so a
+    CUDA-graph pass can pad every piece to its bucket (``padded``) and rebuild the same rows on the device."""
+
+    items: torch.Tensor  # [num events + candidates]
+    bag_values: torch.Tensor
+    bag_lengths: torch.Tensor  # per item row
+    actions: torch.Tensor  # [num events] (candidates carry none)
+    gather_block: torch.Tensor  # per computed row: 0 user features, 1 or 2 (see above)
+    gather_offset: torch.Tensor  # row inside its block
+    positions: torch.Tensor  # per computed row
+    features: torch.Tensor  # [users with a computed feature row, F]
+    infos: list[WindowInputs]
+
+    @property
+    def rows(self) -> int:
+        return self.positions.numel()
+
+    def pieces(self, item_rows: int | None = None, bag_values: int | None = None, rows: int | None = None):
+        """``(pieces, num_items)``: the named id tensors (CPU int64), padded to ``item_rows`` item rows,
+        ``bag_values`` bag values and ``rows`` computed rows when given (padding items are id 0 with empty bags but
+        the last, which takes the padding bag values; padding rows read table row 0 at position 0), and the item
+        rows of a block. ``embed_window`` turns them into the rows ``window_inputs`` gives."""
+        n = self.items.numel()
+        n_pad = n if item_rows is None else item_rows
+        v_pad = self.bag_values.numel() if bag_values is None else bag_values
+        r_pad = self.rows if rows is None else rows
+        extra_v = v_pad - self.bag_values.numel()
+        if n_pad < n or r_pad < self.rows or extra_v < 0 or (extra_v > 0 and n_pad == n):
+            raise ValueError(
+                f"padding ({n_pad} items, {v_pad} bag values, {r_pad} rows) below the window's ({n}, "
+                f"{self.bag_values.numel()}, {self.rows}), or bag padding without a padding item row"
+            )
+        lens = torch.zeros(n_pad, dtype=torch.int64)
+        lens[:n] = self.bag_lengths
+        if extra_v:
+            lens[-1] = extra_v
+        feat_rows = self.features.numel()
+        bases = torch.tensor([0, feat_rows, feat_rows + n_pad])
+        gather = torch.zeros(r_pad, dtype=torch.int64)
+        gather[: self.rows] = bases[self.gather_block] + self.gather_offset
+        positions = torch.zeros(r_pad, dtype=torch.int64)
+        positions[: self.rows] = self.positions
+        pieces = {
+            "w_items": _padded(self.items, n_pad),
+            "w_bag_values": _padded(self.bag_values, v_pad),
+            "w_bag_lengths": lens,
+            "w_actions": _padded(self.actions, n_pad),
+            "w_gather": gather,
+            "w_positions": positions,
+        }
+        if feat_rows:
+            pieces["w_features"] = self.features.reshape(-1)
+        return pieces, n_pad
+
+
+def _padded(t: torch.Tensor, n: int) -> torch.Tensor:
+    out = torch.zeros(n, dtype=torch.int64)
+    out[: t.numel()] = t
+    return out
+
+
+def window_ids(model: HSTURankingModel, windows: list[WindowRows]) -> WindowIds:
+    """The host half of ``window_inputs``: every window's ids and each window's row range and times."""
     cfg = model.config
-    f, m, d = cfg.features.num_user_features, cfg.tokens_per_event, cfg.embedding_dim
-    emb_device = model.action_embedding.weight.device
+    f, m = cfg.features.num_user_features, cfg.tokens_per_event
     # Per window: the events from e0 on (the first one a computed row belongs to), the user features if a context
-    # row is computed. Token table rows: [user features | event items (+ action in "add" mode) | candidate items |
-    # actions ("interleave")]; ``gather`` picks each computed row from it.
+    # row is computed.
     ev_items, ev_bag_vals, ev_bag_lens, actions, cand_items, cand_bag_vals, cand_bag_lens, feats = (
         [] for _ in range(8)
     )
@@ -110,47 +173,81 @@ def window_inputs(
         n_ev += n - e0
         n_cand += len(c)
         row += p - w.start + len(c)
-    n_feat_rows = n_feat_users * f
-    item_base, cand_base, action_base = n_feat_rows, n_feat_rows + n_ev, n_feat_rows + n_ev + n_cand
-    gather, positions = [], []
+    # Every computed row as (block, offset): features in block 0; an event's item token in block 1, its action
+    # token ("interleave") in block 2; a candidate in block 2 ("add": the bare item) or block 1 ("interleave").
+    cand_block = 2 if m == 1 else 1
+    blocks, offsets, positions = [], [], []
     for w, e0, n, p, feat_row, ev_off, cand_off in plans:
         if feat_row is not None:
-            gather.append(torch.arange(feat_row + w.start, feat_row + f))
-        ev_rows = torch.arange(item_base + ev_off, item_base + ev_off + n - e0)
+            k = f - w.start
+            blocks.append(torch.zeros(k, dtype=torch.int64))
+            offsets.append(torch.arange(feat_row + w.start, feat_row + f))
+        ev_rows = torch.arange(ev_off, ev_off + n - e0)
+        ev_blocks = torch.ones(n - e0, dtype=torch.int64)
         if m == 2:
-            act_rows = torch.arange(action_base + ev_off, action_base + ev_off + n - e0)
-            ev_rows = torch.stack([ev_rows, act_rows], dim=1).reshape(-1)
+            ev_rows = ev_rows.repeat_interleave(2)
+            ev_blocks = torch.stack([ev_blocks, ev_blocks + 1], dim=1).reshape(-1)
         first = f + m * e0  # row of the first token of event e0
-        gather.append(ev_rows[max(0, w.start - first) :])
-        gather.append(torch.arange(cand_base + cand_off, cand_base + cand_off + len(w.candidates)))
+        skip = max(0, w.start - first)
+        blocks += [ev_blocks[skip:], torch.full((len(w.candidates),), cand_block, dtype=torch.int64)]
+        offsets += [ev_rows[skip:], torch.arange(n_ev + cand_off, n_ev + cand_off + len(w.candidates))]
         positions.append(torch.arange(w.start, p))
         positions.append(torch.full((len(w.candidates),), p, dtype=torch.int64))
-    pieces = [
-        torch.cat(ev_items + cand_items),
-        torch.cat(ev_bag_vals + cand_bag_vals),
-        torch.cat(ev_bag_lens + cand_bag_lens),
-        torch.cat(actions),
-        torch.cat(gather),
-        torch.cat(positions),
-    ]
-    if feats:
-        pieces.append(torch.cat(feats).reshape(-1))
-    sizes = [t.numel() for t in pieces]
-    ids = list(to_device(torch.cat(pieces), emb_device).split(sizes))
-    items, bag_vals, bag_lens, action_ids, gather_t, positions_t = ids[:6]
+    empty = torch.zeros(0, dtype=torch.int64)
+    return WindowIds(
+        items=torch.cat(ev_items + cand_items) if windows else empty,
+        bag_values=torch.cat(ev_bag_vals + cand_bag_vals) if windows else empty,
+        bag_lengths=torch.cat(ev_bag_lens + cand_bag_lens) if windows else empty,
+        actions=torch.cat(actions) if windows else empty,
+        gather_block=torch.cat(blocks) if blocks else empty,
+        gather_offset=torch.cat(offsets) if offsets else empty,
+        positions=torch.cat(positions) if positions else empty,
+        features=torch.cat(feats) if feats else empty.view(0, f),
+        infos=infos,
+    )
 
+
+def embed_window(
+    model: HSTURankingModel, d: dict[str, torch.Tensor], num_items: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The device half of ``window_inputs``: encoder input rows ``[rows, D]`` in ``dtype`` from the id pieces ``d``
+    (``WindowIds.pieces``, on the embedding tables' device) with ``num_items`` item rows per block. Issues no host
+    sync, so a CUDA graph can capture it."""
+    cfg = model.config
+    f, m, d_model = cfg.features.num_user_features, cfg.tokens_per_event, cfg.embedding_dim
     parts = []
-    if feats:
-        parts.append(model.user_embedding(ids[6].view(n_feat_users, f)).reshape(-1, d))
-    if n_ev + n_cand:  # (TorchRec cannot look up zero ids)
-        emb = model.input_embedding.embed_ids(items)
+    feats = d.get("w_features")
+    if feats is not None and feats.numel():
+        parts.append(model.user_embedding(feats.view(-1, f)).reshape(-1, d_model))
+    if num_items:  # (TorchRec cannot look up zero ids)
+        emb = model.input_embedding.embed_ids(d["w_items"])
         if model.bag_embedding is not None:
-            emb = emb + model.bag_embedding(bag_vals, bag_lens)
-        action_emb = model.action_embedding(action_ids)
-        parts += [emb[:n_ev] + action_emb, emb[n_ev:]] if m == 1 else [emb, action_emb]
+            emb = emb + model.bag_embedding(d["w_bag_values"], d["w_bag_lengths"])
+        action_emb = model.action_embedding(d["w_actions"])
+        parts += [emb + action_emb, emb] if m == 1 else [emb, action_emb]
     if not parts:  # nothing to compute (e.g. an append of no events to a cached user)
-        return torch.zeros(0, d, device=device, dtype=dtype), infos
+        return torch.zeros(0, d_model, device=d["w_positions"].device, dtype=dtype)
     table = torch.cat(parts) if len(parts) > 1 else parts[0]
-    x = table.index_select(0, gather_t) * math.sqrt(d)
-    x = model.input_embedding.dropout(x + model.input_embedding.position_embeddings(positions_t))
-    return x.to(device=device, dtype=dtype), infos
+    x = table.index_select(0, d["w_gather"]) * math.sqrt(d_model)
+    x = model.input_embedding.dropout(x + model.input_embedding.position_embeddings(d["w_positions"]))
+    return x.to(dtype)
+
+
+def embed_window_ids(model: HSTURankingModel, ids: WindowIds, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``ids``' rows on ``device`` in ``dtype``: one host-to-device copy of every id, then ``embed_window``."""
+    if ids.rows == 0:
+        return torch.zeros(0, model.config.embedding_dim, device=device, dtype=dtype)
+    pieces, num_items = ids.pieces()
+    sizes = [t.numel() for t in pieces.values()]
+    emb_device = model.action_embedding.weight.device
+    d = dict(zip(pieces, to_device(torch.cat(list(pieces.values())), emb_device).split(sizes), strict=True))
+    return embed_window(model, d, num_items, dtype).to(device)
+
+
+def window_inputs(
+    model: HSTURankingModel, windows: list[WindowRows], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, list[WindowInputs]]:
+    """Encoder input rows ``x [R, D]`` (in ``dtype`` on ``device``) of every window's prefix rows ``[start, P)`` and
+    candidates, stacked window after window, and each window's row range and times."""
+    ids = window_ids(model, windows)
+    return embed_window_ids(model, ids, device, dtype), ids.infos
