@@ -11,11 +11,12 @@ steps, ``--steps`` steps are timed.
 The step is the production one: ``RetrievalModel.training_forward`` looks the inputs and the targets up in ONE table
 call (one input/output all-to-all when sharded, one fused table-optimizer step), ``--negatives in_batch`` (default)
 gathers the negatives from the targets' rows (no further lookup; ``uniform`` looks ``[tokens, K]`` catalogue rows up,
-a second call), and the loop runs through ``gr_parallel.TrainPipeline`` (the next batch's host-to-device copy and
-sparse input all-to-all overlap this step; ``--no-pipeline``: a plain loop). ``--seqs-per-rank`` defaults to 32
-(~65k tokens per rank at lengths U[1, 4096]) so that the HSTU blocks dominate the step rather than per-step host and
-lookup overheads; on one H200 that is the 10M x 512 fp32 table (20 GB, plus 40 MB of row-wise Adagrad state) and
-roughly 20-30 GB of activations, well inside 141 GB.
+a second call), the looked-up rows and their gradients cross the sharding all-to-alls in bf16 on CUDA (``--qcomms``,
+TorchRec's quantized comms; the table stays fp32), and the loop runs through ``gr_parallel.TrainPipeline`` (the next
+batch's host-to-device copy and sparse input all-to-all overlap this step; ``--no-pipeline``: a plain loop).
+``--seqs-per-rank`` defaults to 32 (~65k tokens per rank at lengths U[1, 4096]) so that the HSTU blocks dominate the
+step rather than per-step host and lookup overheads; on one H200 that is the 10M x 512 fp32 table (20 GB, plus 40 MB
+of row-wise Adagrad state) and roughly 20-30 GB of activations, well inside 141 GB (``peak_memory_gb`` in the record).
 
 Reported per configuration: tokens/s (all ranks), model TFLOP/s per GPU, MFU against 989 dense bf16 TFLOP/s (H100/H200
 SXM), and scaling efficiency = tokens/s / (gpus x the 1-GPU tokens/s). Model FLOPs count the HSTU blocks only, as
@@ -148,6 +149,7 @@ def worker(args: argparse.Namespace) -> None:
             embedding_optimizer=EmbeddingOptimizerConfig(kind="rowwise_adagrad", lr=0.01),
             bf16=ctx.device.type == "cuda",
             grad_clip=1.0,
+            qcomms=None if args.qcomms == "none" else args.qcomms,
         ),
     )
     loss_fn = SampledSoftmaxLoss(args.num_items, args.num_negatives, 0.05, args.negatives)
@@ -249,6 +251,7 @@ def worker(args: argparse.Namespace) -> None:
             "negatives": args.negatives,
             "num_negatives": args.num_negatives,
             "pipeline": not args.no_pipeline,
+            "qcomms": args.qcomms,
             "table_lookups_per_step": 1 if args.negatives == "in_batch" else 2,
             "steps": args.steps,
             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1)
@@ -267,6 +270,7 @@ def run_config(args: argparse.Namespace, gpus: int, tp: int, record: Path) -> di
         f"--blocks={args.blocks}", f"--dim={args.dim}", f"--heads={args.heads}", f"--max-len={args.max_len}",
         f"--seqs-per-rank={args.seqs_per_rank}", f"--num-items={args.num_items}", f"--negatives={args.negatives}",
         f"--num-negatives={args.num_negatives}", f"--warmup={args.warmup}", f"--steps={args.steps}",
+        f"--qcomms={args.qcomms}",
         *(["--profile"] if args.profile else []), *(["--no-pipeline"] if args.no_pipeline else []),
     ]  # fmt: skip
     env = dict(os.environ)
@@ -347,6 +351,13 @@ def main() -> None:
     )
     ap.add_argument("--num-negatives", type=int, default=32)
     ap.add_argument(
+        "--qcomms",
+        choices=["auto", "none", "bf16", "fp16"],
+        default="auto",
+        help="precision of the looked-up rows and their gradients on the embedding all-to-alls (auto: bf16 on "
+        "CUDA, none on CPU)",
+    )
+    ap.add_argument(
         "--no-pipeline", action="store_true", help="plain loop instead of gr_parallel.TrainPipeline (no prefetch)"
     )
     ap.add_argument("--warmup", type=int, default=3)
@@ -361,6 +372,8 @@ def main() -> None:
     if args.tiny:
         args.blocks, args.dim, args.heads, args.max_len = 2, 32, 2, 64
         args.seqs_per_rank, args.num_items, args.num_negatives, args.warmup, args.steps = 4, 1000, 8, 2, 3
+    if args.qcomms == "auto":
+        args.qcomms = "bf16" if args.device == "cuda" else "none"
     if args.worker:
         worker(args)
         return
@@ -391,7 +404,8 @@ def main() -> None:
         "model": f"{args.blocks} HSTU blocks, dim {args.dim}, {args.heads} heads, lengths U[1, {args.max_len}], "
         f"{args.seqs_per_rank} sequences per DP rank, {args.num_items} items, {args.num_negatives} {args.negatives} "
         f"negatives ({'one table lookup' if args.negatives == 'in_batch' else 'two table lookups'} per step), "
-        f"{'plain loop' if args.no_pipeline else 'gr_parallel.TrainPipeline'}",
+        f"{'plain loop' if args.no_pipeline else 'gr_parallel.TrainPipeline'}, embedding all-to-alls in "
+        f"{'fp32' if args.qcomms == 'none' else args.qcomms}",
     }
     runs, all_records = merge_device_run(out, meta, records)
     write_outputs(out, runs, all_records, markdown, plot)

@@ -2,13 +2,16 @@
 in one call of the row-wise sharded item table) with in-batch negatives gathered from the targets' rows, run through
 ``gr_parallel.TrainPipeline`` (its ``sparse_features`` prefetching that one KJT) and through the plain loop, equals
 single-process training in which the table takes ONE Adagrad step per training step: TorchRec's fused Adagrad thus
-updates once per step (a lookup per call would add a step and change every touched row)."""
+updates once per step (a lookup per call would add a step and change every touched row). With
+``ParallelizeConfig(qcomms="fp16")`` the same step runs with the looked-up rows and their gradients in fp16 on the
+all-to-alls (TorchRec's quantized comms; gloo has no bf16 codec): within fp16 rounding of the fp32 run."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import torch
 
 from gr_models.data.batching import SequenceBatch
@@ -73,11 +76,26 @@ def worker_one_lookup(ctx, modes: list[str]) -> dict[str, dict[str, float]]:
     return out
 
 
+def build_qcomms(ctx):
+    """``build``'s sharded model with fp16 all-to-alls of the looked-up rows and their gradients."""
+    from gr_parallel.dense import DenseOptimizerConfig
+    from gr_parallel.parallelize import EmbeddingOptimizerConfig, ParallelizeConfig, parallelize
+
+    config = ParallelizeConfig(
+        embedding_optimizer=EmbeddingOptimizerConfig("adagrad", lr=TABLE_LR),
+        dense_optimizer=DenseOptimizerConfig(lr=DENSE_LR, weight_decay=0.01),
+        grad_clip=0.5,
+        qcomms="fp16",
+    )
+    return parallelize(make_model("static"), ctx, config)
+
+
 def train_sharded(ctx, mode: str) -> dict[str, Any]:
-    """``mode``: "pipeline" or "plain" (one-lookup step), "two_lookups" (plain loop, the table called twice)."""
+    """``mode``: "pipeline" or "plain" (one-lookup step), "two_lookups" (plain loop, the table called twice),
+    "qcomms" (plain one-lookup loop, fp16 embedding all-to-alls)."""
     from gr_parallel.pipeline import TrainPipeline
 
-    pm = build(ctx, "static")  # row-wise sharded table, fused Adagrad; AdamW dense, clipping at 0.5
+    pm = build_qcomms(ctx) if mode == "qcomms" else build(ctx, "static")  # row-wise, fused Adagrad; AdamW, clip 0.5
     net = pm.module
 
     def batches():
@@ -150,10 +168,22 @@ def test_one_lookup_step_sharded_equals_single_process_with_one_table_step() -> 
     want = train_reference(dp_size=2)
     moved = float((want["rows"] - item_rows(make_model("static"))).abs().max())
     assert moved > 1e-3, "the item rows barely trained: the comparison would be vacuous"
-    for rank_result in run(2, worker_one_lookup, ["pipeline", "plain", "two_lookups"]):
+    for rank_result in run(2, worker_one_lookup, ["pipeline", "plain", "two_lookups", "qcomms"]):
         for mode in ("pipeline", "plain"):
             diffs = rank_result[mode]
             assert all(v <= TOL for v in diffs.values()), (mode, diffs)
         # The table called twice per step takes two fused Adagrad steps: same first loss, other rows.
         two = rank_result["two_lookups"]
         assert two["first_loss"] <= TOL and two["rows"] > 1e-4, two
+        # fp16 comms: rows and gradients rounded on the wire, so not bit-equal; losses within fp16 rounding, and
+        # parameters within a fraction of one step (Adagrad's and Adam's normalised updates turn the rounding of
+        # near-zero gradients into up to lr-sized moves: lr 0.05 table, 5e-3 dense).
+        q = rank_result["qcomms"]
+        assert 0 < q["rows"] <= 5e-3 and q["loss"] <= 1e-3 and q["dense"] <= 5e-3, q
+
+
+def test_qcomms_precision_is_checked() -> None:
+    from gr_parallel.parallelize import ParallelizeConfig
+
+    with pytest.raises(ValueError, match="qcomms must be None, 'bf16' or 'fp16'"):
+        ParallelizeConfig(qcomms="int8")

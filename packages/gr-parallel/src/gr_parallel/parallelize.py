@@ -69,8 +69,14 @@ class ParallelizeConfig:
     megatron_ddp: bool = False  # CUDA: Megatron-Core DDP as the dense gradient sync (else ours, any backend)
     broadcast_dense: bool = True  # start every DP rank from the first DP rank's dense parameters
     planner_batch_size: int | None = None  # the per-rank batch the sharding planner costs
+    # "bf16" / "fp16": the sharded tables' looked-up rows (forward) and their gradients (backward) cross the
+    # all-to-alls in that precision (TorchRec QCommsConfig; gloo has no bf16 codec, TorchRec falls back to fp16);
+    # None: fp32. The tables and their optimizer stay fp32.
+    qcomms: str | None = None
 
     def __post_init__(self) -> None:
+        if self.qcomms not in (None, "bf16", "fp16"):
+            raise ValueError(f"qcomms must be None, 'bf16' or 'fp16', got {self.qcomms!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
         if not self.bucket_mb > 0:
@@ -192,5 +198,16 @@ def parallelize(model: nn.Module, ctx: ParallelContext, config: ParallelizeConfi
         constraints=config.constraints,
         fused_params=config.embedding_optimizer.fused_params(),
         batch_size=config.planner_batch_size,
+        qcomm_codecs_registry=qcomm_registry(config.qcomms, ctx.device),
     )
     return ParallelModel(dmp, ctx, config, dmp.plan)
+
+
+def qcomm_registry(precision: str | None, device: torch.device) -> dict[str, Any] | None:
+    """TorchRec's codecs for ``precision`` ("bf16" / "fp16") in both directions of the embedding all-to-alls."""
+    if precision is None:
+        return None
+    from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
+
+    comm = {"bf16": CommType.BF16, "fp16": CommType.FP16}[precision]
+    return get_qcomm_codecs_registry(QCommsConfig(forward_precision=comm, backward_precision=comm), device=device)

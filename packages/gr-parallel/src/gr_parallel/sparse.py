@@ -292,6 +292,7 @@ def shard_sparse(
     fused_params: dict[str, Any] | None = None,
     batch_size: int | None = None,
     plan: ShardingPlan | None = None,
+    qcomm_codecs_registry: dict[str, Any] | None = None,
 ) -> DistributedModelParallel:
     """Shards every embedding table of ``model`` over all ``ctx.world_size`` ranks and returns the
     ``DistributedModelParallel`` (``.module`` is ``model`` with its collections replaced by sharded ones; dense
@@ -303,6 +304,8 @@ def shard_sparse(
     ``fused_params``: the static tables' fused optimizer (``fused_params_for``), also the default of dynamic tables
     without their own. ``batch_size``: the per-rank batch the planner costs (TorchRec's default when None).
     ``plan``: a plan to reuse (e.g. to load a checkpoint into the same layout) instead of planning.
+    ``qcomm_codecs_registry``: TorchRec's quantized-comms codecs of the sharded tables' all-to-alls
+    (``get_qcomm_codecs_registry``; None: fp32 comms).
 
     Every rank must call this with identically built models (same table initialisation)."""
     from gr_dynemb.distributed import (
@@ -331,7 +334,9 @@ def shard_sparse(
         for path, m in model.named_modules()
         if isinstance(m, EmbeddingCollection)
     }
-    sharders = [DynamicEmbeddingCollectionSharder(fused_params=fused_params)]
+    sharders = [
+        DynamicEmbeddingCollectionSharder(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
+    ]
     world = dist.group.WORLD
     if plan is None:
         planner = DynamicEmbeddingShardingPlanner(
