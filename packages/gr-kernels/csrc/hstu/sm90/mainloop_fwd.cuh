@@ -79,14 +79,16 @@ struct FwdMainloop {
     hi = (n_end + kBlockN - 1) / kBlockN;
   }
 
-  // Whether every (i, j) of the tile (rows m0.., keys n0..) is visible, so it needs no per-element mask: every row
-  // inside the sequence, every key in the history, no window, and (causal) every key at or before every query.
-  // Target rows may be in the tile: they see every history key, so a delta-q tile of candidates against the cached
+  // Whether every (i, j) of the tile (rows m0.., keys n0..) with i inside the sequence is visible, so it needs no
+  // per-element mask: every key in the history, no window, and (causal) every key at or before every query. Rows
+  // past the sequence end may be in the tile: a row of P only feeds its own row of O, which the epilogue does not
+  // store, so the last, partial query tile of a sequence (a delta-q call's few rows past a multiple of 128) takes
+  // the mask-free loop too. Target rows see every history key, so a delta-q tile of candidates against the cached
   // history skips the mask on all but the key tiles that hold targets. (m0 < 0 only for invalid delta-q input,
   // q_len > kv_len, whose rows see nothing.)
   __host__ __device__ __forceinline__ static bool mask_free_tile(const HstuFwdParams& p, const SequenceMask& mask,
                                                                  int m0, int n0) {
-    return m0 >= 0 && m0 + kBlockM <= mask.length && p.max_attn_len == 0 && n0 + kBlockN <= mask.history &&
+    return m0 >= 0 && m0 < mask.length && p.max_attn_len == 0 && n0 + kBlockN <= mask.history &&
            (!p.causal || n0 + kBlockN - 1 <= m0);
   }
 
@@ -226,7 +228,8 @@ struct FwdMainloop {
         const int i = m0 + get<0>(tScS(2 * t));
         const int j = n0 + get<1>(tScS(2 * t));
         const Element_* src = rab + int64_t(i) * p.max_seq_len + j;
-        const bool in = full_tile || (unsigned(i) < unsigned(mask.length) && j < mask.length);
+        // (a mask-free tile's rows may run past the sequence, and past the bias plane)
+        const bool in = unsigned(i) < unsigned(mask.length) && (full_tile || j < mask.length);
         if (rab_pairs) {
           rab_bits[t] = in ? __ldg(reinterpret_cast<const unsigned int*>(src)) : 0u;
         } else {

@@ -351,7 +351,7 @@ bool check_schedule() {
                   }
                   for (int n = lo; n < hi; ++n) {
                     if (!Mainloop::mask_free_tile(p, mask, m0, n * N)) continue;
-                    for (int i = m0; i < m0 + M; ++i)
+                    for (int i = m0; i < m0 + M && i < length; ++i)  // rows past the end are not stored
                       for (int j = n * N; j < (n + 1) * N; ++j)
                         if (!mask(i, j)) {
                           std::snprintf(g_report, sizeof(g_report),
