@@ -105,8 +105,8 @@ def test_in_batch_gather_equals_lookup(
     assert calls == [(n,)]  # the targets only: the negatives are gathered, never looked up
     g_table, g_q = torch.autograd.grad(got, (table, q))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g_table, w_table, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g_q, w_q, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_table, w_table, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_q, w_q, rtol=1e-4, atol=1e-5)
 
 
 def test_in_batch_without_item_embeddings_and_overridden_draws() -> None:

@@ -85,11 +85,13 @@ def test_one_lookup_equals_two_lookups(lengths: list[int], seed: int) -> None:
     got = one_lookup_loss(model, batch, loss_fn)
     got_grads = torch.autograd.grad(got, params, allow_unused=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # Gradients within fp32 rounding: the two paths sum the same terms in another order (a target row's gradient
+    # through one normalize here, through two there), scaled by 1 / temperature.
     for (name, _), g, w in zip(model.named_parameters(), got_grads, want_grads, strict=True):
         if w is None:
             assert g is None, name
         else:
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_one_lookup_features_and_errors() -> None:
