@@ -10,10 +10,11 @@ steps, ``--steps`` steps are timed.
 
 The step is the production one: ``RetrievalModel.training_forward`` looks the inputs and the targets up in ONE table
 call (one input/output all-to-all when sharded, one fused table-optimizer step), ``--negatives in_batch`` (default)
-gathers the negatives from the targets' rows (no further lookup; ``uniform`` looks ``[tokens, K]`` catalogue rows up,
-a second call), the looked-up rows and their gradients cross the sharding all-to-alls in bf16 on CUDA (``--qcomms``,
-TorchRec's quantized comms; the table stays fp32), and the loop runs through ``gr_parallel.TrainPipeline`` (the next
-batch's host-to-device copy and sparse input all-to-all overlap this step; ``--no-pipeline``: a plain loop).
+gathers the negatives from the targets' rows (``uniform``: ``[tokens, K]`` catalogue ids drawn with the batch and
+looked up in the same call), the looked-up rows and their gradients cross the sharding all-to-alls in bf16 on CUDA
+(``--qcomms``, TorchRec's quantized comms; the table stays fp32), and the loop runs through
+``gr_parallel.TrainPipeline`` (the next batch's host-to-device copy and sparse input all-to-all overlap this step;
+``--no-pipeline``: a plain loop).
 ``--seqs-per-rank`` defaults to 32 (~65k tokens per rank at lengths U[1, 4096]) so that the HSTU blocks dominate the
 step rather than per-step host and lookup overheads; on one H200 that is the 10M x 512 fp32 table (20 GB, plus 40 MB
 of row-wise Adagrad state) and roughly 20-30 GB of activations, well inside 141 GB (``peak_memory_gb`` in the record).
@@ -116,12 +117,15 @@ class BenchBatch:
 
     batch: Any
     features: Any
+    negatives: torch.Tensor | None  # uniform negatives' ids, drawn with the batch (their rows are in features)
     step: int
 
     def to(self, device: torch.device, non_blocking: bool = False) -> BenchBatch:
+        negatives = None if self.negatives is None else self.negatives.to(device, non_blocking=non_blocking)
         return BenchBatch(
             self.batch.to(device, non_blocking=non_blocking),
             self.features.to(device, non_blocking=non_blocking),
+            negatives,
             self.step,
         )
 
@@ -161,15 +165,21 @@ def worker(args: argparse.Namespace) -> None:
     def batches(start: int, stop: int):
         for step in range(start, stop):
             batch, lengths_of[step] = _synthetic_batch(step, ctx.dp_rank, args)
-            yield BenchBatch(batch, net.training_features(batch), step)
+            negatives = loss_fn.sample_negatives(batch.target_items) if args.negatives == "uniform" else None
+            yield BenchBatch(batch, net.training_features(batch, negatives), negatives, step)
 
     def step_loss(bb: BenchBatch) -> torch.Tensor:
-        """One table lookup for inputs and targets; in-batch negatives gathered from the targets' rows (uniform
-        ones looked up: a second lookup)."""
+        """One table lookup: inputs, targets (and uniform negatives, drawn with the batch); in-batch negatives are
+        gathered from the targets' rows."""
         with pm.autocast():
-            queries, target_emb = net.training_forward(bb.batch, bb.features)
-            lookup = net.item_embeddings if args.negatives == "uniform" else None
-            return loss_fn(queries.float(), bb.batch.target_items, lookup, target_embeddings=target_emb.float())
+            emb = net.training_forward(bb.batch, bb.features, bb.negatives)
+            return loss_fn(
+                emb.queries.float(),
+                bb.batch.target_items,
+                target_embeddings=emb.targets.float(),
+                negatives=bb.negatives,
+                negative_embeddings=None if emb.negatives is None else emb.negatives.float(),
+            )
 
     def before_step() -> None:
         pm.sync_grads()
@@ -252,7 +262,7 @@ def worker(args: argparse.Namespace) -> None:
             "num_negatives": args.num_negatives,
             "pipeline": not args.no_pipeline,
             "qcomms": args.qcomms,
-            "table_lookups_per_step": 1 if args.negatives == "in_batch" else 2,
+            "table_lookups_per_step": 1,
             "steps": args.steps,
             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1)
             if ctx.device.type == "cuda"
@@ -347,7 +357,7 @@ def main() -> None:
         "--negatives",
         default="in_batch",
         choices=["in_batch", "uniform"],
-        help="in_batch: gathered from the targets' rows (no lookup); uniform: over the catalogue (a second lookup)",
+        help="in_batch: gathered from the targets' rows; uniform: over the catalogue, looked up with the batch",
     )
     ap.add_argument("--num-negatives", type=int, default=32)
     ap.add_argument(
@@ -403,7 +413,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "model": f"{args.blocks} HSTU blocks, dim {args.dim}, {args.heads} heads, lengths U[1, {args.max_len}], "
         f"{args.seqs_per_rank} sequences per DP rank, {args.num_items} items, {args.num_negatives} {args.negatives} "
-        f"negatives ({'one table lookup' if args.negatives == 'in_batch' else 'two table lookups'} per step), "
+        "negatives (one table lookup per step), "
         f"{'plain loop' if args.no_pipeline else 'gr_parallel.TrainPipeline'}, embedding all-to-alls in "
         f"{'fp32' if args.qcomms == 'none' else args.qcomms}",
     }

@@ -155,3 +155,26 @@ def test_gathered_logits_cuda(autocast: bool) -> None:
     torch.testing.assert_close(got.double(), want, **tol)
     torch.testing.assert_close(gq.double(), wq.double(), **tol)
     torch.testing.assert_close(gc.double(), wc.double(), **tol)
+
+
+def test_given_negatives_equal_drawn_ones_and_are_checked() -> None:
+    torch.manual_seed(0)
+    n, k, d, num_items = 7, 3, 4, 50
+    table = F.normalize(torch.randn(num_items, d), dim=-1)
+    q = F.normalize(torch.randn(n, d), dim=-1)
+    targets = torch.randint(num_items, (n,))
+    loss_fn = SampledSoftmaxLoss(num_items, num_negatives=k, temperature=0.1)
+    torch.manual_seed(5)
+    want = loss_fn(q, targets, lambda ids: table[ids])
+    torch.manual_seed(5)
+    negatives = loss_fn.sample_negatives(targets)
+    got = loss_fn(
+        q, targets, target_embeddings=table[targets], negatives=negatives, negative_embeddings=table[negatives]
+    )
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="come together"):
+        loss_fn(q, targets, target_embeddings=table[targets], negatives=negatives)
+    with pytest.raises(ValueError, match=r"negatives must be \[7, K\]"):
+        loss_fn(
+            q, targets, target_embeddings=table[targets], negatives=negatives[1:], negative_embeddings=table[negatives]
+        )

@@ -1,5 +1,6 @@
-"""RetrievalModel.training_forward: one table lookup for the inputs and the targets equals the two-lookup forward
-(values, loss and every gradient), and a fused-optimizer (gr-dynemb) table takes exactly one step per training step."""
+"""RetrievalModel.training_forward: one table lookup for the inputs, the targets (and pre-drawn uniform negatives)
+equals the forward that looks each up separately (values, loss and every gradient), and a fused-optimizer (gr-dynemb)
+table takes exactly one step per training step."""
 
 from __future__ import annotations
 
@@ -62,21 +63,40 @@ def lookup_path_loss(model: RetrievalModel, batch: SequenceBatch, loss_fn: Sampl
 
 
 def one_lookup_loss(model: RetrievalModel, batch: SequenceBatch, loss_fn: SampledSoftmaxLoss) -> torch.Tensor:
-    queries, target_emb = model.training_forward(batch)
-    return loss_fn(queries, batch.target_items, target_embeddings=target_emb)
+    """In-batch negatives: gathered from the targets' rows. Uniform ones: drawn first, looked up with the rest."""
+    if loss_fn.negatives == "in_batch":
+        queries, target_emb, _ = model.training_forward(batch)
+        return loss_fn(queries, batch.target_items, target_embeddings=target_emb)
+    negatives = loss_fn.sample_negatives(batch.target_items)
+    emb = model.training_forward(batch, negatives=negatives)
+    return loss_fn(
+        emb.queries,
+        batch.target_items,
+        target_embeddings=emb.targets,
+        negatives=negatives,
+        negative_embeddings=emb.negatives,
+    )
 
 
 @settings(max_examples=12, deadline=None)
-@given(lengths=st.lists(st.integers(1, MAX_LEN), min_size=1, max_size=5), seed=st.integers(0, 1000))
-def test_one_lookup_equals_two_lookups(lengths: list[int], seed: int) -> None:
+@given(
+    lengths=st.lists(st.integers(1, MAX_LEN), min_size=1, max_size=5),
+    negatives=st.sampled_from(["in_batch", "uniform"]),
+    seed=st.integers(0, 1000),
+)
+def test_one_lookup_equals_separate_lookups(lengths: list[int], negatives: str, seed: int) -> None:
     torch.manual_seed(seed)
     model = RetrievalModel(config())
     batch = make_batch(lengths, seed)
-    queries, target_emb = model.training_forward(batch)
-    torch.testing.assert_close(queries, model(batch), rtol=0, atol=0)
-    torch.testing.assert_close(target_emb, model.item_embeddings(batch.target_items), rtol=0, atol=0)
+    negative_ids = torch.randint(NUM_ITEMS, (batch.target_items.numel(), 3))
+    emb = model.training_forward(batch, negatives=negative_ids)
+    torch.testing.assert_close(emb.queries, model(batch), rtol=0, atol=0)
+    torch.testing.assert_close(emb.targets, model.item_embeddings(batch.target_items), rtol=0, atol=0)
+    torch.testing.assert_close(emb.negatives, model.item_embeddings(negative_ids), rtol=0, atol=0)
+    assert model.training_forward(batch).negatives is None
 
-    loss_fn = SampledSoftmaxLoss(NUM_ITEMS, num_negatives=4, temperature=0.1, negatives="in_batch")
+    # NUM_ITEMS > K * D: the lookup path's uniform negatives take the [N, K, D] gather, as the one-lookup path does.
+    loss_fn = SampledSoftmaxLoss(NUM_ITEMS, num_negatives=4, temperature=0.1, negatives=negatives)  # type: ignore[arg-type]
     params = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(seed + 1)
     want = lookup_path_loss(model, batch, loss_fn)
@@ -102,22 +122,25 @@ def test_one_lookup_features_and_errors() -> None:
     assert kjt.lengths().tolist() == [3, 2, 1, 1, 1, 1, 1]  # the sequences, then one entry per target
     assert kjt.values().tolist() == batch.features.values().tolist() + batch.target_items.tolist()
     other = model.training_features(make_batch([2, 3], 0))
-    with pytest.raises(ValueError, match="not the batch's 2 sequences plus 4 targets"):
+    with pytest.raises(ValueError, match="not the batch's 2 sequences plus 4 ids"):
         model.training_forward(make_batch([1, 3], 0), other)
     two_keys = KeyedJaggedTensor.from_lengths_sync(["item", "x"], torch.arange(4), torch.tensor([1, 1, 1, 1]))
     with pytest.raises(ValueError, match="exactly the item feature"):
-        model.input_embedding.with_targets(two_keys, torch.arange(2))
+        model.input_embedding.with_ids(two_keys, torch.arange(2))
+    with pytest.raises(ValueError, match=r"negatives must be \[5, K\]"):
+        model.training_features(batch, torch.zeros(4, 2, dtype=torch.int64))
 
 
 def _dynamic_table(model: RetrievalModel):
     return model.input_embedding.item_embeddings.table("item_table")
 
 
-def test_dynamic_table_takes_one_optimizer_step_per_training_step() -> None:
-    gr_dynemb = pytest.importorskip("gr_dynemb")  # noqa: F841
+@pytest.mark.parametrize("negatives", ["in_batch", "uniform"])
+def test_dynamic_table_takes_one_optimizer_step_per_training_step(negatives: str) -> None:
+    pytest.importorskip("gr_dynemb")
     batch = make_batch([4, 6, 2], 11)
-    ids = torch.unique(torch.cat([batch.features.values(), batch.target_items]))
-    loss_fn = SampledSoftmaxLoss(NUM_ITEMS, num_negatives=5, temperature=0.1, negatives="in_batch")
+    ids = torch.arange(NUM_ITEMS)  # every row the step may touch (uniform negatives reach any)
+    loss_fn = SampledSoftmaxLoss(NUM_ITEMS, num_negatives=5, temperature=0.1, negatives=negatives)  # type: ignore[arg-type]
 
     torch.manual_seed(0)
     dyn = RetrievalModel(config("dynamic"))
@@ -144,9 +167,9 @@ def test_dynamic_table_takes_one_optimizer_step_per_training_step() -> None:
     # One Adam step from zero state with the summed gradient (bias-corrected m = g, v = g^2).
     torch.testing.assert_close(rows1, rows0 - TABLE_LR * g / (g.abs() + 1e-8), rtol=1e-5, atol=1e-6)
 
-    # The two-lookup forward steps the table once per lookup (what training_forward avoids).
+    # The forward that looks each up separately steps the table once per lookup (what training_forward avoids).
     torch.manual_seed(0)
-    twice = RetrievalModel(config("dynamic"))
+    separate = RetrievalModel(config("dynamic"))
     torch.manual_seed(7)
-    loss_fn(twice(batch), batch.target_items, twice.item_embeddings).backward()
-    assert _dynamic_table(twice).step == 2
+    loss_fn(separate(batch), batch.target_items, separate.item_embeddings).backward()
+    assert _dynamic_table(separate).step == (2 if negatives == "in_batch" else 3)

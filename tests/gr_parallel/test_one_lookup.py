@@ -37,7 +37,7 @@ def rank_loss(model: RetrievalModel, batch: SequenceBatch, features: Any, step: 
         torch.manual_seed(1000 * step + dp_rank)
         mean = loss_fn()(queries, batch.target_items, model.item_embeddings)
     else:
-        queries, target_emb = model.training_forward(batch, features)
+        queries, target_emb, _ = model.training_forward(batch, features)
         torch.manual_seed(1000 * step + dp_rank)
         mean = loss_fn()(queries, batch.target_items, target_embeddings=target_emb)
     return mean * (batch.target_items.numel() / total)

@@ -20,9 +20,9 @@ class DynamicItemTableConfig:
     Ids need not be dense: any int64 id gets a row on first sight (from a seeded truncated normal with the static
     table's std, the same for the same id on any run). The table trains with its own fused optimizer inside
     backward (the model's torch optimizer never sees it), one step per lookup call: ``RetrievalModel.training_forward``
-    looks the inputs and the targets up in one call, so a step with in-batch negatives takes one; looking the table up
-    again in the same step (``model(batch)`` then ``model.item_embeddings(targets)``, or uniform negatives) takes one
-    more step per call. At evaluation ids are only found, never inserted; unseen ids read their initializer row.
+    looks the inputs, the targets and any pre-drawn negatives up in one call, so a training step takes one; looking
+    the table up again in the same step (``model(batch)`` then ``model.item_embeddings(ids)``) takes one more step
+    per call. At evaluation ids are only found, never inserted; unseen ids read their initializer row.
     """
 
     capacity: int = 1 << 16  # rows reserved up front; grows by doubling
@@ -153,38 +153,39 @@ class ItemInputEmbedding(nn.Module):
         )
         return self.lookup(kjt).reshape(*item_ids.shape, self.embedding_dim)
 
-    def with_targets(self, features: KeyedJaggedTensor, target_ids: torch.Tensor) -> KeyedJaggedTensor:
-        """One KJT of the item feature holding the input sequences (their B entries) and then one entry per target
-        id: what ``forward_with_targets`` looks up in a single call of the table."""
+    def with_ids(self, features: KeyedJaggedTensor, ids: torch.Tensor) -> KeyedJaggedTensor:
+        """One KJT of the item feature holding the input sequences (their B entries) and then one entry per id of
+        ``ids`` (any shape, flattened; e.g. the targets, then sampled negatives): what ``forward_with_ids`` looks up
+        in a single call of the table."""
         if features.keys() != [self.feature_name]:
             raise ValueError(
                 f"input features must hold exactly the item feature {self.feature_name!r}, got {features.keys()}"
             )
-        targets = target_ids.reshape(-1)
-        values = torch.cat([features.values(), targets.to(features.values().dtype)])
+        extra = ids.reshape(-1)
+        values = torch.cat([features.values(), extra.to(features.values().dtype)])
         lengths = features.lengths()
-        lengths = torch.cat([lengths, torch.ones(targets.numel(), dtype=lengths.dtype, device=lengths.device)])
+        lengths = torch.cat([lengths, torch.ones(extra.numel(), dtype=lengths.dtype, device=lengths.device)])
         n = values.numel()  # per-key length given: TorchRec would otherwise read it back from the device (a sync)
         return KeyedJaggedTensor(
             keys=[self.feature_name], values=values, lengths=lengths, length_per_key=[n], offset_per_key=[0, n]
         )
 
-    def forward_with_targets(
-        self, features: KeyedJaggedTensor, seq_offsets: torch.Tensor, max_seq_len: int, num_targets: int
+    def forward_with_ids(
+        self, features: KeyedJaggedTensor, seq_offsets: torch.Tensor, max_seq_len: int, num_ids: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training form of ``forward``: ``features`` from ``with_targets`` (inputs, then ``num_targets`` target
-        ids), looked up in ONE call of the table, so a fused table optimizer takes one step for both. Returns
-        ``(x, item_emb, target_emb)``, the last ``[num_targets, D]`` raw target embeddings."""
+        """Training form of ``forward``: ``features`` from ``with_ids`` (inputs, then ``num_ids`` ids), looked up in
+        ONE call of the table, so a fused table optimizer takes one step for all of them. Returns
+        ``(x, item_emb, id_emb)``, the last ``[num_ids, D]`` raw embeddings of the ids."""
         self._check_length(max_seq_len)
         num_seqs = seq_offsets.numel() - 1
-        if features.lengths().numel() != num_seqs + num_targets:
+        if features.lengths().numel() != num_seqs + num_ids:
             raise ValueError(
                 f"features hold {features.lengths().numel()} entries, not the batch's {num_seqs} sequences plus "
-                f"{num_targets} targets: build them with with_targets(batch features, target ids)"
+                f"{num_ids} ids: build them with with_ids(batch features, ids)"
             )
         rows = self.lookup(features)
-        item_emb, target_emb = rows.split([rows.size(0) - num_targets, num_targets])
-        return self._input(item_emb, seq_offsets), item_emb, target_emb
+        item_emb, id_emb = rows.split([rows.size(0) - num_ids, num_ids])
+        return self._input(item_emb, seq_offsets), item_emb, id_emb
 
     def forward(
         self, features: KeyedJaggedTensor, seq_offsets: torch.Tensor, max_seq_len: int

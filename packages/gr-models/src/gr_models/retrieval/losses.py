@@ -79,18 +79,26 @@ class SampledSoftmaxLoss(nn.Module):
         item_embeddings: Callable[[torch.Tensor], torch.Tensor] | None = None,
         *,
         target_embeddings: torch.Tensor | None = None,
+        negatives: torch.Tensor | None = None,
+        negative_embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``queries``: normalised ``[N, D]``; ``targets``: item ids ``[N]``; ``item_embeddings``: ids -> normalised
-        embeddings (any shape); ``target_embeddings``: the targets' normalised embeddings ``[N, D]`` when the caller
-        looked them up already (e.g. ``RetrievalModel.training_forward``). In-batch negatives need nothing else;
-        uniform ones need ``item_embeddings``."""
+        embeddings (any shape). What the caller looked up already (e.g. ``RetrievalModel.training_forward``, all in
+        one table call): ``target_embeddings`` ``[N, D]``, and ``negatives`` (ids ``[N, K]`` drawn beforehand with
+        ``sample_negatives``) with their ``negative_embeddings`` ``[N, K, D]``. In-batch negatives need nothing but
+        the targets' embeddings; drawn here, uniform ones need ``item_embeddings``."""
         if targets.numel() == 0:
             raise ValueError("SampledSoftmaxLoss got an empty batch (no target positions)")
-        if item_embeddings is None and (target_embeddings is None or not self.gathers_in_batch()):
+        given = negatives is not None
+        if given != (negative_embeddings is not None):
+            raise ValueError("negatives and negative_embeddings come together (ids and their embeddings)")
+        needs_lookup = target_embeddings is None or (not given and not self.gathers_in_batch())
+        if item_embeddings is None and needs_lookup:
             raise ValueError(
                 f"SampledSoftmaxLoss with {self.negatives!r} negatives"
                 + (" drawn by a subclass" if self.negatives == "in_batch" else "")
-                + " needs item_embeddings (ids -> embeddings) to look them up"
+                + " needs item_embeddings (ids -> embeddings) to look them up, or negatives= with "
+                "negative_embeddings="
             )
         if target_embeddings is None:
             target_embeddings = item_embeddings(targets)  # type: ignore[misc]
@@ -99,7 +107,15 @@ class SampledSoftmaxLoss(nn.Module):
                 f"target_embeddings {tuple(target_embeddings.shape)} must match queries {tuple(queries.shape)}"
             )
         pos_logits = (queries * target_embeddings).sum(-1, keepdim=True)
-        if self.gathers_in_batch():
+        if given:
+            n, d = queries.shape
+            if negatives.dim() != 2 or negatives.size(0) != n or negative_embeddings.shape != (n, negatives.size(1), d):  # type: ignore[union-attr]
+                raise ValueError(
+                    f"negatives must be [{n}, K] with negative_embeddings [{n}, K, {d}], got "
+                    f"{tuple(negatives.shape)} and {tuple(negative_embeddings.shape)}"  # type: ignore[union-attr]
+                )
+            neg_logits = torch.einsum("nd,nkd->nk", queries, negative_embeddings)
+        elif self.gathers_in_batch():
             positions = self.sample_negative_positions(targets)
             negatives = targets[positions]
             neg_logits = in_batch_logits(queries, target_embeddings, positions)

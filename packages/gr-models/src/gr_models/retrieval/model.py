@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,14 @@ class RetrievalModelConfig:
             sub.__post_init__()
 
 
+class TrainingEmbeddings(NamedTuple):
+    """What ``RetrievalModel.training_forward`` returns, all L2-normalised."""
+
+    queries: torch.Tensor  # [N, D], one per input position
+    targets: torch.Tensor  # [N, D], the target items' embeddings
+    negatives: torch.Tensor | None  # [N, K, D] when negative ids were passed, else None
+
+
 def request_timestamps(batch: SequenceBatch) -> torch.Tensor:
     """Per sequence, the time the next item is predicted for: ``[B]``."""
     if batch.history_offsets is not None:  # evaluation batch: one target per sequence
@@ -72,29 +80,45 @@ class RetrievalModel(nn.Module):
         x, _ = self.input_embedding(batch.features, batch.seq_offsets, batch.max_seq_len)
         return self._queries(x, batch)
 
-    def training_features(self, batch: SequenceBatch) -> KeyedJaggedTensor:
-        """The one KJT ``training_forward`` looks up: the batch's input items, then its target items. A train
-        pipeline that prefetches the table's input dist (``gr_parallel.TrainPipeline``'s ``sparse_features``) gives
-        this object to ``training_forward``."""
+    def training_features(self, batch: SequenceBatch, negatives: torch.Tensor | None = None) -> KeyedJaggedTensor:
+        """The one KJT ``training_forward`` looks up: the batch's input items, its target items, then the
+        ``negatives`` ids (``[N, K]``, e.g. ``SampledSoftmaxLoss.sample_negatives``) when given. A train pipeline
+        that prefetches the table's input dist (``gr_parallel.TrainPipeline``'s ``sparse_features``) hands this
+        object to ``training_forward``."""
         if batch.is_eval:
             raise ValueError("training_features needs a training batch (one target per input position)")
-        return self.input_embedding.with_targets(batch.features, batch.target_items)
+        targets = batch.target_items
+        if negatives is None:
+            return self.input_embedding.with_ids(batch.features, targets)
+        if negatives.dim() != 2 or negatives.size(0) != targets.numel():
+            raise ValueError(
+                f"negatives must be [{targets.numel()}, K] (one row per target), got {tuple(negatives.shape)}"
+            )
+        return self.input_embedding.with_ids(batch.features, torch.cat([targets, negatives.reshape(-1)]))
 
     def training_forward(
-        self, batch: SequenceBatch, features: KeyedJaggedTensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(queries, target_embeddings)``, both L2-normalised ``[total, D]``, from ONE lookup of the item table
-        for the inputs and the targets (``features``: ``training_features(batch)``, built here when None). Equal to
-        ``(self(batch), self.item_embeddings(batch.target_items))``, but a fused table optimizer takes one step per
-        training step instead of one per lookup, and sharded tables run one input/output all-to-all. Feed both to
-        ``SampledSoftmaxLoss(..., target_embeddings=...)``: in-batch negatives then need no further lookup."""
+        self,
+        batch: SequenceBatch,
+        features: KeyedJaggedTensor | None = None,
+        negatives: torch.Tensor | None = None,
+    ) -> TrainingEmbeddings:
+        """Queries and the embeddings the loss needs from ONE lookup of the item table: the inputs, the targets
+        and, when ``negatives`` (``[N, K]`` ids) is given, the negatives (``features``: ``training_features(batch,
+        negatives)``, built here when None). All L2-normalised; equal to ``self(batch)``,
+        ``self.item_embeddings(targets)`` and ``self.item_embeddings(negatives)``, but a fused table optimizer takes
+        one step per training step instead of one per lookup, and a sharded table runs one input and one output
+        all-to-all. Feed them to ``SampledSoftmaxLoss(..., target_embeddings=..., negatives=...,
+        negative_embeddings=...)``; in-batch negatives need no ``negatives`` here (they are target rows)."""
         if features is None:
-            features = self.training_features(batch)
-        num_targets = batch.target_items.numel()
-        x, _, target_emb = self.input_embedding.forward_with_targets(
-            features, batch.seq_offsets, batch.max_seq_len, num_targets
+            features = self.training_features(batch, negatives)
+        n = batch.target_items.numel()
+        k = 0 if negatives is None else negatives.size(1)
+        x, _, rows = self.input_embedding.forward_with_ids(features, batch.seq_offsets, batch.max_seq_len, n * (1 + k))
+        rows = F.normalize(rows, dim=-1)
+        target_emb, negative_emb = rows.split([n, n * k])
+        return TrainingEmbeddings(
+            self._queries(x, batch), target_emb, None if negatives is None else negative_emb.view(n, k, -1)
         )
-        return self._queries(x, batch), F.normalize(target_emb, dim=-1)
 
     def _queries(self, x: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
         q_ts = query_timestamps(batch.timestamps, batch.seq_offsets, request_timestamps(batch))
