@@ -68,7 +68,9 @@ def hstu_case(backend: str, lengths: list[int], heads: int, dim: int, mask: str,
     import gr_kernels
 
     dev, dtype = "cuda", torch.bfloat16
-    n = max(lengths)
+    # The bias side (max_seq_len, an upper bound of the lengths) rounded up to 8 elements, as gr-models' encoder and
+    # scorer pass it: 16-byte bias rows go through TMA (a jagged batch's longest length is rarely a multiple of 8).
+    n = -(-max(lengths) // 8) * 8
     total = sum(lengths)
     q, k, v = (torch.randn(total, heads, dim, device=dev, dtype=dtype) * 0.5 for _ in range(3))
     offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=dev)

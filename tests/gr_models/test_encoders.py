@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gr_models.modules import HSTUConfig, HSTUEncoder, SASRecConfig, SASRecEncoder
+from gr_models.modules.relative_bias import aligned_bias_len
 from gr_models.retrieval import RetrievalModelConfig
 
 
@@ -78,3 +79,34 @@ def test_hstu_encoder_checks_offsets_once_per_pass(monkeypatch: pytest.MonkeyPat
     assert seen == [True, False, False]
     with pytest.raises(ValueError, match="seq_offsets"):
         enc(torch.randn(5, 8), torch.tensor([0, 4, 2]), 3, t, t + 1)  # decreasing offsets
+
+
+def test_aligned_bias_len_rounds_up_within_the_bias_table() -> None:
+    assert [aligned_bias_len(n, 200) for n in (1, 8, 13, 199, 200)] == [8, 8, 16, 200, 200]
+    assert [aligned_bias_len(n, 203) for n in (201, 203)] == [203, 203]  # capped by the table, never below n
+
+
+def test_hstu_encoder_pads_the_bias_side_without_changing_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a relative bias, the op gets max_seq_len rounded up to 8 (16-byte bias rows, TMA on Hopper); the
+    outputs equal the blocks run on the batch's own max_seq_len."""
+    import gr_kernels
+
+    torch.manual_seed(0)
+    enc = HSTUEncoder(HSTUConfig(embedding_dim=8, num_heads=2, num_blocks=2, max_seq_len=40, dropout=0.0)).eval()
+    x, offsets, t = torch.randn(13, 8), torch.tensor([0, 3, 13]), torch.arange(13) * 7
+    sides = []
+    real = gr_kernels.hstu_attention
+
+    def spy(*args, **kwargs):
+        sides.append((args[4], kwargs["rab"].shape[-1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gr_kernels, "hstu_attention", spy)
+    got = enc(x, offsets, 10, t, t + 1)
+    assert sides == [(16, 16), (16, 16)]
+    monkeypatch.setattr(gr_kernels, "hstu_attention", real)
+    rab = enc.relative_bias(t, t + 1, offsets, 10, None)
+    want = x
+    for block in enc.blocks:
+        want = block(want, offsets, 10, rab)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

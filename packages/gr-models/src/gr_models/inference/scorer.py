@@ -85,6 +85,7 @@ from gr_models.inference.window import (
     embed_window_ids,
     window_ids,
 )
+from gr_models.modules.relative_bias import RAB_ROW_ALIGN
 from gr_models.ranking.hstu_ranking import HSTURankingModel
 
 logger = logging.getLogger(__name__)
@@ -197,12 +198,8 @@ class _Seq:
         return self.num_past + self.num_q
 
 
-# An eager pass's max_seq_len (the bias square's side) is its longest sequence rounded up to this: bias rows of 16
-# bytes' multiple let the Hopper kernel load them through TMA instead of per-thread loads (about 3x faster there).
-RAB_ROW_ALIGN = 8
-
-
 def _eager_max_len(seqs: Sequence[_Seq]) -> int:
+    """An eager pass's max_seq_len (its bias square's side): the longest sequence, rows aligned for TMA."""
     longest = max(s.length for s in seqs)
     return -(-longest // RAB_ROW_ALIGN) * RAB_ROW_ALIGN
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gr_kernels
-from gr_models.modules.relative_bias import RelativeBucketedTimeAndPositionBias
+from gr_models.modules.relative_bias import RelativeBucketedTimeAndPositionBias, aligned_bias_len
 
 
 @dataclass
@@ -305,6 +305,7 @@ class HSTUEncoder(nn.Module):
         ``[total]``) replaces the token index in the relative bias, e.g. to give all targets one position."""
         rab = None
         if self.relative_bias is not None:
+            max_seq_len = aligned_bias_len(max_seq_len, self.relative_bias.max_seq_len)
             rab = self.relative_bias(timestamps, query_timestamps, seq_offsets, max_seq_len, positions).to(x.dtype)
         # Every block sees the same offsets and targets: the op checks them (a host sync on a GPU) in the first only.
         for i, block in enumerate(self.blocks):
