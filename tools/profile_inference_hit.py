@@ -113,7 +113,7 @@ def main() -> int:
         kernels = [e for e in averages if e.device_type.name == "CUDA"]
         busy = sum(e.device_time_total for e in kernels) / 1e3
         print(f"  CUDA kernels: {sum(e.count for e in kernels)} launches, {busy:.3f} ms summed")
-        print(averages.table(sort_by="self_cuda_time_total", row_limit=12))
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=90))
     return 0
 
 
