@@ -2,7 +2,8 @@
 in one call of the row-wise sharded item table) with in-batch negatives gathered from the targets' rows, run through
 ``gr_parallel.TrainPipeline`` (its ``sparse_features`` prefetching that one KJT) and through the plain loop, equals
 single-process training in which the table takes ONE Adagrad step per training step: TorchRec's fused Adagrad thus
-updates once per step (a lookup per call would add a step and change every touched row). With
+updates once per step (a lookup per call would add a step and change every touched row). A gr-dynemb table sharded
+row-wise (its own fused Adam) trains like the single-process one looking the global batch up once per step. With
 ``ParallelizeConfig(qcomms="fp16")`` the same step runs with the looked-up rows and their gradients in fp16 on the
 all-to-alls (TorchRec's quantized comms; gloo has no bf16 codec): within fp16 rounding of the fp32 run."""
 
@@ -63,9 +64,10 @@ class OneLookupBatch:
 
 def worker_one_lookup(ctx, modes: list[str]) -> dict[str, dict[str, float]]:
     """Per mode, the max abs differences to the single-process reference (floats: tensors do not travel back)."""
-    want = train_reference(ctx.dp_size)
+    wants = {table: train_reference(ctx.dp_size, table) for table in ("static", "dynamic")}
     out = {}
     for mode in modes:
+        want = wants["dynamic" if mode.startswith("dynamic") else "static"]
         got = train_sharded(ctx, mode)
         out[mode] = {
             "loss": max(abs(a - b) for a, b in zip(got["losses"], want["losses"], strict=True)),
@@ -92,10 +94,12 @@ def build_qcomms(ctx):
 
 def train_sharded(ctx, mode: str) -> dict[str, Any]:
     """``mode``: "pipeline" or "plain" (one-lookup step), "two_lookups" (plain loop, the table called twice),
-    "qcomms" (plain one-lookup loop, fp16 embedding all-to-alls)."""
+    "qcomms" (plain one-lookup loop, fp16 embedding all-to-alls), "dynamic" (pipelined one-lookup step, a gr-dynemb
+    table sharded row-wise with its own Adam)."""
     from gr_parallel.pipeline import TrainPipeline
 
-    pm = build_qcomms(ctx) if mode == "qcomms" else build(ctx, "static")  # row-wise, fused Adagrad; AdamW, clip 0.5
+    # Row-wise; static: fused Adagrad; AdamW dense, clipping at 0.5.
+    pm = build_qcomms(ctx) if mode == "qcomms" else build(ctx, "dynamic" if mode.startswith("dynamic") else "static")
     net = pm.module
 
     def batches():
@@ -108,7 +112,7 @@ def train_sharded(ctx, mode: str) -> dict[str, Any]:
         return rank_loss(net, ob.batch, features, ob.step, ctx.dp_rank, global_tokens(ob.step, ctx.dp_size))
 
     losses = []
-    if mode == "pipeline":
+    if mode in ("pipeline", "dynamic"):
 
         def before_step() -> None:
             pm.sync_grads()
@@ -138,27 +142,35 @@ def train_sharded(ctx, mode: str) -> dict[str, Any]:
     return {"losses": losses, "rows": rows, "dense": dense}
 
 
-def train_reference(dp_size: int) -> dict[str, Any]:
-    """One process, the DP ranks' losses summed; the table with torch Adagrad (one step per training step)."""
-    model = make_model("static")
-    table = model.input_embedding.item_embeddings.embeddings["item_table"].weight
+def train_reference(dp_size: int, item_table: str = "static") -> dict[str, Any]:
+    """One process, the DP ranks' losses summed; a static table with torch Adagrad (one step per training step), a
+    dynamic one with its own fused Adam (one step per lookup call, here one per training step)."""
+    model = make_model(item_table)
+    table = model.input_embedding.item_embeddings.embeddings["item_table"].weight if item_table == "static" else None
     dense = [p for p in model.parameters() if p is not table]
     opt = torch.optim.AdamW(dense, lr=DENSE_LR, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
-    table_opt = torch.optim.Adagrad([table], lr=TABLE_LR, eps=1e-8)
+    table_opt = torch.optim.Adagrad([table], lr=TABLE_LR, eps=1e-8) if table is not None else None
     losses = []
     for step in range(STEPS):
-        total = global_tokens(step, dp_size)
-        loss = sum(
-            rank_loss(model, b, model.training_features(b), step, r, total)
-            for r in range(dp_size)
-            for b in [local_batch(step, r, dp_size)[0]]
-        )
+        # ONE lookup for the global batch (the ranks' sequences in rank order), then each rank's loss on its slice
+        # with its own in-batch draw: a dynamic table's fused Adam steps once, as on the sharded ranks.
+        queries, target_emb, _ = model.training_forward(local_batch(step, 0, 1)[0])
+        total = queries.size(0)
+        loss, start = 0.0, 0
+        for r in range(dp_size):
+            targets = local_batch(step, r, dp_size)[0].target_items
+            part = slice(start, start + targets.numel())
+            start += targets.numel()
+            torch.manual_seed(1000 * step + r)
+            mean = loss_fn()(queries[part], targets, target_embeddings=target_emb[part])
+            loss = loss + mean * (targets.numel() / total)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dense, 0.5)
         opt.step()
-        table_opt.step()
         opt.zero_grad()
-        table_opt.zero_grad()
+        if table_opt is not None:
+            table_opt.step()
+            table_opt.zero_grad()
         losses.append(float(loss.detach()))
     names = {id(p): n for n, p in model.named_parameters()}
     return {"losses": losses, "rows": item_rows(model), "dense": {names[id(p)]: p.detach() for p in dense}}
@@ -168,10 +180,12 @@ def test_one_lookup_step_sharded_equals_single_process_with_one_table_step() -> 
     want = train_reference(dp_size=2)
     moved = float((want["rows"] - item_rows(make_model("static"))).abs().max())
     assert moved > 1e-3, "the item rows barely trained: the comparison would be vacuous"
-    for rank_result in run(2, worker_one_lookup, ["pipeline", "plain", "two_lookups", "qcomms"]):
-        for mode in ("pipeline", "plain"):
+    for rank_result in run(
+        2, worker_one_lookup, ["pipeline", "plain", "two_lookups", "qcomms", "dynamic", "dynamic_plain"]
+    ):
+        for mode in ("pipeline", "plain", "dynamic", "dynamic_plain"):
             diffs = rank_result[mode]
-            assert all(v <= TOL for v in diffs.values()), (mode, diffs)
+            assert all(v <= TOL for v in diffs.values()), (mode, rank_result)
         # The table called twice per step takes two fused Adagrad steps: same first loss, other rows.
         two = rank_result["two_lookups"]
         assert two["first_loss"] <= TOL and two["rows"] > 1e-4, two
