@@ -299,6 +299,14 @@ def add_scaling(records: list[dict]) -> None:
         r["scaling_efficiency"] = round(r["tokens_per_s"] / (r["gpus"] * one), 4) if one else None
 
 
+def step_kind(r: dict) -> str:
+    """How the step ran; records from before these fields existed: uniform negatives, 3 lookups, plain loop."""
+    if "negatives" not in r:
+        return "uniform (3 lookups), plain, fp32"
+    comms = "fp32" if r.get("qcomms", "none") == "none" else r["qcomms"]
+    return f"{r['negatives']}, {'pipeline' if r.get('pipeline') else 'plain'}, {comms}"
+
+
 def markdown(runs: list[dict], records: list[dict]) -> str:
     lines = ["# Hybrid-parallel HSTU training throughput", ""]
     for run in runs:
@@ -311,14 +319,17 @@ def markdown(runs: list[dict], records: list[dict]) -> str:
         "Model FLOPs: HSTU blocks only (projections 3x forward, attention 3.5x forward); MFU against "
         f"{PEAK_BF16_TFLOPS:.0f} TFLOP/s. Scaling efficiency: tokens/s over (GPUs x the 1-GPU tokens/s).",
         "",
-        "| device | GPUs | TP | DP | step ms | tokens/s | TFLOP/s per GPU | MFU | scaling efficiency |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Step: negatives, loop (pipeline = gr_parallel.TrainPipeline), precision of the embedding all-to-alls.",
+        "",
+        "| device | GPUs | TP | DP | step | seqs/rank | step ms | tokens/s | TFLOP/s per GPU | MFU "
+        "| scaling efficiency |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         eff = "-" if r.get("scaling_efficiency") is None else f"{r['scaling_efficiency']:.0%}"
         lines.append(
-            f"| {r['device']} | {r['gpus']} | {r['tp']} | {r['dp']} | {r['step_ms']} | {r['tokens_per_s']:.0f} | "
-            f"{r['tflops_per_gpu']:.1f} | {r['mfu']:.1%} | {eff} |"
+            f"| {r['device']} | {r['gpus']} | {r['tp']} | {r['dp']} | {step_kind(r)} | {r.get('seqs_per_rank', '-')} | "
+            f"{r['step_ms']} | {r['tokens_per_s']:.0f} | {r['tflops_per_gpu']:.1f} | {r['mfu']:.1%} | {eff} |"
         )
     return "\n".join(lines) + "\n"
 
