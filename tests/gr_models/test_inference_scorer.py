@@ -775,3 +775,18 @@ def test_cuda_graph_replays_equal_eager_passes_and_reuse_their_bucket():
         captures.append(graphed.stats.graph_captures)
     assert captures[0] >= 1 and captures[1] == captures[2] == captures[0]
     assert eager.stats.padded_passes == 0 and graphed.stats.padded_passes >= 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_passes_build_their_input_rows_inside_the_graph():
+    """A static-table model on the cache's device (given as plain "cuda") builds a hit's input rows in the graph:
+    no eager embedding of the rows."""
+    model = make_model(context="causal").cuda()
+    cache = KVCache.for_encoder(model.config.hstu, budget_bytes=1 << 20, page_size=4, device="cuda")
+    scorer = CachedRankingScorer(model, cache, micro_batch=3, cuda_graphs=True)
+    assert scorer._window_in_graph
+    hist = events(9, 0, 1)
+    scorer.score("u", FEATS, hist, candidates(7, 1), 6000)
+    got = scorer.score("u", FEATS, None, candidates(7, 2), 6500)
+    assert close(got.cpu(), scorer.full_recompute(FEATS, hist, candidates(7, 2), 6500).cpu())

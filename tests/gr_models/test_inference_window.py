@@ -119,3 +119,15 @@ def test_padded_window_pieces_give_the_same_rows(mode, bags, shapes, pad):
     assert torch.equal(got[: ids.rows], want)
     with pytest.raises(ValueError, match="padding"):
         ids.pieces(ids.items.numel() - 1 if ids.items.numel() else 0, ids.bag_values.numel() + 1, ids.rows)
+
+
+def test_same_device_treats_an_unindexed_device_as_the_current_one():
+    from gr_models.inference.scorer import _same_device
+
+    cpu = torch.device("cpu")
+    assert _same_device(cpu, torch.device("cpu"))
+    assert not _same_device(cpu, torch.device("meta"))
+    if torch.cuda.is_available():
+        here = torch.cuda.current_device()
+        assert _same_device(torch.device("cuda"), torch.device("cuda", here))
+        assert not _same_device(torch.device("cuda", here), cpu)

@@ -212,6 +212,16 @@ def _round_up(n: int, granule: int) -> int:
     return -(-n // granule) * granule
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are one device while 0 is the current one (``==`` says they differ)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return a.index == b.index or a.index is None or b.index is None
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 class _CallInputs:
     """The encoder inputs of one ``_run_works`` call: the host ids of its computed rows, and the rows themselves on
     the device once an eager pass needs them (a CUDA-graph pass rebuilds them from the ids inside the graph)."""
@@ -312,7 +322,9 @@ class CachedRankingScorer:
         # when the tables live on the cache's device and the item table is static (a dynamic table's lookup inserts
         # and may read counts back: not capturable).
         self._window_in_graph = (
-            self.graphs is not None and cfg.dynamic_item_table is None and self._embedding_device() == self.device
+            self.graphs is not None
+            and cfg.dynamic_item_table is None
+            and _same_device(self._embedding_device(), self.device)
         )
 
     # -- public API ----------------------------------------------------------------------------------------------
