@@ -12,9 +12,10 @@ Per ``progress`` call (step i):
    (dense gradient sync, clipping), the optimizer steps.
 
 Why not TorchRec's ``TrainPipelineSparseDist``: it finds the sharded modules' inputs by fx-tracing the whole model
-and allows each sharded module only one call per forward; a retrieval model looks its item table up three times per
-step (inputs, targets, negatives) and its jagged HSTU forward does not fx-trace. Matching the prefetched KJT by
-identity needs neither, and a forward that does not consume what was prefetched is an error, never a silent miss.
+and allows each sharded module only one call per forward; a model may look a table up more than once per step (the
+retrieval model's plain forward and loss do; its ``training_forward`` looks it up once) and the jagged HSTU forward
+does not fx-trace. Matching the prefetched KJT by identity needs neither, and a forward that does not consume what
+was prefetched is an error, never a silent miss.
 
 Results equal the plain loop's exactly: only the time the collectives are issued moves. One caveat: batch i+1 is
 fetched from the iterator before batch i's forward, so a data pipeline that draws from the global torch RNG in the
