@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from gr_models.inference import CacheCapacityError, KVCache
 from gr_models.inference.bias import relative_bias_rows
+from gr_models.inference.kv_cache import copy_rows_, select_rows
 from gr_models.modules.hstu import HSTUConfig, concat_jagged
 from gr_models.modules.relative_bias import RelativeBucketedTimeAndPositionBias
 
@@ -251,3 +252,19 @@ def test_forward_into_keys_equals_forward_with_past(past, seed):
     assert torch.equal(k_all[key_rows], want_k) and torch.equal(v_all[key_rows], want_v)
     none = block.forward_into_keys(x, q_off, k_all, v_all, kv_off, key_rows, 16, None, need_output=False)
     assert none is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    planes=st.integers(1, 4),
+    slots=st.integers(1, 20),
+    tail=st.sampled_from([(), (3,), (2, 5)]),
+    picks=st.lists(st.integers(0, 19), min_size=0, max_size=30),
+)
+def test_select_rows_and_copy_rows_equal_index_select_and_index_copy_on_dim_1(planes, slots, tail, picks):
+    pool = torch.randn(planes, slots, *tail)
+    rows = torch.tensor([p % slots for p in picks], dtype=torch.int64)
+    assert torch.equal(select_rows(pool, rows), pool.index_select(1, rows))
+    unique = torch.unique(rows)  # index_copy_ with repeated rows keeps an unspecified one
+    src = torch.randn(planes, unique.numel(), *tail)
+    assert torch.equal(copy_rows_(pool.clone(), unique, src), pool.clone().index_copy_(1, unique, src))

@@ -73,7 +73,7 @@ import torch
 from gr_models.data.ranking import RankingBatch
 from gr_models.inference.bias import relative_bias_rows
 from gr_models.inference.cast_model import CastRankingModel, resolve_dtype
-from gr_models.inference.kv_cache import CacheCapacityError, KVCache
+from gr_models.inference.kv_cache import CacheCapacityError, KVCache, copy_rows_, select_rows
 from gr_models.inference.pass_graphs import PassGraphs, PassShape, pass_shape
 from gr_models.inference.requests import Candidates, InferenceInputError, UserEvents
 from gr_models.inference.transfer import to_device
@@ -873,14 +873,14 @@ class CachedRankingScorer:
         every layer wrote its new rows, and the candidates' outputs (``need_output``)."""
         cache = self.cache
         if any_pool:
-            k_all, v_all = cache.k_pool.index_select(1, d["pool_rows"]), cache.v_pool.index_select(1, d["pool_rows"])
+            k_all, v_all = select_rows(cache.k_pool, d["pool_rows"]), select_rows(cache.v_pool, d["pool_rows"])
         else:
             shape = (cache.num_layers, total_keys, cache.num_heads)
             k_all = torch.empty(*shape, cache.qk_dim, device=self.device, dtype=self.dtype)
             v_all = torch.empty(*shape, cache.v_dim, device=self.device, dtype=self.dtype)
         for i, ((k_src, v_src), _, _) in enumerate(copies.values()):
-            k_all.index_copy_(1, d[f"dst{i}"], k_src.index_select(1, d[f"src{i}"]))
-            v_all.index_copy_(1, d[f"dst{i}"], v_src.index_select(1, d[f"src{i}"]))
+            copy_rows_(k_all, d[f"dst{i}"], select_rows(k_src, d[f"src{i}"]))
+            copy_rows_(v_all, d[f"dst{i}"], select_rows(v_src, d[f"src{i}"]))
         rab = None if rab_buffer is None else self._pass_bias(d, rab_buffer, b, n)
         h = x.index_select(0, d["q_rows"])
         blocks = self.encoder.blocks
