@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from gr_models.inference.transfer import to_device
+from gr_models.transfer import to_device
 
 
 def _flat_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

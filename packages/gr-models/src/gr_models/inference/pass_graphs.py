@@ -28,7 +28,8 @@ LEN_GRANULE = 256
 X_GRANULE = 256
 
 
-def _round_up(n: int, granule: int) -> int:
+def round_up(n: int, granule: int) -> int:
+    """``n`` rounded up to a multiple of ``granule``."""
     return -(-n // granule) * granule
 
 
@@ -59,18 +60,18 @@ class PassShape:
 def pass_shape(lengths: list[int], num_q: list[int], candidates: int, x_rows: int, *, need_output: bool) -> PassShape:
     """The bucket of a pass whose sequences have ``lengths`` keys and ``num_q`` queries each."""
     keys, queries = sum(lengths), sum(num_q)
-    q_b = _round_up(queries, Q_GRANULE)
+    q_b = round_up(queries, Q_GRANULE)
     pad_q = q_b - queries
-    k_b = _round_up(keys + pad_q, KEY_GRANULE)
+    k_b = round_up(keys + pad_q, KEY_GRANULE)
     pad_past = k_b - keys - pad_q
     return PassShape(
         num_seqs=len(lengths) + 1,
         keys=k_b,
         queries=q_b,
-        candidates=_round_up(candidates, Q_GRANULE),
-        max_len=_round_up(max(*lengths, pad_past + pad_q), LEN_GRANULE),
-        max_q=_round_up(max(*num_q, pad_q), Q_GRANULE),
-        x_rows=_round_up(max(x_rows, 1), X_GRANULE),
+        candidates=round_up(candidates, Q_GRANULE),
+        max_len=round_up(max(*lengths, pad_past + pad_q), LEN_GRANULE),
+        max_q=round_up(max(*num_q, pad_q), Q_GRANULE),
+        x_rows=round_up(max(x_rows, 1), X_GRANULE),
         pad_past=pad_past,
         pad_queries=pad_q,
         need_output=need_output,

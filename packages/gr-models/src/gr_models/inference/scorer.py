@@ -74,9 +74,8 @@ from gr_models.data.ranking import RankingBatch
 from gr_models.inference.bias import relative_bias_rows
 from gr_models.inference.cast_model import CastRankingModel, resolve_dtype
 from gr_models.inference.kv_cache import CacheCapacityError, KVCache, copy_rows_, select_rows
-from gr_models.inference.pass_graphs import PassGraphs, PassShape, pass_shape
+from gr_models.inference.pass_graphs import PassGraphs, PassShape, pass_shape, round_up
 from gr_models.inference.requests import Candidates, InferenceInputError, UserEvents
-from gr_models.inference.transfer import to_device
 from gr_models.inference.window import (
     WindowIds,
     WindowInputs,
@@ -87,6 +86,7 @@ from gr_models.inference.window import (
 )
 from gr_models.modules.relative_bias import RAB_ROW_ALIGN
 from gr_models.ranking.hstu_ranking import HSTURankingModel
+from gr_models.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -200,16 +200,11 @@ class _Seq:
 
 def _eager_max_len(seqs: Sequence[_Seq]) -> int:
     """An eager pass's max_seq_len (its bias square's side): the longest sequence, rows aligned for TMA."""
-    longest = max(s.length for s in seqs)
-    return -(-longest // RAB_ROW_ALIGN) * RAB_ROW_ALIGN
+    return round_up(max(s.length for s in seqs), RAB_ROW_ALIGN)
 
 
 # Window id pieces of a CUDA-graph pass (item rows, bag values) are padded to multiples of this.
 WINDOW_GRANULE = 64
-
-
-def _round_up(n: int, granule: int) -> int:
-    return -(-n // granule) * granule
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -766,12 +761,11 @@ class CachedRankingScorer:
             b, n, max_q = shape.num_seqs, shape.max_len, shape.max_q
             # The input rows: built inside the graph from the padded ids (no embedding launches on a hit), or copied
             # in from the eager ones.
-            in_graph = self._window_in_graph
             xs_host, num_items = None, 0
-            if in_graph:
+            if self._window_in_graph:
                 window, num_items = x.ids.pieces(
-                    _round_up(x.ids.items.numel() + 1, WINDOW_GRANULE),
-                    _round_up(x.ids.bag_values.numel(), WINDOW_GRANULE),
+                    round_up(x.ids.items.numel() + 1, WINDOW_GRANULE),
+                    round_up(x.ids.bag_values.numel(), WINDOW_GRANULE),
                     shape.x_rows,
                 )
                 pieces.update(window)
@@ -788,7 +782,7 @@ class CachedRankingScorer:
                     xs = embed_window(self.model, d, num_items, self.dtype)
                 return self._encode(d, xs, st.get("rab"), b, n, max_q, shape.keys, need_output, True, {})
 
-            key = (shape.bucket, tuple((name, t.numel()) for name, t in pieces.items()) if in_graph else tuple(pieces))
+            key = (shape.bucket, tuple((name, t.numel()) for name, t in pieces.items()))
             k_all, v_all, out = self.graphs.run(key, list(pieces), list(pieces.values()), self.device, xs_host,
                                                 shape.x_rows, statics, encode)  # fmt: skip
             if out is not None:

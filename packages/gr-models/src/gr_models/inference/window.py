@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from gr_models.inference.requests import Candidates
-from gr_models.inference.transfer import to_device
 from gr_models.ranking.hstu_ranking import HSTURankingModel
+from gr_models.transfer import to_device
 
 
 @dataclass
@@ -75,7 +75,7 @@ class WindowIds:
     candidates): "add" mode (one token per event) has ``item + action`` in block 1 (the events' rows) and the bare
     item in block 2 (the candidates' rows); "interleave" has the item in block 1 and the action in block 2.
     ``gather_block`` / ``gather_offset`` name each computed row's table row before the block sizes are fixed, so a
-    CUDA-graph pass can pad every piece to its bucket (``padded``) and rebuild the same rows on the device."""
+    CUDA-graph pass can pad every piece to its bucket (``pieces``) and rebuild the same rows on the device."""
 
     items: torch.Tensor  # [num events + candidates]
     bag_values: torch.Tensor
@@ -106,23 +106,18 @@ class WindowIds:
                 f"padding ({n_pad} items, {v_pad} bag values, {r_pad} rows) below the window's ({n}, "
                 f"{self.bag_values.numel()}, {self.rows}), or bag padding without a padding item row"
             )
-        lens = torch.zeros(n_pad, dtype=torch.int64)
-        lens[:n] = self.bag_lengths
+        lens = _padded(self.bag_lengths, n_pad)
         if extra_v:
             lens[-1] = extra_v
         feat_rows = self.features.numel()
         bases = torch.tensor([0, feat_rows, feat_rows + n_pad])
-        gather = torch.zeros(r_pad, dtype=torch.int64)
-        gather[: self.rows] = bases[self.gather_block] + self.gather_offset
-        positions = torch.zeros(r_pad, dtype=torch.int64)
-        positions[: self.rows] = self.positions
         pieces = {
             "w_items": _padded(self.items, n_pad),
             "w_bag_values": _padded(self.bag_values, v_pad),
             "w_bag_lengths": lens,
             "w_actions": _padded(self.actions, n_pad),
-            "w_gather": gather,
-            "w_positions": positions,
+            "w_gather": _padded(bases[self.gather_block] + self.gather_offset, r_pad),
+            "w_positions": _padded(self.positions, r_pad),
         }
         if feat_rows:
             pieces["w_features"] = self.features.reshape(-1)

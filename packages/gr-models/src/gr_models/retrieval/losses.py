@@ -10,14 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gr_models.retrieval.gathered_logits import in_batch_logits
-
-
-def _to_device(draw: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host draw on ``device``. To CUDA through pinned memory, asynchronously: a copy from pageable memory would
-    make the host wait for the whole forward queued before it, leaving the GPU idle while backward is launched."""
-    if device.type == "cuda":
-        return draw.pin_memory().to(device, non_blocking=True)
-    return draw.to(device)
+from gr_models.transfer import to_device
 
 
 class SampledSoftmaxLoss(nn.Module):
@@ -58,14 +51,16 @@ class SampledSoftmaxLoss(nn.Module):
         self.temperature = temperature
         self.negatives = negatives
 
+    # Draws are made on the host and reach the device with ``to_device`` (pinned, asynchronous): a copy from pageable
+    # memory would make the host wait for the whole forward queued before it, idling the GPU while backward launches.
     def sample_negative_positions(self, targets: torch.Tensor) -> torch.Tensor:
         """In-batch negatives as positions into ``targets``: ``[N, K]`` (the draw ``sample_negatives`` makes)."""
-        return _to_device(torch.randint(targets.numel(), (targets.numel(), self.num_negatives)), targets.device)
+        return to_device(torch.randint(targets.numel(), (targets.numel(), self.num_negatives)), targets.device)
 
     def sample_negatives(self, targets: torch.Tensor) -> torch.Tensor:
         """Negative item ids ``[N, K]``."""
         if self.negatives == "uniform":
-            return _to_device(torch.randint(self.num_items, (targets.numel(), self.num_negatives)), targets.device)
+            return to_device(torch.randint(self.num_items, (targets.numel(), self.num_negatives)), targets.device)
         return targets[self.sample_negative_positions(targets)]
 
     def gathers_in_batch(self) -> bool:
