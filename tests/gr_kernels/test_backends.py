@@ -106,6 +106,25 @@ def test_priorities_order_the_auto_choice(x, registered: list[str]) -> None:
     assert low.calls == ["forward"]
 
 
+def test_auto_skip_passes_over_a_backend_that_runs_when_named(
+    x, registered: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    slow = SpyBackend(10, lambda c: None)
+    slow.auto_skip = lambda c: None if c.dtype == torch.float16 else "slower than the reference here"  # type: ignore[attr-defined]
+    _register(registered, "slow_test", slow)
+    with caplog.at_level(logging.INFO, logger="gr_kernels"):
+        _run(x)
+    assert slow.calls == []
+    assert [r.getMessage() for r in caplog.records if r.name == "gr_kernels"] == [
+        "hstu_attention: backend 'slow_test' not used: slower than the reference here"
+    ]
+    _run(x, backend="slow_test")  # named: auto_skip does not apply
+    assert slow.calls == ["forward"]
+    q, k, v = (t.detach().half() for t in (x.q, x.k, x.v))
+    hstu_attention(q, k, v, x.seq_offsets, x.max_seq_len, alpha=1.0)
+    assert slow.calls == ["forward", "forward"]
+
+
 def test_forced_backends(x, registered: list[str]) -> None:
     _register(registered, "never_test", SpyBackend(10, lambda c: "head dim must be a multiple of 64"))
     with pytest.raises(ValueError, match="backend 'never_test' cannot run this call: head dim must be a multiple"):

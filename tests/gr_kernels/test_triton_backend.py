@@ -165,6 +165,13 @@ def test_unsupported_calls_name_the_reason(call: AttentionCall, reason: str, mon
     assert msg is not None and reason in msg, msg
 
 
+def test_auto_leaves_cuda_float32_to_the_reference() -> None:
+    backend = gr_kernels.get_backend("triton")
+    assert "float32 on CUDA" in (backend.auto_skip(_call("cuda", torch.float32)) or "")
+    assert backend.auto_skip(_call("cuda", torch.bfloat16)) is None
+    assert backend.auto_skip(_call("cpu", torch.float32)) is None  # the interpreter path is only ever asked for
+
+
 @needs_triton
 def test_old_gpus_name_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))

@@ -7,7 +7,12 @@ A backend is any object with
 - ``forward(q, k, v, seq_offsets, num_targets, rab, params: HSTUParams) -> Tensor``;
 - ``backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params) -> (dq, dk, dv, drab or None)``,
 
-with the semantics of ``gr_kernels.reference``. Delta q (``call.delta_q``, queries shorter than keys) is a capability:
+with the semantics of ``gr_kernels.reference``, and optionally
+
+- ``auto_skip(call: AttentionCall) -> str | None`` -- a reason for ``backend="auto"`` to pass over a call the backend
+  can run (e.g. one where it is known to be slower than the next backend); naming the backend still runs it.
+
+Delta q (``call.delta_q``, queries shorter than keys) is a capability:
 a backend that runs it takes a keyword ``q_offsets`` in both ``forward`` and ``backward`` (passed only for delta-q
 calls, with ``params.max_q_len`` set); a backend whose methods take no ``q_offsets`` is never handed a delta-q call.
 The built-in ``"reference"`` backend supports every call and is always tried last. When ``"auto"`` skips a backend
@@ -137,6 +142,9 @@ def resolve_backend(name: str, call: AttentionCall) -> str:
         return name
     for candidate in _ranked():
         reason = _why_not(candidate, call)
+        if reason is None and candidate != REFERENCE:
+            auto_skip = getattr(_BACKENDS[candidate], "auto_skip", None)
+            reason = auto_skip(call) if callable(auto_skip) else None
         if reason is None:
             return candidate
         if not torch.compiler.is_compiling():

@@ -4,8 +4,9 @@ Priority 50: ``backend="auto"`` takes it after ``"cutlass"`` (the Hopper-native 
 PyTorch reference (0), so it runs where the native build is missing or the GPU is not sm90 (A100, L40, consumer
 GPUs). Same features as the reference except dropout: jagged sequences, every mask (causal, local window,
 contextual prefix, targets with groups), delta q (``q_offsets``), ``rab`` shared or per head with its gradient,
-``alpha`` and ``scaling_seqlen``; bf16/fp16 (fp16 from sm75, bf16 from sm80) and fp32 (IEEE products); head dims up
-to 256 (q/k and v may differ; dims that are not powers of two are padded inside the kernel).
+``alpha`` and ``scaling_seqlen``; bf16/fp16 (fp16 from sm75, bf16 from sm80) and fp32 (IEEE products; ``auto``
+leaves fp32 on CUDA to the faster reference, ``backend="triton"`` runs it); head dims up to 256 (q/k and v may
+differ; dims that are not powers of two are padded inside the kernel).
 
 CPU tensors run only when the Triton interpreter is requested (``TRITON_INTERPRET=1``), in float32 or float16 (the
 interpreter computes on NumPy, which has no bfloat16): slow, for tests and debugging (``launch.py`` runs an
@@ -66,6 +67,14 @@ class TritonBackend:
                 return (
                     f"{call.dtype} Triton kernels need sm{'80' if major >= 7 else '75'}+, this GPU is sm{major}{minor}"
                 )
+        return None
+
+    def auto_skip(self, call: AttentionCall) -> str | None:
+        # The tile lists (configs.py) were sized for 16-bit operands; fp32 tiles with IEEE products run far slower
+        # than the reference's cuBLAS matmuls (H200, tools/bench_inference.py, history 4096 + 256 candidates, fp32
+        # full forward: 301 ms through these kernels, 31 ms through the reference). backend="triton" still runs it.
+        if call.device.type == "cuda" and call.dtype == torch.float32:
+            return "float32 on CUDA: the reference's cuBLAS matmuls are faster than these kernels' IEEE fp32 tiles"
         return None
 
     def forward(
