@@ -7,6 +7,10 @@ without synchronising, so they show host work only; "total" synchronises once pe
 
     python tools/profile_inference_hit.py --device cuda              # bf16, dim 512, 8 blocks, 4 heads
     python tools/profile_inference_hit.py --device cpu --dim 16      # host overhead on a CPU (tiny model)
+    python tools/profile_inference_hit.py --device cuda --mode full  # the same for bench_inference's ``full`` mode
+
+``--mode full`` profiles ``CachedRankingScorer.full_recompute`` (the uncached forward the cached latency is compared
+with) the same way: host time until return, total, kernels.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ def main() -> int:
     ap.add_argument("--cache-mb", type=int, default=4096)
     ap.add_argument("--requests", type=int, default=10)
     ap.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--mode", choices=["cached", "full"], default="cached")
     args = ap.parse_args()
 
     from gr_models.inference import CachedRankingScorer, KVCache
@@ -81,11 +86,14 @@ def main() -> int:
     for history in args.histories:
         feats, events, cands, t0 = request_data(history, args.candidates, args.num_items, seed=history)
         user = f"user-{history}"
-        scorer.score(user, feats, events, cands, t0)  # fills the cache
         clock = itertools.count(1)
+        if args.mode == "full":
+            request = functools.partial(scorer.full_recompute, feats, events, cands, t0)
+        else:
+            scorer.score(user, feats, events, cands, t0)  # fills the cache
 
-        def request(user=user, feats=feats, cands=cands, t0=t0, clock=clock):
-            return scorer.score(user, feats, None, cands, t0 + next(clock))
+            def request(user=user, feats=feats, cands=cands, t0=t0, clock=clock):
+                return scorer.score(user, feats, None, cands, t0 + next(clock))
 
         for _ in range(3):
             request()
@@ -100,7 +108,8 @@ def main() -> int:
             sync()
             total.append((time.perf_counter() - start) * 1e3)
         per_phase = {k: round(v / args.requests, 3) for k, v in phase.items()}
-        print(f"history {history} x {args.candidates}: host until return {min(host):.2f} ms, total {min(total):.2f} ms")
+        head = f"{args.mode} history {history} x {args.candidates}"
+        print(f"{head}: host until return {min(host):.2f} ms, total {min(total):.2f} ms")
         print(f"  host ms per phase (mean; '_encode' is inside 'graphs.run' when graphs replay): {per_phase}")
         if device.type != "cuda":
             continue
