@@ -154,6 +154,7 @@ def worker(args: argparse.Namespace) -> None:
             bf16=ctx.device.type == "cuda",
             grad_clip=1.0,
             qcomms=None if args.qcomms == "none" else args.qcomms,
+            compile_dense=args.compile,
         ),
     )
     loss_fn = SampledSoftmaxLoss(args.num_items, args.num_negatives, 0.05, args.negatives)
@@ -262,6 +263,7 @@ def worker(args: argparse.Namespace) -> None:
             "num_negatives": args.num_negatives,
             "pipeline": not args.no_pipeline,
             "qcomms": args.qcomms,
+            "compiled": args.compile,
             "table_lookups_per_step": 1,
             "steps": args.steps,
             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1)
@@ -282,6 +284,7 @@ def run_config(args: argparse.Namespace, gpus: int, tp: int, record: Path) -> di
         f"--num-negatives={args.num_negatives}", f"--warmup={args.warmup}", f"--steps={args.steps}",
         f"--qcomms={args.qcomms}",
         *(["--profile"] if args.profile else []), *(["--no-pipeline"] if args.no_pipeline else []),
+        *(["--compile"] if args.compile else []),
     ]  # fmt: skip
     env = dict(os.environ)
     if args.device == "cpu":
@@ -300,11 +303,13 @@ def add_scaling(records: list[dict]) -> None:
 
 
 def step_kind(r: dict) -> str:
-    """How the step ran; records from before these fields existed: uniform negatives, 3 lookups, plain loop."""
+    """How the step ran; records from before these fields existed: uniform negatives, 3 lookups, plain loop, eager
+    HSTU blocks."""
+    compiled = ", compiled" if r.get("compiled") else ""
     if "negatives" not in r:
-        return "uniform (3 lookups), plain, fp32"
+        return "uniform (3 lookups), plain, fp32" + compiled
     comms = "fp32" if r.get("qcomms", "none") == "none" else r["qcomms"]
-    return f"{r['negatives']}, {'pipeline' if r.get('pipeline') else 'plain'}, {comms}"
+    return f"{r['negatives']}, {'pipeline' if r.get('pipeline') else 'plain'}, {comms}{compiled}"
 
 
 def markdown(runs: list[dict], records: list[dict]) -> str:
@@ -319,7 +324,8 @@ def markdown(runs: list[dict], records: list[dict]) -> str:
         "Model FLOPs: HSTU blocks only (projections 3x forward, attention 3.5x forward); MFU against "
         f"{PEAK_BF16_TFLOPS:.0f} TFLOP/s. Scaling efficiency: tokens/s over (GPUs x the 1-GPU tokens/s).",
         "",
-        "Step: negatives, loop (pipeline = gr_parallel.TrainPipeline), precision of the embedding all-to-alls.",
+        "Step: negatives, loop (pipeline = gr_parallel.TrainPipeline), precision of the embedding all-to-alls; "
+        "compiled = HSTU blocks' dense parts under torch.compile (ParallelizeConfig.compile_dense).",
         "",
         "| device | GPUs | TP | DP | step | seqs/rank | step ms | tokens/s | TFLOP/s per GPU | MFU "
         "| scaling efficiency |",
@@ -381,6 +387,11 @@ def main() -> None:
     ap.add_argument(
         "--no-pipeline", action="store_true", help="plain loop instead of gr_parallel.TrainPipeline (no prefetch)"
     )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the HSTU blocks' dense parts (ParallelizeConfig.compile_dense; tp=1 configs only)",
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=str(REPO / "docs/benchmarks/parallel"))
@@ -426,7 +437,8 @@ def main() -> None:
         f"{args.seqs_per_rank} sequences per DP rank, {args.num_items} items, {args.num_negatives} {args.negatives} "
         "negatives (one table lookup per step), "
         f"{'plain loop' if args.no_pipeline else 'gr_parallel.TrainPipeline'}, embedding all-to-alls in "
-        f"{'fp32' if args.qcomms == 'none' else args.qcomms}",
+        f"{'fp32' if args.qcomms == 'none' else args.qcomms}"
+        f"{', HSTU blocks compiled (torch.compile)' if args.compile else ''}",
     }
     runs, all_records = merge_device_run(out, meta, records)
     write_outputs(out, runs, all_records, markdown, plot)

@@ -1,8 +1,8 @@
 """``parallelize``: one call from a single-device gr-models model to its hybrid-parallel form.
 
 Order: tensor-parallel HSTU blocks (when ``ctx.tp_size > 1``), then every embedding table sharded by TorchRec over the
-whole world (``gr_parallel.sparse``), then the dense parameters' DP gradient sync, clipping and optimizer
-(``gr_parallel.dense``). A training step::
+whole world (``gr_parallel.sparse``), then (``compile_dense``) the HSTU blocks' dense parts compiled, then the dense
+parameters' DP gradient sync, clipping and optimizer (``gr_parallel.dense``). A training step::
 
     pm = parallelize(model, ctx, ParallelizeConfig(embedding_optimizer=..., grad_clip=1.0))
     count = global_count(local_tokens, ctx)
@@ -73,6 +73,10 @@ class ParallelizeConfig:
     # all-to-alls in that precision (TorchRec QCommsConfig; gloo has no bf16 codec, TorchRec falls back to fp16);
     # None: fp32. The tables and their optimizer stay fp32.
     qcomms: str | None = None
+    # torch.compile (Inductor) the dense parts of every HSTU block (LayerNorm -> Linear -> SiLU -> split, and
+    # U * LayerNorm(attn) -> Linear -> residual) around the eager attention op: gr_models.modules.compile_hstu_blocks,
+    # token dim dynamic (no recompiles per jagged batch). tp=1 only (TP blocks run Megatron collectives inside).
+    compile_dense: bool = False
 
     def __post_init__(self) -> None:
         if self.qcomms not in (None, "bf16", "fp16"):
@@ -190,6 +194,11 @@ def parallelize(model: nn.Module, ctx: ParallelContext, config: ParallelizeConfi
     config = config or ParallelizeConfig()
     if not isinstance(config, ParallelizeConfig):
         raise TypeError(f"config must be a ParallelizeConfig, got {type(config).__name__}")
+    if config.compile_dense and ctx.tp_size > 1:
+        raise ValueError(
+            f"compile_dense supports tp=1 only (got tp={ctx.tp_size}): tensor-parallel HSTU blocks run Megatron's "
+            "collectives inside their projections"
+        )
     if ctx.tp_size > 1:
         apply_tensor_parallel(model, ctx)
     dmp = shard_sparse(
@@ -200,7 +209,19 @@ def parallelize(model: nn.Module, ctx: ParallelContext, config: ParallelizeConfi
         batch_size=config.planner_batch_size,
         qcomm_codecs_registry=qcomm_registry(config.qcomms, ctx.device),
     )
+    if config.compile_dense:
+        compile_dense_blocks(dmp.module)
     return ParallelModel(dmp, ctx, config, dmp.plan)
+
+
+def compile_dense_blocks(model: nn.Module) -> None:
+    """``ParallelizeConfig.compile_dense``: every HSTU block's dense parts compiled in place (names and state dicts
+    unchanged, so sharding, gradient sync and checkpoints see the same parameters)."""
+    if not hstu_encoders(model):
+        raise ValueError(f"compile_dense needs an HSTUEncoder in the model; found none ({type(model).__name__})")
+    from gr_models.modules.compile import compile_hstu_blocks
+
+    compile_hstu_blocks(model)
 
 
 def qcomm_registry(precision: str | None, device: torch.device) -> dict[str, Any] | None:
