@@ -147,7 +147,7 @@ def test_copies_names_and_uncompile() -> None:
 
 def test_bad_arguments() -> None:
     enc = HSTUEncoder(CONFIG)
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         compile_hstu_blocks(CONFIG)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no HSTUEncoder"):
         compile_hstu_blocks(nn.Linear(2, 2))
