@@ -226,16 +226,25 @@ class ParallelEpochTrainer(EpochTrainer):
                 return
             yield _TakenStep(self._finish_stats())
 
-    def _make_pipeline(self, enabled: bool) -> Any:
-        """``gr_parallel.TrainPipeline`` over the model's sharded tables (its input dist and copy of the next batch
-        overlap this one), when ``parallel.pipeline`` and the subclass's batches allow it; otherwise None."""
+    def _has_sharded_tables(self) -> bool:
+        """Whether the model holds tables sharded over the ranks (TorchRec or gr-dynemb sharded modules). They train
+        in a fused optimizer inside backward, one step per call: a training step should look each up once."""
+        if not self.distributed:
+            return False
         from torchrec.distributed.types import ShardedModule
 
+        return any(isinstance(m, ShardedModule) for m in self.model.modules())
+
+    def _make_pipeline(self, enabled: bool) -> Any:
+        """``gr_parallel.TrainPipeline`` over the model's sharded tables (its input dist and copy of the next batch
+        overlap this one), when ``parallel.pipeline`` and the subclass's batches allow it; otherwise None. Its
+        default ``sparse_features`` prefetches ``batch.features`` for the model's one sharded module: the batches
+        must carry the very KJT the forward passes to it."""
         from gr_parallel.pipeline import TrainPipeline
 
         if not (self.distributed and self.config.parallel.pipeline and enabled):
             return None
-        if not any(isinstance(m, ShardedModule) for m in self.model.modules()):
+        if not self._has_sharded_tables():
             return None  # every table replicated: no input dist to overlap
 
         def before_step() -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from torchrec import KeyedJaggedTensor
 
 from examples.common.distributed import StepPlan, all_gather_uneven
 from examples.common.parallel_trainer import ParallelEpochTrainer
@@ -19,6 +22,7 @@ from gr_models.data.batching import (
     EpochBatchSampler,
     NextItemEvalDataset,
     NextItemTrainDataset,
+    SequenceBatch,
     collate_sequences,
     make_dataloader,
 )
@@ -73,6 +77,75 @@ class GlobalBatchSampledSoftmax(SampledSoftmaxLoss):
         for r, part in enumerate(everyone):
             global_targets[torch.from_numpy(plan.token_rows(r)).to(targets.device)] = part
         return global_targets[torch.randint(plan.global_tokens, shape).to(targets.device)][rows]
+
+    def draw_step_negatives(
+        self,
+        targets: torch.Tensor,
+        plan: StepPlan | None,
+        generator: torch.Generator,
+        global_targets: Callable[[], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The negatives of a one-lookup step (``OneLookupBatch``), drawn on the host before the step.
+
+        Returns ``(ids [N, K], positions)``. The draw is the same ``[T, K]`` for the whole global batch on every rank
+        (``T``: its tokens in single-process order; ``plan`` None: this batch is the global batch), from
+        ``generator``, and this rank keeps its rows (``plan.token_rows()``): uniform ids ``randint(num_items)``,
+        in-batch ones ``global_targets()[randint(T)]`` (``global_targets``: the global batch's target ids, in that
+        order). So for the same global batch and generator seed every DP layout trains the very negatives one
+        process trains (exception: a last global batch with fewer sequences than DP ranks, which the sampler pads).
+        ``positions``: where in-batch negatives are all this batch's own targets (one DP rank), the ``[N, K]`` rows
+        of ``targets`` they are, so their embeddings are gathered from the targets' instead of looked up; else
+        None."""
+        n, k = targets.numel(), self.num_negatives
+        whole = plan is None or len(plan.parts) == 1
+        total = n if plan is None else plan.global_tokens
+        rows = None if whole else torch.from_numpy(plan.token_rows())  # type: ignore[union-attr]
+        planned = total if rows is None else rows.numel()
+        if planned != n:
+            raise RuntimeError(
+                f"data-parallel batch has {n} target positions but its plan says {planned}: the sampler's lengths do "
+                "not match the collated batches"
+            )
+        if self.negatives == "uniform":
+            ids = torch.randint(self.num_items, (total, k), generator=generator)
+            return (ids if rows is None else ids[rows]), None
+        positions = torch.randint(total, (total, k), generator=generator)
+        if rows is None:
+            return targets[positions], positions
+        everyone = global_targets()
+        if everyone.shape != (total,) or not torch.equal(everyone[rows], targets):
+            raise RuntimeError("the global batch's targets do not hold this rank's targets at its plan's token rows")
+        return everyone[positions[rows]], None
+
+
+@dataclass
+class OneLookupBatch:
+    """A training batch prepared for the one-lookup step of a fused item table: its negatives drawn and the one KJT
+    the step looks up built on the host, so ``TrainPipeline`` (whose default ``sparse_features`` hands ``features``
+    to the model's one sharded table) can start that lookup's input dist before the step."""
+
+    batch: SequenceBatch
+    negatives: torch.Tensor  # [N, K] negative ids
+    positions: torch.Tensor | None  # [N, K] rows of the batch's targets the negatives are (not looked up), or None
+    features: KeyedJaggedTensor  # training_features(batch, negatives unless positions): inputs, targets, negatives
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> OneLookupBatch:
+        def move(x: Any) -> Any:
+            return None if x is None else x.to(device, non_blocking=non_blocking)
+
+        return OneLookupBatch(move(self.batch), move(self.negatives), move(self.positions), move(self.features))
+
+
+# Mixed into the seed of a one-lookup step's negatives, so that stream differs from other draws seeded by train.seed.
+NEGATIVES_STREAM = 0x4E454753
+
+
+def step_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
+    """Where a one-lookup step's negatives come from: a pure function of (train.seed, epoch, batch within epoch), so
+    the draw is the same whenever the batch is prepared (the train pipeline prepares batch i+1 before step i), after
+    a resume, and at any world size; the global RNG (dropout) sees the plain loop's sequence of draws."""
+    state = np.random.SeedSequence([seed, NEGATIVES_STREAM, epoch, batch]).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]))
 
 
 class RetrievalTrainer(ParallelEpochTrainer):
@@ -132,7 +205,13 @@ class RetrievalTrainer(ParallelEpochTrainer):
         if self.distributed:
             self.loss_fn.dp_group = self.ctx.dp_group
         self.optimizer = self._optimizer(self.model)
-        self.pipeline = self._make_pipeline(enabled=True)  # batch.features feeds the item table's input dist
+        # A fused item table (gr-dynemb, or sharded over the ranks) takes one optimizer step per lookup call, so its
+        # training step looks the table up ONCE (inputs, targets, negatives drawn beforehand: OneLookupBatch). A
+        # table the dense optimizer trains (one process with a static table, or replicated: data_parallel) keeps the
+        # step of three calls: its gradients add up into one dense step anyway, and that step's draws (negatives
+        # from the global RNG after the forward) are what the results in docs/results were trained with.
+        self.one_lookup = mc.item_table == "dynamic" or self._has_sharded_tables()
+        self.pipeline = self._make_pipeline(enabled=True)  # OneLookupBatch.features feeds the table's input dist
         self._start(resume, counters=("train_sequences", "train_tokens"))
 
     def _dynamic_item_table(self) -> DynamicItemTableConfig:
@@ -179,10 +258,31 @@ class RetrievalTrainer(ParallelEpochTrainer):
         return metrics.compute()
 
     def _train_loader(self) -> Any:
-        return self._distributed_batches(make_dataloader(self.train_set, self.sampler))
+        loader: Iterable[Any] = make_dataloader(self.train_set, self.sampler)
+        if self.one_lookup:
+            loader = self._one_lookup_batches(loader)
+        return self._distributed_batches(loader)
+
+    def _one_lookup_batches(self, loader: Iterable[SequenceBatch]) -> Iterator[OneLookupBatch]:
+        """The loader's batches with their negatives drawn (``step_generator`` of the batch's place in the epoch)
+        and their one KJT built."""
+        tc, sampler = self.config.train, self.sampler
+        epoch = sampler.epoch
+        for b, batch in enumerate(loader, start=sampler.start_batch):
+            # The sampler's plan is the batch's just served (the DataLoader reads the sampler in this process).
+            plan = sampler.plan if self.distributed else None
+            negatives, positions = self.loss_fn.draw_step_negatives(
+                batch.target_items, plan, step_generator(tc.seed, epoch, b), lambda p=plan: self._global_targets(p)
+            )
+            features = self.model.training_features(batch, negatives if positions is None else None)
+            yield OneLookupBatch(batch, negatives, positions, features)
+
+    def _global_targets(self, plan: StepPlan) -> torch.Tensor:
+        """The target ids of a global batch in single-process token order (its sequences' targets concatenated)."""
+        return torch.from_numpy(np.concatenate([self.train_set[int(i)].target_items for i in plan.global_indices]))
 
     def _loss_count(self, batch: Any) -> int:
-        return int(batch.target_items.numel())
+        return int(_sequences(batch).target_items.numel())
 
     def _train_step(self, batch: Any) -> float:
         value = super()._train_step(batch)
@@ -190,12 +290,30 @@ class RetrievalTrainer(ParallelEpochTrainer):
         return value
 
     def _train_loss(self, batch: Any) -> torch.Tensor:
-        self.loss_fn.plan = getattr(self, "plan", None) if self.distributed else None
-        queries = self.model(batch)
-        loss = self.loss_fn(queries, batch.target_items, self.model.item_embeddings)
+        if isinstance(batch, OneLookupBatch):
+            loss = self._one_lookup_loss(batch)
+            batch = batch.batch
+        else:  # the dense-optimizer step: the table looked up three times (inputs, targets, negatives)
+            self.loss_fn.plan = getattr(self, "plan", None) if self.distributed else None
+            queries = self.model(batch)
+            loss = self.loss_fn(queries, batch.target_items, self.model.item_embeddings)
         self.state["train_sequences"] += len(batch)
         self.state["train_tokens"] += int(batch.target_items.numel())
         return loss
+
+    def _one_lookup_loss(self, ob: OneLookupBatch) -> torch.Tensor:
+        """The loss from ONE call of the item table: a fused table optimizer steps once per training step."""
+        looked_up = ob.negatives if ob.positions is None else None
+        queries, targets, negatives = self.model.training_forward(ob.batch, ob.features, looked_up)
+        if negatives is None:  # in-batch negatives of one rank: rows of the targets' embeddings
+            negatives = targets[ob.positions]
+        return self.loss_fn(
+            queries,
+            ob.batch.target_items,
+            target_embeddings=targets,
+            negatives=ob.negatives,
+            negative_embeddings=negatives,
+        )
 
     def _valid_note(self, metrics: dict[str, float]) -> str:
         return f" hr@10={metrics['hr@10']:.4f}"
@@ -209,3 +327,7 @@ class RetrievalTrainer(ParallelEpochTrainer):
             "train_sequences_per_s": round(st["train_sequences"] / wall, 2) if wall > 0 else None,
             "train_tokens_per_s": round(st["train_tokens"] / wall, 1) if wall > 0 else None,
         }
+
+
+def _sequences(batch: Any) -> SequenceBatch:
+    return batch.batch if isinstance(batch, OneLookupBatch) else batch
