@@ -1,0 +1,90 @@
+"""Triton kernels of ``gathered_logits`` (launched by ``gathered_logits_triton``): ``out[n, k] = <q[n], c[idx[n, k]]>``
+and its two gradients, every product and sum in fp32, the gathered rows read straight from ``q`` / ``c`` (nothing of
+shape ``[N, K, D]`` is ever written).
+
+- forward: one program per ``BLOCK_P`` consecutive picks ``p = n * K + k`` (any K, no padding of the pick axis).
+- grad_q: one program per ``BLOCK_N`` queries and ``BLOCK_D`` columns, walking the K picks of its queries.
+- grad_c: one program per candidate row (and ``BLOCK_D`` columns), walking that candidate's picks in a CSR layout
+  (picks sorted by candidate, ``offsets[m] .. offsets[m + 1]``), so every row of grad_c is summed by one program in
+  a fixed order and written once: no atomics, deterministic, and no zero-fill of grad_c beforehand.
+
+Loaded twice by ``gathered_logits_triton`` (compiled for CUDA tensors, interpreted for CPU ones), so it keeps no
+module-level state and calls only builtins of ``triton.language`` (``tl.full``, ``tl.reduce``): the ``@jit`` helpers of
+Triton's standard library (``tl.zeros``, ``tl.sum``) are compiled-mode objects once Triton was imported without the
+interpreter, which the interpreted copy cannot call.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def gathered_logits_fwd_kernel(
+    q_ptr, c_ptr, idx_ptr, out_ptr, num_picks, stride_q, stride_c,
+    K: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+):  # fmt: skip
+    picks = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    live = picks < num_picks
+    rows_c = tl.load(idx_ptr + picks, mask=live, other=0)
+    q_base = q_ptr + (picks // K)[:, None] * stride_q
+    c_base = c_ptr + rows_c[:, None] * stride_c
+    cols = tl.arange(0, BLOCK_D)[None, :]
+    acc = tl.full([BLOCK_P], 0.0, tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        mask = live[:, None] if EVEN_D else live[:, None] & (d0 + cols < D)
+        qv = tl.load(q_base + d0 + cols, mask=mask, other=0.0)
+        cv = tl.load(c_base + d0 + cols, mask=mask, other=0.0)
+        acc += tl.reduce(qv.to(tl.float32) * cv.to(tl.float32), 1, _add)
+    tl.store(out_ptr + picks, acc.to(out_ptr.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def gathered_logits_grad_q_kernel(
+    g_ptr, c_ptr, idx_ptr, gq_ptr, num_rows, stride_c, stride_gq,
+    K: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    live = rows < num_rows
+    mask = live[:, None] if EVEN_D else live[:, None] & (cols < D)[None, :]
+    acc = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
+    for k in range(K):
+        picks = rows * K + k
+        rows_c = tl.load(idx_ptr + picks, mask=live, other=0)
+        g = tl.load(g_ptr + picks, mask=live, other=0.0).to(tl.float32)
+        cv = tl.load(c_ptr + rows_c[:, None] * stride_c + cols[None, :], mask=mask, other=0.0)
+        acc += g[:, None] * cv.to(tl.float32)
+    tl.store(gq_ptr + rows[:, None] * stride_gq + cols[None, :], acc.to(gq_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gathered_logits_grad_c_kernel(
+    g_ptr, q_ptr, order_ptr, offsets_ptr, gc_ptr, stride_q, stride_gc,
+    K: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    start = tl.load(offsets_ptr + row)
+    end = tl.load(offsets_ptr + row + 1)
+    acc = tl.full([BLOCK_P, BLOCK_D], 0.0, tl.float32)
+    for s in range(start, end, BLOCK_P):
+        slots = s + tl.arange(0, BLOCK_P)
+        live = slots < end
+        picks = tl.load(order_ptr + slots, mask=live, other=0)
+        g = tl.load(g_ptr + picks, mask=live, other=0.0).to(tl.float32)
+        mask = live[:, None] if EVEN_D else live[:, None] & (cols < D)[None, :]
+        qv = tl.load(q_ptr + (picks // K)[:, None] * stride_q + cols[None, :], mask=mask, other=0.0)
+        acc += g[:, None] * qv.to(tl.float32)
+    total = tl.reduce(acc, 0, _add)
+    out = gc_ptr + row * stride_gc + cols
+    if EVEN_D:
+        tl.store(out, total.to(gc_ptr.dtype.element_ty))
+    else:
+        tl.store(out, total.to(gc_ptr.dtype.element_ty), mask=cols < D)
