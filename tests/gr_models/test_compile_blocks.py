@@ -171,6 +171,7 @@ def test_cuda_bf16_autocast_compiled_equals_eager_without_recompiles() -> None:
     cfg = HSTUConfig(embedding_dim=256, num_blocks=4, num_heads=2, max_seq_len=512, dropout=0.0, use_rab=False)
     eager = HSTUEncoder(cfg).cuda()
     compiled = compile_hstu_blocks(copy.deepcopy(eager))
+    names = [n for n, _ in eager.named_parameters()]
     g = torch.Generator().manual_seed(0)
     start = None
     for i in range(6):
@@ -184,13 +185,12 @@ def test_cuda_bf16_autocast_compiled_equals_eager_without_recompiles() -> None:
             xi = x.clone().requires_grad_()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 y = enc(xi, offsets, max(lengths), ts, ts)
-            y.float().square().mean().backward()
+            (y.float() * torch.linspace(-1.0, 2.0, y.numel(), device="cuda").reshape(y.shape)).sum().backward()
             outs.append((y.float(), xi.grad, [p.grad for p in enc.parameters()]))
         if i == 0:
             start = _compile_counts()
+        # bf16 matmuls, with Inductor's fused LayerNorm/SiLU rounding at other points than eager's: relative norms.
         (y_c, gx_c, gp_c), (y_e, gx_e, gp_e) = outs
-        torch.testing.assert_close(y_c, y_e, rtol=2e-2, atol=2e-2)
-        torch.testing.assert_close(gx_c, gx_e, rtol=5e-2, atol=1e-3)
-        for a, b in zip(gp_c, gp_e, strict=True):
-            assert (a - b).norm() <= 2e-2 * b.norm() + 1e-4
+        for what, a, b in [("output", y_c, y_e), ("input grad", gx_c, gx_e), *zip(names, gp_c, gp_e, strict=True)]:
+            assert b.norm() > 0 and (a - b).norm() <= 2e-2 * b.norm(), (i, what, float((a - b).norm() / b.norm()))
     assert _delta(start) == {"frames": 0, "graphs": 0, "aot": 0, "breaks": 0}
