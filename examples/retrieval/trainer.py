@@ -54,7 +54,10 @@ class GlobalBatchSampledSoftmax(SampledSoftmaxLoss):
     """Sampled softmax whose negatives, on a data-parallel rank, are the rows of this rank's positions in the draw a
     single process makes for the whole global batch (``plan``; None: an ordinary draw). Every rank draws the same
     ``[global positions, K]`` from the same RNG state, so a DP run trains with the single-process negatives;
-    ``in_batch`` negatives come from the global batch's targets (gathered over the DP group)."""
+    ``in_batch`` negatives come from the global batch's targets (gathered over the DP group).
+
+    That draw (``sample_negatives``: the global RNG, inside the loss) serves the step of a table the dense optimizer
+    trains; a fused table's one-lookup step draws beforehand with ``draw_step_negatives``."""
 
     plan: StepPlan | None = None
     dp_group: Any = None
@@ -118,6 +121,18 @@ class GlobalBatchSampledSoftmax(SampledSoftmaxLoss):
         return everyone[positions[rows]], None
 
 
+class DrawnInBatchSoftmax(SampledSoftmaxLoss):
+    """gr-models' in-batch sampled softmax (negatives gathered from the targets' embeddings by position, never as
+    ``[N, K, D]`` rows) at ``positions`` drawn before the step instead of from the global RNG."""
+
+    positions: torch.Tensor | None = None
+
+    def sample_negative_positions(self, targets: torch.Tensor) -> torch.Tensor:
+        if self.positions is None or self.positions.shape != (targets.numel(), self.num_negatives):
+            raise RuntimeError("DrawnInBatchSoftmax needs positions [N, K] drawn for this batch before the loss")
+        return self.positions
+
+
 @dataclass
 class OneLookupBatch:
     """A training batch prepared for the one-lookup step of a fused item table: its negatives drawn and the one KJT
@@ -154,7 +169,12 @@ class RetrievalTrainer(ParallelEpochTrainer):
     The loop state (epoch, batch within epoch, RNG states, optimizer, best validation) is checkpointed to
     ``<output.dir>/last.pt`` after every epoch (and every ``checkpoint_every_steps``); ``resume=True`` continues
     from there and reproduces an uninterrupted run exactly: the batch order is a pure function of (seed, epoch)
-    and every random draw (dropout, negatives) comes from the checkpointed torch RNG.
+    and every random draw (dropout, negatives) comes from the checkpointed torch RNG, except a fused table's
+    negatives, which come from a generator seeded by the batch's place (``step_generator``).
+
+    An item table trained by a fused optimizer (``model.item_table="dynamic"``, or sharded over the ranks) is
+    looked up once per training step (``RetrievalModel.training_forward`` on a ``OneLookupBatch``), so it takes
+    one optimizer step per training step; a table the dense optimizer trains keeps the three-call step.
 
     Under torchrun (or with ``parallel.tp > 1``) it trains the same global batches data/tensor parallel (see
     ``examples.common.parallel_trainer``).
@@ -202,6 +222,7 @@ class RetrievalTrainer(ParallelEpochTrainer):
         )
         self.model = self._parallelize(RetrievalModel(model_cfg).to(self.device))
         self.loss_fn = GlobalBatchSampledSoftmax(self.num_items, tc.num_negatives, tc.temperature, tc.negatives)
+        self.in_batch_loss = DrawnInBatchSoftmax(self.num_items, tc.num_negatives, tc.temperature, "in_batch")
         if self.distributed:
             self.loss_fn.dp_group = self.ctx.dp_group
         self.optimizer = self._optimizer(self.model)
@@ -303,17 +324,22 @@ class RetrievalTrainer(ParallelEpochTrainer):
 
     def _one_lookup_loss(self, ob: OneLookupBatch) -> torch.Tensor:
         """The loss from ONE call of the item table: a fused table optimizer steps once per training step."""
-        looked_up = ob.negatives if ob.positions is None else None
-        queries, targets, negatives = self.model.training_forward(ob.batch, ob.features, looked_up)
-        if negatives is None:  # in-batch negatives of one rank: rows of the targets' embeddings
-            negatives = targets[ob.positions]
-        return self.loss_fn(
-            queries,
-            ob.batch.target_items,
-            target_embeddings=targets,
-            negatives=ob.negatives,
-            negative_embeddings=negatives,
-        )
+        if ob.positions is None:
+            emb = self.model.training_forward(ob.batch, ob.features, ob.negatives)
+            return self.loss_fn(
+                emb.queries,
+                ob.batch.target_items,
+                target_embeddings=emb.targets,
+                negatives=ob.negatives,
+                negative_embeddings=emb.negatives,
+            )
+        # In-batch negatives of one rank are rows of the targets' embeddings: gathered there, not looked up.
+        emb = self.model.training_forward(ob.batch, ob.features)
+        self.in_batch_loss.positions = ob.positions
+        try:
+            return self.in_batch_loss(emb.queries, ob.batch.target_items, target_embeddings=emb.targets)
+        finally:
+            self.in_batch_loss.positions = None
 
     def _valid_note(self, metrics: dict[str, float]) -> str:
         return f" hr@10={metrics['hr@10']:.4f}"
