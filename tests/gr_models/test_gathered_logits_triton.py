@@ -173,6 +173,17 @@ def test_gathered_logits_routes_autocast_and_checks() -> None:
         glt.Blocks(fwd_picks=24)
 
 
+@needs_triton
+def test_under_torch_compile() -> None:
+    """The Triton call is a graph break (``torch.compiler.disable``): compiled code around it, same values."""
+    q, c, index, up = _operands(6, 4, 3, 5, torch.float32, 6)
+    compiled = torch.compile(lambda *a: gl.gathered_logits(*a, backend="triton") * 2.0, backend="eager")
+    got = _run(compiled, q, c, index, up)
+    want = _reference(q, c, index, up * 2.0)
+    for name, x, y in zip(("logits", "grad_q", "grad_c"), got, want, strict=True):
+        _assert_near(x / 2.0 if name == "logits" else x, y, torch.float32, name)
+
+
 def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     q, c = torch.randn(3, 4), torch.randn(5, 4)
     monkeypatch.delenv(gl.BACKEND_ENV, raising=False)

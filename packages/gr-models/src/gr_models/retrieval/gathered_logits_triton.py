@@ -43,7 +43,8 @@ def triton_available() -> bool:
 
 @dataclass(frozen=True)
 class Blocks:
-    """Tile sizes (powers of two) and warps of the three kernels. ``None`` block_d: the padded row, capped."""
+    """Tile sizes (powers of two) and warps of the three kernels; a ``*_d`` block is capped at D rounded up to a
+    power of two."""
 
     fwd_picks: int = 64
     fwd_d: int = 128
@@ -143,8 +144,10 @@ def check_operands(queries: torch.Tensor, candidates: torch.Tensor, index: torch
     if candidates.size(0) > INT32_MAX:
         raise ValueError(f"Triton gathered_logits sorts picks by int32 candidate id: {candidates.size(0)} rows")
     if index.numel():
-        in_range = (index.min() >= 0) & (index.max() < candidates.size(0))
-        torch._assert_async(in_range, f"gathered_logits index out of range [0, {candidates.size(0)})")
+        lo, hi = torch.aminmax(index)
+        torch._assert_async(
+            (lo >= 0) & (hi < candidates.size(0)), f"gathered_logits index out of range [0, {candidates.size(0)})"
+        )
 
 
 def forward(queries: torch.Tensor, candidates: torch.Tensor, index: torch.Tensor, blocks: Blocks | None = None):
@@ -233,6 +236,7 @@ class TritonGatheredLogits(torch.autograd.Function):
         return grad_q, grad_c, None, None
 
 
+@torch.compiler.disable  # a graph break under torch.compile: Dynamo would trace into Triton's launcher
 def triton_gathered_logits(
     queries: torch.Tensor, candidates: torch.Tensor, index: torch.Tensor, blocks: Blocks | None = None
 ) -> torch.Tensor:
