@@ -138,7 +138,8 @@ def test_in_batch_without_item_embeddings_and_overridden_draws() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("autocast", [False, True])
 def test_gathered_logits_cuda(autocast: bool) -> None:
-    """On CUDA (index_add_ accumulates with atomics), chunked, fp32 and under bf16 autocast."""
+    """The torch backend on CUDA (index_add_ accumulates with atomics), chunked, fp32 and under bf16 autocast (the
+    Triton backend, auto on CUDA, has its own tests: test_gathered_logits_triton.py)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     n, m, k, d = 3000, 2500, 32, 64
     q = torch.randn(n, d, device="cuda", generator=g, requires_grad=True)
@@ -146,7 +147,7 @@ def test_gathered_logits_cuda(autocast: bool) -> None:
     index = torch.randint(m, (n, k), device="cuda", generator=g)
     up = torch.randn(n, k, device="cuda", generator=g)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        got = gl.gathered_logits(q, c, index, chunk_elements=100_000)
+        got = gl.gathered_logits(q, c, index, chunk_elements=100_000, backend="torch")
     gq, gc = torch.autograd.grad((got.float() * up).sum(), (q, c))
     qr, cr = (q.bfloat16().float(), c.bfloat16().float()) if autocast else (q, c)
     want = gl.reference_gathered_logits(qr.double(), cr.double(), index)
