@@ -70,11 +70,16 @@ def methods(n: int) -> dict[str, Callable]:
     return out
 
 
-def bench_case(n: int, k: int, d: int, dtype: torch.dtype, reps: int, wanted: list[str]) -> list[dict]:
+def bench_case(
+    n: int, k: int, d: int, dtype: torch.dtype, reps: int, wanted: list[str], hot: float = 0.0
+) -> list[dict]:
+    """One shape; ``hot``: the fraction of picks sent to candidate 0 (a skewed draw: one long run for grad_c)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(n, d, device="cuda", generator=gen).to(dtype).requires_grad_()
     c = torch.randn(n, d, device="cuda", generator=gen).to(dtype).requires_grad_()
     index = torch.randint(n, (n, k), device="cuda", generator=gen)
+    if hot:
+        index[torch.rand(n, k, device="cuda", generator=gen) < hot] = 0
     up = torch.randn(n, k, device="cuda", generator=gen).to(dtype)
     results: dict[str, tuple] = {}
     records = []
@@ -93,12 +98,12 @@ def bench_case(n: int, k: int, d: int, dtype: torch.dtype, reps: int, wanted: li
         fwd_bwd()
         results[name] = (fn(q, c, index).detach(), q.grad.clone(), c.grad.clone())
         rec = dict(device=torch.cuda.get_device_name(), method=name, n=n, m=n, k=k, d=d, dtype=DTYPE_NAMES[dtype],
-                   fwd_ms=round(time_ms(fwd, reps), 3), fwd_bwd_ms=round(time_ms(fwd_bwd, reps), 3),
+                   hot=hot, fwd_ms=round(time_ms(fwd, reps), 3), fwd_bwd_ms=round(time_ms(fwd_bwd, reps), 3),
                    peak_gib=round(peak_gib(fwd_bwd), 3))  # fmt: skip
         if name == "triton":
             rec["parts_ms"] = triton_parts(q.detach(), c.detach(), index, up, reps)
         records.append(rec)
-        print(f"N={n} K={k} D={d} {name}: fwd {rec['fwd_ms']:.3f} ms, fwd+bwd {rec['fwd_bwd_ms']:.3f} ms, "
+        print(f"N={n} K={k} D={d} hot={hot} {name}: fwd {rec['fwd_ms']:.3f} ms, fwd+bwd {rec['fwd_bwd_ms']:.3f} ms, "
               f"peak {rec['peak_gib']:.2f} GiB {rec.get('parts_ms', '')}", flush=True)  # fmt: skip
     if "torch" in results:
         for name, got in results.items():
@@ -173,22 +178,23 @@ def markdown(runs: list[dict], records: list[dict]) -> str:
     for run in runs:
         lines.append(f"- {run['device']}: torch {run['torch']}, triton {run.get('triton')}, Python {run['python']}; "
                      f"`{run['command']}`")  # fmt: skip
-    lines += ["", "| device | N = M | K | D | dtype | method | fwd ms | fwd+bwd ms | peak GiB | max rel. err vs torch "
-              "(logits, grad_q, grad_c) |", "|---" * 10 + "|"]  # fmt: skip
+    lines += ["", "| device | N = M | K | D | dtype | hot | method | fwd ms | fwd+bwd ms | peak GiB | max rel. err vs "
+              "torch (logits, grad_q, grad_c) |", "|---" * 11 + "|"]  # fmt: skip
     for r in records:
         if "method" not in r:
             continue
         errs = ", ".join(f"{e:.2g}" for e in r.get("rel_err_vs_torch", []))
-        lines.append(f"| {r['device']} | {r['n']} | {r['k']} | {r['d']} | {r['dtype']} | {r['method']} | "
-                     f"{r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['peak_gib']:.2f} | {errs} |")  # fmt: skip
+        times = f"{r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['peak_gib']:.2f}"
+        lines.append(f"| {r['device']} | {r['n']} | {r['k']} | {r['d']} | {r['dtype']} | {r.get('hot', 0)} | "
+                     f"{r['method']} | {times} | {errs} |")  # fmt: skip
     parts = [r for r in records if r.get("method") == "triton" and "parts_ms" in r]
     if parts:
         names = list(parts[0]["parts_ms"])
-        header = "| device | N | " + " | ".join(names) + " |"
-        lines += ["", "Triton backend by part (ms, each timed alone):", "", header, "|---" * (2 + len(names)) + "|"]
+        header = "| device | N | hot | " + " | ".join(names) + " |"
+        lines += ["", "Triton backend by part (ms, each timed alone):", "", header, "|---" * (3 + len(names)) + "|"]
         for r in parts:
             cells = " | ".join(f"{v:.3f}" for v in r["parts_ms"].values())
-            lines.append(f"| {r['device']} | {r['n']} | {cells} |")
+            lines.append(f"| {r['device']} | {r['n']} | {r.get('hot', 0)} | {cells} |")
     sweeps = [r for r in records if "part" in r]
     if sweeps:
         lines += ["", "Tile sweep (ms per kernel call):", "", "| device | N | part | config | ms |", "|---" * 5 + "|"]
@@ -197,7 +203,8 @@ def markdown(runs: list[dict], records: list[dict]) -> str:
             lines.append(f"| {r['device']} | {r['n']} | {r['part']} | {cfg} | {r['ms']:.3f} |")
     lines += ["", "fwd: no autograd graph; fwd+bwd: forward, then backward with both operands needing gradients. "
               "dense: `(q @ c.T).gather(1, index)` (only where the [N, N] scores fit). rel. err: max abs difference "
-              "from the torch backend over its max abs value.", ""]  # fmt: skip
+              "from the torch backend over its max abs value. hot: the fraction of picks moved to one candidate.",
+              ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -208,7 +215,7 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    main = [r for r in records if "method" in r]
+    main = [r for r in records if "method" in r and not r.get("hot")]
     for dev, method in dict.fromkeys((r["device"], r["method"]) for r in main):
         rows = sorted((r for r in main if (r["device"], r["method"]) == (dev, method)), key=lambda r: r["n"])
         ax.plot([r["n"] for r in rows], [r["fwd_bwd_ms"] for r in rows], marker="o", label=f"{dev} {method}")
@@ -229,6 +236,8 @@ def main() -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--methods", nargs="+", default=["torch", "triton", "dense"])
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--hot", type=float, nargs="*", default=[], help="extra skewed cases at the largest N: the "
+                    "fraction of picks on one candidate")  # fmt: skip
     ap.add_argument("--sweep", action="store_true", help="time tile configs of each Triton kernel at the largest N")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "gathered_logits")
     args = ap.parse_args()
@@ -241,6 +250,8 @@ def main() -> int:
     records = []
     for n in args.ns:
         records += bench_case(n, args.k, args.d, dtype, args.reps, args.methods)
+    for hot in args.hot:
+        records += bench_case(max(args.ns), args.k, args.d, dtype, args.reps, ["torch", "triton"], hot)
     if args.sweep:
         records += sweep(max(args.ns), args.k, args.d, dtype, args.reps)
     meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
