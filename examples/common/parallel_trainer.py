@@ -18,6 +18,7 @@ A trainer derived from ``ParallelEpochTrainer`` runs exactly like an ``EpochTrai
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -200,7 +201,7 @@ class ParallelEpochTrainer(EpochTrainer):
         try:
             return super()._train_epoch(epoch)
         finally:
-            if self.pipeline is not None:  # a max_steps stop leaves the next batch in flight: settle it first
+            if self.pipeline is not None:  # the sharded modules get their own forwards back (evaluation)
                 self.pipeline.reset()
 
     def _distributed_batches(self, loader: Any) -> Iterator[Any]:
@@ -218,7 +219,13 @@ class ParallelEpochTrainer(EpochTrainer):
         if self.pipeline is None:
             yield from planned()
             return
-        batches = planned()
+        batches: Iterator[Any] = planned()
+        max_steps = self.config.train.max_steps
+        if max_steps:
+            # The pipeline gets only the batches this run trains (the loop stops after the step that reaches
+            # max_steps, at least one): none is left in flight at a max_steps stop for reset() to settle, whose
+            # second wait on the splits of an already-split prefetch fails (gr_parallel.TrainPipeline.reset).
+            batches = itertools.islice(batches, max(max_steps - self.state["global_step"], 1))
         while True:
             try:
                 self.pipeline.progress(batches)  # forward/backward/step of batch i while batch i+1 travels

@@ -162,34 +162,51 @@ TINY = [
 ]
 SHARDED = ["parallel.table_sharding=model_parallel", "parallel.table_optimizer=adagrad", "model.dropout=0.2"]
 DYNAMIC = ["model.item_table=dynamic", "model.dropout=0.0", "parallel.pipeline=true"]
+STOP_AT = 5  # the "resumed" run stops after this step (inside epoch 2) and resumes to the end
 RUNS = {
-    "plain": [*SHARDED, "parallel.pipeline=false"],
-    "piped": [*SHARDED, "parallel.pipeline=true"],
-    "dynamic": DYNAMIC,
+    "cpu": {
+        "plain": [*SHARDED, "parallel.pipeline=false"],
+        "piped": [*SHARDED, "parallel.pipeline=true"],
+        "resumed": [*SHARDED, "parallel.pipeline=true"],
+        "dynamic": DYNAMIC,
+    },
+    # CUDA: the default layout (tables sharded over the GPUs, fused Adam; NCCL), copies and all-to-alls on streams.
+    "gpu": {
+        "plain": ["model.dropout=0.2", "parallel.pipeline=false", "output.tensorboard=false"],
+        "piped": ["model.dropout=0.2", "parallel.pipeline=true", "output.tensorboard=false"],
+    },
 }
 
 
-def _rank_worker(out: Path) -> None:
-    """What each rank of the launch runs: the runs above, counting the item table's calls while training."""
+def _counted_fit(trainer: RetrievalTrainer) -> tuple[dict[str, Any], int]:
+    """``trainer.fit()`` and how often the item table was called while training."""
+    table = trainer.model.input_embedding.item_embeddings
+    calls = [0]
+    compute = table.compute_and_output_dist  # every call of a sharded module, prefetched by the pipeline or not
+
+    def counted(*args: Any) -> Any:
+        calls[0] += table.training
+        return compute(*args)
+
+    table.compute_and_output_dist = counted
+    return trainer.fit(), calls[0]
+
+
+def _rank_worker(out: Path, kind: str) -> None:
+    """What each rank of the launch runs: ``RUNS[kind]``, counting the item table's calls while training."""
     import torch.distributed as dist
 
-    for name, extra in RUNS.items():
-        cfg = load_config(RetrievalExperimentConfig, None, [*TINY, *extra, f'output.dir="{out / name}"'])
-        trainer = RetrievalTrainer(cfg)
-        table = trainer.model.input_embedding.item_embeddings
-        calls = [0]
-        compute = table.compute_and_output_dist  # every call of a sharded module, prefetched by the pipeline or not
-
-        def counted(*args: Any, table: Any = table, calls: list[int] = calls, compute: Any = compute) -> Any:
-            calls[0] += table.training
-            return compute(*args)
-
-        table.compute_and_output_dist = counted
-        results = trainer.fit()
-        rank = dist.get_rank()
-        (out / name / f"calls{rank}.json").write_text(
-            json.dumps({"train_calls": calls[0], "global_steps": results["global_steps"], "one": trainer.one_lookup})
-        )
+    for name, extra in RUNS[kind].items():
+        overrides = [*TINY, *extra, f'output.dir="{out / name}"']
+        calls = 0
+        if name == "resumed":
+            cfg = load_config(RetrievalExperimentConfig, None, [*overrides, f"train.max_steps={STOP_AT}"])
+            _, calls = _counted_fit(RetrievalTrainer(cfg))
+        cfg = load_config(RetrievalExperimentConfig, None, overrides)
+        trainer = RetrievalTrainer(cfg, resume=name == "resumed")
+        results, more = _counted_fit(trainer)
+        info = {"train_calls": calls + more, "global_steps": results["global_steps"], "one": trainer.one_lookup}
+        (out / name / f"calls{dist.get_rank()}.json").write_text(json.dumps({**info, "device": results["device"]}))
 
 
 @pytest.fixture(scope="module")
@@ -197,21 +214,28 @@ def two_rank_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.examples.test_torchrun import torchrun
 
     out = tmp_path_factory.mktemp("one_lookup")
-    torchrun(__file__, 2, [], str(out))
+    torchrun(__file__, 2, [], str(out), "cpu")
     return out
 
 
-def test_sharded_table_steps_once_per_step_and_the_pipeline_equals_the_plain_loop(two_rank_runs: Path) -> None:
-    from tests.examples.test_torchrun import step_losses
-
-    out = two_rank_runs
-    for name in RUNS:
+def _check_calls(out: Path, runs: dict[str, list[str]]) -> None:
+    for name in runs:
         for rank in (0, 1):
             calls = json.loads((out / name / f"calls{rank}.json").read_text())
             assert calls["one"] and calls["train_calls"] == calls["global_steps"] == 8, (name, rank, calls)
-    plain, piped = (json.loads((out / name / "results.json").read_text()) for name in ("plain", "piped"))
-    assert step_losses(out / "piped") == step_losses(out / "plain")
-    assert piped["test"] == plain["test"] and piped["val_history"] == plain["val_history"]
+
+
+def test_sharded_table_steps_once_per_step_and_the_pipeline_equals_the_plain_loop(two_rank_runs: Path) -> None:
+    """Dropout on: the pipeline prepares batch i+1 (its negatives drawn) before step i; the plain loop after. A
+    pipelined run stopped after step 5 and resumed from its distributed checkpoint trains the same."""
+    from tests.examples.test_torchrun import step_losses
+
+    out = two_rank_runs
+    _check_calls(out, RUNS["cpu"])
+    plain, piped, resumed = (json.loads((out / n / "results.json").read_text()) for n in ("plain", "piped", "resumed"))
+    assert step_losses(out / "piped") == step_losses(out / "plain") == step_losses(out / "resumed")
+    for run in (piped, resumed):
+        assert run["test"] == plain["test"] and run["val_history"] == plain["val_history"]
     assert plain["train_loss_history"][-1] < plain["train_loss_history"][0]
 
 
@@ -230,5 +254,19 @@ def test_dynamic_table_sharded_with_in_batch_negatives_trains_like_one_process(
     assert results["test"] == pytest.approx(reference["test"], abs=1e-6)
 
 
-if __name__ == "__main__":  # a rank of the two_rank_runs launch
-    _rank_worker(Path(sys.argv[1]))
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_nccl_sharded_table_steps_once_per_step_and_the_pipeline_equals_the_plain_loop(tmp_path: Path) -> None:
+    from tests.examples.test_torchrun import torchrun
+
+    torchrun(__file__, 2, [], str(tmp_path), "gpu")
+    _check_calls(tmp_path, RUNS["gpu"])
+    plain, piped = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("plain", "piped"))
+    assert plain["device"].startswith("cuda")
+    # Same kernels on the same shapes; only where the copies and all-to-alls run moved.
+    assert piped["train_loss_history"] == pytest.approx(plain["train_loss_history"], abs=1e-5)
+    assert piped["test"] == pytest.approx(plain["test"], abs=1e-5)
+
+
+if __name__ == "__main__":  # a rank of a two-rank launch: output folder, RUNS key
+    _rank_worker(Path(sys.argv[1]), sys.argv[2])
