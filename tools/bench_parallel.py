@@ -418,6 +418,8 @@ def main() -> None:
         runs, records = saved_runs(out)
         write_outputs(out, runs, records, markdown, plot)
         return
+    if args.compile and any(int(spec.split("x")[1]) > 1 for spec in args.configs):
+        raise SystemExit(f"--compile supports tp=1 configs only (ParallelizeConfig.compile_dense), got {args.configs}")
     records = []
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     for spec in args.configs:
