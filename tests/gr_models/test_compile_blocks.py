@@ -137,6 +137,13 @@ def test_copies_names_and_uncompile() -> None:
         with torch.no_grad():
             clone.blocks[1].output.bias.add_(1.0)
             torch.testing.assert_close(clone(x, offsets, max_len, ts, ts), enc(x, offsets, max_len, ts, ts) + 1.0)
+    # Keyword arguments reach the compiled function too.
+    block = enc.blocks[0]
+    with torch.no_grad():
+        u, v, q, k = block.project(x=x)
+        for got, want in zip((u, v, q, k), type(block).project(block, x), strict=True):
+            torch.testing.assert_close(got, want)
+        torch.testing.assert_close(block.finish(x, u=u, attn=v), type(block).finish(block, x, u, v))
     # Compiling again replaces the options; uncompiling restores the class methods.
     compile_hstu_blocks(enc, dynamic=False, backend="aot_eager")
     assert enc.blocks[0].finish.dynamic is False

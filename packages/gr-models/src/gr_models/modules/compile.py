@@ -63,11 +63,12 @@ class _CompiledMethod:
         self.dynamic, self.mode, self.backend = dynamic, mode, backend
         self.fn = _compiled_function(getattr(type(block), name), dynamic, mode, backend)
 
-    def __call__(self, *args: torch.Tensor) -> Any:
+    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
         if self.dynamic:
-            for t in args:  # x [n, D], u [n, H * Dv], attn [n, H, Dv]: n changes with every batch
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-        return self.fn(self.block, *args)
+            for t in (*args, *kwargs.values()):  # x [n, D], u [n, H * Dv], attn [n, H, Dv]: n changes every batch
+                if isinstance(t, torch.Tensor) and t.dim() > 0:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+        return self.fn(self.block, *args, **kwargs)
 
     # Pickling (e.g. torch.save of a whole model) stores the options, not the compiled function; loading compiles anew.
     def __getstate__(self) -> dict[str, Any]:
