@@ -140,9 +140,9 @@ class OneLookupBatch:
     to the model's one sharded table) can start that lookup's input dist before the step."""
 
     batch: SequenceBatch
-    negatives: torch.Tensor  # [N, K] negative ids
+    negatives: torch.Tensor | None  # [N, K] negative ids looked up with the step, or None: in-batch at positions
     positions: torch.Tensor | None  # [N, K] rows of the batch's targets the negatives are (not looked up), or None
-    features: KeyedJaggedTensor  # training_features(batch, negatives unless positions): inputs, targets, negatives
+    features: KeyedJaggedTensor  # training_features(batch, negatives): inputs, targets, then any negatives
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> OneLookupBatch:
         def move(x: Any) -> Any:
@@ -295,8 +295,9 @@ class RetrievalTrainer(ParallelEpochTrainer):
             negatives, positions = self.loss_fn.draw_step_negatives(
                 batch.target_items, plan, step_generator(tc.seed, epoch, b), lambda p=plan: self._global_targets(p)
             )
-            features = self.model.training_features(batch, negatives if positions is None else None)
-            yield OneLookupBatch(batch, negatives, positions, features)
+            if positions is not None:
+                negatives = None  # rows of the targets: not looked up (the loss gathers them by position)
+            yield OneLookupBatch(batch, negatives, positions, self.model.training_features(batch, negatives))
 
     def _global_targets(self, plan: StepPlan) -> torch.Tensor:
         """The target ids of a global batch in single-process token order (its sequences' targets concatenated)."""
@@ -324,7 +325,7 @@ class RetrievalTrainer(ParallelEpochTrainer):
 
     def _one_lookup_loss(self, ob: OneLookupBatch) -> torch.Tensor:
         """The loss from ONE call of the item table: a fused table optimizer steps once per training step."""
-        if ob.positions is None:
+        if ob.negatives is not None:
             emb = self.model.training_forward(ob.batch, ob.features, ob.negatives)
             return self.loss_fn(
                 emb.queries,
