@@ -144,11 +144,18 @@ class OneLookupBatch:
     positions: torch.Tensor | None  # [N, K] rows of the batch's targets the negatives are (not looked up), or None
     features: KeyedJaggedTensor  # training_features(batch, negatives): inputs, targets, then any negatives
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> OneLookupBatch:
-        def move(x: Any) -> Any:
-            return None if x is None else x.to(device, non_blocking=non_blocking)
+    def _map(self, fn: Callable[[Any], Any]) -> OneLookupBatch:
+        def optional(x: Any) -> Any:
+            return None if x is None else fn(x)
 
-        return OneLookupBatch(move(self.batch), move(self.negatives), move(self.positions), move(self.features))
+        return OneLookupBatch(fn(self.batch), optional(self.negatives), optional(self.positions), fn(self.features))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> OneLookupBatch:
+        return self._map(lambda x: x.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> OneLookupBatch:
+        """In page-locked host memory, so the train pipeline's copy to the GPU runs asynchronously."""
+        return self._map(lambda x: x.pin_memory())
 
 
 # Mixed into the seed of a one-lookup step's negatives, so that stream differs from other draws seeded by train.seed.
@@ -297,7 +304,8 @@ class RetrievalTrainer(ParallelEpochTrainer):
             )
             if positions is not None:
                 negatives = None  # rows of the targets: not looked up (the loss gathers them by position)
-            yield OneLookupBatch(batch, negatives, positions, self.model.training_features(batch, negatives))
+            ob = OneLookupBatch(batch, negatives, positions, self.model.training_features(batch, negatives))
+            yield ob.pin_memory() if self.device.type == "cuda" else ob
 
     def _global_targets(self, plan: StepPlan) -> torch.Tensor:
         """The target ids of a global batch in single-process token order (its sequences' targets concatenated)."""
