@@ -4,8 +4,6 @@
   training equals a hand-written reference that looks inputs, targets and negatives up in one call per step.
 - One process with a static table (the dense AdamW): the step is the three-call one it always was, bit for bit
   (the results in docs/results were trained with it).
-- The negatives drawn before the step: every DP rank of any split of a global batch draws its rows of the one-process
-  draw (hypothesis); a rank whose batch does not match its plan is refused.
 - Two ranks (gloo) with the table sharded row-wise (fused Adagrad): the train pipeline gives the plain loop's losses
   and metrics exactly (dropout on: the negatives no longer draw from the global RNG the pipeline would interleave),
   every rank calls the table once per training step, and a dynamic table sharded over the ranks with in-batch
@@ -20,16 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from examples.common.config import load_config
-from examples.common.distributed import StepPlan
 from examples.retrieval.config import RetrievalExperimentConfig
-from examples.retrieval.trainer import GlobalBatchSampledSoftmax, RetrievalTrainer, step_generator
+from examples.retrieval.trainer import RetrievalTrainer, step_generator
 from gr_models.data.batching import SequenceBatch, make_dataloader
 from gr_models.retrieval.losses import SampledSoftmaxLoss
 
@@ -119,57 +113,6 @@ def test_dynamic_table_steps_once_per_training_step_like_a_one_lookup_reference(
     tol = 0.0 if negatives == "uniform" and device == "cpu" else 1e-5
     for k in got:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=tol, msg=k)
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    lengths=st.lists(st.integers(1, 6), min_size=1, max_size=9),
-    dp=st.integers(1, 4),
-    balanced=st.booleans(),
-    negatives=st.sampled_from(["uniform", "in_batch"]),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_each_rank_draws_its_rows_of_the_one_process_draw(
-    lengths: list[int], dp: int, balanced: bool, negatives: str, seed: int
-) -> None:
-    """``draw_step_negatives`` on every DP rank of any split of a global batch: the ranks' negatives, put back at
-    their token rows, are the draw one process makes for the whole batch from the same seed."""
-    from gr_parallel.load_balance import balanced_partition, contiguous_partition
-
-    if len(lengths) < dp:
-        dp = len(lengths)
-    loss = GlobalBatchSampledSoftmax(50, num_negatives=3, negatives=negatives)  # type: ignore[arg-type]
-    lens = np.asarray(lengths, dtype=np.int64)
-    total = int(lens.sum())
-    global_targets = torch.randint(50, (total,), generator=torch.Generator().manual_seed(seed + 1))
-    want, positions = loss.draw_step_negatives(global_targets, None, torch.Generator().manual_seed(seed), None)  # type: ignore[arg-type]
-    assert want.shape == (total, 3) and ((want >= 0) & (want < 50)).all()
-    if negatives == "in_batch":
-        assert positions is not None and torch.equal(want, global_targets[positions])
-    split = balanced_partition(lens, dp) if balanced else contiguous_partition(len(lens), dp)
-    parts = tuple(np.asarray(p, dtype=np.int64) for p in split)
-    got = torch.full_like(want, -1)
-    for r in range(dp):
-        plan = StepPlan(np.arange(len(lens)), parts, lens, r)
-        rows = torch.from_numpy(plan.token_rows())
-        ids, pos = loss.draw_step_negatives(
-            global_targets[rows], plan, torch.Generator().manual_seed(seed), lambda: global_targets
-        )
-        assert (pos is None) == (dp > 1 or negatives == "uniform")
-        got[rows] = ids
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-def test_a_rank_whose_targets_are_not_at_its_rows_is_refused() -> None:
-    loss = GlobalBatchSampledSoftmax(50, num_negatives=3, negatives="in_batch")
-    lens = np.asarray([2, 3], dtype=np.int64)
-    plan = StepPlan(np.arange(2), (np.asarray([0]), np.asarray([1])), lens, 0)
-    targets = torch.arange(5)
-    g = torch.Generator().manual_seed(0)
-    with pytest.raises(RuntimeError, match="do not hold this rank's targets"):
-        loss.draw_step_negatives(torch.tensor([7, 7]), plan, g, lambda: targets)
-    with pytest.raises(RuntimeError, match="has 3 target positions but its plan says 2"):
-        loss.draw_step_negatives(torch.arange(3), plan, g, lambda: targets)
 
 
 class _ThreeCallStep(RetrievalTrainer):
