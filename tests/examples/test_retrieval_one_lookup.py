@@ -6,8 +6,11 @@
   (the results in docs/results were trained with it).
 - Two ranks (gloo) with the table sharded row-wise (fused Adagrad): the train pipeline gives the plain loop's losses
   and metrics exactly (dropout on: the negatives no longer draw from the global RNG the pipeline would interleave),
-  every rank calls the table once per training step, and a dynamic table sharded over the ranks with in-batch
-  negatives (drawn over the global batch's targets) trains like one process.
+  also stopped at max_steps and resumed from its distributed checkpoint; every rank calls the table once per
+  training step; a dynamic table sharded over the ranks with in-batch negatives (drawn over the global batch's
+  targets) trains like one process.
+- GPUs (``gpu`` mark): the one-process dynamic-table test on one GPU; two GPUs over NCCL with the CUDA default (tables
+  sharded, fused Adam): one table call per step, pipelined equal to the plain loop.
 """
 
 from __future__ import annotations
