@@ -272,9 +272,10 @@ def test_nccl_sharded_table_steps_once_per_step_and_the_pipeline_equals_the_plai
     _check_calls(tmp_path, RUNS["gpu"])
     plain, piped = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("plain", "piped"))
     assert plain["device"].startswith("cuda")
-    # Same kernels on the same shapes; only where the copies and all-to-alls run moved.
-    assert piped["train_loss_history"] == pytest.approx(plain["train_loss_history"], abs=1e-5)
-    assert piped["test"] == pytest.approx(plain["test"], abs=1e-5)
+    # Same kernels on the same shapes, only where the copies and all-to-alls run moved; GPU kernels may still sum in
+    # another order (other negatives would move the losses by far more).
+    assert piped["train_loss_history"] == pytest.approx(plain["train_loss_history"], abs=1e-4)
+    assert piped["test"] == pytest.approx(plain["test"], abs=0.02)
 
 
 if __name__ == "__main__":  # a rank of a two-rank launch: output folder, RUNS key
