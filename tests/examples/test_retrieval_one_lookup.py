@@ -106,14 +106,15 @@ def test_dynamic_table_steps_once_per_training_step_like_a_one_lookup_reference(
     reference = RetrievalTrainer(retrieval_config(tmp_path / "ref", *extra))
     ref_losses = _one_lookup_reference(reference, STEPS)
     assert reference.model.input_embedding.item_embeddings.table("item_table").step == STEPS
-    assert trainer.state["train_loss_history"] == [pytest.approx(sum(ref_losses[:4]) / 4, abs=1e-6)]
-    assert trainer.state["epoch_loss_sum"] == pytest.approx(sum(ref_losses[4:]), abs=1e-6)
+    loss_tol = 1e-6 if device == "cpu" else 1e-4
+    assert trainer.state["train_loss_history"] == [pytest.approx(sum(ref_losses[:4]) / 4, abs=loss_tol)]
+    assert trainer.state["epoch_loss_sum"] == pytest.approx(sum(ref_losses[4:]), abs=loss_tol)
     got, want = _table_state(trainer.model), _table_state(reference.model)
     assert got.keys() == want.keys() and any(k.endswith("table_values") for k in got)
     # Uniform negatives on the CPU: the same ops in the same order. In-batch ones: the trainer gathers their rows
     # from the targets' where the reference looks their ids up, so gradients sum in another order (float rounding);
     # CUDA kernels may sum in any order.
-    tol = 0.0 if negatives == "uniform" and device == "cpu" else 1e-5
+    tol = 1e-4 if device == "cuda" else 0.0 if negatives == "uniform" else 1e-5
     for k in got:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=tol, msg=k)
 
