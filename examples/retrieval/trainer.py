@@ -165,7 +165,8 @@ NEGATIVES_STREAM = 0x4E454753
 def step_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
     """Where a one-lookup step's negatives come from: a pure function of (train.seed, epoch, batch within epoch), so
     the draw is the same whenever the batch is prepared (the train pipeline prepares batch i+1 before step i), after
-    a resume, and at any world size; the global RNG (dropout) sees the plain loop's sequence of draws."""
+    a resume, and at any world size; the global RNG (dropout) sees the plain loop's sequence of draws. It is another
+    stream than the dense-optimizer step's (the global RNG): the same seed gives other negatives there."""
     state = np.random.SeedSequence([seed, NEGATIVES_STREAM, epoch, batch]).generate_state(1, np.uint64)
     return torch.Generator().manual_seed(int(state[0]))
 
