@@ -119,28 +119,19 @@ def rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
     return ((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
 
 
-def triton_parts(q, c, index, up, reps: int, blocks: glt.Blocks | None = None) -> dict[str, float]:
+def triton_parts(q, c, index, up, reps: int, blocks: glt.Blocks | None = None, only: str | None = None):
+    """Milliseconds of each piece of the Triton backend alone (or of ``only``): forward, grad_q, grad_c (with its
+    plan), the plan alone (sort into a CSR by candidate, segments), and the index range check."""
     m = c.size(0)
-    order, offsets = glt.picks_by_candidate(index, m)
-    kern = glt._compiled_kernels()
-    b = blocks or glt.DEFAULT_BLOCKS
-    d, k = q.size(1), index.size(1)
-    grad_c = torch.empty_like(c)
-    block_d = glt._block_d(d, b.grad_c_d)
-
-    def grad_c_kernel():
-        kern.gathered_logits_grad_c_kernel[(m, glt._cdiv(d, block_d))](
-            up, q, order, offsets, grad_c, q.stride(0), grad_c.stride(0),
-            K=k, D=d, BLOCK_P=b.grad_c_picks, BLOCK_D=block_d, EVEN_D=d % block_d == 0, num_warps=b.grad_c_warps,
-        )  # fmt: skip
-
-    return {
-        "fwd": round(time_ms(lambda: glt.forward(q, c, index, blocks), reps), 3),
-        "grad_q": round(time_ms(lambda: glt.grad_queries(up, c, index, blocks), reps), 3),
-        "csr_sort": round(time_ms(lambda: glt.picks_by_candidate(index, m), reps), 3),
-        "grad_c_kernel": round(time_ms(grad_c_kernel, reps), 3),
-        "range_check": round(time_ms(lambda: glt.check_operands(q, c, index), reps), 3),
+    segment = (blocks or glt.DEFAULT_BLOCKS).grad_c_segment
+    pieces = {
+        "fwd": lambda: glt.forward(q, c, index, blocks),
+        "grad_q": lambda: glt.grad_queries(up, c, index, blocks),
+        "grad_c": lambda: glt.grad_candidates(up, q, index, m, blocks),
+        "grad_c_plan": lambda: glt.segment_plan(index, m, segment),
+        "range_check": lambda: glt.check_operands(q, c, index),
     }
+    return {name: round(time_ms(fn, reps), 3) for name, fn in pieces.items() if only in (None, name)}
 
 
 SWEEP = {
@@ -148,8 +139,8 @@ SWEEP = {
             [(32, 128, 4), (64, 128, 4), (128, 128, 8), (64, 256, 8), (32, 512, 8), (16, 512, 4)]],
     "grad_q": [dict(grad_q_rows=r, grad_q_d=dd, grad_q_warps=w) for r, dd, w in
                [(16, 128, 4), (32, 128, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8), (16, 512, 8)]],
-    "grad_c_kernel": [dict(grad_c_picks=p, grad_c_d=dd, grad_c_warps=w) for p, dd, w in
-                      [(16, 128, 4), (16, 256, 4), (32, 256, 8), (8, 512, 4), (16, 512, 8), (32, 128, 4)]],
+    "grad_c": [dict(grad_c_picks=p, grad_c_d=dd, grad_c_warps=w) for p, dd, w in
+               [(16, 128, 4), (16, 256, 4), (32, 256, 8), (8, 512, 4), (16, 512, 8), (32, 128, 4)]],
 }  # fmt: skip
 
 
@@ -164,7 +155,7 @@ def sweep(n: int, k: int, d: int, dtype: torch.dtype, reps: int) -> list[dict]:
         for opt in options:
             blocks = dataclasses.replace(glt.DEFAULT_BLOCKS, **opt)
             try:
-                ms = triton_parts(q, c, index, up, reps, blocks)[part]
+                ms = triton_parts(q, c, index, up, reps, blocks, only=part)[part]
             except Exception as e:  # a config this GPU cannot run: reported, not fatal
                 print(f"sweep {part} {opt}: {type(e).__name__}: {e}", flush=True)
                 continue

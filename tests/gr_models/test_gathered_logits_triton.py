@@ -13,6 +13,7 @@ The interpreter rounds fp32 -> bf16 toward zero (CUDA rounds to nearest), so bf1
 from __future__ import annotations
 
 import importlib.util
+import itertools
 
 import pytest
 import torch
@@ -79,8 +80,9 @@ def _check_against_reference(q, c, index, up, dtype, blocks=None):
 
 
 _POW2 = st.sampled_from([1, 2, 4, 8, 16])
-_BLOCKS = st.builds(glt.Blocks, **{f: _POW2 for f in ("fwd_picks", "fwd_d", "grad_q_rows", "grad_q_d", "grad_c_picks",
-                                                      "grad_c_d")})  # fmt: skip
+_BLOCKS = st.builds(glt.Blocks, grad_c_segment=st.integers(1, 20),
+                    **{f: _POW2 for f in ("fwd_picks", "fwd_d", "grad_q_rows", "grad_q_d", "grad_c_picks", "grad_c_d",
+                                          "combine_rows")})  # fmt: skip
 
 
 @needs_triton
@@ -135,6 +137,39 @@ def test_picks_by_candidate_is_a_stable_csr() -> None:
     for m in range(9):
         run = order[offsets[m] : offsets[m + 1]].tolist()
         assert run == [p for p, v in enumerate(flat) if v == m]  # the picks of m, in pick order
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    n=st.integers(0, 30),
+    m=st.integers(1, 12),
+    k=st.integers(0, 6),
+    segment=st.integers(1, 10),
+    hot=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_segment_plan_covers_every_pick_once(n: int, m: int, k: int, segment: int, hot: bool, seed: int) -> None:
+    """The grad_c plan: every candidate's run cut into ceil(count / segment) segments (one for an empty run), each
+    owned by one program of the (upper-bound) grid; multi-segment runs get disjoint partial rows inside the buffer,
+    and the combine grid lists exactly those candidates. (A wrong bound would write outside a buffer on the GPU.)"""
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randint(m, (n, k), generator=g)
+    if hot and index.numel():
+        index[torch.rand(n, k, generator=g) < 0.8] = m - 1  # one long run
+    plan = glt.segment_plan(index, m, segment)
+    counts = torch.bincount(index.reshape(-1), minlength=m).tolist()
+    owner, first = plan.owner.tolist(), plan.seg_first.tolist()
+    want_segments = [max(1, -(-c // segment)) for c in counts]
+    assert plan.num_segments.tolist() == want_segments
+    assert plan.offsets.diff().tolist() == counts
+    expect_owner = [c for c, s in enumerate(want_segments) for _ in range(s)]
+    assert owner == expect_owner + [m] * (len(owner) - len(expect_owner))  # the grid bound holds (no negative pad)
+    assert all(owner[first[c]] == c for c in range(m))
+    multi = [c for c, s in enumerate(want_segments) if s > 1]
+    assert plan.multi_owner.tolist() == multi + [m] * (plan.multi_owner.numel() - len(multi))
+    rows = [(plan.partial_row[c].item(), want_segments[c]) for c in multi]
+    assert all(a + s <= b for (a, s), (b, _) in itertools.pairwise(rows))  # disjoint, in order
+    assert all(a + s <= plan.num_partial_rows for a, s in rows)
 
 
 @needs_triton

@@ -4,9 +4,12 @@ shape ``[N, K, D]`` is ever written).
 
 - forward: one program per ``BLOCK_P`` consecutive picks ``p = n * K + k`` (any K, no padding of the pick axis).
 - grad_q: one program per ``BLOCK_N`` queries and ``BLOCK_D`` columns, walking the K picks of its queries.
-- grad_c: one program per candidate row (and ``BLOCK_D`` columns), walking that candidate's picks in a CSR layout
-  (picks sorted by candidate, ``offsets[m] .. offsets[m + 1]``), so every row of grad_c is summed by one program in
-  a fixed order and written once: no atomics, deterministic, and no zero-fill of grad_c beforehand.
+- grad_c: the picks sorted by candidate (CSR: candidate ``m``'s run is ``order[offsets[m]:offsets[m + 1]]``), each
+  run cut into segments of at most ``segment`` picks; one program per segment (and ``BLOCK_D`` columns) sums
+  ``g * q`` over it. A run of one segment (every run of a uniform draw) is written straight to its grad_c row; a
+  longer one (a candidate picked very often) leaves fp32 partial rows that a second kernel sums in order. No
+  atomics, every sum in a fixed order (deterministic), no zero-fill of grad_c, and a popular candidate's work
+  spreads over many programs.
 
 Loaded twice by ``gathered_logits_triton`` (compiled for CUDA tensors, interpreted for CPU ones), so it keeps no
 module-level state and calls only builtins of ``triton.language`` (``tl.full``, ``tl.reduce``): the ``@jit`` helpers of
@@ -66,25 +69,57 @@ def gathered_logits_grad_q_kernel(
 
 @triton.jit
 def gathered_logits_grad_c_kernel(
-    g_ptr, q_ptr, order_ptr, offsets_ptr, gc_ptr, stride_q, stride_gc,
+    g_ptr, q_ptr, order_ptr, offsets_ptr, owner_ptr, seg_first_ptr, partial_row_ptr, gc_ptr, partial_ptr,
+    num_candidates, stride_q, stride_gc, segment,
     K: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
+    """One program per segment (at most ``segment`` picks of one candidate's run): its row of grad_c when the run
+    is one segment, else its fp32 partial row (summed by ``gathered_logits_grad_c_combine_kernel``)."""
+    j = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    start = tl.load(offsets_ptr + row)
-    end = tl.load(offsets_ptr + row + 1)
+    col_ok = cols < D
+    owner = tl.load(owner_ptr + j)
+    valid = owner < num_candidates  # the grid is an upper bound on the number of segments
+    m = tl.minimum(owner, num_candidates - 1)
+    seg = j - tl.load(seg_first_ptr + m)
+    run_start = tl.load(offsets_ptr + m)
+    run_end = tl.load(offsets_ptr + m + 1)
+    start = run_start + seg * segment
+    end = tl.where(valid, tl.minimum(start + segment, run_end), start)
     acc = tl.full([BLOCK_P, BLOCK_D], 0.0, tl.float32)
     for s in range(start, end, BLOCK_P):
         slots = s + tl.arange(0, BLOCK_P)
         live = slots < end
         picks = tl.load(order_ptr + slots, mask=live, other=0)
         g = tl.load(g_ptr + picks, mask=live, other=0.0).to(tl.float32)
-        mask = live[:, None] if EVEN_D else live[:, None] & (cols < D)[None, :]
+        mask = live[:, None] if EVEN_D else live[:, None] & col_ok[None, :]
         qv = tl.load(q_ptr + (picks // K)[:, None] * stride_q + cols[None, :], mask=mask, other=0.0)
         acc += g[:, None] * qv.to(tl.float32)
     total = tl.reduce(acc, 0, _add)
-    out = gc_ptr + row * stride_gc + cols
-    if EVEN_D:
-        tl.store(out, total.to(gc_ptr.dtype.element_ty))
+    if run_end - run_start <= segment:
+        tl.store(gc_ptr + m.to(tl.int64) * stride_gc + cols, total.to(gc_ptr.dtype.element_ty), mask=col_ok & valid)
     else:
-        tl.store(out, total.to(gc_ptr.dtype.element_ty), mask=cols < D)
+        row = tl.load(partial_row_ptr + m) + seg
+        tl.store(partial_ptr + row * D + cols, total, mask=col_ok & valid)
+
+
+@triton.jit
+def gathered_logits_grad_c_combine_kernel(
+    partial_ptr, multi_owner_ptr, partial_row_ptr, num_segments_ptr, gc_ptr, num_candidates, stride_gc,
+    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program per candidate whose run spans several segments: the sum of its partial rows, in order."""
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    owner = tl.load(multi_owner_ptr + tl.program_id(0))
+    valid = owner < num_candidates  # the grid is an upper bound on the number of such candidates
+    m = tl.minimum(owner, num_candidates - 1)
+    first = tl.load(partial_row_ptr + m)
+    count = tl.where(valid, tl.load(num_segments_ptr + m), 0)
+    acc = tl.full([BLOCK_R, BLOCK_D], 0.0, tl.float32)
+    for i in range(0, count, BLOCK_R):
+        rows = i + tl.arange(0, BLOCK_R)
+        acc += tl.load(partial_ptr + (first + rows)[:, None] * D + cols[None, :],
+                       mask=(rows < count)[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+    total = tl.reduce(acc, 0, _add)
+    tl.store(gc_ptr + m.to(tl.int64) * stride_gc + cols, total.to(gc_ptr.dtype.element_ty), mask=col_ok & valid)

@@ -8,9 +8,11 @@ work. Here each pass reads the picked rows once, straight from ``q`` / ``c`` (se
 
 - forward and grad_q: by query (one gathered candidate row per pick);
 - grad_c: the picks sorted by candidate once (a stable sort of the int32 index, then the CSR row offsets by binary
-  search: no host sync, so CUDA-graph capturable), then one program per candidate row sums ``g * q`` over its picks
-  in fp32 in a fixed order and writes its row once: deterministic, and a candidate picked many times costs one long
-  loop instead of contended atomics.
+  search: no host sync, so CUDA-graph capturable), each candidate's run cut into segments of at most
+  ``Blocks.grad_c_segment`` picks; one program per segment sums ``g * q`` in fp32 in a fixed order and writes the
+  candidate's row once (runs of one segment, all of them in a uniform draw) or a partial row that a second kernel
+  sums in order (a candidate picked very often): deterministic, no atomics, and a popular candidate spread over
+  many programs.
 
 Numerics: products and sums in fp32, outputs rounded once to the operands' dtype (the PyTorch path rounds each
 ``g * q`` term to the operands' dtype before its fp32 sum; here terms stay fp32).
@@ -55,17 +57,22 @@ class Blocks:
     grad_c_picks: int = 16
     grad_c_d: int = 256
     grad_c_warps: int = 4
+    grad_c_segment: int = 256  # most picks one grad_c program sums (a longer run is split, its partials combined)
+    combine_rows: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("fwd_picks", "fwd_d", "grad_q_rows", "grad_q_d", "grad_c_picks", "grad_c_d"):
+        for name in ("fwd_picks", "fwd_d", "grad_q_rows", "grad_q_d", "grad_c_picks", "grad_c_d", "combine_rows"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"Blocks.{name} must be a power of two, got {v}")
+        if self.grad_c_segment < 1:
+            raise ValueError(f"Blocks.grad_c_segment must be >= 1, got {self.grad_c_segment}")
 
 
 DEFAULT_BLOCKS = Blocks()
 # Interpreter (CPU tests): small tiles, so small shapes already span several tiles, tails and D chunks.
-INTERPRETER_BLOCKS = Blocks(fwd_picks=8, fwd_d=8, grad_q_rows=4, grad_q_d=8, grad_c_picks=4, grad_c_d=8)
+INTERPRETER_BLOCKS = Blocks(fwd_picks=8, fwd_d=8, grad_q_rows=4, grad_q_d=8, grad_c_picks=4, grad_c_d=8,
+                            grad_c_segment=8, combine_rows=2)  # fmt: skip
 
 
 @functools.cache
@@ -197,6 +204,40 @@ def picks_by_candidate(index: torch.Tensor, num_candidates: int) -> tuple[torch.
     return order, torch.searchsorted(sorted_keys, bounds)
 
 
+@dataclass(frozen=True)
+class SegmentPlan:
+    """The CSR runs cut into segments of at most ``segment`` picks (device tensors, built without a host sync; the
+    grids are upper bounds, their surplus programs see an owner ``== M`` and write nothing)."""
+
+    order: torch.Tensor  # [N * K] flat pick ids, by candidate
+    offsets: torch.Tensor  # [M + 1] run bounds in ``order``
+    owner: torch.Tensor  # [M + N * K // segment] candidate of each segment program (M: none)
+    seg_first: torch.Tensor  # [M] first segment program of each candidate
+    num_segments: torch.Tensor  # [M] segments of each run (1 for a run without picks: it writes zeros)
+    partial_row: torch.Tensor  # [M] first partial row of each multi-segment run
+    multi_owner: torch.Tensor  # [N * K // (segment + 1) + 1] the multi-segment candidates in order (M: none)
+    num_partial_rows: int  # bound on the partial rows of all multi-segment runs
+
+
+def segment_plan(index: torch.Tensor, num_candidates: int, segment: int) -> SegmentPlan:
+    order, offsets = picks_by_candidate(index, num_candidates)
+    picks = index.numel()
+    counts = offsets[1:] - offsets[:-1]
+    num_segments = ((counts + segment - 1) // segment).clamp_min_(1)
+    seg_end = num_segments.cumsum(0)
+    # sum over m of max(1, ceil(c_m / S)) <= sum of (1 + c_m // S) <= M + N*K // S
+    programs = torch.arange(num_candidates + picks // segment, device=index.device)
+    owner = torch.searchsorted(seg_end, programs, right=True)
+    multi = num_segments > 1
+    multi_segments = num_segments * multi
+    partial_row = multi_segments.cumsum(0) - multi_segments
+    # A multi-segment run has > S picks: at most N*K // (S + 1) of them, ceil(c / S) < 2 c / S rows each.
+    ranks = torch.arange(picks // (segment + 1) + 1, device=index.device)
+    multi_owner = torch.searchsorted(multi.cumsum(0), ranks, right=True)
+    return SegmentPlan(order, offsets, owner, seg_end - num_segments, num_segments, partial_row, multi_owner,
+                       2 * picks // segment + 1)  # fmt: skip
+
+
 def grad_candidates(
     grad: torch.Tensor, queries: torch.Tensor, index: torch.Tensor, num_candidates: int, blocks: Blocks | None = None
 ):
@@ -209,12 +250,19 @@ def grad_candidates(
     if n * k == 0:
         return grad_c.zero_()
     b = _blocks(queries.device, blocks)
-    order, offsets = picks_by_candidate(index, num_candidates)
+    plan = segment_plan(index, num_candidates, b.grad_c_segment)
+    partial = torch.empty(plan.num_partial_rows, d, dtype=torch.float32, device=queries.device)
     q, g = _rows_contiguous(queries), grad.contiguous()
+    kernels = _kernels(q.device)
     block_d = _block_d(d, b.grad_c_d)
-    _kernels(q.device).gathered_logits_grad_c_kernel[(num_candidates, _cdiv(d, block_d))](
-        g, q, order, offsets, grad_c, q.stride(0), grad_c.stride(0),
+    kernels.gathered_logits_grad_c_kernel[(plan.owner.numel(), _cdiv(d, block_d))](
+        g, q, plan.order, plan.offsets, plan.owner, plan.seg_first, plan.partial_row, grad_c, partial,
+        num_candidates, q.stride(0), grad_c.stride(0), b.grad_c_segment,
         K=k, D=d, BLOCK_P=b.grad_c_picks, BLOCK_D=block_d, EVEN_D=d % block_d == 0, num_warps=b.grad_c_warps,
+    )  # fmt: skip
+    kernels.gathered_logits_grad_c_combine_kernel[(plan.multi_owner.numel(), _cdiv(d, block_d))](
+        partial, plan.multi_owner, plan.partial_row, plan.num_segments, grad_c, num_candidates, grad_c.stride(0),
+        D=d, BLOCK_R=b.combine_rows, BLOCK_D=block_d, num_warps=b.grad_c_warps,
     )  # fmt: skip
     return grad_c
 
