@@ -140,15 +140,21 @@ class OneLookupBatch:
     to the model's one sharded table) can start that lookup's input dist before the step."""
 
     batch: SequenceBatch
-    negatives: torch.Tensor | None  # [N, K] negative ids looked up with the step, or None: in-batch at positions
-    positions: torch.Tensor | None  # [N, K] rows of the batch's targets the negatives are (not looked up), or None
-    features: KeyedJaggedTensor  # training_features(batch, negatives): inputs, targets, then any negatives
+    features: KeyedJaggedTensor  # training_features(batch, distinct): inputs, targets, then any negatives
+    negatives: torch.Tensor | None = None  # [N, K] negative ids looked up with the step (None: in-batch by position)
+    distinct: torch.Tensor | None = None  # [N, C] what is looked up for them (distinct_negatives)
+    index: torch.Tensor | None = None  # [N, K] where each negative's row is among the rows looked up for distinct
+    positions: torch.Tensor | None = None  # [N, K] rows of the batch's targets the negatives are (not looked up)
 
     def _map(self, fn: Callable[[Any], Any]) -> OneLookupBatch:
         def optional(x: Any) -> Any:
             return None if x is None else fn(x)
 
-        return OneLookupBatch(fn(self.batch), optional(self.negatives), optional(self.positions), fn(self.features))
+        return OneLookupBatch(
+            fn(self.batch),
+            fn(self.features),
+            *(optional(x) for x in (self.negatives, self.distinct, self.index, self.positions)),
+        )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> OneLookupBatch:
         return self._map(lambda x: x.to(device, non_blocking=non_blocking))
@@ -156,6 +162,20 @@ class OneLookupBatch:
     def pin_memory(self) -> OneLookupBatch:
         """In page-locked host memory, so the train pipeline's copy to the GPU runs asynchronously."""
         return self._map(lambda x: x.pin_memory())
+
+
+def distinct_negatives(negatives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(distinct [N, C], index [N, K])`` for looking ``negatives`` (``[N, K]`` ids) up with the step: each distinct
+    id once (then the distinct ids again, in order, to fill the ``[N, C]`` shape ``training_forward`` takes; the
+    repeats get no gradient), and ``index`` such that ``distinct.flatten()[index] == negatives``.
+
+    K draws per position from a catalogue of a few thousand items repeat most ids many times: the table then looks up
+    (and, sharded, sends over the all-to-alls) each id once, not once per draw (on the CPU, synthetic default with a
+    dynamic table: 1.8 s -> 0.54 s per step), with the same embeddings and gradients up to summation order."""
+    ids, index = torch.unique(negatives, return_inverse=True)
+    n = negatives.size(0)
+    cols = -(-ids.numel() // n)
+    return ids[torch.arange(n * cols) % ids.numel()].view(n, cols), index
 
 
 # Mixed into the seed of a one-lookup step's negatives, so that stream differs from other draws seeded by train.seed.
@@ -303,9 +323,12 @@ class RetrievalTrainer(ParallelEpochTrainer):
             negatives, positions = self.loss_fn.draw_step_negatives(
                 batch.target_items, plan, step_generator(tc.seed, epoch, b), lambda p=plan: self._global_targets(p)
             )
-            if positions is not None:
-                negatives = None  # rows of the targets: not looked up (the loss gathers them by position)
-            ob = OneLookupBatch(batch, negatives, positions, self.model.training_features(batch, negatives))
+            if positions is not None:  # rows of the targets: not looked up (the loss gathers them by position)
+                ob = OneLookupBatch(batch, self.model.training_features(batch), positions=positions)
+            else:
+                distinct, index = distinct_negatives(negatives)
+                features = self.model.training_features(batch, distinct)
+                ob = OneLookupBatch(batch, features, negatives=negatives, distinct=distinct, index=index)
             yield ob.pin_memory() if self.device.type == "cuda" else ob
 
     def _global_targets(self, plan: StepPlan) -> torch.Tensor:
@@ -335,13 +358,14 @@ class RetrievalTrainer(ParallelEpochTrainer):
     def _one_lookup_loss(self, ob: OneLookupBatch) -> torch.Tensor:
         """The loss from ONE call of the item table: a fused table optimizer steps once per training step."""
         if ob.negatives is not None:
-            emb = self.model.training_forward(ob.batch, ob.features, ob.negatives)
+            emb = self.model.training_forward(ob.batch, ob.features, ob.distinct)
+            rows = emb.negatives.flatten(0, 1)  # type: ignore[union-attr]
             return self.loss_fn(
                 emb.queries,
                 ob.batch.target_items,
                 target_embeddings=emb.targets,
                 negatives=ob.negatives,
-                negative_embeddings=emb.negatives,
+                negative_embeddings=rows[ob.index],
             )
         # In-batch negatives of one rank are rows of the targets' embeddings: gathered there, not looked up.
         emb = self.model.training_forward(ob.batch, ob.features)

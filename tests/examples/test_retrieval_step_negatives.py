@@ -1,6 +1,6 @@
 """The negatives a fused item table's one-lookup step draws before the step (``draw_step_negatives``): every DP rank
 of any split of a global batch draws its rows of the one-process draw; a rank whose batch does not match its plan is
-refused."""
+refused. ``distinct_negatives`` lays the distinct ids out for the one lookup and indexes the draws into them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from examples.common.distributed import StepPlan
-from examples.retrieval.trainer import GlobalBatchSampledSoftmax, step_generator
+from examples.retrieval.trainer import GlobalBatchSampledSoftmax, distinct_negatives, step_generator
 
 
 @settings(max_examples=40, deadline=None)
@@ -75,3 +75,17 @@ def test_step_generator_is_a_function_of_the_batch_place() -> None:
     before = torch.get_rng_state()
     draw(7, 1, 3)
     assert torch.equal(torch.get_rng_state(), before)  # the global RNG (dropout) is not touched
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(1, 9), items=st.integers(1, 500), seed=st.integers(0, 2**31 - 1))
+def test_distinct_negatives_hold_each_id_once_and_index_every_draw(n: int, k: int, items: int, seed: int) -> None:
+    negatives = torch.randint(items, (n, k), generator=torch.Generator().manual_seed(seed))
+    distinct, index = distinct_negatives(negatives)
+    ids = negatives.unique()
+    cols = -(-ids.numel() // n)
+    assert distinct.shape == (n, cols) and index.shape == negatives.shape
+    flat = distinct.flatten()
+    assert torch.equal(flat[: ids.numel()], ids)  # each distinct id once, first; the rest repeats them
+    assert torch.equal(flat, ids[torch.arange(n * cols) % ids.numel()])
+    assert int(index.max()) < ids.numel() and torch.equal(flat[index], negatives)
