@@ -12,6 +12,7 @@ The interpreter rounds fp32 -> bf16 toward zero (CUDA rounds to nearest), so bf1
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 
@@ -255,9 +256,12 @@ def test_cuda_kernels_match_reference(n: int, m: int, k: int, d: int, dtype: tor
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_large_k_and_d() -> None:
+@pytest.mark.parametrize("segment", [None, 16, 2**30])
+def test_cuda_large_k_and_d(segment: int | None) -> None:
+    """~218 picks per candidate (runs of one or two 256-pick segments by default; every run split at 16; none)."""
     q, c, index, up = _cuda_case(64, 300, 1024, 1024, torch.bfloat16, seed=1)
-    _check_against_reference(q, c, index, up, torch.bfloat16)
+    blocks = None if segment is None else dataclasses.replace(glt.DEFAULT_BLOCKS, grad_c_segment=segment)
+    _check_against_reference(q, c, index, up, torch.bfloat16, blocks)
 
 
 @pytest.mark.gpu
@@ -281,16 +285,19 @@ def test_cuda_autocast_auto_backend_matches_chunked() -> None:
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_popular_candidate_deterministic() -> None:
-    """A candidate picked by most of the batch (one long CSR run), bit-identical grad_c run to run."""
+@pytest.mark.parametrize("segment", [None, 2**30])
+def test_cuda_popular_candidate_deterministic(segment: int | None) -> None:
+    """A candidate picked by most of the batch (one long CSR run: split into segments by default, or not),
+    bit-identical grad_c run to run."""
     n, m, k, d = 8192, 1000, 32, 256
     g = torch.Generator().manual_seed(3)
     index = torch.randint(m, (n, k), generator=g)
     index[torch.rand(n, k, generator=g) < 0.7] = 17
     q, c, index, up = _cuda_case(n, m, k, d, torch.bfloat16, seed=3, index=index)
-    _check_against_reference(q, c, index, up, torch.bfloat16)
-    first = _run(glt.triton_gathered_logits, q, c, index, up)
-    second = _run(glt.triton_gathered_logits, q, c, index, up)
+    blocks = None if segment is None else dataclasses.replace(glt.DEFAULT_BLOCKS, grad_c_segment=segment)
+    _check_against_reference(q, c, index, up, torch.bfloat16, blocks)
+    first = _run(lambda *a: glt.triton_gathered_logits(*a, blocks=blocks), q, c, index, up)
+    second = _run(lambda *a: glt.triton_gathered_logits(*a, blocks=blocks), q, c, index, up)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 

@@ -154,8 +154,18 @@ def test_gathered_logits_cuda(autocast: bool) -> None:
     wq, wc = torch.autograd.grad((want * up.double()).sum(), (q, c))
     tol = {"rtol": 2e-2, "atol": 5e-2} if autocast else {"rtol": 1e-4, "atol": 1e-4}
     torch.testing.assert_close(got.double(), want, **tol)
-    torch.testing.assert_close(gq.double(), wq.double(), **tol)
-    torch.testing.assert_close(gc.double(), wc.double(), **tol)
+    if not autocast:
+        torch.testing.assert_close(gq.double(), wq.double(), **tol)
+        torch.testing.assert_close(gc.double(), wc.double(), **tol)
+        return
+    # bf16: every g * x term is rounded to bf16 before its fp32 sum and the sum once more, so an element may be off
+    # by 2^-8 of the sum of its terms' magnitudes plus 2^-9 of its value (bounds doubled here); a fixed atol fails
+    # where terms cancel (small gradients built from large terms).
+    qa, ca = (t.detach().abs().double().requires_grad_() for t in (qr, cr))
+    aq, ac = torch.autograd.grad((gl.reference_gathered_logits(qa, ca, index) * up.abs().double()).sum(), (qa, ca))
+    for name, x, w, magnitude in (("grad_q", gq, wq, aq), ("grad_c", gc, wc, ac)):
+        err = (x.double() - w.double()).abs()
+        assert (err <= 2**-7 * magnitude + 2**-8 * w.double().abs() + 1e-6).all(), f"{name}: max error {err.max()}"
 
 
 def test_given_negatives_equal_drawn_ones_and_are_checked() -> None:

@@ -87,8 +87,9 @@ def gathered_logits_grad_c_kernel(
     start = run_start + seg * segment
     end = tl.where(valid, tl.minimum(start + segment, run_end), start)
     acc = tl.full([BLOCK_P, BLOCK_D], 0.0, tl.float32)
-    for s in range(start, end, BLOCK_P):
-        slots = s + tl.arange(0, BLOCK_P)
+    steps = ((end - start + BLOCK_P - 1) // BLOCK_P).to(tl.int32)  # an int32 trip count from 0 (not an i64 range)
+    for step in range(0, steps):
+        slots = start + step * BLOCK_P + tl.arange(0, BLOCK_P)
         live = slots < end
         picks = tl.load(order_ptr + slots, mask=live, other=0)
         g = tl.load(g_ptr + picks, mask=live, other=0.0).to(tl.float32)
@@ -96,11 +97,12 @@ def gathered_logits_grad_c_kernel(
         qv = tl.load(q_ptr + (picks // K)[:, None] * stride_q + cols[None, :], mask=mask, other=0.0)
         acc += g[:, None] * qv.to(tl.float32)
     total = tl.reduce(acc, 0, _add)
-    if run_end - run_start <= segment:
-        tl.store(gc_ptr + m.to(tl.int64) * stride_gc + cols, total.to(gc_ptr.dtype.element_ty), mask=col_ok & valid)
-    else:
-        row = tl.load(partial_row_ptr + m) + seg
-        tl.store(partial_ptr + row * D + cols, total, mask=col_ok & valid)
+    # Masked stores rather than a branch: one of the two writes, the other is masked off.
+    multi = run_end - run_start > segment
+    out = gc_ptr + m * stride_gc + cols
+    tl.store(out, total.to(gc_ptr.dtype.element_ty), mask=col_ok & (valid & (multi == 0)))
+    row = tl.load(partial_row_ptr + m) + seg  # meaningful for a multi-segment run only
+    tl.store(partial_ptr + row * D + cols, total, mask=col_ok & (valid & multi))
 
 
 @triton.jit
@@ -117,9 +119,9 @@ def gathered_logits_grad_c_combine_kernel(
     first = tl.load(partial_row_ptr + m)
     count = tl.where(valid, tl.load(num_segments_ptr + m), 0)
     acc = tl.full([BLOCK_R, BLOCK_D], 0.0, tl.float32)
-    for i in range(0, count, BLOCK_R):
-        rows = i + tl.arange(0, BLOCK_R)
+    for step in range(0, ((count + BLOCK_R - 1) // BLOCK_R).to(tl.int32)):
+        rows = step * BLOCK_R + tl.arange(0, BLOCK_R)
         acc += tl.load(partial_ptr + (first + rows)[:, None] * D + cols[None, :],
                        mask=(rows < count)[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
     total = tl.reduce(acc, 0, _add)
-    tl.store(gc_ptr + m.to(tl.int64) * stride_gc + cols, total.to(gc_ptr.dtype.element_ty), mask=col_ok & valid)
+    tl.store(gc_ptr + m * stride_gc + cols, total.to(gc_ptr.dtype.element_ty), mask=col_ok & valid)
