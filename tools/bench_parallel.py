@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -132,6 +133,9 @@ class BenchBatch:
 
 def worker(args: argparse.Namespace) -> None:
     import gr_parallel
+
+    if args.compile:  # why a compiled region recompiles or breaks, in the worker's log
+        torch._logging.set_logs(recompiles=True, graph_breaks=True)
     from gr_models.modules.hstu import HSTUConfig
     from gr_models.retrieval import RetrievalModelConfig, SampledSoftmaxLoss
     from gr_models.retrieval.model import RetrievalModel
@@ -210,14 +214,41 @@ def worker(args: argparse.Namespace) -> None:
 
     # One stream of batches: in the pipeline each step prefetches the next (the first timed step's input was
     # prefetched during the last warm-up step, as in a long run).
+    from torch._dynamo.utils import counters
+
+    def compiled_frames() -> int:
+        return counters["frames"]["total"]
+
     it = batches(0, total_steps)
     for _ in range(args.warmup):
         one_step(it)
     sync()
+    frames_warmup = compiled_frames()
+    # Per timed step: when the host finished issuing it, and (CUDA) an event after its work, so a slow step (e.g. a
+    # recompile) shows without adding a sync.
+    cuda = ctx.device.type == "cuda"
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)] if cuda else []
+    if cuda:
+        events[0].record()
     t0 = time.perf_counter()
-    losses = [one_step(it) for _ in range(args.steps)]
+    losses, host_marks = [], [t0]
+    for i in range(args.steps):
+        losses.append(one_step(it))
+        host_marks.append(time.perf_counter())
+        if cuda:
+            events[i + 1].record()
     sync()
     wall = time.perf_counter() - t0
+    host_ms = [round((b - a) * 1e3, 1) for a, b in itertools.pairwise(host_marks)]
+    gpu_ms = [round(a.elapsed_time(b), 1) for a, b in itertools.pairwise(events)]
+    frames_timed = compiled_frames() - frames_warmup
+    if ctx.rank == 0:
+        print(f"per timed step: host ms {host_ms}; device ms (event to event) {gpu_ms or '-'}", flush=True)
+        print(
+            f"torch.compile: {frames_warmup} frames compiled in the warm-up, {frames_timed} during the timed steps; "
+            f"graph breaks {dict(counters['graph_break']) or 0}",
+            flush=True,
+        )
     if args.profile:  # one more step on every rank (the collectives need them all), profiled on rank 0
         from torch.profiler import ProfilerActivity, profile
 
@@ -226,8 +257,10 @@ def worker(args: argparse.Namespace) -> None:
             one_step(it)
             sync()
         if ctx.rank == 0:
-            key = "self_cuda_time_total" if ctx.device.type == "cuda" else "self_cpu_time_total"
-            print(prof.key_averages().table(sort_by=key, row_limit=30), flush=True)
+            table = prof.key_averages()
+            if ctx.device.type == "cuda":
+                print(table.table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
+            print(table.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)  # the host's share
     if not args.no_pipeline:
         pipeline.reset()
     # Global work of the timed steps: summed over the DP groups (TP ranks of a group share their sequences).
@@ -264,6 +297,9 @@ def worker(args: argparse.Namespace) -> None:
             "pipeline": not args.no_pipeline,
             "qcomms": args.qcomms,
             "compiled": args.compile,
+            "compiled_frames_timed": frames_timed,  # torch.compile frames compiled during the timed steps (0 wanted)
+            "step_host_ms": host_ms,
+            "step_device_ms": gpu_ms or None,
             "table_lookups_per_step": 1,
             "steps": args.steps,
             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1)
