@@ -24,6 +24,9 @@ each block gets instance attributes that call them with itself. Parameter names,
 ``isinstance`` checks are unchanged; ``copy.deepcopy`` of a compiled model gives a compiled copy using its own
 weights. Inference paths (``forward_with_past``, ``forward_into_keys``) go through the same compiled functions.
 Tensor-parallel blocks (gr-parallel) are not compiled: their projections run Megatron's collectives.
+
+Dropout in ``finish`` (``HSTUConfig.dropout > 0``) draws its masks from Inductor's RNG inside the compiled graph:
+same distribution and still seeded by ``torch.manual_seed``, but not the masks eager draws.
 """
 
 from __future__ import annotations
