@@ -140,11 +140,11 @@ SWEEP = {
     "grad_q": [dict(grad_q_rows=r, grad_q_d=dd, grad_q_warps=w) for r, dd, w in
                [(16, 128, 4), (32, 128, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8), (16, 512, 8)]],
     "grad_c": [dict(grad_c_picks=p, grad_c_d=dd, grad_c_warps=w) for p, dd, w in
-               [(16, 128, 4), (16, 256, 4), (32, 256, 8), (8, 512, 4), (16, 512, 8), (32, 128, 4)]],
+               [(16, 256, 4), (16, 512, 4), (16, 512, 8), (32, 512, 8)]],
 }  # fmt: skip
 
 
-def sweep(n: int, k: int, d: int, dtype: torch.dtype, reps: int) -> list[dict]:
+def sweep(n: int, k: int, d: int, dtype: torch.dtype, reps: int, parts: list[str]) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(1)
     q = torch.randn(n, d, device="cuda", generator=gen).to(dtype)
     c = torch.randn(n, d, device="cuda", generator=gen).to(dtype)
@@ -152,6 +152,8 @@ def sweep(n: int, k: int, d: int, dtype: torch.dtype, reps: int) -> list[dict]:
     up = torch.randn(n, k, device="cuda", generator=gen).to(dtype)
     out = []
     for part, options in SWEEP.items():
+        if part not in parts:
+            continue
         for opt in options:
             blocks = dataclasses.replace(glt.DEFAULT_BLOCKS, **opt)
             try:
@@ -230,6 +232,7 @@ def main() -> int:
     ap.add_argument("--hot", type=float, nargs="*", default=[], help="extra skewed cases at the largest N: the "
                     "fraction of picks on one candidate")  # fmt: skip
     ap.add_argument("--sweep", action="store_true", help="time tile configs of each Triton kernel at the largest N")
+    ap.add_argument("--sweep-parts", nargs="+", choices=sorted(SWEEP), default=sorted(SWEEP))
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "gathered_logits")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -244,7 +247,7 @@ def main() -> int:
     for hot in args.hot:
         records += bench_case(max(args.ns), args.k, args.d, dtype, args.reps, ["torch", "triton"], hot)
     if args.sweep:
-        records += sweep(max(args.ns), args.k, args.d, dtype, args.reps)
+        records += sweep(max(args.ns), args.k, args.d, dtype, args.reps, args.sweep_parts)
     meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), command="python " + " ".join(sys.argv))  # fmt: skip
     for r in records:
