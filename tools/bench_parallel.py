@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import os
@@ -129,6 +130,30 @@ class BenchBatch:
             negatives,
             self.step,
         )
+
+
+class _GcPauses:
+    """Python's garbage-collector pauses per generation (count, total ms) while installed: a full collection walks
+    every live object, and a process holding TorchRec, Megatron and compiled graphs has millions of them."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.pauses[info["generation"]].append(time.perf_counter() - self._start)
+
+    def stop(self) -> dict[str, str]:
+        gc.callbacks.remove(self._callback)
+        return {f"gen{g}": f"{len(p)}x, {sum(p) * 1e3:.1f} ms" for g, p in self.pauses.items()}
+
+
+def _gc_pauses() -> _GcPauses:
+    return _GcPauses()
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -224,6 +249,7 @@ def worker(args: argparse.Namespace) -> None:
         one_step(it)
     sync()
     frames_warmup = compiled_frames()
+    gc_pauses = _gc_pauses()
     # Per timed step: when the host finished issuing it, and (CUDA) an event after its work, so a slow step (e.g. a
     # recompile) shows without adding a sync.
     cuda = ctx.device.type == "cuda"
@@ -242,8 +268,10 @@ def worker(args: argparse.Namespace) -> None:
     host_ms = [round((b - a) * 1e3, 1) for a, b in itertools.pairwise(host_marks)]
     gpu_ms = [round(a.elapsed_time(b), 1) for a, b in itertools.pairwise(events)]
     frames_timed = compiled_frames() - frames_warmup
+    gc_ms = gc_pauses.stop()
     if ctx.rank == 0:
         print(f"per timed step: host ms {host_ms}; device ms (event to event) {gpu_ms or '-'}", flush=True)
+        print(f"python gc during the timed steps: {gc_ms}", flush=True)
         print(
             f"torch.compile: {frames_warmup} frames compiled in the warm-up, {frames_timed} during the timed steps; "
             f"graph breaks {dict(counters['graph_break']) or 0}",
