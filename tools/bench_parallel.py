@@ -152,10 +152,6 @@ class _GcPauses:
         return {f"gen{g}": f"{len(p)}x, {sum(p) * 1e3:.1f} ms" for g, p in self.pauses.items()}
 
 
-def _gc_pauses() -> _GcPauses:
-    return _GcPauses()
-
-
 def worker(args: argparse.Namespace) -> None:
     import gr_parallel
 
@@ -249,7 +245,7 @@ def worker(args: argparse.Namespace) -> None:
         one_step(it)
     sync()
     frames_warmup = compiled_frames()
-    gc_pauses = _gc_pauses()
+    gc_pauses = _GcPauses()
     # Per timed step: when the host finished issuing it, and (CUDA) an event after its work, so a slow step (e.g. a
     # recompile) shows without adding a sync.
     cuda = ctx.device.type == "cuda"
