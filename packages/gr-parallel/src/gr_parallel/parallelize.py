@@ -76,6 +76,7 @@ class ParallelizeConfig:
     # torch.compile (Inductor) the dense parts of every HSTU block (LayerNorm -> Linear -> SiLU -> split, and
     # U * LayerNorm(attn) -> Linear -> residual) around the eager attention op: gr_models.modules.compile_hstu_blocks,
     # token dim dynamic (no recompiles per jagged batch). tp=1 only (TP blocks run Megatron collectives inside).
+    # Off by default: on 1 x H200 the bench_parallel step measured slower with it (154 vs 84 ms; see compile.py).
     compile_dense: bool = False
 
     def __post_init__(self) -> None:
