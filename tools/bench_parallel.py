@@ -318,6 +318,7 @@ def worker(args: argparse.Namespace) -> None:
             "num_items": args.num_items,
             "negatives": args.negatives,
             "num_negatives": args.num_negatives,
+            "in_batch_logits": in_batch_logits_backend(ctx.device) if args.negatives == "in_batch" else None,
             "pipeline": not args.no_pipeline,
             "qcomms": args.qcomms,
             "compiled": args.compile,
@@ -362,14 +363,25 @@ def add_scaling(records: list[dict]) -> None:
         r["scaling_efficiency"] = round(r["tokens_per_s"] / (r["gpus"] * one), 4) if one else None
 
 
+def in_batch_logits_backend(device: torch.device) -> str:
+    """What ``gathered_logits`` runs the in-batch negatives' logits on here (bf16 operands, as under autocast)."""
+    from gr_models.retrieval.gathered_logits import resolve_backend
+
+    probe = torch.empty(1, 1, dtype=torch.bfloat16, device=device)
+    return resolve_backend(None, probe, probe)
+
+
 def step_kind(r: dict) -> str:
     """How the step ran; records from before these fields existed: uniform negatives, 3 lookups, plain loop, eager
-    HSTU blocks."""
+    HSTU blocks; in-batch records without ``in_batch_logits`` ran the chunked torch gather."""
     compiled = ", compiled" if r.get("compiled") else ""
     if "negatives" not in r:
         return "uniform (3 lookups), plain, fp32" + compiled
     comms = "fp32" if r.get("qcomms", "none") == "none" else r["qcomms"]
-    return f"{r['negatives']}, {'pipeline' if r.get('pipeline') else 'plain'}, {comms}{compiled}"
+    negatives = r["negatives"]
+    if negatives == "in_batch":
+        negatives += f" ({r.get('in_batch_logits') or 'torch'} gather)"
+    return f"{negatives}, {'pipeline' if r.get('pipeline') else 'plain'}, {comms}{compiled}"
 
 
 def markdown(runs: list[dict], records: list[dict]) -> str:
@@ -384,8 +396,10 @@ def markdown(runs: list[dict], records: list[dict]) -> str:
         "Model FLOPs: HSTU blocks only (projections 3x forward, attention 3.5x forward); MFU against "
         f"{PEAK_BF16_TFLOPS:.0f} TFLOP/s. Scaling efficiency: tokens/s over (GPUs x the 1-GPU tokens/s).",
         "",
-        "Step: negatives, loop (pipeline = gr_parallel.TrainPipeline), precision of the embedding all-to-alls; "
-        "compiled = HSTU blocks' dense parts under torch.compile (ParallelizeConfig.compile_dense).",
+        "Step: negatives (in-batch: the gathered_logits backend of their logits, torch = chunked gather with "
+        "index_add_, triton = gr-models' Triton kernels), loop (pipeline = gr_parallel.TrainPipeline), precision of "
+        "the embedding all-to-alls; compiled = HSTU blocks' dense parts under torch.compile "
+        "(ParallelizeConfig.compile_dense).",
         "",
         "| device | GPUs | TP | DP | step | seqs/rank | step ms | tokens/s | TFLOP/s per GPU | MFU "
         "| scaling efficiency |",
