@@ -24,9 +24,7 @@ passes, dV then dK, at head dim 256: ``configs.split_dkdv``). dQ has two impleme
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
-import sys
 from collections.abc import Callable
 from types import ModuleType
 
@@ -36,6 +34,7 @@ from torch import Tensor
 from gr_kernels.params import HSTUParams
 from gr_kernels.triton_backend import configs
 from gr_kernels.triton_backend.configs import TileConfig
+from gr_kernels.triton_interpreter import load_interpreted
 
 DQ_ENV = "GR_KERNELS_TRITON_DQ"
 _DQ_MODES = ("separate", "atomic")
@@ -59,30 +58,7 @@ def compiled_kernels() -> ModuleType:
 @functools.cache
 def interpreted_kernels() -> ModuleType:
     """``kernels.py`` imported a second time with the Triton interpreter on (CPU tensors)."""
-    from triton import knobs
-
-    path = os.path.join(os.path.dirname(__file__), "kernels.py")
-    spec = importlib.util.spec_from_file_location(_INTERPRETED_NAME, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    with knobs.runtime.scope():  # restores the knob and TRITON_INTERPRET on exit
-        knobs.runtime.interpret = True
-        spec.loader.exec_module(module)
-    # The interpreter runs the kernels' Python with this module's globals: shadow range() there (see below).
-    module.range = _interpreter_range
-    sys.modules[_INTERPRETED_NAME] = module
-    return module
-
-
-def _interpreter_range(*bounds: object) -> range:
-    """``range`` over interpreter scalars: they are 1-element arrays, whose ``int()`` NumPy >= 2.3 refuses (Triton
-    3.6's interpreter converts loop bounds with ``int(array)``)."""
-    return range(*(_scalar(b) for b in bounds))
-
-
-def _scalar(x: object) -> int:
-    data = getattr(getattr(x, "handle", None), "data", None)
-    return int(data.reshape(-1)[0]) if data is not None else int(x)  # type: ignore[call-overload]
+    return load_interpreted(os.path.join(os.path.dirname(__file__), "kernels.py"), _INTERPRETED_NAME)
 
 
 def _kernels(device: torch.device) -> ModuleType:

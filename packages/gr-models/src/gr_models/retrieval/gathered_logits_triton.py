@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import sys
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -85,29 +84,9 @@ def _compiled_kernels() -> ModuleType:
 @functools.cache
 def _interpreted_kernels() -> ModuleType:
     """``gathered_logits_kernels.py`` imported a second time with the Triton interpreter on (CPU tensors)."""
-    from triton import knobs
+    from gr_kernels.triton_interpreter import load_interpreted
 
-    path = os.path.join(os.path.dirname(__file__), "gathered_logits_kernels.py")
-    spec = importlib.util.spec_from_file_location(_INTERPRETED_NAME, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    with knobs.runtime.scope():  # restores the knob (and TRITON_INTERPRET) on exit
-        knobs.runtime.interpret = True
-        spec.loader.exec_module(module)
-    # The interpreter runs the kernels' Python with this module's globals: loop bounds loaded from memory arrive as
-    # 1-element arrays, whose int() NumPy >= 2.3 refuses, so range() there takes their single element.
-    module.range = _range_of_scalars
-    sys.modules[_INTERPRETED_NAME] = module
-    return module
-
-
-def _range_of_scalars(*bounds: object) -> range:
-    return range(*(_as_int(b) for b in bounds))
-
-
-def _as_int(x: object) -> int:
-    data = getattr(getattr(x, "handle", None), "data", None)
-    return int(data.reshape(-1)[0]) if data is not None else int(x)  # type: ignore[call-overload]
+    return load_interpreted(os.path.join(os.path.dirname(__file__), "gathered_logits_kernels.py"), _INTERPRETED_NAME)
 
 
 def _kernels(device: torch.device) -> ModuleType:

@@ -1,0 +1,41 @@
+"""A second copy of a module of ``@triton.jit`` kernels, loaded with Triton's interpreter on (CPU tensors, tests).
+
+``@triton.jit`` reads the interpreter switch when a kernel is defined, so the module is imported again under its own
+name with the switch on for the duration of the import only: the process-wide ``TRITON_INTERPRET`` setting, and the
+compiled copy that CUDA tensors use, stay as they were. Shared by gr-kernels' attention kernels and gr-models'
+``gathered_logits`` kernels. Triton is imported on the first call only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from types import ModuleType
+
+
+def load_interpreted(path: str, name: str) -> ModuleType:
+    """The kernels module at ``path`` imported as ``name`` with the Triton interpreter on (registered in
+    ``sys.modules``; callers cache it)."""
+    from triton import knobs
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    with knobs.runtime.scope():  # restores the knob and TRITON_INTERPRET on exit
+        knobs.runtime.interpret = True
+        spec.loader.exec_module(module)
+    # The interpreter runs the kernels' Python with this module's globals: shadow range() there (see below).
+    module.range = _interpreter_range
+    sys.modules[name] = module
+    return module
+
+
+def _interpreter_range(*bounds: object) -> range:
+    """``range`` over interpreter scalars: they are 1-element arrays, whose ``int()`` NumPy >= 2.3 refuses (Triton
+    3.6's interpreter converts loop bounds with ``int(array)``)."""
+    return range(*(_scalar(b) for b in bounds))
+
+
+def _scalar(x: object) -> int:
+    data = getattr(getattr(x, "handle", None), "data", None)
+    return int(data.reshape(-1)[0]) if data is not None else int(x)  # type: ignore[call-overload]
