@@ -111,7 +111,6 @@ def _check_structure(
     if rab is not None:
         if not isinstance(rab, Tensor):
             raise TypeError(f"rab must be None or a torch.Tensor, got {type(rab).__name__}")
-        want = f"[B={num_seqs}, 1 or heads={q.shape[1]}, max_seq_len={max_seq_len}, max_seq_len={max_seq_len}]"
         if (
             rab.dim() != 4
             or rab.shape[0] != num_seqs
@@ -119,6 +118,9 @@ def _check_structure(
             or rab.shape[2] != max_seq_len
             or rab.shape[3] != max_seq_len
         ):
+            # Formatted only here: under torch.compile the sizes are symbolic, and formatting one specialises it
+            # (or breaks the graph).
+            want = f"[B={num_seqs}, 1 or heads={q.shape[1]}, max_seq_len={max_seq_len}, max_seq_len={max_seq_len}]"
             raise ValueError(f"rab must be {want}, got {tuple(rab.shape)}")
         if rab.dtype not in _FLOATS:
             raise TypeError(f"rab must be float32, float64, bfloat16 or float16, got {rab.dtype}")
