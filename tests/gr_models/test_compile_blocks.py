@@ -1,5 +1,5 @@
-"""compile_hstu_blocks: compiled HSTU blocks equal eager ones (outputs and every gradient) on jagged batches of any
-size, without recompiling per batch; validation, copies, argument errors.
+"""compile_hstu_blocks(scope="projections"): blocks with compiled project/finish equal eager ones (outputs and every
+gradient) on jagged batches of any size, without recompiling per batch; validation, copies, argument errors.
 
 Recompiles are counted with Dynamo's global counters (``torch._dynamo.utils.counters``): ``frames/total`` (frames
 Dynamo compiled), ``stats/unique_graphs`` (FX graphs captured), ``aot_autograd/total`` (forward+backward graphs
@@ -72,7 +72,7 @@ def pair() -> dict:
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager = HSTUEncoder(CONFIG).train()
-    compiled = compile_hstu_blocks(copy.deepcopy(eager))
+    compiled = compile_hstu_blocks(copy.deepcopy(eager), scope="projections")
     before = _compile_counts()
     warm = _batch([5, 9, 3], seed=0)
     _assert_passes_equal(_train_pass(compiled, warm), _train_pass(eager, warm))
@@ -126,7 +126,7 @@ def test_copies_names_and_uncompile() -> None:
     torch.manual_seed(1)
     enc = HSTUEncoder(CONFIG)
     names = [n for n, _ in enc.named_parameters()]
-    compile_hstu_blocks(enc, backend="aot_eager")
+    compile_hstu_blocks(enc, scope="projections", backend="aot_eager")
     assert [n for n, _ in enc.named_parameters()] == names and list(enc.state_dict()) == names
     # A deep copy (or a pickled one) computes with its own weights, not the original's.
     clones = [copy.deepcopy(enc), pickle.loads(pickle.dumps(enc))]
@@ -145,7 +145,7 @@ def test_copies_names_and_uncompile() -> None:
             torch.testing.assert_close(got, want)
         torch.testing.assert_close(block.finish(x, u=u, attn=v), type(block).finish(block, x, u, v))
     # Compiling again replaces the options; uncompiling restores the class methods.
-    compile_hstu_blocks(enc, dynamic=False, backend="aot_eager")
+    compile_hstu_blocks(enc, scope="projections", dynamic=False, backend="aot_eager")
     assert enc.blocks[0].finish.dynamic is False
     uncompile_hstu_blocks(enc)
     assert not any(is_compiled(b) for b in enc.blocks)
@@ -177,7 +177,7 @@ def test_cuda_bf16_autocast_compiled_equals_eager_without_recompiles() -> None:
     torch.manual_seed(0)
     cfg = HSTUConfig(embedding_dim=256, num_blocks=4, num_heads=2, max_seq_len=512, dropout=0.0, use_rab=False)
     eager = HSTUEncoder(cfg).cuda()
-    compiled = compile_hstu_blocks(copy.deepcopy(eager))
+    compiled = compile_hstu_blocks(copy.deepcopy(eager), scope="projections")
     names = [n for n, _ in eager.named_parameters()]
     g = torch.Generator().manual_seed(0)
     start = None
