@@ -1,7 +1,7 @@
 """``parallelize``: one call from a single-device gr-models model to its hybrid-parallel form.
 
 Order: tensor-parallel HSTU blocks (when ``ctx.tp_size > 1``), then every embedding table sharded by TorchRec over the
-whole world (``gr_parallel.sparse``), then (``compile_dense``) the HSTU blocks' dense parts compiled, then the dense
+whole world (``gr_parallel.sparse``), then (``compile_dense``) the HSTU blocks compiled, then the dense
 parameters' DP gradient sync, clipping and optimizer (``gr_parallel.dense``). A training step::
 
     pm = parallelize(model, ctx, ParallelizeConfig(embedding_optimizer=..., grad_clip=1.0))
@@ -36,6 +36,10 @@ from gr_parallel.dense import (
     dense_parameters,
 )
 from gr_parallel.sparse import fused_params_for, shard_sparse
+
+# compile_hstu_blocks' scopes (gr_models.modules.compile.SCOPES; not imported here, so that building a config does not
+# import gr-models' modules).
+COMPILE_SCOPES = ("block", "projections")
 
 if TYPE_CHECKING:
     from gr_parallel.context import ParallelContext
@@ -73,11 +77,13 @@ class ParallelizeConfig:
     # all-to-alls in that precision (TorchRec QCommsConfig; gloo has no bf16 codec, TorchRec falls back to fp16);
     # None: fp32. The tables and their optimizer stay fp32.
     qcomms: str | None = None
-    # torch.compile (Inductor) the dense parts of every HSTU block (LayerNorm -> Linear -> SiLU -> split, and
-    # U * LayerNorm(attn) -> Linear -> residual) around the eager attention op: gr_models.modules.compile_hstu_blocks,
-    # token dim dynamic (no recompiles per jagged batch). tp=1 only (TP blocks run Megatron collectives inside).
-    # Off by default: on 1 x H200 the bench_parallel step measured slower with it (154 vs 84 ms; see compile.py).
-    compile_dense: bool = False
+    # torch.compile (Inductor) every HSTU block, gr_models.modules.compile_hstu_blocks with this scope: "block" (each
+    # block's whole forward, attention op included, one graph for all blocks and jagged batches; the offsets check
+    # still runs eagerly once per step), "projections" (only the dense parts around the eager attention op). True
+    # means "block"; False (default) compiles nothing. tp=1 only (TP blocks run Megatron collectives inside).
+    # On 1 x H200 "projections" made the bench_parallel step slower (154 vs 84 ms); a whole-block patch measured
+    # 72.0 ms (see gr_models/modules/compile.py).
+    compile_dense: bool | str = False
 
     def __post_init__(self) -> None:
         if self.qcomms not in (None, "bf16", "fp16"):
@@ -86,6 +92,17 @@ class ParallelizeConfig:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
         if not self.bucket_mb > 0:
             raise ValueError(f"bucket_mb must be positive, got {self.bucket_mb}")
+        if self.compile_dense not in (False, True, *COMPILE_SCOPES):
+            raise ValueError(
+                f"compile_dense must be False, True (= 'block') or one of {COMPILE_SCOPES}, got {self.compile_dense!r}"
+            )
+
+    @property
+    def compile_scope(self) -> str | None:
+        """The ``compile_hstu_blocks`` scope ``compile_dense`` asks for (None: blocks stay eager)."""
+        if self.compile_dense is False:
+            return None
+        return "block" if self.compile_dense is True else self.compile_dense
 
 
 class ParallelModel(nn.Module):
@@ -195,7 +212,7 @@ def parallelize(model: nn.Module, ctx: ParallelContext, config: ParallelizeConfi
     config = config or ParallelizeConfig()
     if not isinstance(config, ParallelizeConfig):
         raise TypeError(f"config must be a ParallelizeConfig, got {type(config).__name__}")
-    if config.compile_dense and ctx.tp_size > 1:
+    if config.compile_scope is not None and ctx.tp_size > 1:
         raise ValueError(
             f"compile_dense supports tp=1 only (got tp={ctx.tp_size}): tensor-parallel HSTU blocks run Megatron's "
             "collectives inside their projections"
@@ -210,19 +227,19 @@ def parallelize(model: nn.Module, ctx: ParallelContext, config: ParallelizeConfi
         batch_size=config.planner_batch_size,
         qcomm_codecs_registry=qcomm_registry(config.qcomms, ctx.device),
     )
-    if config.compile_dense:
-        compile_dense_blocks(dmp.module)
+    if config.compile_scope is not None:
+        compile_dense_blocks(dmp.module, config.compile_scope)
     return ParallelModel(dmp, ctx, config, dmp.plan)
 
 
-def compile_dense_blocks(model: nn.Module) -> None:
-    """``ParallelizeConfig.compile_dense``: every HSTU block's dense parts compiled in place (names and state dicts
+def compile_dense_blocks(model: nn.Module, scope: str = "block") -> None:
+    """``ParallelizeConfig.compile_dense``: every HSTU block compiled in place with ``scope`` (names and state dicts
     unchanged, so sharding, gradient sync and checkpoints see the same parameters)."""
     if not hstu_encoders(model):
         raise ValueError(f"compile_dense needs an HSTUEncoder in the model; found none ({type(model).__name__})")
     from gr_models.modules.compile import compile_hstu_blocks
 
-    compile_hstu_blocks(model)
+    compile_hstu_blocks(model, scope=scope)
 
 
 def qcomm_registry(precision: str | None, device: torch.device) -> dict[str, Any] | None:
