@@ -169,10 +169,12 @@ def test_attention_dropout_across_its_graph_break() -> None:
     torch.manual_seed(2)
     eager = HSTUEncoder(_config(False, attn_dropout=0.3)).train()
     compiled = compile_hstu_blocks(copy.deepcopy(eager), scope="block", backend="aot_eager")
+    before = _compile_counts()
     for lengths, seed in (([5, 9, 3], 0), ([12, 2], 1)):
         batch = _batch(lengths, seed)
         torch.manual_seed(seed)
         got = _train_pass(compiled, batch)
+        assert _delta(before)["breaks"] >= 1  # the seed draw split the block
         torch.manual_seed(seed)
         want = _train_pass(eager, batch)
         _assert_passes_equal(got, want)

@@ -80,7 +80,9 @@ class ParallelizeConfig:
     # torch.compile (Inductor) every HSTU block, gr_models.modules.compile_hstu_blocks with this scope: "block" (each
     # block's whole forward, attention op included, one graph for all blocks and jagged batches; the offsets check
     # still runs eagerly once per step), "projections" (only the dense parts around the eager attention op). True
-    # means "block"; False (default) compiles nothing. tp=1 only (TP blocks run Megatron collectives inside).
+    # means "block"; False (default) compiles nothing. tp=1 only: TP blocks run Megatron collectives inside, and a
+    # CPU probe (tp=2, gloo, aot_eager) found a compiled TP block's forward split at every async all-reduce
+    # (async_op=True is a graph break): 30 Dynamo frames for one block forward (outputs equal to eager).
     # On 1 x H200 "projections" made the bench_parallel step slower (154 vs 84 ms); a whole-block patch measured
     # 72.0 ms (see gr_models/modules/compile.py).
     compile_dense: bool | str = False
@@ -215,7 +217,8 @@ def parallelize(model: nn.Module, ctx: ParallelContext, config: ParallelizeConfi
     if config.compile_scope is not None and ctx.tp_size > 1:
         raise ValueError(
             f"compile_dense supports tp=1 only (got tp={ctx.tp_size}): tensor-parallel HSTU blocks run Megatron's "
-            "collectives inside their projections"
+            "collectives inside their projections, and Dynamo cannot trace its async all-reduce (async_op=True): a "
+            "compiled TP block falls apart into many small graphs"
         )
     if ctx.tp_size > 1:
         apply_tensor_parallel(model, ctx)
