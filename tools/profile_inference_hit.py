@@ -11,6 +11,16 @@ without synchronising, so they show host work only; "total" synchronises once pe
 
 ``--mode full`` profiles ``CachedRankingScorer.full_recompute`` (the uncached forward the cached latency is compared
 with) the same way: host time until return, total, kernels.
+
+``--host-breakdown`` (cached mode) splits a hit's host time at the encoder pass: host work before the first graph
+replay (on the CPU: before the padded pass's eager encode, which a replay stands in for), the replay calls themselves,
+between replays, and after the last one until ``score`` returns, with every host step of the hit timed on its own
+(medians over ``--requests`` hits). It runs on a CPU as well (``--device cpu --cuda-graphs on``: the steps are the
+same Python that prepares a GPU replay's inputs, on CPU tensors; the eager encode stands in for the replay once per
+bucket, then hands back its outputs as a replay does):
+
+    python tools/profile_inference_hit.py --device cpu --dtype fp32 --dim 32 --blocks 2 --heads 2 --histories 4096 \
+        --micro-batch 256 --cuda-graphs on --host-breakdown --requests 200
 """
 
 from __future__ import annotations
@@ -43,7 +53,12 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=10)
     ap.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--mode", choices=["cached", "full"], default="cached")
+    ap.add_argument(
+        "--host-breakdown", action="store_true", help="host time before / between / after the graph replays, per step"
+    )
     args = ap.parse_args()
+    if args.host_breakdown and args.mode != "cached":
+        ap.error("--host-breakdown profiles cache hits (--mode cached)")
 
     from gr_models.inference import CachedRankingScorer, KVCache
     from gr_models.inference import scorer as scorer_module
@@ -61,6 +76,9 @@ def main() -> int:
     scorer = CachedRankingScorer(
         model, cache, micro_batch=args.micro_batch, dtype=dtype, max_candidates=args.candidates, cuda_graphs=graphs
     )
+
+    if args.host_breakdown:
+        return host_breakdown(args, scorer, scorer_module, sync)
 
     phase: dict[str, float] = {}
 
@@ -123,6 +141,138 @@ def main() -> int:
         busy = sum(e.device_time_total for e in kernels) / 1e3
         print(f"  CUDA kernels: {sum(e.count for e in kernels)} launches, {busy:.3f} ms summed")
         print(averages.table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=90))
+    return 0
+
+
+# Host steps of a hit, in call order: (where, attribute). Nested steps are timed inside their callers as well.
+HIT_STEPS = (
+    ("scorer", "_check_features"),
+    ("scorer", "_check_candidates"),
+    ("scorer", "_update_history"),
+    ("scorer", "_plan_prefix"),
+    ("scorer_module", "window_ids"),
+    ("scorer", "_run_batched"),
+    ("scorer", "_pass_pieces"),
+    ("scorer", "_bias_pieces"),
+    ("WindowIds", "pieces"),
+    ("graphs", "run"),
+    ("PassGraphs", "_fill"),
+    ("scorer", "heads.forward"),
+    ("scorer", "_store_prefix"),
+)
+
+
+def host_breakdown(args, scorer, scorer_module, sync) -> int:
+    """Host ms per hit (median over ``--requests`` hits): before the first replay, in replay calls, between replays,
+    after the last, and per step. On a CPU the padded pass's encode function stands in for the replay: run once per
+    bucket, then its outputs are handed back as a replay hands back its graph's buffers (so the timings are the
+    host's alone; the scores of those hits are stale, which the breakdown does not read)."""
+    from gr_models.inference import pass_graphs, window
+
+    if scorer.graphs is None:
+        print("--host-breakdown needs CUDA-graph passes (--cuda-graphs on on a CPU)", file=sys.stderr)
+        return 1
+    steps: dict[str, float] = {}  # this request's host seconds per step
+    replays: list[tuple[float, float]] = []  # (start, end) of every replay (CPU: its stand-in) in this request
+
+    def timed(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                steps[name] = steps.get(name, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+    def replay_timed(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                replays.append((start, time.perf_counter()))
+
+        return wrapper
+
+    owners = {"scorer": scorer, "scorer_module": scorer_module, "graphs": scorer.graphs}
+    owners.update(WindowIds=window.WindowIds, PassGraphs=pass_graphs.PassGraphs)
+    for where, attr in HIT_STEPS:
+        obj = owners[where]
+        *path, name = attr.split(".")
+        for part in path:
+            obj = getattr(obj, part)
+        if not hasattr(obj, name):
+            continue  # a step this version of the scorer does not have
+        fn = getattr(obj, name)
+        if isinstance(obj, type) and isinstance(obj.__dict__.get(name), staticmethod):
+            setattr(obj, name, staticmethod(timed(f"{where}.{attr}", fn)))
+        else:
+            setattr(obj, name, timed(f"{where}.{attr}", fn))
+    if args.device == "cuda":
+        torch.cuda.CUDAGraph.replay = replay_timed(torch.cuda.CUDAGraph.replay)
+    else:
+        run, outputs = scorer.graphs.run, {}
+
+        def run_with_stand_in(key, *a):
+            *a, encode = a
+
+            def stand_in(*b):
+                if key not in outputs:
+                    outputs[key] = encode(*b)
+                return outputs[key]
+
+            return run(key, *a, replay_timed(stand_in))
+
+        scorer.graphs.run = run_with_stand_in
+
+    for history in args.histories:
+        feats, events, cands, t0 = request_data(history, args.candidates, args.num_items, seed=history)
+        user = f"user-{history}"
+        scorer.score(user, feats, events, cands, t0)  # fills the cache
+        clock = itertools.count(1)
+        for _ in range(3):
+            scorer.score(user, feats, None, cands, t0 + next(clock))
+        sync()
+        per_hit: dict[str, list[float]] = {}
+        for _ in range(args.requests):
+            sync()
+            replays.clear()
+            steps.clear()
+            start = time.perf_counter()
+            scorer.score(user, feats, None, cands, t0 + next(clock))
+            end = time.perf_counter()
+            if not replays:
+                print("a request ran no padded pass: not a graph-replayed hit", file=sys.stderr)
+                return 1
+            parts = {
+                "until return": end - start,
+                "before first replay": replays[0][0] - start,
+                "replay calls": sum(b - a for a, b in replays),
+                "between replays": sum(b[0] - a[1] for a, b in zip(replays, replays[1:])),
+                "after last replay": end - replays[-1][1],
+                **steps,
+            }
+            for name, seconds in parts.items():
+                per_hit.setdefault(name, []).append(seconds * 1e3)
+
+        def median(name: str) -> float:
+            values = sorted(per_hit[name])
+            return values[len(values) // 2]
+
+        n = args.requests
+        print(f"host breakdown, history {history} x {args.candidates}, micro-batch {args.micro_batch}, {n} hits "
+              f"(median ms per hit; mean until return {sum(per_hit['until return']) / n:.3f}):")  # fmt: skip
+        stand_in = "" if args.device == "cuda" else " (CPU: a stand-in handing back buffers)"
+        for name in ("until return", "before first replay", "replay calls", "between replays", "after last replay"):
+            print(f"  {name + (stand_in if name == 'replay calls' else ''):<60} {median(name):8.3f}")
+        print("  steps (nested: _run_batched holds the pass, _pass_pieces holds _bias_pieces, graphs.run the replay):")
+        for where, attr in HIT_STEPS:
+            name = f"{where}.{attr}"
+            if name in per_hit:
+                print(f"    {name:<58} {median(name):8.3f}")
     return 0
 
 

@@ -219,6 +219,23 @@ def test_write_rows_and_slots_match_per_layer_writes():
         cache.slots("nobody", 0, 1)
 
 
+@settings(max_examples=30, deadline=None)
+@given(steps=st.lists(st.tuples(st.sampled_from("uvw"), st.integers(0, 14), st.booleans()), min_size=1, max_size=12))
+def test_slots_follow_every_page_change(steps):
+    """``slots`` keeps each entry's slot table between requests: after any sequence of reservations (growing,
+    shrinking, evicting others) and invalidations it still names the pages the entry holds."""
+    cache = make_cache(6)
+    for user, n, drop in steps:
+        if drop:
+            cache.invalidate(user)
+            continue
+        cache.reserve(user, "v1", n)
+        for other in cache.users():
+            entry = cache.lookup(other, "v1")
+            want = [p * PAGE + r for p in entry.pages for r in range(PAGE)][: entry.num_tokens]
+            assert cache.slots(other, 0, entry.num_tokens).tolist() == want, (other, entry.pages)
+
+
 @settings(max_examples=15, deadline=None)
 @given(past=st.lists(st.integers(0, 6), min_size=1, max_size=4), seed=st.integers(0, 100))
 def test_forward_into_keys_equals_forward_with_past(past, seed):

@@ -779,6 +779,35 @@ def test_cuda_graph_replays_equal_eager_passes_and_reuse_their_bucket():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_hits_queued_behind_a_busy_device_each_score_their_own_request():
+    """A bucket's pinned staging buffer is refilled by every hit: hits issued while the device is still busy (their
+    index copies not yet run) must not overwrite the indices an earlier hit's copy has yet to read."""
+    model = make_model(context="causal").cuda()
+
+    def scorer(graphs: bool) -> CachedRankingScorer:
+        cache = KVCache.for_encoder(
+            model.config.hstu, budget_bytes=1 << 20, page_size=4, device="cuda", dtype=torch.bfloat16
+        )
+        return CachedRankingScorer(model, cache, micro_batch=3, dtype=torch.bfloat16, cuda_graphs=graphs)
+
+    graphed, eager = scorer(True), scorer(False)
+    hist = events(9, 0, 1)
+    for s in (graphed, eager):
+        s.score("u", FEATS, hist, candidates(7, 1), 6000)
+    graphed.score("u", FEATS, None, candidates(7, 2), 6100)  # captures the hits' bucket
+    captures = graphed.stats.graph_captures
+    requests = [(candidates(7, 3 + i), 6200 + 100 * i) for i in range(4)]
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # the copies below queue behind this
+    got = [graphed.score("u", FEATS, None, cands, t) for cands, t in requests]
+    assert graphed.stats.graph_captures == captures  # every hit replayed the one bucket (one staging buffer)
+    for (cands, t), out in zip(requests, got, strict=True):
+        want = eager.score("u", FEATS, None, cands, t)
+        assert close(out.float().cpu(), want.float().cpu(), 0.05), t
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_passes_build_their_input_rows_inside_the_graph():
     """A static-table model on the cache's device (given as plain "cuda") builds a hit's input rows in the graph:
     no eager embedding of the rows."""

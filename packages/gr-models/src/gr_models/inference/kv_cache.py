@@ -19,6 +19,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from gr_models.transfer import to_device
@@ -58,6 +59,8 @@ class CacheEntry:
     pages: list[int] = field(default_factory=list)
     num_tokens: int = 0
     meta: Any = None
+    # The pool slot of every row ``pages`` hold (``KVCache.slots`` builds it once; whatever changes ``pages`` drops it).
+    slot_rows: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,8 @@ class KVCache:
             entry = self._entries[user_id] = CacheEntry(user_id, model_version)
         entry.model_version = model_version
         self._entries.move_to_end(user_id)
+        if len(entry.pages) != need:
+            entry.slot_rows = None
         while len(entry.pages) > need:
             self._free.append(entry.pages.pop())
         while len(entry.pages) < need:
@@ -237,6 +242,7 @@ class KVCache:
         entry = self._entries.pop(user_id)
         self._free.extend(reversed(entry.pages))
         entry.pages = []
+        entry.slot_rows = None
         entry.num_tokens = 0
 
     def _evict_lru(self, keep: Hashable) -> None:
@@ -257,12 +263,16 @@ class KVCache:
 
     def slots(self, user_id: Hashable, start: int, end: int) -> torch.Tensor:
         """Pool slots of the user's rows ``[start, end)``: a CPU int64 tensor (built on the host, so a caller can
-        ship it to the device with its other indices in one copy)."""
+        ship it to the device with its other indices in one copy). A view of the entry's slot table, kept until its
+        pages change (every request of a cached user needs it): read it, do not write it."""
         entry = self._entry(user_id)
         if not 0 <= start <= end <= entry.num_tokens:
             raise IndexError(f"rows [{start}, {end}) outside user {entry.user_id!r}'s {entry.num_tokens} cached tokens")
-        pages = torch.tensor(entry.pages, dtype=torch.int64)
-        return (pages.view(-1, 1) * self.page_size + torch.arange(self.page_size)).view(-1)[start:end]
+        if entry.slot_rows is None:
+            pages = np.array(entry.pages, dtype=np.int64)
+            slots = pages.reshape(-1, 1) * self.page_size + np.arange(self.page_size, dtype=np.int64)
+            entry.slot_rows = slots.reshape(-1)
+        return torch.from_numpy(entry.slot_rows[start:end])
 
     def _slots(self, entry: CacheEntry, start: int, end: int) -> torch.Tensor:
         return to_device(self.slots(entry.user_id, start, end), self.device)
@@ -297,9 +307,15 @@ class KVCache:
         want_v = (self.num_layers, n, self.num_heads, self.v_dim)
         if tuple(k.shape) != want_k or tuple(v.shape) != want_v:
             raise ValueError(f"k/v must be {want_k}/{want_v}, got {tuple(k.shape)}/{tuple(v.shape)}")
-        slots = self._slots(entry, start, start + n)
-        copy_rows_(self.k_pool, slots, k.to(device=self.device, dtype=self.dtype))
-        copy_rows_(self.v_pool, slots, v.to(device=self.device, dtype=self.dtype))
+        # ``copy_rows_`` with the flat indices built on the host (both pools share them): one copy to the device
+        # and one kernel per pool, where a request would otherwise launch three more per pool to build them.
+        slots = self.slots(entry.user_id, start, start + n).numpy()
+        plane = self.k_pool.shape[1]
+        flat = (np.arange(self.num_layers, dtype=np.int64).reshape(-1, 1) * plane + slots.reshape(1, -1)).reshape(-1)
+        flat = to_device(torch.from_numpy(flat), self.device)
+        for pool, rows in ((self.k_pool, k), (self.v_pool, v)):
+            rows = rows.to(device=self.device, dtype=self.dtype).reshape(-1, *pool.shape[2:])
+            pool.view(-1, *pool.shape[2:]).index_copy_(0, flat, rows)
 
     # -- accounting ----------------------------------------------------------------------------------------------
 

@@ -7,7 +7,9 @@ bucket (``pass_shape``): one padding sequence is appended whose keys are pool sl
 row 0 -- every padded row belongs to a sequence of its own, so the real sequences' outputs are untouched (the
 padding sequence's outputs are computed and dropped) -- and the index tensors, the input rows and the bias buffer
 live in static buffers that each request refills (``PassGraphs.run``: one host-to-device copy of the indices, one
-copy of the input rows, one replay).
+copy of the input rows, one replay). The indices are packed straight into a pinned host buffer kept per bucket (no
+temporary concatenation, no pinned allocation per request); a request that finds that buffer still being copied by
+an earlier one (the device behind) stages through a fresh pinned buffer instead, so the host never waits.
 
 Bucket granules trade recaptures against padded work: 64 query/candidate rows, 256 keys and 256 of sequence length.
 Graphs are kept per bucket, least recently used first out beyond ``max_graphs`` (each holds its key buffer
@@ -20,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 Q_GRANULE = 64
@@ -85,6 +88,8 @@ class _Entry:
     x: torch.Tensor | None  # [x_rows, D] input rows (None: the pass builds them)
     statics: dict[str, torch.Tensor]  # buffers the pass keeps across replays (e.g. the zeroed bias buffer)
     outputs: tuple[torch.Tensor | None, ...] = ()
+    staging: torch.Tensor | None = None  # CUDA: pinned host twin of ``packed``
+    staged: torch.cuda.Event | None = None  # CUDA: recorded after the last copy out of ``staging``
 
 
 class PassGraphs:
@@ -118,17 +123,16 @@ class PassGraphs:
             [dict[str, torch.Tensor], torch.Tensor | None, dict[str, torch.Tensor]], tuple[torch.Tensor | None, ...]
         ],
     ) -> tuple[torch.Tensor | None, ...]:
-        """``fn(indices, x, statics)`` on this request's ``pieces`` (host int64, the bucket's sizes) and input rows
-        ``x`` (at most ``x_rows``; None when ``fn`` builds its input rows from the indices, and gets None) on
-        ``device``: replayed from the bucket's graph, captured on first use. The outputs are the graph's own
-        buffers, valid until the next ``run`` of the same bucket."""
-        sizes = [t.numel() for t in pieces]
-        host = torch.cat(pieces)
+        """``fn(indices, x, statics)`` on this request's ``pieces`` (host int64 NumPy arrays, the bucket's sizes)
+        and input rows ``x`` (at most ``x_rows``; None when ``fn`` builds its input rows from the indices, and gets
+        None) on ``device``: replayed from the bucket's graph, captured on first use. The outputs are the graph's
+        own buffers, valid until the next ``run`` of the same bucket."""
         entry = self._entries.get(key)
         if entry is None:
+            total = sum(a.size for a in pieces)
             entry = _Entry(
                 None,
-                torch.empty(host.numel(), dtype=torch.int64, device=device),
+                torch.empty(total, dtype=torch.int64, device=device),
                 None if x is None else torch.zeros(x_rows, x.shape[1], dtype=x.dtype, device=device),
                 make_statics(),
             )
@@ -136,8 +140,12 @@ class PassGraphs:
             while len(self._entries) > self.max_graphs:
                 self._entries.popitem(last=False)
         self._entries.move_to_end(key)
-        self._fill(entry, host, x)
-        indices = dict(zip(names, entry.packed.split(sizes), strict=True))
+        self._fill(entry, pieces, x)
+        if device.type == "cuda" and entry.graph is not None:
+            entry.graph.replay()  # (the indices' views are the graph's own: nothing to rebuild)
+            self.replays += 1
+            return entry.outputs
+        indices = dict(zip(names, entry.packed.split([a.size for a in pieces]), strict=True))
         if device.type != "cuda":
             return fn(indices, entry.x, entry.statics)
         if entry.graph is None:
@@ -157,9 +165,18 @@ class PassGraphs:
         return entry.outputs
 
     @staticmethod
-    def _fill(entry: _Entry, host: torch.Tensor, x: torch.Tensor | None) -> None:
-        if entry.packed.device.type == "cuda":
-            host = host.pin_memory()  # a non-blocking copy from pinned memory: the host never waits
-        entry.packed.copy_(host, non_blocking=True)
+    def _fill(entry: _Entry, pieces: list[np.ndarray], x: torch.Tensor | None) -> None:
+        """The pieces into ``entry.packed`` by one copy (CUDA: non-blocking, from pinned memory), and ``x``."""
+        if entry.packed.device.type != "cuda":
+            np.concatenate(pieces, out=entry.packed.numpy())
+        else:
+            if entry.staging is None:
+                entry.staging = torch.empty(entry.packed.numel(), dtype=torch.int64, pin_memory=True)
+                entry.staged = torch.cuda.Event()
+            elif not entry.staged.query():  # an earlier request's copy has not run yet: leave its buffer alone
+                entry.staging = torch.empty(entry.packed.numel(), dtype=torch.int64, pin_memory=True)
+            np.concatenate(pieces, out=entry.staging.numpy())
+            entry.packed.copy_(entry.staging, non_blocking=True)
+            entry.staged.record()
         if x is not None and entry.x is not None:
             entry.x[: x.shape[0]].copy_(x)

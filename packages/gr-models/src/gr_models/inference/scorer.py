@@ -68,6 +68,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from gr_models.data.ranking import RankingBatch
@@ -445,21 +446,21 @@ class CachedRankingScorer:
         return feats
 
     def _check_items(self, what: str, items: torch.Tensor, bag_values: torch.Tensor) -> None:
+        # In NumPy (min/max first, the offending value only on failure): these checks run on every request.
         spec = self.model.config.features
-        if self.model.config.dynamic_item_table is None and items.numel():
-            bad = (items < 0) | (items >= spec.num_items)
-            if bad.any():
-                raise InferenceInputError(f"{what} item id {int(items[bad][0])} outside [0, {spec.num_items})")
-        elif items.numel() and (items < 0).any():
+        ids, values = items.numpy(), bag_values.numpy()
+        if self.model.config.dynamic_item_table is None and ids.size:
+            if ids.min() < 0 or ids.max() >= spec.num_items:
+                bad = (ids < 0) | (ids >= spec.num_items)
+                raise InferenceInputError(f"{what} item id {int(ids[bad][0])} outside [0, {spec.num_items})")
+        elif ids.size and ids.min() < 0:
             raise InferenceInputError(f"{what} item ids must be >= 0")
-        if bag_values.numel():
+        if values.size:
             if spec.item_bag_size == 0:
                 raise InferenceInputError(f"{what} carry item bags but the model has none")
-            bad = (bag_values < 0) | (bag_values >= spec.item_bag_size)
-            if bad.any():
-                raise InferenceInputError(
-                    f"{what} bag value {int(bag_values[bad][0])} outside [0, {spec.item_bag_size})"
-                )
+            if values.min() < 0 or values.max() >= spec.item_bag_size:
+                bad = (values < 0) | (values >= spec.item_bag_size)
+                raise InferenceInputError(f"{what} bag value {int(values[bad][0])} outside [0, {spec.item_bag_size})")
 
     def _check_events(self, events: UserEvents, after: int | None, request_time: int) -> None:
         if not isinstance(events, UserEvents):
@@ -495,8 +496,9 @@ class CachedRankingScorer:
         if isinstance(request_time, bool) or not isinstance(request_time, int):
             raise InferenceInputError(f"request_time must be an int (unix seconds), got {request_time!r}")
         hist = self._histories.get(user_id)
-        events = UserEvents.empty() if new_events is None else new_events
-        self._check_events(events, None if hist is None else hist.events.last_timestamp, request_time)
+        events = new_events  # None: no new events (nothing to check or append)
+        if events is not None:
+            self._check_events(events, None if hist is None else hist.events.last_timestamp, request_time)
         if hist is None:
             hist = UserHistory(feats, UserEvents.empty())
             self._histories[user_id] = hist
@@ -509,7 +511,7 @@ class CachedRankingScorer:
             )
         self._histories.move_to_end(user_id)
         hist.user_features = feats
-        if len(events):
+        if events is not None and len(events):
             merged = hist.events.concat(events)
             excess = len(merged) - self.max_history_events
             if excess > 0:
@@ -708,7 +710,7 @@ class CachedRankingScorer:
         length, longest first, so each pass pads to about its own longest. With ``need_output``, the final outputs
         of every candidate ``[sum M, D]``, in user then candidate order."""
         order = sorted(range(len(seqs)), key=lambda i: -seqs[i].length)
-        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        itemsize = self.dtype.itemsize
         outs, done = [], []
         pos = 0
         while pos < len(order):
@@ -751,8 +753,8 @@ class CachedRankingScorer:
         pieces, kv_offsets, any_pool, copies = self._pass_pieces(seqs, need_output, shape)
         if shape is None:
             b, n, max_q = len(seqs), _eager_max_len(seqs), max(s.num_q for s in seqs)
-            sizes = [t.numel() for t in pieces.values()]
-            packed = to_device(torch.cat(list(pieces.values())), self.device)
+            sizes = [a.size for a in pieces.values()]
+            packed = to_device(torch.from_numpy(np.concatenate(list(pieces.values()))), self.device)
             d = dict(zip(pieces, packed.split(sizes), strict=True))
             k_all, v_all, out = self._encode(
                 d, x.eager(), self._shared_rab_buffer(b, n), b, n, max_q, kv_offsets[-1], need_output, any_pool, copies
@@ -763,7 +765,7 @@ class CachedRankingScorer:
             # in from the eager ones.
             xs_host, num_items = None, 0
             if self._window_in_graph:
-                window, num_items = x.ids.pieces(
+                window, num_items = x.ids.host_pieces(
                     round_up(x.ids.items.numel() + 1, WINDOW_GRANULE),
                     round_up(x.ids.bag_values.numel(), WINDOW_GRANULE),
                     shape.x_rows,
@@ -782,7 +784,7 @@ class CachedRankingScorer:
                     xs = embed_window(self.model, d, num_items, self.dtype)
                 return self._encode(d, xs, st.get("rab"), b, n, max_q, shape.keys, need_output, True, {})
 
-            key = (shape.bucket, tuple((name, t.numel()) for name, t in pieces.items()))
+            key = (shape.bucket, tuple((name, a.size) for name, a in pieces.items()))
             k_all, v_all, out = self.graphs.run(key, list(pieces), list(pieces.values()), self.device, xs_host,
                                                 shape.x_rows, statics, encode)  # fmt: skip
             if out is not None:
@@ -797,54 +799,57 @@ class CachedRankingScorer:
 
     def _pass_pieces(
         self, seqs: list[_Seq], need_output: bool, shape: PassShape | None
-    ) -> tuple[dict[str, torch.Tensor], list[int], bool, dict]:
-        """Host side of a pass: its index tensors (CPU int64; with ``shape``, padded to it by one padding sequence
-        of ``shape.pad_past`` pool rows at slot 0 and ``shape.pad_queries`` queries reading input row 0), the key
-        offsets, whether keys come from the pool, and the key copies from computed prefixes (eager passes only)."""
+    ) -> tuple[dict[str, np.ndarray], list[int], bool, dict]:
+        """Host side of a pass: its index arrays (int64 NumPy: a hit's few dozen small steps cost a fraction of what
+        torch's CPU ops do; with ``shape``, padded to it by one padding sequence of ``shape.pad_past`` pool rows at
+        slot 0 and ``shape.pad_queries`` queries reading input row 0), the key offsets, whether keys come from the
+        pool, and the key copies from computed prefixes (eager passes only)."""
         kv_offsets = list(itertools.accumulate((s.length for s in seqs), initial=0))
         q_offsets = list(itertools.accumulate((s.num_q for s in seqs), initial=0))
         if shape is not None:
             kv_offsets.append(kv_offsets[-1] + shape.pad_past + shape.pad_queries)
             q_offsets.append(q_offsets[-1] + shape.pad_queries)
-        pool_rows = torch.zeros(kv_offsets[-1], dtype=torch.int64)  # slot 0 for rows filled otherwise (or padding)
+        pool_rows = np.zeros(kv_offsets[-1], dtype=np.int64)  # slot 0 for rows filled otherwise (or padding)
         any_pool = shape is not None
-        copies: dict[int, tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = {}
+        copies: dict[int, tuple[tuple[torch.Tensor, torch.Tensor], list[np.ndarray], list[np.ndarray]]] = {}
         key_rows, q_rows, cand_rows = [], [], []
         for b, s in enumerate(seqs):
             w, ks = s.work, kv_offsets[b]
             if s.from_prefix:  # the prefix this call computed (a pass's key buffer)
                 k_src, v_src, row = w.prefix_kv
                 _, dst, src = copies.setdefault(id(k_src), ((k_src, v_src), [], []))
-                dst.append(torch.arange(ks, ks + s.num_past))
-                src.append(torch.arange(row, row + s.num_past))
+                dst.append(np.arange(ks, ks + s.num_past, dtype=np.int64))
+                src.append(np.arange(row, row + s.num_past, dtype=np.int64))
             elif s.num_past:
-                pool_rows[ks : ks + s.num_past] = w.plan.past_slots[: s.num_past]
+                pool_rows[ks : ks + s.num_past] = w.plan.past_slots.numpy()[: s.num_past]
                 any_pool = True
-            key_rows.append(torch.arange(ks + s.num_past, ks + s.length))
+            key_rows.append(np.arange(ks + s.num_past, ks + s.length, dtype=np.int64))
             r0 = w.inputs.row0
-            q_rows.append(torch.arange(r0, r0 + s.num_prefix_q))
             c_row = r0 + w.inputs.num_prefix_rows
-            q_rows.append(torch.arange(c_row + s.c0, c_row + s.c1))
-            cand_rows.append(torch.arange(q_offsets[b] + s.num_prefix_q, q_offsets[b + 1]))
+            q_rows += [
+                np.arange(r0, r0 + s.num_prefix_q, dtype=np.int64),
+                np.arange(c_row + s.c0, c_row + s.c1, dtype=np.int64),
+            ]
+            cand_rows.append(np.arange(q_offsets[b] + s.num_prefix_q, q_offsets[b + 1], dtype=np.int64))
         targets = [s.c1 - s.c0 for s in seqs]
         if shape is not None:
-            key_rows.append(torch.arange(kv_offsets[-2] + shape.pad_past, kv_offsets[-1]))
-            q_rows.append(torch.zeros(shape.pad_queries, dtype=torch.int64))
+            key_rows.append(np.arange(kv_offsets[-2] + shape.pad_past, kv_offsets[-1], dtype=np.int64))
+            q_rows.append(np.zeros(shape.pad_queries, dtype=np.int64))
             targets.append(0)
-            cand_rows.append(torch.zeros(shape.candidates - sum(targets), dtype=torch.int64))
+            cand_rows.append(np.zeros(shape.candidates - sum(targets), dtype=np.int64))
         pieces = {
-            "q_offsets": torch.tensor(q_offsets),
-            "kv_offsets": torch.tensor(kv_offsets),
+            "q_offsets": np.array(q_offsets, dtype=np.int64),
+            "kv_offsets": np.array(kv_offsets, dtype=np.int64),
             "pool_rows": pool_rows,
-            "key_rows": torch.cat(key_rows),
-            "q_rows": torch.cat(q_rows),
+            "key_rows": np.concatenate(key_rows),
+            "q_rows": np.concatenate(q_rows),
         }
         if any(targets) or shape is not None:
-            pieces["num_targets"] = torch.tensor(targets)
+            pieces["num_targets"] = np.array(targets, dtype=np.int64)
         if need_output:
-            pieces["cand_rows"] = torch.cat(cand_rows)
+            pieces["cand_rows"] = np.concatenate(cand_rows)
         for i, (_, dst, src) in enumerate(copies.values()):
-            pieces[f"dst{i}"], pieces[f"src{i}"] = torch.cat(dst), torch.cat(src)
+            pieces[f"dst{i}"], pieces[f"src{i}"] = np.concatenate(dst), np.concatenate(src)
         if self.encoder.relative_bias is not None:
             n = shape.max_len if shape is not None else _eager_max_len(seqs)
             pieces.update(self._bias_pieces(seqs, n, shape))
@@ -898,36 +903,38 @@ class CachedRankingScorer:
                 h = y
         return k_all, v_all, (h.index_select(0, d["cand_rows"]) if need_output else None)
 
-    def _bias_pieces(self, seqs: list[_Seq], n: int, shape: PassShape | None) -> dict[str, torch.Tensor]:
-        """Host side of ``_pass_bias``: per query row its sequence, row in the flattened ``[B * N, N]`` bias, query
-        time and position and its sequence's prefix length; per sequence the key times padded to ``N`` (the padding
-        sequence's all zero, its query rows its own bias rows)."""
-        key_times = torch.zeros(len(seqs) + (shape is not None), n, dtype=torch.int64)
+    def _bias_pieces(self, seqs: list[_Seq], n: int, shape: PassShape | None) -> dict[str, np.ndarray]:
+        """Host side of ``_pass_bias`` (int64 NumPy): per query row its sequence, row in the flattened ``[B * N, N]``
+        bias, query time and position and its sequence's prefix length; per sequence the key times padded to ``N``
+        (the padding sequence's all zero, its query rows its own bias rows)."""
+        key_times = np.zeros((len(seqs) + (shape is not None), n), dtype=np.int64)
         seq_of, rab_row, q_time, q_pos, prefix_len = [], [], [], [], []
         for b, s in enumerate(seqs):
-            inp, nq = s.work.inputs, s.num_q
+            inp, nq, m = s.work.inputs, s.num_q, s.c1 - s.c0
             p = inp.prefix_len
-            key_times[b, :p] = inp.prefix_key_times
-            key_times[b, p : p + s.c1 - s.c0] = inp.candidate_times[s.c0 : s.c1]
-            seq_of.append(torch.full((nq,), b, dtype=torch.int64))
-            rab_row.append(torch.arange(b * n + s.num_past, b * n + s.length))
-            q_time += [inp.query_times[inp.num_prefix_rows - s.num_prefix_q :], inp.candidate_times[s.c0 : s.c1]]
-            q_pos += [torch.arange(p - s.num_prefix_q, p), torch.full((s.c1 - s.c0,), p, dtype=torch.int64)]
-            prefix_len.append(torch.full((nq,), p, dtype=torch.int64))
+            cand_t = inp.candidate_times.numpy()[s.c0 : s.c1]
+            key_times[b, :p] = inp.prefix_key_times.numpy()
+            key_times[b, p : p + m] = cand_t
+            seq_of.append(np.full(nq, b, dtype=np.int64))
+            rab_row.append(np.arange(b * n + s.num_past, b * n + s.length, dtype=np.int64))
+            q_time += [inp.query_times.numpy()[inp.num_prefix_rows - s.num_prefix_q :], cand_t]
+            q_pos += [np.arange(p - s.num_prefix_q, p, dtype=np.int64), np.full(m, p, dtype=np.int64)]
+            prefix_len.append(np.full(nq, p, dtype=np.int64))
         if shape is not None:
             b, pad = len(seqs), shape.pad_queries
-            seq_of.append(torch.full((pad,), b, dtype=torch.int64))
-            rab_row.append(torch.arange(b * n + shape.pad_past, b * n + shape.pad_past + pad))
-            q_time.append(torch.zeros(pad, dtype=torch.int64))
-            q_pos.append(torch.zeros(pad, dtype=torch.int64))
-            prefix_len.append(torch.zeros(pad, dtype=torch.int64))
+            seq_of.append(np.full(pad, b, dtype=np.int64))
+            rab_row.append(np.arange(b * n + shape.pad_past, b * n + shape.pad_past + pad, dtype=np.int64))
+            zeros = np.zeros(pad, dtype=np.int64)
+            q_time.append(zeros)
+            q_pos.append(zeros)
+            prefix_len.append(zeros)
         return {
-            "key_times": key_times.view(-1),
-            "seq_of": torch.cat(seq_of),
-            "rab_row": torch.cat(rab_row),
-            "q_time": torch.cat(q_time),
-            "q_pos": torch.cat(q_pos),
-            "prefix_len": torch.cat(prefix_len),
+            "key_times": key_times.reshape(-1),
+            "seq_of": np.concatenate(seq_of),
+            "rab_row": np.concatenate(rab_row),
+            "q_time": np.concatenate(q_time),
+            "q_pos": np.concatenate(q_pos),
+            "prefix_len": np.concatenate(prefix_len),
         }
 
     def _shared_rab_buffer(self, b: int, n: int) -> torch.Tensor | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gr_models.inference.requests import Candidates
@@ -50,21 +51,22 @@ class WindowInputs:
         return self.prefix_len - self.start
 
 
-def prefix_times(model: HSTURankingModel, events, request_time: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key times ``[P]`` and query times ``[P]`` of the prefix rows ``features | events`` (``input_tokens``'s)."""
+def prefix_times(model: HSTURankingModel, events, request_time: int) -> tuple[np.ndarray, np.ndarray]:
+    """Key times ``[P]`` and query times ``[P]`` of the prefix rows ``features | events`` (``input_tokens``'s), as
+    int64 NumPy arrays (host index arithmetic in NumPy: a cache hit's few small steps cost far less than in torch)."""
     cfg = model.config
     f, m = cfg.features.num_user_features, cfg.tokens_per_event
-    ts = events.timestamps
+    ts = events.timestamps.numpy()
     # "causal": the context rows are timed at the first event (the request time without history)
-    ctx_t = request_time if cfg.context_attention == "full" or len(events) == 0 else int(ts[0])
-    ctx = torch.full((f,), ctx_t, dtype=torch.int64)
-    next_t = torch.cat([ts[1:], torch.tensor([request_time], dtype=torch.int64)]) if len(events) else ts
+    ctx_t = request_time if cfg.context_attention == "full" or len(ts) == 0 else int(ts[0])
+    ctx = np.full(f, ctx_t, dtype=np.int64)
+    next_t = np.concatenate((ts[1:], np.array([request_time], dtype=np.int64))) if len(ts) else ts
     if m == 1:
         keys, queries = ts, next_t
     else:  # interleave: the item token predicts at its own time, the action token at the next event's
-        keys = ts.repeat_interleave(2)
-        queries = torch.stack([ts, next_t], dim=1).reshape(-1)
-    return torch.cat([ctx, keys]), torch.cat([ctx, queries])
+        keys = np.repeat(ts, 2)
+        queries = np.stack([ts, next_t], axis=1).reshape(-1)
+    return np.concatenate((ctx, keys)), np.concatenate((ctx, queries))
 
 
 @dataclass
@@ -96,6 +98,11 @@ class WindowIds:
         ``bag_values`` bag values and ``rows`` computed rows when given (padding items are id 0 with empty bags but
         the last, which takes the padding bag values; padding rows read table row 0 at position 0), and the item
         rows of a block. ``embed_window`` turns them into the rows ``window_inputs`` gives."""
+        pieces, n_pad = self.host_pieces(item_rows, bag_values, rows)
+        return {name: torch.from_numpy(a) for name, a in pieces.items()}, n_pad
+
+    def host_pieces(self, item_rows: int | None = None, bag_values: int | None = None, rows: int | None = None):
+        """``pieces`` as int64 NumPy arrays (what a pass packs into its one host-to-device copy)."""
         n = self.items.numel()
         n_pad = n if item_rows is None else item_rows
         v_pad = self.bag_values.numel() if bag_values is None else bag_values
@@ -106,32 +113,33 @@ class WindowIds:
                 f"padding ({n_pad} items, {v_pad} bag values, {r_pad} rows) below the window's ({n}, "
                 f"{self.bag_values.numel()}, {self.rows}), or bag padding without a padding item row"
             )
-        lens = _padded(self.bag_lengths, n_pad)
+        lens = _padded(self.bag_lengths.numpy(), n_pad)
         if extra_v:
             lens[-1] = extra_v
         feat_rows = self.features.numel()
-        bases = torch.tensor([0, feat_rows, feat_rows + n_pad])
+        bases = np.array([0, feat_rows, feat_rows + n_pad], dtype=np.int64)
         pieces = {
-            "w_items": _padded(self.items, n_pad),
-            "w_bag_values": _padded(self.bag_values, v_pad),
+            "w_items": _padded(self.items.numpy(), n_pad),
+            "w_bag_values": _padded(self.bag_values.numpy(), v_pad),
             "w_bag_lengths": lens,
-            "w_actions": _padded(self.actions, n_pad),
-            "w_gather": _padded(bases[self.gather_block] + self.gather_offset, r_pad),
-            "w_positions": _padded(self.positions, r_pad),
+            "w_actions": _padded(self.actions.numpy(), n_pad),
+            "w_gather": _padded(bases[self.gather_block.numpy()] + self.gather_offset.numpy(), r_pad),
+            "w_positions": _padded(self.positions.numpy(), r_pad),
         }
         if feat_rows:
-            pieces["w_features"] = self.features.reshape(-1)
+            pieces["w_features"] = self.features.numpy().reshape(-1)
         return pieces, n_pad
 
 
-def _padded(t: torch.Tensor, n: int) -> torch.Tensor:
-    out = torch.zeros(n, dtype=torch.int64)
-    out[: t.numel()] = t
+def _padded(a: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, dtype=np.int64)
+    out[: a.size] = a
     return out
 
 
 def window_ids(model: HSTURankingModel, windows: list[WindowRows]) -> WindowIds:
-    """The host half of ``window_inputs``: every window's ids and each window's row range and times."""
+    """The host half of ``window_inputs``: every window's ids and each window's row range and times (index
+    arithmetic in NumPy, the results as CPU int64 tensors)."""
     cfg = model.config
     f, m = cfg.features.num_user_features, cfg.tokens_per_event
     # Per window: the events from e0 on (the first one a computed row belongs to), the user features if a context
@@ -147,24 +155,29 @@ def window_ids(model: HSTURankingModel, windows: list[WindowRows]) -> WindowIds:
         if not 0 <= w.start <= p:
             raise ValueError(f"start {w.start} outside the prefix [0, {p}]")
         e0 = max(0, (w.start - f) // m)
-        bag0 = int(w.events.bag_lengths[:e0].sum()) if e0 else 0
-        ev_items.append(ev.items[e0:])
-        ev_bag_vals.append(ev.bag_values[bag0:])
-        ev_bag_lens.append(ev.bag_lengths[e0:])
-        actions.append(ev.actions[e0:])
+        bag_lens = ev.bag_lengths.numpy()
+        bag0 = int(bag_lens[:e0].sum()) if e0 else 0
+        ev_items.append(ev.items.numpy()[e0:])
+        ev_bag_vals.append(ev.bag_values.numpy()[bag0:])
+        ev_bag_lens.append(bag_lens[e0:])
+        actions.append(ev.actions.numpy()[e0:])
         c = w.candidates
-        cand_items.append(c.items)
-        cand_bag_vals.append(c.bag_values)
-        cand_bag_lens.append(c.bag_lengths)
+        cand_items.append(c.items.numpy())
+        cand_bag_vals.append(c.bag_values.numpy())
+        cand_bag_lens.append(c.bag_lengths.numpy())
         feat_row = None
         if w.start < f:
-            feats.append(w.user_features.view(1, -1))
+            feats.append(w.user_features.numpy().reshape(1, -1))
             feat_row = n_feat_users * f
             n_feat_users += 1
         plans.append((w, e0, n, p, feat_row, n_ev, n_cand))
         keys, queries = prefix_times(model, ev, w.request_time)
-        cand_t = torch.full((len(c),), w.request_time, dtype=torch.int64) if c.timestamps is None else c.timestamps
-        infos.append(WindowInputs(row, w.start, p, len(c), keys, queries[w.start :], cand_t))
+        cand_t = (
+            torch.from_numpy(np.full(len(c), w.request_time, dtype=np.int64)) if c.timestamps is None else c.timestamps
+        )
+        infos.append(
+            WindowInputs(row, w.start, p, len(c), torch.from_numpy(keys), torch.from_numpy(queries[w.start :]), cand_t)
+        )
         n_ev += n - e0
         n_cand += len(c)
         row += p - w.start + len(c)
@@ -175,29 +188,32 @@ def window_ids(model: HSTURankingModel, windows: list[WindowRows]) -> WindowIds:
     for w, e0, n, p, feat_row, ev_off, cand_off in plans:
         if feat_row is not None:
             k = f - w.start
-            blocks.append(torch.zeros(k, dtype=torch.int64))
-            offsets.append(torch.arange(feat_row + w.start, feat_row + f))
-        ev_rows = torch.arange(ev_off, ev_off + n - e0)
-        ev_blocks = torch.ones(n - e0, dtype=torch.int64)
+            blocks.append(np.zeros(k, dtype=np.int64))
+            offsets.append(np.arange(feat_row + w.start, feat_row + f, dtype=np.int64))
+        ev_rows = np.arange(ev_off, ev_off + n - e0, dtype=np.int64)
+        ev_blocks = np.ones(n - e0, dtype=np.int64)
         if m == 2:
-            ev_rows = ev_rows.repeat_interleave(2)
-            ev_blocks = torch.stack([ev_blocks, ev_blocks + 1], dim=1).reshape(-1)
+            ev_rows = np.repeat(ev_rows, 2)
+            ev_blocks = np.stack([ev_blocks, ev_blocks + 1], axis=1).reshape(-1)
         first = f + m * e0  # row of the first token of event e0
         skip = max(0, w.start - first)
-        blocks += [ev_blocks[skip:], torch.full((len(w.candidates),), cand_block, dtype=torch.int64)]
-        offsets += [ev_rows[skip:], torch.arange(n_ev + cand_off, n_ev + cand_off + len(w.candidates))]
-        positions.append(torch.arange(w.start, p))
-        positions.append(torch.full((len(w.candidates),), p, dtype=torch.int64))
-    empty = torch.zeros(0, dtype=torch.int64)
+        m_c = len(w.candidates)
+        blocks += [ev_blocks[skip:], np.full(m_c, cand_block, dtype=np.int64)]
+        offsets += [ev_rows[skip:], np.arange(n_ev + cand_off, n_ev + cand_off + m_c, dtype=np.int64)]
+        positions += [np.arange(w.start, p, dtype=np.int64), np.full(m_c, p, dtype=np.int64)]
+
+    def joined(parts: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.int64)
+
     return WindowIds(
-        items=torch.cat(ev_items + cand_items) if windows else empty,
-        bag_values=torch.cat(ev_bag_vals + cand_bag_vals) if windows else empty,
-        bag_lengths=torch.cat(ev_bag_lens + cand_bag_lens) if windows else empty,
-        actions=torch.cat(actions) if windows else empty,
-        gather_block=torch.cat(blocks) if blocks else empty,
-        gather_offset=torch.cat(offsets) if offsets else empty,
-        positions=torch.cat(positions) if positions else empty,
-        features=torch.cat(feats) if feats else empty.view(0, f),
+        items=joined(ev_items + cand_items),
+        bag_values=joined(ev_bag_vals + cand_bag_vals),
+        bag_lengths=joined(ev_bag_lens + cand_bag_lens),
+        actions=joined(actions),
+        gather_block=joined(blocks),
+        gather_offset=joined(offsets),
+        positions=joined(positions),
+        features=torch.from_numpy(np.concatenate(feats)) if feats else torch.zeros(0, f, dtype=torch.int64),
         infos=infos,
     )
 
