@@ -223,8 +223,8 @@ class ParallelEpochTrainer(EpochTrainer):
         max_steps = self.config.train.max_steps
         if max_steps:
             # The pipeline gets only the batches this run trains (the loop stops after the step that reaches
-            # max_steps, at least one): none is left in flight at a max_steps stop for reset() to settle, whose
-            # second wait on the splits of an already-split prefetch fails (gr_parallel.TrainPipeline.reset).
+            # max_steps, at least one): a max_steps stop then leaves no batch prefetched (copied to the device, its
+            # input all-to-alls run) only for reset() to drop it.
             batches = itertools.islice(batches, max(max_steps - self.state["global_step"], 1))
         while True:
             try:

@@ -44,6 +44,7 @@ class _Prefetch:
     features: KeyedJaggedTensor  # the object the model must pass to the module to consume this prefetch
     context: Any  # the module's sharding context, filled by input_dist and read by compute_and_output_dist
     request: Any  # Awaitable: first the splits (-> Awaitable of the data), then the data
+    split: bool = False  # whether the splits arrived (request is now the data's Awaitable): wait on each stage once
 
 
 class _PrefetchedForward:
@@ -115,7 +116,8 @@ class TrainPipeline:
     # ------------------------------------------------------------------ public
     def progress(self, iterator: Iterator[Any]) -> Any:
         """Trains on the next batch of ``iterator`` (prefetching the one after); returns ``forward(batch)``. Raises
-        StopIteration when the iterator is exhausted and every fetched batch has been trained on."""
+        StopIteration when the iterator is exhausted and every fetched batch has been trained on. When ``forward``
+        raises, the batch is not trained on and the next call goes on with the batch prefetched during it."""
         self._attach()
         if self._next is None:  # the first step, or a fresh iterator after an exhausted one
             self._next = self._fetch(iterator)
@@ -159,17 +161,20 @@ class TrainPipeline:
     def reset(self) -> None:
         """Drops the prefetched batch (its input dist is completed first, so every rank's collectives stay matched)
         and gives the sharded modules their own forwards back, e.g. before evaluation or at the end of an epoch
-        stopped early. The next ``progress`` starts afresh."""
-        if self._next is not None:
-            _, prefetched = self._next
-            self._finish_splits(prefetched)
+        stopped early (a run stopped on max_steps leaves the batch after its last one prefetched, its splits already
+        in). The next ``progress`` starts afresh on whatever iterator it is given; the dropped batch is not trained.
+        """
+        prefetched = self._next[1] if self._next is not None else {}
+        self._next = None  # released even if a collective below fails
+        try:
             for pending in prefetched.values():
                 self._finish_dist(pending)
-        self._next = None
-        for name, fwd in self._forwards.items():
-            if self._sharded[name].forward is fwd:
-                del self._sharded[name].forward  # the instance attribute: the class's forward shows again
-        self._forwards.clear()
+        finally:
+            for name, fwd in self._forwards.items():
+                fwd.pending = None
+                if self._sharded[name].forward is fwd:
+                    del self._sharded[name].forward  # the instance attribute: the class's forward shows again
+            self._forwards.clear()
 
     # ------------------------------------------------------------------ steps
     def _attach(self) -> None:
@@ -209,13 +214,17 @@ class TrainPipeline:
         return batch, prefetched
 
     def _finish_splits(self, prefetched: dict[str, _Prefetch]) -> None:
-        """First stage of the input dists: the splits arrive and the value all-to-alls start."""
+        """First stage of the input dists: the splits arrive and the value all-to-alls start (once per prefetch)."""
         with self._on(self._dist_stream):
             for pending in prefetched.values():
-                pending.request = pending.request.wait()
+                if not pending.split:
+                    pending.request = pending.request.wait()
+                    pending.split = True
 
     def _finish_dist(self, pending: _Prefetch) -> Any:
-        """Second stage: the module's input arrives; on CUDA handed over to the compute stream."""
+        """Second stage: the module's input arrives; on CUDA handed over to the compute stream. Finishes the first
+        stage too where it is still due (a forward that raised left batch i+1's splits in flight)."""
+        self._finish_splits({"": pending})
         with self._on(self._dist_stream):
             data = pending.request.wait()
         if self._dist_stream is not None:
