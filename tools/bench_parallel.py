@@ -3,10 +3,20 @@
 Each configuration ``(gpus, tp)`` (``dp = gpus / tp``) is one ``torchrun`` job of this script in ``--worker`` mode:
 a ``gr_models`` ``RetrievalModel`` (HSTU encoder, static item table) goes through ``gr_parallel.parallelize`` (item
 table sharded by TorchRec over every rank, HSTU blocks tensor-parallel over ``tp``, dense gradients all-reduced over
-``dp``), then trains on synthetic jagged batches (lengths uniform in [1, ``--max-len``], seed per step and DP rank;
-``--seqs-per-rank`` sequences per DP rank and step, so DP grows the global batch and TP does not) with the sampled
-softmax loss, bf16 autocast, fused row-wise Adagrad tables and fused AdamW dense parameters. After ``--warmup``
-steps, ``--steps`` steps are timed.
+``dp``), then trains on synthetic jagged batches with the sampled softmax loss, bf16 autocast, fused row-wise Adagrad
+tables and fused AdamW dense parameters. After ``--warmup`` steps, ``--steps`` steps are timed.
+
+Data: each step is one global batch of ``--seqs-per-rank`` x ``dp`` sequences (lengths uniform in [1,
+``--max-len``], uniform item ids; a pure function of the batch's index, so every rank draws the same), split over the
+DP ranks with equal sequence counts (DP grows the global batch, TP does not; the TP ranks of a DP group train the same
+share; 1 GPU trains ``--seqs-per-rank`` sequences, the same work per GPU). With jagged sequences a rank's step time
+follows its sum of L^2 (attention) plus its tokens (projections), and the slowest DP rank sets every step's pace, so
+``--balance flops`` (default) splits with ``gr_parallel.load_balance.balanced_partition`` on each sequence's HSTU
+training FLOPs (``l2``: on L^2 alone; ``none``: contiguous chunks, the length-blind split of the same batches); the
+record's ``dp_cost_imbalance`` is the timed steps' mean of max / mean per-DP-rank FLOPs. The host's work on the data
+(drawing ~65k item ids per rank, building the KJTs, uniform negatives, pinning on CUDA) is done before timing: a
+pool of ``--pool`` distinct global batches is built up front and the warm-up and timed steps cycle through it, as a
+data loader's workers would prepare batches off the training loop.
 
 The step is the production one: ``RetrievalModel.training_forward`` looks the inputs and the targets up in ONE table
 call (one input/output all-to-all when sharded, one fused table-optimizer step), ``--negatives in_batch`` (default)
@@ -55,32 +65,76 @@ REPO = Path(__file__).resolve().parents[1]
 PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16
 
 
+def hstu_flop_coefs(blocks: int, dim: int, heads: int, dqk: int, dv: int) -> tuple[float, float]:
+    """Training FLOPs (forward + backward) of the HSTU blocks as ``(per token, per L^2 of a sequence)``."""
+    proj_fwd = 2 * dim * 2 * heads * (dqk + dv) + 2 * heads * dv * dim
+    attn_fwd = 2 * heads * dqk
+    return blocks * 3 * proj_fwd, blocks * 3.5 * attn_fwd
+
+
 def hstu_flops(lengths: list[int], blocks: int, dim: int, heads: int, dqk: int, dv: int) -> float:
     """Training FLOPs (forward + backward) of the HSTU blocks for sequences of ``lengths``."""
-    tokens = sum(lengths)
-    proj_fwd = tokens * (2 * dim * 2 * heads * (dqk + dv) + 2 * heads * dv * dim)
-    attn_fwd = sum(2 * heads * dqk * n * n for n in lengths)
-    return blocks * (3 * proj_fwd + 3.5 * attn_fwd)
+    per_token, per_square = hstu_flop_coefs(blocks, dim, heads, dqk, dv)
+    return per_token * sum(lengths) + per_square * sum(n * n for n in lengths)
 
 
-# ---------------------------------------------------------------------------------------------------- worker
-def _synthetic_batch(step: int, dp_rank: int, args: argparse.Namespace):
-    """The DP rank's sequences of one step (TP ranks of a DP group draw the same)."""
+# ---------------------------------------------------------------------------------------------------- batches
+BALANCE_MODES = ("flops", "l2", "none")
+
+
+@dataclasses.dataclass
+class GlobalBatch:
+    """One step's sequences over all DP ranks: lengths and, concatenated in sequence order, items and targets."""
+
+    lengths: torch.Tensor
+    items: torch.Tensor
+    targets: torch.Tensor
+
+
+def draw_global_batch(index: int, num_seqs: int, max_len: int, num_items: int) -> GlobalBatch:
+    """Global batch ``index`` of the synthetic data: ``num_seqs`` lengths U[1, ``max_len``], uniform item ids; a pure
+    function of its arguments, so every rank draws the same one."""
+    g = torch.Generator().manual_seed(1_000_003 * index)
+    lengths = torch.randint(1, max_len + 1, (num_seqs,), generator=g)
+    total = int(lengths.sum())
+    items = torch.randint(0, num_items, (total,), generator=g)
+    targets = torch.randint(0, num_items, (total,), generator=g)
+    return GlobalBatch(lengths, items, targets)
+
+
+def dp_partition(lengths: list[int], dp: int, balance: str, linear_coef: float) -> list[list[int]]:
+    """Each DP rank's positions into the global batch, ``len(lengths) // dp`` each (``lengths`` a multiple of
+    ``dp``). ``flops``: gr_parallel's balancer on the cost ``L^2 + linear_coef * L`` (``linear_coef`` from
+    :func:`hstu_flop_coefs`: the cost is the sequence's HSTU training FLOPs up to a constant); ``l2``: on ``L^2``
+    (attention only); ``none``: contiguous chunks, the length-blind split."""
+    from gr_parallel.load_balance import balanced_partition, contiguous_partition
+
+    if balance not in BALANCE_MODES:
+        raise ValueError(f"balance must be one of {BALANCE_MODES}, got {balance!r}")
+    if balance == "none":
+        return contiguous_partition(len(lengths), dp)
+    return balanced_partition(lengths, dp, linear_coef=linear_coef if balance == "flops" else 0.0)
+
+
+def rank_batch(gb: GlobalBatch, positions: list[int]):
+    """The ``SequenceBatch`` of the global batch's sequences at ``positions`` (in that order)."""
     from torchrec import KeyedJaggedTensor
 
     from gr_models.data.batching import ITEM_FEATURE, SequenceBatch
 
-    g = torch.Generator().manual_seed(1_000_003 * step + dp_rank)
-    lengths = torch.randint(1, args.max_len + 1, (args.seqs_per_rank,), generator=g)
+    if not positions:
+        raise ValueError("a DP rank got no sequence: the global batch needs at least one per rank")
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), gb.lengths.cumsum(0)])
+    tokens = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in positions])
+    lengths = gb.lengths[positions]
     total = int(lengths.sum())
-    items = torch.randint(0, args.num_items, (total,), generator=g)
-    targets = torch.randint(0, args.num_items, (total,), generator=g)
+    items, targets = gb.items[tokens], gb.targets[tokens]
     ts = torch.arange(total, dtype=torch.int64)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     features = KeyedJaggedTensor(
         keys=[ITEM_FEATURE], values=items, lengths=lengths, length_per_key=[total], offset_per_key=[0, total]
     )
-    batch = SequenceBatch(
+    return SequenceBatch(
         user_ids=torch.arange(len(lengths)),
         features=features,
         timestamps=ts,
@@ -89,7 +143,6 @@ def _synthetic_batch(step: int, dp_rank: int, args: argparse.Namespace):
         target_items=targets,
         target_timestamps=ts + 1,
     )
-    return batch, lengths.tolist()
 
 
 def item_table_on_meta(model, num_items: int):
@@ -131,6 +184,22 @@ class BenchBatch:
             self.step,
         )
 
+    def pin_memory(self) -> BenchBatch:
+        """In page-locked host memory (what a DataLoader with ``pin_memory=True`` hands over): the copy to the GPU
+        then runs asynchronously."""
+        negatives = None if self.negatives is None else self.negatives.pin_memory()
+        return BenchBatch(self.batch.pin_memory(), self.features.pin_memory(), negatives, self.step)
+
+
+@dataclasses.dataclass
+class PoolEntry:
+    """A pre-built step: this rank's batch, and what the step computes over all DP ranks."""
+
+    batch: BenchBatch
+    flops: float  # HSTU training FLOPs of the global batch
+    tokens: int  # of the global batch
+    imbalance: float  # max / mean over the DP ranks of their HSTU training FLOPs
+
 
 class _GcPauses:
     """Python's garbage-collector pauses per generation (count, total ms) while installed: a full collection walks
@@ -150,6 +219,28 @@ class _GcPauses:
     def stop(self) -> dict[str, str]:
         gc.callbacks.remove(self._callback)
         return {f"gen{g}": f"{len(p)}x, {sum(p) * 1e3:.1f} ms" for g, p in self.pauses.items()}
+
+
+def build_pool(args: argparse.Namespace, ctx, net, loss_fn, hstu, size: int) -> list[PoolEntry]:
+    """``size`` distinct global batches of ``seqs_per_rank * dp`` sequences, each split over the DP ranks by
+    ``args.balance``; this rank's share as a ready step (KJTs built, uniform negatives drawn, pinned on CUDA). Built
+    before the loop: the host draw is a data loader's work (its workers'), not the step's."""
+    dims = (args.blocks, args.dim, args.heads, hstu.qk_dim, hstu.v_dim)
+    per_token, per_square = hstu_flop_coefs(*dims)
+    pool = []
+    for index in range(size):
+        gb = draw_global_batch(index, args.seqs_per_rank * ctx.dp_size, args.max_len, args.num_items)
+        lengths = gb.lengths.tolist()
+        parts = dp_partition(lengths, ctx.dp_size, args.balance, per_token / per_square)
+        rank_flops = [hstu_flops([lengths[i] for i in part], *dims) for part in parts]
+        batch = rank_batch(gb, parts[ctx.dp_rank])  # TP ranks of a DP group: the same part
+        negatives = loss_fn.sample_negatives(batch.target_items) if args.negatives == "uniform" else None
+        bb = BenchBatch(batch, net.training_features(batch, negatives), negatives, index)
+        if ctx.device.type == "cuda":
+            bb = bb.pin_memory()
+        mean = sum(rank_flops) / len(rank_flops)
+        pool.append(PoolEntry(bb, sum(rank_flops), sum(lengths), max(rank_flops) / mean))
+    return pool
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -186,13 +277,11 @@ def worker(args: argparse.Namespace) -> None:
     net = pm.module
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
     total_steps = args.warmup + args.steps + (1 if args.profile else 0)
-    lengths_of: dict[int, list[int]] = {}
+    pool = build_pool(args, ctx, net, loss_fn, hstu, min(args.pool, total_steps))
 
     def batches(start: int, stop: int):
         for step in range(start, stop):
-            batch, lengths_of[step] = _synthetic_batch(step, ctx.dp_rank, args)
-            negatives = loss_fn.sample_negatives(batch.target_items) if args.negatives == "uniform" else None
-            yield BenchBatch(batch, net.training_features(batch, negatives), negatives, step)
+            yield dataclasses.replace(pool[step % len(pool)].batch, step=step)
 
     def step_loss(bb: BenchBatch) -> torch.Tensor:
         """One table lookup: inputs, targets (and uniform negatives, drawn with the batch); in-batch negatives are
@@ -287,12 +376,10 @@ def worker(args: argparse.Namespace) -> None:
             print(table.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)  # the host's share
     if not args.no_pipeline:
         pipeline.reset()
-    # Global work of the timed steps: summed over the DP groups (TP ranks of a group share their sequences).
-    timed = [lengths_of[s] for s in range(args.warmup, args.warmup + args.steps)]
-    flops_local = sum(hstu_flops(n, args.blocks, args.dim, args.heads, hstu.qk_dim, hstu.v_dim) for n in timed)
-    counts = torch.tensor([flops_local, float(sum(map(sum, timed)))], dtype=torch.float64, device=ctx.device)
-    torch.distributed.all_reduce(counts, group=ctx.dp_group)
-    flops, tokens = float(counts[0]), int(counts[1])
+    # Global work of the timed steps: every rank knows the global batches.
+    timed = [pool[s % len(pool)] for s in range(args.warmup, args.warmup + args.steps)]
+    flops, tokens = sum(e.flops for e in timed), sum(e.tokens for e in timed)
+    imbalance = sum(e.imbalance for e in timed) / len(timed)
     times = torch.tensor([wall], dtype=torch.float64, device=ctx.device)
     torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)  # the slowest rank sets the pace
     wall = float(times[0])
@@ -315,6 +402,9 @@ def worker(args: argparse.Namespace) -> None:
             "heads": args.heads,
             "max_len": args.max_len,
             "seqs_per_rank": args.seqs_per_rank,
+            "balance": args.balance,  # how the global batch is split over the DP ranks
+            "dp_cost_imbalance": round(imbalance, 4),  # timed steps' mean of max / mean per-DP-rank HSTU FLOPs
+            "batch_pool": len(pool),  # distinct pre-built batches the steps cycle through
             "num_items": args.num_items,
             "negatives": args.negatives,
             "num_negatives": args.num_negatives,
@@ -343,7 +433,7 @@ def run_config(args: argparse.Namespace, gpus: int, tp: int, record: Path) -> di
         f"--blocks={args.blocks}", f"--dim={args.dim}", f"--heads={args.heads}", f"--max-len={args.max_len}",
         f"--seqs-per-rank={args.seqs_per_rank}", f"--num-items={args.num_items}", f"--negatives={args.negatives}",
         f"--num-negatives={args.num_negatives}", f"--warmup={args.warmup}", f"--steps={args.steps}",
-        f"--qcomms={args.qcomms}",
+        f"--qcomms={args.qcomms}", f"--balance={args.balance}", f"--pool={args.pool}",
         *(["--profile"] if args.profile else []), *(["--no-pipeline"] if args.no_pipeline else []),
         *(["--compile"] if args.compile else []),
     ]  # fmt: skip
@@ -384,6 +474,13 @@ def step_kind(r: dict) -> str:
     return f"{negatives}, {'pipeline' if r.get('pipeline') else 'plain'}, {comms}{compiled}"
 
 
+def dp_split(balance: str | None) -> str:
+    """How a record's DP ranks got their sequences (records from before ``balance`` drew their own per rank)."""
+    if balance is None:
+        return "own draw per rank"
+    return {"flops": "balanced (FLOPs)", "l2": "balanced (L^2)", "none": "contiguous"}[balance]
+
+
 def markdown(runs: list[dict], records: list[dict]) -> str:
     lines = ["# Hybrid-parallel HSTU training throughput", ""]
     for run in runs:
@@ -401,15 +498,26 @@ def markdown(runs: list[dict], records: list[dict]) -> str:
         "the embedding all-to-alls; compiled = HSTU blocks' dense parts under torch.compile "
         "(ParallelizeConfig.compile_dense).",
         "",
-        "| device | GPUs | TP | DP | step | seqs/rank | step ms | tokens/s | TFLOP/s per GPU | MFU "
-        "| scaling efficiency |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "DP split: each step draws one global batch of seqs/rank x DP sequences (the same on every rank) and splits "
+        "it over the DP ranks with equal sequence counts: balanced = gr_parallel.load_balance.balanced_partition on "
+        "each sequence's HSTU training FLOPs (or on L^2 alone), contiguous = consecutive chunks, length-blind; the TP"
+        " ranks of a DP group train the same share. The batches (a pool of distinct ones, cycled) are drawn and their"
+        " KJTs built before the timed loop, as a data loader's workers would, and pinned on CUDA. DP cost max/mean: "
+        "mean over the timed steps of the heaviest DP rank's HSTU FLOPs over the ranks' mean (1 = perfectly even; the"
+        " slowest rank sets the pace). Records without a DP split drew each rank's sequences independently, on the "
+        "main thread inside the timed loop.",
+        "",
+        "| device | GPUs | TP | DP | step | seqs/rank | DP split | DP cost max/mean | step ms | tokens/s "
+        "| TFLOP/s per GPU | MFU | scaling efficiency |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         eff = "-" if r.get("scaling_efficiency") is None else f"{r['scaling_efficiency']:.0%}"
+        imbalance = "-" if r.get("dp_cost_imbalance") is None else f"{r['dp_cost_imbalance']:.3f}"
         lines.append(
             f"| {r['device']} | {r['gpus']} | {r['tp']} | {r['dp']} | {step_kind(r)} | {r.get('seqs_per_rank', '-')} | "
-            f"{r['step_ms']} | {r['tokens_per_s']:.0f} | {r['tflops_per_gpu']:.1f} | {r['mfu']:.1%} | {eff} |"
+            f"{dp_split(r.get('balance'))} | {imbalance} | {r['step_ms']} | {r['tokens_per_s']:.0f} | "
+            f"{r['tflops_per_gpu']:.1f} | {r['mfu']:.1%} | {eff} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -466,6 +574,17 @@ def main() -> None:
         action="store_true",
         help="torch.compile the HSTU blocks' dense parts (ParallelizeConfig.compile_dense; tp=1 configs only)",
     )
+    ap.add_argument(
+        "--balance",
+        default="flops",
+        choices=BALANCE_MODES,
+        help="how each step's global batch is split over the DP ranks (equal sequence counts): flops = "
+        "gr_parallel.load_balance.balanced_partition on each sequence's HSTU training FLOPs (L^2 + c L), l2 = on "
+        "L^2, none = contiguous chunks",
+    )
+    ap.add_argument(
+        "--pool", type=int, default=8, help="distinct global batches built before the timed loop and cycled through"
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=str(REPO / "docs/benchmarks/parallel"))
@@ -478,6 +597,9 @@ def main() -> None:
     if args.tiny:
         args.blocks, args.dim, args.heads, args.max_len = 2, 32, 2, 64
         args.seqs_per_rank, args.num_items, args.num_negatives, args.warmup, args.steps = 4, 1000, 8, 2, 3
+    for name in ("seqs_per_rank", "pool", "steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.qcomms == "auto":
         args.qcomms = "bf16" if args.device == "cuda" else "none"
     if args.worker:
@@ -510,7 +632,8 @@ def main() -> None:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "model": f"{args.blocks} HSTU blocks, dim {args.dim}, {args.heads} heads, lengths U[1, {args.max_len}], "
-        f"{args.seqs_per_rank} sequences per DP rank, {args.num_items} items, {args.num_negatives} {args.negatives} "
+        f"{args.seqs_per_rank} sequences per DP rank (DP split: {dp_split(args.balance)}; a pool of {args.pool} "
+        f"global batches built before timing), {args.num_items} items, {args.num_negatives} {args.negatives} "
         "negatives (one table lookup per step), "
         f"{'plain loop' if args.no_pipeline else 'gr_parallel.TrainPipeline'}, embedding all-to-alls in "
         f"{'fp32' if args.qcomms == 'none' else args.qcomms}"
