@@ -159,6 +159,8 @@ HIT_STEPS = (
     ("PassGraphs", "_fill"),
     ("scorer", "heads.forward"),
     ("scorer", "_store_prefix"),
+    ("cache", "reserve"),
+    ("cache", "write_rows"),
 )
 
 
@@ -197,7 +199,7 @@ def host_breakdown(args, scorer, scorer_module, sync) -> int:
 
         return wrapper
 
-    owners = {"scorer": scorer, "scorer_module": scorer_module, "graphs": scorer.graphs}
+    owners = {"scorer": scorer, "scorer_module": scorer_module, "graphs": scorer.graphs, "cache": scorer.cache}
     owners.update(WindowIds=window.WindowIds, PassGraphs=pass_graphs.PassGraphs)
     for where, attr in HIT_STEPS:
         obj = owners[where]
@@ -268,7 +270,8 @@ def host_breakdown(args, scorer, scorer_module, sync) -> int:
         stand_in = "" if args.device == "cuda" else " (CPU: a stand-in handing back buffers)"
         for name in ("until return", "before first replay", "replay calls", "between replays", "after last replay"):
             print(f"  {name + (stand_in if name == 'replay calls' else ''):<60} {median(name):8.3f}")
-        print("  steps (nested: _run_batched holds the pass, _pass_pieces holds _bias_pieces, graphs.run the replay):")
+        print("  steps (nested: _run_batched holds the pass, _pass_pieces _bias_pieces, graphs.run the replay and _fill,")
+        print("  _store_prefix the cache's reserve and write_rows):")
         for where, attr in HIT_STEPS:
             name = f"{where}.{attr}"
             if name in per_hit:

@@ -114,7 +114,7 @@ class PassGraphs:
         self,
         key: tuple,
         names: list[str],
-        pieces: list[torch.Tensor],
+        pieces: list[np.ndarray],
         device: torch.device,
         x: torch.Tensor | None,
         x_rows: int,
