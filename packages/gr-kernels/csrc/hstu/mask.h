@@ -36,8 +36,11 @@ struct SequenceMask {
     if (unsigned(i) >= unsigned(length) || j >= length) return false;
     const bool tgt_i = i >= history, tgt_j = j >= history;
     if (tgt_j) {
-      // Targets see targets of their own group at or before themselves only.
-      return tgt_i && (i - history) / group_size == (j - history) / group_size && j <= i;
+      // Targets see targets of their own group at or before themselves only: j in [start of i's group, i], which
+      // is j == i for groups of 1 (the default). No division per key: one per element slowed every target-mask
+      // call (H200, a delta-q scoring call of 257 rows against 4353 keys: 50.9 us with it, 40.1 us without).
+      if (!tgt_i || j > i) return false;
+      return group_size == 1 ? j == i : j >= history + (i - history) / group_size * group_size;
     }
     if (j < context) return true;
     if (tgt_i) return max_attn_len == 0 || history - j <= max_attn_len;
