@@ -236,7 +236,7 @@ def build_pool(args: argparse.Namespace, ctx, net, loss_fn, hstu, size: int) -> 
         batch = rank_batch(gb, parts[ctx.dp_rank])  # TP ranks of a DP group: the same part
         negatives = loss_fn.sample_negatives(batch.target_items) if args.negatives == "uniform" else None
         bb = BenchBatch(batch, net.training_features(batch, negatives), negatives, index)
-        if ctx.device.type == "cuda":
+        if ctx.device.type == "cuda" and args.pin_memory:
             bb = bb.pin_memory()
         mean = sum(rank_flops) / len(rank_flops)
         pool.append(PoolEntry(bb, sum(rank_flops), sum(lengths), max(rank_flops) / mean))
@@ -434,6 +434,7 @@ def run_config(args: argparse.Namespace, gpus: int, tp: int, record: Path) -> di
         f"--seqs-per-rank={args.seqs_per_rank}", f"--num-items={args.num_items}", f"--negatives={args.negatives}",
         f"--num-negatives={args.num_negatives}", f"--warmup={args.warmup}", f"--steps={args.steps}",
         f"--qcomms={args.qcomms}", f"--balance={args.balance}", f"--pool={args.pool}",
+        "--pin-memory" if args.pin_memory else "--no-pin-memory",
         *(["--profile"] if args.profile else []), *(["--no-pipeline"] if args.no_pipeline else []),
         *(["--compile"] if args.compile else []),
     ]  # fmt: skip
@@ -584,6 +585,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--pool", type=int, default=8, help="distinct global batches built before the timed loop and cycled through"
+    )
+    ap.add_argument(
+        "--pin-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pin the pool's batches on CUDA (what a DataLoader with pin_memory=True hands over)",
     )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
