@@ -253,14 +253,14 @@ def host_breakdown(args, scorer, scorer_module, sync) -> int:
                 "until return": end - start,
                 "before first replay": replays[0][0] - start,
                 "replay calls": sum(b - a for a, b in replays),
-                "between replays": sum(b[0] - a[1] for a, b in zip(replays, replays[1:])),
+                "between replays": sum(b[0] - a[1] for a, b in itertools.pairwise(replays)),
                 "after last replay": end - replays[-1][1],
                 **steps,
             }
             for name, seconds in parts.items():
                 per_hit.setdefault(name, []).append(seconds * 1e3)
 
-        def median(name: str) -> float:
+        def median(name: str, per_hit: dict[str, list[float]] = per_hit) -> float:
             values = sorted(per_hit[name])
             return values[len(values) // 2]
 
@@ -270,7 +270,8 @@ def host_breakdown(args, scorer, scorer_module, sync) -> int:
         stand_in = "" if args.device == "cuda" else " (CPU: a stand-in handing back buffers)"
         for name in ("until return", "before first replay", "replay calls", "between replays", "after last replay"):
             print(f"  {name + (stand_in if name == 'replay calls' else ''):<60} {median(name):8.3f}")
-        print("  steps (nested: _run_batched holds the pass, _pass_pieces _bias_pieces, graphs.run the replay and _fill,")
+        print("  steps (nested: _run_batched holds the pass, _pass_pieces _bias_pieces, graphs.run the replay "
+              "and _fill,")  # fmt: skip
         print("  _store_prefix the cache's reserve and write_rows):")
         for where, attr in HIT_STEPS:
             name = f"{where}.{attr}"

@@ -83,7 +83,14 @@ def candidates(m: int, seed: int, timestamps: list[int] | None = None) -> Candid
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> bool:
-    return a.shape == b.shape and float((a.float() - b.float()).abs().max()) <= tol
+    # fp32 paths that sum in different orders (cached vs recomputed prefix) differ in the last bits of each value:
+    # the bound scales with the magnitude (scores near 9 differed by 1e-4 in a hypothesis example).
+    if a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    scale = 1.0 + float(b.float().abs().max())
+    return float((a.float() - b.float()).abs().max()) <= tol * scale
 
 
 VARIANTS = [
