@@ -14,20 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tools.tool_loader import load_tool
+
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "bench_dynemb_train.py"
 
 
-def _load():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_dynemb_train", TOOL)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-bench = _load()
+bench = load_tool("bench_dynemb_train")
 
 
 def test_power_law_ranks_follow_the_law():

@@ -4,31 +4,14 @@ model is the documented formula, and the markdown reads records from before the 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
+from tests.tools.tool_loader import load_tool
 
-
-def _load(name: str):
-    sys.path.insert(0, str(TOOLS))
-    try:
-        spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[name] = module  # its dataclasses look their module up there
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-        return module
-    finally:
-        sys.path.remove(str(TOOLS))
-
-
-bench = _load("bench_parallel")
+bench = load_tool("bench_parallel")
 DIMS = (8, 512, 4, 128, 128)  # blocks, dim, heads, dqk, dv: the benchmark's default model
 
 

@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
+from tests.tools.tool_loader import load_tool
 
-
-def _load(name: str):
-    sys.path.insert(0, str(TOOLS))
-    try:
-        spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-        return module
-    finally:
-        sys.path.remove(str(TOOLS))
-
-
-sweep = _load("sweep_retrieval")
-quality = _load("run_ml100k_quality")
+sweep = load_tool("sweep_retrieval")
+quality = load_tool("run_ml100k_quality")
 
 
 def _record(variant: str, seed: int, ndcg: float, hr: float) -> dict:
