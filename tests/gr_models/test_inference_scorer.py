@@ -8,7 +8,7 @@ import functools
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gr_models.data.ranking import RankingBatch
@@ -826,3 +826,48 @@ def test_cuda_graph_passes_build_their_input_rows_inside_the_graph():
     scorer.score("u", FEATS, hist, candidates(7, 1), 6000)
     got = scorer.score("u", FEATS, None, candidates(7, 2), 6500)
     assert close(got.cpu(), scorer.full_recompute(FEATS, hist, candidates(7, 2), 6500).cpu())
+
+
+@settings(max_examples=10, deadline=None)
+@example(action_mode="add", ops=["hit", "other", "hit", "append", "hit", "hit"])
+@example(action_mode="interleave", ops=["hit", "other", "hit", "version", "hit", "append", "hit"])
+@given(
+    action_mode=st.sampled_from(["add", "interleave"]),
+    ops=st.lists(st.sampled_from(["hit", "hit", "append", "other", "invalidate", "version"]), min_size=3, max_size=9),
+)
+def test_layout_memos_never_go_stale(action_mode, ops):
+    """A padded pass reuses the index arrays of its layout (``_pass_pieces``, ``window_ids``' layouts): repeated hits
+    of a user, hits after an append, after the entry was evicted (another user's request in a cache that holds one
+    user) or invalidated, and after a model-version change give bit for bit the scores of a twin scorer that rebuilds
+    every array on every call, and the scores of a fresh scorer on the same history."""
+    model = shared_model("causal", action_mode)
+    page_bytes = make_scorer(model).cache.page_bytes
+    # 6 pages of 4 tokens: either user fits (a has 2 + 9 events, b 2 + 11; x2 tokens "interleave"), both do not.
+    memo, twin = (make_scorer(model, micro_batch=4, budget=6 * page_bytes, cuda_graphs=True) for _ in range(2))
+    hist = {"a": events(9, 1000, seed=1), "b": events(11, 1000, seed=2)}
+    new = {"a": hist["a"], "b": hist["b"]}
+    t = 20_000
+    for step, op in enumerate(ops):
+        user = "b" if op == "other" else "a"
+        if op == "append":
+            extra = events(2, t, seed=10 + step)
+            t = int(extra.timestamps[-1])
+            hist["a"], new["a"] = hist["a"].concat(extra), (extra if new["a"] is None else new["a"].concat(extra))
+        for scorer in (memo, twin):
+            if op == "invalidate":
+                scorer.invalidate("a")
+            elif op == "version":
+                scorer.model_version = f"v{step}"
+        t += 7
+        cands = candidates(6, seed=step % 2)
+        twin._pass_layouts.clear()
+        twin._window_layouts.clear()
+        got = memo.score(user, FEATS, new[user], cands, t)
+        want = twin.score(user, FEATS, new[user], cands, t)
+        new[user] = None
+        assert torch.equal(got, want), (op, step)
+        fresh = make_scorer(model, micro_batch=4, cuda_graphs=True).score(user, FEATS, hist[user], cands, t)
+        assert close(got, fresh), (op, step)
+    assert memo.stats.padded_passes > 0 and len(memo._pass_layouts) > 0
+    if ops[:2] == ["hit", "other"]:  # b's entry evicted a's
+        assert memo.cache.stats().evictions > 0

@@ -204,6 +204,9 @@ def _eager_max_len(seqs: Sequence[_Seq]) -> int:
     return round_up(max(s.length for s in seqs), RAB_ROW_ALIGN)
 
 
+# Padded-pass layouts whose index arrays a scorer keeps (``_pass_pieces``): a few per bucket in use.
+_MAX_PASS_LAYOUTS = 32
+
 # Window id pieces of a CUDA-graph pass (item rows, bag values) are padded to multiples of this.
 WINDOW_GRANULE = 64
 
@@ -311,6 +314,9 @@ class CachedRankingScorer:
         self.stats = ScorerStats()
         self._logged_full_context = False
         self._rab_buffer: torch.Tensor | None = None  # flat, zero-initialised; see _shared_rab_buffer
+        # A padded pass's index arrays that depend only on its layout (see _pass_pieces), least recently used first.
+        self._pass_layouts: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
+        self._window_layouts: OrderedDict = OrderedDict()  # window_ids' memo of computed rows per window layout
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         self.graphs = PassGraphs(max_graphs) if cuda_graphs else None
@@ -597,7 +603,7 @@ class CachedRankingScorer:
         rows = [
             WindowRows(w.hist.user_features, w.hist.events, w.candidates, w.request_time, w.plan.start) for w in works
         ]
-        x = _CallInputs(self, window_ids(self.model, rows))
+        x = _CallInputs(self, window_ids(self.model, rows, self._window_layouts))
         prefix_seqs, cand_seqs = [], []
         for w, inp in zip(works, x.ids.infos, strict=True):
             w.inputs = inp
@@ -800,6 +806,45 @@ class CachedRankingScorer:
     def _pass_pieces(
         self, seqs: list[_Seq], need_output: bool, shape: PassShape | None
     ) -> tuple[dict[str, np.ndarray], list[int], bool, dict]:
+        """``_build_pass_pieces``, reusing for a padded pass (every cache hit) the arrays that depend only on its
+        layout: a hit repeated at a new request time has the same bucket and sequences, so only the pool slots, key
+        times and query times (the pieces read from the user's entry, history and request) are rebuilt. The layout
+        key holds every number the reused arrays are computed from, so a reused array equals a rebuilt one; the
+        data pieces are rebuilt on every call, so nothing cached can go stale when an entry's pages, history or
+        model version change."""
+        if shape is None or any(s.from_prefix for s in seqs):
+            return self._build_pass_pieces(seqs, need_output, shape)
+        layout = (
+            shape,
+            need_output,
+            tuple(
+                (s.num_past, s.num_prefix_q, s.c0, s.c1, s.work.inputs.row0, s.work.inputs.num_prefix_rows,
+                 s.work.inputs.prefix_len)
+                for s in seqs
+            ),
+        )  # fmt: skip
+        cached = self._pass_layouts.get(layout)
+        if cached is None:
+            pieces, kv_offsets, any_pool, copies = self._build_pass_pieces(seqs, need_output, shape)
+            self._pass_layouts[layout] = pieces
+            while len(self._pass_layouts) > _MAX_PASS_LAYOUTS:
+                self._pass_layouts.popitem(last=False)
+            return dict(pieces), kv_offsets, any_pool, copies
+        self._pass_layouts.move_to_end(layout)
+        pieces = dict(cached)  # the reused arrays are only read (packed into the staging buffer)
+        kv_offsets = cached["kv_offsets"].tolist()
+        pool_rows = np.zeros(kv_offsets[-1], dtype=np.int64)
+        for s, ks in zip(seqs, kv_offsets, strict=False):
+            if s.num_past:
+                pool_rows[ks : ks + s.num_past] = s.work.plan.past_slots.numpy()[: s.num_past]
+        pieces["pool_rows"] = pool_rows
+        if self.encoder.relative_bias is not None:
+            pieces["key_times"], pieces["q_time"] = self._bias_times(seqs, shape.max_len, shape)
+        return pieces, kv_offsets, True, {}
+
+    def _build_pass_pieces(
+        self, seqs: list[_Seq], need_output: bool, shape: PassShape | None
+    ) -> tuple[dict[str, np.ndarray], list[int], bool, dict]:
         """Host side of a pass: its index arrays (int64 NumPy: a hit's few dozen small steps cost a fraction of what
         torch's CPU ops do; with ``shape``, padded to it by one padding sequence of ``shape.pad_past`` pool rows at
         slot 0 and ``shape.pad_queries`` queries reading input row 0), the key offsets, whether keys come from the
@@ -903,21 +948,32 @@ class CachedRankingScorer:
                 h = y
         return k_all, v_all, (h.index_select(0, d["cand_rows"]) if need_output else None)
 
-    def _bias_pieces(self, seqs: list[_Seq], n: int, shape: PassShape | None) -> dict[str, np.ndarray]:
-        """Host side of ``_pass_bias`` (int64 NumPy): per query row its sequence, row in the flattened ``[B * N, N]``
-        bias, query time and position and its sequence's prefix length; per sequence the key times padded to ``N``
-        (the padding sequence's all zero, its query rows its own bias rows)."""
+    def _bias_times(self, seqs: list[_Seq], n: int, shape: PassShape | None) -> tuple[np.ndarray, np.ndarray]:
+        """The time pieces of ``_bias_pieces``, ``key_times`` and ``q_time`` (the data of a pass's bias; its other
+        pieces depend only on the pass's layout)."""
         key_times = np.zeros((len(seqs) + (shape is not None), n), dtype=np.int64)
-        seq_of, rab_row, q_time, q_pos, prefix_len = [], [], [], [], []
+        q_time = []
         for b, s in enumerate(seqs):
-            inp, nq, m = s.work.inputs, s.num_q, s.c1 - s.c0
+            inp, m = s.work.inputs, s.c1 - s.c0
             p = inp.prefix_len
             cand_t = inp.candidate_times.numpy()[s.c0 : s.c1]
             key_times[b, :p] = inp.prefix_key_times.numpy()
             key_times[b, p : p + m] = cand_t
+            q_time += [inp.query_times.numpy()[inp.num_prefix_rows - s.num_prefix_q :], cand_t]
+        if shape is not None:
+            q_time.append(np.zeros(shape.pad_queries, dtype=np.int64))
+        return key_times.reshape(-1), np.concatenate(q_time)
+
+    def _bias_pieces(self, seqs: list[_Seq], n: int, shape: PassShape | None) -> dict[str, np.ndarray]:
+        """Host side of ``_pass_bias`` (int64 NumPy): per query row its sequence, row in the flattened ``[B * N, N]``
+        bias, query time and position and its sequence's prefix length; per sequence the key times padded to ``N``
+        (the padding sequence's all zero, its query rows its own bias rows)."""
+        key_times, q_time = self._bias_times(seqs, n, shape)
+        seq_of, rab_row, q_pos, prefix_len = [], [], [], []
+        for b, s in enumerate(seqs):
+            nq, m, p = s.num_q, s.c1 - s.c0, s.work.inputs.prefix_len
             seq_of.append(np.full(nq, b, dtype=np.int64))
             rab_row.append(np.arange(b * n + s.num_past, b * n + s.length, dtype=np.int64))
-            q_time += [inp.query_times.numpy()[inp.num_prefix_rows - s.num_prefix_q :], cand_t]
             q_pos += [np.arange(p - s.num_prefix_q, p, dtype=np.int64), np.full(m, p, dtype=np.int64)]
             prefix_len.append(np.full(nq, p, dtype=np.int64))
         if shape is not None:
@@ -925,14 +981,13 @@ class CachedRankingScorer:
             seq_of.append(np.full(pad, b, dtype=np.int64))
             rab_row.append(np.arange(b * n + shape.pad_past, b * n + shape.pad_past + pad, dtype=np.int64))
             zeros = np.zeros(pad, dtype=np.int64)
-            q_time.append(zeros)
             q_pos.append(zeros)
             prefix_len.append(zeros)
         return {
-            "key_times": key_times.reshape(-1),
+            "key_times": key_times,
             "seq_of": np.concatenate(seq_of),
             "rab_row": np.concatenate(rab_row),
-            "q_time": np.concatenate(q_time),
+            "q_time": q_time,
             "q_pos": np.concatenate(q_pos),
             "prefix_len": np.concatenate(prefix_len),
         }

@@ -11,6 +11,7 @@ the rows bit for bit).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +89,9 @@ class WindowIds:
     positions: torch.Tensor  # per computed row
     features: torch.Tensor  # [users with a computed feature row, F]
     infos: list[WindowInputs]
+    # Padded ``w_gather`` / ``w_positions`` by padding, shared by every ``WindowIds`` of one layout (``window_ids``'s
+    # ``layouts``); None: built on each call.
+    padded_rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
     def rows(self) -> int:
@@ -117,14 +121,20 @@ class WindowIds:
         if extra_v:
             lens[-1] = extra_v
         feat_rows = self.features.numel()
-        bases = np.array([0, feat_rows, feat_rows + n_pad], dtype=np.int64)
+        rows_of = self.padded_rows.get((n_pad, r_pad)) if self.padded_rows is not None else None
+        if rows_of is None:
+            bases = np.array([0, feat_rows, feat_rows + n_pad], dtype=np.int64)
+            gather = _padded(bases[self.gather_block.numpy()] + self.gather_offset.numpy(), r_pad)
+            rows_of = gather, _padded(self.positions.numpy(), r_pad)
+            if self.padded_rows is not None:
+                self.padded_rows[(n_pad, r_pad)] = rows_of
         pieces = {
             "w_items": _padded(self.items.numpy(), n_pad),
             "w_bag_values": _padded(self.bag_values.numpy(), v_pad),
             "w_bag_lengths": lens,
             "w_actions": _padded(self.actions.numpy(), n_pad),
-            "w_gather": _padded(bases[self.gather_block.numpy()] + self.gather_offset.numpy(), r_pad),
-            "w_positions": _padded(self.positions.numpy(), r_pad),
+            "w_gather": rows_of[0],  # (shared between calls: read only)
+            "w_positions": rows_of[1],
         }
         if feat_rows:
             pieces["w_features"] = self.features.numpy().reshape(-1)
@@ -137,9 +147,13 @@ def _padded(a: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def window_ids(model: HSTURankingModel, windows: list[WindowRows]) -> WindowIds:
+def window_ids(model: HSTURankingModel, windows: list[WindowRows], layouts: OrderedDict | None = None) -> WindowIds:
     """The host half of ``window_inputs``: every window's ids and each window's row range and times (index
-    arithmetic in NumPy, the results as CPU int64 tensors)."""
+    arithmetic in NumPy, the results as CPU int64 tensors).
+
+    ``layouts`` (a caller's bounded memo, least recently used first): the computed rows' table rows and positions
+    depend only on each window's ``(start, events, candidates)`` counts, so a repeated layout (every cache hit of
+    the same user) reuses them and their padded forms instead of rebuilding them (the ids and times are built anew)."""
     cfg = model.config
     f, m = cfg.features.num_user_features, cfg.tokens_per_event
     # Per window: the events from e0 on (the first one a computed row belongs to), the user features if a context
@@ -181,6 +195,42 @@ def window_ids(model: HSTURankingModel, windows: list[WindowRows]) -> WindowIds:
         n_ev += n - e0
         n_cand += len(c)
         row += p - w.start + len(c)
+    layout = tuple((w.start, len(w.events), len(w.candidates)) for w in windows) if layouts is not None else None
+    rows = layouts.get(layout) if layouts is not None else None
+    if rows is None:
+        rows = _computed_rows(plans, f, m, n_ev), {}
+        if layouts is not None:
+            layouts[layout] = rows
+            while len(layouts) > MAX_WINDOW_LAYOUTS:
+                layouts.popitem(last=False)
+    else:
+        layouts.move_to_end(layout)
+    (gather_block, gather_offset, positions), padded_rows = rows
+
+    def joined(parts: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.int64)
+
+    return WindowIds(
+        items=joined(ev_items + cand_items),
+        bag_values=joined(ev_bag_vals + cand_bag_vals),
+        bag_lengths=joined(ev_bag_lens + cand_bag_lens),
+        actions=joined(actions),
+        gather_block=gather_block,
+        gather_offset=gather_offset,
+        positions=positions,
+        features=torch.from_numpy(np.concatenate(feats)) if feats else torch.zeros(0, f, dtype=torch.int64),
+        infos=infos,
+        padded_rows=padded_rows if layouts is not None else None,
+    )
+
+
+# Window layouts a caller's ``layouts`` memo keeps (``window_ids``).
+MAX_WINDOW_LAYOUTS = 32
+
+
+def _computed_rows(plans: list, f: int, m: int, n_ev: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``window_ids``' gather block, gather offset and position of every computed row (read only once returned:
+    a layout memo shares them)."""
     # Every computed row as (block, offset): features in block 0; an event's item token in block 1, its action
     # token ("interleave") in block 2; a candidate in block 2 ("add": the bare item) or block 1 ("interleave").
     cand_block = 2 if m == 1 else 1
@@ -205,17 +255,7 @@ def window_ids(model: HSTURankingModel, windows: list[WindowRows]) -> WindowIds:
     def joined(parts: list[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.int64)
 
-    return WindowIds(
-        items=joined(ev_items + cand_items),
-        bag_values=joined(ev_bag_vals + cand_bag_vals),
-        bag_lengths=joined(ev_bag_lens + cand_bag_lens),
-        actions=joined(actions),
-        gather_block=joined(blocks),
-        gather_offset=joined(offsets),
-        positions=joined(positions),
-        features=torch.from_numpy(np.concatenate(feats)) if feats else torch.zeros(0, f, dtype=torch.int64),
-        infos=infos,
-    )
+    return joined(blocks), joined(offsets), joined(positions)
 
 
 def embed_window(
