@@ -154,6 +154,7 @@ HIT_STEPS = (
     ("scorer", "_run_batched"),
     ("scorer", "_pass_pieces"),
     ("scorer", "_bias_pieces"),
+    ("scorer", "_bias_times"),
     ("WindowIds", "pieces"),
     ("graphs", "run"),
     ("PassGraphs", "_fill"),
@@ -270,8 +271,9 @@ def host_breakdown(args, scorer, scorer_module, sync) -> int:
         stand_in = "" if args.device == "cuda" else " (CPU: a stand-in handing back buffers)"
         for name in ("until return", "before first replay", "replay calls", "between replays", "after last replay"):
             print(f"  {name + (stand_in if name == 'replay calls' else ''):<60} {median(name):8.3f}")
-        print("  steps (nested: _run_batched holds the pass, _pass_pieces _bias_pieces, graphs.run the replay "
-              "and _fill,")  # fmt: skip
+        print("  steps (nested: _run_batched holds the pass, _pass_pieces _bias_pieces on a new layout or only "
+              "_bias_times on a")  # fmt: skip
+        print("  reused one, graphs.run the replay and _fill,")
         print("  _store_prefix the cache's reserve and write_rows):")
         for where, attr in HIT_STEPS:
             name = f"{where}.{attr}"
