@@ -836,7 +836,8 @@ def test_cuda_graph_passes_build_their_input_rows_inside_the_graph():
     ops=st.lists(st.sampled_from(["hit", "hit", "append", "other", "invalidate", "version"]), min_size=3, max_size=9),
 )
 def test_layout_memos_never_go_stale(action_mode, ops):
-    """A padded pass reuses the index arrays of its layout (``_pass_pieces``, ``window_ids``' layouts): repeated hits
+    """A padded pass reuses the index arrays of its layout (``_pass_pieces``, ``window_ids``' layouts) and a window its
+    prefix times (``window_ids``' times, by events object): repeated hits
     of a user, hits after an append, after the entry was evicted (another user's request in a cache that holds one
     user) or invalidated, and after a model-version change give bit for bit the scores of a twin scorer that rebuilds
     every array on every call, and the scores of a fresh scorer on the same history."""
@@ -862,12 +863,13 @@ def test_layout_memos_never_go_stale(action_mode, ops):
         cands = candidates(6, seed=step % 2)
         twin._pass_layouts.clear()
         twin._window_layouts.clear()
+        twin._window_times.clear()
         got = memo.score(user, FEATS, new[user], cands, t)
         want = twin.score(user, FEATS, new[user], cands, t)
         new[user] = None
         assert torch.equal(got, want), (op, step)
         fresh = make_scorer(model, micro_batch=4, cuda_graphs=True).score(user, FEATS, hist[user], cands, t)
         assert close(got, fresh), (op, step)
-    assert memo.stats.padded_passes > 0 and len(memo._pass_layouts) > 0
+    assert memo.stats.padded_passes > 0 and len(memo._pass_layouts) > 0 and len(memo._window_times) > 0
     if ops[:2] == ["hit", "other"]:  # b's entry evicted a's
         assert memo.cache.stats().evictions > 0
