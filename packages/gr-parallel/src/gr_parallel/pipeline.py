@@ -215,11 +215,21 @@ class TrainPipeline:
 
     def _finish_splits(self, prefetched: dict[str, _Prefetch]) -> None:
         """First stage of the input dists: the splits arrive and the value all-to-alls start (once per prefetch)."""
+        due = [pending for pending in prefetched.values() if not pending.split]
+        if not due:
+            return
         with self._on(self._dist_stream):
-            for pending in prefetched.values():
-                if not pending.split:
-                    pending.request = pending.request.wait()
-                    pending.split = True
+            if self._dist_stream is not None:
+                # The value all-to-alls allocate on the dist stream, whose pool may hand them blocks that tensors of
+                # this step's dist freed while the forward's kernels still read them (anything TorchRec's dist outputs
+                # and contexts hold beyond what their record_stream covers). Ordering the dist stream after the
+                # forward issued so far makes such reuse safe; the all-to-alls still overlap the backward. Suspected
+                # cause of an illegal memory access that 2 x H200 runs of tools/bench_parallel.py hit after ~35
+                # pipelined steps (never with CUDA_LAUNCH_BLOCKING=1); not yet re-run there with this ordering.
+                self._dist_stream.wait_stream(torch.cuda.current_stream(self.device))
+            for pending in due:
+                pending.request = pending.request.wait()
+                pending.split = True
 
     def _finish_dist(self, pending: _Prefetch) -> Any:
         """Second stage: the module's input arrives; on CUDA handed over to the compute stream. Finishes the first
