@@ -592,7 +592,12 @@ def main() -> None:
         default=True,
         help="pin the pool's batches on CUDA (what a DataLoader with pin_memory=True hands over)",
     )
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps first (default: --pool, so every pooled batch's shapes are seen before timing)",
+    )
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=str(REPO / "docs/benchmarks/parallel"))
     ap.add_argument("--replot", action="store_true")
@@ -604,6 +609,10 @@ def main() -> None:
     if args.tiny:
         args.blocks, args.dim, args.heads, args.max_len = 2, 32, 2, 64
         args.seqs_per_rank, args.num_items, args.num_negatives, args.warmup, args.steps = 4, 1000, 8, 2, 3
+    if args.warmup is None:
+        args.warmup = args.pool
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
     for name in ("seqs_per_rank", "pool", "steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
