@@ -16,34 +16,18 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch._dynamo.utils import counters
 
 from gr_models.modules import HSTUConfig, HSTUEncoder, compile_hstu_blocks, uncompile_hstu_blocks
 from gr_models.modules.compile import COMPILE_MODES, is_compiled
+from tests.gr_models.compile_helpers import compile_counts, counts_since, jagged_batch
 
 DIM = 16
 CONFIG = HSTUConfig(embedding_dim=DIM, num_blocks=3, num_heads=2, max_seq_len=32, dropout=0.0)
-
-
-def _compile_counts() -> dict[str, int]:
-    return {
-        "frames": counters["frames"]["total"],
-        "graphs": counters["stats"]["unique_graphs"],
-        "aot": counters["aot_autograd"]["total"],
-        "breaks": sum(counters["graph_break"].values()),
-    }
-
-
-def _delta(before: dict[str, int]) -> dict[str, int]:
-    return {k: v - before[k] for k, v in _compile_counts().items()}
+_compile_counts, _delta = compile_counts, counts_since
 
 
 def _batch(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    total = int(offsets[-1])
-    timestamps = torch.randint(0, 10_000, (total,), generator=g).sort().values
-    return torch.randn(total, DIM, generator=g), offsets, max(lengths), timestamps
+    return jagged_batch(lengths, seed, DIM)
 
 
 def _train_pass(enc: nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
