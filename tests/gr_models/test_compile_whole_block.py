@@ -15,11 +15,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from gr_models.modules import HSTUConfig, HSTUEncoder, compile_hstu_blocks, uncompile_hstu_blocks
 from gr_models.modules.compile import SCOPES, compiled_scope, is_compiled
-from tests.gr_models.compile_helpers import compile_counts, counts_since, jagged_batch
+from tests.gr_models.compile_helpers import (
+    assert_passes_equal,
+    compile_counts,
+    counts_since,
+    jagged_batch,
+    train_pass,
+)
 
 DIM = 16
 MAX_LEN = 40
@@ -38,25 +43,7 @@ def _batch(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, i
     return jagged_batch(lengths, seed, DIM)
 
 
-def _train_pass(enc: nn.Module, batch: tuple, **kw) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Output, input gradient and every parameter's gradient of one forward/backward (gradients cleared first)."""
-    x, offsets, max_len, ts = batch
-    enc.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    y = enc(x, offsets, max_len, ts, ts + 5, **kw)
-    # A loss that weights every output element differently, so a wrong row or column cannot cancel.
-    (y * torch.linspace(-1.0, 2.0, y.numel()).reshape(y.shape)).sum().backward()
-    return y.detach(), x.grad, {name: p.grad for name, p in enc.named_parameters()}
-
-
-def _assert_passes_equal(got: tuple, want: tuple) -> None:
-    # fp32 on CPU: Inductor fuses LayerNorm/SiLU/residual (other summation orders than eager), the op is the same.
-    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
-    assert got[2].keys() == want[2].keys()
-    for name, grad in want[2].items():
-        assert grad is not None and got[2][name] is not None, name
-        torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+_train_pass, _assert_passes_equal = train_pass, assert_passes_equal
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["no_rab", "rab"])
