@@ -38,6 +38,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools module
 from bench_inference import DTYPES, build_model, request_data
 
 
+def timed_into(totals: dict[str, float], name: str, fn, scale: float = 1.0):
+    """``fn`` wrapped so that every call adds its host seconds (times ``scale``) to ``totals[name]``."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        start = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            totals[name] = totals.get(name, 0.0) + (time.perf_counter() - start) * scale
+
+    return wrapper
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda", help="cpu or cuda")
@@ -83,15 +97,7 @@ def main() -> int:
     phase: dict[str, float] = {}
 
     def timed(name: str, fn):
-        @functools.wraps(fn)
-        def wrapper(*a, **k):
-            start = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                phase[name] = phase.get(name, 0.0) + (time.perf_counter() - start) * 1e3
-
-        return wrapper
+        return timed_into(phase, name, fn, scale=1e3)
 
     scorer_module.window_ids = timed("window_ids", scorer_module.window_ids)
     scorer_module.embed_window_ids = timed("embed_window_ids (eager passes)", scorer_module.embed_window_ids)
@@ -179,15 +185,7 @@ def host_breakdown(args, scorer, scorer_module, sync) -> int:
     replays: list[tuple[float, float]] = []  # (start, end) of every replay (CPU: its stand-in) in this request
 
     def timed(name, fn):
-        @functools.wraps(fn)
-        def wrapper(*a, **k):
-            start = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                steps[name] = steps.get(name, 0.0) + time.perf_counter() - start
-
-        return wrapper
+        return timed_into(steps, name, fn)
 
     def replay_timed(fn):
         @functools.wraps(fn)
