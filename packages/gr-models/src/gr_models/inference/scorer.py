@@ -317,7 +317,6 @@ class CachedRankingScorer:
         # A padded pass's index arrays that depend only on its layout (see _pass_pieces), least recently used first.
         self._pass_layouts: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
         self._window_layouts: OrderedDict = OrderedDict()  # window_ids' memo of computed rows per window layout
-        self._window_times: OrderedDict = OrderedDict()  # window_ids' memo of prefix times per events object
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         self.graphs = PassGraphs(max_graphs) if cuda_graphs else None
@@ -604,7 +603,7 @@ class CachedRankingScorer:
         rows = [
             WindowRows(w.hist.user_features, w.hist.events, w.candidates, w.request_time, w.plan.start) for w in works
         ]
-        x = _CallInputs(self, window_ids(self.model, rows, self._window_layouts, self._window_times))
+        x = _CallInputs(self, window_ids(self.model, rows, self._window_layouts))
         prefix_seqs, cand_seqs = [], []
         for w, inp in zip(works, x.ids.infos, strict=True):
             w.inputs = inp

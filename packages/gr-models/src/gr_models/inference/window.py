@@ -141,6 +141,11 @@ class WindowIds:
         return pieces, n_pad
 
 
+def _joined(parts: list[np.ndarray]) -> torch.Tensor:
+    """The int64 arrays end to end as a CPU tensor (empty when there are none)."""
+    return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.int64)
+
+
 def _padded(a: np.ndarray, n: int) -> np.ndarray:
     out = np.zeros(n, dtype=np.int64)
     out[: a.size] = a
@@ -151,18 +156,13 @@ def window_ids(
     model: HSTURankingModel,
     windows: list[WindowRows],
     layouts: OrderedDict | None = None,
-    times: OrderedDict | None = None,
 ) -> WindowIds:
     """The host half of ``window_inputs``: every window's ids and each window's row range and times (index
     arithmetic in NumPy, the results as CPU int64 tensors).
 
     ``layouts`` (a caller's bounded memo, least recently used first): the computed rows' table rows and positions
     depend only on each window's ``(start, events, candidates)`` counts, so a repeated layout (every cache hit of
-    the same user) reuses them and their padded forms instead of rebuilding them (the ids are built anew).
-
-    ``times`` (a caller's bounded memo): each window's prefix times (``prefix_times``) by its events object, which
-    the caller replaces, never changes, when the events change (the scorer's histories do): a window with the same
-    events and context time reuses them, only the last query time (the request time) set anew."""
+    the same user) reuses them and their padded forms instead of rebuilding them (the ids are built anew)."""
     cfg = model.config
     f, m = cfg.features.num_user_features, cfg.tokens_per_event
     # Per window: the events from e0 on (the first one a computed row belongs to), the user features if a context
@@ -194,11 +194,13 @@ def window_ids(
             feat_row = n_feat_users * f
             n_feat_users += 1
         plans.append((w, e0, n, p, feat_row, n_ev, n_cand))
-        keys, queries = _reused_prefix_times(model, ev, w.request_time, w.start, times)
+        keys, queries = prefix_times(model, ev, w.request_time)
         cand_t = (
             torch.from_numpy(np.full(len(c), w.request_time, dtype=np.int64)) if c.timestamps is None else c.timestamps
         )
-        infos.append(WindowInputs(row, w.start, p, len(c), torch.from_numpy(keys), torch.from_numpy(queries), cand_t))
+        infos.append(
+            WindowInputs(row, w.start, p, len(c), torch.from_numpy(keys), torch.from_numpy(queries[w.start :]), cand_t)
+        )
         n_ev += n - e0
         n_cand += len(c)
         row += p - w.start + len(c)
@@ -214,14 +216,11 @@ def window_ids(
         layouts.move_to_end(layout)
     (gather_block, gather_offset, positions), padded_rows = rows
 
-    def joined(parts: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.int64)
-
     return WindowIds(
-        items=joined(ev_items + cand_items),
-        bag_values=joined(ev_bag_vals + cand_bag_vals),
-        bag_lengths=joined(ev_bag_lens + cand_bag_lens),
-        actions=joined(actions),
+        items=_joined(ev_items + cand_items),
+        bag_values=_joined(ev_bag_vals + cand_bag_vals),
+        bag_lengths=_joined(ev_bag_lens + cand_bag_lens),
+        actions=_joined(actions),
         gather_block=gather_block,
         gather_offset=gather_offset,
         positions=positions,
@@ -231,34 +230,8 @@ def window_ids(
     )
 
 
-# Window layouts a caller's ``layouts`` memo keeps, and event windows its ``times`` memo keeps (``window_ids``).
+# Window layouts a caller's ``layouts`` memo keeps (``window_ids``).
 MAX_WINDOW_LAYOUTS = 32
-
-
-def _reused_prefix_times(
-    model: HSTURankingModel, events, request_time: int, start: int, times: OrderedDict | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """``prefix_times``' key times ``[P]`` and query times of rows ``[start, P)``, through the ``times`` memo: with
-    events, every time but the context rows' (the first event's, or the request time for a "full" context model,
-    both in the memo key) and the last query (the request time) depends on the events alone."""
-    ts = events.timestamps.numpy()
-    if times is None or len(ts) == 0:
-        keys, queries = prefix_times(model, events, request_time)
-        return keys, queries[start:]
-    ctx_t = request_time if model.config.context_attention == "full" else int(ts[0])
-    key = id(events)
-    hit = times.get(key)
-    if hit is None or hit[0] is not events or hit[1] != ctx_t:  # (the memo holds the events: ids are not reused)
-        hit = (events, ctx_t, *prefix_times(model, events, request_time))
-        times[key] = hit
-        while len(times) > MAX_WINDOW_LAYOUTS:
-            times.popitem(last=False)
-    else:
-        times.move_to_end(key)
-    queries = hit[3][start:].copy()
-    if queries.size:
-        queries[-1] = request_time
-    return hit[2], queries
 
 
 def _computed_rows(plans: list, f: int, m: int, n_ev: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -285,10 +258,7 @@ def _computed_rows(plans: list, f: int, m: int, n_ev: int) -> tuple[torch.Tensor
         offsets += [ev_rows[skip:], np.arange(n_ev + cand_off, n_ev + cand_off + m_c, dtype=np.int64)]
         positions += [np.arange(w.start, p, dtype=np.int64), np.full(m_c, p, dtype=np.int64)]
 
-    def joined(parts: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.int64)
-
-    return joined(blocks), joined(offsets), joined(positions)
+    return _joined(blocks), _joined(offsets), _joined(positions)
 
 
 def embed_window(
