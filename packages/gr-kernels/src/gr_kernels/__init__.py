@@ -14,7 +14,7 @@ from gr_kernels.backends import (
     unregister_backend,
 )
 from gr_kernels.cutlass_backend import CutlassBackend, native_available
-from gr_kernels.hstu_attention import hstu_attention
+from gr_kernels.hstu_attention import check_attention_values, hstu_attention
 from gr_kernels.masks import hstu_valid_mask
 from gr_kernels.params import AttentionCall, HSTUParams
 from gr_kernels.reference import ReferenceBackend, reference_backward, reference_forward
@@ -35,6 +35,7 @@ __all__ = [
     "ReferenceBackend",
     "TritonBackend",
     "available_backends",
+    "check_attention_values",
     "get_backend",
     "hstu_attention",
     "hstu_valid_mask",

@@ -126,7 +126,7 @@ def _check_structure(
             raise TypeError(f"rab must be float32, float64, bfloat16 or float16, got {rab.dtype}")
 
 
-def _check_values(
+def check_attention_values(
     q: Tensor,
     k: Tensor,
     seq_offsets: Tensor,
@@ -135,7 +135,9 @@ def _check_values(
     q_offsets: Tensor | None,
     max_q_len: int,
 ) -> None:
-    """Checks that read tensor values: one device-to-host copy (a sync on GPU), skipped with ``validate=False``."""
+    """The checks of ``hstu_attention`` that read tensor values (offsets, lengths against ``max_seq_len``, target
+    counts; one device-to-host copy, a sync on GPU): what ``validate=True`` runs, and what a caller running the op
+    with ``validate=False`` (e.g. inside a compiled graph, which cannot read values) runs beforehand instead."""
     parts = [seq_offsets.detach().to(torch.int64)]
     if q_offsets is not None:
         parts.append(q_offsets.detach().to(torch.int64))
@@ -264,7 +266,7 @@ def hstu_attention(
     # Padded query rows per sequence under delta q (HSTUParams.max_q_len); 0 without it.
     q_rows = max_q_len if max_q_len is not None else (0 if q_offsets is None else min(q.shape[0], max_seq_len))
     if validate and not torch.compiler.is_compiling():
-        _check_values(q, k, seq_offsets, max_seq_len, num_targets, q_offsets, q_rows)
+        check_attention_values(q, k, seq_offsets, max_seq_len, num_targets, q_offsets, q_rows)
     p = float(dropout_p) if training else 0.0
     # Drawn from the default CPU generator: reproducible under torch.manual_seed and no device sync.
     seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0.0 else 0

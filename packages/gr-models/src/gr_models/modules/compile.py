@@ -57,12 +57,12 @@ from torch import nn
 
 # The op's own value checks (same errors as the eager op): run before a compiled block's graph, which cannot read
 # tensor values.
-from gr_kernels.hstu_attention import _check_values as check_attention_values
+from gr_kernels import check_attention_values
 from gr_models.modules.hstu import HSTUBlock, HSTUEncoder
 
 # What each scope compiles: the block methods replaced by compiled ones.
 SCOPES: dict[str, tuple[str, ...]] = {"block": ("forward",), "projections": ("project", "finish")}
-_ALL_METHODS = ("forward", "project", "finish")
+_ALL_METHODS = tuple(name for names in SCOPES.values() for name in names)
 # Inductor modes whose graphs replay without CUDA graphs. "reduce-overhead" and "max-autotune" record a CUDA graph
 # per distinct input shape, i.e. per jagged batch's token count: memory and recording time grow without bound.
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
