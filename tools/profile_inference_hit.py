@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools module
 from bench_inference import DTYPES, build_model, request_data
 
 
-def timed_into(totals: dict[str, float], name: str, fn, scale: float = 1.0):
-    """``fn`` wrapped so that every call adds its host seconds (times ``scale``) to ``totals[name]``."""
+def on_call_times(fn, record):
+    """``fn`` wrapped so that every call hands its host start and end times (``perf_counter``) to ``record``."""
 
     @functools.wraps(fn)
     def wrapper(*a, **k):
@@ -47,9 +47,18 @@ def timed_into(totals: dict[str, float], name: str, fn, scale: float = 1.0):
         try:
             return fn(*a, **k)
         finally:
-            totals[name] = totals.get(name, 0.0) + (time.perf_counter() - start) * scale
+            record(start, time.perf_counter())
 
     return wrapper
+
+
+def timed_into(totals: dict[str, float], name: str, fn, scale: float = 1.0):
+    """``fn`` wrapped so that every call adds its host seconds (times ``scale``) to ``totals[name]``."""
+
+    def add(start: float, end: float) -> None:
+        totals[name] = totals.get(name, 0.0) + (end - start) * scale
+
+    return on_call_times(fn, add)
 
 
 def main() -> int:
@@ -188,15 +197,7 @@ def host_breakdown(args, scorer, scorer_module, sync) -> int:
         return timed_into(steps, name, fn)
 
     def replay_timed(fn):
-        @functools.wraps(fn)
-        def wrapper(*a, **k):
-            start = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                replays.append((start, time.perf_counter()))
-
-        return wrapper
+        return on_call_times(fn, lambda start, end: replays.append((start, end)))
 
     owners = {"scorer": scorer, "scorer_module": scorer_module, "graphs": scorer.graphs, "cache": scorer.cache}
     owners.update(WindowIds=window.WindowIds, PassGraphs=pass_graphs.PassGraphs)
