@@ -1,8 +1,9 @@
-"""The Hopper forward's tile order and its plain-causal mask shortcut change no output bit.
+"""The Hopper forward's tile order and its causal mask shortcut change no output bit.
 
 Both are host-switchable (read per call): ``GR_KERNELS_FWD_SECTION`` forces how many (sequence, head) pairs share a
 section of the forward's longest-first tile order (1 = the per-sequence order the kernel had before), and
-``GR_KERNELS_FWD_CAUSAL_FAST=0`` sends the masked tiles of plain causal sequences through the general mask. Every
+``GR_KERNELS_FWD_CAUSAL_FAST=0`` sends the masked tiles of causal sequences (no context, no window, targets in groups
+of one) through the general mask. Every
 CTA computes the same tile with the same arithmetic whatever the order, and the shortcut zeroes exactly the
 elements the general mask zeroes (host self-check: ``_C.sm90_fwd_self_check``), so all variants must agree bit for
 bit (split KV: its two mask variants), and agree with the fp32 reference within the parity bound of
@@ -70,9 +71,24 @@ def _assert_all_equal(outs: dict[str, torch.Tensor], base: torch.Tensor) -> None
         assert torch.equal(out, base), f"{name}: max diff {(out.float() - base.float()).abs().max().item():.3e}"
 
 
-def _check(lengths: list[int], heads: int, dim: int, seed: int, dtype: torch.dtype = torch.bfloat16, **kw) -> None:
+def _check(
+    lengths: list[int],
+    heads: int,
+    dim: int,
+    seed: int,
+    dtype: torch.dtype = torch.bfloat16,
+    q_lens: list[int] | None = None,
+    **kw,
+) -> None:
+    """Every variant equal bit for bit, and within the parity bound of the fp32 reference; ``q_lens``: delta q (the
+    last ``q_lens[b]`` positions of sequence b are the queries)."""
     (q32, k32, v32), (q, k, v), offsets = _case(lengths, heads, dim, seed, dtype)
     n = max([*lengths, 1])
+    if q_lens is not None:
+        rows = torch.cat([torch.arange(e - m, e) for e, m in zip(offsets[1:].tolist(), q_lens, strict=True)])
+        q32, q = q32[rows.cuda()], q[rows.cuda()]
+        q_offsets = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int64)
+        kw.update(q_offsets=q_offsets.cuda(), max_q_len=max([*q_lens, 1]))
     kw.setdefault("alpha", dim**-0.5)
     unsplit = _variants(q, k, v, offsets, n, "1", UNSPLIT, **kw)
     _assert_all_equal(unsplit, unsplit["previous_kernel"])
@@ -102,16 +118,29 @@ def test_jagged_causal_orders_and_masks_agree(dim: int) -> None:
     "kw",
     [
         {"num_targets": torch.tensor([0, 3, 0, 9])},
+        {"num_targets": torch.tensor([0, 3, 1, 200]), "target_group_size": 3},
         {"contextual_seq_len": 5},
         {"max_attn_len": 40},
         {"causal": False},
     ],
-    ids=["targets", "context", "window", "full"],
+    ids=["targets", "target_groups", "context", "window", "full"],
 )
-def test_other_masks_keep_the_general_path(kw: dict) -> None:
-    # Not plain causal: the shortcut must not apply (a wrong shortcut would drop visible keys or keep masked ones).
+def test_masks_with_and_without_the_shortcut(kw: dict) -> None:
+    # Targets in groups of one take the shortcut (causal_fast.h); the others must keep the general mask. A wrong
+    # shortcut, or one taken where it does not hold, would drop visible keys or keep masked ones.
     kw = {key: value.cuda() if isinstance(value, torch.Tensor) else value for key, value in kw.items()}
     _check([300, 129, 1, 520], 2, 128, seed=1, **kw)
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_delta_q_candidates_take_the_shortcut(dim: int) -> None:
+    # The scoring call of inference: a few new history rows plus candidates (targets) against a long cached history,
+    # query tiles that straddle the history/target boundary and key tiles that hold targets.
+    lengths, q_lens = [1300, 700, 130, 5], [257, 129, 130, 5]
+    targets = torch.tensor([256, 100, 128, 4], device="cuda")
+    _check(lengths, 2, dim, seed=dim, q_lens=q_lens, num_targets=targets)
 
 
 @needs_sm90

@@ -199,7 +199,7 @@ const char* run_hstu_fwd_sm90(const HstuFwdParams& p, cudaStream_t stream) {
   // as before delta q), unsplit/split KV (the reduce that follows a split launch is the caller's, hstu_fwd in
   // api.cu).
   const bool delta_q = p.q_offsets != nullptr;
-  // GR_KERNELS_FWD_CAUSAL_FAST=0 (read per call) sends plain causal sequences' masked tiles through the general mask
+  // GR_KERNELS_FWD_CAUSAL_FAST=0 (read per call) sends causal_fast sequences' masked tiles through the general mask
   // (A/B benchmarks, bisecting).
   const char* fast = std::getenv("GR_KERNELS_FWD_CAUSAL_FAST");
   args.causal_fast = fast == nullptr || std::strcmp(fast, "0") != 0;

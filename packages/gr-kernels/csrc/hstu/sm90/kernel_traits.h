@@ -153,7 +153,7 @@ struct FwdArgs {
   typename Traits::TmaKV tma_v;
   typename Traits::TmaRab tma_rab;  // built only for RabSource::kSmem launches (value-initialised otherwise)
   FwdTileOrder order;  // unsplit launches: which tile each CTA takes (tile_order.h); split launches use blockIdx
-  bool causal_fast = true;  // masked tiles of plain causal sequences use the two-compare mask (mainloop_fwd.cuh)
+  bool causal_fast = true;  // masked tiles of causal_fast sequences use the few-compare mask (causal_fast.h)
 };
 
 }  // namespace sm90

@@ -18,7 +18,7 @@
 #include "hstu/params.h"
 #include "hstu/sm90/kernel_traits_bwd.h"
 #include "hstu/sm90/mainloop_fwd.cuh"  // unpack2
-#include "hstu/sm90/plain_causal.h"
+#include "hstu/sm90/causal_fast.h"
 #include "hstu/utils.cuh"
 
 namespace gr_kernels {
@@ -212,9 +212,9 @@ struct BwdMainloop {
 
     PipelineState state;  // consumers start at stage 0, phase 0
     int buf = 0;
-    // causal_fast (compile-time; masked tiles of plain causal sequences only): the two-compare test of
-    // plain_causal.h instead of the general mask.
-    auto tile = [&](int m0, auto full_tile, auto causal_fast) __attribute__((always_inline)) {
+    // causal_fast_tile (compile-time; masked tiles of causal_fast sequences only): the few-compare test of
+    // causal_fast.h instead of the general mask.
+    auto tile = [&](int m0, auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
       if constexpr (kHasRab) load_rab(m0, bool(full_tile));
       // Fresh accumulators: cleared registers end the previous tile's live ranges (the GMMA asm reads its C
       // operand even when told to overwrite it, which would keep S, dP and dQ alive across the loop).
@@ -229,8 +229,7 @@ struct BwdMainloop {
       warpgroup_fence_operand(tSrdP);
       // P = SiLU(z) * mask / N and dX = dP * SiLU'(z) * mask * alpha / N, element by element (S and dP die as P and
       // dX are produced, which keeps the peak register use low next to the dK / dV accumulators).
-      [[maybe_unused]] const int diag = (m0 + r_base) - (n0 + c_base);
-      [[maybe_unused]] const int rows_left = mask.length - (m0 + r_base);
+      [[maybe_unused]] const CausalThresholds thresholds = causal_thresholds(mask, m0 + r_base, n0 + c_base);
       CUTE_UNROLL
       for (int t = 0; t < kFrag / 2; ++t) {
         float b0 = 0.f, b1 = 0.f;
@@ -246,11 +245,11 @@ struct BwdMainloop {
         const int j = n0 + get<1>(tScS(2 * t));
         bool v0 = true, v1 = true;
         if (!bool(full_tile)) {  // compile-time flag: mask-free tiles carry no mask code
-          if constexpr (decltype(causal_fast)::value) {
+          if constexpr (decltype(causal_fast_tile)::value) {
             const int dr = get<0>(tScS(2 * t)) - r_base;  // compile-time after folding
             const int dc = get<1>(tScS(2 * t)) - c_base;
-            v0 = causal_visible(dr, dc, diag, rows_left);
-            v1 = causal_visible(dr, dc + 1, diag, rows_left);
+            v0 = causal_visible(dr, dc, thresholds);
+            v1 = causal_visible(dr, dc + 1, thresholds);
           } else {
             v0 = mask(i, j);
             v1 = mask(i, j + 1);
@@ -304,13 +303,13 @@ struct BwdMainloop {
 
     using True = cute::true_type;
     using False = cute::false_type;
-    // Plain causal sequences (plain_causal.h; every query tile starts at a position >= 0 here): their masked tiles
-    // take the two-compare test. Only the masked tile body is compiled twice.
-    const bool causal_plain = plain_causal(p, mask, 0);
+    // Causal sequences with at most single targets (causal_fast.h; every query tile starts at a position >= 0 here):
+    // their masked tiles take the few-compare test. Only the masked tile body is compiled twice.
+    const bool fast_mask = causal_fast(p, mask, 0);
     for (int m0 = m_begin; m0 < m_end; m0 += kBlockM) {
       if (mask_free_tile(p, mask, m0, n0)) {
         tile(m0, True{}, False{});
-      } else if (causal_plain) {
+      } else if (fast_mask) {
         tile(m0, False{}, True{});
       } else {
         tile(m0, False{}, False{});

@@ -14,7 +14,7 @@
 #include "hstu/mask.h"
 #include "hstu/params.h"
 #include "hstu/sm90/kernel_traits.h"
-#include "hstu/sm90/plain_causal.h"
+#include "hstu/sm90/causal_fast.h"
 #include "hstu/utils.cuh"
 
 namespace gr_kernels {
@@ -207,7 +207,7 @@ struct FwdMainloop {
     const int c_base = get<1>(tScS(0));
     // kSmem: this thread's base for rab_word_offset.
     const uint32_t rab_base = rab_thread_base(r_base, c_base);
-    const bool causal_plain = causal_fast_allowed && plain_causal(p, mask, m0);
+    const bool fast_mask = causal_fast_allowed && causal_fast(p, mask, m0);
     // P as the register A operand of P V; its per-thread element order equals the S accumulator's (both walk
     // column pairs, then the +8 row, then 8-column groups), so element i of S becomes element i of P.
     Tensor tOrP = make_tensor<Element>(partition_shape_A(mma_pv, Shape<Int<kBlockM>, Int<kBlockN>>{}));
@@ -245,13 +245,12 @@ struct FwdMainloop {
     // body that carried every variant overflowed the instruction cache (ncu: 40% of the stall cycles were
     // instruction fetch at head dim 128).
     // stage: the K stage of this tile (kSmem reads its bias there; each pair is one 32-bit shared load).
-    // causal_fast (compile-time; only for plain_causal sequences): the masked tile's test is causal_visible
-    // (plain_causal.h).
-    auto silu_mask = [&](int n0, int stage, auto full_tile, auto causal_fast) __attribute__((always_inline)) {
+    // causal_fast_tile (compile-time; only for causal_fast sequences): the masked tile's test is causal_visible
+    // (causal_fast.h).
+    auto silu_mask = [&](int n0, int stage, auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
       [[maybe_unused]] const unsigned char* rab_stage =
           reinterpret_cast<const unsigned char*>(smem_rab) + stage * Traits::kTmaBytesRab;
-      [[maybe_unused]] const int diag = (m0 + r_base) - (n0 + c_base);
-      [[maybe_unused]] const int rows_left = mask.length - (m0 + r_base);
+      [[maybe_unused]] const CausalThresholds thresholds = causal_thresholds(mask, m0 + r_base, n0 + c_base);
       CUTE_UNROLL
       for (int t = 0; t < kFrag / 2; ++t) {
         float b0 = 0.f, b1 = 0.f;
@@ -266,11 +265,11 @@ struct FwdMainloop {
         float p0 = z0 * detail::fast_sigmoid(z0);
         float p1 = z1 * detail::fast_sigmoid(z1);
         if (!bool(full_tile)) {  // a compile-time flag folds away; a runtime one branches per tile
-          if constexpr (decltype(causal_fast)::value) {
+          if constexpr (decltype(causal_fast_tile)::value) {
             const int dr = get<0>(tScS(2 * t)) - r_base;  // compile-time after folding
             const int dc = get<1>(tScS(2 * t)) - c_base;
-            if (!causal_visible(dr, dc, diag, rows_left)) p0 = 0.f;
-            if (!causal_visible(dr, dc + 1, diag, rows_left)) p1 = 0.f;
+            if (!causal_visible(dr, dc, thresholds)) p0 = 0.f;
+            if (!causal_visible(dr, dc + 1, thresholds)) p1 = 0.f;
           } else {
             const int i = m0 + get<0>(tScS(2 * t));
             const int j = n0 + get<1>(tScS(2 * t));
@@ -293,7 +292,7 @@ struct FwdMainloop {
     if (hi <= lo) return;
 
     // First (highest) tile: S, then P; its P V is issued together with the next tile's S.
-    auto first_tile = [&](auto full_tile, auto causal_fast) __attribute__((always_inline)) {
+    auto first_tile = [&](auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
       const int n0 = (hi - 1) * kBlockN;
       if constexpr (kRab == RabSource::kGlobal) load_rab(n0, bool(full_tile));
       pipeline_k.consumer_wait(state_k);
@@ -305,7 +304,7 @@ struct FwdMainloop {
         pipeline_k.consumer_release(state_k);
         ++state_k;
       }
-      silu_mask(n0, stage, full_tile, causal_fast);
+      silu_mask(n0, stage, full_tile, causal_fast_tile);
       if constexpr (kRabInStage) {
         pipeline_k.consumer_release(state_k);
         ++state_k;
@@ -313,7 +312,7 @@ struct FwdMainloop {
       to_p();
     };
     // Every later tile: S of this tile and P V of the previous one back to back.
-    auto next_tile = [&](int n_block, auto full_tile, auto causal_fast) __attribute__((always_inline)) {
+    auto next_tile = [&](int n_block, auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
       const int n0 = n_block * kBlockN;
       if constexpr (kRab == RabSource::kGlobal) load_rab(n0, bool(full_tile));
       pipeline_k.consumer_wait(state_k);
@@ -327,7 +326,7 @@ struct FwdMainloop {
         pipeline_k.consumer_release(state_k);
         ++state_k;
       }
-      silu_mask(n0, stage, full_tile, causal_fast);
+      silu_mask(n0, stage, full_tile, causal_fast_tile);
       if constexpr (kRabInStage) {
         pipeline_k.consumer_release(state_k);
         ++state_k;
@@ -349,17 +348,18 @@ struct FwdMainloop {
     } else {
       // No bias, or the bias read from shared memory inside silu_mask (no registers held across the S GEMM).
       // Tiles are walked downwards and mask_free_tile is monotone in n0 (a lower key tile of a mask-free tile is
-      // mask-free too), so the masked tiles come first and one loop per kind covers them. Masked tiles of a plain
-      // causal sequence take the two-compare mask (causal_fast); only they are compiled twice.
+      // mask-free too), so the masked tiles come first and one loop per kind covers them. Masked tiles of a causal
+      // sequence (with or without targets of group size 1) take the few-compare mask (causal_fast.h); only they are
+      // compiled twice.
       if (mask_free_tile(p, mask, m0, (hi - 1) * kBlockN)) {
         first_tile(True{}, False{});
-      } else if (causal_plain) {
+      } else if (fast_mask) {
         first_tile(False{}, True{});
       } else {
         first_tile(False{}, False{});
       }
       int n_block = hi - 2;
-      if (causal_plain) {
+      if (fast_mask) {
         for (; n_block >= lo && !mask_free_tile(p, mask, m0, n_block * kBlockN); --n_block) {
           next_tile(n_block, False{}, True{});
         }

@@ -11,8 +11,9 @@
 // the unsplit range exactly once and nothing outside it, and keep the fast loop's premise (walking a split's tiles
 // downwards, once a tile is mask-free every lower one is); the split epilogue's accumulator pairs are adjacent
 // columns of one row (its 8-byte fp32 stores).
-// Plain causal masked tiles: the two-compare test (plain_causal.h) equals the mask for every consumer thread and S
-// element of the forward and backward tiles, and is taken exactly for plain causal sequences.
+// Causal masked tiles: the few-compare test (causal_fast.h) equals the mask for every consumer thread and S element
+// of the forward and backward tiles, with and without targets (groups of one), and is taken exactly for the sequences
+// it covers.
 // Tile order: the forward's 1-D grid covers every (query tile, sequence, head) once, highest query tile first per
 // section of (sequence, head) pairs.
 // TMA bias stages: the shared-memory element a consumer thread reads for S element i of a stage is the bias tile's
@@ -29,7 +30,7 @@
 #include "hstu/sm90/kernel_traits.h"
 #include "hstu/sm90/kernel_traits_bwd.h"
 #include "hstu/sm90/mainloop_fwd.cuh"
-#include "hstu/sm90/plain_causal.h"
+#include "hstu/sm90/causal_fast.h"
 
 namespace gr_kernels {
 namespace sm90 {
@@ -186,51 +187,52 @@ bool check_split_ranges() {
   return true;
 }
 
-// The masked tiles of a plain causal sequence (causal_visible against the per-thread thresholds silu_mask's
-// causal_fast (forward) and the backward's tile derive from each consumer thread's S elements) keep exactly the
-// mask's visible elements, at any tile position: TiledMma is the S GEMM of the kernel (its C layout places the
-// elements), M x N its tile.
+// The masked tiles of a causal_fast sequence (causal_visible against the per-thread thresholds silu_mask's
+// causal_fast_tile (forward) and the backward's tile derive from each consumer thread's S elements) keep exactly
+// the mask's visible elements, at any tile position, with and without targets: TiledMma is the S GEMM of the kernel
+// (its C layout places the elements), M x N its tile.
 template <typename TiledMma, int M, int N, int kThreads>
 bool check_causal_fast(const char* kernel) {
   using namespace cute;
   TiledMma mma;
   for (int length : {1, 2, 63, 64, 65, 128, 129, 200, 300, 1000})
-    for (int m0 : {0, 64, 128, 192, 256})
-      for (int n0 : {0, 64, 128, 192, 256}) {
-        HstuFwdParams p;
-        SequenceMask mask;
-        mask.length = mask.history = length;
-        mask.context = 0;
-        mask.max_attn_len = 0;
-        mask.group_size = 1;
-        mask.causal = true;
-        if (!plain_causal(p, mask, m0)) {
-          std::snprintf(g_report, sizeof(g_report), "%s: a plain causal sequence is not plain_causal", kernel);
-          return false;
-        }
-        for (int t = 0; t < kThreads; ++t) {
-          Tensor cS = mma.get_thread_slice(t).partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
-          const int r_base = get<0>(cS(0)), c_base = get<1>(cS(0));
-          const int diag = (m0 + r_base) - (n0 + c_base);
-          const int rows_left = mask.length - (m0 + r_base);
-          for (int e = 0; e < int(size(cS)); e += 2) {
-            const int dr = get<0>(cS(e)) - r_base, dc = get<1>(cS(e)) - c_base;
-            if (dr < 0 || dc < 0 || get<0>(cS(e + 1)) != get<0>(cS(e)) || get<1>(cS(e + 1)) != get<1>(cS(e)) + 1) {
-              std::snprintf(g_report, sizeof(g_report), "%s: S elements %d, %d of thread %d are not a pair after "
-                            "element 0", kernel, e, e + 1, t);
-              return false;
-            }
-            for (int k = 0; k < 2; ++k) {
-              const int i = m0 + r_base + dr, j = n0 + c_base + dc + k;
-              if (causal_visible(dr, dc + k, diag, rows_left) != mask(i, j)) {
-                std::snprintf(g_report, sizeof(g_report), "%s: causal fast mask differs at (%d, %d) (thread %d, L=%d, "
-                              "tile at %d, %d)", kernel, i, j, t, length, m0, n0);
+    for (int targets : {0, 1, 2, 63, 130, 1000})
+      for (int m0 : {0, 64, 128, 192, 256})
+        for (int n0 : {0, 64, 128, 192, 256}) {
+          HstuFwdParams p;
+          SequenceMask mask;
+          mask.length = length;
+          mask.history = length - (targets < length ? targets : length);
+          mask.context = 0;
+          mask.max_attn_len = 0;
+          mask.group_size = 1;
+          mask.causal = true;
+          if (!causal_fast(p, mask, m0)) {
+            std::snprintf(g_report, sizeof(g_report), "%s: a causal sequence (T=%d) is not causal_fast", kernel, targets);
+            return false;
+          }
+          for (int t = 0; t < kThreads; ++t) {
+            Tensor cS = mma.get_thread_slice(t).partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
+            const int r_base = get<0>(cS(0)), c_base = get<1>(cS(0));
+            const CausalThresholds thresholds = causal_thresholds(mask, m0 + r_base, n0 + c_base);
+            for (int e = 0; e < int(size(cS)); e += 2) {
+              const int dr = get<0>(cS(e)) - r_base, dc = get<1>(cS(e)) - c_base;
+              if (dr < 0 || dc < 0 || get<0>(cS(e + 1)) != get<0>(cS(e)) || get<1>(cS(e + 1)) != get<1>(cS(e)) + 1) {
+                std::snprintf(g_report, sizeof(g_report), "%s: S elements %d, %d of thread %d are not a pair after "
+                              "element 0", kernel, e, e + 1, t);
                 return false;
+              }
+              for (int k = 0; k < 2; ++k) {
+                const int i = m0 + r_base + dr, j = n0 + c_base + dc + k;
+                if (causal_visible(dr, dc + k, thresholds) != mask(i, j)) {
+                  std::snprintf(g_report, sizeof(g_report), "%s: causal fast mask differs at (%d, %d) (thread %d, L=%d, "
+                                "T=%d, tile at %d, %d)", kernel, i, j, t, length, targets, m0, n0);
+                  return false;
+                }
               }
             }
           }
         }
-      }
   return true;
 }
 
@@ -321,11 +323,13 @@ bool check_schedule() {
                                       kHeadDim, i, j, lo, hi, length, q_len, causal, window, context, targets, group);
                         return false;
                       }
-                  // The shortcut is taken exactly for the plain causal sequences it was checked on.
-                  const bool plain = causal && window == 0 && context == 0 && targets == 0 && m0 >= 0;
-                  if (plain_causal(p, mask, m0) != plain) {
-                    std::snprintf(g_report, sizeof(g_report), "plain_causal wrong (L=%d Q=%d m0=%d causal=%d W=%d "
-                                  "C=%d T=%d)", length, q_len, m0, causal, window, context, targets);
+                  // The shortcut is taken exactly for the sequences it was checked on: causal, no window, no
+                  // context, targets (if any) in groups of one.
+                  const bool covered =
+                      causal && window == 0 && mask.context == 0 && (targets == 0 || group == 1) && m0 >= 0;
+                  if (causal_fast(p, mask, m0) != covered) {
+                    std::snprintf(g_report, sizeof(g_report), "causal_fast wrong (L=%d Q=%d m0=%d causal=%d W=%d "
+                                  "C=%d T=%d G=%d)", length, q_len, m0, causal, window, context, targets, group);
                     return false;
                   }
                   for (int splits : {1, 2, 3, 7, 32, 64}) {
