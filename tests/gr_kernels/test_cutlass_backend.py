@@ -401,6 +401,31 @@ def test_backward_kernels_agree(dim: int, mask: str) -> None:
 
 @needs_sm90
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["sm90", "sm80"])
+@pytest.mark.parametrize("n", [200, 333])
+def test_backward_drab_buffer_follows_the_kernel(kernel: str, n: int) -> None:
+    # The Hopper backward reduce-adds 16-bit dX tiles into rows padded to 16 bytes (n = 333: padded, sliced back off);
+    # the SM80-MMA one (and any delta-q call) accumulates fp32. Either way drab comes back contiguous in rab's shape.
+    from gr_kernels.cutlass_backend import _drab_buffers
+
+    q = torch.zeros(4, 2, 64, device="cuda", dtype=torch.bfloat16)
+    rab = torch.zeros(3, 1, n, n, device="cuda", dtype=torch.bfloat16)
+    with _backward_kernel(kernel):
+        accum, rows = _drab_buffers(rab, q, delta_q=False)
+        delta_accum, delta_rows = _drab_buffers(rab, q, delta_q=True)
+        drab = _backward_case([n, 5, 70], 2, 64, torch.bfloat16, rab_heads=1, max_seq_len=n)("cutlass")[3]
+    assert delta_rows is None and delta_accum is not None and delta_accum.dtype == torch.float32
+    if kernel == "sm90":
+        assert accum is None and rows is not None and rows.dtype == torch.bfloat16
+        assert rows.shape == (3, 1, n, -(-n // 8) * 8) and rows.count_nonzero() == 0
+    else:
+        assert rows is None and accum is not None and accum.dtype == torch.float32 and accum.shape == rab.shape
+    assert drab.is_contiguous() and drab.shape == rab.shape and drab.dtype == torch.bfloat16
+    assert drab.abs().sum() > 0
+
+
+@needs_sm90
+@pytest.mark.gpu
 @settings(max_examples=30, deadline=None, database=None)
 @given(data=st.data())
 def test_backward_hypothesis(data: st.DataObject) -> None:

@@ -94,7 +94,8 @@ void hstu_fwd(std::uintptr_t out, py::tuple o_strides, std::uintptr_t stream, st
 }
 
 void hstu_bwd(std::uintptr_t dout, py::tuple do_strides, std::uintptr_t dq_accum, std::uintptr_t dk,
-              std::uintptr_t dv, std::uintptr_t drab_accum, std::uintptr_t stream, std::uintptr_t q, std::uintptr_t k,
+              std::uintptr_t dv, std::uintptr_t drab_accum, std::uintptr_t drab, int64_t drab_row_stride,
+              std::uintptr_t stream, std::uintptr_t q, std::uintptr_t k,
               std::uintptr_t v, py::tuple q_strides, py::tuple k_strides, py::tuple v_strides,
               std::uintptr_t seq_offsets, std::uintptr_t num_targets, std::uintptr_t rab, int rab_heads, int batch,
               int heads, int head_dim, int max_seq_len, float alpha, int scaling_seqlen, bool causal,
@@ -111,6 +112,8 @@ void hstu_bwd(std::uintptr_t dout, py::tuple do_strides, std::uintptr_t dq_accum
   p.dk = as_ptr<void>(dk);
   p.dv = as_ptr<void>(dv);
   p.drab_accum = as_ptr<float>(drab_accum);
+  p.drab = as_ptr<void>(drab);
+  p.drab_row_stride = drab_row_stride;
   check(gr_kernels::hstu_bwd(p, as_ptr<void>(stream)), "hstu_bwd");
 }
 
@@ -121,7 +124,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("hstu_fwd", &hstu_fwd,
         "HSTU attention forward on jagged q/k/v (raw device pointers); the last two arguments are the split-KV "
         "fp32 workspace [num_splits, total_q, heads, dim] (0 when num_splits == 1) and num_splits");
-  m.def("hstu_bwd", &hstu_bwd, "HSTU attention backward: dq (fp32, accumulated), dk, dv, drab (fp32, accumulated)");
+  m.def("hstu_bwd", &hstu_bwd,
+        "HSTU attention backward: dq (fp32, accumulated), dk, dv, and drab either fp32-accumulated (drab_accum, the "
+        "SM80-MMA kernel) or 16-bit with its row stride (drab, the Hopper kernel; see hstu_bwd_runs_sm90)");
+  m.def("hstu_bwd_runs_sm90", &gr_kernels::hstu_bwd_runs_sm90, py::arg("head_dim"), py::arg("delta_q"),
+        "Whether hstu_bwd takes the Hopper kernel for this head dim on the current device (then drab is 16-bit)");
   m.def("compiled_archs", &gr_kernels::compiled_archs, "CUDA architectures this build holds code for");
   m.def(
       "sm90_fwd_self_check",

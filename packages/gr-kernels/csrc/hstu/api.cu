@@ -111,9 +111,9 @@ static bool sm90_backward_selected() {
   return std::strcmp(v, "sm90") == 0;
 }
 
-// The Hopper backward can take this call: sm90 device, no delta q, TMA-compatible q, k, v and dout.
-static bool sm90_backward_possible(const HstuBwdParams& p) {
-  return p.q_offsets == nullptr && current_device_is_sm90() && tma_compatible(p.q, p.q_row_stride, p.q_head_stride) &&
+// The Hopper backward's TMA loads can take this call's q, k, v and dout.
+static bool sm90_backward_rows_fit(const HstuBwdParams& p) {
+  return tma_compatible(p.q, p.q_row_stride, p.q_head_stride) &&
          tma_compatible(p.k, p.k_row_stride, p.k_head_stride) && tma_compatible(p.v, p.v_row_stride, p.v_head_stride) &&
          tma_compatible(p.dout, p.do_row_stride, p.do_head_stride);
 }
@@ -129,14 +129,29 @@ static const char* dispatch_bwd_head_dim_sm90(const HstuBwdParams& p, cudaStream
 }
 #endif
 
+bool hstu_bwd_runs_sm90(int head_dim, bool delta_q) {
+#ifdef GR_KERNELS_SM90
+  const bool built = head_dim == 64 || head_dim == 128 || head_dim == 256;
+  return built && !delta_q && (sm90_backward_selected() || head_dim == 256) && current_device_is_sm90();
+#else
+  (void)head_dim;
+  (void)delta_q;
+  return false;
+#endif
+}
+
 template <typename Element>
 static const char* dispatch_bwd_head_dim(const HstuBwdParams& p, cudaStream_t stream) {
 #ifdef GR_KERNELS_SM90
-  if ((sm90_backward_selected() || p.head_dim == 256) && sm90_backward_possible(p)) {
+  if (hstu_bwd_runs_sm90(p.head_dim, p.q_offsets != nullptr) && sm90_backward_rows_fit(p)) {
     const char* err = dispatch_bwd_head_dim_sm90<Element>(p, stream);
     if (err != nullptr) return err;
   }
 #endif
+  if (p.drab != nullptr) {
+    return "the SM80-MMA backward accumulates drab in fp32 (drab_accum), but this call gave the Hopper kernel's "
+           "16-bit drab (q, k, v or dout rows not 16-byte aligned?)";
+  }
   switch (p.head_dim) {
     case 64: return run_hstu_bwd<Element, 64>(p, stream);
     case 128: return run_hstu_bwd<Element, 128>(p, stream);

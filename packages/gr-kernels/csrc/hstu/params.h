@@ -52,16 +52,27 @@ struct HstuFwdParams {
   float* split_accum = nullptr;
 };
 
-// Backward: the forward's arguments plus the output gradient and the gradient buffers. dq and drab are fp32
-// accumulators (zero-initialised by the caller) that several CTAs add into; dk and dv are written once, in q's dtype.
+// Backward: the forward's arguments plus the output gradient and the gradient buffers. dq is an fp32 accumulator
+// (zero-initialised by the caller) that several CTAs add into; dk and dv are written once, in q's dtype. drab (with
+// rab) depends on the kernel (hstu_bwd_runs_sm90): the SM80-MMA kernel adds into the fp32 drab_accum, the Hopper
+// kernel bulk reduce-adds 16-bit tiles into drab; the caller zeroes the one the kernel takes and leaves the other null.
 struct HstuBwdParams : HstuFwdParams {
   const void* dout = nullptr;  // [total_q, heads, dim], same strides rule as q
   int64_t do_row_stride = 0, do_head_stride = 0;
   float* dq_accum = nullptr;   // [total_q, heads, dim] contiguous fp32
   void* dk = nullptr;          // [total, heads, dim] contiguous (keys no query sees get zero)
   void* dv = nullptr;          // [total, heads, dim] contiguous
-  float* drab_accum = nullptr; // [batch, rab_heads, max_seq_len, max_seq_len] fp32, or null without rab
+  float* drab_accum = nullptr; // [batch, rab_heads, max_seq_len, max_seq_len] fp32 (SM80 kernel), or null
+  // [batch, rab_heads, max_seq_len, drab_row_stride] in q's dtype (Hopper kernel), or null. TMA wants 16-byte rows:
+  // drab_row_stride >= max_seq_len is a multiple of 8 (the caller pads and slices off the extra columns).
+  void* drab = nullptr;
+  int64_t drab_row_stride = 0;
 };
+
+// Whether hstu_bwd serves a call of this head dim (delta q or not) on the current device with the Hopper kernel, so
+// that drab (not drab_accum) is the buffer to give it; hstu_bwd makes the same choice (given 16-byte aligned q, k, v
+// and dout rows, else it fails on a 16-bit drab).
+bool hstu_bwd_runs_sm90(int head_dim, bool delta_q);
 
 const char* hstu_bwd(const HstuBwdParams& params, void* stream);
 

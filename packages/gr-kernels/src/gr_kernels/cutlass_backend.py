@@ -7,9 +7,10 @@ it usable under CUDA graph capture.
 Status: forward native for head dims 64/128/256 (the Hopper WGMMA/TMA kernel on sm90, ``GR_KERNELS_FWD_KERNEL=sm80``
 selects the SM80-MMA kernel); backward native for 64/128 (the Hopper WGMMA/TMA kernel on sm90,
 ``GR_KERNELS_BWD_KERNEL=sm80`` selects the SM80-MMA kernel) and, in builds with sm90a code, for 256 (only the Hopper
-backward exists there). dq and
-drab accumulate in fp32 buffers, cast once at the end. A head-dim-256 backward without the sm90a build, or with delta
-q, runs the PyTorch reference (``reference_backward``).
+backward exists there). dq
+accumulates in an fp32 buffer, cast once at the end; drab is written 16-bit by the Hopper backward (TMA reduce-adds
+of its dX tiles) and accumulated in fp32 by the SM80-MMA one (``_drab_buffers``). A head-dim-256 backward without
+the sm90a build, or with delta q, runs the PyTorch reference (``reference_backward``).
 
 Delta q (``q_offsets``: queries are the last tokens of each sequence) is in all three native kernels (SM80-MMA
 forward and backward, Hopper forward) and passed the GPU parity suite on an H200 (tests/gr_kernels/test_delta_q.py's
@@ -154,7 +155,7 @@ class CutlassBackend:
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dk = torch.empty(k.shape, dtype=q.dtype, device=q.device)
         dv = torch.empty(v.shape, dtype=q.dtype, device=q.device)
-        drab = None if rab is None else torch.zeros(rab.shape, dtype=torch.float32, device=q.device)
+        drab_accum, drab = _drab_buffers(rab, q, q_offsets is not None)
         args, _ = _common_args(q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
         _C.hstu_bwd(
             grad_out.data_ptr(),
@@ -162,11 +163,32 @@ class CutlassBackend:
             dq.data_ptr(),
             dk.data_ptr(),
             dv.data_ptr(),
+            0 if drab_accum is None else drab_accum.data_ptr(),
             0 if drab is None else drab.data_ptr(),
+            0 if drab is None else drab.stride(2),
             _stream(q),
             *args,
         )
-        return dq.to(q.dtype), dk, dv, None if drab is None else drab.to(rab.dtype)
+        if rab is None:
+            return dq.to(q.dtype), dk, dv, None
+        grad_rab = drab_accum if drab is None else drab[..., : rab.shape[-1]].contiguous()  # a copy only if padded
+        return dq.to(q.dtype), dk, dv, grad_rab.to(rab.dtype)
+
+
+def _drab_buffers(rab: Tensor | None, q: Tensor, delta_q: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The zeroed drab buffer of the kernel that ``_C.hstu_bwd`` will run, as (fp32 accumulator, 16-bit rows).
+
+    The SM80-MMA backward adds fp32 atomics into [B, H_rab, N, N]; the Hopper one bulk reduce-adds 16-bit dX tiles
+    (q's dtype) through TMA, which wants 16-byte rows: its [B, H_rab, N, N_pad] rows are padded to a multiple of 8
+    elements (the caller slices the padding off).
+    """
+    if rab is None:
+        return None, None
+    if not _C.hstu_bwd_runs_sm90(q.shape[-1], delta_q):
+        return torch.zeros(rab.shape, dtype=torch.float32, device=q.device), None
+    n = rab.shape[-1]
+    padded = (*rab.shape[:-1], -(-n // 8) * 8)
+    return None, torch.zeros(padded, dtype=q.dtype, device=q.device)
 
 
 def _aligned(t: Tensor) -> Tensor:

@@ -5,8 +5,10 @@
 //
 // Warp-specialised: warpgroup 0 loads (TMA: K, V once, Q and dO tiles through mbarrier pipelines), warpgroups 1-2
 // compute (WGMMA) and write. Pieces: kernel_traits_bwd.h (tiles, layouts, types), mainloop_bwd.cuh (loads, GEMMs,
-// SiLU and its derivative, masks, rab/drab, dQ accumulation), epilogue_bwd.cuh (dK, dV rows). dq_accum and
-// drab_accum are fp32 buffers the caller zeroed: several CTAs (key tiles; heads for a shared bias) add into them.
+// SiLU and its derivative, masks, rab/drab, dQ accumulation), epilogue_bwd.cuh (dK, dV rows). dq_accum is an fp32
+// buffer the caller zeroed (the key tiles add into it). drab is 16-bit (q's dtype, zeroed by the caller): each
+// (query tile, key tile) of dX leaves shared memory as one TMA bulk reduce-add, so only heads sharing a bias plane
+// add into the same elements (a 16-bit sum over those heads, like the 16-bit bias itself).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -84,15 +86,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(cons
     cute::clear(tdKrdK);
     if (any_tile) {
       const Element_* rab = nullptr;
-      float* drab = nullptr;
+      int drab_plane = -1;  // the drab plane the dX tiles go to (the TMA tensor's third mode); -1: no drab
       if constexpr (kHasRab) {
-        const int64_t plane = detail::rab_plane_offset(p, b, head);
-        rab = static_cast<const Element_*>(p.rab) + plane;
-        if (p.drab_accum != nullptr) drab = p.drab_accum + plane;
+        rab = static_cast<const Element_*>(p.rab) + detail::rab_plane_offset(p, b, head);
+        if (p.drab != nullptr) drab_plane = b * p.rab_heads + (p.rab_heads == 1 ? 0 : head);
       }
       ss.barrier_kv.wait(0);
-      Mainloop::template mma<kHasRab>(p, ss, pipeline_q, pipeline_do, tdVrdV, tdKrdK, tidx, mask, seq_start, head, n0,
-                                       m_begin, m_end, rab, drab);
+      Mainloop::template mma<kHasRab>(args, ss, pipeline_q, pipeline_do, tdVrdV, tdKrdK, tidx, mask, seq_start, head,
+                                       n0, m_begin, m_end, rab, drab_plane);
     }
     Epilogue::store(p, tdKrdK, tdVrdV, tidx, seq_start, head, n0, length);
   }
@@ -109,6 +110,14 @@ const char* run_hstu_bwd_sm90(const HstuBwdParams& p, cudaStream_t stream) {
   using Traits = BwdTraits<Element_, kHeadDim>;
   using Element = typename Traits::Element;
   if (p.q_offsets != nullptr) return "the Hopper backward has no delta q (q_offsets)";
+  if (p.rab != nullptr && p.drab_accum != nullptr) {
+    return "the Hopper backward writes drab as 16-bit tiles (drab), not into the fp32 drab_accum";
+  }
+  if (p.drab != nullptr && (reinterpret_cast<std::uintptr_t>(p.drab) % 16 != 0 || p.drab_row_stride % 8 != 0 ||
+                            p.drab_row_stride < p.max_seq_len)) {
+    return "the Hopper backward's drab needs a 16-byte aligned base and a row stride >= max_seq_len that is a "
+           "multiple of 8 elements";
+  }
   if (p.batch == 0 || p.total_rows == 0) return "";
   auto gmem = [&](const void* ptr, int64_t row_stride, int64_t head_stride) {
     return make_tensor(make_gmem_ptr(static_cast<const Element*>(ptr)),
@@ -126,7 +135,17 @@ const char* run_hstu_bwd_sm90(const HstuBwdParams& p, cudaStream_t stream) {
                     tile_kv, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, gmem(p.v, p.v_row_stride, p.v_head_stride), typename Traits::SmemLayoutV{},
                     tile_kv, _1{}),
+      {},  // tma_drab: set below when drab is written
   };
+  if (p.rab != nullptr && p.drab != nullptr) {
+    // [batch * rab_heads] planes of [max_seq_len rows, drab_row_stride]; TMA clips the tiles at max_seq_len.
+    const int64_t n = p.max_seq_len;
+    auto g_drab = make_tensor(make_gmem_ptr(static_cast<Element*>(p.drab)),
+                              make_layout(make_shape(int32_t(n), int32_t(n), int32_t(p.batch) * p.rab_heads),
+                                          make_stride(p.drab_row_stride, _1{}, n * p.drab_row_stride)));
+    args.tma_drab = make_tma_copy(SM90_TMA_REDUCE_ADD{}, g_drab, take<0, 2>(typename Traits::SmemLayoutP{}),
+                                  Shape<Int<Traits::kBlockM>, Int<Traits::kBlockN>>{}, _1{});
+  }
   const dim3 grid((p.max_seq_len + Traits::kBlockN - 1) / Traits::kBlockN, p.heads, p.batch);
   auto kernel = p.rab != nullptr ? hstu_bwd_sm90_kernel<Element_, Traits, true>
                                  : hstu_bwd_sm90_kernel<Element_, Traits, false>;

@@ -112,6 +112,11 @@ struct BwdTraits {
   using TmaKV = decltype(cute::make_tma_copy(
       cute::SM90_TMA_LOAD{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemLayout{}),
       SmemLayoutK{}, cute::Shape<_N, _D>{}, cute::_1{}));
+  // drab = dX: the (query tile, key tile) of the dX buffer is bulk reduce-added (TMA, 16-bit add) into the 16-bit
+  // drab planes [batch * rab_heads][max_seq_len rows][drab_row_stride], straight from the same shared memory.
+  using TmaDrab = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_REDUCE_ADD{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<Element*>(nullptr)), GmemLayout{}),
+      cute::take<0, 2>(SmemLayoutP{}), cute::Shape<_M, _N>{}, cute::_1{}));
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename Pipeline::PipelineState;
@@ -141,6 +146,7 @@ struct BwdArgs {
   typename Traits::TmaQ tma_do;
   typename Traits::TmaKV tma_k;
   typename Traits::TmaKV tma_v;
+  typename Traits::TmaDrab tma_drab;  // set only when p.drab is given
 };
 
 }  // namespace sm90

@@ -3,12 +3,14 @@
 // Per query tile (walked upwards from the first one that can see the CTA's keys):
 //   producer : Q tile -> stage (pipeline_q), dO tile -> stage (pipeline_do)
 //   consumer : S = Q K^T, dP = dO V^T (issued back to back); then, element by element,
-//              P = SiLU(alpha (S + rab)) * mask / N and dX = dP * SiLU'(z) * mask * alpha / N (dX also into drab),
-//              both to shared memory (stmatrix); both warpgroups sync; dQ = dX K, dV += P^T dO, dK += dX^T Q are
-//              issued together; dQ is added into the fp32 dq buffer (global float2 atomics) while dV and dK still
-//              run. The two consumer warpgroups move in step (one barrier per tile: dQ needs every key of dX).
+//              P = SiLU(alpha (S + rab)) * mask / N and dX = dP * SiLU'(z) * mask * alpha / N, both to shared
+//              memory (stmatrix); both warpgroups sync; dQ = dX K, dV += P^T dO, dK += dX^T Q are issued together,
+//              and (with drab) one thread issues the TMA reduce-add of the dX tile into drab (drab = dX); dQ is added
+//              into the fp32 dq buffer (global float2 atomics) while dV and dK still run. The two consumer
+//              warpgroups move in step (one barrier per tile: dQ needs every key of dX).
 // P / dX use two shared-memory buffers (alternating per tile): a warpgroup writing tile t + 1's buffer has passed
-// the barrier of tile t, which the other warpgroup reached only after its GEMMs of tile t - 1 (same buffer) retired.
+// the barrier of tile t, which the other warpgroup reached only after its GEMMs of tile t - 1 (same buffer) retired,
+// and which the drab thread reached only after the reduce-add of tile t - 1 had read its dX (bulk wait_group.read).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -118,12 +120,14 @@ struct BwdMainloop {
 
   // Consumers (both warpgroups, tidx in [0, 256)): accumulate dV and dK of the CTA's keys over the query tiles of
   // [m_begin, m_end), and add each tile's dQ into p.dq_accum (rows from seq_start). K and V are in shared memory.
+  // With rab, drab_plane >= 0 names the plane of args.tma_drab that the dX tiles are reduce-added into.
   template <bool kHasRab, typename FragDkv>
-  __device__ __forceinline__ static void mma(const HstuBwdParams& p, SharedStorage& ss, Pipeline& pipeline_q,
+  __device__ __forceinline__ static void mma(const BwdArgs<Traits>& args, SharedStorage& ss, Pipeline& pipeline_q,
                                              Pipeline& pipeline_do, FragDkv& tdVrdV, FragDkv& tdKrdK, int tidx,
                                              const SequenceMask& mask, int seq_start, int head, int n0, int m_begin,
-                                             int m_end, const Element_* rab, float* drab) {
+                                             int m_end, const Element_* rab, int drab_plane) {
     using namespace cute;
+    const HstuBwdParams& p = args.p;
     using M = Int<kBlockM>;
     using N = Int<kBlockN>;
     using D = Int<kHeadDim>;
@@ -182,7 +186,20 @@ struct BwdMainloop {
     const float alpha = p.alpha;
     const float inv_n = p.inv_scaling_seqlen;
     const float dx_scale = alpha * inv_n;
-    const bool rab_pairs = (p.max_seq_len % 2) == 0;  // 32-bit bias loads / 64-bit drab adds need even rows
+    const bool rab_pairs = (p.max_seq_len % 2) == 0;  // 32-bit bias loads need even rows
+    // One thread moves the dX tiles into drab (after the tile's barrier: every key of dX is written and fenced).
+    const bool drab_thread = kHasRab && drab_plane >= 0 && tidx == 0;
+    if (drab_thread) prefetch_tma_descriptor(args.tma_drab.get_tma_descriptor());
+    // The reduce-add of tile m0 from dX buffer `from`: rows and keys past max_seq_len are clipped by TMA, the rest
+    // past the sequence end are masked zeros.
+    auto reduce_drab = [&](int m0, int from) {
+      const int n = p.max_seq_len;
+      Tensor mDrab = args.tma_drab.get_tma_tensor(make_shape(n, n, int32_t(p.batch) * p.rab_heads))(_, _, drab_plane);
+      Tensor gDrab = local_tile(mDrab, Shape<M, N>{}, make_coord(m0 / kBlockM, n0 / kBlockN));
+      auto tma_drab = args.tma_drab.get_slice(_0{});
+      copy(args.tma_drab, tma_drab.partition_S(sdX)(_, _, _, from), tma_drab.partition_D(gDrab));
+      tma_store_arrive();
+    };
     float* dq_base = p.dq_accum + (int64_t(seq_start) * p.heads + head) * kHeadDim;
     const int64_t dq_row = int64_t(p.heads) * kHeadDim;
 
@@ -259,28 +276,21 @@ struct BwdMainloop {
         }
         p_words[t] = detail::pack2<Element_>(f0, f1);
         dx_words[t] = detail::pack2<Element_>(x0, x1);
-        if constexpr (kHasRab) {
-          if (drab != nullptr) {
-            float* dst = drab + int64_t(i) * p.max_seq_len + j;
-            if (bool(full_tile) && rab_pairs) {
-              atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x0, x1));
-            } else {
-              if (v0) atomicAdd(dst, x0);
-              if (v1) atomicAdd(dst + 1, x1);
-            }
-          }
-        }
       }
       copy(smem_tiled_copy_p, tPrP, tPsP(_, _, _, buf));
       copy(smem_tiled_copy_p, tPrdX, tPsdX(_, _, _, buf));
       // Generic-proxy stores -> visible to the GMMA (async proxy); then every key of P / dX is in place.
       cutlass::arch::fence_view_async_shared();
+      // drab: the previous tile's reduce-add has read its dX buffer before anyone passes this barrier (the next
+      // tile rewrites that buffer).
+      if (drab_thread) tma_store_wait<0>();
       cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, kPdxBarrier);
 
       clear(tdQrdQ);
       warpgroup_gemm_ss<false>(mma_dq, tdQrdX(_, _, _, buf), tdQrKt, tdQrdQ);
       warpgroup_gemm_ss<false>(mma_dkv, tdVrPt(_, _, _, buf), tdVrdOt(_, _, _, state.index()), tdVrdV);
       warpgroup_gemm_ss<false>(mma_dkv, tdKrdXt(_, _, _, buf), tdKrQt(_, _, _, state.index()), tdKrdK);
+      if (drab_thread) reduce_drab(m0, buf);  // reads dX alongside the GEMMs
       warpgroup_wait<2>();  // dQ has landed; dV and dK may still run
       warpgroup_fence_operand(tdQrdQ);
       // Rows past the sequence end hold zeros (their dX is masked) and belong to the next sequence: skipped.
@@ -315,6 +325,7 @@ struct BwdMainloop {
         tile(m0, False{}, False{});
       }
     }
+    if (drab_thread) tma_store_wait<0>();  // the last reduce-add has read its dX before the CTA's smem goes away
   }
 };
 
