@@ -2,8 +2,8 @@
 
 Both are host-switchable (read per call): ``GR_KERNELS_FWD_SECTION`` forces how many (sequence, head) pairs share a
 section of the forward's longest-first tile order (1 = the per-sequence order the kernel had before), and
-``GR_KERNELS_FWD_CAUSAL_FAST=0`` sends the masked tiles of causal sequences (no context, no window, targets in groups
-of one) through the general mask. Every
+``GR_KERNELS_FWD_CAUSAL_FAST=0`` sends the masked tiles of causal sequences (no context, no window; in delta-q calls
+also with targets in groups of one) through the general mask. Every
 CTA computes the same tile with the same arithmetic whatever the order, and the shortcut zeroes exactly the
 elements the general mask zeroes (host self-check: ``_C.sm90_fwd_self_check``), so all variants must agree bit for
 bit (split KV: its two mask variants), and agree with the fp32 reference within the parity bound of
@@ -126,8 +126,8 @@ def test_jagged_causal_orders_and_masks_agree(dim: int) -> None:
     ids=["targets", "target_groups", "context", "window", "full"],
 )
 def test_masks_with_and_without_the_shortcut(kw: dict) -> None:
-    # Targets in groups of one take the shortcut (causal_fast.h); the others must keep the general mask. A wrong
-    # shortcut, or one taken where it does not hold, would drop visible keys or keep masked ones.
+    # Full attention: only plain causal sequences take the shortcut (causal_fast.h), these must keep the general
+    # mask. A wrong shortcut, or one taken where it does not hold, would drop visible keys or keep masked ones.
     kw = {key: value.cuda() if isinstance(value, torch.Tensor) else value for key, value in kw.items()}
     _check([300, 129, 1, 520], 2, 128, seed=1, **kw)
 
@@ -136,8 +136,9 @@ def test_masks_with_and_without_the_shortcut(kw: dict) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dim", [64, 128, 256])
 def test_delta_q_candidates_take_the_shortcut(dim: int) -> None:
-    # The scoring call of inference: a few new history rows plus candidates (targets) against a long cached history,
-    # query tiles that straddle the history/target boundary and key tiles that hold targets.
+    # The scoring call of inference, whose targets in groups of one take the shortcut: a few new history rows plus
+    # candidates (targets) against a long cached history, query tiles that straddle the history/target boundary and
+    # key tiles that hold targets.
     lengths, q_lens = [1300, 700, 130, 5], [257, 129, 130, 5]
     targets = torch.tensor([256, 100, 128, 4], device="cuda")
     _check(lengths, 2, dim, seed=dim, q_lens=q_lens, num_targets=targets)

@@ -118,8 +118,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(cons
     const Element_* rab = p.rab == nullptr
                               ? nullptr
                               : static_cast<const Element_*>(p.rab) + detail::rab_plane_offset(p, b, head);
-    Mainloop::template mma<kRab>(p, ss, pipeline_k, pipeline_v, state_k, state_v, tOrO, tidx, mask, pos0, lo, hi,
-                                    rab, smem_rab, args.causal_fast);
+    Mainloop::template mma<kRab, kDeltaQ>(p, ss, pipeline_k, pipeline_v, state_k, state_v, tOrO, tidx, mask, pos0, lo,
+                                          hi, rab, smem_rab, args.causal_fast);
     if constexpr (kSplit) {
       Epilogue::store_partial(p, tOrO, tidx, split, rows.start, head, m0, rows.length);
     } else {

@@ -229,7 +229,7 @@ struct BwdMainloop {
 
     PipelineState state;  // consumers start at stage 0, phase 0
     int buf = 0;
-    // causal_fast_tile (compile-time; masked tiles of causal_fast sequences only): the few-compare test of
+    // causal_fast_tile (compile-time; masked tiles of plain causal sequences only): the two-compare test of
     // causal_fast.h instead of the general mask.
     auto tile = [&](int m0, auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
       if constexpr (kHasRab) load_rab(m0, bool(full_tile));
@@ -265,8 +265,8 @@ struct BwdMainloop {
           if constexpr (decltype(causal_fast_tile)::value) {
             const int dr = get<0>(tScS(2 * t)) - r_base;  // compile-time after folding
             const int dc = get<1>(tScS(2 * t)) - c_base;
-            v0 = causal_visible(dr, dc, thresholds);
-            v1 = causal_visible(dr, dc + 1, thresholds);
+            v0 = causal_visible<false>(dr, dc, thresholds);
+            v1 = causal_visible<false>(dr, dc + 1, thresholds);
           } else {
             v0 = mask(i, j);
             v1 = mask(i, j + 1);
@@ -313,9 +313,9 @@ struct BwdMainloop {
 
     using True = cute::true_type;
     using False = cute::false_type;
-    // Causal sequences with at most single targets (causal_fast.h; every query tile starts at a position >= 0 here):
-    // their masked tiles take the few-compare test. Only the masked tile body is compiled twice.
-    const bool fast_mask = causal_fast(p, mask, 0);
+    // Plain causal sequences (causal_fast.h; every query tile starts at a position >= 0 here): their masked tiles take
+    // the two-compare test. Only the masked tile body is compiled twice.
+    const bool fast_mask = causal_fast<false>(p, mask, 0);
     for (int m0 = m_begin; m0 < m_end; m0 += kBlockM) {
       if (mask_free_tile(p, mask, m0, n0)) {
         tile(m0, True{}, False{});

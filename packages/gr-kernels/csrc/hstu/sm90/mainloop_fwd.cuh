@@ -181,7 +181,9 @@ struct FwdMainloop {
   // still on the tensor cores, and P is overwritten only after that GEMM has retired.
   // kRab: the kernel is compiled per bias source, so each variant's loop stays small. rab: the (sequence, head)
   // bias plane in global memory (kGlobal); smem_rab: the bias stages (kSmem).
-  template <RabSource kRab, typename FragO>
+  // kTargetsFast: masked tiles of causal sequences with single targets take the few-compare test too (causal_fast.h;
+  // the delta-q kernels).
+  template <RabSource kRab, bool kTargetsFast, typename FragO>
   __device__ __forceinline__ static void mma(const HstuFwdParams& p, SharedStorage& ss, Pipeline& pipeline_k,
                                              Pipeline& pipeline_v, PipelineState& state_k, PipelineState& state_v,
                                              FragO& tOrO, int tidx, const SequenceMask& mask, int m0, int lo, int hi,
@@ -207,7 +209,7 @@ struct FwdMainloop {
     const int c_base = get<1>(tScS(0));
     // kSmem: this thread's base for rab_word_offset.
     const uint32_t rab_base = rab_thread_base(r_base, c_base);
-    const bool fast_mask = causal_fast_allowed && causal_fast(p, mask, m0);
+    const bool fast_mask = causal_fast_allowed && causal_fast<kTargetsFast>(p, mask, m0);
     // P as the register A operand of P V; its per-thread element order equals the S accumulator's (both walk
     // column pairs, then the +8 row, then 8-column groups), so element i of S becomes element i of P.
     Tensor tOrP = make_tensor<Element>(partition_shape_A(mma_pv, Shape<Int<kBlockM>, Int<kBlockN>>{}));
@@ -268,8 +270,8 @@ struct FwdMainloop {
           if constexpr (decltype(causal_fast_tile)::value) {
             const int dr = get<0>(tScS(2 * t)) - r_base;  // compile-time after folding
             const int dc = get<1>(tScS(2 * t)) - c_base;
-            if (!causal_visible(dr, dc, thresholds)) p0 = 0.f;
-            if (!causal_visible(dr, dc + 1, thresholds)) p1 = 0.f;
+            if (!causal_visible<kTargetsFast>(dr, dc, thresholds)) p0 = 0.f;
+            if (!causal_visible<kTargetsFast>(dr, dc + 1, thresholds)) p1 = 0.f;
           } else {
             const int i = m0 + get<0>(tScS(2 * t));
             const int j = n0 + get<1>(tScS(2 * t));
@@ -349,8 +351,7 @@ struct FwdMainloop {
       // No bias, or the bias read from shared memory inside silu_mask (no registers held across the S GEMM).
       // Tiles are walked downwards and mask_free_tile is monotone in n0 (a lower key tile of a mask-free tile is
       // mask-free too), so the masked tiles come first and one loop per kind covers them. Masked tiles of a causal
-      // sequence (with or without targets of group size 1) take the few-compare mask (causal_fast.h); only they are
-      // compiled twice.
+      // sequence (causal_fast.h) take the few-compare mask; only they are compiled twice.
       if (mask_free_tile(p, mask, m0, (hi - 1) * kBlockN)) {
         first_tile(True{}, False{});
       } else if (fast_mask) {

@@ -11,9 +11,9 @@
 // the unsplit range exactly once and nothing outside it, and keep the fast loop's premise (walking a split's tiles
 // downwards, once a tile is mask-free every lower one is); the split epilogue's accumulator pairs are adjacent
 // columns of one row (its 8-byte fp32 stores).
-// Causal masked tiles: the few-compare test (causal_fast.h) equals the mask for every consumer thread and S element
-// of the forward and backward tiles, with and without targets (groups of one), and is taken exactly for the sequences
-// it covers.
+// Causal masked tiles: both tests of causal_fast.h (plain causal; with single targets, the delta-q forward's) equal
+// the mask for every consumer thread and S element of the forward and backward tiles on the sequences they cover,
+// and are taken exactly for those.
 // Tile order: the forward's 1-D grid covers every (query tile, sequence, head) once, highest query tile first per
 // section of (sequence, head) pairs.
 // TMA bias stages: the shared-memory element a consumer thread reads for S element i of a stage is the bias tile's
@@ -191,7 +191,7 @@ bool check_split_ranges() {
 // causal_fast_tile (forward) and the backward's tile derive from each consumer thread's S elements) keep exactly
 // the mask's visible elements, at any tile position, with and without targets: TiledMma is the S GEMM of the kernel
 // (its C layout places the elements), M x N its tile.
-template <typename TiledMma, int M, int N, int kThreads>
+template <typename TiledMma, int M, int N, int kThreads, bool kTargets>
 bool check_causal_fast(const char* kernel) {
   using namespace cute;
   TiledMma mma;
@@ -207,8 +207,16 @@ bool check_causal_fast(const char* kernel) {
           mask.max_attn_len = 0;
           mask.group_size = 1;
           mask.causal = true;
-          if (!causal_fast(p, mask, m0)) {
-            std::snprintf(g_report, sizeof(g_report), "%s: a causal sequence (T=%d) is not causal_fast", kernel, targets);
+          if (targets > 0 && !kTargets) {
+            if (causal_fast<false>(p, mask, m0)) {
+              std::snprintf(g_report, sizeof(g_report), "%s: a sequence with targets is plain causal_fast", kernel);
+              return false;
+            }
+            continue;
+          }
+          if (!causal_fast<kTargets>(p, mask, m0)) {
+            std::snprintf(g_report, sizeof(g_report), "%s: a causal sequence (T=%d) is not causal_fast", kernel,
+                          targets);
             return false;
           }
           for (int t = 0; t < kThreads; ++t) {
@@ -224,9 +232,9 @@ bool check_causal_fast(const char* kernel) {
               }
               for (int k = 0; k < 2; ++k) {
                 const int i = m0 + r_base + dr, j = n0 + c_base + dc + k;
-                if (causal_visible(dr, dc + k, thresholds) != mask(i, j)) {
-                  std::snprintf(g_report, sizeof(g_report), "%s: causal fast mask differs at (%d, %d) (thread %d, L=%d, "
-                                "T=%d, tile at %d, %d)", kernel, i, j, t, length, targets, m0, n0);
+                if (causal_visible<kTargets>(dr, dc + k, thresholds) != mask(i, j)) {
+                  std::snprintf(g_report, sizeof(g_report), "%s: causal fast mask differs at (%d, %d) (thread %d, "
+                                "L=%d, T=%d, tile at %d, %d)", kernel, i, j, t, length, targets, m0, n0);
                   return false;
                 }
               }
@@ -240,8 +248,9 @@ template <int kHeadDim>
 bool check_causal_fast_kernels() {
   using F = FwdTraits<__nv_bfloat16, kHeadDim>;
   using B = BwdTraits<__nv_bfloat16, kHeadDim>;
-  return check_causal_fast<typename F::MmaQK, F::kBlockM, F::kBlockN, F::kConsumerThreads>("forward") &&
-         check_causal_fast<typename B::MmaSdP, B::kBlockM, B::kBlockN, B::kConsumerThreads>("backward");
+  return check_causal_fast<typename F::MmaQK, F::kBlockM, F::kBlockN, F::kConsumerThreads, false>("forward") &&
+         check_causal_fast<typename F::MmaQK, F::kBlockM, F::kBlockN, F::kConsumerThreads, true>("delta-q forward") &&
+         check_causal_fast<typename B::MmaSdP, B::kBlockM, B::kBlockN, B::kConsumerThreads, false>("backward");
 }
 
 // The forward's tile order (tile_order.h) maps the 1-D grid onto every (query tile, sequence, head) exactly once,
@@ -324,10 +333,11 @@ bool check_schedule() {
                         return false;
                       }
                   // The shortcut is taken exactly for the sequences it was checked on: causal, no window, no
-                  // context, targets (if any) in groups of one.
-                  const bool covered =
-                      causal && window == 0 && mask.context == 0 && (targets == 0 || group == 1) && m0 >= 0;
-                  if (causal_fast(p, mask, m0) != covered) {
+                  // context, no targets (with kTargets: targets in groups of one).
+                  const bool plain = causal && window == 0 && mask.context == 0 && m0 >= 0;
+                  const bool covered = plain && (!mask.has_targets() || group == 1);
+                  if (causal_fast<false>(p, mask, m0) != (plain && !mask.has_targets()) ||
+                      causal_fast<true>(p, mask, m0) != covered) {
                     std::snprintf(g_report, sizeof(g_report), "causal_fast wrong (L=%d Q=%d m0=%d causal=%d W=%d "
                                   "C=%d T=%d G=%d)", length, q_len, m0, causal, window, context, targets, group);
                     return false;
