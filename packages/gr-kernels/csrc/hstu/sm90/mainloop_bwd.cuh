@@ -203,15 +203,20 @@ struct BwdMainloop {
     float* dq_base = p.dq_accum + (int64_t(seq_start) * p.heads + head) * kHeadDim;
     const int64_t dq_row = int64_t(p.heads) * kHeadDim;
 
-    // Bias of one tile into registers, issued before the tile's GEMMs so the loads fly meanwhile.
+    // Bias of one tile into registers. Up to head dim 128 issued one tile ahead (right after the previous tile's
+    // pointwise pass has used the registers), so the loads fly behind its dQ / dV / dK and this tile's S / dP GEMMs;
+    // at 256 (dK + dV take 128 registers) holding them through those GEMMs spilled (ptxas -v, also when issued after
+    // dQ), so there they are issued at the tile's start, behind its S / dP GEMMs only.
+    constexpr bool kRabAhead = kHeadDim <= 128;
     uint32_t rab_bits[kHasRab ? kFrag / 2 : 1];
-    auto load_rab = [&](int m0, bool full_tile) __attribute__((always_inline)) {
+    auto load_rab = [&](int m0) __attribute__((always_inline)) {
+      const bool inside = m0 + kBlockM <= mask.length && n0 + kBlockN <= mask.length;  // no bounds checks needed
       CUTE_UNROLL
       for (int t = 0; t < kFrag / 2; ++t) {
         const int i = m0 + get<0>(tScS(2 * t));
         const int j = n0 + get<1>(tScS(2 * t));
         const Element_* src = rab + int64_t(i) * p.max_seq_len + j;
-        const bool in = full_tile || (i < mask.length && j < mask.length);
+        const bool in = inside || (i < mask.length && j < mask.length);
         if (rab_pairs) {
           rab_bits[t] = in ? __ldg(reinterpret_cast<const unsigned int*>(src)) : 0u;
         } else {
@@ -232,7 +237,7 @@ struct BwdMainloop {
     // causal_fast_tile (compile-time; masked tiles of plain causal sequences only): the two-compare test of
     // causal_fast.h instead of the general mask.
     auto tile = [&](int m0, auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
-      if constexpr (kHasRab) load_rab(m0, bool(full_tile));
+      if constexpr (kHasRab && !kRabAhead) load_rab(m0);
       // Fresh accumulators: cleared registers end the previous tile's live ranges (the GMMA asm reads its C
       // operand even when told to overwrite it, which would keep S, dP and dQ alive across the loop).
       clear(tSrS);
@@ -277,6 +282,9 @@ struct BwdMainloop {
         p_words[t] = detail::pack2<Element_>(f0, f1);
         dx_words[t] = detail::pack2<Element_>(x0, x1);
       }
+      if constexpr (kHasRab && kRabAhead) {
+        if (m0 + kBlockM < m_end) load_rab(m0 + kBlockM);  // the next tile's bias
+      }
       copy(smem_tiled_copy_p, tPrP, tPsP(_, _, _, buf));
       copy(smem_tiled_copy_p, tPrdX, tPsdX(_, _, _, buf));
       // Generic-proxy stores -> visible to the GMMA (async proxy); then every key of P / dX is in place.
@@ -316,6 +324,7 @@ struct BwdMainloop {
     // Plain causal sequences (causal_fast.h; every query tile starts at a position >= 0 here): their masked tiles take
     // the two-compare test. Only the masked tile body is compiled twice.
     const bool fast_mask = causal_fast<false>(p, mask, 0);
+    if constexpr (kHasRab && kRabAhead) load_rab(m_begin);  // the first tile's bias (the caller has >= 1 tile)
     for (int m0 = m_begin; m0 < m_end; m0 += kBlockM) {
       if (mask_free_tile(p, mask, m0, n0)) {
         tile(m0, True{}, False{});
