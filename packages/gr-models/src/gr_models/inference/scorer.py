@@ -927,18 +927,22 @@ class CachedRankingScorer:
             copy_rows_(v_all, d[f"dst{i}"], select_rows(v_src, d[f"src{i}"]))
         rab = None if rab_buffer is None else self._pass_bias(d, rab_buffer, b, n)
         h = x.index_select(0, d["q_rows"])
+        # The attention kernels take int32 offsets and target counts: converted once per pass, not once per layer
+        # (8 layers: 21 fewer copy kernels in a cache hit's graph).
+        q_offsets, kv_offsets = d["q_offsets"].to(torch.int32), d["kv_offsets"].to(torch.int32)
+        num_targets = d["num_targets"].to(torch.int32) if "num_targets" in d else None
         blocks = self.encoder.blocks
         for layer, block in enumerate(blocks):
             y = block.forward_into_keys(
                 h,
-                d["q_offsets"],
+                q_offsets,
                 k_all[layer],
                 v_all[layer],
-                d["kv_offsets"],
+                kv_offsets,
                 d["key_rows"],
                 n,
                 rab,
-                num_targets=d.get("num_targets"),
+                num_targets=num_targets,
                 contextual_seq_len=self.model.contextual_seq_len,
                 max_q_len=max_q,
                 need_output=need_output or layer < len(blocks) - 1,
