@@ -214,8 +214,10 @@ def markdown(runs: list[dict], records: list[dict]) -> str:
         "(`GR_KERNELS_NATIVE_DELTA_Q=0` sends delta q to the reference instead); fp32 on CUDA runs the reference "
         "(`auto` passes over the Triton kernels' slower fp32 tiles). On a GPU the `full` request is an eager "
         "forward whose host time exceeds its kernels' (`tools/profile_inference_hit.py --mode full` shows both; "
-        "H200, 4096 x 256 bf16: 9.5 ms until return, 3.4 ms of kernels), while a cache hit replays CUDA graphs "
-        "(1.9 ms, 0.95 ms of kernels): the speedups compare end-to-end latencies. CPU bf16/fp16 timings depend on "
+        "H200, 4096 x 256 bf16, under the profiler: 9.9 ms, 3.3 ms of kernels), while a cache hit replays CUDA "
+        "graphs (1.19 ms, 0.73 ms of kernels): the speedups compare end-to-end latencies, and the full request's "
+        "host-bound latency moves with the host CPU (6.3 to 10.1 ms in three runs on H200 machines on one day; "
+        "kernel changes between them do not explain the spread). CPU bf16/fp16 timings depend on "
         "the CPU's half-precision matmul support (this machine's speedups are not a GPU prediction). The CPU "
         "machine is shared with other jobs: the cases are timed round-robin and the best of the repeats is kept "
         "(`median_ms` in the JSON shows the spread).",
