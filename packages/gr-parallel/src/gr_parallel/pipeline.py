@@ -219,14 +219,7 @@ class TrainPipeline:
         if not due:
             return
         with self._on(self._dist_stream):
-            if self._dist_stream is not None:
-                # The value all-to-alls allocate on the dist stream, whose pool may hand them blocks that tensors of
-                # this step's dist freed while the forward's kernels still read them (anything TorchRec's dist outputs
-                # and contexts hold beyond what their record_stream covers). Ordering the dist stream after the
-                # forward issued so far makes such reuse safe; the all-to-alls still overlap the backward. Suspected
-                # cause of an illegal memory access that 2 x H200 runs of tools/bench_parallel.py hit after ~35
-                # pipelined steps (never with CUDA_LAUNCH_BLOCKING=1); not yet re-run there with this ordering.
-                self._dist_stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._dist_after_compute()
             for pending in due:
                 pending.request = pending.request.wait()
                 pending.split = True
@@ -236,6 +229,7 @@ class TrainPipeline:
         stage too where it is still due (a forward that raised left batch i+1's splits in flight)."""
         self._finish_splits({"": pending})
         with self._on(self._dist_stream):
+            self._dist_after_compute()
             data = pending.request.wait()
         if self._dist_stream is not None:
             current = torch.cuda.current_stream(self.device)
@@ -245,6 +239,21 @@ class TrainPipeline:
         return data
 
     # ------------------------------------------------------------------ helpers
+    def _dist_after_compute(self) -> None:
+        """Orders the dist stream after the compute work issued so far, before each dist stage that allocates.
+
+        The dist stream's allocations come from its own pool, which holds the blocks of tensors the earlier dists
+        allocated there: TorchRec's dist outputs, contexts and what they compute lazily (a KJT's offsets), some of
+        which the compute stream reads without a record_stream that would keep their blocks from being reused early.
+        Once the host drops such a tensor, the next dist stage could get its block while a forward or backward
+        kernel still reads it. Waiting here makes that reuse safe at every stage: the fetch's input dist (after the
+        copy stream, which waits for compute), the value all-to-alls (after forward i; they still overlap backward
+        i) and the handover (during forward i+1). Without these waits, 2 x H200 runs of tools/bench_parallel.py hit
+        an illegal memory access within 40 steps, which neither one stream nor PYTORCH_NO_CUDA_MEMORY_CACHING=1 did.
+        """
+        if self._dist_stream is not None:
+            self._dist_stream.wait_stream(torch.cuda.current_stream(self.device))
+
     def _on(self, stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
