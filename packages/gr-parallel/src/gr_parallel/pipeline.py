@@ -17,6 +17,13 @@ retrieval model's plain forward and loss do; its ``training_forward`` looks it u
 does not fx-trace. Matching the prefetched KJT by identity needs neither, and a forward that does not consume what
 was prefetched is an error, never a silent miss.
 
+Known problem (open): on 2 x H200, ``tools/bench_parallel.py --configs 2x1`` with this pipeline stops with "an
+illegal memory access" on rank 1 within 40 steps (within ~10 with ``TORCH_NCCL_AVOID_RECORD_STREAMS=0``). A bisect
+found it only with the dist stream: not with the copy stream alone, not with ``CUDA_LAUNCH_BLOCKING=1``, not with
+``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` (whose frees synchronise the device), never with the plain loop; ordering the
+dist stream after the compute stream before each dist stage did not fix it. The NCCL tests (2 GPUs, a few steps)
+pass. Until the race is found, multi-GPU CUDA runs should use the plain loop.
+
 Results equal the plain loop's exactly: only the time the collectives are issued moves. One caveat: batch i+1 is
 fetched from the iterator before batch i's forward, so a data pipeline that draws from the global torch RNG in the
 main process (the step's negatives draw from it too) would interleave differently than in the plain loop.
@@ -219,7 +226,6 @@ class TrainPipeline:
         if not due:
             return
         with self._on(self._dist_stream):
-            self._dist_after_compute()
             for pending in due:
                 pending.request = pending.request.wait()
                 pending.split = True
@@ -229,7 +235,6 @@ class TrainPipeline:
         stage too where it is still due (a forward that raised left batch i+1's splits in flight)."""
         self._finish_splits({"": pending})
         with self._on(self._dist_stream):
-            self._dist_after_compute()
             data = pending.request.wait()
         if self._dist_stream is not None:
             current = torch.cuda.current_stream(self.device)
@@ -239,21 +244,6 @@ class TrainPipeline:
         return data
 
     # ------------------------------------------------------------------ helpers
-    def _dist_after_compute(self) -> None:
-        """Orders the dist stream after the compute work issued so far, before each dist stage that allocates.
-
-        The dist stream's allocations come from its own pool, which holds the blocks of tensors the earlier dists
-        allocated there: TorchRec's dist outputs, contexts and what they compute lazily (a KJT's offsets), some of
-        which the compute stream reads without a record_stream that would keep their blocks from being reused early.
-        Once the host drops such a tensor, the next dist stage could get its block while a forward or backward
-        kernel still reads it. Waiting here makes that reuse safe at every stage: the fetch's input dist (after the
-        copy stream, which waits for compute), the value all-to-alls (after forward i; they still overlap backward
-        i) and the handover (during forward i+1). Without these waits, 2 x H200 runs of tools/bench_parallel.py hit
-        an illegal memory access within 40 steps, which neither one stream nor PYTORCH_NO_CUDA_MEMORY_CACHING=1 did.
-        """
-        if self._dist_stream is not None:
-            self._dist_stream.wait_stream(torch.cuda.current_stream(self.device))
-
     def _on(self, stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
