@@ -22,9 +22,10 @@ The step is the production one: ``RetrievalModel.training_forward`` looks the in
 call (one input/output all-to-all when sharded, one fused table-optimizer step), ``--negatives in_batch`` (default)
 gathers the negatives from the targets' rows (``uniform``: ``[tokens, K]`` catalogue ids drawn with the batch and
 looked up in the same call), the looked-up rows and their gradients cross the sharding all-to-alls in bf16 on CUDA
-(``--qcomms``, TorchRec's quantized comms; the table stays fp32), and the loop runs through
-``gr_parallel.TrainPipeline`` (the next batch's host-to-device copy and sparse input all-to-all overlap this step;
-``--no-pipeline``: a plain loop).
+(``--qcomms``, TorchRec's quantized comms; the table stays fp32), and the loop is a plain one by default;
+``--pipeline`` runs it through ``gr_parallel.TrainPipeline`` (the next batch's host-to-device copy and sparse input
+all-to-all overlap this step), which has an open stream race on 2 GPUs (packages/gr-parallel/README.md; with
+``TORCH_NCCL_AVOID_RECORD_STREAMS=0`` it stops within ~10 steps: the fast way to reproduce it).
 ``--seqs-per-rank`` defaults to 32 (~65k tokens per rank at lengths U[1, 4096]) so that the HSTU blocks dominate the
 step rather than per-step host and lookup overheads; on one H200 that is the 10M x 512 fp32 table (20 GB, plus 40 MB
 of row-wise Adagrad state) and roughly 20-30 GB of activations, well inside 141 GB (``peak_memory_gb`` in the record).
@@ -300,7 +301,7 @@ def worker(args: argparse.Namespace) -> None:
         pm.sync_grads()
         pm.clip_grad_norm_()
 
-    if args.no_pipeline:
+    if not args.pipeline:
 
         def one_step(it) -> torch.Tensor:
             bb = next(it).to(ctx.device, non_blocking=True)
@@ -374,7 +375,7 @@ def worker(args: argparse.Namespace) -> None:
             if ctx.device.type == "cuda":
                 print(table.table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
             print(table.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)  # the host's share
-    if not args.no_pipeline:
+    if args.pipeline:
         pipeline.reset()
     # Global work of the timed steps: every rank knows the global batches.
     timed = [pool[s % len(pool)] for s in range(args.warmup, args.warmup + args.steps)]
@@ -409,7 +410,7 @@ def worker(args: argparse.Namespace) -> None:
             "negatives": args.negatives,
             "num_negatives": args.num_negatives,
             "in_batch_logits": in_batch_logits_backend(ctx.device) if args.negatives == "in_batch" else None,
-            "pipeline": not args.no_pipeline,
+            "pipeline": args.pipeline,
             "qcomms": args.qcomms,
             "compiled": args.compile,
             "compiled_frames_timed": frames_timed,  # torch.compile frames compiled during the timed steps (0 wanted)
@@ -435,7 +436,7 @@ def run_config(args: argparse.Namespace, gpus: int, tp: int, record: Path) -> di
         f"--num-negatives={args.num_negatives}", f"--warmup={args.warmup}", f"--steps={args.steps}",
         f"--qcomms={args.qcomms}", f"--balance={args.balance}", f"--pool={args.pool}",
         "--pin-memory" if args.pin_memory else "--no-pin-memory",
-        *(["--profile"] if args.profile else []), *(["--no-pipeline"] if args.no_pipeline else []),
+        *(["--profile"] if args.profile else []), *(["--pipeline"] if args.pipeline else []),
         *(["--compile"] if args.compile else []),
     ]  # fmt: skip
     env = dict(os.environ)
@@ -568,7 +569,11 @@ def main() -> None:
         "CUDA, none on CPU)",
     )
     ap.add_argument(
-        "--no-pipeline", action="store_true", help="plain loop instead of gr_parallel.TrainPipeline (no prefetch)"
+        "--pipeline",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run the steps through gr_parallel.TrainPipeline (prefetch; open stream race on 2 GPUs, see the "
+        "docstring) instead of the plain loop (--no-pipeline, the default)",
     )
     ap.add_argument(
         "--compile",
@@ -651,7 +656,7 @@ def main() -> None:
         f"{args.seqs_per_rank} sequences per DP rank (DP split: {dp_split(args.balance)}; a pool of {args.pool} "
         f"global batches built before timing), {args.num_items} items, {args.num_negatives} {args.negatives} "
         "negatives (one table lookup per step), "
-        f"{'plain loop' if args.no_pipeline else 'gr_parallel.TrainPipeline'}, embedding all-to-alls in "
+        f"{'gr_parallel.TrainPipeline' if args.pipeline else 'plain loop'}, embedding all-to-alls in "
         f"{'fp32' if args.qcomms == 'none' else args.qcomms}"
         f"{', HSTU blocks compiled (torch.compile)' if args.compile else ''}",
     }
