@@ -64,7 +64,9 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float
     return start.elapsed_time(end) / iters
 
 
-def hstu_case(backend: str, lengths: list[int], heads: int, dim: int, mask: str, rab: bool, direction: str):
+def hstu_case(
+    backend: str, lengths: list[int], heads: int, dim: int, mask: str, rab: bool, direction: str, rab_heads: int = 1
+):
     import gr_kernels
 
     dev, dtype = "cuda", torch.bfloat16
@@ -74,7 +76,7 @@ def hstu_case(backend: str, lengths: list[int], heads: int, dim: int, mask: str,
     total = sum(lengths)
     q, k, v = (torch.randn(total, heads, dim, device=dev, dtype=dtype) * 0.5 for _ in range(3))
     offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=dev)
-    bias = torch.randn(len(lengths), 1, n, n, device=dev, dtype=dtype) * 0.1 if rab else None
+    bias = torch.randn(len(lengths), rab_heads, n, n, device=dev, dtype=dtype) * 0.1 if rab else None
     targets = None
     if mask == "causal_targets":
         targets = torch.tensor([min(16, max(length - 1, 0)) for length in lengths], device=dev)
@@ -141,8 +143,16 @@ def main() -> int:
     ap.add_argument("--masks", nargs="+", default=["causal", "causal_targets"], choices=["causal", "causal_targets"])
     ap.add_argument("--layouts", nargs="+", default=["uniform", "jagged"], choices=["uniform", "jagged"])
     ap.add_argument("--rab", nargs="+", default=["off", "on"], choices=["off", "on"], help="cases without/with rab")
+    ap.add_argument(
+        "--rab-heads",
+        type=int,
+        default=1,
+        help="bias planes per sequence: 1 (default) = one plane shared by all heads, or --heads = one per head",
+    )
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "hstu_attention"))
     args = ap.parse_args()
+    if args.rab_heads not in (1, args.heads):
+        ap.error(f"--rab-heads must be 1 or --heads ({args.heads}), got {args.rab_heads}")
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -177,13 +187,16 @@ def main() -> int:
                                     jagged=jagged,
                                     mask=mask,
                                     rab=rab,
+                                    rab_heads=args.rab_heads if rab else 0,
                                     direction=direction,
                                 )
                                 try:
                                     if is_sdpa:
                                         fn = sdpa_case(backend, lengths, args.heads, dim, direction)
                                     else:
-                                        fn = hstu_case(backend, lengths, args.heads, dim, mask, rab, direction)
+                                        fn = hstu_case(
+                                            backend, lengths, args.heads, dim, mask, rab, direction, args.rab_heads
+                                        )
                                     ms = time_ms(fn)
                                 except Exception as e:  # a backend that cannot run a case is recorded, not fatal
                                     rec.update(ms=None, tflops=None, error=f"{type(e).__name__}: {e}"[:300])
@@ -234,6 +247,9 @@ def markdown(meta: dict, records: list[dict]) -> str:
     for r in records:
         rows.setdefault(tuple(r[k] for k in keys), {})[r["backend"]] = r
     for key, by_backend in rows.items():
+        planes = next(iter(by_backend.values())).get("rab_heads", 1)  # records before the option: one shared plane
+        if key[5] and planes > 1:  # the rab cell names a per-head bias
+            key = (*key[:5], f"True ({planes} planes)", *key[6:])
         cells = []
         for b in _backends(records):
             r = by_backend.get(b)
