@@ -18,12 +18,13 @@ Graphs are kept per bucket, least recently used first out beyond ``max_graphs`` 
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from gr_models.inference.lru import LruDict
 
 Q_GRANULE = 64
 KEY_GRANULE = 256
@@ -100,7 +101,7 @@ class PassGraphs:
         if not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
         self.max_graphs = max_graphs
-        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._entries: LruDict[tuple, _Entry] = LruDict(max_graphs)
         self.captures = 0
         self.replays = 0
 
@@ -127,19 +128,18 @@ class PassGraphs:
         and input rows ``x`` (at most ``x_rows``; None when ``fn`` builds its input rows from the indices, and gets
         None) on ``device``: replayed from the bucket's graph, captured on first use. The outputs are the graph's
         own buffers, valid until the next ``run`` of the same bucket."""
-        entry = self._entries.get(key)
+        entry = self._entries.lookup(key)
         if entry is None:
             total = sum(a.size for a in pieces)
-            entry = _Entry(
-                None,
-                torch.empty(total, dtype=torch.int64, device=device),
-                None if x is None else torch.zeros(x_rows, x.shape[1], dtype=x.dtype, device=device),
-                make_statics(),
+            entry = self._entries.store(
+                key,
+                _Entry(
+                    None,
+                    torch.empty(total, dtype=torch.int64, device=device),
+                    None if x is None else torch.zeros(x_rows, x.shape[1], dtype=x.dtype, device=device),
+                    make_statics(),
+                ),
             )
-            self._entries[key] = entry
-            while len(self._entries) > self.max_graphs:
-                self._entries.popitem(last=False)
-        self._entries.move_to_end(key)
         self._fill(entry, pieces, x)
         if device.type == "cuda" and entry.graph is not None:
             entry.graph.replay()  # (the indices' views are the graph's own: nothing to rebuild)

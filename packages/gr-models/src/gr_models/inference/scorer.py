@@ -75,6 +75,7 @@ from gr_models.data.ranking import RankingBatch
 from gr_models.inference.bias import relative_bias_rows
 from gr_models.inference.cast_model import CastRankingModel, resolve_dtype
 from gr_models.inference.kv_cache import CacheCapacityError, KVCache, copy_rows_, select_rows
+from gr_models.inference.lru import LruDict
 from gr_models.inference.pass_graphs import PassGraphs, PassShape, pass_shape, round_up
 from gr_models.inference.requests import Candidates, InferenceInputError, UserEvents
 from gr_models.inference.window import (
@@ -204,8 +205,10 @@ def _eager_max_len(seqs: Sequence[_Seq]) -> int:
     return round_up(max(s.length for s in seqs), RAB_ROW_ALIGN)
 
 
-# Padded-pass layouts whose index arrays a scorer keeps (``_pass_pieces``): a few per bucket in use.
+# Padded-pass layouts whose index arrays a scorer keeps (``_pass_pieces``), and window layouts whose computed rows it
+# keeps (``window_ids``): a few per bucket in use.
 _MAX_PASS_LAYOUTS = 32
+_MAX_WINDOW_LAYOUTS = 32
 
 # Window id pieces of a CUDA-graph pass (item rows, bag values) are padded to multiples of this.
 WINDOW_GRANULE = 64
@@ -315,8 +318,8 @@ class CachedRankingScorer:
         self._logged_full_context = False
         self._rab_buffer: torch.Tensor | None = None  # flat, zero-initialised; see _shared_rab_buffer
         # A padded pass's index arrays that depend only on its layout (see _pass_pieces), least recently used first.
-        self._pass_layouts: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
-        self._window_layouts: OrderedDict = OrderedDict()  # window_ids' memo of computed rows per window layout
+        self._pass_layouts: LruDict[tuple, dict[str, np.ndarray]] = LruDict(_MAX_PASS_LAYOUTS)
+        self._window_layouts: LruDict = LruDict(_MAX_WINDOW_LAYOUTS)  # window_ids' memo of computed rows per layout
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         self.graphs = PassGraphs(max_graphs) if cuda_graphs else None
@@ -823,14 +826,11 @@ class CachedRankingScorer:
                 for s in seqs
             ),
         )  # fmt: skip
-        cached = self._pass_layouts.get(layout)
+        cached = self._pass_layouts.lookup(layout)
         if cached is None:
             pieces, kv_offsets, any_pool, copies = self._build_pass_pieces(seqs, need_output, shape)
-            self._pass_layouts[layout] = pieces
-            while len(self._pass_layouts) > _MAX_PASS_LAYOUTS:
-                self._pass_layouts.popitem(last=False)
+            self._pass_layouts.store(layout, pieces)
             return dict(pieces), kv_offsets, any_pool, copies
-        self._pass_layouts.move_to_end(layout)
         pieces = dict(cached)  # the reused arrays are only read (packed into the staging buffer)
         kv_offsets = cached["kv_offsets"].tolist()
         pool_rows = np.zeros(kv_offsets[-1], dtype=np.int64)

@@ -11,12 +11,12 @@ the rows bit for bit).
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from gr_models.inference.lru import LruDict
 from gr_models.inference.requests import Candidates
 from gr_models.ranking.hstu_ranking import HSTURankingModel
 from gr_models.transfer import to_device
@@ -155,12 +155,12 @@ def _padded(a: np.ndarray, n: int) -> np.ndarray:
 def window_ids(
     model: HSTURankingModel,
     windows: list[WindowRows],
-    layouts: OrderedDict | None = None,
+    layouts: LruDict | None = None,
 ) -> WindowIds:
     """The host half of ``window_inputs``: every window's ids and each window's row range and times (index
     arithmetic in NumPy, the results as CPU int64 tensors).
 
-    ``layouts`` (a caller's bounded memo, least recently used first): the computed rows' table rows and positions
+    ``layouts`` (a caller's bounded memo): the computed rows' table rows and positions
     depend only on each window's ``(start, events, candidates)`` counts, so a repeated layout (every cache hit of
     the same user) reuses them and their padded forms instead of rebuilding them (the ids are built anew)."""
     cfg = model.config
@@ -205,15 +205,11 @@ def window_ids(
         n_cand += len(c)
         row += p - w.start + len(c)
     layout = tuple((w.start, len(w.events), len(w.candidates)) for w in windows) if layouts is not None else None
-    rows = layouts.get(layout) if layouts is not None else None
+    rows = layouts.lookup(layout) if layouts is not None else None
     if rows is None:
         rows = _computed_rows(plans, f, m, n_ev), {}
         if layouts is not None:
-            layouts[layout] = rows
-            while len(layouts) > MAX_WINDOW_LAYOUTS:
-                layouts.popitem(last=False)
-    else:
-        layouts.move_to_end(layout)
+            layouts.store(layout, rows)
     (gather_block, gather_offset, positions), padded_rows = rows
 
     return WindowIds(
@@ -228,10 +224,6 @@ def window_ids(
         infos=infos,
         padded_rows=padded_rows if layouts is not None else None,
     )
-
-
-# Window layouts a caller's ``layouts`` memo keeps (``window_ids``).
-MAX_WINDOW_LAYOUTS = 32
 
 
 def _computed_rows(plans: list, f: int, m: int, n_ev: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
