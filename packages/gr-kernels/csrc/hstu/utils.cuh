@@ -57,10 +57,15 @@ __device__ __forceinline__ float to_float<__half>(__half x) {
   return __half2float(x);
 }
 
-// Element offset of the [max_seq_len, max_seq_len] bias plane that (sequence b, head) reads (shared when 1 rab head).
+// Index of the bias plane (of the [batch * rab_heads] planes) that (sequence b, head) reads and whose gradient it
+// adds to: shared by every head when there is 1 rab head.
+__device__ __forceinline__ int rab_plane(const HstuFwdParams& p, int b, int head) {
+  return b * p.rab_heads + (p.rab_heads == 1 ? 0 : head);
+}
+
+// Element offset of that [max_seq_len, max_seq_len] plane.
 __device__ __forceinline__ int64_t rab_plane_offset(const HstuFwdParams& p, int b, int head) {
-  const int rab_head = p.rab_heads == 1 ? 0 : head;
-  return (int64_t(b) * p.rab_heads + rab_head) * p.max_seq_len * p.max_seq_len;
+  return int64_t(rab_plane(p, b, head)) * p.max_seq_len * p.max_seq_len;
 }
 
 // Copies `rows` rows of a [rows, kHeadDim] gmem slab (row stride in elements) into a swizzled smem tile;

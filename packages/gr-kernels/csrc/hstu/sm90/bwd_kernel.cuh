@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(cons
       int drab_plane = -1;  // the drab plane the dX tiles go to (the TMA tensor's third mode); -1: no drab
       if constexpr (kHasRab) {
         rab = static_cast<const Element_*>(p.rab) + detail::rab_plane_offset(p, b, head);
-        if (p.drab != nullptr) drab_plane = b * p.rab_heads + (p.rab_heads == 1 ? 0 : head);
+        if (p.drab != nullptr) drab_plane = detail::rab_plane(p, b, head);
       }
       ss.barrier_kv.wait(0);
       Mainloop::template mma<kHasRab>(args, ss, pipeline_q, pipeline_do, tdVrdV, tdKrdK, tidx, mask, seq_start, head,

@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_fwd_sm90_kernel(cons
       PipelineState state = cutlass::make_producer_start_state<Pipeline>();
       Mainloop::template load<kRab>(args, ss, smem_rab, pipeline_k, pipeline_v, state, seq_start, rows.start,
                                     kDeltaQ ? p.total_q_rows : p.total_rows, head, m_block, lo, hi, pos0,
-                                    b * p.rab_heads + (p.rab_heads == 1 ? 0 : head));
+                                    detail::rab_plane(p, b, head));
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
