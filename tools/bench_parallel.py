@@ -318,6 +318,7 @@ def worker(args: argparse.Namespace) -> None:
             forward=step_loss,
             sparse_features=lambda bb: {"item_embeddings": bb.features},
             before_step=before_step,
+            zero_grad=pm.zero_grad,
         )
 
         def one_step(it) -> torch.Tensor:

@@ -269,7 +269,12 @@ class ParallelEpochTrainer(EpochTrainer):
 
         self.log.info("train pipeline: the next batch's copy and sparse input dist overlap each step")
         return TrainPipeline(
-            self.model, self.optimizer, self.device, forward=self._scaled_loss, before_step=before_step
+            self.model,
+            self.optimizer,
+            self.device,
+            forward=self._scaled_loss,
+            before_step=before_step,
+            zero_grad=self.parallel.zero_grad,
         )
 
     def _scaled_loss(self, batch: Any) -> torch.Tensor:

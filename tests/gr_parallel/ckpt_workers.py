@@ -177,7 +177,9 @@ def worker_pipeline(ctx, item_table: str, steps: int) -> dict[str, Any]:
         pm.sync_grads()
         pm.clip_grad_norm_()
 
-    pipeline = TrainPipeline(pm.dmp, pm.optimizer, ctx.device, forward=forward, before_step=before_step)
+    pipeline = TrainPipeline(
+        pm.dmp, pm.optimizer, ctx.device, forward=forward, before_step=before_step, zero_grad=pm.zero_grad
+    )
     iterator = counting(step_batches(ctx, 0, steps))
     piped = []
     while True:

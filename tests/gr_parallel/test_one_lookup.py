@@ -125,6 +125,7 @@ def train_sharded(ctx, mode: str) -> dict[str, Any]:
             forward=forward,
             sparse_features=lambda ob: {"item_embeddings": ob.features},
             before_step=before_step,
+            zero_grad=pm.zero_grad,
         )
         it = batches()
         losses = [global_loss(pipeline.progress(it), ctx) for _ in range(STEPS)]

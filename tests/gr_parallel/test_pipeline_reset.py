@@ -54,7 +54,9 @@ def worker_stop_and_restart(ctx) -> dict[str, Any]:
         pm.sync_grads()
         pm.clip_grad_norm_()
 
-    pipeline = TrainPipeline(pm.dmp, pm.optimizer, ctx.device, forward=forward, before_step=before_step)
+    pipeline = TrainPipeline(
+        pm.dmp, pm.optimizer, ctx.device, forward=forward, before_step=before_step, zero_grad=pm.zero_grad
+    )
     (table,) = pipeline._sharded.values()
     piped, steps = [], []
 

@@ -91,7 +91,10 @@ class TrainPipeline:
     element is the loss (default: ``model(batch)``); ``progress`` returns it. ``sparse_features(batch)``: the KJT each
     sharded module is called with, by module name (its fqn in ``model``, or any dotted suffix of it); the default gives
     ``batch.features`` to the model's only sharded module. ``before_step()``: runs after backward and before the
-    optimizer steps (dense gradient all-reduce, clipping: ``ParallelModel.sync_grads``). Used in eval mode
+    optimizer steps (dense gradient all-reduce, clipping: ``ParallelModel.sync_grads``). ``zero_grad()``: clears the
+    dense gradients before each training forward (default: every optimizer's ``zero_grad(set_to_none=True)``); with a
+    ``ParallelModel`` pass ``pm.zero_grad``, which also clears the gradient buffers Megatron-Core's DDP accumulates
+    into (``ParallelizeConfig.megatron_ddp``; the optimizers' zero_grad does not reach those). Used in eval mode
     (``model.eval()``) it runs forward only.
     """
 
@@ -104,12 +107,14 @@ class TrainPipeline:
         forward: Callable[[Any], Any] | None = None,
         sparse_features: SparseFeatures | None = None,
         before_step: Callable[[], None] | None = None,
+        zero_grad: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
         self.device = torch.device(device)
         self._forward = forward if forward is not None else model
         self._before_step = before_step
+        self._zero_grad = zero_grad if zero_grad is not None else self._zero_optimizer_grads
         self._sharded = _outermost_sharded(model)
         if not self._sharded:
             raise ValueError(f"{type(model).__name__} holds no TorchRec sharded module: shard it (DMP) first")
@@ -139,8 +144,7 @@ class TrainPipeline:
             self._forwards[name].pending = pending
         self._next = self._fetch(iterator)  # batch i+1: copy + splits all-to-all, in flight during forward i
         if self.model.training:
-            for opt in self.optimizers:
-                opt.zero_grad(set_to_none=True)
+            self._zero_grad()
         try:
             output = self._forward(batch)
         finally:
@@ -244,6 +248,10 @@ class TrainPipeline:
         return data
 
     # ------------------------------------------------------------------ helpers
+    def _zero_optimizer_grads(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
     def _on(self, stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
