@@ -7,7 +7,9 @@ CPU tests) or "cuda" (NCCL, test_sharding_nccl.py: each rank on its own GPU, the
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -187,6 +189,7 @@ def spawn(world_size: int, worker: Callable, tmp: Path, *args: object, backend: 
 
 
 def _entry(rank: int, world_size: int, worker: Callable, tmp: str, args: tuple, backend: str = "gloo") -> None:
+    faulthandler.enable(all_threads=True)  # a rank killed by a signal prints where every thread was
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     if backend == "nccl":
@@ -196,6 +199,13 @@ def _entry(rank: int, world_size: int, worker: Callable, tmp: str, args: tuple, 
         worker(rank, world_size, Path(tmp), *args)
     finally:
         dist.destroy_process_group()
+    # The rank's work is done and checked: leave without interpreter finalisation, where objects still holding the
+    # gloo process group (TorchRec's sharding environment) are torn down in arbitrary order. On the 2-core CI machine
+    # a rank occasionally died with "terminate called without an active exception" (SIGABRT); no code of ours owns a
+    # C++ thread that outlives a call, so teardown is the likely place (faulthandler above names it if not).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------------------------------- rank workers
