@@ -417,39 +417,11 @@ def test_backward_drab_buffer_follows_the_kernel(kernel: str, n: int) -> None:
     assert delta_rows is None and delta_accum is not None and delta_accum.dtype == torch.float32
     if kernel == "sm90":
         assert accum is None and rows is not None and rows.dtype == torch.bfloat16
-        assert rows.shape == (3, 1, n, -(-n // 8) * 8)  # uninitialised: the kernel writes every element
+        assert rows.shape == (3, 1, n, -(-n // 8) * 8) and rows.count_nonzero() == 0
     else:
         assert rows is None and accum is not None and accum.dtype == torch.float32 and accum.shape == rab.shape
     assert drab.is_contiguous() and drab.shape == rab.shape and drab.dtype == torch.bfloat16
     assert drab.abs().sum() > 0
-
-
-@needs_sm90
-@pytest.mark.gpu
-@pytest.mark.parametrize("dim", [64, 128, 256])
-@pytest.mark.parametrize("mask", ["causal", "full", "window", "window_full", "context_targets_window"])
-@pytest.mark.parametrize("rab_heads", [1, 2])
-def test_backward_writes_every_drab_element(
-    dim: int, mask: str, rab_heads: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The Hopper backward gets its 16-bit drab uninitialised and writes the zeros outside the tiles it reduce-adds
-    # into itself (csrc/hstu/sm90/drab_zero.cuh): hand it a buffer full of NaN, which any element left unwritten
-    # carries into the comparison. Lengths 0 and 1, key tiles past short sequences, rows padded to 16 bytes (n = 333).
-    from gr_kernels import cutlass_backend
-
-    buffers = cutlass_backend._drab_buffers
-
-    def poisoned(rab: torch.Tensor | None, q: torch.Tensor, delta_q: bool):
-        accum, rows = buffers(rab, q, delta_q)
-        if rows is not None:
-            rows.fill_(float("nan"))
-        return accum, rows
-
-    monkeypatch.setattr(cutlass_backend, "_drab_buffers", poisoned)
-    with _backward_kernel("sm90"):
-        _check_backward([0, 1, 300, 77, 129], 2, dim, torch.bfloat16, rab_heads=rab_heads, max_seq_len=333,
-                        **MASKS[mask])  # fmt: skip
-        _check_backward([0, 0], 2, dim, torch.bfloat16, rab_heads=rab_heads, max_seq_len=70)  # no kernel runs
 
 
 @needs_sm90

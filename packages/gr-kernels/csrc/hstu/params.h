@@ -55,8 +55,7 @@ struct HstuFwdParams {
 // Backward: the forward's arguments plus the output gradient and the gradient buffers. dq is an fp32 accumulator
 // (zero-initialised by the caller) that several CTAs add into; dk and dv are written once, in q's dtype. drab (with
 // rab) depends on the kernel (hstu_bwd_runs_sm90): the SM80-MMA kernel adds into the fp32 drab_accum, the Hopper
-// kernel bulk reduce-adds 16-bit tiles into drab. The caller zeroes drab_accum; drab it leaves uninitialised (the
-// Hopper backward writes every element of it, sm90/drab_zero.cuh); the buffer the kernel does not take is null.
+// kernel bulk reduce-adds 16-bit tiles into drab; the caller zeroes the one the kernel takes and leaves the other null.
 struct HstuBwdParams : HstuFwdParams {
   const void* dout = nullptr;  // [total_q, heads, dim], same strides rule as q
   int64_t do_row_stride = 0, do_head_stride = 0;

@@ -176,12 +176,11 @@ class CutlassBackend:
 
 
 def _drab_buffers(rab: Tensor | None, q: Tensor, delta_q: bool) -> tuple[Tensor | None, Tensor | None]:
-    """The drab buffer of the kernel that ``_C.hstu_bwd`` will run, as (fp32 accumulator, 16-bit rows).
+    """The zeroed drab buffer of the kernel that ``_C.hstu_bwd`` will run, as (fp32 accumulator, 16-bit rows).
 
-    The SM80-MMA backward adds fp32 atomics into a zeroed [B, H_rab, N, N]; the Hopper one bulk reduce-adds 16-bit dX
-    tiles (q's dtype) through TMA, which wants 16-byte rows: its [B, H_rab, N, N_pad] rows are padded to a multiple of
-    8 elements (the caller slices the padding off) and left uninitialised, because the Hopper backward writes every
-    element itself (csrc/hstu/sm90/drab_zero.cuh: a full memset would cost a whole extra write of the buffer).
+    The SM80-MMA backward adds fp32 atomics into [B, H_rab, N, N]; the Hopper one bulk reduce-adds 16-bit dX tiles
+    (q's dtype) through TMA, which wants 16-byte rows: its [B, H_rab, N, N_pad] rows are padded to a multiple of 8
+    elements (the caller slices the padding off).
     """
     if rab is None:
         return None, None
@@ -189,7 +188,7 @@ def _drab_buffers(rab: Tensor | None, q: Tensor, delta_q: bool) -> tuple[Tensor 
         return torch.zeros(rab.shape, dtype=torch.float32, device=q.device), None
     n = rab.shape[-1]
     padded = (*rab.shape[:-1], -(-n // 8) * 8)
-    return None, torch.empty(padded, dtype=q.dtype, device=q.device)
+    return None, torch.zeros(padded, dtype=q.dtype, device=q.device)
 
 
 def _aligned(t: Tensor) -> Tensor:

@@ -5,11 +5,10 @@
 //
 // Warp-specialised: warpgroup 0 loads (TMA: K, V once, Q and dO tiles through mbarrier pipelines), warpgroups 1-2
 // compute (WGMMA) and write. Pieces: kernel_traits_bwd.h (tiles, layouts, types), mainloop_bwd.cuh (loads, GEMMs,
-// SiLU and its derivative, masks, rab/drab, dQ accumulation), epilogue_bwd.cuh (dK, dV rows), drab_zero.cuh (drab's
-// zeros). dq_accum is an fp32 buffer the caller zeroed (the key tiles add into it). drab is 16-bit (q's dtype, left
-// uninitialised by the caller: run_hstu_bwd_sm90 and the kernel write every element): each (query tile, key tile) of
-// dX leaves shared memory as one TMA bulk reduce-add, so only heads sharing a bias plane add into the same elements
-// (a 16-bit sum over those heads, like the 16-bit bias itself).
+// SiLU and its derivative, masks, rab/drab, dQ accumulation), epilogue_bwd.cuh (dK, dV rows). dq_accum is an fp32
+// buffer the caller zeroed (the key tiles add into it). drab is 16-bit (q's dtype, zeroed by the caller): each
+// (query tile, key tile) of dX leaves shared memory as one TMA bulk reduce-add, so only heads sharing a bias plane
+// add into the same elements (a 16-bit sum over those heads, like the 16-bit bias itself).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -22,7 +21,6 @@
 
 #include "hstu/mask.h"
 #include "hstu/params.h"
-#include "hstu/sm90/drab_zero.cuh"
 #include "hstu/sm90/epilogue_bwd.cuh"
 #include "hstu/sm90/kernel_traits_bwd.h"
 #include "hstu/sm90/mainloop_bwd.cuh"
@@ -49,15 +47,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(cons
   const int seq_start = p.seq_offsets[b];
   const int length = p.seq_offsets[b + 1] - seq_start;
   const int n0 = n_block * Traits::kBlockN;
-  if (n0 >= length) {  // the whole CTA leaves before any barrier exists; with drab, after zeroing its key column
-    if constexpr (kHasRab) {
-      if (zeroes_drab_plane(p, head)) {
-        zero_drab_rows<Traits::kBlockN>(p, detail::rab_plane(p, b, head), n0, 0, p.max_seq_len, threadIdx.x,
-                                        Traits::kThreads);
-      }
-    }
-    return;
-  }
+  if (n0 >= length) return;  // the whole CTA leaves before any barrier exists
 
   const SequenceMask mask = SequenceMask::of_sequence(p, b, length);
   int m_begin, m_end;
@@ -85,16 +75,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(cons
       cute::prefetch_tma_descriptor(args.tma_k.get_tma_descriptor());
       cute::prefetch_tma_descriptor(args.tma_v.get_tma_descriptor());
       Mainloop::load(args, ss, pipeline_q, pipeline_do, seq_start, head, n_block, m_begin, m_end);
-    }
-    if constexpr (kHasRab) {
-      // Warps 1-3 have nothing else to do: the zeros of drab above and below the visited query tiles.
-      if (threadIdx.x >= 32 && zeroes_drab_plane(p, head)) {
-        int r0, r1;
-        drab_visited_rows<Mainloop>(p, mask, n0, r0, r1);
-        const int plane = detail::rab_plane(p, b, head);
-        zero_drab_rows<Traits::kBlockN>(p, plane, n0, 0, r0, int(threadIdx.x) - 32, 96);
-        zero_drab_rows<Traits::kBlockN>(p, plane, n0, r1, p.max_seq_len, int(threadIdx.x) - 32, 96);
-      }
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
@@ -138,13 +118,7 @@ const char* run_hstu_bwd_sm90(const HstuBwdParams& p, cudaStream_t stream) {
     return "the Hopper backward's drab needs a 16-byte aligned base and a row stride >= max_seq_len that is a "
            "multiple of 8 elements";
   }
-  if (p.batch == 0 || p.total_rows == 0) {
-    // No kernel runs, and every sequence is empty: drab is all zeros.
-    if (p.drab == nullptr || p.max_seq_len == 0 || p.batch == 0) return "";
-    const size_t bytes = size_t(p.batch) * p.rab_heads * p.max_seq_len * p.drab_row_stride * sizeof(Element);
-    const cudaError_t err = cudaMemsetAsync(p.drab, 0, bytes, stream);
-    return err == cudaSuccess ? "" : cudaGetErrorString(err);
-  }
+  if (p.batch == 0 || p.total_rows == 0) return "";
   auto gmem = [&](const void* ptr, int64_t row_stride, int64_t head_stride) {
     return make_tensor(make_gmem_ptr(static_cast<const Element*>(ptr)),
                        make_layout(make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads)),
@@ -172,13 +146,7 @@ const char* run_hstu_bwd_sm90(const HstuBwdParams& p, cudaStream_t stream) {
     args.tma_drab = make_tma_copy(SM90_TMA_REDUCE_ADD{}, g_drab, take<0, 2>(typename Traits::SmemLayoutP{}),
                                   Shape<Int<Traits::kBlockM>, Int<Traits::kBlockN>>{}, _1{});
   }
-  const int key_tiles = (p.max_seq_len + Traits::kBlockN - 1) / Traits::kBlockN;
-  if (p.rab != nullptr && p.drab != nullptr) {  // the tiles the backward reduce-adds into start at zero
-    const char* err = launch_kernel(zero_visited_drab_kernel<BwdMainloop<Element_, Traits>>,
-                                    dim3(key_tiles, p.rab_heads, p.batch), 256, 0, p, stream);
-    if (*err) return err;
-  }
-  const dim3 grid(key_tiles, p.heads, p.batch);
+  const dim3 grid((p.max_seq_len + Traits::kBlockN - 1) / Traits::kBlockN, p.heads, p.batch);
   auto kernel = p.rab != nullptr ? hstu_bwd_sm90_kernel<Element_, Traits, true>
                                  : hstu_bwd_sm90_kernel<Element_, Traits, false>;
   return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemBytes, args, stream);
