@@ -160,3 +160,70 @@ def test_supports_sees_call_metadata(jagged: Callable, registered: list[str]) ->
     assert (call.num_heads, call.attention_dim, call.hidden_dim, call.rab_heads) == (2, 4, 3, 1)
     assert call.dtype == torch.float32 and call.offsets_dtype == torch.int32 and call.has_targets
     assert call.params.max_attn_len == 2 and call.params.dropout_p == 0.0 and call.requires_grad
+
+
+class DrabRecorder(ReferenceBackend):
+    """The reference, recording the ``need_drab`` each backward call was given (absent: True)."""
+
+    priority = 5
+
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def supports(self, call: AttentionCall) -> str | None:
+        return None
+
+    def backward(self, *args: object, need_drab: bool = True, **kw: object):  # type: ignore[override]
+        self.seen.append(need_drab)
+        return super().backward(*args, need_drab=need_drab, **kw)  # type: ignore[arg-type]
+
+
+def _grads_with_bias(x, backend: str, trainable_bias: bool) -> tuple[list[Tensor | None], Tensor | None]:
+    q, k, v = (t.detach().clone().requires_grad_() for t in (x.q, x.k, x.v))
+    rab = x.rab.detach().clone().requires_grad_(trainable_bias)
+    out = hstu_attention(q, k, v, x.seq_offsets, x.max_seq_len, alpha=0.7, rab=rab, backend=backend)
+    out.square().sum().backward()
+    return [q.grad, k.grad, v.grad], rab.grad
+
+
+@pytest.mark.parametrize("rab_heads", [1, 2])
+def test_frozen_bias_skips_its_gradient(jagged: Callable, registered: list[str], rab_heads: int) -> None:
+    # A bias that needs no gradient reaches the backend as need_drab=False (no drab pass, no drab buffer); q/k/v
+    # gradients are those of a trainable bias, and the bias gets none.
+    x = jagged([3, 0, 5, 1], heads=2, attn_dim=4, hidden_dim=3, rab_heads=rab_heads, seed=4)
+    recorder = DrabRecorder()
+    _register(registered, "drab_recorder", recorder)
+    assert gr_kernels.backends.skips_drab("drab_recorder")
+    trained, rab_grad = _grads_with_bias(x, "drab_recorder", trainable_bias=True)
+    frozen, no_grad = _grads_with_bias(x, "drab_recorder", trainable_bias=False)
+    assert recorder.seen == [True, False]
+    assert rab_grad is not None and rab_grad.abs().sum() > 0 and no_grad is None
+    for a, b in zip(trained, frozen, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_backend_without_need_drab_still_serves_a_frozen_bias(jagged: Callable, registered: list[str]) -> None:
+    # A backend whose backward takes no need_drab computes drab anyway; the op drops it.
+    x = jagged([4, 2], heads=2, attn_dim=4, hidden_dim=4, rab_heads=1, seed=5)
+    spy = SpyBackend(5, lambda c: None)
+    _register(registered, "no_need_drab", spy)
+    assert not gr_kernels.backends.skips_drab("no_need_drab")
+    frozen, no_grad = _grads_with_bias(x, "no_need_drab", trainable_bias=False)
+    want, _ = _grads_with_bias(x, "reference", trainable_bias=False)
+    assert spy.calls == ["forward", "backward"] and no_grad is None
+    for a, b in zip(frozen, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_backward_op_without_drab(jagged: Callable) -> None:
+    # The op itself (opcheck: schema, fake and real agree) with need_drab=False returns no drab.
+    x = jagged([3, 2], heads=2, attn_dim=4, hidden_dim=3, rab_heads=1, seed=7)
+    scalars = (x.max_seq_len, 0.5, x.max_seq_len, True, 0, 0, 1, 0.0, 0, "reference", None, 0)
+    q, k, v, rab = (t.detach() for t in (x.q, x.k, x.v, x.rab))
+    args = (torch.randn(v.shape), q, k, v, x.seq_offsets, None, rab, *scalars)
+    torch.library.opcheck(torch.ops.gr_kernels.hstu_attention_bwd, (*args, False))
+    with_drab = torch.ops.gr_kernels.hstu_attention_bwd(*args, True)
+    without = torch.ops.gr_kernels.hstu_attention_bwd(*args, False)
+    assert with_drab[3] is not None and without[3] is None
+    for a, b in zip(with_drab[:3], without[:3], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -426,6 +426,31 @@ def test_backward_drab_buffer_follows_the_kernel(kernel: str, n: int) -> None:
 
 @needs_sm90
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["sm90", "sm80"])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_backward_with_a_frozen_bias_skips_drab(kernel: str, dim: int) -> None:
+    # A bias that needs no gradient is still read, but the kernel gets no drab buffer: dk and dv are those of the
+    # trainable-bias run bit for bit (each written once), dq equal up to the order of its fp32 atomic adds.
+    (q, k, v), _, offsets, n, rab, targets = _inputs([1, 65, 300, 129], 2, dim, torch.bfloat16, 0, 1, 4, 333)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.device, q.dtype)
+
+    def run(trainable: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        bias = rab.to(torch.bfloat16).requires_grad_(trainable)
+        out = hstu_attention(*leaves, offsets, n, alpha=0.125, num_targets=targets, rab=bias, backend="cutlass")
+        out.backward(grad)
+        return [t.grad for t in leaves], bias.grad
+
+    with _backward_kernel(kernel):
+        (dq, dk, dv), drab = run(True)
+        (dq_frozen, dk_frozen, dv_frozen), no_drab = run(False)
+    assert drab is not None and drab.abs().sum() > 0 and no_drab is None
+    assert torch.equal(dk, dk_frozen) and torch.equal(dv, dv_frozen)
+    torch.testing.assert_close(dq_frozen, dq, rtol=0, atol=rounding_floor(dq.float(), torch.bfloat16))
+
+
+@needs_sm90
+@pytest.mark.gpu
 @settings(max_examples=30, deadline=None, database=None)
 @given(data=st.data())
 def test_backward_hypothesis(data: st.DataObject) -> None:

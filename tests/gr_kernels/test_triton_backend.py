@@ -378,6 +378,30 @@ def test_interpreter_backward_variants(
 
 
 @needs_triton
+@pytest.mark.parametrize("rab_heads", [1, 2])
+def test_interpreter_frozen_bias(rab_heads: int, interpreter: None) -> None:
+    # A bias that needs no gradient: the kernels read it (DRAB_MODE 0), q/k/v gradients equal the trainable run's.
+    gen = torch.Generator().manual_seed(9)
+    lengths = [9, 0, 21]
+    offsets = torch.tensor([0, 9, 9, 30])
+    q, k, v = (torch.randn(30, 2, 16, generator=gen) for _ in range(3))
+    rab = torch.randn(3, rab_heads, 21, 21, generator=gen)
+
+    def grads(trainable: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        bias = rab.clone().requires_grad_(trainable)
+        out = hstu_attention(*leaves, offsets, max(lengths), alpha=0.5, rab=bias, backend="triton")
+        out.square().sum().backward()
+        return [t.grad for t in leaves], bias.grad
+
+    trained, drab = grads(True)
+    frozen, no_drab = grads(False)
+    assert drab is not None and no_drab is None
+    for a, b in zip(trained, frozen, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@needs_triton
 def test_interpreter_float16(interpreter: None) -> None:
     _check(RAGGED, 2, 16, dtype=torch.float16, rab_heads=1, seed=8, **MASKS["context_targets_window"])
 

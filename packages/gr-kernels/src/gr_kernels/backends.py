@@ -15,6 +15,9 @@ with the semantics of ``gr_kernels.reference``, and optionally
 Delta q (``call.delta_q``, queries shorter than keys) is a capability:
 a backend that runs it takes a keyword ``q_offsets`` in both ``forward`` and ``backward`` (passed only for delta-q
 calls, with ``params.max_q_len`` set); a backend whose methods take no ``q_offsets`` is never handed a delta-q call.
+Skipping the bias gradient is one too: a backend whose ``backward`` takes a keyword ``need_drab`` is passed
+``need_drab=False`` when rab needs no gradient (a frozen bias) and then need not compute drab; any other backend
+computes it and the op drops it.
 The built-in ``"reference"`` backend supports every call and is always tried last. When ``"auto"`` skips a backend
 it logs one line per (backend, reason) per process on the ``gr_kernels`` logger at INFO level; under
 ``torch.compile`` the choice is made while tracing, where nothing is logged (Dynamo cannot trace logging calls), so
@@ -72,16 +75,23 @@ class HSTUAttentionBackend(Protocol):
 
 _BACKENDS: dict[str, HSTUAttentionBackend] = {REFERENCE: ReferenceBackend()}
 _LOGGED_SKIPS: set[tuple[str, str]] = set()
-# Backends whose forward and backward take q_offsets; decided at registration (signatures are not traceable).
+# Capabilities, decided at registration (signatures are not traceable): backends whose forward and backward take
+# q_offsets, and those whose backward takes need_drab.
 _DELTA_Q: set[str] = {REFERENCE}
+_NEED_DRAB: set[str] = {REFERENCE}
 
 
-def _takes_q_offsets(method: object) -> bool:
+def _takes_keyword(method: object, name: str) -> bool:
     try:
         params = inspect.signature(method).parameters.values()  # type: ignore[arg-type]
     except (TypeError, ValueError):  # builtins without a signature
         return False
-    return any(p.name == "q_offsets" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def skips_drab(name: str) -> bool:
+    """Whether backend ``name``'s backward takes ``need_drab`` (and so can leave out a frozen bias's gradient)."""
+    return name in _NEED_DRAB
 
 
 def register_backend(name: str, backend: HSTUAttentionBackend, *, replace: bool = False) -> None:
@@ -99,8 +109,11 @@ def register_backend(name: str, backend: HSTUAttentionBackend, *, replace: bool 
         raise ValueError(f"backend {name!r} is already registered (pass replace=True to override it)")
     _BACKENDS[name] = backend
     _DELTA_Q.discard(name)
-    if _takes_q_offsets(backend.forward) and _takes_q_offsets(backend.backward):
+    _NEED_DRAB.discard(name)
+    if _takes_keyword(backend.forward, "q_offsets") and _takes_keyword(backend.backward, "q_offsets"):
         _DELTA_Q.add(name)
+    if _takes_keyword(backend.backward, "need_drab"):
+        _NEED_DRAB.add(name)
 
 
 def unregister_backend(name: str) -> None:
@@ -109,6 +122,7 @@ def unregister_backend(name: str) -> None:
         raise ValueError("the 'reference' backend cannot be unregistered")
     _BACKENDS.pop(name, None)
     _DELTA_Q.discard(name)
+    _NEED_DRAB.discard(name)
 
 
 def _ranked() -> list[str]:

@@ -140,6 +140,7 @@ class CutlassBackend:
         rab: Tensor | None,
         params: HSTUParams,
         q_offsets: Tensor | None = None,
+        need_drab: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         native_dims = native_backward_head_dims(q_offsets is not None)
         if q.shape[-1] not in native_dims:
@@ -149,13 +150,14 @@ class CutlassBackend:
                 f"no native backward for head dim {q.shape[-1]}{' with delta q' if q_offsets is not None else ''} "
                 f"(native: {', '.join(map(str, native_dims))}); that backward runs the PyTorch reference",
             )
-            return reference_backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
+            return reference_backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params, q_offsets, need_drab)
         q, k, v, grad_out = (_aligned(t) for t in (q, k, v, grad_out))
         # dq (and grad_out) have q's rows, total_q with delta q; dk and dv every key row (zero where no query looks).
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dk = torch.empty(k.shape, dtype=q.dtype, device=q.device)
         dv = torch.empty(v.shape, dtype=q.dtype, device=q.device)
-        drab_accum, drab = _drab_buffers(rab, q, q_offsets is not None)
+        # A frozen bias (need_drab False) is still read; the kernels skip drab when given no buffer for it.
+        drab_accum, drab = _drab_buffers(rab if need_drab else None, q, q_offsets is not None)
         args, _ = _common_args(q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
         _C.hstu_bwd(
             grad_out.data_ptr(),
@@ -169,7 +171,7 @@ class CutlassBackend:
             _stream(q),
             *args,
         )
-        if rab is None:
+        if rab is None or not need_drab:
             return dq.to(q.dtype), dk, dv, None
         grad_rab = drab_accum if drab is None else drab[..., : rab.shape[-1]].contiguous()  # a copy only if padded
         return dq.to(q.dtype), dk, dv, grad_rab.to(rab.dtype)

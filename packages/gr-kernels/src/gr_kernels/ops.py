@@ -3,7 +3,9 @@
 Both ops take the resolved backend name, so a traced or compiled graph records which implementation runs, and the
 forward's autograd formula calls the backward op of that same backend. Delta q rides on two trailing optional
 arguments, ``q_offsets`` (None: q is jagged like k/v) and ``max_q_len`` (``HSTUParams.max_q_len``), which a backend
-receives as ``q_offsets=`` only when given, so backends without delta q keep their signature.
+receives as ``q_offsets=`` only when given, so backends without delta q keep their signature. The backward's last
+argument, ``need_drab`` (False when rab needs no gradient: a frozen bias), reaches backends that take it as
+``need_drab=False``; the op returns no drab then.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gr_kernels.backends import get_backend
+from gr_kernels.backends import get_backend, skips_drab
 from gr_kernels.params import HSTUParams
 
 
@@ -58,7 +60,7 @@ _BWD_SCHEMA = (
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor seq_offsets, Tensor? num_targets, Tensor? rab, "
     "SymInt max_seq_len, float alpha, SymInt scaling_seqlen, bool causal, SymInt max_attn_len, "
     "SymInt contextual_seq_len, SymInt target_group_size, float dropout_p, SymInt dropout_seed, str backend, "
-    "Tensor? q_offsets=None, SymInt max_q_len=0) -> (Tensor, Tensor, Tensor, Tensor?)"
+    "Tensor? q_offsets=None, SymInt max_q_len=0, bool need_drab=True) -> (Tensor, Tensor, Tensor, Tensor?)"
 )
 
 
@@ -83,24 +85,27 @@ def hstu_attention_bwd(
     backend: str,
     q_offsets: Tensor | None = None,
     max_q_len: int = 0,
+    need_drab: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """``(dq, dk, dv, drab)``: q's, k's, v's and rab's shapes (drab None without rab)."""
+    """``(dq, dk, dv, drab)``: q's, k's, v's and rab's shapes (drab None without rab, or with ``need_drab=False``)."""
     params = HSTUParams(max_seq_len, alpha, scaling_seqlen, causal, max_attn_len, contextual_seq_len,
                         target_group_size, dropout_p, dropout_seed, max_q_len)  # fmt: skip
-    dq, dk, dv, drab = get_backend(backend).backward(
-        grad_out, q, k, v, seq_offsets, num_targets, rab, params, **_delta_q(q_offsets)
-    )
-    if rab is None:
-        drab = None
-    return dq, dk, dv, drab
+    want_drab = rab is not None and need_drab
+    kwargs = _delta_q(q_offsets)
+    if rab is not None and not need_drab and skips_drab(backend):
+        kwargs["need_drab"] = False
+    dq, dk, dv, drab = get_backend(backend).backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params, **kwargs)
+    return dq, dk, dv, drab if want_drab else None
 
 
 @hstu_attention_bwd.register_fake
 def _bwd_fake(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, seq_offsets: Tensor, num_targets: Tensor | None,
-    rab: Tensor | None, *args: Any,
+    rab: Tensor | None, max_seq_len: int, alpha: float, scaling_seqlen: int, causal: bool, max_attn_len: int,
+    contextual_seq_len: int, target_group_size: int, dropout_p: float, dropout_seed: int, backend: str,
+    q_offsets: Tensor | None = None, max_q_len: int = 0, need_drab: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
-    drab = None if rab is None else torch.empty_like(rab)
+    drab = torch.empty_like(rab) if rab is not None and need_drab else None
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drab
 
 
@@ -113,9 +118,10 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
 
 def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     q, k, v, seq_offsets, num_targets, rab, q_offsets = ctx.saved_tensors
+    need_drab = rab is not None and ctx.needs_input_grad[5]  # a frozen bias: no drab pass, no drab buffer
     # Native kernels want dense strides; autograd may hand over expanded or transposed gradients.
     dq, dk, dv, drab = hstu_attention_bwd(grad_out.contiguous(), q, k, v, seq_offsets, num_targets, rab, *ctx.scalars,
-                                          q_offsets, ctx.max_q_len)  # fmt: skip
+                                          q_offsets, ctx.max_q_len, need_drab)  # fmt: skip
     # Gradients for q, k, v, seq_offsets, num_targets, rab, one None per scalar argument, then q_offsets, max_q_len.
     return (dq, dk, dv, None, None, drab, *([None] * len(ctx.scalars)), None, None)
 

@@ -171,14 +171,17 @@ def reference_backward(
     rab: Tensor | None,
     p: HSTUParams,
     q_offsets: Tensor | None = None,
+    need_drab: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """``(dq, dk, dv, drab)``, ``drab`` None without rab; recomputes the scores instead of saving them."""
+    """``(dq, dk, dv, drab)``, ``drab`` None without rab or with ``need_drab=False``; recomputes the scores instead
+    of saving them."""
+    need_drab = need_drab and rab is not None
     if q.shape[0] == 0:
         return (
             torch.zeros_like(q),
             torch.zeros_like(k),
             torch.zeros_like(v),
-            None if rab is None else torch.zeros_like(rab),
+            torch.zeros_like(rab) if need_drab else None,
         )
     sc = _Scores(q, k, seq_offsets, num_targets, rab, p, q_offsets)
     vp = sc.pad_kv(v)
@@ -191,7 +194,7 @@ def reference_backward(
     dq = ds @ sc.k
     dk = ds.transpose(-1, -2) @ sc.q
     drab = None
-    if rab is not None:
+    if need_drab:
         drab = ds.sum(dim=1, keepdim=True) if rab.shape[1] == 1 and ds.shape[1] != 1 else ds
         drab = sc.scatter_query_rows(drab)
     return _unpad(dq, sc.q_rows), _unpad(dk, sc.kv_rows), _unpad(dv, sc.kv_rows), drab
@@ -233,5 +236,6 @@ class ReferenceBackend:
         rab: Tensor | None,
         params: HSTUParams,
         q_offsets: Tensor | None = None,
+        need_drab: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        return reference_backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
+        return reference_backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params, q_offsets, need_drab)

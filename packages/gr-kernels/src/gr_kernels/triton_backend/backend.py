@@ -103,7 +103,8 @@ class TritonBackend:
         rab: Tensor | None,
         params: HSTUParams,
         q_offsets: Tensor | None = None,
+        need_drab: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         from gr_kernels.triton_backend import launch
 
-        return launch.backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
+        return launch.backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params, q_offsets, need_drab)

@@ -278,8 +278,10 @@ def backward(
     rab: Tensor | None,
     params: HSTUParams,
     q_offsets: Tensor | None = None,
+    need_drab: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """``(dq, dk, dv, drab)`` (see ``gr_kernels.reference.reference_backward``)."""
+    """``(dq, dk, dv, drab)`` (see ``gr_kernels.reference.reference_backward``); without ``need_drab`` the bias is
+    read but its gradient neither computed nor allocated."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     grad_out = _last_dim_contiguous(grad_out.to(q.dtype))
     num_seqs = seq_offsets.numel() - 1
@@ -288,9 +290,9 @@ def backward(
     # dq/dk/dv: every row is written by some program (all rows belong to a sequence); drab only where visited.
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else torch.empty_like(q)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    drab_mode = 0 if rab is None else (2 if rab.shape[1] == 1 and heads > 1 else 1)
+    drab_mode = 0 if rab is None or not need_drab else (2 if rab.shape[1] == 1 and heads > 1 else 1)
     drab = None
-    if rab is not None:
+    if drab_mode != 0:
         drab = torch.zeros(rab.shape, dtype=torch.float32 if drab_mode == 2 else q.dtype, device=q.device)
     if q.shape[0] == 0 or k.shape[0] == 0 or num_seqs == 0:
         dk.zero_(), dv.zero_()
