@@ -10,6 +10,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -185,16 +186,19 @@ def fused_params(optimizer: FusedOptimizerConfig) -> dict:
 def spawn(world_size: int, worker: Callable, tmp: Path, *args: object, backend: str = "gloo") -> None:
     """Runs ``worker(rank, world_size, tmp, *args)`` on ``world_size`` ranks of ``backend``; a failure in any rank
     fails. With "nccl" rank r runs on GPU r (its current CUDA device)."""
-    mp.spawn(_entry, args=(world_size, worker, str(tmp), args, backend), nprocs=world_size, join=True)
+    # A store file of its own: the ranks leave without running the FileStore's cleanup (see _entry), and a later
+    # group rendezvousing on an earlier group's file would read that group's stale peer addresses.
+    store = tmp / f"store-{uuid.uuid4().hex}"
+    mp.spawn(_entry, args=(world_size, worker, str(tmp), args, backend, str(store)), nprocs=world_size, join=True)
 
 
-def _entry(rank: int, world_size: int, worker: Callable, tmp: str, args: tuple, backend: str = "gloo") -> None:
+def _entry(rank: int, world_size: int, worker: Callable, tmp: str, args: tuple, backend: str, store: str) -> None:
     faulthandler.enable(all_threads=True)  # a rank killed by a signal prints where every thread was
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=rank, world_size=world_size)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         worker(rank, world_size, Path(tmp), *args)
     finally:
