@@ -227,3 +227,23 @@ def test_backward_op_without_drab(jagged: Callable) -> None:
     assert with_drab[3] is not None and without[3] is None
     for a, b in zip(with_drab[:3], without[:3], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_compiled_backward_skips_a_frozen_bias_gradient(jagged: Callable, registered: list[str]) -> None:
+    # Under torch.compile (AOTAutograd) the backward still learns that rab needs no gradient: the backend gets
+    # need_drab=False, and the q/k/v gradients are eager's.
+    x = jagged([3, 0, 2], heads=2, attn_dim=4, hidden_dim=4, rab_heads=1, seed=6)
+    recorder = DrabRecorder()
+    _register(registered, "drab_recorder", recorder)
+    rab = x.rab.detach()
+
+    def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = hstu_attention(q, k, v, x.seq_offsets, x.max_seq_len, alpha=0.5, rab=rab, backend="drab_recorder")
+        return out.square().sum()
+
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x.q, x.k, x.v)
+    got_grads = torch.autograd.grad(got, (x.q, x.k, x.v))
+    assert recorder.seen == [False]
+    want_grads = torch.autograd.grad(fn(x.q, x.k, x.v), (x.q, x.k, x.v))
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b)
