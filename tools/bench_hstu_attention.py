@@ -65,7 +65,15 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float
 
 
 def hstu_case(
-    backend: str, lengths: list[int], heads: int, dim: int, mask: str, rab: bool, direction: str, rab_heads: int = 1
+    backend: str,
+    lengths: list[int],
+    heads: int,
+    dim: int,
+    mask: str,
+    rab: bool,
+    direction: str,
+    rab_heads: int = 1,
+    rab_grad: bool = True,
 ):
     import gr_kernels
 
@@ -87,8 +95,9 @@ def hstu_case(
     if direction == "fwd":
         fn = lambda: gr_kernels.hstu_attention(q, k, v, offsets, n, **kw)  # noqa: E731
     else:
-        leaves = [t.requires_grad_() for t in (q, k, v)]
-        out = gr_kernels.hstu_attention(*leaves, offsets, n, **kw)
+        # A trainable bias (rab_grad) is a leaf whose gradient the backward computes too; a frozen one costs no drab.
+        leaves = [t.requires_grad_() for t in (q, k, v, *([bias] if rab and rab_grad else []))]
+        out = gr_kernels.hstu_attention(*leaves[:3], offsets, n, **kw)
         grad = torch.randn_like(out)
         fn = lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)  # noqa: E731
     if not switches:
@@ -142,7 +151,14 @@ def main() -> int:
     ap.add_argument("--max-lens", type=int, nargs="+", default=None, help="default: 1024 4096 (--quick), 256..8192")
     ap.add_argument("--masks", nargs="+", default=["causal", "causal_targets"], choices=["causal", "causal_targets"])
     ap.add_argument("--layouts", nargs="+", default=["uniform", "jagged"], choices=["uniform", "jagged"])
-    ap.add_argument("--rab", nargs="+", default=["off", "on"], choices=["off", "on"], help="cases without/with rab")
+    ap.add_argument(
+        "--rab",
+        nargs="+",
+        default=["off", "on"],
+        choices=["off", "on", "frozen"],
+        help="cases without rab, with a trainable rab (the backward computes its gradient), with a frozen rab (no "
+        "gradient: bwd skips drab)",
+    )
     ap.add_argument(
         "--rab-heads",
         type=int,
@@ -168,7 +184,8 @@ def main() -> int:
                 lengths = lengths_for(batch, max_len, jagged)
                 fwd_flops = 2 * args.heads * dim * sum(length * length for length in lengths)
                 for mask in args.masks:
-                    for rab in [r == "on" for r in args.rab]:
+                    for rab_mode in args.rab:
+                        rab, rab_grad = rab_mode != "off", rab_mode == "on"
                         for backend in args.backends:
                             is_sdpa = backend.startswith("sdpa")
                             if is_sdpa and (mask != "causal" or rab):
@@ -188,6 +205,7 @@ def main() -> int:
                                     mask=mask,
                                     rab=rab,
                                     rab_heads=args.rab_heads if rab else 0,
+                                    rab_grad=rab_grad,
                                     direction=direction,
                                 )
                                 try:
@@ -195,7 +213,15 @@ def main() -> int:
                                         fn = sdpa_case(backend, lengths, args.heads, dim, direction)
                                     else:
                                         fn = hstu_case(
-                                            backend, lengths, args.heads, dim, mask, rab, direction, args.rab_heads
+                                            backend,
+                                            lengths,
+                                            args.heads,
+                                            dim,
+                                            mask,
+                                            rab,
+                                            direction,
+                                            args.rab_heads,
+                                            rab_grad,
                                         )
                                     ms = time_ms(fn)
                                 except Exception as e:  # a backend that cannot run a case is recorded, not fatal
@@ -245,11 +271,13 @@ def markdown(meta: dict, records: list[dict]) -> str:
     keys = ["head_dim", "max_seq_len", "batch", "jagged", "mask", "rab", "direction"]
     rows: dict[tuple, dict[str, dict]] = {}
     for r in records:
-        rows.setdefault(tuple(r[k] for k in keys), {})[r["backend"]] = r
-    for key, by_backend in rows.items():
+        # records without rab_grad (before --rab frozen) timed a trainable bias: drab was always computed then
+        rows.setdefault((*(r[k] for k in keys), r.get("rab_grad", True)), {})[r["backend"]] = r
+    for row_key, by_backend in rows.items():
+        *key, rab_grad = row_key
         planes = next(iter(by_backend.values())).get("rab_heads", 1)  # records before the option: one shared plane
-        if key[5] and planes > 1:  # the rab cell names a per-head bias
-            key = (*key[:5], f"True ({planes} planes)", *key[6:])
+        if key[5]:  # the rab cell says frozen (no drab) and names a per-head bias
+            key[5] = ("frozen" if not rab_grad else "True") + (f" ({planes} planes)" if planes > 1 else "")
         cells = []
         for b in _backends(records):
             r = by_backend.get(b)

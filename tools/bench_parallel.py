@@ -24,8 +24,7 @@ gathers the negatives from the targets' rows (``uniform``: ``[tokens, K]`` catal
 looked up in the same call), the looked-up rows and their gradients cross the sharding all-to-alls in bf16 on CUDA
 (``--qcomms``, TorchRec's quantized comms; the table stays fp32), and the loop is a plain one by default;
 ``--pipeline`` runs it through ``gr_parallel.TrainPipeline`` (the next batch's host-to-device copy and sparse input
-all-to-all overlap this step), which has an open stream race on 2 GPUs (packages/gr-parallel/README.md; with
-``TORCH_NCCL_AVOID_RECORD_STREAMS=0`` it stops within ~10 steps: the fast way to reproduce it).
+all-to-all overlap this step).
 ``--seqs-per-rank`` defaults to 32 (~65k tokens per rank at lengths U[1, 4096]) so that the HSTU blocks dominate the
 step rather than per-step host and lookup overheads; on one H200 that is the 10M x 512 fp32 table (20 GB, plus 40 MB
 of row-wise Adagrad state) and roughly 20-30 GB of activations, well inside 141 GB (``peak_memory_gb`` in the record).
@@ -573,8 +572,8 @@ def main() -> None:
         "--pipeline",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="run the steps through gr_parallel.TrainPipeline (prefetch; open stream race on 2 GPUs, see the "
-        "docstring) instead of the plain loop (--no-pipeline, the default)",
+        help="run the steps through gr_parallel.TrainPipeline (the next batch's copy and input dist overlap this "
+        "step) instead of the plain loop (--no-pipeline, the default)",
     )
     ap.add_argument(
         "--compile",

@@ -253,14 +253,6 @@ class ParallelEpochTrainer(EpochTrainer):
             return None
         if not self._has_sharded_tables():
             return None  # every table replicated: no input dist to overlap
-        if self.device.type == "cuda" and self.ctx.world_size > 1:
-            # Known race on 2 x H200 (an illegal memory access within 40 steps of tools/bench_parallel.py, only with
-            # the pipeline's dist stream; packages/gr-parallel/README.md): correct results first.
-            self.log.warning(
-                "train pipeline requested but not used: TrainPipeline has an open stream race on multi-GPU CUDA runs "
-                "(packages/gr-parallel/README.md); the plain loop runs (same results, no overlap)"
-            )
-            return None
 
         def before_step() -> None:
             self.parallel.sync_grads()

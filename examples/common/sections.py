@@ -67,8 +67,7 @@ class ParallelConfig:
     table_sharding: str = "auto"
     table_optimizer: str = "adam"  # model-parallel tables: adam | adagrad | rowwise_adagrad | sgd (lr = train.lr)
     # Retrieval with model-parallel tables: the next batch's host-to-device copy and sparse input all-to-all run
-    # during this batch's step (gr_parallel.TrainPipeline; same results as the plain loop). Not on multi-GPU CUDA
-    # runs until the pipeline's open stream race is fixed (a warning says so; packages/gr-parallel/README.md).
+    # during this batch's step (gr_parallel.TrainPipeline; same results as the plain loop).
     pipeline: bool = True
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from gr_parallel.pipeline import TrainPipeline
+from gr_parallel.pipeline import TrainPipeline, _copy_to_device
 from tests.gr_parallel.ckpt_workers import run, worker_pipelines
 
 STEPS = 6
@@ -38,6 +38,26 @@ def test_pipeline_equals_plain_loop_on_two_gpus(table: str) -> None:
     accumulate with atomics)."""
     results = run(2, worker_pipelines, [table], STEPS, table == "dynamic", backend="nccl")  # mixed: a CUDA table
     assert results[0][table]["losses"] == results[1][table]["losses"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_next_batch_copy_waits_for_the_compute_streams_queued_work() -> None:
+    """The copy of batch i+1 may reuse memory of a batch whose backward is still queued on the compute stream, so it
+    must start after that work. The compute stream spins ~0.5 s; when the copy stream is done, so must the spin be.
+    (The pipeline once waited on the copy stream itself, a no-op: illegal memory accesses on 2 x H200.)"""
+    device = torch.device("cuda")
+    copy_stream = torch.cuda.Stream(device)
+    host = torch.arange(1 << 20).pin_memory()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # cycles, on the current (compute) stream
+    spun = torch.cuda.Event()
+    spun.record()
+    out = _copy_to_device(host, device, copy_stream)
+    copy_stream.synchronize()
+    assert spun.query(), "the copy finished while the compute stream's earlier work was still running"
+    torch.cuda.current_stream().wait_stream(copy_stream)
+    assert torch.equal(out.cpu(), host)
 
 
 def test_pipeline_needs_a_sharded_model() -> None:

@@ -17,12 +17,11 @@ retrieval model's plain forward and loss do; its ``training_forward`` looks it u
 does not fx-trace. Matching the prefetched KJT by identity needs neither, and a forward that does not consume what
 was prefetched is an error, never a silent miss.
 
-Known problem (open): on 2 x H200, ``tools/bench_parallel.py --configs 2x1`` with this pipeline stops with "an
-illegal memory access" on rank 1 within 40 steps (within ~10 with ``TORCH_NCCL_AVOID_RECORD_STREAMS=0``). A bisect
-found it only with the dist stream: not with the copy stream alone, not with ``CUDA_LAUNCH_BLOCKING=1``, not with
-``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` (whose frees synchronise the device), never with the plain loop; ordering the
-dist stream after the compute stream before each dist stage did not fix it. The NCCL tests (2 GPUs, a few steps)
-pass. Until the race is found, multi-GPU CUDA runs should use the plain loop.
+Stream order on CUDA: the copy of batch i+1 waits for everything the compute stream queued before it (batch i-1's
+memory, freed at the end of step i-1, may be what the copy reuses while step i-1's backward still reads it), and the
+dist stream waits for the copy. ``_copy_to_device`` captures the compute stream before switching streams: inside
+``torch.cuda.stream(copy)`` the current stream *is* the copy stream, and a wait on it is a no-op (the cause of the
+illegal memory accesses this pipeline had on 2 x H200).
 
 Results equal the plain loop's exactly: only the time the collectives are issued moves. One caveat: batch i+1 is
 fetched from the iterator before batch i's forward, so a data pipeline that draws from the global torch RNG in the
@@ -69,6 +68,18 @@ class _PrefetchedForward:
             return self.original(*args, **kwargs)
         self.pending = None
         return self.module.compute_and_output_dist(pending.context, self.pipeline._finish_dist(pending))
+
+
+def _copy_to_device(batch: Any, device: torch.device, copy_stream: torch.cuda.Stream | None) -> Any:
+    """``batch.to(device, non_blocking=True)``; on CUDA issued on ``copy_stream`` after everything the caller's current
+    (compute) stream has queued so far: the copy's memory may come from a batch freed at the end of an earlier step
+    whose backward kernels are still queued. The compute stream is captured before switching: inside
+    ``torch.cuda.stream(copy_stream)`` the current stream is the copy stream itself."""
+    if copy_stream is None:
+        return batch.to(device, non_blocking=True)
+    copy_stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(copy_stream):
+        return batch.to(device, non_blocking=True)
 
 
 def _outermost_sharded(model: nn.Module) -> dict[str, ShardedModule]:
@@ -203,11 +214,7 @@ class TrainPipeline:
             return None
         if not hasattr(host_batch, "to"):
             raise TypeError(f"a pipelined batch needs .to(device, non_blocking=...), got {type(host_batch).__name__}")
-        with self._on(self._copy_stream):
-            if self._copy_stream is not None:
-                # The copy reuses memory freed by earlier batches, which the default stream may still be reading.
-                self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            batch = host_batch.to(self.device, non_blocking=True)
+        batch = _copy_to_device(host_batch, self.device, self._copy_stream)
         features = dict(self._sparse_features(batch))
         prefetched: dict[str, _Prefetch] = {}
         with self._on(self._dist_stream):
