@@ -145,11 +145,11 @@ def rank_batch(gb: GlobalBatch, positions: list[int]):
     )
 
 
-def item_table_on_meta(model, num_items: int):
+def item_table_on_meta(model, num_items: int, weights: str = "fp32"):
     """``model`` (built with a 1-row item table) with a ``num_items``-row table on the meta device: TorchRec's
     sharded modules then initialise their shards on their own devices, so no rank builds the full table on the host
-    (10M x 512 fp32 rows are 20 GB)."""
-    from torchrec import EmbeddingCollection, EmbeddingConfig
+    (10M x 512 fp32 rows are 20 GB). ``weights``: the table's storage precision (TorchRec ``data_type``)."""
+    from torchrec import DataType, EmbeddingCollection, EmbeddingConfig
 
     emb = model.input_embedding
     (table,) = emb.item_embeddings.embedding_configs()
@@ -159,6 +159,7 @@ def item_table_on_meta(model, num_items: int):
         num_embeddings=num_items,
         feature_names=table.feature_names,
         init_fn=table.init_fn,
+        data_type={"fp32": DataType.FP32, "fp16": DataType.FP16}[weights],
     )
     emb.item_embeddings = EmbeddingCollection(tables=[meta], device=torch.device("meta"))
     emb.num_items = model.config.num_items = num_items
@@ -261,7 +262,9 @@ def worker(args: argparse.Namespace) -> None:
     cfg = RetrievalModelConfig(
         num_items=args.num_items, embedding_dim=args.dim, max_seq_len=args.max_len, dropout=0.0, hstu=hstu
     )
-    model = item_table_on_meta(RetrievalModel(dataclasses.replace(cfg, num_items=1)), args.num_items)
+    model = item_table_on_meta(
+        RetrievalModel(dataclasses.replace(cfg, num_items=1)), args.num_items, args.table_weights
+    )
     pm = gr_parallel.parallelize(
         model,
         ctx,
@@ -407,6 +410,7 @@ def worker(args: argparse.Namespace) -> None:
             "dp_cost_imbalance": round(imbalance, 4),  # timed steps' mean of max / mean per-DP-rank HSTU FLOPs
             "batch_pool": len(pool),  # distinct pre-built batches the steps cycle through
             "num_items": args.num_items,
+            "table_weights": args.table_weights,
             "negatives": args.negatives,
             "num_negatives": args.num_negatives,
             "in_batch_logits": in_batch_logits_backend(ctx.device) if args.negatives == "in_batch" else None,
@@ -432,7 +436,8 @@ def run_config(args: argparse.Namespace, gpus: int, tp: int, record: Path) -> di
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
         str(Path(__file__).resolve()), "--worker", f"--tp={tp}", f"--record={record}",
         f"--blocks={args.blocks}", f"--dim={args.dim}", f"--heads={args.heads}", f"--max-len={args.max_len}",
-        f"--seqs-per-rank={args.seqs_per_rank}", f"--num-items={args.num_items}", f"--negatives={args.negatives}",
+        f"--seqs-per-rank={args.seqs_per_rank}", f"--num-items={args.num_items}",
+        f"--table-weights={args.table_weights}", f"--negatives={args.negatives}",
         f"--num-negatives={args.num_negatives}", f"--warmup={args.warmup}", f"--steps={args.steps}",
         f"--qcomms={args.qcomms}", f"--balance={args.balance}", f"--pool={args.pool}",
         "--pin-memory" if args.pin_memory else "--no-pin-memory",
@@ -467,6 +472,7 @@ def step_kind(r: dict) -> str:
     """How the step ran; records from before these fields existed: uniform negatives, 3 lookups, plain loop, eager
     HSTU blocks; in-batch records without ``in_batch_logits`` ran the chunked torch gather."""
     compiled = ", compiled" if r.get("compiled") else ""
+    compiled += ", fp16 table" if r.get("table_weights", "fp32") == "fp16" else ""
     if "negatives" not in r:
         return "uniform (3 lookups), plain, fp32" + compiled
     comms = "fp32" if r.get("qcomms", "none") == "none" else r["qcomms"]
@@ -567,6 +573,13 @@ def main() -> None:
         default="auto",
         help="precision of the looked-up rows and their gradients on the embedding all-to-alls (auto: bf16 on "
         "CUDA, none on CPU)",
+    )
+    ap.add_argument(
+        "--table-weights",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="storage precision of the item table (its rows reach the model as that dtype; the row-wise Adagrad "
+        "state stays fp32)",
     )
     ap.add_argument(
         "--pipeline",

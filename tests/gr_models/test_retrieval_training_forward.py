@@ -119,10 +119,11 @@ def test_one_lookup_features_and_errors() -> None:
     batch = make_batch([3, 2], 0)
     kjt = model.training_features(batch)
     assert kjt.keys() == [ITEM_FEATURE]
-    assert kjt.lengths().tolist() == [3, 2, 1, 1, 1, 1, 1]  # the sequences, then one entry per target
+    # One entry per id (inputs, then targets): FBGEMM's unpooled lookup walks an entry's ids with one warp
+    assert kjt.lengths().tolist() == [1] * 10
     assert kjt.values().tolist() == batch.features.values().tolist() + batch.target_items.tolist()
     other = model.training_features(make_batch([2, 3], 0))
-    with pytest.raises(ValueError, match="not the batch's 2 sequences plus 4 ids"):
+    with pytest.raises(ValueError, match="hold 10 ids in 10 entries, not the batch's 4 inputs plus 4 ids"):
         model.training_forward(make_batch([1, 3], 0), other)
     two_keys = KeyedJaggedTensor.from_lengths_sync(["item", "x"], torch.arange(4), torch.tensor([1, 1, 1, 1]))
     with pytest.raises(ValueError, match="exactly the item feature"):

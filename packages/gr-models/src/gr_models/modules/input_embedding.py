@@ -154,34 +154,43 @@ class ItemInputEmbedding(nn.Module):
         return self.lookup(kjt).reshape(*item_ids.shape, self.embedding_dim)
 
     def with_ids(self, features: KeyedJaggedTensor, ids: torch.Tensor) -> KeyedJaggedTensor:
-        """One KJT of the item feature holding the input sequences (their B entries) and then one entry per id of
-        ``ids`` (any shape, flattened; e.g. the targets, then sampled negatives): what ``forward_with_ids`` looks up
-        in a single call of the table."""
+        """One KJT of the item feature holding the input items and then the ids of ``ids`` (any shape, flattened;
+        e.g. the targets, then sampled negatives), ONE ENTRY PER ID: what ``forward_with_ids`` looks up in a single
+        call of the table. The sequences' boundaries are not in it (the batch's ``seq_offsets`` carry them): FBGEMM's
+        unpooled lookup gives each entry one warp that walks its ids in turn, so an entry of a whole 4096-item
+        sequence serialises its rows (on an H200, 131k ids in 64 entries took 13 ms:
+        ``tools/bench_embedding_lookup.py``)."""
         if features.keys() != [self.feature_name]:
             raise ValueError(
                 f"input features must hold exactly the item feature {self.feature_name!r}, got {features.keys()}"
             )
         extra = ids.reshape(-1)
         values = torch.cat([features.values(), extra.to(features.values().dtype)])
-        lengths = features.lengths()
-        lengths = torch.cat([lengths, torch.ones(extra.numel(), dtype=lengths.dtype, device=lengths.device)])
         n = values.numel()  # per-key length given: TorchRec would otherwise read it back from the device (a sync)
+        lengths = torch.ones(n, dtype=features.lengths().dtype, device=values.device)
         return KeyedJaggedTensor(
             keys=[self.feature_name], values=values, lengths=lengths, length_per_key=[n], offset_per_key=[0, n]
         )
 
     def forward_with_ids(
-        self, features: KeyedJaggedTensor, seq_offsets: torch.Tensor, max_seq_len: int, num_ids: int
+        self,
+        features: KeyedJaggedTensor,
+        seq_offsets: torch.Tensor,
+        max_seq_len: int,
+        num_ids: int,
+        num_inputs: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training form of ``forward``: ``features`` from ``with_ids`` (inputs, then ``num_ids`` ids), looked up in
-        ONE call of the table, so a fused table optimizer takes one step for all of them. Returns
+        ONE call of the table, so a fused table optimizer takes one step for all of them. ``num_inputs``: the
+        batch's input item count (``batch.features.values().numel()``, a host number), checked when given. Returns
         ``(x, item_emb, id_emb)``, the last ``[num_ids, D]`` raw embeddings of the ids."""
         self._check_length(max_seq_len)
-        num_seqs = seq_offsets.numel() - 1
-        if features.lengths().numel() != num_seqs + num_ids:
+        entries, ids = features.lengths().numel(), features.values().numel()
+        inputs = ids - num_ids
+        if entries != ids or inputs < 0 or (num_inputs is not None and inputs != num_inputs):
             raise ValueError(
-                f"features hold {features.lengths().numel()} entries, not the batch's {num_seqs} sequences plus "
-                f"{num_ids} ids: build them with with_ids(batch features, ids)"
+                f"features hold {ids} ids in {entries} entries, not the batch's {num_inputs} inputs plus {num_ids} "
+                "ids, one entry each: build them with with_ids(batch features, ids)"
             )
         rows = self.lookup(features)
         item_emb, id_emb = rows.split([rows.size(0) - num_ids, num_ids])

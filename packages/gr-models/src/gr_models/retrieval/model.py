@@ -113,7 +113,9 @@ class RetrievalModel(nn.Module):
             features = self.training_features(batch, negatives)
         n = batch.target_items.numel()
         k = 0 if negatives is None else negatives.size(1)
-        x, _, rows = self.input_embedding.forward_with_ids(features, batch.seq_offsets, batch.max_seq_len, n * (1 + k))
+        x, _, rows = self.input_embedding.forward_with_ids(
+            features, batch.seq_offsets, batch.max_seq_len, n * (1 + k), batch.features.values().numel()
+        )
         rows = F.normalize(rows, dim=-1)
         target_emb, negative_emb = rows.split([n, n * k])
         return TrainingEmbeddings(
