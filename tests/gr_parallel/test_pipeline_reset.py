@@ -54,6 +54,13 @@ def worker_stop_and_restart(ctx) -> dict[str, Any]:
         pm.sync_grads()
         pm.clip_grad_norm_()
 
+    # Parameters marked the way Megatron-Core DDP marks them: without zero_grad= the pipeline would never clear
+    # their main_grad buffers (summed gradients), so it refuses.
+    dense = next(p for p in pm.dmp.parameters() if p.requires_grad)
+    dense.main_grad = torch.zeros_like(dense)
+    with pytest.raises(ValueError, match=r"pass zero_grad=pm\.zero_grad"):
+        TrainPipeline(pm.dmp, pm.optimizer, ctx.device, forward=forward)
+    del dense.main_grad
     pipeline = TrainPipeline(
         pm.dmp, pm.optimizer, ctx.device, forward=forward, before_step=before_step, zero_grad=pm.zero_grad
     )

@@ -105,7 +105,8 @@ class TrainPipeline:
     optimizer steps (dense gradient all-reduce, clipping: ``ParallelModel.sync_grads``). ``zero_grad()``: clears the
     dense gradients before each training forward (default: every optimizer's ``zero_grad(set_to_none=True)``); with a
     ``ParallelModel`` pass ``pm.zero_grad``, which also clears the gradient buffers Megatron-Core's DDP accumulates
-    into (``ParallelizeConfig.megatron_ddp``; the optimizers' zero_grad does not reach those). Used in eval mode
+    into (``ParallelizeConfig.megatron_ddp``; the optimizers' zero_grad does not reach those, and a model whose
+    parameters carry Megatron's ``main_grad`` without ``zero_grad`` given is refused). Used in eval mode
     (``model.eval()``) it runs forward only.
     """
 
@@ -125,6 +126,13 @@ class TrainPipeline:
         self.device = torch.device(device)
         self._forward = forward if forward is not None else model
         self._before_step = before_step
+        if zero_grad is None and any(hasattr(p, "main_grad") for p in model.parameters()):
+            # Megatron-Core DDP (ParallelizeConfig.megatron_ddp) marks its parameters with main_grad: the default would
+            # sum every step's gradients into those buffers.
+            raise ValueError(
+                "the model's dense gradients accumulate in Megatron-Core DDP's main_grad buffers, which the "
+                "optimizers' zero_grad does not clear: pass zero_grad=pm.zero_grad (gr_parallel.ParallelModel)"
+            )
         self._zero_grad = zero_grad if zero_grad is not None else self._zero_optimizer_grads
         self._sharded = _outermost_sharded(model)
         if not self._sharded:
