@@ -53,7 +53,8 @@ def train_lengths(dataset: NextItemTrainDataset) -> np.ndarray:
 class GlobalBatchSampledSoftmax(SampledSoftmaxLoss):
     """Sampled softmax whose negatives, on a data-parallel rank, are the rows of this rank's positions in the draw a
     single process makes for the whole global batch (``plan``; None: an ordinary draw). Every rank draws the same
-    ``[global positions, K]`` from the same RNG state, so a DP run trains with the single-process negatives;
+    ``[global positions, K]`` from the same RNG state (``draw_ids``), so a DP run trains with the single-process
+    negatives;
     ``in_batch`` negatives come from the global batch's targets (gathered over the DP group).
 
     That draw (``sample_negatives``: the global RNG, inside the loss) serves the step of a table the dense optimizer
@@ -74,12 +75,12 @@ class GlobalBatchSampledSoftmax(SampledSoftmaxLoss):
             )
         shape = (plan.global_tokens, self.num_negatives)
         if self.negatives == "uniform":
-            return torch.randint(self.num_items, shape).to(targets.device)[rows]
+            return self.draw_ids(self.num_items, shape, targets.device)[rows]
         everyone = all_gather_uneven(targets, self.dp_group) if len(plan.parts) > 1 else [targets]
         global_targets = targets.new_empty(plan.global_tokens)
         for r, part in enumerate(everyone):
             global_targets[torch.from_numpy(plan.token_rows(r)).to(targets.device)] = part
-        return global_targets[torch.randint(plan.global_tokens, shape).to(targets.device)][rows]
+        return global_targets[self.draw_ids(plan.global_tokens, shape, targets.device)][rows]
 
     def draw_step_negatives(
         self,
