@@ -189,3 +189,37 @@ def test_given_negatives_equal_drawn_ones_and_are_checked() -> None:
         loss_fn(
             q, targets, target_embeddings=table[targets], negatives=negatives[1:], negative_embeddings=table[negatives]
         )
+
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("negatives", ["uniform", "in_batch"])
+def test_negative_draws_cost_the_host_rng_one_number_and_repeat_from_its_state(device: str, negatives: str) -> None:
+    """A draw of any size advances the host generator by exactly one number, the same host state draws the same
+    negatives (another loss object too: what data-parallel ranks rely on), and the device's default generator is
+    left alone (dropout advances it differently on each rank)."""
+    loss_fn = SampledSoftmaxLoss(1000, num_negatives=32, negatives=negatives)
+    targets = torch.randint(1000, (5000,), device=device)
+    torch.manual_seed(7)
+    device_state = torch.cuda.get_rng_state() if device == "cuda" else None
+    first = loss_fn.sample_negatives(targets)
+    after_draw = torch.randint(2**30, (4,))
+    torch.manual_seed(7)
+    torch.randint(0, 2**62, (1,))  # the one number a draw takes
+    assert torch.equal(after_draw, torch.randint(2**30, (4,)))
+    if device_state is not None:
+        assert torch.equal(torch.cuda.get_rng_state(), device_state)
+    torch.manual_seed(7)
+    again = SampledSoftmaxLoss(1000, num_negatives=32, negatives=negatives).sample_negatives(targets)
+    assert first.shape == (5000, 32) and first.device == targets.device and torch.equal(first, again)
+    pool = torch.arange(1000, device=device) if negatives == "uniform" else targets
+    assert torch.isin(first, pool).all()
+    if negatives == "uniform":
+        assert first.unique().numel() > 900  # spread over the catalogue
