@@ -145,19 +145,16 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for device in dict.fromkeys(r["device"] for r in records):
-        for weights in ("fp32", "fp16"):
-            for order in ("random", "sorted"):
-                pts = sorted(
-                    (r["rows"], r["fwd_ms"])
-                    for r in records
-                    if r["device"] == device and r["weights"] == weights and r["order"] == order
-                )
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", label=f"{device[:12]} {weights} {order}")
+    series: dict[tuple, list[tuple[int, float]]] = {}
+    for r in records:  # one line per device, precision, id order and entry layout
+        entries = "1 id per entry" if r.get("entries", 64) >= r["ids"] else f"{r.get('entries', 64)} entries"
+        series.setdefault((r["device"][:12], r["weights"], r["order"], entries), []).append((r["rows"], r["fwd_ms"]))
+    for key, pts in series.items():
+        ax.plot(*zip(*sorted(set(pts)), strict=True), marker="o", label=" ".join(key))
     ax.set_xscale("log")
     ax.set_xlabel("table rows")
     ax.set_ylabel("forward ms")
+    ax.set_yscale("log")
     ax.set_title("TBE lookup forward by table size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
