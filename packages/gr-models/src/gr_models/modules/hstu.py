@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gr_kernels
+from gr_models.modules.norm_mul import layer_norm_mul
 from gr_models.modules.relative_bias import RelativeBucketedTimeAndPositionBias, aligned_bias_len
 
 
@@ -38,6 +39,9 @@ class HSTUConfig:
     num_time_buckets: int = 128
     layer_norm_eps: float = 1e-6
     attention_backend: str = "auto"
+    # U * LayerNorm(attn) as one fused op (gr_models.modules.norm_mul: Triton on CUDA, fp32 inside, the result in the
+    # autocast dtype); off: the eager LayerNorm and multiply.
+    fused_norm_mul: bool = False
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "num_blocks", "num_heads", "max_seq_len"):
@@ -124,7 +128,12 @@ class HSTUBlock(nn.Module):
 
     def finish(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The block output of rows ``x`` from their ``U`` and attention output ``[n, H, Dv]``."""
-        y = u * self.attn_norm(attn.reshape(-1, self.config.num_heads * self.config.v_dim))
+        attn = attn.reshape(-1, self.config.num_heads * self.config.v_dim)
+        if self.config.fused_norm_mul and not torch.compiler.is_exporting():  # exported programs keep plain aten ops
+            norm = self.attn_norm
+            y = layer_norm_mul(attn, u, norm.weight, norm.bias, norm.eps)
+        else:
+            y = u * self.attn_norm(attn)
         return x + self.output(self.dropout(y))
 
     def _attention(

@@ -1,0 +1,206 @@
+"""``layer_norm_mul(x, u, weight, bias)``: ``u * LayerNorm(x)`` in one pass, the HSTU block's gating of the attention
+output (``U * LayerNorm(attn)``), as a ``torch.library`` custom op with autograd and a fake impl.
+
+Why: eagerly under bf16 autocast the gating is a LayerNorm run in fp32 (a fp32 ``[n, H*Dv]`` result), a multiply
+by ``U`` (fp32 again) and the output projection's cast to bf16: three passes writing 2.5x the bytes of the result,
+and their backward as many again. Here one kernel reads ``x`` and ``u`` and writes ``y`` in the autocast dtype (the
+dtype the output projection casts to anyway: the same rounding, once); the backward reads ``dy``, ``x``, ``u`` once
+and writes ``dx``, ``du`` and per-program partial sums of the weight and bias gradients.
+
+CUDA tensors run ``norm_mul_kernels`` compiled (when Triton is installed); every other case runs the PyTorch
+reference (``reference_layer_norm_mul``), so the op works on every device. Tests set ``INTERPRET_ON_CPU`` to run the
+kernels' interpreted copy on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_D = 8192  # one program holds whole rows
+_INTERPRETED_NAME = "gr_models.modules._interpreted_norm_mul_kernels"
+INTERPRET_ON_CPU = False  # CPU tensors through Triton's interpreter (tests; far slower than the reference)
+
+
+def reference_layer_norm_mul(
+    x: Tensor, u: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    """``u * layer_norm(x)`` with the statistics and the product in fp32 (float64 for float64 operands, the tests'
+    reference), rounded once to ``out_dtype``."""
+    out_dtype = out_dtype or torch.promote_types(x.dtype, u.dtype)
+    acc = torch.float64 if torch.float64 in (x.dtype, u.dtype) else torch.float32
+    normed = F.layer_norm(x.to(acc), (x.shape[-1],), weight.to(acc), bias.to(acc), eps)
+    return (u.to(acc) * normed).to(out_dtype)
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _compiled_kernels() -> ModuleType:
+    from gr_models.modules import norm_mul_kernels
+
+    return norm_mul_kernels
+
+
+@functools.cache
+def _interpreted_kernels() -> ModuleType:
+    from gr_kernels.triton_interpreter import load_interpreted
+
+    return load_interpreted(os.path.join(os.path.dirname(__file__), "norm_mul_kernels.py"), _INTERPRETED_NAME)
+
+
+def _kernels(device: torch.device) -> ModuleType | None:
+    if not triton_available():
+        return None
+    if device.type == "cuda":
+        return _compiled_kernels()
+    return _interpreted_kernels() if device.type == "cpu" and INTERPRET_ON_CPU else None
+
+
+def _tiles(d: int, device: torch.device) -> tuple[int, int]:
+    """(rows per program, padded D): ~4k elements per program on the GPU; 2 rows in the interpreter, so small
+    tests span several programs and a row tail."""
+    block_d = 1 << max(d - 1, 0).bit_length()
+    if device.type != "cuda":
+        return 2, block_d
+    return max(1, 4096 // block_d), block_d
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("gr_models::layer_norm_mul", mutates_args=())
+def _layer_norm_mul_op(
+    x: Tensor, u: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    n, d = x.shape
+    kernels = _kernels(x.device)
+    if kernels is None:  # no Triton: the reference, with the statistics the backward needs
+        xf = x.float()
+        mean = xf.mean(-1)
+        rstd = torch.rsqrt(xf.var(-1, unbiased=False) + eps)
+        return reference_layer_norm_mul(x, u, weight, bias, eps, out_dtype), mean, rstd
+    x, u = _rows(x), _rows(u)
+    y = torch.empty((n, d), dtype=out_dtype, device=x.device)
+    mean = torch.empty(n, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(n, dtype=torch.float32, device=x.device)
+    if n:
+        block_rows, block_d = _tiles(d, x.device)
+        grid = (-(-n // block_rows),)
+        with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullcontext():
+            kernels.layer_norm_mul_fwd_kernel[grid](
+                x, u, weight, bias, y, mean, rstd, n, x.stride(0), u.stride(0), y.stride(0), eps,
+                D=d, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
+            )  # fmt: skip
+    return y, mean, rstd
+
+
+@_layer_norm_mul_op.register_fake
+def _(x: Tensor, u: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype):
+    n = x.shape[0]
+    return (
+        x.new_empty(x.shape, dtype=out_dtype),
+        x.new_empty((n,), dtype=torch.float32),
+        x.new_empty((n,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("gr_models::layer_norm_mul_bwd", mutates_args=())
+def _layer_norm_mul_bwd_op(
+    dy: Tensor, x: Tensor, u: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n, d = x.shape
+    kernels = _kernels(x.device)
+    if kernels is None:
+        return _reference_bwd(dy, x, u, weight, bias, mean, rstd)
+    dy, x, u = _rows(dy), _rows(x), _rows(u)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    du = torch.empty_like(u, memory_format=torch.contiguous_format)
+    block_rows, block_d = _tiles(d, x.device)
+    programs = -(-n // block_rows)
+    dw_part = torch.empty((programs, d), dtype=torch.float32, device=x.device)
+    db_part = torch.empty((programs, d), dtype=torch.float32, device=x.device)
+    if n:
+        with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullcontext():
+            kernels.layer_norm_mul_bwd_kernel[(programs,)](
+                dy, x, u, weight, bias, mean, rstd, dx, du, dw_part, db_part, n,
+                dy.stride(0), x.stride(0), u.stride(0), dx.stride(0), du.stride(0),
+                D=d, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
+            )  # fmt: skip
+    return dx, du, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype)
+
+
+@_layer_norm_mul_bwd_op.register_fake
+def _(dy: Tensor, x: Tensor, u: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor):
+    return torch.empty_like(x), torch.empty_like(u), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _reference_bwd(dy, x, u, weight, bias, mean, rstd):
+    xhat = (x.float() - mean[:, None]) * rstd[:, None]
+    dyf = dy.float()
+    du = dyf * (xhat * weight.float() + bias.float())
+    g = dyf * u.float()
+    gw = g * weight.float()
+    d = x.shape[-1]
+    dx = (gw - xhat * (gw * xhat).sum(-1, keepdim=True) / d - gw.sum(-1, keepdim=True) / d) * rstd[:, None]
+    dw = (g * xhat).sum(0)
+    db = g.sum(0)
+    return dx.to(x.dtype), du.to(u.dtype), dw.to(weight.dtype), db.to(bias.dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, u, weight, bias, _eps, _out_dtype = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, u, weight, bias, mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, u, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, du, dw, db = _layer_norm_mul_bwd_op(dy, x, u, weight, bias, mean, rstd)
+    return dx, du, dw, db, None, None
+
+
+_layer_norm_mul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def layer_norm_mul(
+    x: Tensor, u: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    """``u * LayerNorm(x; weight, bias, eps)`` over the last dim of ``x`` / ``u`` (``[n, D]``, rows may be strided,
+    e.g. a column slice of a projection), fp32 inside. ``out_dtype``: under autocast on their device the autocast
+    dtype (what a following ``nn.Linear`` casts to), else the promoted dtype of ``x`` and ``u``."""
+    if x.dim() != 2 or u.shape != x.shape:
+        raise ValueError(f"layer_norm_mul needs x and u of one [n, D] shape, got {tuple(x.shape)} and {tuple(u.shape)}")
+    d = x.shape[1]
+    if weight.shape != (d,) or bias.shape != (d,):
+        raise ValueError(f"weight and bias must be [{d}], got {tuple(weight.shape)} and {tuple(bias.shape)}")
+    if d > MAX_D:
+        raise ValueError(f"layer_norm_mul handles rows of at most {MAX_D} elements, got {d}")
+    if x.dtype not in SUPPORTED_DTYPES or u.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"layer_norm_mul supports {SUPPORTED_DTYPES}, got x {x.dtype} and u {u.dtype}")
+    if not (x.device == u.device == weight.device == bias.device):
+        raise ValueError("layer_norm_mul tensors must share a device")
+    if out_dtype is None:
+        kind = x.device.type
+        autocast = kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind)
+        out_dtype = torch.get_autocast_dtype(kind) if autocast else torch.promote_types(x.dtype, u.dtype)
+    return _layer_norm_mul_op(x, u, weight, bias, float(eps), out_dtype)[0]
