@@ -262,7 +262,7 @@ def worker(args: argparse.Namespace) -> None:
         num_heads=args.heads,
         use_rab=False,
         attention_backend="auto",
-        fused_norm_mul=args.fused_norm_mul,
+        fused_norms=args.fused_norms,
     )
     cfg = RetrievalModelConfig(
         num_items=args.num_items, embedding_dim=args.dim, max_seq_len=args.max_len, dropout=0.0, hstu=hstu
@@ -416,7 +416,7 @@ def worker(args: argparse.Namespace) -> None:
             "batch_pool": len(pool),  # distinct pre-built batches the steps cycle through
             "num_items": args.num_items,
             "table_weights": args.table_weights,
-            "fused_norm_mul": args.fused_norm_mul,
+            "fused_norms": args.fused_norms,
             "negatives": args.negatives,
             "num_negatives": args.num_negatives,
             "in_batch_logits": in_batch_logits_backend(ctx.device) if args.negatives == "in_batch" else None,
@@ -444,7 +444,7 @@ def run_config(args: argparse.Namespace, gpus: int, tp: int, record: Path) -> di
         f"--blocks={args.blocks}", f"--dim={args.dim}", f"--heads={args.heads}", f"--max-len={args.max_len}",
         f"--seqs-per-rank={args.seqs_per_rank}", f"--num-items={args.num_items}",
         f"--table-weights={args.table_weights}",
-        "--fused-norm-mul" if args.fused_norm_mul else "--no-fused-norm-mul", f"--negatives={args.negatives}",
+        "--fused-norms" if args.fused_norms else "--no-fused-norms", f"--negatives={args.negatives}",
         f"--num-negatives={args.num_negatives}", f"--warmup={args.warmup}", f"--steps={args.steps}",
         f"--qcomms={args.qcomms}", f"--balance={args.balance}", f"--pool={args.pool}",
         "--pin-memory" if args.pin_memory else "--no-pin-memory",
@@ -480,7 +480,7 @@ def step_kind(r: dict) -> str:
     HSTU blocks; in-batch records without ``in_batch_logits`` ran the chunked torch gather."""
     compiled = ", compiled" if r.get("compiled") else ""
     compiled += ", fp16 table" if r.get("table_weights", "fp32") == "fp16" else ""
-    compiled += ", fused norm-mul" if r.get("fused_norm_mul") else ""
+    compiled += ", fused norms" if r.get("fused_norms") else ""
     if "negatives" not in r:
         return "uniform (3 lookups), plain, fp32" + compiled
     comms = "fp32" if r.get("qcomms", "none") == "none" else r["qcomms"]
@@ -583,10 +583,10 @@ def main() -> None:
         "CUDA, none on CPU)",
     )
     ap.add_argument(
-        "--fused-norm-mul",
+        "--fused-norms",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="HSTUConfig.fused_norm_mul: U * LayerNorm(attn) as one Triton op (gr_models.modules.norm_mul)",
+        help="HSTUConfig.fused_norms: the blocks' LayerNorms as Triton ops (gr_models.modules.norm_mul)",
     )
     ap.add_argument(
         "--table-weights",

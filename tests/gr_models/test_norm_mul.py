@@ -3,7 +3,7 @@ PyTorch reference, values and every gradient.
 
 - CPU: the Triton kernels in the interpreter (``INTERPRET_ON_CPU``; 2-row programs, so small shapes span several
   programs and a row tail; hypothesis shapes, strided ``u`` as the block's column slice of its projection), fp32 and
-  fp16; the op without Triton (reference path); ``opcheck``; the HSTU block with ``fused_norm_mul`` equals the eager
+  fp16; the op without Triton (reference path); ``opcheck``; the HSTU block with ``fused_norms`` equals the eager
   one.
 - GPU (``-m gpu``): compiled kernels in bf16/fp16/fp32 at a training-like shape and under bf16 autocast.
 """
@@ -46,19 +46,26 @@ def _operands(n: int, d: int, dtype: torch.dtype, seed: int, device: str = "cpu"
     return x, u, w, b
 
 
-def _check(n: int, d: int, dtype: torch.dtype, seed: int, device: str = "cpu", rel: float = 1e-5) -> None:
+def _check(
+    n: int, d: int, dtype: torch.dtype, seed: int, device: str = "cpu", rel: float = 1e-5, with_u: bool = True
+) -> None:
     x, u, w, b = _operands(n, d, dtype, seed, device)
+    if not with_u:  # the LayerNorm alone
+        u = None
     y = layer_norm_mul(x, u, w, b, 1e-5)
     # The reference in float64 of the same (rounded) operands.
-    leaves = [t.detach().double().requires_grad_() for t in (x, u, w, b)]
-    want = reference_layer_norm_mul(*leaves, 1e-5, torch.float64)
-    assert y.dtype == torch.promote_types(x.dtype, u.dtype) and y.shape == (n, d)
+    inputs = [t for t in (x, u, w, b) if t is not None]
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    ref_u = leaves[1] if with_u else None
+    want = reference_layer_norm_mul(leaves[0], ref_u, *leaves[-2:], 1e-5, torch.float64)
+    assert y.dtype == dtype and y.shape == (n, d)
     scale = want.abs().max().item() if n else 1.0
     torch.testing.assert_close(y.double(), want, atol=rel * max(scale, 1.0), rtol=0)
     up = torch.randn(n, d, generator=torch.Generator(device=device).manual_seed(seed + 1), device=device)
-    got = torch.autograd.grad(y, (x, u, w, b), up.to(y.dtype))
+    got = torch.autograd.grad(y, inputs, up.to(y.dtype))
     ref = torch.autograd.grad(want, leaves, up.double())
-    for name, a, r in zip(("dx", "du", "dweight", "dbias"), got, ref, strict=True):
+    names = ("dx", "du", "dweight", "dbias") if with_u else ("dx", "dweight", "dbias")
+    for name, a, r in zip(names, got, ref, strict=True):
         assert a.shape == r.shape and a.dtype == (w.dtype if name in ("dweight", "dbias") else dtype)
         tol = rel * max(r.abs().max().item() if r.numel() else 1.0, 1.0) * (4 if name.startswith("dw") else 1)
         torch.testing.assert_close(a.double(), r, atol=tol, rtol=0, msg=lambda m, n_=name: f"{n_}: {m}")
@@ -66,19 +73,21 @@ def _check(n: int, d: int, dtype: torch.dtype, seed: int, device: str = "cpu", r
 
 @needs_triton
 @settings(max_examples=20, deadline=None)
-@given(n=st.integers(0, 9), d=st.integers(1, 40), seed=st.integers(0, 2**16))
-def test_interpreted_kernels_match_the_reference_fp32(n: int, d: int, seed: int) -> None:
-    _check(n, d, torch.float32, seed, rel=2e-5 * max(n, 1))
+@given(n=st.integers(0, 9), d=st.integers(1, 40), seed=st.integers(0, 2**16), with_u=st.booleans())
+def test_interpreted_kernels_match_the_reference_fp32(n: int, d: int, seed: int, with_u: bool) -> None:
+    _check(n, d, torch.float32, seed, rel=2e-5 * max(n, 1), with_u=with_u)
 
 
 @needs_triton
 def test_interpreted_kernels_fp16() -> None:
     _check(7, 24, torch.float16, 3, rel=2e-3)
+    _check(7, 24, torch.float16, 4, rel=2e-3, with_u=False)
 
 
 def test_without_triton_the_op_runs_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(norm_mul, "_kernels", lambda device: None)
     _check(5, 12, torch.float32, 1, rel=1e-5)
+    _check(5, 12, torch.float32, 2, rel=1e-5, with_u=False)
 
 
 @needs_triton
@@ -87,6 +96,9 @@ def test_opcheck() -> None:
     torch.library.opcheck(norm_mul._layer_norm_mul_op, (x, u, w, b, 1e-5, torch.float32))
     y, mean, rstd = norm_mul._layer_norm_mul_op(x, u, w, b, 1e-5, torch.float32)
     saved = [t.detach() for t in (x, u, w, b, mean, rstd)]  # the backward op itself has no derivative
+    torch.library.opcheck(norm_mul._layer_norm_mul_bwd_op, (torch.randn_like(y).detach(), *saved))
+    torch.library.opcheck(norm_mul._layer_norm_mul_op, (x, None, w, b, 1e-5, torch.float32))
+    saved[1] = None
     torch.library.opcheck(norm_mul._layer_norm_mul_bwd_op, (torch.randn_like(y).detach(), *saved))
 
 
@@ -111,7 +123,7 @@ def test_fused_block_equals_the_eager_block(triton_kernels: bool, monkeypatch: p
     )
     torch.manual_seed(0)
     eager = HSTUBlock(cfg)
-    fused = HSTUBlock(dataclasses.replace(cfg, fused_norm_mul=True))
+    fused = HSTUBlock(dataclasses.replace(cfg, fused_norms=True))
     fused.load_state_dict(eager.state_dict())
     offsets = torch.tensor([0, 3, 8, 10])
     x = torch.randn(10, 16, requires_grad=True)
@@ -132,6 +144,7 @@ def test_compiled_kernels_match_the_reference(dtype: torch.dtype) -> None:
     rel = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     _check(4099, 512, dtype, 0, device="cuda", rel=rel)
     _check(33, 100, dtype, 1, device="cuda", rel=rel)
+    _check(4099, 512, dtype, 2, device="cuda", rel=rel, with_u=False)
 
 
 @pytest.mark.gpu
@@ -140,7 +153,7 @@ def test_compiled_fused_block_under_autocast_is_close_to_the_eager_block() -> No
     cfg = HSTUConfig(embedding_dim=512, num_heads=4, max_seq_len=512, dropout=0.0, use_rab=False)
     torch.manual_seed(0)
     eager = HSTUBlock(cfg).cuda()
-    fused = HSTUBlock(dataclasses.replace(cfg, fused_norm_mul=True)).cuda()
+    fused = HSTUBlock(dataclasses.replace(cfg, fused_norms=True)).cuda()
     fused.load_state_dict(eager.state_dict())
     offsets = torch.tensor([0, 300, 812, 1000], device="cuda")
     x = torch.randn(1000, 512, device="cuda", requires_grad=True)
@@ -159,3 +172,25 @@ def test_reference_equals_torch_layer_norm_times_u() -> None:
     x, u, w, b = _operands(5, 12, torch.float32, 2)
     want = u * F.layer_norm(x, (12,), w, b, 1e-5)
     torch.testing.assert_close(reference_layer_norm_mul(x, u, w, b, 1e-5), want)
+
+
+@needs_triton
+def test_fused_block_under_torch_compile() -> None:
+    """The ops trace through their fake impls: a compiled fused block (aot_eager) gives the eager fused block's
+    values and gradients."""
+    cfg = HSTUConfig(
+        embedding_dim=16, num_heads=2, max_seq_len=8, dropout=0.0, use_rab=False, attention_backend="reference",
+        fused_norms=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    block = HSTUBlock(cfg)
+    offsets = torch.tensor([0, 3, 8, 10])
+    x = torch.randn(10, 16, requires_grad=True)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (block, compiled):
+        y = fn(x, offsets, 7, None, validate=False)
+        results.append((y, torch.autograd.grad(y.square().sum(), [x, *block.parameters()])))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for a, r in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(a, r)

@@ -39,9 +39,9 @@ class HSTUConfig:
     num_time_buckets: int = 128
     layer_norm_eps: float = 1e-6
     attention_backend: str = "auto"
-    # U * LayerNorm(attn) as one fused op (gr_models.modules.norm_mul: Triton on CUDA, fp32 inside, the result in the
-    # autocast dtype); off: the eager LayerNorm and multiply.
-    fused_norm_mul: bool = False
+    # The block's two LayerNorms as fused ops (gr_models.modules.norm_mul: Triton on CUDA, fp32 inside, results in
+    # the autocast dtype the projections read): the input norm, and U * LayerNorm(attn) in one pass; off: eager.
+    fused_norms: bool = False
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "num_blocks", "num_heads", "max_seq_len"):
@@ -123,18 +123,19 @@ class HSTUBlock(nn.Module):
         """``U [n, H * Dv]``, ``V [n, H, Dv]``, ``Q``, ``K [n, H, Dqk]`` of the layer inputs ``x [n, D]``."""
         cfg = self.config
         h = cfg.num_heads
-        u, v, q, k = F.silu(self.uvqk(self.input_norm(x))).split(self._split, dim=-1)
+        u, v, q, k = F.silu(self.uvqk(self._norm(self.input_norm, x))).split(self._split, dim=-1)
         return u, v.reshape(-1, h, cfg.v_dim), q.reshape(-1, h, cfg.qk_dim), k.reshape(-1, h, cfg.qk_dim)
 
     def finish(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The block output of rows ``x`` from their ``U`` and attention output ``[n, H, Dv]``."""
-        attn = attn.reshape(-1, self.config.num_heads * self.config.v_dim)
-        if self.config.fused_norm_mul and not torch.compiler.is_exporting():  # exported programs keep plain aten ops
-            norm = self.attn_norm
-            y = layer_norm_mul(attn, u, norm.weight, norm.bias, norm.eps)
-        else:
-            y = u * self.attn_norm(attn)
+        y = self._norm(self.attn_norm, attn.reshape(-1, self.config.num_heads * self.config.v_dim), u)
         return x + self.output(self.dropout(y))
+
+    def _norm(self, norm: nn.LayerNorm, x: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+        """``norm(x)`` (times ``u``), fused when ``config.fused_norms`` (exported programs keep plain aten ops)."""
+        if self.config.fused_norms and not torch.compiler.is_exporting():
+            return layer_norm_mul(x, u, norm.weight, norm.bias, norm.eps)
+        return norm(x) if u is None else u * norm(x)
 
     def _attention(
         self,

@@ -1,5 +1,7 @@
 """``layer_norm_mul(x, u, weight, bias)``: ``u * LayerNorm(x)`` in one pass, the HSTU block's gating of the attention
-output (``U * LayerNorm(attn)``), as a ``torch.library`` custom op with autograd and a fake impl.
+output (``U * LayerNorm(attn)``), or with ``u=None`` the LayerNorm alone written in the dtype its consumer needs (the
+block's input norm, which the U/V/Q/K projection reads in the autocast dtype); a ``torch.library`` custom op with
+autograd and a fake impl.
 
 Why: eagerly under bf16 autocast the gating is a LayerNorm run in fp32 (a fp32 ``[n, H*Dv]`` result), a multiply
 by ``U`` (fp32 again) and the output projection's cast to bf16: three passes writing 2.5x the bytes of the result,
@@ -30,14 +32,15 @@ INTERPRET_ON_CPU = False  # CPU tensors through Triton's interpreter (tests; far
 
 
 def reference_layer_norm_mul(
-    x: Tensor, u: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype | None = None
+    x: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype | None = None
 ) -> Tensor:
     """``u * layer_norm(x)`` with the statistics and the product in fp32 (float64 for float64 operands, the tests'
     reference), rounded once to ``out_dtype``."""
-    out_dtype = out_dtype or torch.promote_types(x.dtype, u.dtype)
-    acc = torch.float64 if torch.float64 in (x.dtype, u.dtype) else torch.float32
+    u_dtype = x.dtype if u is None else u.dtype
+    out_dtype = out_dtype or torch.promote_types(x.dtype, u_dtype)
+    acc = torch.float64 if torch.float64 in (x.dtype, u_dtype) else torch.float32
     normed = F.layer_norm(x.to(acc), (x.shape[-1],), weight.to(acc), bias.to(acc), eps)
-    return (u.to(acc) * normed).to(out_dtype)
+    return (normed if u is None else u.to(acc) * normed).to(out_dtype)
 
 
 @functools.cache
@@ -82,7 +85,7 @@ def _rows(t: Tensor) -> Tensor:
 
 @torch.library.custom_op("gr_models::layer_norm_mul", mutates_args=())
 def _layer_norm_mul_op(
-    x: Tensor, u: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype
+    x: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
     n, d = x.shape
     kernels = _kernels(x.device)
@@ -91,7 +94,8 @@ def _layer_norm_mul_op(
         mean = xf.mean(-1)
         rstd = torch.rsqrt(xf.var(-1, unbiased=False) + eps)
         return reference_layer_norm_mul(x, u, weight, bias, eps, out_dtype), mean, rstd
-    x, u = _rows(x), _rows(u)
+    x = _rows(x)
+    u = None if u is None else _rows(u)
     y = torch.empty((n, d), dtype=out_dtype, device=x.device)
     mean = torch.empty(n, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -100,14 +104,15 @@ def _layer_norm_mul_op(
         grid = (-(-n // block_rows),)
         with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullcontext():
             kernels.layer_norm_mul_fwd_kernel[grid](
-                x, u, weight, bias, y, mean, rstd, n, x.stride(0), u.stride(0), y.stride(0), eps,
-                D=d, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
+                x, x if u is None else u, weight, bias, y, mean, rstd, n, x.stride(0),
+                0 if u is None else u.stride(0), y.stride(0), eps,
+                D=d, BLOCK_ROWS=block_rows, BLOCK_D=block_d, HAS_U=u is not None,
             )  # fmt: skip
     return y, mean, rstd
 
 
 @_layer_norm_mul_op.register_fake
-def _(x: Tensor, u: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype):
+def _(x: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype):
     n = x.shape[0]
     return (
         x.new_empty(x.shape, dtype=out_dtype),
@@ -118,15 +123,17 @@ def _(x: Tensor, u: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype:
 
 @torch.library.custom_op("gr_models::layer_norm_mul_bwd", mutates_args=())
 def _layer_norm_mul_bwd_op(
-    dy: Tensor, x: Tensor, u: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor
+    dy: Tensor, x: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, du, dweight, dbias)``; ``du`` is empty (``[0]``) without ``u``."""
     n, d = x.shape
     kernels = _kernels(x.device)
     if kernels is None:
         return _reference_bwd(dy, x, u, weight, bias, mean, rstd)
-    dy, x, u = _rows(dy), _rows(x), _rows(u)
+    dy, x = _rows(dy), _rows(x)
+    u = None if u is None else _rows(u)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    du = torch.empty_like(u, memory_format=torch.contiguous_format)
+    du = x.new_empty(0) if u is None else torch.empty_like(u, memory_format=torch.contiguous_format)
     block_rows, block_d = _tiles(d, x.device)
     programs = -(-n // block_rows)
     dw_part = torch.empty((programs, d), dtype=torch.float32, device=x.device)
@@ -134,29 +141,31 @@ def _layer_norm_mul_bwd_op(
     if n:
         with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullcontext():
             kernels.layer_norm_mul_bwd_kernel[(programs,)](
-                dy, x, u, weight, bias, mean, rstd, dx, du, dw_part, db_part, n,
-                dy.stride(0), x.stride(0), u.stride(0), dx.stride(0), du.stride(0),
-                D=d, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
+                dy, x, x if u is None else u, weight, bias, mean, rstd, dx, dx if u is None else du, dw_part,
+                db_part, n, dy.stride(0), x.stride(0), 0 if u is None else u.stride(0), dx.stride(0),
+                0 if u is None else du.stride(0),
+                D=d, BLOCK_ROWS=block_rows, BLOCK_D=block_d, HAS_U=u is not None,
             )  # fmt: skip
     return dx, du, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype)
 
 
 @_layer_norm_mul_bwd_op.register_fake
-def _(dy: Tensor, x: Tensor, u: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor):
-    return torch.empty_like(x), torch.empty_like(u), torch.empty_like(weight), torch.empty_like(bias)
+def _(dy: Tensor, x: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor):
+    du = x.new_empty(0) if u is None else torch.empty_like(u)
+    return torch.empty_like(x), du, torch.empty_like(weight), torch.empty_like(bias)
 
 
 def _reference_bwd(dy, x, u, weight, bias, mean, rstd):
     xhat = (x.float() - mean[:, None]) * rstd[:, None]
     dyf = dy.float()
-    du = dyf * (xhat * weight.float() + bias.float())
-    g = dyf * u.float()
+    du = x.new_empty(0) if u is None else (dyf * (xhat * weight.float() + bias.float())).to(u.dtype)
+    g = dyf if u is None else dyf * u.float()
     gw = g * weight.float()
     d = x.shape[-1]
     dx = (gw - xhat * (gw * xhat).sum(-1, keepdim=True) / d - gw.sum(-1, keepdim=True) / d) * rstd[:, None]
     dw = (g * xhat).sum(0)
     db = g.sum(0)
-    return dx.to(x.dtype), du.to(u.dtype), dw.to(weight.dtype), db.to(bias.dtype)
+    return dx.to(x.dtype), du, dw.to(weight.dtype), db.to(bias.dtype)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -168,7 +177,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dy, _dmean, _drstd):
     x, u, weight, bias, mean, rstd = ctx.saved_tensors
     dx, du, dw, db = _layer_norm_mul_bwd_op(dy, x, u, weight, bias, mean, rstd)
-    return dx, du, dw, db, None, None
+    return dx, None if u is None else du, dw, db, None, None
 
 
 _layer_norm_mul_op.register_autograd(_backward, setup_context=_setup_context)
@@ -183,24 +192,32 @@ class _nullcontext:
 
 
 def layer_norm_mul(
-    x: Tensor, u: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None
+    x: Tensor,
+    u: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float = 1e-5,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``u * LayerNorm(x; weight, bias, eps)`` over the last dim of ``x`` / ``u`` (``[n, D]``, rows may be strided,
-    e.g. a column slice of a projection), fp32 inside. ``out_dtype``: under autocast on their device the autocast
-    dtype (what a following ``nn.Linear`` casts to), else the promoted dtype of ``x`` and ``u``."""
-    if x.dim() != 2 or u.shape != x.shape:
-        raise ValueError(f"layer_norm_mul needs x and u of one [n, D] shape, got {tuple(x.shape)} and {tuple(u.shape)}")
+    e.g. a column slice of a projection), fp32 inside; ``u=None``: the LayerNorm alone. ``out_dtype``: under autocast
+    on their device the autocast dtype (what a following ``nn.Linear`` casts to), else the promoted dtype of ``x``
+    and ``u``."""
+    if x.dim() != 2 or (u is not None and u.shape != x.shape):
+        got = "None" if u is None else tuple(u.shape)
+        raise ValueError(f"layer_norm_mul needs x and u of one [n, D] shape, got {tuple(x.shape)} and {got}")
     d = x.shape[1]
     if weight.shape != (d,) or bias.shape != (d,):
         raise ValueError(f"weight and bias must be [{d}], got {tuple(weight.shape)} and {tuple(bias.shape)}")
     if d > MAX_D:
         raise ValueError(f"layer_norm_mul handles rows of at most {MAX_D} elements, got {d}")
-    if x.dtype not in SUPPORTED_DTYPES or u.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"layer_norm_mul supports {SUPPORTED_DTYPES}, got x {x.dtype} and u {u.dtype}")
-    if not (x.device == u.device == weight.device == bias.device):
+    u_dtype = x.dtype if u is None else u.dtype
+    if x.dtype not in SUPPORTED_DTYPES or u_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"layer_norm_mul supports {SUPPORTED_DTYPES}, got x {x.dtype} and u {u_dtype}")
+    if not (x.device == weight.device == bias.device and (u is None or u.device == x.device)):
         raise ValueError("layer_norm_mul tensors must share a device")
     if out_dtype is None:
         kind = x.device.type
         autocast = kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind)
-        out_dtype = torch.get_autocast_dtype(kind) if autocast else torch.promote_types(x.dtype, u.dtype)
+        out_dtype = torch.get_autocast_dtype(kind) if autocast else torch.promote_types(x.dtype, u_dtype)
     return _layer_norm_mul_op(x, u, weight, bias, float(eps), out_dtype)[0]

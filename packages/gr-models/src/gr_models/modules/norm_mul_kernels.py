@@ -1,5 +1,6 @@
-"""Triton kernels of ``layer_norm_mul`` (launched by ``norm_mul``): ``y = u * LayerNorm(x)`` over rows of ``D``
-columns, statistics and products in fp32, and its backward (dx, du, and per-program partial sums of dweight/dbias).
+"""Triton kernels of ``layer_norm_mul`` (launched by ``norm_mul``): ``y = u * LayerNorm(x)`` (``HAS_U``; else
+``y = LayerNorm(x)``) over rows of ``D`` columns, statistics and products in fp32, and its backward (dx, du, and
+per-program partial sums of dweight/dbias).
 
 One program handles ``BLOCK_ROWS`` rows whole (``BLOCK_D`` >= D, a power of two), so each row is read once per pass.
 Loaded twice by ``norm_mul`` (compiled for CUDA tensors, interpreted for CPU ones): no module-level state, and only
@@ -20,7 +21,7 @@ def _add(a, b):
 @triton.jit
 def layer_norm_mul_fwd_kernel(
     x_ptr, u_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, num_rows, stride_x, stride_u, stride_y, eps,
-    D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_U: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
@@ -32,9 +33,10 @@ def layer_norm_mul_fwd_kernel(
     rstd = 1.0 / tl.sqrt(tl.reduce(xc * xc, 1, _add) / D + eps)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-    normed = xc * rstd[:, None] * w[None, :] + b[None, :]
-    u = tl.load(u_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], (u * normed).to(y_ptr.dtype.element_ty), mask=mask)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    if HAS_U:
+        y = y * tl.load(u_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + rows, mean, mask=live)
     tl.store(rstd_ptr + rows, rstd, mask=live)
 
@@ -43,7 +45,7 @@ def layer_norm_mul_fwd_kernel(
 def layer_norm_mul_bwd_kernel(
     dy_ptr, x_ptr, u_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr, du_ptr, dw_part_ptr, db_part_ptr, num_rows,
     stride_dy, stride_x, stride_u, stride_dx, stride_du,
-    D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_U: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -58,10 +60,12 @@ def layer_norm_mul_bwd_kernel(
     w = tl.load(w_ptr + cols, mask=col_live, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=col_live, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    normed = xhat * w[None, :] + b[None, :]
-    tl.store(du_ptr + rows[:, None] * stride_du + cols[None, :], (dy * normed).to(du_ptr.dtype.element_ty), mask=mask)
-    g = dy * u  # the gradient reaching the LayerNorm's output (0 on masked elements: dy and u loaded as 0 there)
+    g = dy  # the gradient reaching the LayerNorm's output (0 on masked elements: dy loaded as 0 there)
+    if HAS_U:
+        u = tl.load(u_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        du = dy * (xhat * w[None, :] + b[None, :])
+        tl.store(du_ptr + rows[:, None] * stride_du + cols[None, :], du.to(du_ptr.dtype.element_ty), mask=mask)
+        g = dy * u
     gw = g * w[None, :]
     c1 = tl.reduce(gw * xhat, 1, _add) / D
     c2 = tl.reduce(gw, 1, _add) / D
