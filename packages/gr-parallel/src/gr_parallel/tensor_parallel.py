@@ -179,6 +179,11 @@ class TensorParallelHSTUBlock(nn.Module):
 
     def __init__(self, config: HSTUConfig, ctx: ParallelContext, *, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        if config.fused_norms:
+            raise ValueError(
+                "HSTUConfig.fused_norms is not supported by tensor-parallel HSTU blocks (their attention-output "
+                "LayerNorm reduces over the TP group): turn it off for tp > 1"
+            )
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
