@@ -23,10 +23,8 @@ passes, dV then dK, at head dim 256: ``configs.split_dkdv``). dQ has two impleme
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
-from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -34,11 +32,14 @@ from torch import Tensor
 from gr_kernels.params import HSTUParams
 from gr_kernels.triton_backend import configs
 from gr_kernels.triton_backend.configs import TileConfig
-from gr_kernels.triton_interpreter import load_interpreted
+from gr_kernels.triton_interpreter import KernelModules
 
 DQ_ENV = "GR_KERNELS_TRITON_DQ"
 _DQ_MODES = ("separate", "atomic")
-_INTERPRETED_NAME = "gr_kernels.triton_backend._interpreted_kernels"
+# ``kernels.py`` compiled (CUDA tensors) and imported a second time with the Triton interpreter on (CPU tensors).
+_KERNELS = KernelModules("gr_kernels.triton_backend.kernels", "gr_kernels.triton_backend._interpreted_kernels")
+compiled_kernels = _KERNELS.compiled
+interpreted_kernels = _KERNELS.interpreted
 
 
 def dq_mode() -> str:
@@ -48,21 +49,7 @@ def dq_mode() -> str:
     return mode
 
 
-@functools.cache
-def compiled_kernels() -> ModuleType:
-    from gr_kernels.triton_backend import kernels
-
-    return kernels
-
-
-@functools.cache
-def interpreted_kernels() -> ModuleType:
-    """``kernels.py`` imported a second time with the Triton interpreter on (CPU tensors)."""
-    return load_interpreted(os.path.join(os.path.dirname(__file__), "kernels.py"), _INTERPRETED_NAME)
-
-
-def _kernels(device: torch.device) -> ModuleType:
-    return compiled_kernels() if device.type == "cuda" else interpreted_kernels()
+_kernels = _KERNELS.for_device
 
 
 def _next_pow2(x: int) -> int:

@@ -142,16 +142,7 @@ class ItemInputEmbedding(nn.Module):
 
     def embed_ids(self, item_ids: torch.Tensor) -> torch.Tensor:
         """Embeddings of arbitrary item ids (any shape) through the same table, e.g. targets and negatives."""
-        flat = item_ids.reshape(-1)
-        n = flat.numel()  # per-key length given: TorchRec would otherwise read it back from the device (a sync)
-        kjt = KeyedJaggedTensor(
-            keys=[self.feature_name],
-            values=flat,
-            lengths=torch.ones(n, dtype=torch.int64, device=flat.device),
-            length_per_key=[n],
-            offset_per_key=[0, n],
-        )
-        return self.lookup(kjt).reshape(*item_ids.shape, self.embedding_dim)
+        return self.lookup(self._one_entry_per_id(item_ids.reshape(-1))).reshape(*item_ids.shape, self.embedding_dim)
 
     def with_ids(self, features: KeyedJaggedTensor, ids: torch.Tensor) -> KeyedJaggedTensor:
         """One KJT of the item feature holding the input items and then the ids of ``ids`` (any shape, flattened;
@@ -164,10 +155,13 @@ class ItemInputEmbedding(nn.Module):
             raise ValueError(
                 f"input features must hold exactly the item feature {self.feature_name!r}, got {features.keys()}"
             )
-        extra = ids.reshape(-1)
-        values = torch.cat([features.values(), extra.to(features.values().dtype)])
+        values = torch.cat([features.values(), ids.reshape(-1).to(features.values().dtype)])
+        return self._one_entry_per_id(values, features.lengths().dtype)
+
+    def _one_entry_per_id(self, values: torch.Tensor, lengths_dtype: torch.dtype = torch.int64) -> KeyedJaggedTensor:
+        """A KJT of the item feature with one entry per id of ``values`` (1-D)."""
         n = values.numel()  # per-key length given: TorchRec would otherwise read it back from the device (a sync)
-        lengths = torch.ones(n, dtype=features.lengths().dtype, device=values.device)
+        lengths = torch.ones(n, dtype=lengths_dtype, device=values.device)
         return KeyedJaggedTensor(
             keys=[self.feature_name], values=values, lengths=lengths, length_per_key=[n], offset_per_key=[0, n]
         )

@@ -16,14 +16,15 @@ kernels' interpreted copy on CPU tensors.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
+import contextlib
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+import gr_kernels
+from gr_kernels.triton_interpreter import KernelModules
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_D = 8192  # one program holds whole rows
@@ -43,31 +44,14 @@ def reference_layer_norm_mul(
     return (normed if u is None else u.to(acc) * normed).to(out_dtype)
 
 
-@functools.cache
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-@functools.cache
-def _compiled_kernels() -> ModuleType:
-    from gr_models.modules import norm_mul_kernels
-
-    return norm_mul_kernels
-
-
-@functools.cache
-def _interpreted_kernels() -> ModuleType:
-    from gr_kernels.triton_interpreter import load_interpreted
-
-    return load_interpreted(os.path.join(os.path.dirname(__file__), "norm_mul_kernels.py"), _INTERPRETED_NAME)
+_KERNELS = KernelModules("gr_models.modules.norm_mul_kernels", _INTERPRETED_NAME)
 
 
 def _kernels(device: torch.device) -> ModuleType | None:
-    if not triton_available():
+    """The kernels module for ``device``'s tensors; None: the PyTorch reference runs."""
+    if not gr_kernels.triton_available() or not (device.type == "cuda" or (device.type == "cpu" and INTERPRET_ON_CPU)):
         return None
-    if device.type == "cuda":
-        return _compiled_kernels()
-    return _interpreted_kernels() if device.type == "cpu" and INTERPRET_ON_CPU else None
+    return _KERNELS.for_device(device)
 
 
 def _tiles(d: int, device: torch.device) -> tuple[int, int]:
@@ -102,7 +86,7 @@ def _layer_norm_mul_op(
     if n:
         block_rows, block_d = _tiles(d, x.device)
         grid = (-(-n // block_rows),)
-        with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullcontext():
+        with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
             kernels.layer_norm_mul_fwd_kernel[grid](
                 x, x if u is None else u, weight, bias, y, mean, rstd, n, x.stride(0),
                 0 if u is None else u.stride(0), y.stride(0), eps,
@@ -139,7 +123,7 @@ def _layer_norm_mul_bwd_op(
     dw_part = torch.empty((programs, d), dtype=torch.float32, device=x.device)
     db_part = torch.empty((programs, d), dtype=torch.float32, device=x.device)
     if n:
-        with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullcontext():
+        with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
             kernels.layer_norm_mul_bwd_kernel[(programs,)](
                 dy, x, x if u is None else u, weight, bias, mean, rstd, dx, dx if u is None else du, dw_part,
                 db_part, n, dy.stride(0), x.stride(0), 0 if u is None else u.stride(0), dx.stride(0),
@@ -181,14 +165,6 @@ def _backward(ctx, dy, _dmean, _drstd):
 
 
 _layer_norm_mul_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def layer_norm_mul(

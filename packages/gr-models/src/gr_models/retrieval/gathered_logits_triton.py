@@ -24,22 +24,19 @@ first use only, so installs without it never touch this module's kernels.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
+
+import gr_kernels
+from gr_kernels.triton_interpreter import KernelModules
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRETED_NAME = "gr_models.retrieval._interpreted_gathered_logits_kernels"
 INT32_MAX = 2**31 - 1
 
 
-@functools.cache
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+triton_available = gr_kernels.triton_available
 
 
 @dataclass(frozen=True)
@@ -74,23 +71,8 @@ INTERPRETER_BLOCKS = Blocks(fwd_picks=8, fwd_d=8, grad_q_rows=4, grad_q_d=8, gra
                             grad_c_segment=8, combine_rows=2)  # fmt: skip
 
 
-@functools.cache
-def _compiled_kernels() -> ModuleType:
-    from gr_models.retrieval import gathered_logits_kernels
-
-    return gathered_logits_kernels
-
-
-@functools.cache
-def _interpreted_kernels() -> ModuleType:
-    """``gathered_logits_kernels.py`` imported a second time with the Triton interpreter on (CPU tensors)."""
-    from gr_kernels.triton_interpreter import load_interpreted
-
-    return load_interpreted(os.path.join(os.path.dirname(__file__), "gathered_logits_kernels.py"), _INTERPRETED_NAME)
-
-
-def _kernels(device: torch.device) -> ModuleType:
-    return _compiled_kernels() if device.type == "cuda" else _interpreted_kernels()
+# ``gathered_logits_kernels.py`` compiled (CUDA tensors) and imported a second time with the interpreter on (CPU).
+_kernels = KernelModules("gr_models.retrieval.gathered_logits_kernels", _INTERPRETED_NAME).for_device
 
 
 def _blocks(device: torch.device, blocks: Blocks | None) -> Blocks:
