@@ -383,6 +383,8 @@ def worker(args: argparse.Namespace) -> None:
             if ctx.device.type == "cuda":
                 print(table.table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
             print(table.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)  # the host's share
+            if args.trace:
+                prof.export_chrome_trace(args.trace)
     if args.pipeline:
         pipeline.reset()
     # Global work of the timed steps: every rank knows the global batches.
@@ -416,7 +418,7 @@ def worker(args: argparse.Namespace) -> None:
             "batch_pool": len(pool),  # distinct pre-built batches the steps cycle through
             "num_items": args.num_items,
             "table_weights": args.table_weights,
-            "fused_norms": args.fused_norms,
+            "fused_norms": args.fused_norms and ctx.device.type == "cuda",  # elsewhere the blocks run eager norms
             "negatives": args.negatives,
             "num_negatives": args.num_negatives,
             "in_batch_logits": in_batch_logits_backend(ctx.device) if args.negatives == "in_batch" else None,
@@ -448,7 +450,8 @@ def run_config(args: argparse.Namespace, gpus: int, tp: int, record: Path) -> di
         f"--num-negatives={args.num_negatives}", f"--warmup={args.warmup}", f"--steps={args.steps}",
         f"--qcomms={args.qcomms}", f"--balance={args.balance}", f"--pool={args.pool}",
         "--pin-memory" if args.pin_memory else "--no-pin-memory",
-        *(["--profile"] if args.profile else []), *(["--pipeline"] if args.pipeline else []),
+        *(["--profile"] if args.profile else []), *([f"--trace={args.trace}"] if args.trace else []),
+        *(["--pipeline"] if args.pipeline else []),
         *(["--compile"] if args.compile else []),
     ]  # fmt: skip
     env = dict(os.environ)
@@ -585,8 +588,9 @@ def main() -> None:
     ap.add_argument(
         "--fused-norms",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="HSTUConfig.fused_norms: the blocks' LayerNorms as Triton ops (gr_models.modules.norm_mul)",
+        default=True,
+        help="HSTUConfig.fused_norms (the default): the blocks' LayerNorms as Triton ops (gr_models.modules.norm_mul); "
+        "--no-fused-norms: eager nn.LayerNorm",
     )
     ap.add_argument(
         "--table-weights",
@@ -634,6 +638,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "docs/benchmarks/parallel"))
     ap.add_argument("--replot", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print rank 0's CUDA kernel table of one extra step")
+    ap.add_argument("--trace", default="", help="with --profile: also write that step's Chrome trace to this file")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--record", default="", help=argparse.SUPPRESS)

@@ -91,12 +91,3 @@ def test_nccl_tensor_parallel_encoder_equals_single_device(tmp_path: Path) -> No
 @pytest.mark.skipif(not _gpus(4), reason="needs 4 CUDA GPUs and NCCL")
 def test_nccl_tp2_dp2(tmp_path: Path) -> None:
     spawn(4, worker_tensor_parallel, tmp_path, 2, 2, False, "reference", backend="nccl")
-
-
-def test_fused_norms_are_refused_by_tensor_parallel_blocks() -> None:
-    """The fused LayerNorm ops normalise one rank's features; a TP block's attention-output norm spans the group."""
-    from gr_models.modules.hstu import HSTUConfig
-    from gr_parallel.tensor_parallel import TensorParallelHSTUBlock
-
-    with pytest.raises(ValueError, match="fused_norms is not supported by tensor-parallel"):
-        TensorParallelHSTUBlock(HSTUConfig(embedding_dim=8, num_heads=2, fused_norms=True), ctx=None)  # type: ignore[arg-type]

@@ -212,6 +212,28 @@ def check_parity(ctx, config, lengths: list[int], seed: int, targets: bool = Fal
         torch.testing.assert_close(grads[name], g, **TOL, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
+def check_fused_norms(ctx) -> None:
+    """``HSTUConfig.fused_norms`` (the default): the TP blocks fuse their replicated input norm (their output norm
+    reduces over the TP group and stays eager) and still equal the single-device encoder, which fuses both norms.
+    CPU ranks run the fused op through Triton's interpreter."""
+    from unittest import mock
+
+    import gr_kernels
+    from gr_models.modules import hstu, norm_mul
+
+    if not gr_kernels.triton_available():
+        pytest.skip("Triton is not installed")
+    config = encoder_config(2 * ctx.tp_size, 4, 4, 16, 2, True)
+    assert config.fused_norms
+    with (
+        mock.patch.object(norm_mul, "INTERPRET_ON_CPU", True),
+        mock.patch.object(hstu, "layer_norm_mul", wraps=norm_mul.layer_norm_mul) as fused,
+    ):
+        check_parity(ctx, config, [5, 8, 1, 6], 3)
+    # reference: 2 blocks x 2 norms, forward only; TP: 2 blocks x the input norm.
+    assert fused.call_count == 2 * 2 + 2, fused.call_count
+
+
 def check_training(ctx, config, optimizer: str, steps: int = 3) -> None:
     """A few optimizer steps keep the TP model's (gathered) parameters equal to the single-device model's."""
     from gr_parallel.tensor_parallel import full_dense_state_dict, tensor_parallel_hstu
@@ -386,6 +408,7 @@ def worker_tensor_parallel(
     for use_rab in (True, False):
         check_parity(ctx, encoder_config(2 * tp, 4, 4, 16, 2, use_rab), [5, 8, 1, 6], 7)
     parity()
+    check_fused_norms(ctx)
     for optimizer in ("sgd", "adamw"):
         check_training(ctx, encoder_config(2 * tp, 3, 5, 12, 2, True), optimizer)
     check_state_dict_round_trip(ctx, encoder_config(2 * tp, 3, 2, 10, 2, True))

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from gr_models.modules.hstu import HSTUBlock, HSTUConfig, HSTUEncoder
+from gr_models.modules.hstu import HSTUBlock, HSTUConfig, HSTUEncoder, block_norm
 from gr_models.modules.relative_bias import RelativeBucketedTimeAndPositionBias
 from gr_parallel.context import ParallelContext
 
@@ -179,11 +179,6 @@ class TensorParallelHSTUBlock(nn.Module):
 
     def __init__(self, config: HSTUConfig, ctx: ParallelContext, *, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        if config.fused_norms:
-            raise ValueError(
-                "HSTUConfig.fused_norms is not supported by tensor-parallel HSTU blocks (their attention-output "
-                "LayerNorm reduces over the TP group): turn it off for tp > 1"
-            )
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
@@ -263,10 +258,15 @@ class TensorParallelHSTUBlock(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
-        uvqk = self._column_parallel(self.input_norm(x))
+        uvqk = self._column_parallel(self._input_norm(x))
         u, v, q, k = F.silu(uvqk).split(self._split, dim=-1)
         h = self.local_heads
         return u, v.reshape(-1, h, cfg.v_dim), q.reshape(-1, h, cfg.qk_dim), k.reshape(-1, h, cfg.qk_dim)
+
+    def _input_norm(self, x: torch.Tensor) -> torch.Tensor:
+        # HSTUConfig.fused_norms fuses the replicated input norm as in HSTUBlock; the attention-output norm stays
+        # TensorParallelLayerNorm, whose statistics are sums over the TP group (the fused op sees one rank's rows).
+        return block_norm(self.input_norm, x, fused=self.config.fused_norms)
 
     def finish(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         y = u * self.attn_norm(attn.reshape(-1, self.local_heads * self.config.v_dim))

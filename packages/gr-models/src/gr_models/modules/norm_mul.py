@@ -54,6 +54,13 @@ def _kernels(device: torch.device) -> ModuleType | None:
     return _KERNELS.for_device(device)
 
 
+def runs_fused(t: Tensor) -> bool:
+    """Whether ``layer_norm_mul`` on tensors like ``t`` runs the fused kernels (CUDA; CPU only when the tests set
+    ``INTERPRET_ON_CPU``). Elsewhere it runs the PyTorch reference, which a caller with an eager twin (the HSTU
+    block's ``nn.LayerNorm``) can skip: the reference is only slower."""
+    return t.is_cuda or (t.device.type == "cpu" and INTERPRET_ON_CPU)
+
+
 def _tiles(d: int, device: torch.device) -> tuple[int, int]:
     """(rows per program, padded D): ~4k elements per program on the GPU; 2 rows in the interpreter, so small
     tests span several programs and a row tail."""
