@@ -208,3 +208,43 @@ def test_cuda_compile(jagged: Callable) -> None:
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got, (x.q, x.rab)), torch.autograd.grad(want, (x.q, x.rab)), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(("rab_heads", "with_targets"), [(0, False), (2, True)])
+def test_eager_calls_skip_the_op_dispatch_and_equal_it(jagged: Callable, rab_heads: int, with_targets: bool) -> None:
+    """Eager ``hstu_attention`` runs ``EagerHSTUAttention`` (no torch.library dispatch) under the op's profiler names,
+    with the op's values and gradients; Dynamo still records the custom op."""
+    from gr_kernels import ops
+
+    args = _fwd_args(jagged, rab_heads, with_targets)
+    leaves = [a for a in args[:6] if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    grad_out = torch.randn(args[0].shape[0], args[0].shape[1], args[2].shape[2])
+
+    def run(fn: Callable) -> tuple[torch.Tensor, ...]:
+        for t in leaves:
+            t.grad = None
+        out = fn(*args[:6], args[6:16], None, 0)
+        out.backward(grad_out)
+        return (out.detach(), *(t.grad.clone() for t in leaves))
+
+    def through_the_op(q, k, v, offsets, targets, rab, scalars, q_offsets, max_q_len):
+        return torch.ops.gr_kernels.hstu_attention_fwd(q, k, v, offsets, targets, rab, *scalars, q_offsets, max_q_len)
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        eager = run(ops.attention_op)
+    names = {e.name for e in prof.events()}
+    assert {"gr_kernels::hstu_attention_fwd", "gr_kernels::hstu_attention_bwd"} <= names
+    assert "GeneratedBackwardFor_gr_kernels_hstu_attention_fwd_default" not in names  # the op's autograd wrapper
+    for a, b in zip(eager, run(through_the_op), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    seen: list[str] = []
+
+    def backend(gm: torch.fx.GraphModule, _inputs: list) -> Callable:
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(ops.attention_op, backend=backend, fullgraph=True)
+    torch.testing.assert_close(compiled(*args[:6], args[6:16], None, 0), eager[0])
+    assert any(t.startswith("gr_kernels.hstu_attention_fwd") for t in seen), seen

@@ -102,6 +102,33 @@ def test_opcheck() -> None:
     torch.library.opcheck(norm_mul._layer_norm_mul_bwd_op, (torch.randn_like(y).detach(), *saved))
 
 
+@needs_triton
+@pytest.mark.parametrize("with_u", [True, False])
+def test_eager_calls_skip_the_op_dispatch_and_equal_it(with_u: bool) -> None:
+    """Eager ``layer_norm_mul`` runs ``EagerLayerNormMul`` (no torch.library dispatch) under the op's profiler names,
+    with the op's values and gradients."""
+    x, u, w, b = _operands(6, 16, torch.float32, 0)
+    u = u if with_u else None
+    leaves = [t for t in (x, u, w, b) if t is not None]
+    dy = torch.randn(6, 16)
+
+    def run(fn) -> tuple[torch.Tensor, ...]:
+        for t in leaves:
+            t.grad = None
+        y = fn()
+        y.backward(dy)
+        return (y.detach(), *(t.grad.clone() for t in leaves))
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        eager = run(lambda: layer_norm_mul(x, u, w, b))
+    names = {e.name for e in prof.events()}
+    assert {"gr_models::layer_norm_mul", "gr_models::layer_norm_mul_bwd"} <= names
+    assert not any(n.startswith("GeneratedBackwardFor_gr_models") for n in names)
+    through_the_op = run(lambda: norm_mul._layer_norm_mul_op(x, u, w, b, 1e-5, torch.float32)[0])
+    for a, c in zip(eager, through_the_op, strict=True):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
 def test_autocast_gives_the_autocast_dtype_and_errors_name_the_problem() -> None:
     x, u, w, b = _operands(4, 8, torch.float32, 0)
     with torch.autocast("cpu", dtype=torch.bfloat16):

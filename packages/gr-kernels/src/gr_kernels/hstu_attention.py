@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from gr_kernels import ops  # noqa: F401  (registers the custom ops)
+from gr_kernels import ops
 from gr_kernels.backends import resolve_backend
 from gr_kernels.params import AttentionCall, HSTUParams
 
@@ -300,8 +300,8 @@ def hstu_attention(
         # The op computes in q's dtype; casting here (differentiably) lets e.g. an fp32 bias meet autocast's bf16
         # q/k/v, and its gradient comes back in rab's own dtype.
         rab = rab.to(q.dtype)
-    return torch.ops.gr_kernels.hstu_attention_fwd(
-        q, k, v, seq_offsets, num_targets, rab, params.max_seq_len, params.alpha, params.scaling_seqlen,
-        params.causal, params.max_attn_len, params.contextual_seq_len, params.target_group_size, params.dropout_p,
-        params.dropout_seed, name, q_offsets, params.max_q_len,
+    scalars = (
+        params.max_seq_len, params.alpha, params.scaling_seqlen, params.causal, params.max_attn_len,
+        params.contextual_seq_len, params.target_group_size, params.dropout_p, params.dropout_seed, name,
     )  # fmt: skip
+    return ops.attention_op(q, k, v, seq_offsets, num_targets, rab, scalars, q_offsets, params.max_q_len)

@@ -1,7 +1,8 @@
 """``layer_norm_mul(x, u, weight, bias)``: ``u * LayerNorm(x)`` in one pass, the HSTU block's gating of the attention
 output (``U * LayerNorm(attn)``), or with ``u=None`` the LayerNorm alone written in the dtype its consumer needs (the
 block's input norm, which the U/V/Q/K projection reads in the autocast dtype); a ``torch.library`` custom op with
-autograd and a fake impl.
+autograd and a fake impl, which compiled and exported code records; eager calls run the same bodies through
+``EagerLayerNormMul`` and skip the op's Python dispatch.
 
 Why: eagerly under bf16 autocast the gating is a LayerNorm run in fp32 (a fp32 ``[n, H*Dv]`` result), a multiply
 by ``U`` (fp32 again) and the output projection's cast to bf16: three passes writing 2.5x the bytes of the result,
@@ -78,6 +79,12 @@ def _rows(t: Tensor) -> Tensor:
 def _layer_norm_mul_op(
     x: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward_body(x, u, weight, bias, eps, out_dtype)
+
+
+def _forward_body(
+    x: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
     n, d = x.shape
     kernels = _kernels(x.device)
     if kernels is None:  # no Triton: the reference, with the statistics the backward needs
@@ -117,6 +124,12 @@ def _layer_norm_mul_bwd_op(
     dy: Tensor, x: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, du, dweight, dbias)``; ``du`` is empty (``[0]``) without ``u``."""
+    return _backward_body(dy, x, u, weight, bias, mean, rstd)
+
+
+def _backward_body(
+    dy: Tensor, x: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n, d = x.shape
     kernels = _kernels(x.device)
     if kernels is None:
@@ -174,6 +187,28 @@ def _backward(ctx, dy, _dmean, _drstd):
 _layer_norm_mul_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class EagerLayerNormMul(torch.autograd.Function):
+    """The op and its autograd formula without the ``torch.library`` dispatch, for eager calls: that dispatch and
+    the op's Python autograd wrapper cost more host time than the kernels take on the GPU (gr_kernels.ops says more).
+    Profiler ranges keep the op names."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype
+    ) -> Tensor:
+        with torch.profiler.record_function("gr_models::layer_norm_mul"):
+            y, mean, rstd = _forward_body(x, u, weight, bias, eps, out_dtype)
+        ctx.save_for_backward(x, u, weight, bias, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):  # type: ignore[override]
+        x, u, weight, bias, mean, rstd = ctx.saved_tensors
+        with torch.profiler.record_function("gr_models::layer_norm_mul_bwd"):
+            dx, du, dw, db = _backward_body(dy, x, u, weight, bias, mean, rstd)
+        return dx, None if u is None else du, dw, db, None, None
+
+
 def layer_norm_mul(
     x: Tensor,
     u: Tensor | None,
@@ -203,4 +238,6 @@ def layer_norm_mul(
         kind = x.device.type
         autocast = kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind)
         out_dtype = torch.get_autocast_dtype(kind) if autocast else torch.promote_types(x.dtype, u_dtype)
-    return _layer_norm_mul_op(x, u, weight, bias, float(eps), out_dtype)[0]
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return _layer_norm_mul_op(x, u, weight, bias, float(eps), out_dtype)[0]
+    return EagerLayerNormMul.apply(x, u, weight, bias, float(eps), out_dtype)
