@@ -137,19 +137,33 @@ def _bwd_fake(
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drab
 
 
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    q, k, v, seq_offsets, num_targets, rab, *scalars, q_offsets, max_q_len = inputs
-    ctx.save_for_backward(q, k, v, seq_offsets, num_targets, rab, q_offsets)
-    ctx.scalars = scalars
+def _save(
+    ctx: Any, tensors: tuple[Tensor | None, ...], scalars: tuple[Any, ...], q_offsets: Tensor | None, max_q_len: int
+) -> None:
+    """What the backward needs, saved the same way by the op's autograd and by ``EagerHSTUAttention``: ``tensors`` =
+    (q, k, v, seq_offsets, num_targets, rab)."""
+    ctx.save_for_backward(*tensors, q_offsets)
+    ctx.scalars = tuple(scalars)
     ctx.max_q_len = max_q_len
 
 
-def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+def _input_grads(ctx: Any, grad_out: Tensor, backward: Any) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(dq, dk, dv, drab)`` from what ``_save`` kept, by ``backward`` (the backward op, or its body in eager
+    calls)."""
     q, k, v, seq_offsets, num_targets, rab, q_offsets = ctx.saved_tensors
     need_drab = rab is not None and ctx.needs_input_grad[5]  # a frozen bias: no drab pass, no drab buffer
     # Native kernels want dense strides; autograd may hand over expanded or transposed gradients.
-    dq, dk, dv, drab = hstu_attention_bwd(grad_out.contiguous(), q, k, v, seq_offsets, num_targets, rab, *ctx.scalars,
-                                          q_offsets, ctx.max_q_len, need_drab)  # fmt: skip
+    return backward(grad_out.contiguous(), q, k, v, seq_offsets, num_targets, rab, *ctx.scalars, q_offsets,
+                    ctx.max_q_len, need_drab)  # fmt: skip
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    *tensors_and_scalars, q_offsets, max_q_len = inputs
+    _save(ctx, tuple(tensors_and_scalars[:6]), tuple(tensors_and_scalars[6:]), q_offsets, max_q_len)
+
+
+def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    dq, dk, dv, drab = _input_grads(ctx, grad_out, hstu_attention_bwd)
     # Gradients for q, k, v, seq_offsets, num_targets, rab, one None per scalar argument, then q_offsets, max_q_len.
     return (dq, dk, dv, None, None, drab, *([None] * len(ctx.scalars)), None, None)
 
@@ -168,18 +182,14 @@ class EagerHSTUAttention(torch.autograd.Function):
     ) -> Tensor:  # fmt: skip
         with torch.profiler.record_function("gr_kernels::hstu_attention_fwd"):
             out = _forward(q, k, v, seq_offsets, num_targets, rab, *scalars, q_offsets, max_q_len)
-        ctx.save_for_backward(q, k, v, seq_offsets, num_targets, rab, q_offsets)
-        ctx.scalars = scalars
-        ctx.max_q_len = max_q_len
+        _save(ctx, (q, k, v, seq_offsets, num_targets, rab), scalars, q_offsets, max_q_len)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        q, k, v, seq_offsets, num_targets, rab, q_offsets = ctx.saved_tensors
-        need_drab = rab is not None and ctx.needs_input_grad[5]
         with torch.profiler.record_function("gr_kernels::hstu_attention_bwd"):
-            dq, dk, dv, drab = _backward_body(grad_out.contiguous(), q, k, v, seq_offsets, num_targets, rab,
-                                              *ctx.scalars, q_offsets, ctx.max_q_len, need_drab)  # fmt: skip
+            dq, dk, dv, drab = _input_grads(ctx, grad_out, _backward_body)
+        # Gradients for q, k, v, seq_offsets, num_targets, rab, the scalars tuple, q_offsets, max_q_len.
         return dq, dk, dv, None, None, drab, None, None, None
 
 

@@ -48,18 +48,18 @@ def reference_layer_norm_mul(
 _KERNELS = KernelModules("gr_models.modules.norm_mul_kernels", _INTERPRETED_NAME)
 
 
-def _kernels(device: torch.device) -> ModuleType | None:
-    """The kernels module for ``device``'s tensors; None: the PyTorch reference runs."""
-    if not gr_kernels.triton_available() or not (device.type == "cuda" or (device.type == "cpu" and INTERPRET_ON_CPU)):
-        return None
-    return _KERNELS.for_device(device)
-
-
 def runs_fused(t: Tensor) -> bool:
     """Whether ``layer_norm_mul`` on tensors like ``t`` runs the fused kernels (CUDA; CPU only when the tests set
-    ``INTERPRET_ON_CPU``). Elsewhere it runs the PyTorch reference, which a caller with an eager twin (the HSTU
-    block's ``nn.LayerNorm``) can skip: the reference is only slower."""
+    ``INTERPRET_ON_CPU``; Triton installed either way is the kernels' own check). Elsewhere it runs the PyTorch
+    reference, which a caller with an eager twin (the HSTU block's ``nn.LayerNorm``) can skip: it is only slower."""
     return t.is_cuda or (t.device.type == "cpu" and INTERPRET_ON_CPU)
+
+
+def _kernels(t: Tensor) -> ModuleType | None:
+    """The kernels module for ``t``'s device; None: the PyTorch reference runs."""
+    if not runs_fused(t) or not gr_kernels.triton_available():
+        return None
+    return _KERNELS.for_device(t.device)
 
 
 def _tiles(d: int, device: torch.device) -> tuple[int, int]:
@@ -86,7 +86,7 @@ def _forward_body(
     x: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
     n, d = x.shape
-    kernels = _kernels(x.device)
+    kernels = _kernels(x)
     if kernels is None:  # no Triton: the reference, with the statistics the backward needs
         xf = x.float()
         mean = xf.mean(-1)
@@ -131,7 +131,7 @@ def _backward_body(
     dy: Tensor, x: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n, d = x.shape
-    kernels = _kernels(x.device)
+    kernels = _kernels(x)
     if kernels is None:
         return _reference_bwd(dy, x, u, weight, bias, mean, rstd)
     dy, x = _rows(dy), _rows(x)
@@ -178,10 +178,16 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, u, weight, bias, mean, rstd)
 
 
-def _backward(ctx, dy, _dmean, _drstd):
+def _input_grads(ctx, dy: Tensor, backward) -> tuple[Tensor | None, ...]:
+    """The gradients of ``(x, u, weight, bias, eps, out_dtype)`` from the saved tensors, by ``backward`` (the
+    backward op, or its body in eager calls)."""
     x, u, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, du, dw, db = _layer_norm_mul_bwd_op(dy, x, u, weight, bias, mean, rstd)
+    dx, du, dw, db = backward(dy, x, u, weight, bias, mean, rstd)
     return dx, None if u is None else du, dw, db, None, None
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    return _input_grads(ctx, dy, _layer_norm_mul_bwd_op)
 
 
 _layer_norm_mul_op.register_autograd(_backward, setup_context=_setup_context)
@@ -203,10 +209,8 @@ class EagerLayerNormMul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
-        x, u, weight, bias, mean, rstd = ctx.saved_tensors
         with torch.profiler.record_function("gr_models::layer_norm_mul_bwd"):
-            dx, du, dw, db = _backward_body(dy, x, u, weight, bias, mean, rstd)
-        return dx, None if u is None else du, dw, db, None, None
+            return _input_grads(ctx, dy, _backward_body)
 
 
 def layer_norm_mul(
