@@ -263,6 +263,7 @@ def worker(args: argparse.Namespace) -> None:
         use_rab=False,
         attention_backend="auto",
         fused_norms=args.fused_norms,
+        fused_projection=args.fused_projection,
     )
     cfg = RetrievalModelConfig(
         num_items=args.num_items, embedding_dim=args.dim, max_seq_len=args.max_len, dropout=0.0, hstu=hstu
@@ -419,6 +420,7 @@ def worker(args: argparse.Namespace) -> None:
             "num_items": args.num_items,
             "table_weights": args.table_weights,
             "fused_norms": args.fused_norms and ctx.device.type == "cuda",  # elsewhere the blocks run eager norms
+            "fused_projection": args.fused_projection and ctx.device.type == "cuda",  # likewise
             "negatives": args.negatives,
             "num_negatives": args.num_negatives,
             "in_batch_logits": in_batch_logits_backend(ctx.device) if args.negatives == "in_batch" else None,
@@ -446,7 +448,8 @@ def run_config(args: argparse.Namespace, gpus: int, tp: int, record: Path) -> di
         f"--blocks={args.blocks}", f"--dim={args.dim}", f"--heads={args.heads}", f"--max-len={args.max_len}",
         f"--seqs-per-rank={args.seqs_per_rank}", f"--num-items={args.num_items}",
         f"--table-weights={args.table_weights}",
-        "--fused-norms" if args.fused_norms else "--no-fused-norms", f"--negatives={args.negatives}",
+        "--fused-norms" if args.fused_norms else "--no-fused-norms",
+        "--fused-projection" if args.fused_projection else "--no-fused-projection", f"--negatives={args.negatives}",
         f"--num-negatives={args.num_negatives}", f"--warmup={args.warmup}", f"--steps={args.steps}",
         f"--qcomms={args.qcomms}", f"--balance={args.balance}", f"--pool={args.pool}",
         "--pin-memory" if args.pin_memory else "--no-pin-memory",
@@ -484,6 +487,7 @@ def step_kind(r: dict) -> str:
     compiled = ", compiled" if r.get("compiled") else ""
     compiled += ", fp16 table" if r.get("table_weights", "fp32") == "fp16" else ""
     compiled += ", fused norms" if r.get("fused_norms") else ""
+    compiled += ", fused projection" if r.get("fused_projection") else ""
     if "negatives" not in r:
         return "uniform (3 lookups), plain, fp32" + compiled
     comms = "fp32" if r.get("qcomms", "none") == "none" else r["qcomms"]
@@ -591,6 +595,13 @@ def main() -> None:
         default=True,
         help="HSTUConfig.fused_norms (the default): the blocks' LayerNorms as Triton ops (gr_models.modules.norm_mul); "
         "--no-fused-norms: eager nn.LayerNorm",
+    )
+    ap.add_argument(
+        "--fused-projection",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="HSTUConfig.fused_projection (the default): the U/V/Q/K projection's backward as one Triton pass "
+        "(gr_models.modules.silu_projection); --no-fused-projection: autograd's eager backward",
     )
     ap.add_argument(
         "--table-weights",

@@ -146,7 +146,13 @@ def test_fused_block_equals_the_eager_block(triton_kernels: bool, monkeypatch: p
     if not triton_kernels:
         monkeypatch.setattr(norm_mul, "_kernels", lambda device: None)
     cfg = HSTUConfig(
-        embedding_dim=16, num_heads=2, max_seq_len=8, dropout=0.0, use_rab=False, attention_backend="reference"
+        embedding_dim=16,
+        num_heads=2,
+        max_seq_len=8,
+        dropout=0.0,
+        use_rab=False,
+        attention_backend="reference",
+        fused_norms=False,
     )
     torch.manual_seed(0)
     eager = HSTUBlock(cfg)
@@ -177,7 +183,7 @@ def test_compiled_kernels_match_the_reference(dtype: torch.dtype) -> None:
 @pytest.mark.gpu
 @needs_cuda
 def test_compiled_fused_block_under_autocast_is_close_to_the_eager_block() -> None:
-    cfg = HSTUConfig(embedding_dim=512, num_heads=4, max_seq_len=512, dropout=0.0, use_rab=False)
+    cfg = HSTUConfig(embedding_dim=512, num_heads=4, max_seq_len=512, dropout=0.0, use_rab=False, fused_norms=False)
     torch.manual_seed(0)
     eager = HSTUBlock(cfg).cuda()
     fused = HSTUBlock(dataclasses.replace(cfg, fused_norms=True)).cuda()

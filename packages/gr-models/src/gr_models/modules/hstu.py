@@ -12,6 +12,7 @@ from torch import nn
 import gr_kernels
 from gr_models.modules.norm_mul import layer_norm_mul, runs_fused
 from gr_models.modules.relative_bias import RelativeBucketedTimeAndPositionBias, aligned_bias_len
+from gr_models.modules.silu_projection import linear_silu_split
 
 
 @dataclass
@@ -43,6 +44,10 @@ class HSTUConfig:
     # the autocast dtype the projections read): the input norm, and U * LayerNorm(attn) in one pass. 17% off an
     # H200 training step (gr-models README). Other devices, exported programs and False: eager nn.LayerNorm.
     fused_norms: bool = True
+    # The U/V/Q/K projection's backward as one Triton pass on CUDA (gr_models.modules.silu_projection): the SiLU's
+    # gradient read from the four pieces' gradients in place (no concatenation) with the bias gradient summed in
+    # the same pass. Other devices, compiled and exported code, and False: the eager form.
+    fused_projection: bool = True
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "num_blocks", "num_heads", "max_seq_len"):
@@ -132,7 +137,11 @@ class HSTUBlock(nn.Module):
         """``U [n, H * Dv]``, ``V [n, H, Dv]``, ``Q``, ``K [n, H, Dqk]`` of the layer inputs ``x [n, D]``."""
         cfg = self.config
         h = cfg.num_heads
-        u, v, q, k = F.silu(self.uvqk(self._norm(self.input_norm, x))).split(self._split, dim=-1)
+        normed = self._norm(self.input_norm, x)
+        if cfg.fused_projection:
+            u, v, q, k = linear_silu_split(normed, self.uvqk.weight, self.uvqk.bias, self._split)
+        else:
+            u, v, q, k = F.silu(self.uvqk(normed)).split(self._split, dim=-1)
         return u, v.reshape(-1, h, cfg.v_dim), q.reshape(-1, h, cfg.qk_dim), k.reshape(-1, h, cfg.qk_dim)
 
     def finish(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
@@ -14,6 +13,7 @@ from gr_models.data.batching import SequenceBatch
 from gr_models.jagged import query_timestamps
 from gr_models.modules.hstu import HSTUConfig, HSTUEncoder
 from gr_models.modules.input_embedding import DynamicItemTableConfig, ItemInputEmbedding
+from gr_models.modules.l2_norm import l2_normalize
 from gr_models.modules.sasrec import SASRecConfig, SASRecEncoder
 
 
@@ -116,7 +116,7 @@ class RetrievalModel(nn.Module):
         x, _, rows = self.input_embedding.forward_with_ids(
             features, batch.seq_offsets, batch.max_seq_len, n * (1 + k), batch.features.values().numel()
         )
-        rows = F.normalize(rows, dim=-1)
+        rows = l2_normalize(rows)
         target_emb, negative_emb = rows.split([n, n * k])
         return TrainingEmbeddings(
             self._queries(x, batch), target_emb, None if negatives is None else negative_emb.view(n, k, -1)
@@ -125,11 +125,11 @@ class RetrievalModel(nn.Module):
     def _queries(self, x: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
         q_ts = query_timestamps(batch.timestamps, batch.seq_offsets, request_timestamps(batch))
         h = self.encoder(x, batch.seq_offsets, batch.max_seq_len, batch.timestamps, q_ts)
-        return F.normalize(h, dim=-1)
+        return l2_normalize(h)
 
     def item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:
         """L2-normalised output-side item embeddings (shared with the input table), any id shape."""
-        return F.normalize(self.input_embedding.embed_ids(item_ids), dim=-1)
+        return l2_normalize(self.input_embedding.embed_ids(item_ids))
 
     def all_item_embeddings(self) -> torch.Tensor:
         device = self.input_embedding.position_embeddings.weight.device

@@ -1,0 +1,188 @@
+"""``gr_models.modules.silu_projection.linear_silu_split`` (the HSTU block's U/V/Q/K projection with a fused backward)
+against the eager form, values and every gradient.
+
+- CPU: the Triton kernel in the interpreter (``INTERPRET_ON_CPU``; 4-row programs in 2-row steps over 8 columns, so
+  small shapes span several programs, steps, row and column tails, and pieces that straddle column blocks), fp32
+  against a float64 reference with hypothesis shapes; strided piece gradients; bf16 autocast dtypes; the eager
+  fallback; errors; Dynamo traces the eager form; the HSTU block with and without ``fused_projection``.
+- GPU (``-m gpu``): the compiled kernel under bf16 autocast at the training step's shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gr_models.modules import silu_projection
+from gr_models.modules.hstu import HSTUBlock, HSTUConfig
+from gr_models.modules.silu_projection import eager_linear_silu_split, linear_silu_split, silu_split_backward
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:
+    import triton  # noqa: F401  (compiled stdlib first; see test_gathered_logits_triton)
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+needs_cuda = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs triton and CUDA")
+
+
+@pytest.fixture(autouse=True)
+def interpret_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU tensors through the kernel's interpreted copy (the CPU default is the eager form)."""
+    monkeypatch.setattr(silu_projection, "INTERPRET_ON_CPU", True)
+
+
+def _operands(n: int, k: int, sizes: tuple[int, ...], seed: int, device: str = "cpu"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(n, k, generator=g, device=device).requires_grad_()
+    w = (torch.randn(sum(sizes), k, generator=g, device=device) / k**0.5).requires_grad_()
+    b = (0.5 * torch.randn(sum(sizes), generator=g, device=device)).requires_grad_()
+    ups = [torch.randn(n, s, generator=g, device=device) for s in sizes]
+    return x, w, b, ups
+
+
+def _grads(outs, inputs, ups):
+    return torch.autograd.grad([o for o in outs], inputs, [u.to(o.dtype) for o, u in zip(outs, ups, strict=True)])
+
+
+@needs_triton
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(0, 11),
+    k=st.integers(1, 12),
+    sizes=st.tuples(*[st.integers(1, 11)] * 4),
+    seed=st.integers(0, 2**16),
+)
+def test_interpreted_backward_matches_the_reference_fp32(n: int, k: int, sizes: tuple[int, ...], seed: int) -> None:
+    x, w, b, ups = _operands(n, k, sizes, seed)
+    outs = linear_silu_split(x, w, b, sizes)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    want = eager_linear_silu_split(*leaves, sizes)
+    assert [tuple(o.shape) for o in outs] == [(n, s) for s in sizes]
+    for o, r in zip(outs, want, strict=True):
+        assert o.dtype == torch.float32
+        torch.testing.assert_close(o.double(), r, atol=1e-5, rtol=1e-5)
+    got = _grads(outs, [x, w, b], ups)
+    ref = _grads(want, leaves, [u.double() for u in ups])
+    for name, a, r in zip(("dx", "dweight", "dbias"), got, ref, strict=True):
+        assert a.dtype == torch.float32 and a.shape == r.shape
+        torch.testing.assert_close(a.double(), r, atol=1e-5 * max(n, 1), rtol=1e-5, msg=lambda m, n_=name: f"{n_}: {m}")
+
+
+@needs_triton
+def test_strided_piece_gradients() -> None:
+    """The kernel reads each piece's gradient where it is: column slices of wider tensors (row stride != width)."""
+    g = torch.Generator().manual_seed(0)
+    sizes = (5, 3, 6, 4)
+    y = torch.randn(9, sum(sizes), generator=g)
+    wide = [torch.randn(9, s + 7, generator=g)[:, 2 : 2 + s] for s in sizes]
+    dy, db = silu_split_backward(wide, y)
+    s = torch.sigmoid(y)
+    want = torch.cat(wide, dim=1) * s * (1 + y * (1 - s))
+    torch.testing.assert_close(dy, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(db, want.sum(0), atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_autocast_dtypes_and_values() -> None:
+    """Under bf16 autocast the pieces are bf16 (as ``nn.Linear`` + SiLU would give) and the gradients come back in
+    the leaves' dtypes; values as the eager form under the same autocast."""
+    sizes = (4, 4, 6, 6)
+    x, w, b, ups = _operands(13, 10, sizes, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = linear_silu_split(x, w, b, sizes)
+        ref = eager_linear_silu_split(x, w, b, sizes)
+    assert all(o.dtype == torch.bfloat16 for o in outs)
+    for o, r in zip(outs, ref, strict=True):
+        torch.testing.assert_close(o, r, atol=0, rtol=0)
+    got, want = _grads(outs, [x, w, b], ups), _grads(ref, [x, w, b], ups)
+    for a, r in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        assert (a - r).abs().max() <= 2e-2 * max(r.abs().max().item(), 1.0)
+
+
+def test_off_the_kernel_device_it_is_the_eager_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(silu_projection, "INTERPRET_ON_CPU", False)
+    sizes = (3, 3, 2, 2)
+    x, w, b, ups = _operands(6, 5, sizes, 2)
+    outs = linear_silu_split(x, w, b, sizes)
+    assert all(o.grad_fn is not None and "LinearSiluSplit" not in type(o.grad_fn).__name__ for o in outs)
+    ref = eager_linear_silu_split(x, w, b, sizes)
+    for a, r in zip(_grads(outs, [x, w, b], ups), _grads(ref, [x, w, b], ups), strict=True):
+        torch.testing.assert_close(a, r, atol=0, rtol=0)
+
+
+def test_errors_name_the_problem() -> None:
+    x, w, b, _ = _operands(4, 6, (2, 2, 2, 2), 0)
+    with pytest.raises(ValueError, match="x \\[n, K\\] and weight \\[W, K\\]"):
+        linear_silu_split(x[:, :5], w, b, (2, 2, 2, 2))
+    with pytest.raises(ValueError, match="bias must be \\[8\\]"):
+        linear_silu_split(x, w, b[:7], (2, 2, 2, 2))
+    with pytest.raises(ValueError, match="four positive widths summing to 8"):
+        linear_silu_split(x, w, b, (2, 2, 4))
+    with pytest.raises(ValueError, match="four positive widths summing to 8"):
+        linear_silu_split(x, w, b, (2, 2, 2, 3))
+
+
+@needs_triton
+def test_dynamo_traces_the_eager_form() -> None:
+    sizes = (2, 2, 3, 3)
+    x, w, b, _ = _operands(5, 4, sizes, 3)
+    compiled = torch.compile(lambda *a: linear_silu_split(*a, sizes), backend="aot_eager", fullgraph=True)
+    for a, r in zip(compiled(x, w, b), eager_linear_silu_split(x, w, b, sizes), strict=True):
+        torch.testing.assert_close(a, r)
+
+
+@needs_triton
+def test_fused_block_equals_the_eager_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    kernel_backward = silu_projection.silu_split_backward
+    monkeypatch.setattr(silu_projection, "silu_split_backward", lambda *a: calls.append(1) or kernel_backward(*a))
+    cfg = HSTUConfig(
+        embedding_dim=16,
+        num_heads=2,
+        max_seq_len=8,
+        dropout=0.0,
+        use_rab=False,
+        attention_backend="reference",
+        fused_norms=False,
+        fused_projection=False,
+    )
+    torch.manual_seed(0)
+    eager = HSTUBlock(cfg)
+    fused = HSTUBlock(dataclasses.replace(cfg, fused_projection=True))
+    fused.load_state_dict(eager.state_dict())
+    offsets = torch.tensor([0, 3, 8, 10])
+    x = torch.randn(10, 16, requires_grad=True)
+    outs, grads = [], []
+    for block in (eager, fused):
+        y = block(x, offsets, 7, None)
+        outs.append(y)
+        grads.append(torch.autograd.grad((y * torch.arange(16.0)).sum(), [x, *block.parameters()]))
+    assert len(calls) == 1  # the fused block's backward only
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for a, r in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_compiled_kernel_under_autocast_is_close_to_the_eager_form() -> None:
+    sizes = (512, 512, 512, 512)
+    x, w, b, ups = _operands(8197, 512, sizes, 0, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        outs = linear_silu_split(x, w, b, sizes)
+        ref = eager_linear_silu_split(x, w, b, sizes)
+    assert any("LinearSiluSplit" in type(o.grad_fn).__name__ for o in outs)
+    for o, r in zip(outs, ref, strict=True):
+        torch.testing.assert_close(o, r, atol=0, rtol=0)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    exact = _grads(eager_linear_silu_split(*leaves, sizes), leaves, [u.double() for u in ups])
+    got, bf16 = _grads(outs, [x, w, b], ups), _grads(ref, [x, w, b], ups)
+    for name, a, r, e in zip(("dx", "dweight", "dbias"), got, bf16, exact, strict=True):
+        # at most 2x the eager bf16 form's error against float64 (floor: bf16 rounding of the largest value)
+        floor = 2**-8 * e.abs().max().item()
+        assert (a.double() - e).abs().max() <= 2 * max((r.double() - e).abs().max().item(), floor), name
