@@ -53,7 +53,7 @@ def _grads(outs, inputs, ups):
 @given(
     n=st.integers(0, 11),
     k=st.integers(1, 12),
-    sizes=st.tuples(*[st.integers(1, 11)] * 4),
+    sizes=st.one_of(st.tuples(*[st.integers(1, 11)] * 4), st.tuples(*[st.sampled_from([8, 16])] * 4)),
     seed=st.integers(0, 2**16),
 )
 def test_interpreted_backward_matches_the_reference_fp32(n: int, k: int, sizes: tuple[int, ...], seed: int) -> None:
@@ -73,10 +73,11 @@ def test_interpreted_backward_matches_the_reference_fp32(n: int, k: int, sizes: 
 
 
 @needs_triton
-def test_strided_piece_gradients() -> None:
-    """The kernel reads each piece's gradient where it is: column slices of wider tensors (row stride != width)."""
+@pytest.mark.parametrize("sizes", [(5, 3, 6, 4), (8, 16, 8, 24)], ids=["masked-columns", "one-piece-programs"])
+def test_strided_piece_gradients(sizes: tuple[int, ...]) -> None:
+    """The kernel reads each piece's gradient where it is: column slices of wider tensors (row stride != width);
+    widths that the interpreter's 8-column blocks divide take the one-pointer-per-program path."""
     g = torch.Generator().manual_seed(0)
-    sizes = (5, 3, 6, 4)
     y = torch.randn(9, sum(sizes), generator=g)
     wide = [torch.randn(9, s + 7, generator=g)[:, 2 : 2 + s] for s in sizes]
     dy, db = silu_split_backward(wide, y)
@@ -186,3 +187,42 @@ def test_compiled_kernel_under_autocast_is_close_to_the_eager_form() -> None:
         # at most 2x the eager bf16 form's error against float64 (floor: bf16 rounding of the largest value)
         floor = 2**-8 * e.abs().max().item()
         assert (a.double() - e).abs().max() <= 2 * max((r.double() - e).abs().max().item(), floor), name
+
+
+@needs_triton
+@pytest.mark.parametrize("one_piece", [True, False])
+def test_kernel_compiles_for_sm90_with_16_byte_accesses(one_piece: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled for sm90 without a GPU (Triton ships ptxas) at the training shape's tile: what only the compiler sees
+    (the scalar branch choosing a piece's pointer) builds, and every global load and store of the 16-bit tensors is
+    16 bytes wide."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fn = silu_projection._KERNELS.compiled().silu_split_bwd_kernel
+    if not isinstance(fn, triton.JITFunction):
+        pytest.skip("the kernels module was imported under TRITON_INTERPRET=1 in this process")
+    tiles = silu_projection._tiles([512] * 4, torch.device("cuda"))
+    assert tiles["ONE_PIECE"] and tiles["BLOCK_N"] == 256
+    constexprs = {k: v for k, v in tiles.items() if k != "num_warps"}
+    constexprs.update(W=2048, C1=512, C2=1024, C3=1536, ONE_PIECE=one_piece)
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name == "db_part_ptr" else "*bf16"
+        else:
+            sig[name] = "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr") or "stride" in n}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles["num_warps"]}).asm["ptx"]
+    loads = re.findall(r"ld\.global\S*", ptx)
+    stores = re.findall(r"st\.global\S*", ptx)
+    assert loads and all(op.endswith(".v4.b32") for op in loads), loads
+    per_tensor = tiles["BLOCK_M"] * tiles["BLOCK_N"] // (32 * tiles["num_warps"] * 8)  # 16-byte loads per thread
+    assert len(loads) == (2 if one_piece else 5) * per_tensor  # g (or the 4 masked g loads) and y, once per step
+    assert stores and all(".v4." in op or ".v2." in op for op in stores), stores  # dy (v4) and the fp32 column sums

@@ -17,7 +17,7 @@ def _add(a, b):
     return a + b
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # one compile for every row count
 def l2_normalize_fwd_kernel(
     x_ptr, y_ptr, norm_ptr, num_rows, stride_x, stride_y, eps,
     D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -34,7 +34,7 @@ def l2_normalize_fwd_kernel(
     tl.store(norm_ptr + rows, norm, mask=live)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # one compile for every row count
 def l2_normalize_bwd_kernel(
     dy_ptr, y_ptr, norm_ptr, dx_ptr, num_rows, stride_dy, stride_y, stride_dx, eps,
     D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,

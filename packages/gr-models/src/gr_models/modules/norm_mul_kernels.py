@@ -18,7 +18,7 @@ def _add(a, b):
     return a + b
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # one compile for every row count
 def layer_norm_mul_fwd_kernel(
     x_ptr, u_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, num_rows, stride_x, stride_u, stride_y, eps,
     D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_U: tl.constexpr,
@@ -41,7 +41,7 @@ def layer_norm_mul_fwd_kernel(
     tl.store(rstd_ptr + rows, rstd, mask=live)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # one compile for every row count
 def layer_norm_mul_bwd_kernel(
     dy_ptr, x_ptr, u_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr, du_ptr, dw_part_ptr, db_part_ptr, num_rows,
     stride_dy, stride_x, stride_u, stride_dx, stride_du,

@@ -74,13 +74,16 @@ def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
-def _tiles(device: torch.device) -> tuple[int, int, int]:
-    """(rows per program, rows per step, columns per program): on the GPU 128 rows x 256 columns in 16-row steps
-    (4k elements per step); in the interpreter 2-row steps over 4 rows and 8 columns, so small tests span several
-    programs, steps and tails."""
+def _tiles(widths: Sequence[int], device: torch.device) -> dict[str, int | bool]:  # constexprs and num_warps
+    """The kernel's tile: on the GPU 128 rows x up to 256 columns per program in 16-row steps, the widest column
+    block that divides every piece (``ONE_PIECE``: one gradient pointer per program), else 256 columns picked by
+    mask; in the interpreter 4 rows in 2-row steps over 8 columns, so small tests span several programs, steps and
+    tails."""
     if device.type != "cuda":
-        return 4, 2, 8
-    return 128, 16, 256
+        one_piece = all(w % 8 == 0 for w in widths)
+        return {"ROWS_PER_PROGRAM": 4, "BLOCK_M": 2, "BLOCK_N": 8, "ONE_PIECE": one_piece, "num_warps": 1}
+    block_n = next((b for b in (256, 128, 64, 32) if all(w % b == 0 for w in widths)), 0)
+    return {"ROWS_PER_PROGRAM": 128, "BLOCK_M": 16, "BLOCK_N": block_n or 256, "ONE_PIECE": block_n > 0, "num_warps": 4}
 
 
 def silu_split_backward(grads: Sequence[Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,16 +95,15 @@ def silu_split_backward(grads: Sequence[Tensor], y: Tensor) -> tuple[Tensor, Ten
     bounds = [0]
     for g in grads:
         bounds.append(bounds[-1] + g.shape[1])
-    rows_per_program, block_m, block_n = _tiles(y.device)
-    programs = (-(-n // rows_per_program), -(-width // block_n))
+    tiles = _tiles([g.shape[1] for g in grads], y.device)
+    programs = (-(-n // int(tiles["ROWS_PER_PROGRAM"])), -(-width // int(tiles["BLOCK_N"])))
     dy = torch.empty((n, width), dtype=y.dtype, device=y.device)
     db_part = torch.empty((programs[0], width), dtype=torch.float32, device=y.device)
     if n:
         with torch.cuda.device(y.device) if y.device.type == "cuda" else contextlib.nullcontext():
             kernels.silu_split_bwd_kernel[programs](
                 *grads, y, dy, db_part, n, *(g.stride(0) for g in grads), y.stride(0), dy.stride(0),
-                W=width, C1=bounds[1], C2=bounds[2], C3=bounds[3],
-                ROWS_PER_PROGRAM=rows_per_program, BLOCK_M=block_m, BLOCK_N=block_n,
+                W=width, C1=bounds[1], C2=bounds[2], C3=bounds[3], **tiles,
             )  # fmt: skip
     return dy, db_part.sum(0)
 
