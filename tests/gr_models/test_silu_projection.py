@@ -206,7 +206,7 @@ def test_kernel_compiles_for_sm90_with_16_byte_accesses(one_piece: bool, monkeyp
     if not isinstance(fn, triton.JITFunction):
         pytest.skip("the kernels module was imported under TRITON_INTERPRET=1 in this process")
     tiles = silu_projection._tiles([512] * 4, torch.device("cuda"))
-    assert tiles["ONE_PIECE"] and tiles["BLOCK_N"] == 256
+    assert tiles["ONE_PIECE"] and tiles["BLOCK_N"] == 128
     constexprs = {k: v for k, v in tiles.items() if k != "num_warps"}
     constexprs.update(W=2048, C1=512, C2=1024, C3=1536, ONE_PIECE=one_piece)
     sig = {}
@@ -225,4 +225,4 @@ def test_kernel_compiles_for_sm90_with_16_byte_accesses(one_piece: bool, monkeyp
     assert loads and all(op.endswith(".v4.b32") for op in loads), loads
     per_tensor = tiles["BLOCK_M"] * tiles["BLOCK_N"] // (32 * tiles["num_warps"] * 8)  # 16-byte loads per thread
     assert len(loads) == (2 if one_piece else 5) * per_tensor  # g (or the 4 masked g loads) and y, once per step
-    assert stores and all(".v4." in op or ".v2." in op for op in stores), stores  # dy (v4) and the fp32 column sums
+    assert stores.count("st.global.v4.b32") == per_tensor, stores  # dy; then the fp32 column sums, once

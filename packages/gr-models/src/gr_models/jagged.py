@@ -46,9 +46,14 @@ def last_in_sequence(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tenso
 def query_timestamps(timestamps: torch.Tensor, seq_offsets: torch.Tensor, request: torch.Tensor) -> torch.Tensor:
     """Time at which row i of a jagged event sequence predicts: the timestamp of row i + 1 of the same sequence, or
     ``request[b]`` (``[B]``) for the last row of sequence b."""
-    shifted = torch.roll(timestamps, -1)
-    if timestamps.numel():
-        last = seq_offsets[1:] - 1
-        nonempty = seq_offsets[1:] > seq_offsets[:-1]
-        shifted[last[nonempty]] = request[nonempty]
-    return shifted
+    n = timestamps.numel()
+    if not n:
+        return timestamps.clone()
+    # No boolean indexing (its nonzero is a device sync on a GPU): an empty sequence's "last row" would be the previous
+    # sequence's, so its request time goes to a spare row past the end instead, dropped on return.
+    shifted = torch.empty(n + 1, dtype=timestamps.dtype, device=timestamps.device)
+    shifted[:n] = torch.roll(timestamps, -1)
+    nonempty = seq_offsets[1:] > seq_offsets[:-1]
+    last = torch.where(nonempty, seq_offsets[1:] - 1, n)
+    shifted.index_put_((last,), request.to(timestamps.dtype))
+    return shifted[:n]
