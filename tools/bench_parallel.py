@@ -142,6 +142,7 @@ def rank_batch(gb: GlobalBatch, positions: list[int]):
         max_seq_len=int(lengths.max()),
         target_items=targets,
         target_timestamps=ts + 1,
+        offsets_checked=True,  # cumulative sums on the host, as collate_sequences builds them: no per-step sync
     )
 
 

@@ -174,3 +174,41 @@ def test_dynamic_table_takes_one_optimizer_step_per_training_step(negatives: str
     torch.manual_seed(7)
     loss_fn(separate(batch), batch.target_items, separate.item_embeddings).backward()
     assert _dynamic_table(separate).step == (2 if negatives == "in_batch" else 3)
+
+
+@pytest.mark.parametrize("checked", [False, True])
+def test_offsets_checked_on_the_host_skip_the_device_check(checked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch whose offsets were built on the host (``offsets_checked``, as ``collate_sequences`` sets it and
+    ``.to()`` keeps it) skips the attention op's value check, a sync per forward on a GPU; others still run it, and a
+    bad unchecked batch still gets the op's error."""
+    import dataclasses
+    import importlib
+
+    attention = importlib.import_module("gr_kernels.hstu_attention")  # the module (the package exports the function)
+    calls = []
+    check = attention.check_attention_values
+    monkeypatch.setattr(attention, "check_attention_values", lambda *a: calls.append(1) or check(*a))
+    torch.manual_seed(0)
+    model = RetrievalModel(config())
+    batch = dataclasses.replace(make_batch([3, 10], 0), offsets_checked=checked).to("cpu")
+    assert batch.offsets_checked is checked
+    model.training_forward(batch)
+    assert len(calls) == (0 if checked else 1)
+    # Sequence 1 has 10 tokens; the encoder rounds max_seq_len up to 8 for its bias.
+    bad = dataclasses.replace(batch, max_seq_len=4, offsets_checked=False)
+    with pytest.raises(ValueError, match="length 10 > max_seq_len=8"):
+        model(bad)
+
+
+def test_collate_marks_its_offsets_checked() -> None:
+    import numpy as np
+
+    from gr_models.data.batching import SequenceExample, collate_sequences
+
+    ex = [
+        SequenceExample(0, np.arange(3), np.arange(3), np.arange(1, 4), np.arange(1, 4), None),
+        SequenceExample(1, np.arange(2), np.arange(2), np.arange(1, 3), np.arange(1, 3), None),
+    ]
+    batch = collate_sequences(ex)
+    assert batch.offsets_checked and batch.seq_offsets.tolist() == [0, 3, 5] and batch.max_seq_len == 3
+    assert batch.to("cpu").offsets_checked

@@ -37,6 +37,10 @@ class SequenceBatch:
     target_timestamps: torch.Tensor  # same shape as target_items
     history_offsets: torch.Tensor | None = None  # eval only: int64 [B + 1]
     history_items: torch.Tensor | None = None  # eval only: int64 [history total]
+    # True when the offsets were built or checked on the host (non-decreasing from 0 to the token count, lengths <=
+    # max_seq_len), as ``collate_sequences`` builds them: the model then skips the attention op's value check of the
+    # offsets, which on a GPU is a device-to-host copy and a sync every forward.
+    offsets_checked: bool = False
 
     def __len__(self) -> int:
         return int(self.user_ids.numel())
@@ -59,6 +63,7 @@ class SequenceBatch:
             target_timestamps=fn(self.target_timestamps),
             history_offsets=optional(self.history_offsets),
             history_items=optional(self.history_items),
+            offsets_checked=self.offsets_checked,
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SequenceBatch:
@@ -187,6 +192,7 @@ def collate_sequences(examples: Sequence[SequenceExample]) -> SequenceBatch:
         target_timestamps=_concat([e.target_timestamps for e in examples]),
         history_offsets=history_offsets,
         history_items=history_items,
+        offsets_checked=True,  # cumulative sums of the lengths, whose maximum is max_seq_len
     )
 
 

@@ -324,15 +324,19 @@ class HSTUEncoder(nn.Module):
         num_targets: torch.Tensor | None = None,
         contextual_seq_len: int = 0,
         positions: torch.Tensor | None = None,
+        validate: bool = True,
     ) -> torch.Tensor:
         """``num_targets`` ([B]) marks the last tokens of each sequence as targets (each sees the history and
         itself only), ``contextual_seq_len`` the first tokens as a fully visible prefix; ``positions`` (jagged
-        ``[total]``) replaces the token index in the relative bias, e.g. to give all targets one position."""
+        ``[total]``) replaces the token index in the relative bias, e.g. to give all targets one position.
+        ``validate=False`` skips the attention op's value check of the offsets (a device sync on a GPU), for
+        offsets already checked on the host (``SequenceBatch.offsets_checked``)."""
         rab = None
         if self.relative_bias is not None:
             max_seq_len = aligned_bias_len(max_seq_len, self.relative_bias.max_seq_len)
             rab = self.relative_bias(timestamps, query_timestamps, seq_offsets, max_seq_len, positions).to(x.dtype)
-        # Every block sees the same offsets and targets: the op checks them (a host sync on a GPU) in the first only.
+        # Every block sees the same offsets and targets: the op checks them (a host sync on a GPU) in the first only,
+        # unless the caller checked them on the host.
         for i, block in enumerate(self.blocks):
             x = block(
                 x,
@@ -341,6 +345,6 @@ class HSTUEncoder(nn.Module):
                 rab,
                 num_targets=num_targets,
                 contextual_seq_len=contextual_seq_len,
-                validate=i == 0,
+                validate=validate and i == 0,
             )
         return x

@@ -84,8 +84,10 @@ class SASRecEncoder(nn.Module):
         max_seq_len: int,
         timestamps: torch.Tensor | None = None,
         query_timestamps: torch.Tensor | None = None,
+        validate: bool = True,
     ) -> torch.Tensor:
-        del timestamps, query_timestamps  # SASRec uses positions only
+        # SASRec uses positions only, and padding reads no offsets on the host (``validate``: HSTUEncoder's interface).
+        del timestamps, query_timestamps, validate
         n = max_seq_len
         lengths = seq_offsets[1:] - seq_offsets[:-1]
         idx = torch.arange(n, device=x.device)

@@ -124,7 +124,9 @@ class RetrievalModel(nn.Module):
 
     def _queries(self, x: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
         q_ts = query_timestamps(batch.timestamps, batch.seq_offsets, request_timestamps(batch))
-        h = self.encoder(x, batch.seq_offsets, batch.max_seq_len, batch.timestamps, q_ts)
+        h = self.encoder(
+            x, batch.seq_offsets, batch.max_seq_len, batch.timestamps, q_ts, validate=not batch.offsets_checked
+        )
         return l2_normalize(h)
 
     def item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:
