@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from gr_models.modules import norm_mul
 from gr_models.modules.hstu import HSTUBlock, HSTUConfig
 from gr_models.modules.norm_mul import layer_norm_mul, reference_layer_norm_mul
+from tests.gr_models.block_parity import assert_fused_block_equals_unfused
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
@@ -145,29 +146,7 @@ def test_autocast_gives_the_autocast_dtype_and_errors_name_the_problem() -> None
 def test_fused_block_equals_the_eager_block(triton_kernels: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     if not triton_kernels:
         monkeypatch.setattr(norm_mul, "_kernels", lambda device: None)
-    cfg = HSTUConfig(
-        embedding_dim=16,
-        num_heads=2,
-        max_seq_len=8,
-        dropout=0.0,
-        use_rab=False,
-        attention_backend="reference",
-        fused_norms=False,
-    )
-    torch.manual_seed(0)
-    eager = HSTUBlock(cfg)
-    fused = HSTUBlock(dataclasses.replace(cfg, fused_norms=True))
-    fused.load_state_dict(eager.state_dict())
-    offsets = torch.tensor([0, 3, 8, 10])
-    x = torch.randn(10, 16, requires_grad=True)
-    outs, grads = [], []
-    for block in (eager, fused):
-        y = block(x, offsets, 7, None)
-        outs.append(y)
-        grads.append(torch.autograd.grad((y * torch.arange(16.0)).sum(), [x, *block.parameters()]))
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
-    for a, r in zip(grads[1], grads[0], strict=True):
-        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    assert_fused_block_equals_unfused(1e-5, 1e-5, 1e-4, 1e-5, fused_norms=True)
 
 
 @pytest.mark.gpu

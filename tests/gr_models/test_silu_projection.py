@@ -10,7 +10,6 @@ against the eager form, values and every gradient.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 
 import pytest
@@ -19,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gr_models.modules import silu_projection
-from gr_models.modules.hstu import HSTUBlock, HSTUConfig
 from gr_models.modules.silu_projection import eager_linear_silu_split, linear_silu_split, silu_split_backward
+from tests.gr_models.block_parity import assert_fused_block_equals_unfused
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
@@ -142,31 +141,8 @@ def test_fused_block_equals_the_eager_block(monkeypatch: pytest.MonkeyPatch) -> 
     calls = []
     kernel_backward = silu_projection.silu_split_backward
     monkeypatch.setattr(silu_projection, "silu_split_backward", lambda *a: calls.append(1) or kernel_backward(*a))
-    cfg = HSTUConfig(
-        embedding_dim=16,
-        num_heads=2,
-        max_seq_len=8,
-        dropout=0.0,
-        use_rab=False,
-        attention_backend="reference",
-        fused_norms=False,
-        fused_projection=False,
-    )
-    torch.manual_seed(0)
-    eager = HSTUBlock(cfg)
-    fused = HSTUBlock(dataclasses.replace(cfg, fused_projection=True))
-    fused.load_state_dict(eager.state_dict())
-    offsets = torch.tensor([0, 3, 8, 10])
-    x = torch.randn(10, 16, requires_grad=True)
-    outs, grads = [], []
-    for block in (eager, fused):
-        y = block(x, offsets, 7, None)
-        outs.append(y)
-        grads.append(torch.autograd.grad((y * torch.arange(16.0)).sum(), [x, *block.parameters()]))
+    assert_fused_block_equals_unfused(0, 0, 1e-5, 1e-6, fused_projection=True)
     assert len(calls) == 1  # the fused block's backward only
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
-    for a, r in zip(grads[1], grads[0], strict=True):
-        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -19,7 +19,6 @@ dtypes, rows over ``MAX_D``) runs ``F.normalize`` itself, so CPU training is unc
 
 from __future__ import annotations
 
-import contextlib
 from types import ModuleType
 
 import torch
@@ -28,6 +27,7 @@ from torch import Tensor
 
 import gr_kernels
 from gr_kernels.triton_interpreter import KernelModules
+from gr_models.modules.triton_rows import device_scope, unit_stride_rows, whole_row_tiles
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_D = 8192  # one program holds whole rows
@@ -56,23 +56,6 @@ def _kernels(t: Tensor) -> ModuleType | None:
     return _KERNELS.for_device(t.device) if runs_fused(t) else None
 
 
-def _tiles(d: int, device: torch.device) -> tuple[int, int]:
-    """(rows per program, padded D): ~4k elements per program on the GPU; 2 rows in the interpreter, so small
-    tests span several programs and a row tail."""
-    block_d = 1 << max(d - 1, 0).bit_length()
-    if device.type != "cuda":
-        return 2, block_d
-    return max(1, 4096 // block_d), block_d
-
-
-def _rows(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _device_scope(t: Tensor) -> contextlib.AbstractContextManager:
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 @torch.library.custom_op("gr_models::l2_normalize", mutates_args=())
 def _l2_normalize_op(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """``(y, norm)``: the rows of ``x`` (``[n, D]``) normalised, and their fp32 norms (unclamped: the backward needs
@@ -87,12 +70,12 @@ def _forward_body(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         xa = x.to(torch.promote_types(x.dtype, torch.float32))
         norm = torch.linalg.vector_norm(xa, dim=-1)
         return (xa / norm.clamp_min(eps)[:, None]).to(x.dtype).contiguous(), norm.float()
-    x = _rows(x)
+    x = unit_stride_rows(x)
     y = torch.empty((n, d), dtype=x.dtype, device=x.device)
     norm = torch.empty(n, dtype=torch.float32, device=x.device)
     if n:
-        block_rows, block_d = _tiles(d, x.device)
-        with _device_scope(x):
+        block_rows, block_d = whole_row_tiles(d, x.device)
+        with device_scope(x):
             kernels.l2_normalize_fwd_kernel[(-(-n // block_rows),)](
                 x, y, norm, n, x.stride(0), y.stride(0), eps, D=d, BLOCK_ROWS=block_rows, BLOCK_D=block_d
             )
@@ -118,11 +101,11 @@ def _backward_body(dy: Tensor, y: Tensor, norm: Tensor, eps: float) -> Tensor:
         dyf, yf = dy.to(acc), y.to(acc)
         dot = torch.where(norm >= eps, (dyf * yf).sum(-1), 0.0)
         return ((dyf - yf * dot[:, None]) / norm.clamp_min(eps)[:, None]).to(y.dtype).contiguous()
-    dy, y = _rows(dy), _rows(y)
+    dy, y = unit_stride_rows(dy), unit_stride_rows(y)
     dx = torch.empty((n, d), dtype=y.dtype, device=y.device)
     if n:
-        block_rows, block_d = _tiles(d, y.device)
-        with _device_scope(y):
+        block_rows, block_d = whole_row_tiles(d, y.device)
+        with device_scope(y):
             kernels.l2_normalize_bwd_kernel[(-(-n // block_rows),)](
                 dy, y, norm, dx, n, dy.stride(0), y.stride(0), dx.stride(0), eps,
                 D=d, BLOCK_ROWS=block_rows, BLOCK_D=block_d,

@@ -17,7 +17,6 @@ kernels' interpreted copy on CPU tensors.
 
 from __future__ import annotations
 
-import contextlib
 from types import ModuleType
 
 import torch
@@ -26,6 +25,7 @@ from torch import Tensor
 
 import gr_kernels
 from gr_kernels.triton_interpreter import KernelModules
+from gr_models.modules.triton_rows import device_scope, unit_stride_rows, whole_row_tiles
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_D = 8192  # one program holds whole rows
@@ -62,19 +62,6 @@ def _kernels(t: Tensor) -> ModuleType | None:
     return _KERNELS.for_device(t.device)
 
 
-def _tiles(d: int, device: torch.device) -> tuple[int, int]:
-    """(rows per program, padded D): ~4k elements per program on the GPU; 2 rows in the interpreter, so small
-    tests span several programs and a row tail."""
-    block_d = 1 << max(d - 1, 0).bit_length()
-    if device.type != "cuda":
-        return 2, block_d
-    return max(1, 4096 // block_d), block_d
-
-
-def _rows(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 @torch.library.custom_op("gr_models::layer_norm_mul", mutates_args=())
 def _layer_norm_mul_op(
     x: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype
@@ -92,15 +79,15 @@ def _forward_body(
         mean = xf.mean(-1)
         rstd = torch.rsqrt(xf.var(-1, unbiased=False) + eps)
         return reference_layer_norm_mul(x, u, weight, bias, eps, out_dtype), mean, rstd
-    x = _rows(x)
-    u = None if u is None else _rows(u)
+    x = unit_stride_rows(x)
+    u = None if u is None else unit_stride_rows(u)
     y = torch.empty((n, d), dtype=out_dtype, device=x.device)
     mean = torch.empty(n, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n, dtype=torch.float32, device=x.device)
     if n:
-        block_rows, block_d = _tiles(d, x.device)
+        block_rows, block_d = whole_row_tiles(d, x.device)
         grid = (-(-n // block_rows),)
-        with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        with device_scope(x):
             kernels.layer_norm_mul_fwd_kernel[grid](
                 x, x if u is None else u, weight, bias, y, mean, rstd, n, x.stride(0),
                 0 if u is None else u.stride(0), y.stride(0), eps,
@@ -134,16 +121,16 @@ def _backward_body(
     kernels = _kernels(x)
     if kernels is None:
         return _reference_bwd(dy, x, u, weight, bias, mean, rstd)
-    dy, x = _rows(dy), _rows(x)
-    u = None if u is None else _rows(u)
+    dy, x = unit_stride_rows(dy), unit_stride_rows(x)
+    u = None if u is None else unit_stride_rows(u)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     du = x.new_empty(0) if u is None else torch.empty_like(u, memory_format=torch.contiguous_format)
-    block_rows, block_d = _tiles(d, x.device)
+    block_rows, block_d = whole_row_tiles(d, x.device)
     programs = -(-n // block_rows)
     dw_part = torch.empty((programs, d), dtype=torch.float32, device=x.device)
     db_part = torch.empty((programs, d), dtype=torch.float32, device=x.device)
     if n:
-        with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        with device_scope(x):
             kernels.layer_norm_mul_bwd_kernel[(programs,)](
                 dy, x, x if u is None else u, weight, bias, mean, rstd, dx, dx if u is None else du, dw_part,
                 db_part, n, dy.stride(0), x.stride(0), 0 if u is None else u.stride(0), dx.stride(0),

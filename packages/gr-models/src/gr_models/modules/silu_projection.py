@@ -18,7 +18,6 @@ kernel's interpreted copy on CPU tensors.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -28,6 +27,7 @@ from torch import Tensor
 
 import gr_kernels
 from gr_kernels.triton_interpreter import KernelModules
+from gr_models.modules.triton_rows import device_scope, unit_stride_rows
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRET_ON_CPU = False  # CPU tensors through Triton's interpreter (tests; far slower than the eager form)
@@ -91,7 +91,7 @@ def silu_split_backward(grads: Sequence[Tensor], y: Tensor) -> tuple[Tensor, Ten
     (``[n, w_i]``, rows may be strided), and its column sums in fp32."""
     kernels: ModuleType = _KERNELS.for_device(y.device)
     n, width = y.shape
-    grads = [g if g.stride(-1) == 1 else g.contiguous() for g in grads]
+    grads = [unit_stride_rows(g) for g in grads]
     bounds = [0]
     for g in grads:
         bounds.append(bounds[-1] + g.shape[1])
@@ -100,7 +100,7 @@ def silu_split_backward(grads: Sequence[Tensor], y: Tensor) -> tuple[Tensor, Ten
     dy = torch.empty((n, width), dtype=y.dtype, device=y.device)
     db_part = torch.empty((programs[0], width), dtype=torch.float32, device=y.device)
     if n:
-        with torch.cuda.device(y.device) if y.device.type == "cuda" else contextlib.nullcontext():
+        with device_scope(y):
             kernels.silu_split_bwd_kernel[programs](
                 *grads, y, dy, db_part, n, *(g.stride(0) for g in grads), y.stride(0), dy.stride(0),
                 W=width, C1=bounds[1], C2=bounds[2], C3=bounds[3], **tiles,

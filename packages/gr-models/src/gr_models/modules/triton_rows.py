@@ -1,0 +1,28 @@
+"""What gr-models' row-wise Triton ops (``norm_mul``, ``l2_norm``, ``silu_projection``) share on the host side: the
+tile of a kernel that holds whole rows, the row-contiguity they need, and the CUDA device scope of a launch."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+
+def whole_row_tiles(d: int, device: torch.device) -> tuple[int, int]:
+    """(rows per program, padded D) for a kernel holding whole rows of ``d`` elements: ~4k elements per program on the
+    GPU; 2 rows in the interpreter, so small tests span several programs and a row tail."""
+    block_d = 1 << max(d - 1, 0).bit_length()
+    if device.type != "cuda":
+        return 2, block_d
+    return max(1, 4096 // block_d), block_d
+
+
+def unit_stride_rows(t: Tensor) -> Tensor:
+    """``t`` if its rows are contiguous (any row stride), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def device_scope(t: Tensor) -> contextlib.AbstractContextManager:
+    """The launch's device as the current CUDA device (Triton launches on the current one); nothing on CPU."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

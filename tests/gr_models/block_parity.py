@@ -1,0 +1,40 @@
+"""Shared by the fused-op tests (norm_mul, silu_projection): an HSTU block with a fused path against the same block
+without it, on one small jagged batch: outputs and the gradients of the input and every parameter."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from gr_models.modules.hstu import HSTUBlock, HSTUConfig
+
+# Three sequences of 3, 5 and 2 tokens, dim 16, 2 heads, every fused path off: tests switch one on.
+UNFUSED = HSTUConfig(
+    embedding_dim=16,
+    num_heads=2,
+    max_seq_len=8,
+    dropout=0.0,
+    use_rab=False,
+    attention_backend="reference",
+    fused_norms=False,
+    fused_projection=False,
+)
+
+
+def assert_fused_block_equals_unfused(rtol: float, atol: float, grad_rtol: float, grad_atol: float, **fused) -> None:
+    """``HSTUBlock(UNFUSED with **fused)`` against ``HSTUBlock(UNFUSED)`` of the same weights."""
+    torch.manual_seed(0)
+    eager = HSTUBlock(UNFUSED)
+    fused_block = HSTUBlock(dataclasses.replace(UNFUSED, **fused))
+    fused_block.load_state_dict(eager.state_dict())
+    offsets = torch.tensor([0, 3, 8, 10])
+    x = torch.randn(10, 16, requires_grad=True)
+    outs, grads = [], []
+    for block in (eager, fused_block):
+        y = block(x, offsets, 7, None)
+        outs.append(y)
+        grads.append(torch.autograd.grad((y * torch.arange(16.0)).sum(), [x, *block.parameters()]))
+    torch.testing.assert_close(outs[1], outs[0], rtol=rtol, atol=atol)
+    for a, r in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(a, r, rtol=grad_rtol, atol=grad_atol)
