@@ -10,7 +10,6 @@ normalisation) against a float64 ``F.normalize``, values and gradients.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -26,12 +25,8 @@ from gr_models.modules import l2_norm
 from gr_models.modules.hstu import HSTUConfig
 from gr_models.modules.l2_norm import l2_normalize
 from gr_models.retrieval.model import RetrievalModel, RetrievalModelConfig
+from tests.gr_models.triton_marks import needs_cuda, needs_triton
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if HAS_TRITON:
-    import triton  # noqa: F401  (compiled stdlib first; see test_gathered_logits_triton)
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-needs_cuda = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs triton and CUDA")
 OP_NAMES = {"gr_models::l2_normalize", "gr_models::l2_normalize_bwd"}
 
 

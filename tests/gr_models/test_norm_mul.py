@@ -11,7 +11,6 @@ PyTorch reference, values and every gradient.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import pytest
 import torch
@@ -23,12 +22,7 @@ from gr_models.modules import norm_mul
 from gr_models.modules.hstu import HSTUBlock, HSTUConfig
 from gr_models.modules.norm_mul import layer_norm_mul, reference_layer_norm_mul
 from tests.gr_models.block_parity import assert_fused_block_equals_unfused
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if HAS_TRITON:
-    import triton  # noqa: F401  (compiled stdlib first; see test_gathered_logits_triton)
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-needs_cuda = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs triton and CUDA")
+from tests.gr_models.triton_marks import needs_cuda, needs_triton
 
 
 @pytest.fixture(autouse=True)

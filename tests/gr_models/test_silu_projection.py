@@ -10,8 +10,6 @@ against the eager form, values and every gradient.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -20,12 +18,7 @@ from hypothesis import strategies as st
 from gr_models.modules import silu_projection
 from gr_models.modules.silu_projection import eager_linear_silu_split, linear_silu_split, silu_split_backward
 from tests.gr_models.block_parity import assert_fused_block_equals_unfused
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if HAS_TRITON:
-    import triton  # noqa: F401  (compiled stdlib first; see test_gathered_logits_triton)
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-needs_cuda = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs triton and CUDA")
+from tests.gr_models.triton_marks import needs_cuda, needs_triton
 
 
 @pytest.fixture(autouse=True)
