@@ -10,14 +10,17 @@ against the eager form, values and every gradient.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gr_models.modules import silu_projection
+from gr_models.modules.hstu import HSTUBlock
 from gr_models.modules.silu_projection import eager_linear_silu_split, linear_silu_split, silu_split_backward
-from tests.gr_models.block_parity import assert_fused_block_equals_unfused
+from tests.gr_models.block_parity import UNFUSED, assert_fused_block_equals_unfused
 from tests.gr_models.triton_marks import needs_cuda, needs_triton
 
 
@@ -195,3 +198,13 @@ def test_kernel_compiles_for_sm90_with_16_byte_accesses(one_piece: bool, monkeyp
     per_tensor = tiles["BLOCK_M"] * tiles["BLOCK_N"] // (32 * tiles["num_warps"] * 8)  # 16-byte loads per thread
     assert len(loads) == (2 if one_piece else 5) * per_tensor  # g (or the 4 masked g loads) and y, once per step
     assert stores.count("st.global.v4.b32") == per_tensor, stores  # dy; then the fp32 column sums, once
+
+
+def test_where_nothing_is_fused_the_block_calls_its_projection_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off the kernels' device the block runs ``block.uvqk`` as a module, so its hooks run (e.g. a dtype probe)."""
+    monkeypatch.setattr(silu_projection, "INTERPRET_ON_CPU", False)
+    block = HSTUBlock(dataclasses.replace(UNFUSED, fused_projection=True))
+    seen = []
+    block.uvqk.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    block(torch.randn(10, 16), torch.tensor([0, 3, 8, 10]), 7, None)
+    assert seen == [torch.Size([10, 64])]

@@ -13,6 +13,7 @@ import gr_kernels
 from gr_models.modules.norm_mul import layer_norm_mul, runs_fused
 from gr_models.modules.relative_bias import RelativeBucketedTimeAndPositionBias, aligned_bias_len
 from gr_models.modules.silu_projection import linear_silu_split
+from gr_models.modules.silu_projection import runs_fused as projection_runs_fused
 
 
 @dataclass
@@ -46,7 +47,9 @@ class HSTUConfig:
     fused_norms: bool = True
     # The U/V/Q/K projection's backward as one Triton pass on CUDA (gr_models.modules.silu_projection): the SiLU's
     # gradient read from the four pieces' gradients in place (no concatenation) with the bias gradient summed in
-    # the same pass. Other devices, compiled and exported code, and False: the eager form.
+    # the same pass. The fused path reads uvqk's weight and bias directly: forward hooks on block.uvqk do not run
+    # there (as with fused_norms and the LayerNorms). Other devices, compiled and exported code, and False: the
+    # eager form through the module.
     fused_projection: bool = True
 
     def __post_init__(self) -> None:
@@ -138,9 +141,9 @@ class HSTUBlock(nn.Module):
         cfg = self.config
         h = cfg.num_heads
         normed = self._norm(self.input_norm, x)
-        if cfg.fused_projection:
+        if cfg.fused_projection and projection_runs_fused(normed) and not torch.compiler.is_compiling():
             u, v, q, k = linear_silu_split(normed, self.uvqk.weight, self.uvqk.bias, self._split)
-        else:
+        else:  # through the module, so hooks on self.uvqk run wherever nothing is fused
             u, v, q, k = F.silu(self.uvqk(normed)).split(self._split, dim=-1)
         return u, v.reshape(-1, h, cfg.v_dim), q.reshape(-1, h, cfg.qk_dim), k.reshape(-1, h, cfg.qk_dim)
 
