@@ -248,3 +248,17 @@ def test_eager_calls_skip_the_op_dispatch_and_equal_it(jagged: Callable, rab_hea
     compiled = torch.compile(ops.attention_op, backend=backend, fullgraph=True)
     torch.testing.assert_close(compiled(*args[:6], args[6:16], None, 0), eager[0])
     assert any(t.startswith("gr_kernels.hstu_attention_fwd") for t in seen), seen
+
+
+def test_op_range_opens_a_profiler_range_only_while_one_records() -> None:
+    """The eager paths' profiler ranges cost nothing when no profiler records (record_function dispatches even then)."""
+    import contextlib
+
+    from gr_kernels.profiling import op_range
+
+    assert isinstance(op_range("gr_kernels::x"), contextlib.nullcontext)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        assert isinstance(op_range("gr_kernels::x"), torch.profiler.record_function)
+        with op_range("gr_kernels::x"):
+            pass
+    assert "gr_kernels::x" in {e.name for e in prof.events()}

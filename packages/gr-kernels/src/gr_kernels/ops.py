@@ -23,6 +23,7 @@ from torch import Tensor
 
 from gr_kernels.backends import get_backend, skips_drab
 from gr_kernels.params import HSTUParams
+from gr_kernels.profiling import op_range
 
 
 @torch.library.custom_op("gr_kernels::hstu_attention_fwd", mutates_args=())
@@ -180,14 +181,14 @@ class EagerHSTUAttention(torch.autograd.Function):
         ctx: Any, q: Tensor, k: Tensor, v: Tensor, seq_offsets: Tensor, num_targets: Tensor | None,
         rab: Tensor | None, scalars: tuple[Any, ...], q_offsets: Tensor | None, max_q_len: int,
     ) -> Tensor:  # fmt: skip
-        with torch.profiler.record_function("gr_kernels::hstu_attention_fwd"):
+        with op_range("gr_kernels::hstu_attention_fwd"):
             out = _forward(q, k, v, seq_offsets, num_targets, rab, *scalars, q_offsets, max_q_len)
         _save(ctx, (q, k, v, seq_offsets, num_targets, rab), scalars, q_offsets, max_q_len)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        with torch.profiler.record_function("gr_kernels::hstu_attention_bwd"):
+        with op_range("gr_kernels::hstu_attention_bwd"):
             dq, dk, dv, drab = _input_grads(ctx, grad_out, _backward_body)
         # Gradients for q, k, v, seq_offsets, num_targets, rab, the scalars tuple, q_offsets, max_q_len.
         return dq, dk, dv, None, None, drab, None, None, None

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import gr_kernels
+from gr_kernels.profiling import op_range
 from gr_kernels.triton_interpreter import KernelModules
 from gr_models.modules.triton_rows import device_scope, unit_stride_rows, whole_row_tiles
 
@@ -149,14 +150,14 @@ class EagerL2Normalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, eps: float) -> Tensor:  # type: ignore[override]
-        with torch.profiler.record_function("gr_models::l2_normalize"):
+        with op_range("gr_models::l2_normalize"):
             y, norm = _forward_body(x, eps)
         _save(ctx, y, norm, eps)
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
-        with torch.profiler.record_function("gr_models::l2_normalize_bwd"):
+        with op_range("gr_models::l2_normalize_bwd"):
             return _input_grads(ctx, dy, _backward_body)
 
 

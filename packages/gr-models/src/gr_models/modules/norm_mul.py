@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import gr_kernels
+from gr_kernels.profiling import op_range
 from gr_kernels.triton_interpreter import KernelModules
 from gr_models.modules.triton_rows import device_scope, unit_stride_rows, whole_row_tiles
 
@@ -189,14 +190,14 @@ class EagerLayerNormMul(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, x: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype
     ) -> Tensor:
-        with torch.profiler.record_function("gr_models::layer_norm_mul"):
+        with op_range("gr_models::layer_norm_mul"):
             y, mean, rstd = _forward_body(x, u, weight, bias, eps, out_dtype)
         ctx.save_for_backward(x, u, weight, bias, mean, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
-        with torch.profiler.record_function("gr_models::layer_norm_mul_bwd"):
+        with op_range("gr_models::layer_norm_mul_bwd"):
             return _input_grads(ctx, dy, _backward_body)
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import gr_kernels
+from gr_kernels.profiling import op_range
 from gr_kernels.triton_interpreter import KernelModules
 from gr_models.modules.triton_rows import device_scope, unit_stride_rows
 
@@ -117,7 +118,7 @@ class LinearSiluSplit(torch.autograd.Function):
         ctx, x: Tensor, weight: Tensor, bias: Tensor, sizes: tuple[int, ...], dtype: torch.dtype
     ) -> tuple[Tensor, ...]:
         name = "gr_models::linear_silu_split"
-        with torch.profiler.record_function(name), torch.autocast(x.device.type, enabled=False):
+        with op_range(name), torch.autocast(x.device.type, enabled=False):
             xc, wc = x.to(dtype), weight.to(dtype)
             y = torch.addmm(bias.to(dtype), xc, wc.t())
             out = F.silu(y)
@@ -129,7 +130,7 @@ class LinearSiluSplit(torch.autograd.Function):
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
         xc, wc, y = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
-        with torch.profiler.record_function("gr_models::linear_silu_split_bwd"):
+        with op_range("gr_models::linear_silu_split_bwd"):
             dy, db = silu_split_backward([g.to(y.dtype) for g in grads], y)
             dx = (dy @ wc).to(x_dtype) if ctx.needs_input_grad[0] else None
             dw = (dy.t() @ xc).to(w_dtype) if ctx.needs_input_grad[1] else None
