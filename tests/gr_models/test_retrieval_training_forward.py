@@ -212,20 +212,3 @@ def test_collate_marks_its_offsets_checked() -> None:
     batch = collate_sequences(ex)
     assert batch.offsets_checked and batch.seq_offsets.tolist() == [0, 3, 5] and batch.max_seq_len == 3
     assert batch.to("cpu").offsets_checked
-
-
-def test_forward_looks_the_inputs_up_one_entry_per_id() -> None:
-    """The model forward (evaluation, the dense-optimizer step) hands the table one KJT entry per id, as the one-lookup
-    step does (a sharded table's FBGEMM lookup walks each entry with one warp), with the same rows and gradients as
-    the batch's one-entry-per-sequence KJT."""
-    torch.manual_seed(0)
-    model = RetrievalModel(config())
-    batch = make_batch([3, 10, 1], 2)
-    seen = []
-    model.input_embedding.item_embeddings.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    q = model(batch)
-    assert len(seen) == 1 and seen[0].lengths().tolist() == [1] * 14
-    assert torch.equal(seen[0].values(), batch.features.values())
-    rows = model.input_embedding.lookup(batch.features)  # the per-sequence layout itself
-    torch.testing.assert_close(model.input_embedding(batch.features, batch.seq_offsets, 10)[1], rows)
-    assert q.shape == (14, DIM)

@@ -198,16 +198,8 @@ class ItemInputEmbedding(nn.Module):
         ``max_seq_len`` is the batch's longest sequence (a host int, so no device sync is needed to check it).
         """
         self._check_length(max_seq_len)
-        item_emb = self.lookup(self._entry_per_id(features))
+        item_emb = self.lookup(features)
         return self._input(item_emb, seq_offsets), item_emb
-
-    def _entry_per_id(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """``features`` re-laid out with one entry per id (same ids, same order, so the same rows come back): a
-        batch's KJT holds one entry per sequence, which a sharded table's FBGEMM lookup walks with one warp per
-        entry (``with_ids`` says more). Host-known sizes only, no sync; a KJT of other keys is left as it is."""
-        if features.keys() != [self.feature_name] or features.lengths().numel() == features.values().numel():
-            return features
-        return self._one_entry_per_id(features.values(), features.lengths().dtype)
 
     def _check_length(self, max_seq_len: int) -> None:
         if max_seq_len > self.max_seq_len:
