@@ -12,8 +12,8 @@ from torch import nn
 import gr_kernels
 from gr_models.modules.norm_mul import layer_norm_mul, runs_fused
 from gr_models.modules.relative_bias import RelativeBucketedTimeAndPositionBias, aligned_bias_len
+from gr_models.modules.silu_projection import fuses as projection_fuses
 from gr_models.modules.silu_projection import linear_silu_split
-from gr_models.modules.silu_projection import runs_fused as projection_runs_fused
 
 
 @dataclass
@@ -141,7 +141,7 @@ class HSTUBlock(nn.Module):
         cfg = self.config
         h = cfg.num_heads
         normed = self._norm(self.input_norm, x)
-        if cfg.fused_projection and projection_runs_fused(normed) and not torch.compiler.is_compiling():
+        if cfg.fused_projection and projection_fuses(normed, self.uvqk.weight):
             u, v, q, k = linear_silu_split(normed, self.uvqk.weight, self.uvqk.bias, self._split)
         else:  # through the module, so hooks on self.uvqk run wherever nothing is fused
             u, v, q, k = F.silu(self.uvqk(normed)).split(self._split, dim=-1)

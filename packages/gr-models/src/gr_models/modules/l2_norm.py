@@ -28,7 +28,7 @@ from torch import Tensor
 import gr_kernels
 from gr_kernels.profiling import op_range
 from gr_kernels.triton_interpreter import KernelModules
-from gr_models.modules.triton_rows import device_scope, unit_stride_rows, whole_row_tiles
+from gr_models.modules.triton_rows import device_scope, kernel_device, unit_stride_rows, whole_row_tiles
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_D = 8192  # one program holds whole rows
@@ -42,9 +42,8 @@ def runs_fused(t: Tensor) -> bool:
     """Whether ``l2_normalize`` on tensors like ``t`` runs the fused kernels: CUDA (CPU only when the tests set
     ``INTERPRET_ON_CPU``), Triton installed, a dtype of ``SUPPORTED_DTYPES`` and ``1 <= D <= MAX_D``. Elsewhere it
     runs ``F.normalize``."""
-    on_device = t.is_cuda or (t.device.type == "cpu" and INTERPRET_ON_CPU)
     return (
-        on_device
+        kernel_device(t, INTERPRET_ON_CPU)
         and gr_kernels.triton_available()
         and t.dtype in SUPPORTED_DTYPES
         and t.dim() >= 1

@@ -26,7 +26,13 @@ from torch import Tensor
 import gr_kernels
 from gr_kernels.profiling import op_range
 from gr_kernels.triton_interpreter import KernelModules
-from gr_models.modules.triton_rows import device_scope, unit_stride_rows, whole_row_tiles
+from gr_models.modules.triton_rows import (
+    compute_dtype,
+    device_scope,
+    kernel_device,
+    unit_stride_rows,
+    whole_row_tiles,
+)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_D = 8192  # one program holds whole rows
@@ -53,7 +59,7 @@ def runs_fused(t: Tensor) -> bool:
     """Whether ``layer_norm_mul`` on tensors like ``t`` runs the fused kernels (CUDA; CPU only when the tests set
     ``INTERPRET_ON_CPU``; Triton installed either way is the kernels' own check). Elsewhere it runs the PyTorch
     reference, which a caller with an eager twin (the HSTU block's ``nn.LayerNorm``) can skip: it is only slower."""
-    return t.is_cuda or (t.device.type == "cpu" and INTERPRET_ON_CPU)
+    return kernel_device(t, INTERPRET_ON_CPU)
 
 
 def _kernels(t: Tensor) -> ModuleType | None:
@@ -227,9 +233,7 @@ def layer_norm_mul(
     if not (x.device == weight.device == bias.device and (u is None or u.device == x.device)):
         raise ValueError("layer_norm_mul tensors must share a device")
     if out_dtype is None:
-        kind = x.device.type
-        autocast = kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind)
-        out_dtype = torch.get_autocast_dtype(kind) if autocast else torch.promote_types(x.dtype, u_dtype)
+        out_dtype = compute_dtype(x, x.dtype, u_dtype)
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return _layer_norm_mul_op(x, u, weight, bias, float(eps), out_dtype)[0]
     return EagerLayerNormMul.apply(x, u, weight, bias, float(eps), out_dtype)

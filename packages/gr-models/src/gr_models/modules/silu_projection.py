@@ -11,7 +11,7 @@ with per-program partial sums of the bias gradient; the two matrix products stay
 The forward is the eager one (one ``addmm`` with the bias in its epilogue, one SiLU), run in the autocast dtype when
 autocast is on for the input's device (as ``nn.Linear`` under autocast: operands cast to it, gradients returned in
 the parameters' dtypes), and saves what the eager form saves (input, weight in the compute dtype, pre-activation).
-The fused backward runs on CUDA tensors (Triton); ``runs_fused`` says when. Other devices, compiled code (Inductor
+The fused backward runs on CUDA tensors (Triton); ``fuses`` says when. Other devices, compiled code (Inductor
 fuses the eager form itself) and exported programs take the eager form. Tests set ``INTERPRET_ON_CPU`` to run the
 kernel's interpreted copy on CPU tensors.
 """
@@ -28,18 +28,21 @@ from torch import Tensor
 import gr_kernels
 from gr_kernels.profiling import op_range
 from gr_kernels.triton_interpreter import KernelModules
-from gr_models.modules.triton_rows import device_scope, unit_stride_rows
+from gr_models.modules.triton_rows import compute_dtype, device_scope, kernel_device, unit_stride_rows
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRET_ON_CPU = False  # CPU tensors through Triton's interpreter (tests; far slower than the eager form)
 _KERNELS = KernelModules("gr_models.modules.silu_projection_kernels", "gr_models.modules._interpreted_silu_projection")
 
 
-def runs_fused(t: Tensor) -> bool:
-    """Whether ``linear_silu_split`` on inputs like ``t`` runs the fused backward (CUDA with Triton; CPU only when the
-    tests set ``INTERPRET_ON_CPU``)."""
-    on_device = t.is_cuda or (t.device.type == "cpu" and INTERPRET_ON_CPU)
-    return on_device and gr_kernels.triton_available()
+def fuses(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``linear_silu_split(x, weight, ...)`` runs the fused backward: eagerly (not while compiling or
+    exporting), on CUDA with Triton (CPU only when the tests set ``INTERPRET_ON_CPU``), in a supported compute dtype.
+    Elsewhere it is the eager form."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    on_device = kernel_device(x, INTERPRET_ON_CPU) and gr_kernels.triton_available()
+    return on_device and compute_dtype(x, x.dtype, weight.dtype) in SUPPORTED_DTYPES
 
 
 def eager_linear_silu_split(x: Tensor, weight: Tensor, bias: Tensor | None, sizes: Sequence[int]) -> tuple[Tensor, ...]:
@@ -50,7 +53,7 @@ def eager_linear_silu_split(x: Tensor, weight: Tensor, bias: Tensor | None, size
 def linear_silu_split(x: Tensor, weight: Tensor, bias: Tensor, sizes: Sequence[int]) -> tuple[Tensor, ...]:
     """``silu(x @ weight.T + bias)`` (``x [n, K]``, ``weight [W, K]``, ``bias [W]``) split along its columns into
     pieces of ``sizes`` (four pieces summing to ``W``; views of one ``[n, W]`` result). Fused backward where
-    ``runs_fused(x)``; else, and while compiling or exporting, the eager form."""
+    ``fuses(x, weight)``; else the eager form."""
     sizes = tuple(int(s) for s in sizes)
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -60,19 +63,9 @@ def linear_silu_split(x: Tensor, weight: Tensor, bias: Tensor, sizes: Sequence[i
         raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     if len(sizes) != 4 or min(sizes) <= 0 or sum(sizes) != weight.shape[0]:
         raise ValueError(f"sizes must be four positive widths summing to {weight.shape[0]}, got {list(sizes)}")
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or not runs_fused(x):
+    if not fuses(x, weight):
         return eager_linear_silu_split(x, weight, bias, sizes)
-    dtype = _compute_dtype(x, weight)
-    if dtype not in SUPPORTED_DTYPES:
-        return eager_linear_silu_split(x, weight, bias, sizes)
-    return LinearSiluSplit.apply(x, weight, bias, sizes, dtype)
-
-
-def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
-    kind = x.device.type
-    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return torch.promote_types(x.dtype, weight.dtype)
+    return LinearSiluSplit.apply(x, weight, bias, sizes, compute_dtype(x, x.dtype, weight.dtype))
 
 
 def _tiles(widths: Sequence[int], device: torch.device) -> dict[str, int | bool]:  # constexprs and num_warps

@@ -1,5 +1,6 @@
-"""What gr-models' row-wise Triton ops (``norm_mul``, ``l2_norm``, ``silu_projection``) share on the host side: the
-tile of a kernel that holds whole rows, the row-contiguity they need, and the CUDA device scope of a launch."""
+"""What gr-models' row-wise Triton ops (``norm_mul``, ``l2_norm``, ``silu_projection``) share on the host side: where
+their kernels run, the dtype they compute in under autocast, the tile of a kernel that holds whole rows, the
+row-contiguity they need, and the CUDA device scope of a launch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,24 @@ import contextlib
 
 import torch
 from torch import Tensor
+
+
+def kernel_device(t: Tensor, interpret_on_cpu: bool) -> bool:
+    """Whether an op's Triton kernels run on ``t``'s device: CUDA, or CPU through the interpreter when the op's
+    ``INTERPRET_ON_CPU`` (a tests' switch) is on."""
+    return t.is_cuda or (t.device.type == "cpu" and interpret_on_cpu)
+
+
+def compute_dtype(t: Tensor, *dtypes: torch.dtype) -> torch.dtype:
+    """The autocast dtype when autocast is on for ``t``'s device (what an ``nn.Linear`` there computes in), else the
+    promotion of ``dtypes``."""
+    kind = t.device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
 
 
 def whole_row_tiles(d: int, device: torch.device) -> tuple[int, int]:
