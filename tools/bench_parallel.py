@@ -655,6 +655,8 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--record", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.trace and not args.profile:
+        ap.error("--trace writes the profiled step's trace: add --profile")
     if args.tiny:
         args.blocks, args.dim, args.heads, args.max_len = 2, 32, 2, 64
         args.seqs_per_rank, args.num_items, args.num_negatives, args.warmup, args.steps = 4, 1000, 8, 2, 3
