@@ -265,6 +265,7 @@ def worker(args: argparse.Namespace) -> None:
         attention_backend="auto",
         fused_norms=args.fused_norms,
         fused_projection=args.fused_projection,
+        cuda_graphs=args.cuda_graphs,
     )
     cfg = RetrievalModelConfig(
         num_items=args.num_items, embedding_dim=args.dim, max_seq_len=args.max_len, dropout=0.0, hstu=hstu
@@ -422,6 +423,7 @@ def worker(args: argparse.Namespace) -> None:
             "table_weights": args.table_weights,
             "fused_norms": args.fused_norms and ctx.device.type == "cuda",  # elsewhere the blocks run eager norms
             "fused_projection": args.fused_projection and ctx.device.type == "cuda",  # likewise
+            "cuda_graphs": args.cuda_graphs and ctx.device.type == "cuda",  # HSTUConfig.cuda_graphs
             "negatives": args.negatives,
             "num_negatives": args.num_negatives,
             "in_batch_logits": in_batch_logits_backend(ctx.device) if args.negatives == "in_batch" else None,
@@ -451,6 +453,7 @@ def run_config(args: argparse.Namespace, gpus: int, tp: int, record: Path) -> di
         f"--table-weights={args.table_weights}",
         "--fused-norms" if args.fused_norms else "--no-fused-norms",
         "--fused-projection" if args.fused_projection else "--no-fused-projection", f"--negatives={args.negatives}",
+        "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs",
         f"--num-negatives={args.num_negatives}", f"--warmup={args.warmup}", f"--steps={args.steps}",
         f"--qcomms={args.qcomms}", f"--balance={args.balance}", f"--pool={args.pool}",
         "--pin-memory" if args.pin_memory else "--no-pin-memory",
@@ -489,6 +492,7 @@ def step_kind(r: dict) -> str:
     compiled += ", fp16 table" if r.get("table_weights", "fp32") == "fp16" else ""
     compiled += ", fused norms" if r.get("fused_norms") else ""
     compiled += ", fused projection" if r.get("fused_projection") else ""
+    compiled += ", CUDA graphs" if r.get("cuda_graphs") else ""
     if "negatives" not in r:
         return "uniform (3 lookups), plain, fp32" + compiled
     comms = "fp32" if r.get("qcomms", "none") == "none" else r["qcomms"]
@@ -603,6 +607,13 @@ def main() -> None:
         default=True,
         help="HSTUConfig.fused_projection (the default): the U/V/Q/K projection's backward as one Triton pass "
         "(gr_models.modules.silu_projection); --no-fused-projection: autograd's eager backward",
+    )
+    ap.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="HSTUConfig.cuda_graphs: the HSTU encoder's forward and backward replayed as CUDA graphs per bucket of "
+        "padded row counts (gr_models.modules.encoder_graphs); the warm-up captures every pooled batch's bucket",
     )
     ap.add_argument(
         "--table-weights",

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gr_kernels
+from gr_kernels.hstu_attention import check_attention_values
+from gr_models.modules.encoder_graphs import EncoderGraphs
 from gr_models.modules.norm_mul import layer_norm_mul, runs_fused
 from gr_models.modules.relative_bias import RelativeBucketedTimeAndPositionBias, aligned_bias_len
 from gr_models.modules.silu_projection import fuses as projection_fuses
@@ -51,6 +53,11 @@ class HSTUConfig:
     # there (as with fused_norms and the LayerNorms). Other devices, compiled and exported code, and False: the
     # eager form through the module.
     fused_projection: bool = True
+    # Training forward and backward of the encoder replayed as CUDA graphs, one pair per bucket of padded row counts
+    # (gr_models.modules.encoder_graphs: the host stops setting the pace of a GPU step). Eval, CPU, compiled code and
+    # tensor-parallel blocks run eagerly. Needs attn_dropout == 0 (its seed is drawn on the host).
+    cuda_graphs: bool = False
+    cuda_graph_buckets: int = 32  # graphs kept per encoder (least recently used dropped)
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "num_blocks", "num_heads", "max_seq_len"):
@@ -64,6 +71,13 @@ class HSTUConfig:
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"HSTUConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.cuda_graphs and self.attn_dropout > 0.0:
+            raise ValueError(
+                "HSTUConfig.cuda_graphs needs attn_dropout == 0: the attention dropout draws its seed on the host, so "
+                f"a graph would replay one mask (got attn_dropout={self.attn_dropout})"
+            )
+        if self.cuda_graph_buckets < 1:
+            raise ValueError(f"HSTUConfig.cuda_graph_buckets must be >= 1, got {self.cuda_graph_buckets}")
 
     # Defaults are resolved on read, not stored: an owner (e.g. RetrievalModelConfig) may still change
     # embedding_dim after construction.
@@ -333,7 +347,47 @@ class HSTUEncoder(nn.Module):
         itself only), ``contextual_seq_len`` the first tokens as a fully visible prefix; ``positions`` (jagged
         ``[total]``) replaces the token index in the relative bias, e.g. to give all targets one position.
         ``validate=False`` skips the attention op's value check of the offsets (a device sync on a GPU), for
-        offsets already checked on the host (``SequenceBatch.offsets_checked``)."""
+        offsets already checked on the host (``SequenceBatch.offsets_checked``).
+
+        With ``HSTUConfig.cuda_graphs``, training calls on CUDA replay CUDA graphs (``encoder_graphs``); the output
+        is then a view of a buffer that the next graphed call overwrites."""
+        graphs = self._graphs()
+        if graphs is not None:
+            reason = graphs.eager_reason(self, x)
+            if reason is None:
+                if validate:
+                    check_attention_values(x, x, seq_offsets, max_seq_len, num_targets, None, 0)
+                return graphs.run(
+                    self, x, seq_offsets, max_seq_len, timestamps, query_timestamps, num_targets,
+                    contextual_seq_len, positions,
+                )  # fmt: skip
+            graphs.note(reason)
+        return self.encode(
+            x,
+            seq_offsets,
+            max_seq_len,
+            timestamps,
+            query_timestamps,
+            num_targets=num_targets,
+            contextual_seq_len=contextual_seq_len,
+            positions=positions,
+            validate=validate,
+        )
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        seq_offsets: torch.Tensor,
+        max_seq_len: int,
+        timestamps: torch.Tensor,
+        query_timestamps: torch.Tensor,
+        *,
+        num_targets: torch.Tensor | None = None,
+        contextual_seq_len: int = 0,
+        positions: torch.Tensor | None = None,
+        validate: bool = True,
+    ) -> torch.Tensor:
+        """``forward`` without CUDA graphs (what the graphs capture)."""
         rab = None
         if self.relative_bias is not None:
             max_seq_len = aligned_bias_len(max_seq_len, self.relative_bias.max_seq_len)
@@ -351,3 +405,12 @@ class HSTUEncoder(nn.Module):
                 validate=validate and i == 0,
             )
         return x
+
+    def _graphs(self) -> EncoderGraphs | None:
+        """The encoder's CUDA graphs (made on first use) when ``config.cuda_graphs``."""
+        if not self.config.cuda_graphs:
+            return None
+        graphs = self.__dict__.get("_cuda_graphs")
+        if graphs is None or graphs.graphs.limit != self.config.cuda_graph_buckets:
+            graphs = self.__dict__["_cuda_graphs"] = EncoderGraphs(self.config.cuda_graph_buckets)
+        return graphs
