@@ -46,7 +46,6 @@ Writes ``docs/benchmarks/parallel.{json,md,png}`` (``--out``); records
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import itertools
@@ -80,6 +79,7 @@ def hstu_flops(lengths: list[int], blocks: int, dim: int, heads: int, dqk: int, 
 
 # ---------------------------------------------------------------------------------------------------- batches
 BALANCE_MODES = ("flops", "l2", "none")
+PROFILE_LEAD_IN = 2  # unprofiled steps between the timed loop's final sync and the profiled ones
 
 
 @dataclasses.dataclass
@@ -287,7 +287,7 @@ def worker(args: argparse.Namespace) -> None:
     loss_fn = SampledSoftmaxLoss(args.num_items, args.num_negatives, 0.05, args.negatives)
     net = pm.module
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
-    total_steps = args.warmup + args.steps + (1 if args.profile else 0)
+    total_steps = args.warmup + args.steps + (PROFILE_LEAD_IN + args.profile_steps if args.profile else 0)
     pool = build_pool(args, ctx, net, loss_fn, hstu, min(args.pool, total_steps))
 
     def batches(start: int, stop: int):
@@ -374,20 +374,27 @@ def worker(args: argparse.Namespace) -> None:
             f"graph breaks {dict(counters['graph_break']) or 0}",
             flush=True,
         )
-    if args.profile:  # one more step on every rank (the collectives need them all), profiled on rank 0
+    if args.profile:
+        # Two unprofiled steps first (the queue refills after the sync above, as in the timed loop), then
+        # --profile-steps profiled steps on every rank (the collectives need them all); rank r > 0 writes its trace
+        # next to rank 0's (``.rank{r}`` before the suffix).
         from torch.profiler import ProfilerActivity, profile
 
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
-        with profile(activities=activities) if ctx.rank == 0 else contextlib.nullcontext() as prof:
+        for _ in range(PROFILE_LEAD_IN):
             one_step(it)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(args.profile_steps):
+                one_step(it)
             sync()
         if ctx.rank == 0:
             table = prof.key_averages()
             if ctx.device.type == "cuda":
                 print(table.table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
             print(table.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)  # the host's share
-            if args.trace:
-                prof.export_chrome_trace(args.trace)
+        if args.trace:
+            path = Path(args.trace)
+            prof.export_chrome_trace(str(path if ctx.rank == 0 else path.with_suffix(f".rank{ctx.rank}{path.suffix}")))
     if args.pipeline:
         pipeline.reset()
     # Global work of the timed steps: every rank knows the global batches.
@@ -457,7 +464,8 @@ def run_config(args: argparse.Namespace, gpus: int, tp: int, record: Path) -> di
         f"--num-negatives={args.num_negatives}", f"--warmup={args.warmup}", f"--steps={args.steps}",
         f"--qcomms={args.qcomms}", f"--balance={args.balance}", f"--pool={args.pool}",
         "--pin-memory" if args.pin_memory else "--no-pin-memory",
-        *(["--profile"] if args.profile else []), *([f"--trace={args.trace}"] if args.trace else []),
+        *(["--profile", f"--profile-steps={args.profile_steps}"] if args.profile else []),
+        *([f"--trace={args.trace}"] if args.trace else []),
         *(["--pipeline"] if args.pipeline else []),
         *(["--compile"] if args.compile else []),
     ]  # fmt: skip
@@ -661,13 +669,22 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "docs/benchmarks/parallel"))
     ap.add_argument("--replot", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print rank 0's CUDA kernel table of one extra step")
-    ap.add_argument("--trace", default="", help="with --profile: also write that step's Chrome trace to this file")
+    ap.add_argument(
+        "--profile-steps", type=int, default=1, help="with --profile: how many consecutive steps the profile spans"
+    )
+    ap.add_argument(
+        "--trace",
+        default="",
+        help="with --profile: also write the profiled steps' Chrome trace to this file (rank r > 0: FILE.rank<r>.json)",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--record", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.trace and not args.profile:
-        ap.error("--trace writes the profiled step's trace: add --profile")
+        ap.error("--trace writes the profiled steps' trace: add --profile")
+    if args.profile_steps < 1:
+        ap.error(f"--profile-steps must be >= 1, got {args.profile_steps}")
     if args.tiny:
         args.blocks, args.dim, args.heads, args.max_len = 2, 32, 2, 64
         args.seqs_per_rank, args.num_items, args.num_negatives, args.warmup, args.steps = 4, 1000, 8, 2, 3
