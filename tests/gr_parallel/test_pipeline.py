@@ -6,11 +6,13 @@ mixing a static and a dynamic table (gr-dynemb's sharded collection nesting Torc
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
-from gr_parallel.pipeline import TrainPipeline, _copy_to_device
+from gr_parallel.pipeline import TrainPipeline, _copy_to_device, _record_stream
 from tests.gr_parallel.ckpt_workers import run, worker_pipelines
 
 STEPS = 6
@@ -40,12 +42,15 @@ def test_pipeline_equals_plain_loop_on_two_gpus(table: str) -> None:
     assert results[0][table]["losses"] == results[1][table]["losses"]
 
 
+one_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_next_batch_copy_waits_for_the_compute_streams_queued_work() -> None:
-    """The copy of batch i+1 may reuse memory of a batch whose backward is still queued on the compute stream, so it
-    must start after that work. The compute stream spins ~0.5 s; when the copy stream is done, so must the spin be.
-    (The pipeline once waited on the copy stream itself, a no-op: illegal memory accesses on 2 x H200.)"""
+@one_gpu
+def test_the_next_batch_copy_does_not_wait_for_the_compute_stream() -> None:
+    """Batch i+1's copy must not queue behind the compute stream's work (the previous step's backward): the input
+    dist's host-side read of the split sizes would then block the host until the GPU is idle. The compute stream spins
+    ~0.5 s; the copy stream finishes first."""
     device = torch.device("cuda")
     copy_stream = torch.cuda.Stream(device)
     host = torch.arange(1 << 20).pin_memory()
@@ -55,9 +60,67 @@ def test_the_next_batch_copy_waits_for_the_compute_streams_queued_work() -> None
     spun.record()
     out = _copy_to_device(host, device, copy_stream)
     copy_stream.synchronize()
-    assert spun.query(), "the copy finished while the compute stream's earlier work was still running"
+    assert not spun.query(), "the copy waited for the compute stream's earlier work"
     torch.cuda.current_stream().wait_stream(copy_stream)
     assert torch.equal(out.cpu(), host)
+
+
+@pytest.mark.gpu
+@one_gpu
+def test_a_handed_over_batch_is_not_reused_while_the_compute_stream_still_reads_it() -> None:
+    """What makes the copy above safe: a batch recorded on the compute stream keeps its memory from the next copy
+    until the compute stream's work queued before its release has run (without the record, the copy stream's
+    allocator hands the same block straight back: the control)."""
+    device = torch.device("cuda")
+    copy_stream = torch.cuda.Stream(device)
+    current = torch.cuda.current_stream()
+    host = torch.arange(1 << 20).pin_memory()
+    torch.cuda.synchronize()
+
+    control = _copy_to_device(host, device, copy_stream)
+    ptr = control.data_ptr()
+    del control
+    assert _copy_to_device(host, device, copy_stream).data_ptr() == ptr  # the allocator reuses a freed block
+
+    batch = {"ids": [_copy_to_device(host, device, copy_stream)]}
+    current.wait_stream(copy_stream)
+    _record_stream(batch, current)
+    ptr = batch["ids"][0].data_ptr()
+    torch.cuda._sleep(1_000_000_000)
+    total = batch["ids"][0].sum()  # queued behind the spin
+    del batch
+    nxt = _copy_to_device(host * 2, device, copy_stream)
+    assert nxt.data_ptr() != ptr, "the next copy took memory the compute stream has yet to read"
+    torch.cuda.synchronize()
+    assert int(total) == int(host.sum()) and torch.equal(nxt.cpu(), host * 2)
+
+
+def test_record_stream_reaches_every_tensor_holder_once() -> None:
+    """The walk behind the hand-over: containers, dataclasses, plain objects and anything with ``record_stream``
+    (KeyedJaggedTensor), each once, cycles included; CPU tensors are left alone."""
+    calls: list[str] = []
+
+    class Holder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def record_stream(self, stream: object) -> None:
+            calls.append(self.name)
+
+    @dataclasses.dataclass
+    class Batch:
+        a: Holder
+        rest: list
+
+    class Plain:
+        def __init__(self) -> None:
+            self.inner = {"b": Holder("b"), "cpu": torch.zeros(2), "n": 3}
+            self.me = self
+
+    shared = Holder("shared")
+    batch = Batch(Holder("a"), [shared, (shared, Plain()), None, "text"])
+    _record_stream(batch, object())
+    assert sorted(calls) == ["a", "b", "shared"]
 
 
 def test_pipeline_needs_a_sharded_model() -> None:

@@ -17,11 +17,15 @@ retrieval model's plain forward and loss do; its ``training_forward`` looks it u
 does not fx-trace. Matching the prefetched KJT by identity needs neither, and a forward that does not consume what
 was prefetched is an error, never a silent miss.
 
-Stream order on CUDA: the copy of batch i+1 waits for everything the compute stream queued before it (batch i-1's
-memory, freed at the end of step i-1, may be what the copy reuses while step i-1's backward still reads it), and the
-dist stream waits for the copy. ``_copy_to_device`` captures the compute stream before switching streams: inside
-``torch.cuda.stream(copy)`` the current stream *is* the copy stream, and a wait on it is a no-op (the cause of the
-illegal memory accesses this pipeline had on 2 x H200).
+Stream order on CUDA: the copy of batch i+1 runs on a copy stream without waiting for the compute stream, and the
+dist stream (high priority) waits for the copy only. Memory is kept safe the allocator's way instead: when batch i
+is handed to the compute stream, every CUDA tensor in it is recorded on that stream (``record_stream``), so its
+memory is not given to a later copy until the compute stream's work queued before the batch was freed has run. An
+earlier form made the copy wait for everything the compute stream had queued (the previous step's backward): the
+input dist's host-side split sizes (a device-to-host read on the dist stream) then blocked the host until the
+previous step had finished on the GPU, and the GPU idled while the host issued the next forward (~7 ms a step on
+2 x H200). (Waiting on the current stream inside ``torch.cuda.stream(copy)`` is a no-op: the cause of the illegal
+memory accesses this pipeline once had on 2 x H200.)
 
 Results equal the plain loop's exactly: only the time the collectives are issued moves. One caveat: batch i+1 is
 fetched from the iterator before batch i's forward, so a data pipeline that draws from the global torch RNG in the
@@ -31,6 +35,7 @@ main process (the step's negatives draw from it too) would interleave differentl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,15 +76,40 @@ class _PrefetchedForward:
 
 
 def _copy_to_device(batch: Any, device: torch.device, copy_stream: torch.cuda.Stream | None) -> Any:
-    """``batch.to(device, non_blocking=True)``; on CUDA issued on ``copy_stream`` after everything the caller's current
-    (compute) stream has queued so far: the copy's memory may come from a batch freed at the end of an earlier step
-    whose backward kernels are still queued. The compute stream is captured before switching: inside
-    ``torch.cuda.stream(copy_stream)`` the current stream is the copy stream itself."""
+    """``batch.to(device, non_blocking=True)``; on CUDA issued on ``copy_stream`` (the copy's memory is allocated
+    there), not ordered after the compute stream: the batch it may reuse memory from was recorded on the compute
+    stream when handed over (``_record_stream``)."""
     if copy_stream is None:
         return batch.to(device, non_blocking=True)
-    copy_stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(copy_stream):
         return batch.to(device, non_blocking=True)
+
+
+def _record_stream(obj: Any, stream: torch.cuda.Stream, seen: set[int] | None = None) -> None:
+    """``record_stream(stream)`` on every CUDA tensor reachable from ``obj`` (tensors, KeyedJaggedTensors and other
+    objects with ``record_stream``, lists, tuples, dicts, dataclasses and plain objects' attributes): their memory is
+    not reused until ``stream``'s work queued before they are freed has run."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        if obj.is_cuda:
+            obj.record_stream(stream)
+    elif callable(getattr(obj, "record_stream", None)) and not isinstance(obj, type):
+        obj.record_stream(stream)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _record_stream(v, stream, seen)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _record_stream(v, stream, seen)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            _record_stream(getattr(obj, f.name), stream, seen)
+    elif hasattr(obj, "__dict__"):
+        for v in vars(obj).values():
+            _record_stream(v, stream, seen)
 
 
 def _outermost_sharded(model: nn.Module) -> dict[str, ShardedModule]:
@@ -141,7 +171,9 @@ class TrainPipeline:
         self._forwards: dict[str, _PrefetchedForward] = {}
         cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
-        self._dist_stream = torch.cuda.Stream(self.device) if cuda else None
+        # High priority: the input dist's small kernels (bucketize, permutes) run between the compute stream's large
+        # ones, so the host's read of the split sizes returns soon.
+        self._dist_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
         self._next: tuple[Any, dict[str, _Prefetch]] | None = None  # batch i+1 on the device, its dists in flight
 
     # ------------------------------------------------------------------ public
@@ -158,7 +190,9 @@ class TrainPipeline:
         batch, prefetched = self._next
         self._next = None
         if self._copy_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self._copy_stream)
+            _record_stream(batch, current)  # the compute stream uses it from here on
         for name, pending in prefetched.items():
             self._forwards[name].pending = pending
         self._next = self._fetch(iterator)  # batch i+1: copy + splits all-to-all, in flight during forward i
