@@ -86,6 +86,7 @@ def test_a_handed_over_batch_is_not_reused_while_the_compute_stream_still_reads_
     current.wait_stream(copy_stream)
     _record_stream(batch, current)
     ptr = batch["ids"][0].data_ptr()
+    batch["ids"][0].sum()  # the reduction's first launch loads its module, which (lazy loading) syncs the device
     torch.cuda._sleep(1_000_000_000)
     total = batch["ids"][0].sum()  # queued behind the spin
     del batch
