@@ -50,6 +50,17 @@ def one_rank() -> ParallelContext:
     )
 
 
+def test_single_rank_sync_fills_missing_densifies_sparse_and_leaves_dense_gradients_alone():
+    dense, missing, sparse = (nn.Parameter(torch.randn(4, 3)) for _ in range(3))
+    dense.grad = torch.randn(4, 3)
+    sparse.grad = torch.randn(4, 3).to_sparse()
+    before, sparse_values = dense.grad, sparse.grad.to_dense()
+    DenseGradSync([dense, missing, sparse], one_rank()).sync()
+    assert dense.grad is before  # nothing to sum over one rank: no copy
+    assert torch.equal(missing.grad, torch.zeros(4, 3))
+    assert not sparse.grad.is_sparse and torch.equal(sparse.grad, sparse_values)
+
+
 def test_single_rank_clip_equals_torch():
     torch.manual_seed(0)
     a = [nn.Parameter(torch.randn(4, 3)) for _ in range(3)]

@@ -82,7 +82,15 @@ class DenseGradSync:
         self.buckets = grad_buckets(self.params, int(bucket_mb * 2**20))
 
     def sync(self) -> None:
-        # With one DP rank there is nothing to sum, but gradients still leave in the same form (dense, none missing).
+        if self.ctx.dp_size == 1:
+            # Nothing to sum: gradients only leave in the same form as with more ranks (dense, none missing). No flat
+            # copy and copy-back (66 copies a step for 8 HSTU blocks on a GPU, for nothing).
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                elif p.grad.is_sparse:
+                    p.grad = p.grad.to_dense()
+            return
         for bucket in self.buckets:
             grads = []
             for p in bucket:
@@ -93,17 +101,17 @@ class DenseGradSync:
                     g = g.to_dense()
                 grads.append(g.reshape(-1))
             flat = torch.cat(grads) if len(grads) > 1 else grads[0].clone()
-            if self.ctx.dp_size > 1:
-                dist.all_reduce(flat, group=self.ctx.dp_group)
-            offset = 0
-            for p in bucket:
-                n = p.numel()
-                chunk = flat[offset : offset + n].view_as(p)
+            dist.all_reduce(flat, group=self.ctx.dp_group)
+            chunks = flat.split([p.numel() for p in bucket])
+            into, sums = [], []
+            for p, chunk in zip(bucket, chunks, strict=True):
                 if p.grad is None or p.grad.is_sparse:
-                    p.grad = chunk.clone()
+                    p.grad = chunk.view_as(p).clone()
                 else:
-                    p.grad.copy_(chunk)
-                offset += n
+                    into.append(p.grad)
+                    sums.append(chunk.view_as(p))
+            if into:
+                torch._foreach_copy_(into, sums)  # one multi-tensor launch, not one copy per parameter
 
     __call__ = sync
 
