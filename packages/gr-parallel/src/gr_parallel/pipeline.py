@@ -24,8 +24,9 @@ memory is not given to a later copy until the compute stream's work queued befor
 earlier form made the copy wait for everything the compute stream had queued (the previous step's backward): the
 input dist's host-side split sizes (a device-to-host read on the dist stream) then blocked the host until the
 previous step had finished on the GPU, and the GPU idled while the host issued the next forward (about 7 ms at the
-start of some steps in a profiled DP=2 run on 2 x H200; DP=2 went from 53.2 to 44.4 ms a step without the wait). (Waiting on the current stream inside ``torch.cuda.stream(copy)`` is a no-op: the cause of the illegal
-memory accesses this pipeline once had on 2 x H200.)
+start of some steps in a profiled DP=2 run on 2 x H200; DP=2 went from 53.2 to 44.4 ms a step without the wait).
+(Waiting on the current stream inside ``torch.cuda.stream(copy)`` is a no-op: the cause of the illegal memory
+accesses this pipeline once had on 2 x H200.)
 
 Results equal the plain loop's exactly: only the time the collectives are issued moves. One caveat: batch i+1 is
 fetched from the iterator before batch i's forward, so a data pipeline that draws from the global torch RNG in the
