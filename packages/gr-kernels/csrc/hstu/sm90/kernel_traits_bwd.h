@@ -37,11 +37,18 @@ struct BwdTile<64> {
   static constexpr int kBlockN = 128;
   static constexpr int kDkvAtomM = 2;  // dK/dV: warpgroups split the keys
 };
+// Overridable at compile time (-D) to check another register plan without editing (tools/kernel_resources.py).
+#ifndef GR_HSTU_BWD_HDIM128_BLOCK_N
+#define GR_HSTU_BWD_HDIM128_BLOCK_N 64
+#endif
+#ifndef GR_HSTU_BWD_HDIM128_DKV_ATOM_M
+#define GR_HSTU_BWD_HDIM128_DKV_ATOM_M 1
+#endif
 template <>
 struct BwdTile<128> {
   // 128 keys (64 per warpgroup) spilled and made ptxas serialise the GMMAs ("insufficient register resources").
-  static constexpr int kBlockN = 64;
-  static constexpr int kDkvAtomM = 1;
+  static constexpr int kBlockN = GR_HSTU_BWD_HDIM128_BLOCK_N;
+  static constexpr int kDkvAtomM = GR_HSTU_BWD_HDIM128_DKV_ATOM_M;
 };
 template <>
 struct BwdTile<256> {
