@@ -118,10 +118,16 @@ def test_record_stream_reaches_every_tensor_holder_once() -> None:
             self.inner = {"b": Holder("b"), "cpu": torch.zeros(2), "n": 3}
             self.me = self
 
+    class Slotted:
+        __slots__ = ("c", "unset")
+
+        def __init__(self) -> None:
+            self.c = Holder("c")
+
     shared = Holder("shared")
-    batch = Batch(Holder("a"), [shared, (shared, Plain()), None, "text"])
+    batch = Batch(Holder("a"), [shared, (shared, Plain()), None, "text", Slotted()])
     _record_stream(batch, object())
-    assert sorted(calls) == ["a", "b", "shared"]
+    assert sorted(calls) == ["a", "b", "c", "shared"]
 
 
 def test_pipeline_needs_a_sharded_model() -> None:

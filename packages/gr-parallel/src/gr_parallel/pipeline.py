@@ -88,7 +88,8 @@ def _copy_to_device(batch: Any, device: torch.device, copy_stream: torch.cuda.St
 
 def _record_stream(obj: Any, stream: torch.cuda.Stream, seen: set[int] | None = None) -> None:
     """``record_stream(stream)`` on every CUDA tensor reachable from ``obj`` (tensors, KeyedJaggedTensors and other
-    objects with ``record_stream``, lists, tuples, dicts, dataclasses and plain objects' attributes): their memory is
+    objects with ``record_stream``, lists, tuples, dicts, dataclasses and plain objects' attributes, ``__slots__``
+    included): their memory is
     not reused until ``stream``'s work queued before they are freed has run."""
     seen = set() if seen is None else seen
     if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
@@ -108,9 +109,13 @@ def _record_stream(obj: Any, stream: torch.cuda.Stream, seen: set[int] | None = 
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
             _record_stream(getattr(obj, f.name), stream, seen)
-    elif hasattr(obj, "__dict__"):
-        for v in vars(obj).values():
+    else:
+        for v in getattr(obj, "__dict__", {}).values():
             _record_stream(v, stream, seen)
+        for cls in type(obj).__mro__:  # attributes in __slots__ have no __dict__ entry
+            for name in getattr(cls, "__slots__", ()):
+                if name not in ("__dict__", "__weakref__") and hasattr(obj, name):
+                    _record_stream(getattr(obj, name), stream, seen)
 
 
 def _outermost_sharded(model: nn.Module) -> dict[str, ShardedModule]:
