@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools modules
+from bench_outputs import cuda_time_ms as time_ms
 from bench_outputs import merge_device_run, write_outputs
 
 from gr_models.retrieval import gathered_logits as gl
@@ -34,20 +35,6 @@ REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 DENSE_MAX_BYTES = 48 << 30  # the dense route's [N, M] scores and their gradient, both alive in backward
-
-
-def time_ms(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
-    """Milliseconds per call (CUDA events around ``reps`` back-to-back calls)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def peak_gib(fn: Callable[[], object]) -> float:

@@ -1,5 +1,6 @@
 """What the device-keeping benchmarks share: one ``{"runs": [...], "records": [...]}`` JSON per benchmark, where a run
-on one device replaces that device's run and records and keeps every other device's, plus the .md/.png beside it."""
+on one device replaces that device's run and records and keeps every other device's, plus the .md/.png beside it;
+and the CUDA-event timer of back-to-back calls."""
 
 from __future__ import annotations
 
@@ -43,3 +44,20 @@ def write_outputs(
     except ImportError:  # a GPU machine without matplotlib: --replot later
         print("matplotlib missing: no plot written", file=sys.stderr)
     print(md)
+
+
+def cuda_time_ms(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
+    """Milliseconds per call of ``fn`` on the GPU (CUDA events around ``reps`` back-to-back calls, after ``warmup``
+    untimed ones)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools modules
-from bench_outputs import merge_device_run, write_outputs
+from bench_outputs import cuda_time_ms, merge_device_run, write_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_ROWS = (64, 128, 256)
@@ -37,18 +37,9 @@ SWEEP_BLOCK_N = (128, 256)
 SWEEP_WARPS = (4, 8)
 
 
-def time_us(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
-    """Microseconds per call (CUDA events around ``reps`` back-to-back calls)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1e3
+def time_us(fn: Callable[[], object], reps: int) -> float:
+    """Microseconds per call (CUDA events around ``reps`` back-to-back calls after 3 untimed ones)."""
+    return cuda_time_ms(fn, reps, warmup=3) * 1e3
 
 
 def bench(n: int, width: int, reps: int, sweep: bool) -> list[dict]:
