@@ -178,6 +178,7 @@ def test_graphed_steps_equal_eager_steps_across_buckets(autocast: bool) -> None:
             torch.testing.assert_close(a, r, **tol)
     graphs = graphed._graphs()
     assert graphs.captures == 4 and graphs.replays == 5  # the fourth batch replays the second one's bucket
+    assert not graphs.io.out.requires_grad  # the capture's autograd graph is not kept alive through the buffer
 
 
 @pytest.mark.gpu

@@ -310,7 +310,8 @@ class EncoderGraphs:
         fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(fwd, pool=self.pool, capture_error_mode="thread_local"):
             y = forward()
-            io.out[: key.rows].copy_(y)
+            with torch.no_grad():  # else the buffer records a CopySlices node that keeps y's autograd graph alive
+                io.out[: key.rows].copy_(y)
         with torch.cuda.graph(bwd, pool=self.pool, capture_error_mode="thread_local"):
             grads = backward(y)
             if grads[0] is None:
