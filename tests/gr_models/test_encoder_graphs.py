@@ -130,6 +130,7 @@ def test_cpu_calls_run_eagerly_and_copies_start_without_graphs() -> None:
     torch.testing.assert_close(y, encoder.encode(x, offsets, 4, ts, qts))
     graphs = encoder._graphs()
     assert graphs is not None and graphs.eager_reason(encoder, x) == "cpu" and graphs.captures == 0
+    assert graphs.eager_reason(encoder, x[:0]) == "empty"  # an empty batch runs eagerly on any device
     graphs.captures = 5
     for clone in (copy.deepcopy(encoder), pickle.loads(pickle.dumps(encoder))):
         fresh = clone._graphs()

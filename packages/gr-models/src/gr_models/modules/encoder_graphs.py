@@ -24,11 +24,11 @@ pending (two forwards before one backward, e.g. gradient accumulation that sums 
 a backward that would read activations another forward has since overwritten (``retain_graph`` and a second
 backward) is an error.
 
-What runs eagerly instead (same results): eval/no-grad calls, CPU tensors, compiled or exported code, blocks that
-are not plain ``HSTUBlock`` (tensor-parallel conversions), and attention dropout (its seed is drawn on the host, so a
-graph would replay one mask). The encoder's output is a view of a static buffer that the next graphed forward of the
-same encoder overwrites: clone it to keep it past the step (the retrieval and ranking models normalise or project it
-first, which copies).
+What runs eagerly instead (same results): empty batches, eval/no-grad calls, CPU tensors, compiled or exported code,
+blocks that are not plain ``HSTUBlock`` (tensor-parallel conversions), and attention dropout (its seed is drawn on the
+host, so a graph would replay one mask). The encoder's output is a view of a static buffer that the next graphed
+forward of the same encoder overwrites: clone it to keep it past the step (the retrieval and ranking models normalise
+or project it first, which copies).
 """
 
 from __future__ import annotations
@@ -173,6 +173,8 @@ class EncoderGraphs:
         """Why this call runs eagerly, or None when it replays a graph."""
         from gr_models.modules.hstu import HSTUBlock
 
+        if x.shape[0] == 0:
+            return "empty"  # nothing to replay (and no bucket holds zero rows)
         if not x.is_cuda:
             return "cpu"
         if not (encoder.training and torch.is_grad_enabled()):
@@ -191,8 +193,8 @@ class EncoderGraphs:
         return None
 
     def note(self, reason: str) -> None:
-        """Logs once per reason why calls run eagerly (the routine ones, cpu/eval/pending, silently)."""
-        if reason in ("cpu", "eval", "compiled", "capturing", "pending") or reason in self._logged:
+        """Logs once per reason why calls run eagerly (the routine ones, empty/cpu/eval/pending, silently)."""
+        if reason in ("empty", "cpu", "eval", "compiled", "capturing", "pending") or reason in self._logged:
             return
         self._logged.add(reason)
         log.info("HSTUEncoder CUDA graphs: running eagerly: %s", reason)
