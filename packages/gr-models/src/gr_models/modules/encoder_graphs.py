@@ -54,12 +54,16 @@ WARMUP_STEPS = 2  # eager forward+backward passes on a side stream before captur
 DEFAULT_MAX_GRAPHS = 32
 
 
+def _row_granule(rows: int) -> int:
+    """The bucket step around ``rows`` rows: ``max(MIN_ROW_GRANULE, 2^floor(log2(rows)) / ROWS_PER_OCTAVE)``."""
+    return max(MIN_ROW_GRANULE, (1 << (rows.bit_length() - 1)) // ROWS_PER_OCTAVE)
+
+
 def bucket_rows(rows: int) -> int:
-    """The padded row count of a batch of ``rows`` rows: rounded up to ``max(MIN_ROW_GRANULE, 2^floor(log2(rows)) /
-    ROWS_PER_OCTAVE)``."""
+    """The padded row count of a batch of ``rows`` rows: rounded up to its ``_row_granule``."""
     if rows < 1:
         raise ValueError(f"a graphed encoder batch needs at least one row, got {rows}")
-    granule = max(MIN_ROW_GRANULE, (1 << (rows.bit_length() - 1)) // ROWS_PER_OCTAVE)
+    granule = _row_granule(rows)
     return -(-rows // granule) * granule
 
 
@@ -78,8 +82,7 @@ def padding_offsets(rows: int, padded_rows: int, pad_len: int) -> list[int]:
 
 def padding_seqs(padded_rows: int, pad_len: int) -> int:
     """How many padding sequences a bucket of ``padded_rows`` rows carries (enough for any batch that lands in it)."""
-    granule = max(MIN_ROW_GRANULE, (1 << (padded_rows.bit_length() - 1)) // ROWS_PER_OCTAVE)
-    return -(-granule // pad_len)
+    return -(-_row_granule(padded_rows) // pad_len)
 
 
 @dataclass(frozen=True)
@@ -247,10 +250,10 @@ class EncoderGraphs:
             self.io = _StaticIO(grow(padded), grow(seqs), dim, x.dtype, seq_offsets.dtype, x.device)
         io = self.io
         self._stage(io, key, x, seq_offsets, timestamps, query_timestamps, num_targets, positions, rows)
+        used = [p for p in params if p.requires_grad]
         graphs = self.graphs.lookup(key)
         if graphs is None:
-            graphs = self.graphs.store(key, self._capture(encoder, key, params, contextual_seq_len))
-        used = [p for p in params if p.requires_grad]
+            graphs = self.graphs.store(key, self._capture(encoder, key, used))
         return _GraphedEncoder.apply(self, graphs, rows, padded, x, *used)
 
     @staticmethod
@@ -283,11 +286,12 @@ class EncoderGraphs:
             "positions": io.positions[:r] if key.has_positions else None,
         }
 
-    def _capture(self, encoder: HSTUEncoder, key: _Key, params: list, contextual_seq_len: int) -> _Graphs:
+    def _capture(self, encoder: HSTUEncoder, key: _Key, used: list) -> _Graphs:
+        """Warm-up passes on a side stream, then the forward and backward graphs of bucket ``key``; ``used``: the
+        parameters that get gradients."""
         io = self.io
         x = io.x[: key.rows].detach().requires_grad_(True)
         inputs = self._inputs(key)
-        used = [p for p in params if p.requires_grad]
         grad_out = io.grad_out[: key.rows]
         enabled, dtype = key.autocast
         # The autocast cache would let the capture read weight casts made before it (stale after optimizer steps).
