@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from gr_models.transfer import to_device
+
 if TYPE_CHECKING:
     from gr_models.modules.hstu import HSTUEncoder
 
@@ -263,8 +265,9 @@ class EncoderGraphs:
         io.x[:rows].copy_(x.detach())
         io.x[rows:padded].zero_()
         io.offsets[: b + 1].copy_(seq_offsets)
+        # Through gr_models.transfer (pinned memory): from pageable memory the driver may wait for the stream.
         tail = torch.tensor(padding_offsets(rows, padded, key.pad_len), dtype=io.offsets.dtype)
-        io.offsets[b + 1 : b + 1 + key.pad_seqs].copy_(tail, non_blocking=True)
+        io.offsets[b + 1 : b + 1 + key.pad_seqs].copy_(to_device(tail, io.offsets.device))
         io.timestamps[:rows].copy_(timestamps)
         io.query_timestamps[:rows].copy_(query_timestamps)
         if positions is not None:
