@@ -683,6 +683,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.trace and not args.profile:
         ap.error("--trace writes the profiled steps' trace: add --profile")
+    if args.trace and not args.worker and Path(args.trace).resolve() == Path(args.out).with_suffix(".json").resolve():
+        ap.error(f"--trace {args.trace} is the records file of --out {args.out}: the trace would overwrite it")
     if args.profile_steps < 1:
         ap.error(f"--profile-steps must be >= 1, got {args.profile_steps}")
     if args.tiny:
