@@ -6,8 +6,14 @@ so the table says which part of the model a kernel time belongs to (e.g. ``aten:
 vs. a forward ``aten::cat``): columns ms, calls, op, autograd node (the enclosing ``evaluate_function`` range on the
 same thread, for backward kernels) and the kernel's name.
 
+Before the table, a timeline summary per trace: its span, the time the GPU was busy (the union of kernels, copies
+and memsets over all streams) and idle, and the kernel time launched from CUDA graphs, by NCCL and otherwise
+(``--steps N``: also per step, for a trace of N profiled steps).
+
     python tools/trace_kernels.py trace.json --top 40
     python tools/trace_kernels.py base.json new.json      # two traces side by side (ms per row), largest change first
+    python tools/trace_kernels.py t.json --steps 3        # the summary per step too
+    python tools/trace_kernels.py t.json --host-range "[splits_dist]"   # host time inside ranges of that prefix
 """
 
 from __future__ import annotations
@@ -64,16 +70,82 @@ def kernel_times(events: list[dict], name_width: int = 70) -> tuple[dict[Key, fl
     return time, calls
 
 
+def timeline(events: list[dict]) -> dict[str, float]:
+    """Milliseconds: ``span`` (first device activity to last), ``busy`` (union over streams), ``idle``, and kernel
+    time by launcher: ``graph`` (replayed CUDA graphs), ``nccl`` (NCCL kernels launched eagerly), ``other``."""
+    device = sorted(
+        (e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+        key=lambda e: e["ts"],
+    )
+    if not device:
+        return {"span": 0.0, "busy": 0.0, "idle": 0.0, "graph": 0.0, "nccl": 0.0, "other": 0.0}
+    launchers = {
+        e["args"]["correlation"]: e["name"]
+        for e in events
+        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+    }
+    busy, start, end = 0.0, device[0]["ts"], device[0]["ts"]
+    for e in device:
+        if e["ts"] > end:
+            busy += end - start
+            start = e["ts"]
+        end = max(end, e["ts"] + e["dur"])
+    busy += end - start
+    span = end - device[0]["ts"]
+    by = collections.Counter()
+    for e in device:
+        if e.get("cat") != "kernel":
+            continue
+        launcher = launchers.get(e.get("args", {}).get("correlation"), "")
+        kind = "graph" if "Graph" in launcher else "nccl" if "nccl" in e["name"].lower() else "other"
+        by[kind] += e["dur"]
+    return {"span": span / 1e3, "busy": busy / 1e3, "idle": (span - busy) / 1e3,
+            **{k: by[k] / 1e3 for k in ("graph", "nccl", "other")}}  # fmt: skip
+
+
+def host_range_ms(events: list[dict], prefix: str) -> float:
+    """Host milliseconds inside CPU ranges (ops or ``record_function`` ranges) whose name starts with ``prefix``,
+    nested ones counted once."""
+    ranges = sorted(
+        (e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and e.get("name", "").startswith(prefix)),
+        key=lambda e: (e["tid"], e["ts"]),
+    )
+    total, tid, end = 0.0, None, -1.0
+    for e in ranges:
+        if e["tid"] != tid:
+            tid, end = e["tid"], -1.0
+        start, stop = max(e["ts"], end), e["ts"] + e["dur"]
+        if stop > start:
+            total += stop - start
+            end = stop
+    return total / 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("traces", nargs="+", type=Path, help="one trace, or two to compare")
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=1, help="profiled steps in each trace (the summary per step too)")
+    ap.add_argument("--host-range", action="append", default=[], help="also the host time in ranges of this prefix")
     args = ap.parse_args()
     if len(args.traces) > 2:
         ap.error("give one trace, or two to compare")
-    tables = [kernel_times(load_events(p)) for p in args.traces]
-    for path, (time, _) in zip(args.traces, tables, strict=True):
+    if args.steps < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}")
+    tables = []
+    for path in args.traces:
+        events = load_events(path)
+        tables.append(kernel_times(events))
+        time = tables[-1][0]
         print(f"{path}: {sum(time.values()) / 1e3:.2f} ms of kernels, {len(time)} (op, node, kernel) rows")
+        t = timeline(events)
+        line = ", ".join(f"{k} {v:.2f}" for k, v in t.items())
+        print(f"  timeline ms: {line}")
+        if args.steps > 1:
+            print(f"  per step ({args.steps}): " + ", ".join(f"{k} {v / args.steps:.2f}" for k, v in t.items()))
+        for prefix in args.host_range:
+            ms = host_range_ms(events, prefix)
+            print(f"  host ms in {prefix!r}: {ms:.2f} ({ms / args.steps:.2f} per step)")
     if len(tables) == 1:
         time, calls = tables[0]
         print("\n| ms | calls | op | autograd node | kernel |\n|---|---|---|---|---|")
