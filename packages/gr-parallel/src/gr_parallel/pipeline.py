@@ -23,8 +23,9 @@ is handed to the compute stream, every CUDA tensor in it is recorded on that str
 memory is not given to a later copy until the compute stream's work queued before the batch was freed has run. An
 earlier form made the copy wait for everything the compute stream had queued (the previous step's backward): the
 input dist's host-side split sizes (a device-to-host read on the dist stream) then blocked the host until the
-previous step had finished on the GPU, and the GPU idled while the host issued the next forward (about 7 ms at the
-start of some steps in a profiled DP=2 run on 2 x H200; DP=2 went from 53.2 to 44.4 ms a step without the wait).
+previous step had finished on the GPU, and the GPU idled while the host issued the next forward (in profiled DP=2
+steps on 2 x H200: 10.5 ms of host time a step in the split read; DP=2 went from 53.2 to 44.4 ms a step without the
+wait; gr-parallel README).
 (Waiting on the current stream inside ``torch.cuda.stream(copy)`` is a no-op: the cause of the illegal memory
 accesses this pipeline once had on 2 x H200.)
 
