@@ -15,6 +15,14 @@ namespace gr_kernels {
 
 namespace detail {
 
+// The same pointer, opaque to the optimiser: values derived from it cannot be hoisted above this point (e.g. out of a
+// loop, where they would occupy registers for the whole loop).
+template <typename T>
+__device__ __forceinline__ T* opaque(T* ptr) {
+  asm volatile("" : "+l"(ptr));
+  return ptr;
+}
+
 __device__ __forceinline__ float fast_sigmoid(float x) {
   // sigmoid(x) = 0.5 tanh(x / 2) + 0.5: one MUFU.TANH instead of an exp and a reciprocal.
   float t;

@@ -29,9 +29,10 @@
 namespace gr_kernels {
 namespace sm90 {
 
-template <typename Element_, typename Traits, bool kHasRab>
+template <typename Element_, typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(const __grid_constant__ BwdArgs<Traits> args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool kHasRab = Traits::kRab;
   using Mainloop = BwdMainloop<Element_, Traits>;
   using Epilogue = BwdEpilogue<Element_, Traits>;
   using Pipeline = typename Traits::Pipeline;
@@ -102,23 +103,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(cons
 #endif
 }
 
-// Host side: builds the TMA descriptors and launches one (dtype, head dim) instantiation. Delta q is not supported
-// here (the caller routes it to the SM80 kernel).
-template <typename Element_, int kHeadDim>
-const char* run_hstu_bwd_sm90(const HstuBwdParams& p, cudaStream_t stream) {
+// Host side: builds the TMA descriptors and launches one (dtype, head dim, bias or not) instantiation.
+template <typename Element_, int kHeadDim, bool kRab>
+const char* launch_hstu_bwd_sm90(const HstuBwdParams& p, cudaStream_t stream) {
   using namespace cute;
-  using Traits = BwdTraits<Element_, kHeadDim>;
+  using Traits = BwdTraits<Element_, kHeadDim, kRab>;
   using Element = typename Traits::Element;
-  if (p.q_offsets != nullptr) return "the Hopper backward has no delta q (q_offsets)";
-  if (p.rab != nullptr && p.drab_accum != nullptr) {
-    return "the Hopper backward writes drab as 16-bit tiles (drab), not into the fp32 drab_accum";
-  }
-  if (p.drab != nullptr && (reinterpret_cast<std::uintptr_t>(p.drab) % 16 != 0 || p.drab_row_stride % 8 != 0 ||
-                            p.drab_row_stride < p.max_seq_len)) {
-    return "the Hopper backward's drab needs a 16-byte aligned base and a row stride >= max_seq_len that is a "
-           "multiple of 8 elements";
-  }
-  if (p.batch == 0 || p.total_rows == 0) return "";
   auto gmem = [&](const void* ptr, int64_t row_stride, int64_t head_stride) {
     return make_tensor(make_gmem_ptr(static_cast<const Element*>(ptr)),
                        make_layout(make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads)),
@@ -136,8 +126,16 @@ const char* run_hstu_bwd_sm90(const HstuBwdParams& p, cudaStream_t stream) {
       make_tma_copy(SM90_TMA_LOAD{}, gmem(p.v, p.v_row_stride, p.v_head_stride), typename Traits::SmemLayoutV{},
                     tile_kv, _1{}),
       {},  // tma_drab: set below when drab is written
+      {},  // tma_dq: set below with kDqTma
   };
-  if (p.rab != nullptr && p.drab != nullptr) {
+  if constexpr (Traits::kDqTma) {
+    // dq_accum: contiguous fp32 [total, heads, dim] as (row, dim, head).
+    auto g_dq = make_tensor(make_gmem_ptr(p.dq_accum),
+                            make_layout(make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads)),
+                                        make_stride(int64_t(p.heads) * kHeadDim, _1{}, int64_t(kHeadDim))));
+    args.tma_dq = make_tma_copy(SM90_TMA_REDUCE_ADD{}, g_dq, typename Traits::SmemLayoutDq{}, tile_q, _1{});
+  }
+  if (kRab && p.drab != nullptr) {
     // [batch * rab_heads] planes of [max_seq_len rows, drab_row_stride]; TMA clips the tiles at max_seq_len.
     const int64_t n = p.max_seq_len;
     auto g_drab = make_tensor(make_gmem_ptr(static_cast<Element*>(p.drab)),
@@ -147,9 +145,26 @@ const char* run_hstu_bwd_sm90(const HstuBwdParams& p, cudaStream_t stream) {
                                   Shape<Int<Traits::kBlockM>, Int<Traits::kBlockN>>{}, _1{});
   }
   const dim3 grid((p.max_seq_len + Traits::kBlockN - 1) / Traits::kBlockN, p.heads, p.batch);
-  auto kernel = p.rab != nullptr ? hstu_bwd_sm90_kernel<Element_, Traits, true>
-                                 : hstu_bwd_sm90_kernel<Element_, Traits, false>;
-  return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemBytes, args, stream);
+  return launch_kernel(hstu_bwd_sm90_kernel<Element_, Traits>, grid, Traits::kThreads, Traits::kSmemBytes, args,
+                       stream);
+}
+
+// Checks the call, then launches the instantiation with or without a bias. Delta q is not supported here (the caller
+// routes it to the SM80 kernel).
+template <typename Element_, int kHeadDim>
+const char* run_hstu_bwd_sm90(const HstuBwdParams& p, cudaStream_t stream) {
+  if (p.q_offsets != nullptr) return "the Hopper backward has no delta q (q_offsets)";
+  if (p.rab != nullptr && p.drab_accum != nullptr) {
+    return "the Hopper backward writes drab as 16-bit tiles (drab), not into the fp32 drab_accum";
+  }
+  if (p.drab != nullptr && (reinterpret_cast<std::uintptr_t>(p.drab) % 16 != 0 || p.drab_row_stride % 8 != 0 ||
+                            p.drab_row_stride < p.max_seq_len)) {
+    return "the Hopper backward's drab needs a 16-byte aligned base and a row stride >= max_seq_len that is a "
+           "multiple of 8 elements";
+  }
+  if (p.batch == 0 || p.total_rows == 0) return "";
+  return p.rab != nullptr ? launch_hstu_bwd_sm90<Element_, kHeadDim, true>(p, stream)
+                          : launch_hstu_bwd_sm90<Element_, kHeadDim, false>(p, stream);
 }
 
 }  // namespace sm90

@@ -10,9 +10,12 @@
 // P and dX (16-bit) go through double-buffered shared memory because the key-major GEMMs need them transposed and
 // dQ needs every key of the tile, which spans both warpgroups.
 //
-// Tiles per head dim: the dK + dV accumulators (fp32, kBlockN x kHeadDim each) must fit the consumer registers next
-// to S, dP and dQ without spills or serialised GMMAs (ptxas -v): 128 keys at head dim 64 (each warpgroup owns 64 keys
-// of dK/dV), 64 keys at 128 and 256 (each warpgroup owns half of the head dim of all 64 keys).
+// Tiles per head dim (BwdTile): the dK + dV accumulators (fp32, kBlockN x kHeadDim each) must fit the consumer
+// registers next to S, dP and dQ without serialised GMMAs (ptxas -v; tools/kernel_resources.py): 128 keys at head
+// dims 64 and 128 (each warpgroup owns 64 keys of dK/dV: 128 registers a thread at 128; 64 keys at 128 with a bias),
+// 64 keys at 256 (each warpgroup owns half of the head dim of all 64 keys). At 64 and 128 dQ leaves through shared
+// memory and a TMA reduce-add (kDqTma), which keeps the atomics' addresses out of the registers; at 256 there is no
+// shared memory left for it.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -30,47 +33,57 @@
 namespace gr_kernels {
 namespace sm90 {
 
-template <int kHeadDim>
+// kDqTma: each query tile's dQ leaves through shared memory as one TMA reduce-add into dq_accum instead of per-thread
+// float2 atomics. That takes a (kBlockM x head dim) fp32 tile of shared memory, which head dim 256 has no room for.
+// kRab: the instantiation with a bias, whose loads take registers too.
+template <int kHeadDim, bool kRab>
 struct BwdTile;
-template <>
-struct BwdTile<64> {
+template <bool kRab>
+struct BwdTile<64, kRab> {
   static constexpr int kBlockN = 128;
   static constexpr int kDkvAtomM = 2;  // dK/dV: warpgroups split the keys
+  static constexpr bool kDqTma = true;
 };
 // Overridable at compile time (-D) to check another register plan without editing (tools/kernel_resources.py).
 #ifndef GR_HSTU_BWD_HDIM128_BLOCK_N
-#define GR_HSTU_BWD_HDIM128_BLOCK_N 64
+#define GR_HSTU_BWD_HDIM128_BLOCK_N 128
 #endif
-#ifndef GR_HSTU_BWD_HDIM128_DKV_ATOM_M
-#define GR_HSTU_BWD_HDIM128_DKV_ATOM_M 1
+#ifndef GR_HSTU_BWD_HDIM128_RAB_BLOCK_N
+#define GR_HSTU_BWD_HDIM128_RAB_BLOCK_N 64
 #endif
-template <>
-struct BwdTile<128> {
-  // 128 keys (64 per warpgroup) spilled and made ptxas serialise the GMMAs ("insufficient register resources").
-  static constexpr int kBlockN = GR_HSTU_BWD_HDIM128_BLOCK_N;
-  static constexpr int kDkvAtomM = GR_HSTU_BWD_HDIM128_DKV_ATOM_M;
+template <bool kRab>
+struct BwdTile<128, kRab> {
+  // 128 keys: each warpgroup owns 64 keys of dK / dV (128 registers a thread). With dQ atomics that spilled and made
+  // ptxas serialise the GMMAs (the atomics' addresses stayed live next to the in-flight dK / dV); with dQ through
+  // shared memory it fits. With a bias, 128 keys spilled more and ran slower than 64 (H200: 201 against 242 TFLOP/s).
+  static constexpr int kBlockN = kRab ? GR_HSTU_BWD_HDIM128_RAB_BLOCK_N : GR_HSTU_BWD_HDIM128_BLOCK_N;
+  static constexpr int kDkvAtomM = kBlockN == 128 ? 2 : 1;  // 64 keys: warpgroups split the head dim
+  static constexpr bool kDqTma = true;
 };
-template <>
-struct BwdTile<256> {
+template <bool kRab>
+struct BwdTile<256, kRab> {
   static constexpr int kBlockN = 64;
   static constexpr int kDkvAtomM = 1;  // dK/dV: warpgroups split the head dim
+  static constexpr bool kDqTma = false;  // Q, dO, K, V, P, dX already take 224 KB
 };
 
-template <typename Element_, int kHeadDim_>
+template <typename Element_, int kHeadDim_, bool kRab_ = false>
 struct BwdTraits {
   using Element = typename CuteType<Element_>::type;
   using ElementAccum = float;
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kRab = kRab_;
   static constexpr int kBlockM = 64;
-  static constexpr int kBlockN = BwdTile<kHeadDim>::kBlockN;
+  static constexpr int kBlockN = BwdTile<kHeadDim, kRab>::kBlockN;
   static constexpr int kStages = 2;
   static constexpr int kConsumerWarpGroups = 2;
   static constexpr int kThreads = (kConsumerWarpGroups + 1) * 128;
   static constexpr int kConsumerThreads = kConsumerWarpGroups * 128;
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
-  static constexpr int kDkvAtomM = BwdTile<kHeadDim>::kDkvAtomM;
+  static constexpr int kDkvAtomM = BwdTile<kHeadDim, kRab>::kDkvAtomM;
   static constexpr int kDkvAtomN = kConsumerWarpGroups / kDkvAtomM;
+  static constexpr bool kDqTma = BwdTile<kHeadDim, kRab>::kDqTma;
   static_assert(kHeadDim % 64 == 0 && kBlockN % 64 == 0, "tiles must be whole 128-byte swizzle rows");
 
   using _M = cute::Int<kBlockM>;
@@ -125,6 +138,15 @@ struct BwdTraits {
       cute::SM90_TMA_REDUCE_ADD{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<Element*>(nullptr)), GmemLayout{}),
       cute::take<0, 2>(SmemLayoutP{}), cute::Shape<_M, _N>{}, cute::_1{}));
 
+  // dQ (fp32, queries x head dim) staged for its TMA reduce-add into dq_accum [total, heads, dim] (fp32): 128-byte
+  // swizzled rows of 32 floats, so the accumulator's float2 stores spread over the banks.
+  using SmemLayoutDq = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<ElementAccum>{}, cute::Shape<_M, _D>{}));
+  using GmemLayoutDq = cute::Layout<cute::Shape<int32_t, int32_t, int32_t>, cute::Stride<int64_t, cute::_1, int64_t>>;
+  using TmaDq = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_REDUCE_ADD{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<ElementAccum*>(nullptr)), GmemLayoutDq{}),
+      SmemLayoutDq{}, cute::Shape<_M, _D>{}, cute::_1{}));
+  static constexpr int kDqSmemElems = kDqTma ? cute::cosize_v<SmemLayoutDq> : 1;
+
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename Pipeline::PipelineState;
   static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
@@ -137,6 +159,7 @@ struct BwdTraits {
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutV>, 1024> v;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutP>, 1024> p;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutP>, 1024> dx;
+    cute::array_aligned<ElementAccum, kDqSmemElems, 1024> dq;  // kDqTma only (one float otherwise)
     alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_kv;
     typename Pipeline::SharedStorage pipeline_q;
     typename Pipeline::SharedStorage pipeline_do;
@@ -154,6 +177,7 @@ struct BwdArgs {
   typename Traits::TmaKV tma_k;
   typename Traits::TmaKV tma_v;
   typename Traits::TmaDrab tma_drab;  // set only when p.drab is given
+  typename Traits::TmaDq tma_dq;      // set only with Traits::kDqTma
 };
 
 }  // namespace sm90

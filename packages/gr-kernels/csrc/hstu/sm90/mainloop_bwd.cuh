@@ -6,11 +6,13 @@
 //              P = SiLU(alpha (S + rab)) * mask / N and dX = dP * SiLU'(z) * mask * alpha / N, both to shared
 //              memory (stmatrix); both warpgroups sync; dQ = dX K, dV += P^T dO, dK += dX^T Q are issued together,
 //              and (with drab) one thread issues the TMA reduce-add of the dX tile into drab (drab = dX); dQ is added
-//              into the fp32 dq buffer (global float2 atomics) while dV and dK still run. The two consumer
-//              warpgroups move in step (one barrier per tile: dQ needs every key of dX).
+//              into the fp32 dq buffer while dV and dK still run: with kDqTma it is written to shared memory and,
+//              after a second barrier, one thread issues its TMA reduce-add; else each thread adds its elements
+//              with float2 atomics. The two consumer warpgroups move in step (dQ needs every key of dX).
 // P / dX use two shared-memory buffers (alternating per tile): a warpgroup writing tile t + 1's buffer has passed
 // the barrier of tile t, which the other warpgroup reached only after its GEMMs of tile t - 1 (same buffer) retired,
-// and which the drab thread reached only after the reduce-add of tile t - 1 had read its dX (bulk wait_group.read).
+// and which the TMA thread reached only after the reduce-adds of tile t - 1 had read their dX / dQ (bulk
+// wait_group.read). The one dQ buffer is rewritten after that barrier too.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -53,6 +55,7 @@ struct BwdMainloop {
   using PipelineState = typename Traits::PipelineState;
   // User barrier id 0 (hardware barrier 8: CUTLASS reserves 0..7): both consumer warpgroups, once per tile.
   static constexpr int kPdxBarrier = 0;
+  static constexpr int kDqBarrier = 1;  // kDqTma: every dQ element of the tile is in shared memory
 
   // Query rows [m_begin, m_end) whose tiles can see keys [n0, n0 + kBlockN): causal rows look back only, except
   // context rows (which come first); a window without context or targets bounds both ends. m_begin is a multiple
@@ -138,30 +141,6 @@ struct BwdMainloop {
     auto thr_dkv = mma_dkv.get_thread_slice(tidx);
     auto thr_dq = mma_dq.get_thread_slice(tidx);
 
-    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
-    Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQt{});
-    Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Traits::SmemLayoutDo{});
-    Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Traits::SmemLayoutDot{});
-    Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});
-    Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutKt{});
-    Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutV{});
-    Tensor sP = make_tensor(make_smem_ptr(ss.p.data()), typename Traits::SmemLayoutP{});
-    Tensor sPt = make_tensor(make_smem_ptr(ss.p.data()), typename Traits::SmemLayoutPt{});
-    Tensor sdX = make_tensor(make_smem_ptr(ss.dx.data()), typename Traits::SmemLayoutP{});
-    Tensor sdXt = make_tensor(make_smem_ptr(ss.dx.data()), typename Traits::SmemLayoutPt{});
-
-    // GMMA descriptors.
-    Tensor tSrQ = thr_sdp.partition_fragment_A(sQ);      // (MMA, M, K, stage)
-    Tensor tSrK = thr_sdp.partition_fragment_B(sK);      // (MMA, N, K)
-    Tensor tdPrdO = thr_sdp.partition_fragment_A(sdO);   // (MMA, M, K, stage)
-    Tensor tdPrV = thr_sdp.partition_fragment_B(sV);     // (MMA, N, K)
-    Tensor tdVrPt = thr_dkv.partition_fragment_A(sPt);   // (MMA, keys, queries, buffer)
-    Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt); // (MMA, dim, queries, stage)
-    Tensor tdKrdXt = thr_dkv.partition_fragment_A(sdXt);
-    Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
-    Tensor tdQrdX = thr_dq.partition_fragment_A(sdX);    // (MMA, queries, keys, buffer)
-    Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);    // (MMA, dim, keys)
-
     // S / dP accumulators, their (query, key) coordinates and their places in the P / dX buffers.
     Tensor tSrS = partition_fragment_C(mma_sdp, Shape<M, N>{});
     Tensor tSrdP = partition_fragment_C(mma_sdp, Shape<M, N>{});
@@ -170,8 +149,6 @@ struct BwdMainloop {
     // fewer shared-memory addresses to keep than per-pair stores, which pushed ptxas into spills.
     auto smem_tiled_copy_p = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_sdp);
     auto smem_copy_p = smem_tiled_copy_p.get_thread_slice(tidx);
-    Tensor tPsP = smem_copy_p.partition_D(sP);  // (CPY, CPY_M, CPY_N, buffer)
-    Tensor tPsdX = smem_copy_p.partition_D(sdX);
     Tensor tSrP = make_fragment_like<Element>(tSrS);  // 16-bit staging of P and dX
     Tensor tSrdX = make_fragment_like<Element>(tSrS);
     Tensor tPrP = smem_copy_p.retile_S(tSrP);
@@ -189,10 +166,24 @@ struct BwdMainloop {
     const bool rab_pairs = (p.max_seq_len % 2) == 0;  // 32-bit bias loads need even rows
     // One thread moves the dX tiles into drab (after the tile's barrier: every key of dX is written and fenced).
     const bool drab_thread = kHasRab && drab_plane >= 0 && tidx == 0;
+    // With kDqTma, thread 0 also issues each tile's dQ reduce-add (after the tile's second barrier).
+    const bool tma_thread = tidx == 0 && (Traits::kDqTma || drab_thread);
     if (drab_thread) prefetch_tma_descriptor(args.tma_drab.get_tma_descriptor());
+    if (Traits::kDqTma && tidx == 0) prefetch_tma_descriptor(args.tma_dq.get_tma_descriptor());
+    // The reduce-add of tile m0's dQ from shared memory: rows past the sequence end add zeros (their dX is masked)
+    // into the next sequence's rows, rows past the tensor end are clipped by TMA.
+    auto reduce_dq = [&](int m0) {
+      Tensor sdQ = make_tensor(make_smem_ptr(ss.dq.data()), typename Traits::SmemLayoutDq{});
+      Tensor mdQ = args.tma_dq.get_tma_tensor(make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads)));
+      Tensor gdQ = local_tile(domain_offset(make_coord(seq_start, _0{}), mdQ(_, _, head)), Shape<M, D>{},
+                              make_coord(m0 / kBlockM, _0{}));
+      auto tma_dq = args.tma_dq.get_slice(_0{});
+      copy(args.tma_dq, tma_dq.partition_S(sdQ), tma_dq.partition_D(gdQ));
+      tma_store_arrive();
+    };
     // The reduce-add of tile m0 from dX buffer `from`: rows and keys past max_seq_len are clipped by TMA, the rest
     // past the sequence end are masked zeros.
-    auto reduce_drab = [&](int m0, int from) {
+    auto reduce_drab = [&](auto const& sdX, int m0, int from) {
       const int n = p.max_seq_len;
       Tensor mDrab = args.tma_drab.get_tma_tensor(make_shape(n, n, int32_t(p.batch) * p.rab_heads))(_, _, drab_plane);
       Tensor gDrab = local_tile(mDrab, Shape<M, N>{}, make_coord(m0 / kBlockM, n0 / kBlockN));
@@ -207,7 +198,7 @@ struct BwdMainloop {
     // pointwise pass has used the registers), so the loads fly behind its dQ / dV / dK and this tile's S / dP GEMMs;
     // at 256 (dK + dV take 128 registers) holding them through those GEMMs spilled (ptxas -v, also when issued after
     // dQ), so there they are issued at the tile's start, behind its S / dP GEMMs only.
-    constexpr bool kRabAhead = kHeadDim <= 128;
+    constexpr bool kRabAhead = kBlockN * kHeadDim <= 64 * 128;
     uint32_t rab_bits[kHasRab ? kFrag / 2 : 1];
     auto load_rab = [&](int m0) __attribute__((always_inline)) {
       const bool inside = m0 + kBlockM <= mask.length && n0 + kBlockN <= mask.length;  // no bounds checks needed
@@ -237,6 +228,33 @@ struct BwdMainloop {
     // causal_fast_tile (compile-time; masked tiles of plain causal sequences only): the two-compare test of
     // causal_fast.h instead of the general mask.
     auto tile = [&](int m0, auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
+      // Shared-memory views and GMMA descriptors, rebuilt per tile from an opaque copy of the storage address: hoisted
+      // out of the loop they held ~20 64-bit descriptors and addresses in registers next to dK / dV (ptxas spilled);
+      // rebuilt, they cost a few integer instructions a tile.
+      SharedStorage& s = *detail::opaque(&ss);
+      Tensor sQ = make_tensor(make_smem_ptr(s.q.data()), typename Traits::SmemLayoutQ{});
+      Tensor sQt = make_tensor(make_smem_ptr(s.q.data()), typename Traits::SmemLayoutQt{});
+      Tensor sdO = make_tensor(make_smem_ptr(s.dout.data()), typename Traits::SmemLayoutDo{});
+      Tensor sdOt = make_tensor(make_smem_ptr(s.dout.data()), typename Traits::SmemLayoutDot{});
+      Tensor sK = make_tensor(make_smem_ptr(s.k.data()), typename Traits::SmemLayoutK{});
+      Tensor sKt = make_tensor(make_smem_ptr(s.k.data()), typename Traits::SmemLayoutKt{});
+      Tensor sV = make_tensor(make_smem_ptr(s.v.data()), typename Traits::SmemLayoutV{});
+      Tensor sP = make_tensor(make_smem_ptr(s.p.data()), typename Traits::SmemLayoutP{});
+      Tensor sPt = make_tensor(make_smem_ptr(s.p.data()), typename Traits::SmemLayoutPt{});
+      Tensor sdX = make_tensor(make_smem_ptr(s.dx.data()), typename Traits::SmemLayoutP{});
+      Tensor sdXt = make_tensor(make_smem_ptr(s.dx.data()), typename Traits::SmemLayoutPt{});
+      Tensor tSrQ = thr_sdp.partition_fragment_A(sQ);       // (MMA, M, K, stage)
+      Tensor tSrK = thr_sdp.partition_fragment_B(sK);       // (MMA, N, K)
+      Tensor tdPrdO = thr_sdp.partition_fragment_A(sdO);    // (MMA, M, K, stage)
+      Tensor tdPrV = thr_sdp.partition_fragment_B(sV);      // (MMA, N, K)
+      Tensor tdVrPt = thr_dkv.partition_fragment_A(sPt);    // (MMA, keys, queries, buffer)
+      Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);  // (MMA, dim, queries, stage)
+      Tensor tdKrdXt = thr_dkv.partition_fragment_A(sdXt);
+      Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
+      Tensor tdQrdX = thr_dq.partition_fragment_A(sdX);     // (MMA, queries, keys, buffer)
+      Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);     // (MMA, dim, keys)
+      Tensor tPsP = smem_copy_p.partition_D(sP);            // (CPY, CPY_M, CPY_N, buffer)
+      Tensor tPsdX = smem_copy_p.partition_D(sdX);
       if constexpr (kHasRab && !kRabAhead) load_rab(m0);
       // Fresh accumulators: cleared registers end the previous tile's live ranges (the GMMA asm reads its C
       // operand even when told to overwrite it, which would keep S, dP and dQ alive across the loop).
@@ -289,25 +307,40 @@ struct BwdMainloop {
       copy(smem_tiled_copy_p, tPrdX, tPsdX(_, _, _, buf));
       // Generic-proxy stores -> visible to the GMMA (async proxy); then every key of P / dX is in place.
       cutlass::arch::fence_view_async_shared();
-      // drab: the previous tile's reduce-add has read its dX buffer before anyone passes this barrier (the next
-      // tile rewrites that buffer).
-      if (drab_thread) tma_store_wait<0>();
+      // The previous tile's reduce-adds have read its dX and dQ before anyone passes this barrier (the next tile
+      // rewrites those buffers).
+      if (tma_thread) tma_store_wait<0>();
       cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, kPdxBarrier);
 
       clear(tdQrdQ);
       warpgroup_gemm_ss<false>(mma_dq, tdQrdX(_, _, _, buf), tdQrKt, tdQrdQ);
       warpgroup_gemm_ss<false>(mma_dkv, tdVrPt(_, _, _, buf), tdVrdOt(_, _, _, state.index()), tdVrdV);
       warpgroup_gemm_ss<false>(mma_dkv, tdKrdXt(_, _, _, buf), tdKrQt(_, _, _, state.index()), tdKrdK);
-      if (drab_thread) reduce_drab(m0, buf);  // reads dX alongside the GEMMs
+      if (drab_thread) reduce_drab(sdX, m0, buf);  // reads dX alongside the GEMMs
       warpgroup_wait<2>();  // dQ has landed; dV and dK may still run
       warpgroup_fence_operand(tdQrdQ);
-      // Rows past the sequence end hold zeros (their dX is masked) and belong to the next sequence: skipped.
-      Tensor gdQ = make_tensor(make_gmem_ptr(dq_base + m0 * dq_row), make_layout(Shape<M, D>{}, make_stride(dq_row, _1{})));
-      Tensor tdQgdQ = thr_dq.partition_C(gdQ);
-      CUTE_UNROLL
-      for (int t = 0; t < decltype(size(tdQrdQ))::value / 2; ++t) {
-        if (m0 + get<0>(tdQcdQ(2 * t)) < mask.length) {
-          atomicAdd(reinterpret_cast<float2*>(&tdQgdQ(2 * t)), make_float2(tdQrdQ(2 * t), tdQrdQ(2 * t + 1)));
+      if constexpr (Traits::kDqTma) {
+        // Elements 2t, 2t + 1 are adjacent columns of one 16-byte chunk (an even one first): one float2 store.
+        // Addresses from an opaque pointer taken here: computed ahead, next to the in-flight dK / dV, they spilled.
+        Tensor sdQ = make_tensor(make_smem_ptr(detail::opaque(ss.dq.data())), typename Traits::SmemLayoutDq{});
+        Tensor tdQsdQ = thr_dq.partition_C(sdQ);
+        CUTE_UNROLL
+        for (int t = 0; t < decltype(size(tdQrdQ))::value / 2; ++t) {
+          *reinterpret_cast<float2*>(&tdQsdQ(2 * t)) = make_float2(tdQrdQ(2 * t), tdQrdQ(2 * t + 1));
+        }
+        cutlass::arch::fence_view_async_shared();
+        cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, kDqBarrier);
+        if (tidx == 0) reduce_dq(m0);
+      } else {
+        // Rows past the sequence end hold zeros (their dX is masked) and belong to the next sequence: skipped.
+        Tensor gdQ =
+            make_tensor(make_gmem_ptr(dq_base + m0 * dq_row), make_layout(Shape<M, D>{}, make_stride(dq_row, _1{})));
+        Tensor tdQgdQ = thr_dq.partition_C(gdQ);
+        CUTE_UNROLL
+        for (int t = 0; t < decltype(size(tdQrdQ))::value / 2; ++t) {
+          if (m0 + get<0>(tdQcdQ(2 * t)) < mask.length) {
+            atomicAdd(reinterpret_cast<float2*>(&tdQgdQ(2 * t)), make_float2(tdQrdQ(2 * t), tdQrdQ(2 * t + 1)));
+          }
         }
       }
       warpgroup_wait<0>();
@@ -334,7 +367,7 @@ struct BwdMainloop {
         tile(m0, False{}, False{});
       }
     }
-    if (drab_thread) tma_store_wait<0>();  // the last reduce-add has read its dX before the CTA's smem goes away
+    if (tma_thread) tma_store_wait<0>();  // the last reduce-adds have read their tiles before the CTA's smem goes away
   }
 };
 

@@ -247,10 +247,12 @@ bool check_causal_fast(const char* kernel) {
 template <int kHeadDim>
 bool check_causal_fast_kernels() {
   using F = FwdTraits<__nv_bfloat16, kHeadDim>;
-  using B = BwdTraits<__nv_bfloat16, kHeadDim>;
+  using B = BwdTraits<__nv_bfloat16, kHeadDim, false>;
+  using Br = BwdTraits<__nv_bfloat16, kHeadDim, true>;
   return check_causal_fast<typename F::MmaQK, F::kBlockM, F::kBlockN, F::kConsumerThreads, false>("forward") &&
          check_causal_fast<typename F::MmaQK, F::kBlockM, F::kBlockN, F::kConsumerThreads, true>("delta-q forward") &&
-         check_causal_fast<typename B::MmaSdP, B::kBlockM, B::kBlockN, B::kConsumerThreads, false>("backward");
+         check_causal_fast<typename B::MmaSdP, B::kBlockM, B::kBlockN, B::kConsumerThreads, false>("backward") &&
+         check_causal_fast<typename Br::MmaSdP, Br::kBlockM, Br::kBlockN, Br::kConsumerThreads, false>("rab backward");
 }
 
 // The forward's tile order (tile_order.h) maps the 1-D grid onto every (query tile, sequence, head) exactly once,
