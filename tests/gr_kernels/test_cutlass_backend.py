@@ -49,7 +49,8 @@ def test_install_compiled_the_cuda_kernels() -> None:
 @pytest.mark.skipif(not native_available(), reason="gr-kernels was installed without its CUDA kernels")
 def test_sm90_forward_self_check() -> None:
     # Runs on the host (CPU CI too): the Hopper forward's tile schedule against the mask (visited key tiles cover
-    # every visible pair, mask-free tiles hide none) and the fragment / shared-memory layout facts it relies on.
+    # every visible pair, mask-free tiles hide none) and the fragment / shared-memory layout facts it relies on; the
+    # backward's causal masks and where its head-dim-256 dQ fragments land in the Q / dO stage (kDqInStage).
     from gr_kernels import _C
 
     report = _C.sm90_fwd_self_check()

@@ -137,6 +137,7 @@ PYBIND11_MODULE(_C, m) {
         if (report == nullptr) return py::none();
         return py::str(report);
       },
-      "Host-side self-check of the Hopper forward kernel (tile schedule vs the mask, fragment and smem layouts): "
-      "'' if it passes, else what failed; None when the build has no sm90a kernels");
+      "Host-side self-check of the Hopper kernels (forward tile schedule vs the mask, fragment and smem layouts, the "
+      "backward's causal masks and dQ staging): '' if it passes, else what failed; None when the build has no sm90a "
+      "kernels");
 }

@@ -133,7 +133,8 @@ const char* launch_hstu_bwd_sm90(const HstuBwdParams& p, cudaStream_t stream) {
     auto g_dq = make_tensor(make_gmem_ptr(p.dq_accum),
                             make_layout(make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads)),
                                         make_stride(int64_t(p.heads) * kHeadDim, _1{}, int64_t(kHeadDim))));
-    args.tma_dq = make_tma_copy(SM90_TMA_REDUCE_ADD{}, g_dq, typename Traits::SmemLayoutDq{}, tile_q, _1{});
+    args.tma_dq = make_tma_copy(SM90_TMA_REDUCE_ADD{}, g_dq, typename Traits::SmemLayoutDqTma{},
+                                Shape<Int<Traits::kBlockM>, Int<Traits::kDqTmaCols>>{}, _1{});
   }
   if (kRab && p.drab != nullptr) {
     // [batch * rab_heads] planes of [max_seq_len rows, drab_row_stride]; TMA clips the tiles at max_seq_len.

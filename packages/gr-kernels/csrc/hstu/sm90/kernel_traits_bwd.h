@@ -13,10 +13,13 @@
 // Tiles per head dim (BwdTile): the dK + dV accumulators (fp32, kBlockN x kHeadDim each) must fit the consumer
 // registers next to S, dP and dQ without serialised GMMAs (ptxas -v; tools/kernel_resources.py): 128 keys at head
 // dims 64 and 128 (each warpgroup owns 64 keys of dK/dV: 128 registers a thread at 128; 64 keys at 128 with a bias),
-// 64 keys at 256 (each warpgroup owns half of the head dim of all 64 keys). At 64 and 128 dQ leaves through shared
-// memory and a TMA reduce-add (kDqTma), which keeps the atomics' addresses out of the registers; at 256 there is no
-// shared memory left for it.
+// 64 keys at 256 (each warpgroup owns half of the head dim of all 64 keys). dQ leaves through shared memory and TMA
+// reduce-adds (kDqTma), which keeps the atomics' addresses out of the registers: at 64 and 128 from a tile of its own,
+// at 256 with a bias (no shared memory left) from the tile's Q / dO stage once dK and dV have read it (kDqInStage);
+// at 256 without a bias by float2 atomics.
 #pragma once
+
+#include <type_traits>
 
 #include <cute/tensor.hpp>
 
@@ -43,6 +46,7 @@ struct BwdTile<64, kRab> {
   static constexpr int kBlockN = 128;
   static constexpr int kDkvAtomM = 2;  // dK/dV: warpgroups split the keys
   static constexpr bool kDqTma = true;
+  static constexpr bool kDqInStage = false;
 };
 // Overridable at compile time (-D) to check another register plan without editing (tools/kernel_resources.py).
 #ifndef GR_HSTU_BWD_HDIM128_BLOCK_N
@@ -59,12 +63,24 @@ struct BwdTile<128, kRab> {
   static constexpr int kBlockN = kRab ? GR_HSTU_BWD_HDIM128_RAB_BLOCK_N : GR_HSTU_BWD_HDIM128_BLOCK_N;
   static constexpr int kDkvAtomM = kBlockN == 128 ? 2 : 1;  // 64 keys: warpgroups split the head dim
   static constexpr bool kDqTma = true;
+  static constexpr bool kDqInStage = false;
 };
+// Without a bias dQ keeps its atomics at head dim 256: staged in the Q/dO stage, that kernel spilled (212 B stores,
+// 448 B loads) and ran 2-7% slower; with a bias staging made the backward 20-23% faster (H200, T=4096 and 8192).
+// -D GR_HSTU_BWD_HDIM256_DQ_IN_STAGE=1 builds the staged one without a bias too.
+#ifndef GR_HSTU_BWD_HDIM256_DQ_IN_STAGE
+#define GR_HSTU_BWD_HDIM256_DQ_IN_STAGE 0
+#endif
 template <bool kRab>
 struct BwdTile<256, kRab> {
   static constexpr int kBlockN = 64;
   static constexpr int kDkvAtomM = 1;  // dK/dV: warpgroups split the head dim
-  static constexpr bool kDqTma = false;  // Q, dO, K, V, P, dX already take 224 KB
+  // Q, dO, K, V, P, dX already take 224 KB: no room for a dQ tile of its own. kDqInStage: each warpgroup's half of
+  // dQ (64 x 128 fp32) is staged in its own halves of the tile's Q and dO stage (2 x 16 KB), which only its own dK and
+  // dV GEMMs read once S and dP are done (the warpgroups split the head dim of dK / dV); the stage goes back to the
+  // producer when the reduce-add has read it.
+  static constexpr bool kDqTma = kRab || GR_HSTU_BWD_HDIM256_DQ_IN_STAGE != 0;
+  static constexpr bool kDqInStage = kDqTma;
 };
 
 template <typename Element_, int kHeadDim_, bool kRab_ = false>
@@ -84,6 +100,8 @@ struct BwdTraits {
   static constexpr int kDkvAtomM = BwdTile<kHeadDim, kRab>::kDkvAtomM;
   static constexpr int kDkvAtomN = kConsumerWarpGroups / kDkvAtomM;
   static constexpr bool kDqTma = BwdTile<kHeadDim, kRab>::kDqTma;
+  static constexpr bool kDqInStage = BwdTile<kHeadDim, kRab>::kDqInStage;
+  static_assert(!kDqInStage || kDkvAtomM == 1, "dQ in the Q/dO stage needs dK / dV split by head dim");
   static_assert(kHeadDim % 64 == 0 && kBlockN % 64 == 0, "tiles must be whole 128-byte swizzle rows");
 
   using _M = cute::Int<kBlockM>;
@@ -141,11 +159,19 @@ struct BwdTraits {
   // dQ (fp32, queries x head dim) staged for its TMA reduce-add into dq_accum [total, heads, dim] (fp32): 128-byte
   // swizzled rows of 32 floats, so the accumulator's float2 stores spread over the banks.
   using SmemLayoutDq = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<ElementAccum>{}, cute::Shape<_M, _D>{}));
+  // kDqInStage: a quarter of dQ (64 fp32 columns) fills one warpgroup's 16 KB half of a Q or dO stage tile (whose
+  // 64-column swizzle atoms stack rows first, so each 128-column half is contiguous).
+  using SmemLayoutDqQuarter = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<ElementAccum>{},
+                                                           cute::Shape<_M, cute::_64>{}));
+  static_assert(!kDqInStage || (kHeadDim == 256 && cute::cosize_v<SmemLayoutDqQuarter> * 4 == kBlockM * kHeadDim),
+                "a dQ quarter is half of a 16-bit Q tile");
+  using SmemLayoutDqTma = std::conditional_t<kDqInStage, SmemLayoutDqQuarter, SmemLayoutDq>;
+  static constexpr int kDqTmaCols = kDqInStage ? 64 : kHeadDim;  // columns of one dQ reduce-add
   using GmemLayoutDq = cute::Layout<cute::Shape<int32_t, int32_t, int32_t>, cute::Stride<int64_t, cute::_1, int64_t>>;
   using TmaDq = decltype(cute::make_tma_copy(
       cute::SM90_TMA_REDUCE_ADD{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<ElementAccum*>(nullptr)), GmemLayoutDq{}),
-      SmemLayoutDq{}, cute::Shape<_M, _D>{}, cute::_1{}));
-  static constexpr int kDqSmemElems = kDqTma ? cute::cosize_v<SmemLayoutDq> : 1;
+      SmemLayoutDqTma{}, cute::Shape<_M, cute::Int<kDqTmaCols>>{}, cute::_1{}));
+  static constexpr int kDqSmemElems = kDqTma && !kDqInStage ? cute::cosize_v<SmemLayoutDq> : 1;
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename Pipeline::PipelineState;

@@ -6,9 +6,13 @@
 //              P = SiLU(alpha (S + rab)) * mask / N and dX = dP * SiLU'(z) * mask * alpha / N, both to shared
 //              memory (stmatrix); both warpgroups sync; dQ = dX K, dV += P^T dO, dK += dX^T Q are issued together,
 //              and (with drab) one thread issues the TMA reduce-add of the dX tile into drab (drab = dX); dQ is added
-//              into the fp32 dq buffer while dV and dK still run: with kDqTma it is written to shared memory and,
-//              after a second barrier, one thread issues its TMA reduce-add; else each thread adds its elements
-//              with float2 atomics. The two consumer warpgroups move in step (dQ needs every key of dX).
+//              into the fp32 dq buffer: with kDqTma (head dims 64, 128) it is written to its own shared-memory tile
+//              while dV and dK still run and, after a second barrier, one thread issues its TMA reduce-add; with
+//              kDqInStage (256 with a bias) each warpgroup writes its half into its halves of the tile's Q / dO stage
+//              once its dK / dV have read them, and its first thread issues the reduce-adds (the stage goes back to
+//              the producer in the next tile, when they have read it); else (256) each thread adds its elements with
+//              float2 atomics while dV and dK still run. The two consumer warpgroups move in step (dQ needs every
+//              key of dX).
 // P / dX use two shared-memory buffers (alternating per tile): a warpgroup writing tile t + 1's buffer has passed
 // the barrier of tile t, which the other warpgroup reached only after its GEMMs of tile t - 1 (same buffer) retired,
 // and which the TMA thread reached only after the reduce-adds of tile t - 1 had read their dX / dQ (bulk
@@ -79,6 +83,18 @@ struct BwdMainloop {
                                                                  int m0, int n0) {
     return m0 + kBlockM <= mask.length && p.max_attn_len == 0 && n0 + kBlockN <= mask.history &&
            (!p.causal || n0 + kBlockN - 1 <= m0);
+  }
+
+  // kDqInStage: the float offset, inside its quarter (SmemLayoutDqQuarter: 8 x 32-float swizzle atoms, rows first;
+  // offset(r, c) = (r % 8) * 32 + ((c % 32) ^ ((r % 8) << 2)) + (r / 8) * 256 + (c / 32) * 2048), of the dQ element
+  // (row0 + dr, col0 + dc), where (row0, col0) is the thread's first element (col0 relative to its warpgroup's
+  // columns) and dc < 64 picks the Q-stage quarter, else the dO-stage one (then dc - 64). Cheaper than the general
+  // formula because dr and dc are multiples of 8 and col0 < 8, so r % 8 is the thread's and (c % 32) ^ ... splits
+  // into a per-thread XOR and a compile-time one; the host self-check compares it with the layout for every thread.
+  __host__ __device__ __forceinline__ static int dq_quarter_offset(int row0, int col0, int dr, int dc) {
+    const int s = row0 % 8;
+    const int c = dc % 64;
+    return s * 32 + ((row0 + dr) / 8) * 256 + ((col0 ^ (s << 2)) ^ (c % 32)) + (c / 32) * 2048;
   }
 
   // Producer (one thread): K and V of the CTA's key tile once, then Q and dO of every query tile. Rows past the
@@ -166,12 +182,32 @@ struct BwdMainloop {
     const bool rab_pairs = (p.max_seq_len % 2) == 0;  // 32-bit bias loads need even rows
     // One thread moves the dX tiles into drab (after the tile's barrier: every key of dX is written and fenced).
     const bool drab_thread = kHasRab && drab_plane >= 0 && tidx == 0;
-    // With kDqTma, thread 0 also issues each tile's dQ reduce-add (after the tile's second barrier).
-    const bool tma_thread = tidx == 0 && (Traits::kDqTma || drab_thread);
+    // With kDqTma, thread 0 also issues each tile's dQ reduce-add (after the tile's second barrier); with kDqInStage
+    // the first thread of each warpgroup issues its warpgroup's half.
+    const int warp_group = tidx / 128;
+    const bool dq_leader = Traits::kDqInStage ? tidx % 128 == 0 : tidx == 0;
+    const bool tma_thread = (Traits::kDqTma && dq_leader) || drab_thread;
     if (drab_thread) prefetch_tma_descriptor(args.tma_drab.get_tma_descriptor());
-    if (Traits::kDqTma && tidx == 0) prefetch_tma_descriptor(args.tma_dq.get_tma_descriptor());
+    if (Traits::kDqTma && dq_leader) prefetch_tma_descriptor(args.tma_dq.get_tma_descriptor());
     // The reduce-add of tile m0's dQ from shared memory: rows past the sequence end add zeros (their dX is masked)
     // into the next sequence's rows, rows past the tensor end are clipped by TMA.
+    // kDqInStage: this warpgroup's half of tile m0's dQ, from its halves of Q / dO stage `stage` (quarters 2w, 2w+1).
+    auto reduce_dq_in_stage = [&](int m0, int stage) {
+      using Quarter = typename Traits::SmemLayoutDqQuarter;
+      constexpr int kTileElems = kBlockM * kHeadDim;
+      constexpr int kQuarterElems = cute::cosize_v<Quarter>;
+      float* q_half = reinterpret_cast<float*>(ss.q.data() + stage * kTileElems) + warp_group * kQuarterElems;
+      float* do_half = reinterpret_cast<float*>(ss.dout.data() + stage * kTileElems) + warp_group * kQuarterElems;
+      Tensor mdQ = args.tma_dq.get_tma_tensor(make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads)));
+      Tensor gdQ = local_tile(domain_offset(make_coord(seq_start, _0{}), mdQ(_, _, head)), Shape<M, _64>{},
+                              make_coord(m0 / kBlockM, _));  // (M, 64, quarter)
+      auto tma_dq = args.tma_dq.get_slice(_0{});
+      copy(args.tma_dq, tma_dq.partition_S(make_tensor(make_smem_ptr(q_half), Quarter{})),
+           tma_dq.partition_D(gdQ(_, _, 2 * warp_group)));
+      copy(args.tma_dq, tma_dq.partition_S(make_tensor(make_smem_ptr(do_half), Quarter{})),
+           tma_dq.partition_D(gdQ(_, _, 2 * warp_group + 1)));
+      tma_store_arrive();
+    };
     auto reduce_dq = [&](int m0) {
       Tensor sdQ = make_tensor(make_smem_ptr(ss.dq.data()), typename Traits::SmemLayoutDq{});
       Tensor mdQ = args.tma_dq.get_tma_tensor(make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads)));
@@ -225,6 +261,9 @@ struct BwdMainloop {
 
     PipelineState state;  // consumers start at stage 0, phase 0
     int buf = 0;
+    // kDqInStage: the dQ leader hands a stage back only once its reduce-add has read it, during the next tile.
+    PipelineState pending;
+    bool has_pending = false;
     // causal_fast_tile (compile-time; masked tiles of plain causal sequences only): the two-compare test of
     // causal_fast.h instead of the general mask.
     auto tile = [&](int m0, auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
@@ -264,6 +303,14 @@ struct BwdMainloop {
       warpgroup_gemm_ss<false>(mma_sdp, tSrQ(_, _, _, state.index()), tSrK, tSrS);
       pipeline_do.consumer_wait(state);
       warpgroup_gemm_ss<false>(mma_sdp, tdPrdO(_, _, _, state.index()), tdPrV, tSrdP);
+      if constexpr (Traits::kDqInStage) {
+        if (has_pending) {  // the previous tile's dQ has been read from its stage: the producer may refill it
+          tma_store_wait<0>();
+          pipeline_q.consumer_release(pending);
+          pipeline_do.consumer_release(pending);
+          has_pending = false;
+        }
+      }
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
       warpgroup_fence_operand(tSrdP);
@@ -319,7 +366,30 @@ struct BwdMainloop {
       if (drab_thread) reduce_drab(sdX, m0, buf);  // reads dX alongside the GEMMs
       warpgroup_wait<2>();  // dQ has landed; dV and dK may still run
       warpgroup_fence_operand(tdQrdQ);
-      if constexpr (Traits::kDqTma) {
+      if constexpr (Traits::kDqInStage) {
+        warpgroup_wait<0>();  // dV and dK have read this warpgroup's halves of the Q and dO stage
+        // The warpgroup's dQ columns [128 w, 128 w + 128): the first 64 into its half of the Q stage, the rest into
+        // its half of the dO stage. A thread's columns are its first column (< 128 w + 8) plus compile-time
+        // multiples of 8, so which quarter an element goes to is known at compile time.
+        using Quarter = typename Traits::SmemLayoutDqQuarter;
+        constexpr int kTileElems = kBlockM * kHeadDim;
+        float* q_half = reinterpret_cast<float*>(detail::opaque(ss.q.data()) + state.index() * kTileElems) +
+                        warp_group * cute::cosize_v<Quarter>;
+        float* do_half = reinterpret_cast<float*>(detail::opaque(ss.dout.data()) + state.index() * kTileElems) +
+                         warp_group * cute::cosize_v<Quarter>;
+        const int row0 = get<0>(tdQcdQ(0));
+        const int col0 = get<1>(tdQcdQ(0)) - warp_group * (kHeadDim / 2);
+        CUTE_UNROLL
+        for (int t = 0; t < decltype(size(tdQrdQ))::value / 2; ++t) {
+          const int dr = get<0>(tdQcdQ(2 * t)) - get<0>(tdQcdQ(0));  // compile-time after folding
+          const int dc = get<1>(tdQcdQ(2 * t)) - get<1>(tdQcdQ(0));
+          float* dst = (dc < 64 ? q_half : do_half) + dq_quarter_offset(row0, col0, dr, dc);
+          *reinterpret_cast<float2*>(dst) = make_float2(tdQrdQ(2 * t), tdQrdQ(2 * t + 1));
+        }
+        cutlass::arch::fence_view_async_shared();
+        cutlass::arch::NamedBarrier::sync(128, kDqBarrier + warp_group);  // this warpgroup's half only
+        if (dq_leader) reduce_dq_in_stage(m0, state.index());
+      } else if constexpr (Traits::kDqTma) {
         // Elements 2t, 2t + 1 are adjacent columns of one 16-byte chunk (an even one first): one float2 store.
         // Addresses from an opaque pointer taken here: computed ahead, next to the in-flight dK / dV, they spilled.
         Tensor sdQ = make_tensor(make_smem_ptr(detail::opaque(ss.dq.data())), typename Traits::SmemLayoutDq{});
@@ -346,8 +416,13 @@ struct BwdMainloop {
       warpgroup_wait<0>();
       warpgroup_fence_operand(tdVrdV);
       warpgroup_fence_operand(tdKrdK);
-      pipeline_q.consumer_release(state);
-      pipeline_do.consumer_release(state);
+      if (Traits::kDqInStage && dq_leader) {
+        pending = state;
+        has_pending = true;
+      } else {
+        pipeline_q.consumer_release(state);
+        pipeline_do.consumer_release(state);
+      }
       ++state;
       buf ^= 1;
     };

@@ -29,6 +29,7 @@
 #include "hstu/mask.h"
 #include "hstu/sm90/kernel_traits.h"
 #include "hstu/sm90/kernel_traits_bwd.h"
+#include "hstu/sm90/mainloop_bwd.cuh"
 #include "hstu/sm90/mainloop_fwd.cuh"
 #include "hstu/sm90/causal_fast.h"
 
@@ -255,6 +256,42 @@ bool check_causal_fast_kernels() {
          check_causal_fast<typename Br::MmaSdP, Br::kBlockM, Br::kBlockN, Br::kConsumerThreads, false>("rab backward");
 }
 
+// The head-dim-256 backward's dQ staging in its Q / dO stage (kDqInStage): BwdMainloop::dq_quarter_offset places every
+// element of every consumer thread's dQ fragment where SmemLayoutDqQuarter puts it, pairs in adjacent floats.
+template <bool kRab>
+bool check_dq_in_stage() {
+  using namespace cute;
+  using B = BwdTraits<__nv_bfloat16, 256, kRab>;
+  if constexpr (B::kDqInStage) {
+    using Mainloop = BwdMainloop<__nv_bfloat16, B>;
+    typename B::MmaDq mma;
+    // The placement cute gives a shared-memory tensor (its swizzle acts on byte addresses), from a 1024-byte aligned
+    // stand-in base address that is never dereferenced.
+    float* const base = reinterpret_cast<float*>(std::uintptr_t(1) << 20);
+    Tensor quarter_tensor = make_tensor(make_smem_ptr(base), typename B::SmemLayoutDqQuarter{});
+    auto quarter = [&](int r, int c) { return int(&quarter_tensor(r, c) - base); };
+    for (int t = 0; t < B::kConsumerThreads; ++t) {
+      Tensor c = mma.get_thread_slice(t).partition_C(make_identity_tensor(Shape<Int<B::kBlockM>, Int<256>>{}));
+      const int wg = t / 128;
+      const int row0 = get<0>(c(0)), col0 = get<1>(c(0)) - wg * 128;
+      for (int e = 0; e < int(size(c)); e += 2) {
+        const int r = get<0>(c(e)), col = get<1>(c(e)) - wg * 128;
+        const int dr = r - row0, dc = col - col0;
+        const bool pair = get<0>(c(e + 1)) == r && get<1>(c(e + 1)) == get<1>(c(e)) + 1;
+        const int want = quarter(r, col % 64);
+        const int got = Mainloop::dq_quarter_offset(row0, col0, dr, dc);
+        if (!pair || col < 0 || col >= 128 || dr % 8 != 0 || dc % 8 != 0 || (dc < 64) != (col < 64) || got != want ||
+            quarter(r, col % 64 + 1) != want + 1) {
+          std::snprintf(g_report, sizeof(g_report), "dQ in stage: thread %d element %d at (%d, %d): offset %d, layout "
+                        "%d (rab %d)", t, e, r, col, got, want, int(kRab));
+          return false;
+        }
+      }
+    }
+  }
+  return true;
+}
+
 // The forward's tile order (tile_order.h) maps the 1-D grid onto every (query tile, sequence, head) exactly once,
 // highest query tile first within each section.
 bool check_tile_order() {
@@ -398,7 +435,8 @@ const char* fwd_self_check() {
                   check_schedule<128>() && check_schedule<256>() &&
                   check_layouts<__nv_bfloat16, 64>() && check_layouts<__nv_bfloat16, 128>() &&
                   check_layouts<__nv_bfloat16, 256>() && check_layouts<__half, 64>() &&
-                  check_layouts<__half, 128>() && check_layouts<__half, 256>();
+                  check_layouts<__half, 128>() && check_layouts<__half, 256>() && check_dq_in_stage<false>() &&
+                  check_dq_in_stage<true>();
   return ok ? "" : g_report;
 }
 
