@@ -22,6 +22,10 @@ __device__ __forceinline__ T* opaque(T* ptr) {
   asm volatile("" : "+l"(ptr));
   return ptr;
 }
+__device__ __forceinline__ int opaque(int value) {
+  asm volatile("" : "+r"(value));
+  return value;
+}
 
 __device__ __forceinline__ float fast_sigmoid(float x) {
   // sigmoid(x) = 0.5 tanh(x / 2) + 0.5: one MUFU.TANH instead of an exp and a reciprocal.

@@ -15,8 +15,7 @@
 // dims 64 and 128 (each warpgroup owns 64 keys of dK/dV: 128 registers a thread at 128; 64 keys at 128 with a bias),
 // 64 keys at 256 (each warpgroup owns half of the head dim of all 64 keys). dQ leaves through shared memory and TMA
 // reduce-adds (kDqTma), which keeps the atomics' addresses out of the registers: at 64 and 128 from a tile of its own,
-// at 256 with a bias (no shared memory left) from the tile's Q / dO stage once dK and dV have read it (kDqInStage);
-// at 256 without a bias by float2 atomics.
+// at 256 (no shared memory left) from the tile's Q / dO stage once dK and dV have read it (kDqInStage).
 #pragma once
 
 #include <type_traits>
@@ -65,11 +64,11 @@ struct BwdTile<128, kRab> {
   static constexpr bool kDqTma = true;
   static constexpr bool kDqInStage = false;
 };
-// Without a bias dQ keeps its atomics at head dim 256: staged in the Q/dO stage, that kernel spilled (212 B stores,
-// 448 B loads) and ran 2-7% slower; with a bias staging made the backward 20-23% faster (H200, T=4096 and 8192).
-// -D GR_HSTU_BWD_HDIM256_DQ_IN_STAGE=1 builds the staged one without a bias too.
+// -D GR_HSTU_BWD_HDIM256_DQ_IN_STAGE=0 keeps float2 dQ atomics in the bias-free head-dim-256 kernel (the bias kernel
+// always stages). Staged, that kernel spills 152 B / 260 B (tools/kernel_resources.py) yet measured 0-5% faster than
+// the atomics (H200, T=4096 and 8192, docs/benchmarks/hstu_attention_bwd_d256_staged.md).
 #ifndef GR_HSTU_BWD_HDIM256_DQ_IN_STAGE
-#define GR_HSTU_BWD_HDIM256_DQ_IN_STAGE 0
+#define GR_HSTU_BWD_HDIM256_DQ_IN_STAGE 1
 #endif
 template <bool kRab>
 struct BwdTile<256, kRab> {

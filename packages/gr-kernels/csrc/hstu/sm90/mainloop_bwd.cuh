@@ -8,10 +8,11 @@
 //              and (with drab) one thread issues the TMA reduce-add of the dX tile into drab (drab = dX); dQ is added
 //              into the fp32 dq buffer: with kDqTma (head dims 64, 128) it is written to its own shared-memory tile
 //              while dV and dK still run and, after a second barrier, one thread issues its TMA reduce-add; with
-//              kDqInStage (256 with a bias) each warpgroup writes its half into its halves of the tile's Q / dO stage
-//              once its dK / dV have read them, and its first thread issues the reduce-adds (the stage goes back to
-//              the producer in the next tile, when they have read it); else (256) each thread adds its elements with
-//              float2 atomics while dV and dK still run. The two consumer warpgroups move in step (dQ needs every
+//              kDqInStage (256) each warpgroup writes its half into its halves of the tile's Q / dO stage once its
+//              dK / dV have read them, and its first thread issues the reduce-adds (the stage goes back to the
+//              producer in the next tile, when they have read it); else (256 built with
+//              GR_HSTU_BWD_HDIM256_DQ_IN_STAGE=0, no bias) each thread adds its elements with float2 atomics while dV
+//              and dK still run. The two consumer warpgroups move in step (dQ needs every
 //              key of dX).
 // P / dX use two shared-memory buffers (alternating per tile): a warpgroup writing tile t + 1's buffer has passed
 // the barrier of tile t, which the other warpgroup reached only after its GEMMs of tile t - 1 (same buffer) retired,
@@ -377,8 +378,9 @@ struct BwdMainloop {
                         warp_group * cute::cosize_v<Quarter>;
         float* do_half = reinterpret_cast<float*>(detail::opaque(ss.dout.data()) + state.index() * kTileElems) +
                          warp_group * cute::cosize_v<Quarter>;
-        const int row0 = get<0>(tdQcdQ(0));
-        const int col0 = get<1>(tdQcdQ(0)) - warp_group * (kHeadDim / 2);
+        // Opaque here: the per-thread offsets derived from them were hoisted out of the loop and spilled.
+        const int row0 = detail::opaque(int(get<0>(tdQcdQ(0))));
+        const int col0 = detail::opaque(int(get<1>(tdQcdQ(0))) - warp_group * (kHeadDim / 2));
         CUTE_UNROLL
         for (int t = 0; t < decltype(size(tdQrdQ))::value / 2; ++t) {
           const int dr = get<0>(tdQcdQ(2 * t)) - get<0>(tdQcdQ(0));  // compile-time after folding
