@@ -58,7 +58,7 @@ template <bool kRab>
 struct BwdTile<128, kRab> {
   // 128 keys: each warpgroup owns 64 keys of dK / dV (128 registers a thread). With dQ atomics that spilled and made
   // ptxas serialise the GMMAs (the atomics' addresses stayed live next to the in-flight dK / dV); with dQ through
-  // shared memory it fits. With a bias, 128 keys spilled more and ran slower than 64 (H200: 201 against 242 TFLOP/s).
+  // shared memory it fits. With a bias, 128 keys spilled more and ran slower than 64 (H200: 201-207 against 242 TFLOP/s).
   static constexpr int kBlockN = kRab ? GR_HSTU_BWD_HDIM128_RAB_BLOCK_N : GR_HSTU_BWD_HDIM128_BLOCK_N;
   static constexpr int kDkvAtomM = kBlockN == 128 ? 2 : 1;  // 64 keys: warpgroups split the head dim
   static constexpr bool kDqTma = true;

@@ -60,7 +60,9 @@ struct BwdMainloop {
   using PipelineState = typename Traits::PipelineState;
   // User barrier id 0 (hardware barrier 8: CUTLASS reserves 0..7): both consumer warpgroups, once per tile.
   static constexpr int kPdxBarrier = 0;
-  static constexpr int kDqBarrier = 1;  // kDqTma: every dQ element of the tile is in shared memory
+  // kDqTma: every dQ element of the tile is in shared memory (both warpgroups); kDqInStage: ids 1 + w, warpgroup w's
+  // half only.
+  static constexpr int kDqBarrier = 1;
 
   // Query rows [m_begin, m_end) whose tiles can see keys [n0, n0 + kBlockN): causal rows look back only, except
   // context rows (which come first); a window without context or targets bounds both ends. m_begin is a multiple
@@ -190,7 +192,7 @@ struct BwdMainloop {
     const bool tma_thread = (Traits::kDqTma && dq_leader) || drab_thread;
     if (drab_thread) prefetch_tma_descriptor(args.tma_drab.get_tma_descriptor());
     if (Traits::kDqTma && dq_leader) prefetch_tma_descriptor(args.tma_dq.get_tma_descriptor());
-    // The reduce-add of tile m0's dQ from shared memory: rows past the sequence end add zeros (their dX is masked)
+    // The reduce-adds of tile m0's dQ from shared memory: rows past the sequence end add zeros (their dX is masked)
     // into the next sequence's rows, rows past the tensor end are clipped by TMA.
     // kDqInStage: this warpgroup's half of tile m0's dQ, from its halves of Q / dO stage `stage` (quarters 2w, 2w+1).
     auto reduce_dq_in_stage = [&](int m0, int stage) {
@@ -209,6 +211,7 @@ struct BwdMainloop {
            tma_dq.partition_D(gdQ(_, _, 2 * warp_group + 1)));
       tma_store_arrive();
     };
+    // kDqTma: the whole tile from its own shared-memory buffer.
     auto reduce_dq = [&](int m0) {
       Tensor sdQ = make_tensor(make_smem_ptr(ss.dq.data()), typename Traits::SmemLayoutDq{});
       Tensor mdQ = args.tma_dq.get_tma_tensor(make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads)));
