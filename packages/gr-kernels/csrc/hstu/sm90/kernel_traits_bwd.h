@@ -40,12 +40,20 @@ namespace sm90 {
 // kRab: the instantiation with a bias, whose loads take registers too.
 template <int kHeadDim, bool kRab>
 struct BwdTile;
+// kRsDkv (128-key tiles without a bias): S^T = K Q^T and dP^T = V dO^T instead of S and dP (M = keys), so each
+// warpgroup holds P^T and dX^T of its own 64 keys in registers, in the layout of the A operand of dV += P^T dO and
+// dK += dX^T Q: those two GEMMs read A from registers (RS) and P never goes to shared memory; dX still does (dQ
+// needs every key of it), through transposing stmatrix. Without it (-D GR_HSTU_BWD_RS_DKV=0): the all-SS plan.
+#ifndef GR_HSTU_BWD_RS_DKV
+#define GR_HSTU_BWD_RS_DKV 1
+#endif
 template <bool kRab>
 struct BwdTile<64, kRab> {
   static constexpr int kBlockN = 128;
   static constexpr int kDkvAtomM = 2;  // dK/dV: warpgroups split the keys
   static constexpr bool kDqTma = true;
   static constexpr bool kDqInStage = false;
+  static constexpr bool kRsDkv = !kRab && GR_HSTU_BWD_RS_DKV != 0;
 };
 // Overridable at compile time (-D) to check another register plan without editing (tools/kernel_resources.py).
 #ifndef GR_HSTU_BWD_HDIM128_BLOCK_N
@@ -63,6 +71,7 @@ struct BwdTile<128, kRab> {
   static constexpr int kDkvAtomM = kBlockN == 128 ? 2 : 1;  // 64 keys: warpgroups split the head dim
   static constexpr bool kDqTma = true;
   static constexpr bool kDqInStage = false;
+  static constexpr bool kRsDkv = !kRab && kBlockN == 128 && GR_HSTU_BWD_RS_DKV != 0;
 };
 // -D GR_HSTU_BWD_HDIM256_DQ_IN_STAGE=0 keeps float2 dQ atomics in the bias-free head-dim-256 kernel (the bias kernel
 // always stages). Staged, that kernel spills 152 B / 260 B (tools/kernel_resources.py) yet measured 0-5% faster than
@@ -80,6 +89,7 @@ struct BwdTile<256, kRab> {
   // producer when the reduce-add has read it.
   static constexpr bool kDqTma = kRab || GR_HSTU_BWD_HDIM256_DQ_IN_STAGE != 0;
   static constexpr bool kDqInStage = kDqTma;
+  static constexpr bool kRsDkv = false;  // the warpgroups split the head dim of dK / dV, not the keys
 };
 
 template <typename Element_, int kHeadDim_, bool kRab_ = false>
@@ -100,7 +110,10 @@ struct BwdTraits {
   static constexpr int kDkvAtomN = kConsumerWarpGroups / kDkvAtomM;
   static constexpr bool kDqTma = BwdTile<kHeadDim, kRab>::kDqTma;
   static constexpr bool kDqInStage = BwdTile<kHeadDim, kRab>::kDqInStage;
+  static constexpr bool kRsDkv = BwdTile<kHeadDim, kRab>::kRsDkv;
   static_assert(!kDqInStage || kDkvAtomM == 1, "dQ in the Q/dO stage needs dK / dV split by head dim");
+  static_assert(!kRsDkv || (kDkvAtomM == kConsumerWarpGroups && kBlockM == 64 && !kRab && kDqTma && !kDqInStage),
+                "RS dK / dV: each warpgroup owns the keys of its S^T rows");
   static_assert(kHeadDim % 64 == 0 && kBlockN % 64 == 0, "tiles must be whole 128-byte swizzle rows");
 
   using _M = cute::Int<kBlockM>;
@@ -113,12 +126,24 @@ struct BwdTraits {
       cute::GMMA::ss_op_selector<Element, Element, ElementAccum,
                                  cute::Shape<_M, cute::Int<kBlockN / kConsumerWarpGroups>, _D>>(),
       cute::Layout<cute::Shape<cute::_1, cute::Int<kConsumerWarpGroups>, cute::_1>>{}));
-  // dK / dV: A = P^T or dX^T (keys x queries, key-contiguous = MN-major), B = dO^T or Q^T (dim x queries, MN-major).
-  using MmaDkv = decltype(cute::make_tiled_mma(
+  // kRsDkv: S^T / dP^T, each warpgroup takes kBlockN / 2 keys (M) of all kBlockM queries (N); A = K or V, B = Q or dO
+  // (both K-major). Unused otherwise (then a placeholder tile).
+  using MmaSdPt = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<Element, Element, ElementAccum,
-                                 cute::Shape<cute::Int<kBlockN / kDkvAtomM>, cute::Int<kHeadDim / kDkvAtomN>, _M>,
-                                 cute::GMMA::Major::MN, cute::GMMA::Major::MN>(),
-      cute::Layout<cute::Shape<cute::Int<kDkvAtomM>, cute::Int<kDkvAtomN>, cute::_1>>{}));
+                                 cute::Shape<cute::Int<kRsDkv ? kBlockN / kConsumerWarpGroups : 64>, _M, _D>>(),
+      cute::Layout<cute::Shape<cute::Int<kConsumerWarpGroups>, cute::_1, cute::_1>>{}));
+  // dK / dV: A = P^T or dX^T (keys x queries; SS: key-contiguous in shared memory = MN-major; kRsDkv: registers),
+  // B = dO^T or Q^T (dim x queries, MN-major).
+  using MmaDkvOp = std::conditional_t<
+      kRsDkv,
+      decltype(cute::GMMA::rs_op_selector<Element, Element, ElementAccum,
+                                          cute::Shape<cute::Int<kBlockN / kDkvAtomM>, cute::Int<kHeadDim / kDkvAtomN>, _M>,
+                                          cute::GMMA::Major::K, cute::GMMA::Major::MN>()),
+      decltype(cute::GMMA::ss_op_selector<Element, Element, ElementAccum,
+                                          cute::Shape<cute::Int<kBlockN / kDkvAtomM>, cute::Int<kHeadDim / kDkvAtomN>, _M>,
+                                          cute::GMMA::Major::MN, cute::GMMA::Major::MN>())>;
+  using MmaDkv = decltype(cute::make_tiled_mma(
+      MmaDkvOp{}, cute::Layout<cute::Shape<cute::Int<kDkvAtomM>, cute::Int<kDkvAtomN>, cute::_1>>{}));
   // dQ: A = dX (queries x keys, K-major), B = K^T (dim x keys, MN-major); warpgroups split the head dim.
   using MmaDq = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<Element, Element, ElementAccum,
@@ -182,7 +207,7 @@ struct BwdTraits {
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutDo>, 1024> dout;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutV>, 1024> v;
-    cute::array_aligned<Element, cute::cosize_v<SmemLayoutP>, 1024> p;
+    cute::array_aligned<Element, kRsDkv ? 1 : cute::cosize_v<SmemLayoutP>, 1024> p;  // kRsDkv: P stays in registers
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutP>, 1024> dx;
     cute::array_aligned<ElementAccum, kDqSmemElems, 1024> dq;  // kDqTma only (one float otherwise)
     alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_kv;

@@ -140,6 +140,37 @@ struct BwdMainloop {
     }
   }
 
+  // kDqTma: tile m0's dQ (this thread's accumulator elements) into the shared-memory dQ tile; once every element is
+  // there (both warpgroups), thread 0 issues its TMA reduce-add into dq_accum. Rows past the sequence end add zeros
+  // (their dX is masked) into the next sequence's rows, rows past the tensor end are clipped by TMA. The caller
+  // makes thread 0 wait for the reduce-add's read (tma_store_wait) before the tile is rewritten.
+  template <typename ThrMmaDq, typename FragDq>
+  __device__ __forceinline__ static void store_and_reduce_dq(const BwdArgs<Traits>& args, SharedStorage& ss,
+                                                             ThrMmaDq const& thr_dq, FragDq const& tdQrdQ, int tidx,
+                                                             int seq_start, int head, int m0) {
+    using namespace cute;
+    // Elements 2t, 2t + 1 are adjacent columns of one 16-byte chunk (an even one first): one float2 store.
+    // Addresses from an opaque pointer taken here: computed ahead, next to the in-flight dK / dV, they spilled.
+    Tensor sdQ = make_tensor(make_smem_ptr(detail::opaque(ss.dq.data())), typename Traits::SmemLayoutDq{});
+    Tensor tdQsdQ = thr_dq.partition_C(sdQ);
+    CUTE_UNROLL
+    for (int t = 0; t < decltype(size(tdQrdQ))::value / 2; ++t) {
+      *reinterpret_cast<float2*>(&tdQsdQ(2 * t)) = make_float2(tdQrdQ(2 * t), tdQrdQ(2 * t + 1));
+    }
+    cutlass::arch::fence_view_async_shared();
+    cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, kDqBarrier);
+    if (tidx == 0) {
+      const HstuBwdParams& p = args.p;
+      Tensor sdQ_all = make_tensor(make_smem_ptr(ss.dq.data()), typename Traits::SmemLayoutDq{});
+      Tensor mdQ = args.tma_dq.get_tma_tensor(make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads)));
+      Tensor gdQ = local_tile(domain_offset(make_coord(seq_start, _0{}), mdQ(_, _, head)),
+                              Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m0 / kBlockM, _0{}));
+      auto tma_dq = args.tma_dq.get_slice(_0{});
+      copy(args.tma_dq, tma_dq.partition_S(sdQ_all), tma_dq.partition_D(gdQ));
+      tma_store_arrive();
+    }
+  }
+
   // Consumers (both warpgroups, tidx in [0, 256)): accumulate dV and dK of the CTA's keys over the query tiles of
   // [m_begin, m_end), and add each tile's dQ into p.dq_accum (rows from seq_start). K and V are in shared memory.
   // With rab, drab_plane >= 0 names the plane of args.tma_drab that the dX tiles are reduce-added into.
@@ -148,6 +179,183 @@ struct BwdMainloop {
                                              Pipeline& pipeline_do, FragDkv& tdVrdV, FragDkv& tdKrdK, int tidx,
                                              const SequenceMask& mask, int seq_start, int head, int n0, int m_begin,
                                              int m_end, const Element_* rab, int drab_plane) {
+    if constexpr (Traits::kRsDkv) {
+      static_assert(!kHasRab, "the RS plan has no bias");
+      mma_rs(args, ss, pipeline_q, pipeline_do, tdVrdV, tdKrdK, tidx, mask, seq_start, head, n0, m_begin, m_end);
+    } else {
+      mma_ss<kHasRab>(args, ss, pipeline_q, pipeline_do, tdVrdV, tdKrdK, tidx, mask, seq_start, head, n0, m_begin,
+                      m_end, rab, drab_plane);
+    }
+  }
+
+  // kRsDkv (no bias): per query tile
+  //   S^T = K Q^T, dP^T = V dO^T (issued back to back; M = keys: each warpgroup its own 64 keys);
+  //   once S^T lands: P^T = SiLU(z) * mask / N into registers (16-bit, the A operand of the next GMMA) and
+  //   SiLU'(z) * mask * alpha / N in place of S^T; dV += P^T dO issued (RS) at once;
+  //   once dP^T lands (dV may still run): dX^T = dP^T * SiLU'(...) into registers and, through transposing stmatrix,
+  //   into the tile's dX buffer; both warpgroups sync (dQ needs every key); dQ = dX K (SS) and dK += dX^T Q (RS);
+  //   dQ goes through shared memory and one TMA reduce-add while dK runs.
+  // P never touches shared memory and no barrier stands between P and dV.
+  template <typename FragDkv>
+  __device__ __forceinline__ static void mma_rs(const BwdArgs<Traits>& args, SharedStorage& ss, Pipeline& pipeline_q,
+                                                Pipeline& pipeline_do, FragDkv& tdVrdV, FragDkv& tdKrdK, int tidx,
+                                                const SequenceMask& mask, int seq_start, int head, int n0,
+                                                int m_begin, int m_end) {
+    using namespace cute;
+    const HstuBwdParams& p = args.p;
+    using M = Int<kBlockM>;
+    using N = Int<kBlockN>;
+    using D = Int<kHeadDim>;
+    typename Traits::MmaSdPt mma_sdp;
+    typename Traits::MmaDkv mma_dkv;
+    typename Traits::MmaDq mma_dq;
+    auto thr_sdp = mma_sdp.get_thread_slice(tidx);
+    auto thr_dkv = mma_dkv.get_thread_slice(tidx);
+    auto thr_dq = mma_dq.get_thread_slice(tidx);
+
+    // S^T / dP^T accumulators and their (key, query) coordinates.
+    Tensor tStS = partition_fragment_C(mma_sdp, Shape<N, M>{});
+    Tensor tStdP = partition_fragment_C(mma_sdp, Shape<N, M>{});
+    Tensor tStcS = thr_sdp.partition_C(make_identity_tensor(Shape<N, M>{}));
+    // P^T and dX^T as the A operands of dV / dK: the accumulator's per-thread element order equals the A operand's
+    // (column pairs, the +8 row, then 8-column groups; two of those make one 16-wide K step), so element i of S^T
+    // becomes element i of P^T.
+    Tensor tdVrP = make_tensor<Element>(partition_shape_A(mma_dkv, Shape<N, M>{}));
+    Tensor tdKrdX = make_tensor<Element>(partition_shape_A(mma_dkv, Shape<N, M>{}));
+    constexpr int kFrag = decltype(size(tStS))::value;
+    static_assert(kFrag == decltype(size(tdVrP))::value, "S^T accumulator and P^T operand sizes differ");
+    static_assert(kFrag % 2 == 0, "accumulator elements come in column pairs");
+    uint32_t* p_words = reinterpret_cast<uint32_t*>(raw_pointer_cast(tdVrP.data()));
+    uint32_t* dx_words = reinterpret_cast<uint32_t*>(raw_pointer_cast(tdKrdX.data()));
+    // dX^T -> the (queries, keys) dX buffer: stmatrix .trans writes each 8x8 block transposed.
+    auto smem_tiled_copy_dx = make_tiled_copy_C(Copy_Atom<SM90_U16x8_STSM_T, Element>{}, mma_sdp);
+    auto smem_copy_dx = smem_tiled_copy_dx.get_thread_slice(tidx);
+    Tensor tXrdX = smem_copy_dx.retile_S(make_tensor(tdKrdX.data(), make_fragment_like<Element>(tStS).layout()));
+    Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<M, D>{});
+
+    const float alpha = p.alpha;
+    const float inv_n = p.inv_scaling_seqlen;
+    const float dx_scale = alpha * inv_n;
+    const bool dq_thread = tidx == 0;  // issues each tile's dQ reduce-add
+    if (dq_thread) prefetch_tma_descriptor(args.tma_dq.get_tma_descriptor());
+    // This thread's element 0 is its lowest key (row of S^T) and query (column); the others sit at compile-time
+    // offsets from it.
+    const int k_base = get<0>(tStcS(0));
+    const int q_base = get<1>(tStcS(0));
+
+    PipelineState state;  // consumers start at stage 0, phase 0
+    int buf = 0;
+    auto tile = [&](int m0, auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
+      // Per-tile views and descriptors from an opaque storage address (see mma_ss).
+      SharedStorage& s = *detail::opaque(&ss);
+      Tensor sQ = make_tensor(make_smem_ptr(s.q.data()), typename Traits::SmemLayoutQ{});
+      Tensor sQt = make_tensor(make_smem_ptr(s.q.data()), typename Traits::SmemLayoutQt{});
+      Tensor sdO = make_tensor(make_smem_ptr(s.dout.data()), typename Traits::SmemLayoutDo{});
+      Tensor sdOt = make_tensor(make_smem_ptr(s.dout.data()), typename Traits::SmemLayoutDot{});
+      Tensor sK = make_tensor(make_smem_ptr(s.k.data()), typename Traits::SmemLayoutK{});
+      Tensor sKt = make_tensor(make_smem_ptr(s.k.data()), typename Traits::SmemLayoutKt{});
+      Tensor sV = make_tensor(make_smem_ptr(s.v.data()), typename Traits::SmemLayoutV{});
+      Tensor sdX = make_tensor(make_smem_ptr(s.dx.data()), typename Traits::SmemLayoutP{});
+      Tensor sdXt = make_tensor(make_smem_ptr(s.dx.data()), typename Traits::SmemLayoutPt{});
+      Tensor tStrK = thr_sdp.partition_fragment_A(sK);      // (MMA, keys, K)
+      Tensor tStrQ = thr_sdp.partition_fragment_B(sQ);      // (MMA, queries, K, stage)
+      Tensor tStrV = thr_sdp.partition_fragment_A(sV);
+      Tensor tStrdO = thr_sdp.partition_fragment_B(sdO);
+      Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);  // (MMA, dim, queries, stage)
+      Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
+      Tensor tdQrdX = thr_dq.partition_fragment_A(sdX);     // (MMA, queries, keys, buffer)
+      Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);     // (MMA, dim, keys)
+      Tensor tXsdX = smem_copy_dx.partition_D(sdXt);        // (CPY, CPY_M, CPY_N, buffer)
+      clear(tStS);  // fresh accumulators end the previous tile's live ranges (see mma_ss)
+      clear(tStdP);
+      pipeline_q.consumer_wait(state);
+      warpgroup_gemm_ss<false>(mma_sdp, tStrK, tStrQ(_, _, _, state.index()), tStS);
+      pipeline_do.consumer_wait(state);
+      warpgroup_gemm_ss<false>(mma_sdp, tStrV, tStrdO(_, _, _, state.index()), tStdP);
+      warpgroup_wait<1>();  // S^T has landed; dP^T may still run
+      warpgroup_fence_operand(tStS);
+      [[maybe_unused]] const CausalThresholds thresholds = causal_thresholds(mask, m0 + q_base, n0 + k_base);
+      CUTE_UNROLL
+      for (int t = 0; t < kFrag / 2; ++t) {
+        // Elements 2t, 2t + 1: one key, two adjacent queries.
+        float f0, f1, d0, d1;
+        detail::silu_and_grad(alpha * tStS(2 * t), f0, d0);
+        detail::silu_and_grad(alpha * tStS(2 * t + 1), f1, d1);
+        f0 *= inv_n;
+        f1 *= inv_n;
+        d0 *= dx_scale;
+        d1 *= dx_scale;
+        if (!bool(full_tile)) {  // compile-time flag: mask-free tiles carry no mask code
+          bool v0, v1;
+          if constexpr (decltype(causal_fast_tile)::value) {
+            const int dq = get<1>(tStcS(2 * t)) - q_base;  // compile-time after folding
+            const int dk = get<0>(tStcS(2 * t)) - k_base;
+            v0 = causal_visible<false>(dq, dk, thresholds);
+            v1 = causal_visible<false>(dq + 1, dk, thresholds);
+          } else {
+            const int i = m0 + get<1>(tStcS(2 * t));
+            const int j = n0 + get<0>(tStcS(2 * t));
+            v0 = mask(i, j);
+            v1 = mask(i + 1, j);
+          }
+          if (!v0) f0 = d0 = 0.f;
+          if (!v1) f1 = d1 = 0.f;
+        }
+        p_words[t] = detail::pack2<Element_>(f0, f1);
+        tStS(2 * t) = d0;  // SiLU'(z) * mask * alpha / N, for dX once dP^T lands
+        tStS(2 * t + 1) = d1;
+      }
+      warpgroup_gemm_issue<false, true>(mma_dkv, tdVrP, tdVrdOt(_, _, _, state.index()), tdVrdV);
+      warpgroup_wait<1>();  // dP^T has landed; dV may still run
+      warpgroup_fence_operand(tStdP);
+      CUTE_UNROLL
+      for (int t = 0; t < kFrag / 2; ++t) {
+        dx_words[t] = detail::pack2<Element_>(tStdP(2 * t) * tStS(2 * t), tStdP(2 * t + 1) * tStS(2 * t + 1));
+      }
+      copy(smem_tiled_copy_dx, tXrdX, tXsdX(_, _, _, buf));
+      // Generic-proxy stores -> visible to the GMMA (async proxy); then every key of dX is in place. The previous
+      // tile's dQ reduce-add has read the dQ tile before anyone passes this barrier (this tile rewrites it).
+      cutlass::arch::fence_view_async_shared();
+      if (dq_thread) tma_store_wait<0>();
+      cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, kPdxBarrier);
+      clear(tdQrdQ);
+      warpgroup_gemm_ss<false>(mma_dq, tdQrdX(_, _, _, buf), tdQrKt, tdQrdQ);
+      warpgroup_gemm_issue<false, true>(mma_dkv, tdKrdX, tdKrQt(_, _, _, state.index()), tdKrdK);
+      warpgroup_wait<1>();  // dV and dQ have landed; dK may still run
+      warpgroup_fence_operand(tdQrdQ);
+      store_and_reduce_dq(args, ss, thr_dq, tdQrdQ, tidx, seq_start, head, m0);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tdVrdV);
+      warpgroup_fence_operand(tdKrdK);
+      warpgroup_fence_operand(tdVrP);  // their registers are rewritten only after the GMMAs that read them
+      warpgroup_fence_operand(tdKrdX);
+      pipeline_q.consumer_release(state);
+      pipeline_do.consumer_release(state);
+      ++state;
+      buf ^= 1;
+    };
+
+    using True = cute::true_type;
+    using False = cute::false_type;
+    const bool fast_mask = causal_fast<false>(p, mask, 0);
+    for (int m0 = m_begin; m0 < m_end; m0 += kBlockM) {
+      if (mask_free_tile(p, mask, m0, n0)) {
+        tile(m0, True{}, False{});
+      } else if (fast_mask) {
+        tile(m0, False{}, True{});
+      } else {
+        tile(m0, False{}, False{});
+      }
+    }
+    if (dq_thread) tma_store_wait<0>();  // the last reduce-add has read its tile before the CTA's smem goes away
+  }
+
+  // The all-SS plan (every instantiation without kRsDkv).
+  template <bool kHasRab, typename FragDkv>
+  __device__ __forceinline__ static void mma_ss(const BwdArgs<Traits>& args, SharedStorage& ss, Pipeline& pipeline_q,
+                                                Pipeline& pipeline_do, FragDkv& tdVrdV, FragDkv& tdKrdK, int tidx,
+                                                const SequenceMask& mask, int seq_start, int head, int n0,
+                                                int m_begin, int m_end, const Element_* rab, int drab_plane) {
     using namespace cute;
     const HstuBwdParams& p = args.p;
     using M = Int<kBlockM>;
@@ -209,16 +417,6 @@ struct BwdMainloop {
            tma_dq.partition_D(gdQ(_, _, 2 * warp_group)));
       copy(args.tma_dq, tma_dq.partition_S(make_tensor(make_smem_ptr(do_half), Quarter{})),
            tma_dq.partition_D(gdQ(_, _, 2 * warp_group + 1)));
-      tma_store_arrive();
-    };
-    // kDqTma: the whole tile from its own shared-memory buffer.
-    auto reduce_dq = [&](int m0) {
-      Tensor sdQ = make_tensor(make_smem_ptr(ss.dq.data()), typename Traits::SmemLayoutDq{});
-      Tensor mdQ = args.tma_dq.get_tma_tensor(make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads)));
-      Tensor gdQ = local_tile(domain_offset(make_coord(seq_start, _0{}), mdQ(_, _, head)), Shape<M, D>{},
-                              make_coord(m0 / kBlockM, _0{}));
-      auto tma_dq = args.tma_dq.get_slice(_0{});
-      copy(args.tma_dq, tma_dq.partition_S(sdQ), tma_dq.partition_D(gdQ));
       tma_store_arrive();
     };
     // The reduce-add of tile m0 from dX buffer `from`: rows and keys past max_seq_len are clipped by TMA, the rest
@@ -395,17 +593,7 @@ struct BwdMainloop {
         cutlass::arch::NamedBarrier::sync(128, kDqBarrier + warp_group);  // this warpgroup's half only
         if (dq_leader) reduce_dq_in_stage(m0, state.index());
       } else if constexpr (Traits::kDqTma) {
-        // Elements 2t, 2t + 1 are adjacent columns of one 16-byte chunk (an even one first): one float2 store.
-        // Addresses from an opaque pointer taken here: computed ahead, next to the in-flight dK / dV, they spilled.
-        Tensor sdQ = make_tensor(make_smem_ptr(detail::opaque(ss.dq.data())), typename Traits::SmemLayoutDq{});
-        Tensor tdQsdQ = thr_dq.partition_C(sdQ);
-        CUTE_UNROLL
-        for (int t = 0; t < decltype(size(tdQrdQ))::value / 2; ++t) {
-          *reinterpret_cast<float2*>(&tdQsdQ(2 * t)) = make_float2(tdQrdQ(2 * t), tdQrdQ(2 * t + 1));
-        }
-        cutlass::arch::fence_view_async_shared();
-        cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, kDqBarrier);
-        if (tidx == 0) reduce_dq(m0);
+        store_and_reduce_dq(args, ss, thr_dq, tdQrdQ, tidx, seq_start, head, m0);
       } else {
         // Rows past the sequence end hold zeros (their dX is masked) and belong to the next sequence: skipped.
         Tensor gdQ =
