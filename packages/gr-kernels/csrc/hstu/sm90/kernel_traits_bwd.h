@@ -8,7 +8,10 @@
 //   dV += P^T dO and  dK += dX^T Q    (M = keys, N = head dim, K = queries; P and dX read transposed from smem)
 //   dQ  = dX K                        (M = queries, N = head dim, K = keys; the warpgroups split the head dim)
 // P and dX (16-bit) go through double-buffered shared memory because the key-major GEMMs need them transposed and
-// dQ needs every key of the tile, which spans both warpgroups.
+// dQ needs every key of the tile, which spans both warpgroups. That is the SS plan; the RS plan (kRsDkv: 128-key
+// tiles without a bias) computes S^T and dP^T instead (M = keys, each warpgroup its own 64), whose accumulators are
+// already the register A operands of dV and dK: P^T and dX^T stay in registers, and only dX goes to shared memory,
+// for dQ (mainloop_bwd.cuh, mma_rs).
 //
 // Tiles per head dim (BwdTile): the dK + dV accumulators (fp32, kBlockN x kHeadDim each) must fit the consumer
 // registers next to S, dP and dQ without serialised GMMAs (ptxas -v; tools/kernel_resources.py): 128 keys at head

@@ -1,6 +1,7 @@
 // Mainloop of the Hopper HSTU backward kernel: the producer's TMA loads and the consumers' GMMA + pointwise work.
 //
-// Per query tile (walked upwards from the first one that can see the CTA's keys):
+// Per query tile (walked upwards from the first one that can see the CTA's keys), in the SS plan (mma_ss; the RS plan
+// of 128-key tiles without a bias, mma_rs, is described there):
 //   producer : Q tile -> stage (pipeline_q), dO tile -> stage (pipeline_do)
 //   consumer : S = Q K^T, dP = dO V^T (issued back to back); then, element by element,
 //              P = SiLU(alpha (S + rab)) * mask / N and dX = dP * SiLU'(z) * mask * alpha / N, both to shared
