@@ -141,6 +141,43 @@ struct BwdMainloop {
     }
   }
 
+  // The tile's shared-memory views (Q, Q^T, dO, dO^T, K, K^T, V, dX, dX^T), for a storage reference the caller took
+  // through detail::opaque in the query loop: hoisted out of the loop, the views' ~20 64-bit GMMA descriptors and
+  // addresses stayed in registers next to dK / dV (ptxas spilled); rebuilt per tile they cost a few integer
+  // instructions.
+  __device__ __forceinline__ static auto smem_views(SharedStorage& s) {
+    using namespace cute;
+    return make_tuple(make_tensor(make_smem_ptr(s.q.data()), typename Traits::SmemLayoutQ{}),
+                      make_tensor(make_smem_ptr(s.q.data()), typename Traits::SmemLayoutQt{}),
+                      make_tensor(make_smem_ptr(s.dout.data()), typename Traits::SmemLayoutDo{}),
+                      make_tensor(make_smem_ptr(s.dout.data()), typename Traits::SmemLayoutDot{}),
+                      make_tensor(make_smem_ptr(s.k.data()), typename Traits::SmemLayoutK{}),
+                      make_tensor(make_smem_ptr(s.k.data()), typename Traits::SmemLayoutKt{}),
+                      make_tensor(make_smem_ptr(s.v.data()), typename Traits::SmemLayoutV{}),
+                      make_tensor(make_smem_ptr(s.dx.data()), typename Traits::SmemLayoutP{}),
+                      make_tensor(make_smem_ptr(s.dx.data()), typename Traits::SmemLayoutPt{}));
+  }
+
+  // Runs tile(m0, full_tile, causal_fast_tile) over the CTA's query tiles [m_begin, m_end): mask-free tiles without
+  // mask code, the masked tiles of plain causal sequences (causal_fast.h; every query tile starts at a position >= 0
+  // here) with the two-compare test, the rest with the general mask. Only the masked tile body is compiled twice.
+  template <typename TileFn>
+  __device__ __forceinline__ static void for_each_query_tile(const HstuFwdParams& p, const SequenceMask& mask, int n0,
+                                                             int m_begin, int m_end, TileFn& tile) {
+    using True = cute::true_type;
+    using False = cute::false_type;
+    const bool fast_mask = causal_fast<false>(p, mask, 0);
+    for (int m0 = m_begin; m0 < m_end; m0 += kBlockM) {
+      if (mask_free_tile(p, mask, m0, n0)) {
+        tile(m0, True{}, False{});
+      } else if (fast_mask) {
+        tile(m0, False{}, True{});
+      } else {
+        tile(m0, False{}, False{});
+      }
+    }
+  }
+
   // kDqTma: tile m0's dQ (this thread's accumulator elements) into the shared-memory dQ tile; once every element is
   // there (both warpgroups), thread 0 issues its TMA reduce-add into dq_accum. Rows past the sequence end add zeros
   // (their dX is masked) into the next sequence's rows, rows past the tensor end are clipped by TMA. The caller
@@ -247,17 +284,7 @@ struct BwdMainloop {
     PipelineState state;  // consumers start at stage 0, phase 0
     int buf = 0;
     auto tile = [&](int m0, auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
-      // Per-tile views and descriptors from an opaque storage address (see mma_ss).
-      SharedStorage& s = *detail::opaque(&ss);
-      Tensor sQ = make_tensor(make_smem_ptr(s.q.data()), typename Traits::SmemLayoutQ{});
-      Tensor sQt = make_tensor(make_smem_ptr(s.q.data()), typename Traits::SmemLayoutQt{});
-      Tensor sdO = make_tensor(make_smem_ptr(s.dout.data()), typename Traits::SmemLayoutDo{});
-      Tensor sdOt = make_tensor(make_smem_ptr(s.dout.data()), typename Traits::SmemLayoutDot{});
-      Tensor sK = make_tensor(make_smem_ptr(s.k.data()), typename Traits::SmemLayoutK{});
-      Tensor sKt = make_tensor(make_smem_ptr(s.k.data()), typename Traits::SmemLayoutKt{});
-      Tensor sV = make_tensor(make_smem_ptr(s.v.data()), typename Traits::SmemLayoutV{});
-      Tensor sdX = make_tensor(make_smem_ptr(s.dx.data()), typename Traits::SmemLayoutP{});
-      Tensor sdXt = make_tensor(make_smem_ptr(s.dx.data()), typename Traits::SmemLayoutPt{});
+      auto [sQ, sQt, sdO, sdOt, sK, sKt, sV, sdX, sdXt] = smem_views(*detail::opaque(&ss));
       Tensor tStrK = thr_sdp.partition_fragment_A(sK);      // (MMA, keys, K)
       Tensor tStrQ = thr_sdp.partition_fragment_B(sQ);      // (MMA, queries, K, stage)
       Tensor tStrV = thr_sdp.partition_fragment_A(sV);
@@ -336,18 +363,7 @@ struct BwdMainloop {
       buf ^= 1;
     };
 
-    using True = cute::true_type;
-    using False = cute::false_type;
-    const bool fast_mask = causal_fast<false>(p, mask, 0);
-    for (int m0 = m_begin; m0 < m_end; m0 += kBlockM) {
-      if (mask_free_tile(p, mask, m0, n0)) {
-        tile(m0, True{}, False{});
-      } else if (fast_mask) {
-        tile(m0, False{}, True{});
-      } else {
-        tile(m0, False{}, False{});
-      }
-    }
+    for_each_query_tile(p, mask, n0, m_begin, m_end, tile);
     if (dq_thread) tma_store_wait<0>();  // the last reduce-add has read its tile before the CTA's smem goes away
   }
 
@@ -470,21 +486,10 @@ struct BwdMainloop {
     // causal_fast_tile (compile-time; masked tiles of plain causal sequences only): the two-compare test of
     // causal_fast.h instead of the general mask.
     auto tile = [&](int m0, auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
-      // Shared-memory views and GMMA descriptors, rebuilt per tile from an opaque copy of the storage address: hoisted
-      // out of the loop they held ~20 64-bit descriptors and addresses in registers next to dK / dV (ptxas spilled);
-      // rebuilt, they cost a few integer instructions a tile.
       SharedStorage& s = *detail::opaque(&ss);
-      Tensor sQ = make_tensor(make_smem_ptr(s.q.data()), typename Traits::SmemLayoutQ{});
-      Tensor sQt = make_tensor(make_smem_ptr(s.q.data()), typename Traits::SmemLayoutQt{});
-      Tensor sdO = make_tensor(make_smem_ptr(s.dout.data()), typename Traits::SmemLayoutDo{});
-      Tensor sdOt = make_tensor(make_smem_ptr(s.dout.data()), typename Traits::SmemLayoutDot{});
-      Tensor sK = make_tensor(make_smem_ptr(s.k.data()), typename Traits::SmemLayoutK{});
-      Tensor sKt = make_tensor(make_smem_ptr(s.k.data()), typename Traits::SmemLayoutKt{});
-      Tensor sV = make_tensor(make_smem_ptr(s.v.data()), typename Traits::SmemLayoutV{});
+      auto [sQ, sQt, sdO, sdOt, sK, sKt, sV, sdX, sdXt] = smem_views(s);
       Tensor sP = make_tensor(make_smem_ptr(s.p.data()), typename Traits::SmemLayoutP{});
       Tensor sPt = make_tensor(make_smem_ptr(s.p.data()), typename Traits::SmemLayoutPt{});
-      Tensor sdX = make_tensor(make_smem_ptr(s.dx.data()), typename Traits::SmemLayoutP{});
-      Tensor sdXt = make_tensor(make_smem_ptr(s.dx.data()), typename Traits::SmemLayoutPt{});
       Tensor tSrQ = thr_sdp.partition_fragment_A(sQ);       // (MMA, M, K, stage)
       Tensor tSrK = thr_sdp.partition_fragment_B(sK);       // (MMA, N, K)
       Tensor tdPrdO = thr_sdp.partition_fragment_A(sdO);    // (MMA, M, K, stage)
@@ -621,21 +626,8 @@ struct BwdMainloop {
       buf ^= 1;
     };
 
-    using True = cute::true_type;
-    using False = cute::false_type;
-    // Plain causal sequences (causal_fast.h; every query tile starts at a position >= 0 here): their masked tiles take
-    // the two-compare test. Only the masked tile body is compiled twice.
-    const bool fast_mask = causal_fast<false>(p, mask, 0);
     if constexpr (kHasRab && kRabAhead) load_rab(m_begin);  // the first tile's bias (the caller has >= 1 tile)
-    for (int m0 = m_begin; m0 < m_end; m0 += kBlockM) {
-      if (mask_free_tile(p, mask, m0, n0)) {
-        tile(m0, True{}, False{});
-      } else if (fast_mask) {
-        tile(m0, False{}, True{});
-      } else {
-        tile(m0, False{}, False{});
-      }
-    }
+    for_each_query_tile(p, mask, n0, m_begin, m_end, tile);
     if (tma_thread) tma_store_wait<0>();  // the last reduce-adds have read their tiles before the CTA's smem goes away
   }
 };
