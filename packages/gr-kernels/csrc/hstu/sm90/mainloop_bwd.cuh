@@ -271,9 +271,9 @@ struct BwdMainloop {
     Tensor tXrdX = smem_copy_dx.retile_S(make_tensor(tdKrdX.data(), make_fragment_like<Element>(tStS).layout()));
     Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<M, D>{});
 
-    const float alpha = p.alpha;
-    const float inv_n = p.inv_scaling_seqlen;
-    const float dx_scale = alpha * inv_n;
+    // P = SiLU(alpha x) / N and SiLU'(alpha x) * alpha / N (the dX factor) by detail::silu_and_grad_scaled.
+    const float half_alpha = 0.5f * p.alpha;
+    const float coef = half_alpha * p.inv_scaling_seqlen;
     const bool dq_thread = tidx == 0;  // issues each tile's dQ reduce-add
     if (dq_thread) prefetch_tma_descriptor(args.tma_dq.get_tma_descriptor());
     // This thread's element 0 is its lowest key (row of S^T) and query (column); the others sit at compile-time
@@ -307,12 +307,8 @@ struct BwdMainloop {
       for (int t = 0; t < kFrag / 2; ++t) {
         // Elements 2t, 2t + 1: one key, two adjacent queries.
         float f0, f1, d0, d1;
-        detail::silu_and_grad(alpha * tStS(2 * t), f0, d0);
-        detail::silu_and_grad(alpha * tStS(2 * t + 1), f1, d1);
-        f0 *= inv_n;
-        f1 *= inv_n;
-        d0 *= dx_scale;
-        d1 *= dx_scale;
+        detail::silu_and_grad_scaled(tStS(2 * t), half_alpha, coef, f0, d0);
+        detail::silu_and_grad_scaled(tStS(2 * t + 1), half_alpha, coef, f1, d1);
         if (!bool(full_tile)) {  // compile-time flag: mask-free tiles carry no mask code
           bool v0, v1;
           if constexpr (decltype(causal_fast_tile)::value) {
@@ -404,9 +400,9 @@ struct BwdMainloop {
     constexpr int kFrag = decltype(size(tSrS))::value;
     static_assert(kFrag % 2 == 0, "accumulator elements come in column pairs");
 
-    const float alpha = p.alpha;
-    const float inv_n = p.inv_scaling_seqlen;
-    const float dx_scale = alpha * inv_n;
+    // P = SiLU(alpha x) / N and SiLU'(alpha x) * alpha / N (the dX factor) by detail::silu_and_grad_scaled.
+    const float half_alpha = 0.5f * p.alpha;
+    const float coef = half_alpha * p.inv_scaling_seqlen;
     const bool rab_pairs = (p.max_seq_len % 2) == 0;  // 32-bit bias loads need even rows
     // One thread moves the dX tiles into drab (after the tile's barrier: every key of dX is written and fenced).
     const bool drab_thread = kHasRab && drab_plane >= 0 && tidx == 0;
@@ -530,12 +526,10 @@ struct BwdMainloop {
         float b0 = 0.f, b1 = 0.f;
         if constexpr (kHasRab) unpack2<Element_>(rab_bits[t], b0, b1);
         float f0, f1, d0, d1;
-        detail::silu_and_grad(alpha * (tSrS(2 * t) + b0), f0, d0);
-        detail::silu_and_grad(alpha * (tSrS(2 * t + 1) + b1), f1, d1);
-        f0 *= inv_n;
-        f1 *= inv_n;
-        float x0 = tSrdP(2 * t) * d0 * dx_scale;
-        float x1 = tSrdP(2 * t + 1) * d1 * dx_scale;
+        detail::silu_and_grad_scaled(tSrS(2 * t) + b0, half_alpha, coef, f0, d0);
+        detail::silu_and_grad_scaled(tSrS(2 * t + 1) + b1, half_alpha, coef, f1, d1);
+        float x0 = tSrdP(2 * t) * d0;
+        float x1 = tSrdP(2 * t + 1) * d1;
         const int i = m0 + get<0>(tScS(2 * t));
         const int j = n0 + get<1>(tScS(2 * t));
         bool v0 = true, v1 = true;

@@ -217,7 +217,7 @@ struct FwdMainloop {
     static_assert(kFrag == decltype(size(tOrP))::value, "S accumulator and P operand sizes differ");
     static_assert(kFrag % 2 == 0, "accumulator elements come in column pairs");
 
-    const float alpha = p.alpha;
+    const float half_alpha = 0.5f * p.alpha;  // detail::silu_scaled
     const bool rab_pairs = (p.max_seq_len % 2) == 0;  // 32-bit bias loads need even rows (columns are even)
     using True = cute::true_type;
     using False = cute::false_type;
@@ -262,10 +262,8 @@ struct FwdMainloop {
           const int dc = get<1>(tScS(2 * t)) - get<1>(tScS(0));
           unpack2<Element_>(*reinterpret_cast<const uint32_t*>(rab_stage + rab_word_offset(rab_base, dr, dc)), b0, b1);
         }
-        const float z0 = alpha * (tSrS(2 * t) + b0);
-        const float z1 = alpha * (tSrS(2 * t + 1) + b1);
-        float p0 = z0 * detail::fast_sigmoid(z0);
-        float p1 = z1 * detail::fast_sigmoid(z1);
+        float p0 = detail::silu_scaled(tSrS(2 * t) + b0, half_alpha);
+        float p1 = detail::silu_scaled(tSrS(2 * t + 1) + b1, half_alpha);
         if (!bool(full_tile)) {  // a compile-time flag folds away; a runtime one branches per tile
           if constexpr (decltype(causal_fast_tile)::value) {
             const int dr = get<0>(tScS(2 * t)) - r_base;  // compile-time after folding
