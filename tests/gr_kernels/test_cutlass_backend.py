@@ -328,7 +328,10 @@ def _backward_case(lengths, heads, dim, dtype, *, seed=0, rab_heads=0, num_targe
 def _check_backward(lengths, heads, dim, dtype, **kw):
     """dq, dk, dv (and drab) of the kernel vs an fp32 reference: error <= 5x the reference's own error in ``dtype``."""
     grads = _backward_case(lengths, heads, dim, dtype, **kw)
-    got, ref_low, exact = grads("cutlass"), grads("reference"), grads("reference", low=False)
+    _assert_backward_parity(grads("cutlass"), grads("reference"), grads("reference", low=False), dtype)
+
+
+def _assert_backward_parity(got, ref_low, exact, dtype: torch.dtype) -> None:
     for name, g_, r_, e_ in zip(["dq", "dk", "dv", "drab"], got, ref_low, exact, strict=False):
         assert g_.dtype == r_.dtype and g_.shape == e_.shape, name
         if e_.numel() == 0:
@@ -402,21 +405,58 @@ def test_backward_kernels_agree(dim: int, mask: str) -> None:
 
 @needs_sm90
 @pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize(("n", "offset"), [(136, 0), (136, 1), (133, 0)])
+def test_backward_bias_rows_pick_the_kernel(dim: int, n: int, offset: int) -> None:
+    # The Hopper bias backward of head dim 64 loads the bias through TMA: rows of a multiple of 8 elements run it,
+    # others (133) the SM80 kernel; head dim 128 reads the bias per thread either way. A bias view starting 2 bytes
+    # into its storage (offset 1: contiguous, misaligned) reaches the kernels as an aligned copy. All within the
+    # parity bound.
+    from gr_kernels.cutlass_backend import _C, _kernel_bias
+
+    assert _C.hstu_bwd_runs_sm90(dim, False, True)
+    assert _C.hstu_bwd_runs_sm90(dim, False, False) == (dim != 64)
+    (q, k, v), (q32, k32, v32), offsets, n, rab, _ = _inputs([70, 129, 3], 2, dim, torch.bfloat16, 7, 1, 0, n)
+    storage = torch.zeros(offset + rab.numel(), device="cuda", dtype=torch.bfloat16)
+    bias = storage[offset:].view(rab.shape).copy_(rab)
+    assert _kernel_bias(bias, torch.bfloat16).data_ptr() % 16 == 0
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(q.device)
+
+    def grads(tensors, b, g, backend):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        b = b.detach().requires_grad_()  # a view keeps its storage offset
+        out = hstu_attention(*leaves, offsets, n, alpha=dim**-0.5, rab=b, backend=backend)
+        out.backward(g)
+        return [t.grad for t in leaves] + [b.grad]
+
+    got = grads([q, k, v], bias, grad.to(q.dtype), "cutlass")
+    ref_low = grads([q, k, v], rab.to(torch.bfloat16), grad.to(q.dtype), "reference")
+    exact = grads([q32, k32, v32], rab, grad, "reference")
+    _assert_backward_parity(got, ref_low, exact, torch.bfloat16)
+
+
+@needs_sm90
+@pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["sm90", "sm80"])
 @pytest.mark.parametrize("n", [200, 333])
-def test_backward_drab_buffer_follows_the_kernel(kernel: str, n: int) -> None:
+@pytest.mark.parametrize("dim", [64, 256])
+def test_backward_drab_buffer_follows_the_kernel(kernel: str, n: int, dim: int) -> None:
     # The Hopper backward reduce-adds 16-bit dX tiles into rows padded to 16 bytes (n = 333: padded, sliced back off);
     # the SM80-MMA one (and any delta-q call) accumulates fp32. Either way drab comes back contiguous in rab's shape.
+    # Head dim 64 loads the bias through TMA: rows of 333 elements are not 16-byte aligned, so that call takes the SM80
+    # kernel whatever the switch says (head dim 256, which has only the Hopper kernel, loads the bias per thread).
     from gr_kernels.cutlass_backend import _drab_buffers
 
-    q = torch.zeros(4, 2, 64, device="cuda", dtype=torch.bfloat16)
+    if dim == 256 and kernel == "sm80":
+        pytest.skip("head dim 256 has only the Hopper backward")
+    q = torch.zeros(4, 2, dim, device="cuda", dtype=torch.bfloat16)
     rab = torch.zeros(3, 1, n, n, device="cuda", dtype=torch.bfloat16)
     with _backward_kernel(kernel):
         accum, rows = _drab_buffers(rab, q, delta_q=False)
         delta_accum, delta_rows = _drab_buffers(rab, q, delta_q=True)
-        drab = _backward_case([n, 5, 70], 2, 64, torch.bfloat16, rab_heads=1, max_seq_len=n)("cutlass")[3]
+        drab = _backward_case([n, 5, 70], 2, dim, torch.bfloat16, rab_heads=1, max_seq_len=n)("cutlass")[3]
     assert delta_rows is None and delta_accum is not None and delta_accum.dtype == torch.float32
-    if kernel == "sm90":
+    if kernel == "sm90" and (n % 8 == 0 or dim == 256):
         assert accum is None and rows is not None and rows.dtype == torch.bfloat16
         assert rows.shape == (3, 1, n, -(-n // 8) * 8) and rows.count_nonzero() == 0
     else:
@@ -432,7 +472,8 @@ def test_backward_drab_buffer_follows_the_kernel(kernel: str, n: int) -> None:
 def test_backward_with_a_frozen_bias_skips_drab(kernel: str, dim: int) -> None:
     # A bias that needs no gradient is still read, but the kernel gets no drab buffer: dk and dv are those of the
     # trainable-bias run bit for bit (each written once), dq equal up to the order of its fp32 atomic adds.
-    (q, k, v), _, offsets, n, rab, targets = _inputs([1, 65, 300, 129], 2, dim, torch.bfloat16, 0, 1, 4, 333)
+    # max_seq_len 336: bias rows of 16-byte multiples, which the Hopper kernels load through TMA.
+    (q, k, v), _, offsets, n, rab, targets = _inputs([1, 65, 300, 129], 2, dim, torch.bfloat16, 0, 1, 4, 336)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.device, q.dtype)
 
     def run(trainable: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:

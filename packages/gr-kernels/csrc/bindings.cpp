@@ -128,7 +128,9 @@ PYBIND11_MODULE(_C, m) {
         "HSTU attention backward: dq (fp32, accumulated), dk, dv, and drab either fp32-accumulated (drab_accum, the "
         "SM80-MMA kernel) or 16-bit with its row stride (drab, the Hopper kernel; see hstu_bwd_runs_sm90)");
   m.def("hstu_bwd_runs_sm90", &gr_kernels::hstu_bwd_runs_sm90, py::arg("head_dim"), py::arg("delta_q"),
-        "Whether hstu_bwd takes the Hopper kernel for this head dim on the current device (then drab is 16-bit)");
+        py::arg("rab_tma_rows") = true,
+        "Whether hstu_bwd takes the Hopper kernel for this head dim on the current device (then drab is 16-bit); "
+        "rab_tma_rows: no bias, or one with 16-byte aligned rows");
   m.def("compiled_archs", &gr_kernels::compiled_archs, "CUDA architectures this build holds code for");
   m.def(
       "sm90_fwd_self_check",

@@ -9,6 +9,7 @@
 
 #include "hstu/fwd_split.cuh"
 #include "hstu/params.h"
+#include "hstu/sm90/bwd_config.h"
 
 namespace gr_kernels {
 
@@ -129,28 +130,35 @@ static const char* dispatch_bwd_head_dim_sm90(const HstuBwdParams& p, cudaStream
 }
 #endif
 
-bool hstu_bwd_runs_sm90(int head_dim, bool delta_q) {
+bool hstu_bwd_runs_sm90(int head_dim, bool delta_q, bool rab_tma_rows) {
 #ifdef GR_KERNELS_SM90
   const bool built = head_dim == 64 || head_dim == 128 || head_dim == 256;
-  return built && !delta_q && (sm90_backward_selected() || head_dim == 256) && current_device_is_sm90();
+  const bool rab_fits = rab_tma_rows || !sm90::bwd_rab_via_tma(head_dim);
+  return built && !delta_q && rab_fits && (sm90_backward_selected() || head_dim == 256) && current_device_is_sm90();
 #else
   (void)head_dim;
   (void)delta_q;
+  (void)rab_tma_rows;
   return false;
 #endif
+}
+
+// No bias, or one whose rows TMA can load: a 16-byte aligned base and rows of a multiple of 8 elements.
+static bool rab_tma_rows(const HstuBwdParams& p) {
+  return p.rab == nullptr || (reinterpret_cast<std::uintptr_t>(p.rab) % 16 == 0 && p.max_seq_len % 8 == 0);
 }
 
 template <typename Element>
 static const char* dispatch_bwd_head_dim(const HstuBwdParams& p, cudaStream_t stream) {
 #ifdef GR_KERNELS_SM90
-  if (hstu_bwd_runs_sm90(p.head_dim, p.q_offsets != nullptr) && sm90_backward_rows_fit(p)) {
+  if (hstu_bwd_runs_sm90(p.head_dim, p.q_offsets != nullptr, rab_tma_rows(p)) && sm90_backward_rows_fit(p)) {
     const char* err = dispatch_bwd_head_dim_sm90<Element>(p, stream);
     if (err != nullptr) return err;
   }
 #endif
   if (p.drab != nullptr) {
     return "the SM80-MMA backward accumulates drab in fp32 (drab_accum), but this call gave the Hopper kernel's "
-           "16-bit drab (q, k, v or dout rows not 16-byte aligned?)";
+           "16-bit drab (q, k, v, dout or bias rows not 16-byte aligned?)";
   }
   switch (p.head_dim) {
     case 64: return run_hstu_bwd<Element, 64>(p, stream);

@@ -72,7 +72,9 @@ struct HstuBwdParams : HstuFwdParams {
 // Whether hstu_bwd serves a call of this head dim (delta q or not) on the current device with the Hopper kernel, so
 // that drab (not drab_accum) is the buffer to give it; hstu_bwd makes the same choice (given 16-byte aligned q, k, v
 // and dout rows, else it fails on a 16-bit drab).
-bool hstu_bwd_runs_sm90(int head_dim, bool delta_q);
+// rab_tma_rows: the call has no bias, or one with 16-byte aligned rows (base and max_seq_len * 2 bytes); the Hopper
+// bias kernel of head dim 64 loads it through TMA and leaves other calls to the SM80 kernel.
+bool hstu_bwd_runs_sm90(int head_dim, bool delta_q, bool rab_tma_rows = true);
 
 const char* hstu_bwd(const HstuBwdParams& params, void* stream);
 

@@ -186,11 +186,20 @@ def _drab_buffers(rab: Tensor | None, q: Tensor, delta_q: bool) -> tuple[Tensor 
     """
     if rab is None:
         return None, None
-    if not _C.hstu_bwd_runs_sm90(q.shape[-1], delta_q):
+    # The kernels get an aligned bias (_kernel_bias), so its rows are 16-byte aligned iff they hold a multiple of 8.
+    if not _C.hstu_bwd_runs_sm90(q.shape[-1], delta_q, rab.shape[-1] % 8 == 0):
         return torch.zeros(rab.shape, dtype=torch.float32, device=q.device), None
     n = rab.shape[-1]
     padded = (*rab.shape[:-1], -(-n // 8) * 8)
     return None, torch.zeros(padded, dtype=q.dtype, device=q.device)
+
+
+def _kernel_bias(rab: Tensor, dtype: torch.dtype) -> Tensor:
+    """``rab`` as the kernels read it: in ``dtype``, contiguous, from a 16-byte aligned address (bias pairs are read as
+    32-bit words, and the Hopper backward of head dim 64 loads bias rows through TMA); a copy only where ``rab`` is
+    not already that (e.g. a view starting inside its storage)."""
+    bias = rab.to(dtype).contiguous()
+    return bias if bias.data_ptr() % 16 == 0 else bias.clone()
 
 
 def _aligned(t: Tensor) -> Tensor:
@@ -218,7 +227,7 @@ def _common_args(
     offsets = seq_offsets.to(torch.int32).contiguous()
     q_offs = None if q_offsets is None else q_offsets.to(torch.int32).contiguous()
     targets = None if num_targets is None else num_targets.to(torch.int32).contiguous()
-    bias = None if rab is None else rab.to(q.dtype).contiguous()
+    bias = None if rab is None else _kernel_bias(rab, q.dtype)
     args = (
         q.data_ptr(),
         k.data_ptr(),

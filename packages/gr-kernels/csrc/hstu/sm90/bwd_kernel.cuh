@@ -64,8 +64,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(cons
   pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pipe_params.is_leader = threadIdx.x == 0;
   pipe_params.num_consumers = Traits::kConsumerThreads;
-  Pipeline pipeline_q(ss.pipeline_q, pipe_params, cute::Shape<cute::_1, cute::_1, cute::_1>{});
   Pipeline pipeline_do(ss.pipeline_do, pipe_params, cute::Shape<cute::_1, cute::_1, cute::_1>{});
+  pipe_params.transaction_bytes += Traits::kTmaBytesRab;  // kRabTma: the bias tile rides with the Q tile
+  Pipeline pipeline_q(ss.pipeline_q, pipe_params, cute::Shape<cute::_1, cute::_1, cute::_1>{});
   __syncthreads();  // barriers initialised and visible to every warpgroup
 
   if (warp_group == 0) {
@@ -75,7 +76,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(cons
       cute::prefetch_tma_descriptor(args.tma_do.get_tma_descriptor());
       cute::prefetch_tma_descriptor(args.tma_k.get_tma_descriptor());
       cute::prefetch_tma_descriptor(args.tma_v.get_tma_descriptor());
-      Mainloop::load(args, ss, pipeline_q, pipeline_do, seq_start, head, n_block, m_begin, m_end);
+      if constexpr (Traits::kRabTma) cute::prefetch_tma_descriptor(args.tma_rab.get_tma_descriptor());
+      const int rab_plane = kHasRab ? detail::rab_plane(p, b, head) : 0;
+      Mainloop::load(args, ss, pipeline_q, pipeline_do, seq_start, head, n_block, m_begin, m_end, rab_plane);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
@@ -127,6 +130,7 @@ const char* launch_hstu_bwd_sm90(const HstuBwdParams& p, cudaStream_t stream) {
                     tile_kv, _1{}),
       {},  // tma_drab: set below when drab is written
       {},  // tma_dq: set below with kDqTma
+      {},  // tma_rab: set below with kRabTma
   };
   if constexpr (Traits::kDqTma) {
     // dq_accum: contiguous fp32 [total, heads, dim] as (row, dim, head).
@@ -135,6 +139,20 @@ const char* launch_hstu_bwd_sm90(const HstuBwdParams& p, cudaStream_t stream) {
                                         make_stride(int64_t(p.heads) * kHeadDim, _1{}, int64_t(kHeadDim))));
     args.tma_dq = make_tma_copy(SM90_TMA_REDUCE_ADD{}, g_dq, typename Traits::SmemLayoutDqTma{},
                                 Shape<Int<Traits::kBlockM>, Int<Traits::kDqTmaCols>>{}, _1{});
+  }
+  if constexpr (Traits::kRabTma) {
+    // [max_seq_len, max_seq_len] planes, one per (sequence, rab head), key-contiguous; rows and keys past
+    // max_seq_len are zero-filled by TMA.
+    if (reinterpret_cast<std::uintptr_t>(p.rab) % 16 != 0 || p.max_seq_len % 8 != 0) {
+      return "the Hopper backward loads the bias through TMA: it needs a 16-byte aligned base and max_seq_len a "
+             "multiple of 8 (hstu_bwd_runs_sm90 sends other calls to the SM80 kernel)";
+    }
+    const int64_t n = p.max_seq_len;
+    auto g_rab = make_tensor(make_gmem_ptr(static_cast<const Element*>(p.rab)),
+                             make_layout(make_shape(int32_t(n), int32_t(n), int32_t(p.batch) * p.rab_heads),
+                                         make_stride(n, _1{}, n * n)));
+    args.tma_rab = make_tma_copy(SM90_TMA_LOAD{}, g_rab, take<0, 2>(typename Traits::SmemLayoutRab{}),
+                                 Shape<Int<Traits::kBlockM>, Int<Traits::kBlockN>>{}, _1{});
   }
   if (kRab && p.drab != nullptr) {
     // [batch * rab_heads] planes of [max_seq_len rows, drab_row_stride]; TMA clips the tiles at max_seq_len.

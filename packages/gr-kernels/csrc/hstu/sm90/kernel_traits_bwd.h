@@ -9,9 +9,10 @@
 //   dQ  = dX K                        (M = queries, N = head dim, K = keys; the warpgroups split the head dim)
 // P and dX (16-bit) go through double-buffered shared memory because the key-major GEMMs need them transposed and
 // dQ needs every key of the tile, which spans both warpgroups. That is the SS plan; the RS plan (kRsDkv: 128-key
-// tiles without a bias) computes S^T and dP^T instead (M = keys, each warpgroup its own 64), whose accumulators are
-// already the register A operands of dV and dK: P^T and dX^T stay in registers, and only dX goes to shared memory,
-// for dQ (mainloop_bwd.cuh, mma_rs).
+// tiles, head dims 64 and 128) computes S^T and dP^T instead (M = keys, each warpgroup its own 64), whose accumulators
+// are already the register A operands of dV and dK: P^T and dX^T stay in registers, and only dX goes to shared
+// memory, for dQ (mainloop_bwd.cuh, mma_rs). Its bias kernel (kRabTma, head dim 64) loads each bias tile with the Q
+// tile through TMA and reads it transposed from shared memory.
 //
 // Tiles per head dim (BwdTile): the dK + dV accumulators (fp32, kBlockN x kHeadDim each) must fit the consumer
 // registers next to S, dP and dQ without serialised GMMAs (ptxas -v; tools/kernel_resources.py): 128 keys at head
@@ -33,6 +34,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "hstu/params.h"
+#include "hstu/sm90/bwd_config.h"
 #include "hstu/sm90/kernel_traits.h"
 
 namespace gr_kernels {
@@ -43,20 +45,21 @@ namespace sm90 {
 // kRab: the instantiation with a bias, whose loads take registers too.
 template <int kHeadDim, bool kRab>
 struct BwdTile;
-// kRsDkv (128-key tiles without a bias): S^T = K Q^T and dP^T = V dO^T instead of S and dP (M = keys), so each
-// warpgroup holds P^T and dX^T of its own 64 keys in registers, in the layout of the A operand of dV += P^T dO and
-// dK += dX^T Q: those two GEMMs read A from registers (RS) and P never goes to shared memory; dX still does (dQ
-// needs every key of it), through transposing stmatrix. Without it (-D GR_HSTU_BWD_RS_DKV=0): the all-SS plan.
-#ifndef GR_HSTU_BWD_RS_DKV
-#define GR_HSTU_BWD_RS_DKV 1
-#endif
+// kRsDkv (128-key tiles): S^T = K Q^T and dP^T = V dO^T instead of S and dP (M = keys), so each warpgroup holds P^T
+// and dX^T of its own 64 keys in registers, in the layout of the A operand of dV += P^T dO and dK += dX^T Q: those
+// two GEMMs read A from registers (RS) and P never goes to shared memory; dX still does (dQ needs every key of it),
+// through transposing stmatrix. Switches: bwd_config.h (GR_HSTU_BWD_RS_DKV=0: the all-SS plan).
+// With GR_HSTU_BWD_RS_RAB (bwd_config.h) the bias kernel of head dim 64 takes the RS plan too: the producer loads each
+// (query tile, key tile) of the bias with the Q tile through TMA (bias rows 16-byte aligned: the host dispatch), and
+// the consumers read it transposed (ldmatrix .trans) in the S^T accumulator's element order. Without it: the SS plan
+// with per-thread bias loads.
 template <bool kRab>
 struct BwdTile<64, kRab> {
   static constexpr int kBlockN = 128;
   static constexpr int kDkvAtomM = 2;  // dK/dV: warpgroups split the keys
   static constexpr bool kDqTma = true;
   static constexpr bool kDqInStage = false;
-  static constexpr bool kRsDkv = !kRab && GR_HSTU_BWD_RS_DKV != 0;
+  static constexpr bool kRsDkv = GR_HSTU_BWD_RS_DKV != 0 && (!kRab || GR_HSTU_BWD_RS_RAB != 0);
 };
 // Overridable at compile time (-D) to check another register plan without editing (tools/kernel_resources.py).
 #ifndef GR_HSTU_BWD_HDIM128_BLOCK_N
@@ -69,7 +72,10 @@ template <bool kRab>
 struct BwdTile<128, kRab> {
   // 128 keys: each warpgroup owns 64 keys of dK / dV (128 registers a thread). With dQ atomics that spilled and made
   // ptxas serialise the GMMAs (the atomics' addresses stayed live next to the in-flight dK / dV); with dQ through
-  // shared memory it fits. With a bias, 128 keys spilled more and ran slower than 64 (H200: 201-207 against 242 TFLOP/s).
+  // shared memory it fits. With a bias loaded per thread (SS plan), 128 keys spilled more and ran slower than 64
+  // (H200: 201-207 against 242 TFLOP/s). The RS plan with the bias through TMA (as at head dim 64) fits here too
+  // (ptxas: 16 B / 20 B of spills) but measured no faster than these 64-key SS tiles (250 against 248 uniform, 213
+  // against 223 jagged, B=32, T=4096), so the bias kernel keeps them.
   static constexpr int kBlockN = kRab ? GR_HSTU_BWD_HDIM128_RAB_BLOCK_N : GR_HSTU_BWD_HDIM128_BLOCK_N;
   static constexpr int kDkvAtomM = kBlockN == 128 ? 2 : 1;  // 64 keys: warpgroups split the head dim
   static constexpr bool kDqTma = true;
@@ -115,8 +121,10 @@ struct BwdTraits {
   static constexpr bool kDqInStage = BwdTile<kHeadDim, kRab>::kDqInStage;
   static constexpr bool kRsDkv = BwdTile<kHeadDim, kRab>::kRsDkv;
   static_assert(!kDqInStage || kDkvAtomM == 1, "dQ in the Q/dO stage needs dK / dV split by head dim");
-  static_assert(!kRsDkv || (kDkvAtomM == kConsumerWarpGroups && kBlockM == 64 && !kRab && kDqTma && !kDqInStage),
+  static_assert(!kRsDkv || (kDkvAtomM == kConsumerWarpGroups && kBlockM == 64 && kDqTma && !kDqInStage),
                 "RS dK / dV: each warpgroup owns the keys of its S^T rows");
+  // The bias through TMA into stages of its own (the RS plan's bias kernels): loaded with the Q tile.
+  static constexpr bool kRabTma = kRab && kRsDkv;
   static_assert(kHeadDim % 64 == 0 && kBlockN % 64 == 0, "tiles must be whole 128-byte swizzle rows");
 
   using _M = cute::Int<kBlockM>;
@@ -200,6 +208,16 @@ struct BwdTraits {
       SmemLayoutDqTma{}, cute::Shape<_M, cute::Int<kDqTmaCols>>{}, cute::_1{}));
   static constexpr int kDqSmemElems = kDqTma && !kDqInStage ? cute::cosize_v<SmemLayoutDq> : 1;
 
+  // kRabTma: the (query tile, key tile) of the bias, query-major like the dX buffer (one stage per Q stage, filled
+  // under the Q stage's barrier); SmemLayoutRabt views it (keys, queries, stage) for the transposing ldmatrix.
+  using SmemLayoutRab = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<_M, _N, _S>{}));
+  using SmemLayoutRabt = decltype(cute::composition(
+      SmemLayoutRab{}, cute::make_ordered_layout(cute::Shape<_N, _M, _S>{}, cute::Step<cute::_2, cute::_1, cute::_3>{})));
+  using TmaRab = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_LOAD{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemLayout{}),
+      cute::take<0, 2>(SmemLayoutRab{}), cute::Shape<_M, _N>{}, cute::_1{}));
+  static constexpr uint32_t kTmaBytesRab = kRabTma ? kBlockM * kBlockN * sizeof(Element) : 0;
+
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename Pipeline::PipelineState;
   static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
@@ -213,6 +231,7 @@ struct BwdTraits {
     cute::array_aligned<Element, kRsDkv ? 1 : cute::cosize_v<SmemLayoutP>, 1024> p;  // kRsDkv: P stays in registers
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutP>, 1024> dx;
     cute::array_aligned<ElementAccum, kDqSmemElems, 1024> dq;  // kDqTma only (one float otherwise)
+    cute::array_aligned<Element, kRabTma ? cute::cosize_v<SmemLayoutRab> : 1, 1024> rab;  // kRabTma only
     alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_kv;
     typename Pipeline::SharedStorage pipeline_q;
     typename Pipeline::SharedStorage pipeline_do;
@@ -231,6 +250,7 @@ struct BwdArgs {
   typename Traits::TmaKV tma_v;
   typename Traits::TmaDrab tma_drab;  // set only when p.drab is given
   typename Traits::TmaDq tma_dq;      // set only with Traits::kDqTma
+  typename Traits::TmaRab tma_rab;    // set only with Traits::kRabTma
 };
 
 }  // namespace sm90

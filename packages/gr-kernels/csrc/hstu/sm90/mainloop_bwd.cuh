@@ -103,8 +103,12 @@ struct BwdMainloop {
 
   // Producer (one thread): K and V of the CTA's key tile once, then Q and dO of every query tile. Rows past the
   // sequence end are the next sequence's (masked by the consumers) or past the tensor end (zero-filled by TMA).
+  // kRabTma: with each Q tile, the bias tile of its query rows and the CTA's keys from plane rab_plane into the bias
+  // stage of the same index (the Q stage's barrier); rows and keys past max_seq_len are zero-filled by TMA, those
+  // past the sequence end are masked by the consumers.
   __device__ static void load(const BwdArgs<Traits>& args, SharedStorage& ss, Pipeline& pipeline_q,
-                              Pipeline& pipeline_do, int seq_start, int head, int n_block, int m_begin, int m_end) {
+                              Pipeline& pipeline_do, int seq_start, int head, int n_block, int m_begin, int m_end,
+                              int rab_plane) {
     using namespace cute;
     const HstuBwdParams& p = args.p;
     Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
@@ -131,10 +135,25 @@ struct BwdMainloop {
     ss.barrier_kv.arrive_and_expect_tx(2 * Traits::kTmaBytesKV);
     copy(args.tma_k.with(reinterpret_cast<BarrierType&>(ss.barrier_kv), 0), tKgK, tKsK);
     copy(args.tma_v.with(reinterpret_cast<BarrierType&>(ss.barrier_kv), 0), tVgV, tVsV);
+    auto rab_tiles = [&]() {
+      if constexpr (Traits::kRabTma) {
+        Tensor sRab = make_tensor(make_smem_ptr(ss.rab.data()), typename Traits::SmemLayoutRab{});
+        const int32_t n = p.max_seq_len;
+        Tensor plane = args.tma_rab.get_tma_tensor(make_shape(n, n, int32_t(p.batch) * p.rab_heads))(_, _, rab_plane);
+        Tensor gRab = local_tile(plane, Shape<Int<kBlockM>, Int<kBlockN>>{}, make_coord(_, n_block));  // (M, N, m)
+        return tma_partition(args.tma_rab, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sRab), group_modes<0, 2>(gRab));
+      } else {
+        return 0;
+      }
+    }();
     PipelineState state = cutlass::make_producer_start_state<Pipeline>();
     for (int m_block = m_begin / kBlockM; m_block * kBlockM < m_end; ++m_block) {
       pipeline_q.producer_acquire(state);
       copy(args.tma_q.with(*pipeline_q.producer_get_barrier(state), 0), tQgQ(_, m_block), tQsQ(_, state.index()));
+      if constexpr (Traits::kRabTma) {
+        copy(args.tma_rab.with(*pipeline_q.producer_get_barrier(state), 0), get<0>(rab_tiles)(_, m_block),
+             get<1>(rab_tiles)(_, state.index()));
+      }
       pipeline_do.producer_acquire(state);
       copy(args.tma_do.with(*pipeline_do.producer_get_barrier(state), 0), tOgO(_, m_block), tOsO(_, state.index()));
       ++state;
@@ -209,6 +228,21 @@ struct BwdMainloop {
     }
   }
 
+  // drab += the (query tile m0, key tile n0) of dX from dX buffer `from` (one TMA reduce-add into plane drab_plane):
+  // rows and keys past max_seq_len are clipped by TMA, the rest past the sequence end are masked zeros.
+  template <typename SmemDx>
+  __device__ __forceinline__ static void reduce_drab(const BwdArgs<Traits>& args, SmemDx const& sdX, int drab_plane,
+                                                     int m0, int n0, int from) {
+    using namespace cute;
+    const HstuBwdParams& p = args.p;
+    const int n = p.max_seq_len;
+    Tensor mDrab = args.tma_drab.get_tma_tensor(make_shape(n, n, int32_t(p.batch) * p.rab_heads))(_, _, drab_plane);
+    Tensor gDrab = local_tile(mDrab, Shape<Int<kBlockM>, Int<kBlockN>>{}, make_coord(m0 / kBlockM, n0 / kBlockN));
+    auto tma_drab = args.tma_drab.get_slice(_0{});
+    copy(args.tma_drab, tma_drab.partition_S(sdX)(_, _, _, from), tma_drab.partition_D(gDrab));
+    tma_store_arrive();
+  }
+
   // Consumers (both warpgroups, tidx in [0, 256)): accumulate dV and dK of the CTA's keys over the query tiles of
   // [m_begin, m_end), and add each tile's dQ into p.dq_accum (rows from seq_start). K and V are in shared memory.
   // With rab, drab_plane >= 0 names the plane of args.tma_drab that the dX tiles are reduce-added into.
@@ -218,8 +252,9 @@ struct BwdMainloop {
                                              const SequenceMask& mask, int seq_start, int head, int n0, int m_begin,
                                              int m_end, const Element_* rab, int drab_plane) {
     if constexpr (Traits::kRsDkv) {
-      static_assert(!kHasRab, "the RS plan has no bias");
-      mma_rs(args, ss, pipeline_q, pipeline_do, tdVrdV, tdKrdK, tidx, mask, seq_start, head, n0, m_begin, m_end);
+      static_assert(kHasRab == Traits::kRabTma, "the RS plan reads its bias from the TMA stages");
+      mma_rs<kHasRab>(args, ss, pipeline_q, pipeline_do, tdVrdV, tdKrdK, tidx, mask, seq_start, head, n0, m_begin,
+                      m_end, drab_plane);
     } else {
       mma_ss<kHasRab>(args, ss, pipeline_q, pipeline_do, tdVrdV, tdKrdK, tidx, mask, seq_start, head, n0, m_begin,
                       m_end, rab, drab_plane);
@@ -234,11 +269,14 @@ struct BwdMainloop {
   //   into the tile's dX buffer; both warpgroups sync (dQ needs every key); dQ = dX K (SS) and dK += dX^T Q (RS);
   //   dQ goes through shared memory and one TMA reduce-add while dK runs.
   // P never touches shared memory and no barrier stands between P and dV.
-  template <typename FragDkv>
+  // kHasRab: z = alpha (S^T + rab^T), the bias tile read from its TMA stage (the Q stage's index) by transposing
+  // ldmatrix in the S^T accumulator's element order just before the pointwise pass; drab = dX leaves the tile's dX
+  // buffer as one TMA reduce-add after the barrier (drab_plane >= 0), as in the SS plan.
+  template <bool kHasRab, typename FragDkv>
   __device__ __forceinline__ static void mma_rs(const BwdArgs<Traits>& args, SharedStorage& ss, Pipeline& pipeline_q,
                                                 Pipeline& pipeline_do, FragDkv& tdVrdV, FragDkv& tdKrdK, int tidx,
                                                 const SequenceMask& mask, int seq_start, int head, int n0,
-                                                int m_begin, int m_end) {
+                                                int m_begin, int m_end, int drab_plane) {
     using namespace cute;
     const HstuBwdParams& p = args.p;
     using M = Int<kBlockM>;
@@ -274,8 +312,18 @@ struct BwdMainloop {
     // P = SiLU(alpha x) / N and SiLU'(alpha x) * alpha / N (the dX factor) by detail::silu_and_grad_scaled.
     const float half_alpha = 0.5f * p.alpha;
     const float coef = half_alpha * p.inv_scaling_seqlen;
-    const bool dq_thread = tidx == 0;  // issues each tile's dQ reduce-add
+    const bool dq_thread = tidx == 0;  // issues each tile's dQ (and drab) reduce-adds
     if (dq_thread) prefetch_tma_descriptor(args.tma_dq.get_tma_descriptor());
+    [[maybe_unused]] const bool drab_thread = kHasRab && drab_plane >= 0 && dq_thread;
+    if constexpr (kHasRab) {
+      if (drab_thread) prefetch_tma_descriptor(args.tma_drab.get_tma_descriptor());
+    }
+    // kHasRab: the bias stage -> registers, transposed 8x8 blocks in the S^T accumulator's element order.
+    auto smem_tiled_copy_rab = make_tiled_copy_C(Copy_Atom<SM75_U16x8_LDSM_T, Element>{}, mma_sdp);
+    auto smem_copy_rab = smem_tiled_copy_rab.get_thread_slice(tidx);
+    Tensor tSrRab = make_fragment_like<Element>(tStS);
+    Tensor tXrRab = smem_copy_rab.retile_D(tSrRab);
+    uint32_t* rab_words = reinterpret_cast<uint32_t*>(raw_pointer_cast(tSrRab.data()));
     // This thread's element 0 is its lowest key (row of S^T) and query (column); the others sit at compile-time
     // offsets from it.
     const int k_base = get<0>(tStcS(0));
@@ -300,15 +348,21 @@ struct BwdMainloop {
       warpgroup_gemm_ss<false>(mma_sdp, tStrK, tStrQ(_, _, _, state.index()), tStS);
       pipeline_do.consumer_wait(state);
       warpgroup_gemm_ss<false>(mma_sdp, tStrV, tStrdO(_, _, _, state.index()), tStdP);
+      if constexpr (kHasRab) {  // the stage landed with Q (consumer_wait above); read while S^T runs
+        Tensor sRabt = make_tensor(make_smem_ptr(detail::opaque(ss.rab.data())), typename Traits::SmemLayoutRabt{});
+        copy(smem_tiled_copy_rab, smem_copy_rab.partition_S(sRabt)(_, _, _, state.index()), tXrRab);
+      }
       warpgroup_wait<1>();  // S^T has landed; dP^T may still run
       warpgroup_fence_operand(tStS);
       [[maybe_unused]] const CausalThresholds thresholds = causal_thresholds(mask, m0 + q_base, n0 + k_base);
       CUTE_UNROLL
       for (int t = 0; t < kFrag / 2; ++t) {
         // Elements 2t, 2t + 1: one key, two adjacent queries.
+        float b0 = 0.f, b1 = 0.f;
+        if constexpr (kHasRab) unpack2<Element_>(rab_words[t], b0, b1);
         float f0, f1, d0, d1;
-        detail::silu_and_grad_scaled(tStS(2 * t), half_alpha, coef, f0, d0);
-        detail::silu_and_grad_scaled(tStS(2 * t + 1), half_alpha, coef, f1, d1);
+        detail::silu_and_grad_scaled(tStS(2 * t) + b0, half_alpha, coef, f0, d0);
+        detail::silu_and_grad_scaled(tStS(2 * t + 1) + b1, half_alpha, coef, f1, d1);
         if (!bool(full_tile)) {  // compile-time flag: mask-free tiles carry no mask code
           bool v0, v1;
           if constexpr (decltype(causal_fast_tile)::value) {
@@ -345,6 +399,9 @@ struct BwdMainloop {
       clear(tdQrdQ);
       warpgroup_gemm_ss<false>(mma_dq, tdQrdX(_, _, _, buf), tdQrKt, tdQrdQ);
       warpgroup_gemm_issue<false, true>(mma_dkv, tdKrdX, tdKrQt(_, _, _, state.index()), tdKrdK);
+      if constexpr (kHasRab) {
+        if (drab_thread) reduce_drab(args, sdX, drab_plane, m0, n0, buf);  // reads dX alongside the GEMMs
+      }
       warpgroup_wait<1>();  // dV and dQ have landed; dK may still run
       warpgroup_fence_operand(tdQrdQ);
       store_and_reduce_dq(args, ss, thr_dq, tdQrdQ, tidx, seq_start, head, m0);
@@ -430,16 +487,6 @@ struct BwdMainloop {
            tma_dq.partition_D(gdQ(_, _, 2 * warp_group)));
       copy(args.tma_dq, tma_dq.partition_S(make_tensor(make_smem_ptr(do_half), Quarter{})),
            tma_dq.partition_D(gdQ(_, _, 2 * warp_group + 1)));
-      tma_store_arrive();
-    };
-    // The reduce-add of tile m0 from dX buffer `from`: rows and keys past max_seq_len are clipped by TMA, the rest
-    // past the sequence end are masked zeros.
-    auto reduce_drab = [&](auto const& sdX, int m0, int from) {
-      const int n = p.max_seq_len;
-      Tensor mDrab = args.tma_drab.get_tma_tensor(make_shape(n, n, int32_t(p.batch) * p.rab_heads))(_, _, drab_plane);
-      Tensor gDrab = local_tile(mDrab, Shape<M, N>{}, make_coord(m0 / kBlockM, n0 / kBlockN));
-      auto tma_drab = args.tma_drab.get_slice(_0{});
-      copy(args.tma_drab, tma_drab.partition_S(sdX)(_, _, _, from), tma_drab.partition_D(gDrab));
       tma_store_arrive();
     };
     float* dq_base = p.dq_accum + (int64_t(seq_start) * p.heads + head) * kHeadDim;
@@ -565,7 +612,7 @@ struct BwdMainloop {
       warpgroup_gemm_ss<false>(mma_dq, tdQrdX(_, _, _, buf), tdQrKt, tdQrdQ);
       warpgroup_gemm_ss<false>(mma_dkv, tdVrPt(_, _, _, buf), tdVrdOt(_, _, _, state.index()), tdVrdV);
       warpgroup_gemm_ss<false>(mma_dkv, tdKrdXt(_, _, _, buf), tdKrQt(_, _, _, state.index()), tdKrdK);
-      if (drab_thread) reduce_drab(sdX, m0, buf);  // reads dX alongside the GEMMs
+      if (drab_thread) reduce_drab(args, sdX, drab_plane, m0, n0, buf);  // reads dX alongside the GEMMs
       warpgroup_wait<2>();  // dQ has landed; dV and dK may still run
       warpgroup_fence_operand(tdQrdQ);
       if constexpr (Traits::kDqInStage) {
