@@ -61,3 +61,36 @@ def cuda_time_ms(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def run_gpu_bench(
+    out: Path,
+    replot: bool,
+    bench: Callable[[], list[dict]],
+    markdown: Callable[[list[dict], list[dict]], str],
+    plot: Callable[[list[dict], Path], None],
+) -> int:
+    """The main of a single-GPU benchmark of Triton ops: ``replot`` rewrites the md/png from the saved JSON; else
+    ``bench()`` runs on the current CUDA device and its records (tagged with the device) replace that device's run
+    (meta: device, torch, triton, python, command). Returns the exit status (1 without a GPU)."""
+    import json
+    import platform
+
+    import torch
+
+    if replot:
+        saved = json.loads(out.with_suffix(".json").read_text())
+        write_outputs(out, saved["runs"], saved["records"], markdown, plot)
+        return 0
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 1
+    import triton
+
+    records = bench()
+    meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version(), command="python " + " ".join(sys.argv))  # fmt: skip
+    for r in records:
+        r["device"] = meta["device"]
+    write_outputs(out, *merge_device_run(out, meta, records), markdown, plot)
+    return 0

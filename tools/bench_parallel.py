@@ -265,6 +265,7 @@ def worker(args: argparse.Namespace) -> None:
         attention_backend="auto",
         fused_norms=args.fused_norms,
         fused_projection=args.fused_projection,
+        fused_residual=args.fused_residual,
         cuda_graphs=args.cuda_graphs,
     )
     cfg = RetrievalModelConfig(
@@ -430,6 +431,7 @@ def worker(args: argparse.Namespace) -> None:
             "table_weights": args.table_weights,
             "fused_norms": args.fused_norms and ctx.device.type == "cuda",  # elsewhere the blocks run eager norms
             "fused_projection": args.fused_projection and ctx.device.type == "cuda",  # likewise
+            "fused_residual": args.fused_residual and ctx.device.type == "cuda",  # likewise
             "cuda_graphs": args.cuda_graphs and ctx.device.type == "cuda",  # HSTUConfig.cuda_graphs
             "negatives": args.negatives,
             "num_negatives": args.num_negatives,
@@ -460,6 +462,7 @@ def run_config(args: argparse.Namespace, gpus: int, tp: int, record: Path) -> di
         f"--table-weights={args.table_weights}",
         "--fused-norms" if args.fused_norms else "--no-fused-norms",
         "--fused-projection" if args.fused_projection else "--no-fused-projection", f"--negatives={args.negatives}",
+        "--fused-residual" if args.fused_residual else "--no-fused-residual",
         "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs",
         f"--num-negatives={args.num_negatives}", f"--warmup={args.warmup}", f"--steps={args.steps}",
         f"--qcomms={args.qcomms}", f"--balance={args.balance}", f"--pool={args.pool}",
@@ -500,6 +503,7 @@ def step_kind(r: dict) -> str:
     compiled += ", fp16 table" if r.get("table_weights", "fp32") == "fp16" else ""
     compiled += ", fused norms" if r.get("fused_norms") else ""
     compiled += ", fused projection" if r.get("fused_projection") else ""
+    compiled += ", fused residual" if r.get("fused_residual") else ""
     compiled += ", CUDA graphs" if r.get("cuda_graphs") else ""
     if "negatives" not in r:
         return "uniform (3 lookups), plain, fp32" + compiled
@@ -615,6 +619,14 @@ def main() -> None:
         default=True,
         help="HSTUConfig.fused_projection (the default): the U/V/Q/K projection's backward as one Triton pass "
         "(gr_models.modules.silu_projection); --no-fused-projection: autograd's eager backward",
+    )
+    ap.add_argument(
+        "--fused-residual",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="HSTUConfig.fused_residual (the default): the output projection + residual as one matmul and one Triton "
+        "pass each way (gr_models.modules.residual_linear), the residual's gradient added in the input norm's backward "
+        "kernel; --no-fused-residual: the eager add and autograd's accumulation",
     )
     ap.add_argument(
         "--cuda-graphs",

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools modules
-from bench_outputs import cuda_time_ms, merge_device_run, write_outputs
+from bench_outputs import cuda_time_ms, run_gpu_bench
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_ROWS = (64, 128, 256)
@@ -185,23 +183,9 @@ def main() -> int:
     ap.add_argument("--replot", action="store_true", help="rewrite the md/png from the saved JSON only")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "silu_projection")
     args = ap.parse_args()
-    if args.replot:
-        saved = json.loads(args.out.with_suffix(".json").read_text())
-        write_outputs(args.out, saved["runs"], saved["records"], markdown, plot)
-        return 0
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
-        return 1
-    import triton
-
-    records = bench(args.n, args.width, args.reps, args.sweep)
-    meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), command="python " + " ".join(sys.argv))  # fmt: skip
-    for r in records:
-        r["device"] = meta["device"]
-    runs, all_records = merge_device_run(args.out, meta, records)
-    write_outputs(args.out, runs, all_records, markdown, plot)
-    return 0
+    return run_gpu_bench(
+        args.out, args.replot, lambda: bench(args.n, args.width, args.reps, args.sweep), markdown, plot
+    )
 
 
 if __name__ == "__main__":

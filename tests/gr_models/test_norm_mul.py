@@ -10,8 +10,6 @@ PyTorch reference, values and every gradient.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +19,7 @@ from hypothesis import strategies as st
 from gr_models.modules import norm_mul
 from gr_models.modules.hstu import HSTUBlock, HSTUConfig
 from gr_models.modules.norm_mul import layer_norm_mul, reference_layer_norm_mul
-from tests.gr_models.block_parity import assert_fused_block_equals_unfused
+from tests.gr_models.block_parity import assert_cuda_block_close_under_autocast, assert_fused_block_equals_unfused
 from tests.gr_models.triton_marks import needs_cuda, needs_triton
 
 
@@ -156,22 +154,7 @@ def test_compiled_kernels_match_the_reference(dtype: torch.dtype) -> None:
 @pytest.mark.gpu
 @needs_cuda
 def test_compiled_fused_block_under_autocast_is_close_to_the_eager_block() -> None:
-    cfg = HSTUConfig(embedding_dim=512, num_heads=4, max_seq_len=512, dropout=0.0, use_rab=False, fused_norms=False)
-    torch.manual_seed(0)
-    eager = HSTUBlock(cfg).cuda()
-    fused = HSTUBlock(dataclasses.replace(cfg, fused_norms=True)).cuda()
-    fused.load_state_dict(eager.state_dict())
-    offsets = torch.tensor([0, 300, 812, 1000], device="cuda")
-    x = torch.randn(1000, 512, device="cuda", requires_grad=True)
-    outs, grads = [], []
-    for block in (eager, fused):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = block(x, offsets, 512, None)
-        outs.append(y.float())
-        grads.append(torch.autograd.grad(y.float().square().sum(), [x, *block.parameters()]))
-    torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
-    for a, r in zip(grads[1], grads[0], strict=True):
-        assert (a - r).abs().max() <= 3e-2 * max(r.abs().max().item(), 1e-3)
+    assert_cuda_block_close_under_autocast({"fused_norms": False}, {"fused_norms": True})
 
 
 def test_reference_equals_torch_layer_norm_times_u() -> None:

@@ -323,6 +323,7 @@ class TensorParallelHSTUBlock(nn.Module):
     # The attention and the inference paths are the single-device block's own code: they only call project,
     # _attention and finish, and read config fields that do not depend on the head split.
     forward = HSTUBlock.forward
+    _project_and_residual = HSTUBlock._project_and_residual  # project(x) and x (its TP project, not the fused norm)
     _attention = HSTUBlock._attention
     forward_with_past = HSTUBlock.forward_with_past
     forward_into_keys = HSTUBlock.forward_into_keys

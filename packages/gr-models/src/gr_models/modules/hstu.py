@@ -12,8 +12,10 @@ from torch import nn
 import gr_kernels
 from gr_kernels.hstu_attention import check_attention_values
 from gr_models.modules.encoder_graphs import EncoderGraphs
-from gr_models.modules.norm_mul import layer_norm_mul, runs_fused
+from gr_models.modules.norm_mul import layer_norm_mul, layer_norm_residual, runs_fused
 from gr_models.modules.relative_bias import RelativeBucketedTimeAndPositionBias, aligned_bias_len
+from gr_models.modules.residual_linear import fuses as output_fuses
+from gr_models.modules.residual_linear import residual_linear
 from gr_models.modules.silu_projection import fuses as projection_fuses
 from gr_models.modules.silu_projection import linear_silu_split
 
@@ -53,6 +55,11 @@ class HSTUConfig:
     # there (as with fused_norms and the LayerNorms). Other devices, compiled and exported code, and False: the
     # eager form through the module.
     fused_projection: bool = True
+    # The output projection and the residual add as one op (gr_models.modules.residual_linear): one matmul and one
+    # Triton pass x + y W^T + b, and in the backward one pass for the gradient's cast and the bias gradient; with
+    # fused_norms, the input norm's backward kernel also adds the residual's gradient to its own (no autograd add).
+    # CUDA, eager, and no active dropout on the block output only; forward hooks on block.output do not run there.
+    fused_residual: bool = True
     # Training forward and backward of the encoder replayed as CUDA graphs, one pair per bucket of padded row counts
     # (gr_models.modules.encoder_graphs: the host stops setting the pace of a GPU step). Eval, CPU, compiled code and
     # tensor-parallel blocks run eagerly. Needs attn_dropout == 0 (its seed is drawn on the host).
@@ -136,7 +143,7 @@ class HSTUBlock(nn.Module):
     ) -> torch.Tensor:
         """``num_targets``/``contextual_seq_len``: the attention op's target mask and contextual prefix (ranking).
         ``validate=False`` skips the op's value checks of the offsets (a device-to-host copy, so a sync on a GPU)."""
-        u, v, q, k = self.project(x)
+        u, v, q, k, x = self._project_and_residual(x)
         attn = self._attention(
             q,
             k,
@@ -152,9 +159,29 @@ class HSTUBlock(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``U [n, H * Dv]``, ``V [n, H, Dv]``, ``Q``, ``K [n, H, Dqk]`` of the layer inputs ``x [n, D]``."""
+        return self._project_normed(self._norm(self.input_norm, x))
+
+    def _project_and_residual(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(*project(x), x)``: x again for the residual. Eagerly on CUDA with ``fused_norms`` and ``fused_residual``
+        (and ``project`` not replaced, e.g. compiled), the input norm is ``layer_norm_residual``, so the residual's
+        gradient is added inside the norm's backward kernel."""
+        cfg = self.config
+        if (
+            cfg.fused_residual
+            and cfg.fused_norms
+            and runs_fused(x)
+            and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+            and type(self).project is HSTUBlock.project
+            and "project" not in self.__dict__
+        ):
+            norm = self.input_norm
+            normed, x = layer_norm_residual(x, norm.weight, norm.bias, norm.eps)
+            return (*self._project_normed(normed), x)
+        return (*self.project(x), x)
+
+    def _project_normed(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
         h = cfg.num_heads
-        normed = self._norm(self.input_norm, x)
         if cfg.fused_projection and projection_fuses(normed, self.uvqk.weight):
             u, v, q, k = linear_silu_split(normed, self.uvqk.weight, self.uvqk.bias, self._split)
         else:  # through the module, so hooks on self.uvqk run wherever nothing is fused
@@ -164,6 +191,9 @@ class HSTUBlock(nn.Module):
     def finish(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The block output of rows ``x`` from their ``U`` and attention output ``[n, H, Dv]``."""
         y = self._norm(self.attn_norm, attn.reshape(-1, self.config.num_heads * self.config.v_dim), u)
+        dropout_off = not self.training or self.dropout.p == 0.0
+        if self.config.fused_residual and dropout_off and output_fuses(x, y, self.output.weight):
+            return residual_linear(x, y, self.output.weight, self.output.bias)
         return x + self.output(self.dropout(y))
 
     def _norm(self, norm: nn.LayerNorm, x: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:

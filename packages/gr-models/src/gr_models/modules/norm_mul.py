@@ -30,6 +30,7 @@ from gr_models.modules.triton_rows import (
     compute_dtype,
     device_scope,
     kernel_device,
+    partial_sum_rows,
     unit_stride_rows,
     whole_row_tiles,
 )
@@ -122,27 +123,40 @@ def _layer_norm_mul_bwd_op(
 
 
 def _backward_body(
-    dy: Tensor, x: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor
+    dy: Tensor,
+    x: Tensor,
+    u: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    dres: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The op's backward; ``dres`` (``layer_norm_residual``): a gradient of ``x`` from its other use, added into dx."""
     n, d = x.shape
     kernels = _kernels(x)
     if kernels is None:
-        return _reference_bwd(dy, x, u, weight, bias, mean, rstd)
+        dx, du, dw, db = _reference_bwd(dy, x, u, weight, bias, mean, rstd)
+        return (dx if dres is None else (dx.float() + dres.float()).to(x.dtype)), du, dw, db
     dy, x = unit_stride_rows(dy), unit_stride_rows(x)
     u = None if u is None else unit_stride_rows(u)
+    dres = None if dres is None else unit_stride_rows(dres)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     du = x.new_empty(0) if u is None else torch.empty_like(u, memory_format=torch.contiguous_format)
     block_rows, block_d = whole_row_tiles(d, x.device)
-    programs = -(-n // block_rows)
+    rows_per_program = partial_sum_rows(n, block_rows, x.device)
+    programs = -(-n // rows_per_program)
     dw_part = torch.empty((programs, d), dtype=torch.float32, device=x.device)
     db_part = torch.empty((programs, d), dtype=torch.float32, device=x.device)
     if n:
         with device_scope(x):
             kernels.layer_norm_mul_bwd_kernel[(programs,)](
-                dy, x, x if u is None else u, weight, bias, mean, rstd, dx, dx if u is None else du, dw_part,
-                db_part, n, dy.stride(0), x.stride(0), 0 if u is None else u.stride(0), dx.stride(0),
+                dy, x, x if u is None else u, weight, bias, mean, rstd, dx if dres is None else dres, dx,
+                dx if u is None else du, dw_part, db_part, n, dy.stride(0), x.stride(0),
+                0 if u is None else u.stride(0), 0 if dres is None else dres.stride(0), dx.stride(0),
                 0 if u is None else du.stride(0),
-                D=d, BLOCK_ROWS=block_rows, BLOCK_D=block_d, HAS_U=u is not None,
+                D=d, BLOCK_ROWS=block_rows, BLOCK_D=block_d, ROWS_PER_PROGRAM=rows_per_program,
+                HAS_U=u is not None, HAS_RES=dres is not None,
             )  # fmt: skip
     return dx, du, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype)
 
@@ -207,18 +221,34 @@ class EagerLayerNormMul(torch.autograd.Function):
             return _input_grads(ctx, dy, _backward_body)
 
 
-def layer_norm_mul(
-    x: Tensor,
-    u: Tensor | None,
-    weight: Tensor,
-    bias: Tensor,
-    eps: float = 1e-5,
-    out_dtype: torch.dtype | None = None,
-) -> Tensor:
-    """``u * LayerNorm(x; weight, bias, eps)`` over the last dim of ``x`` / ``u`` (``[n, D]``, rows may be strided,
-    e.g. a column slice of a projection), fp32 inside; ``u=None``: the LayerNorm alone. ``out_dtype``: under autocast
-    on their device the autocast dtype (what a following ``nn.Linear`` casts to), else the promoted dtype of ``x``
-    and ``u``."""
+class EagerLayerNormResidual(torch.autograd.Function):
+    """``(LayerNorm(x), x)`` for eager calls (``layer_norm_residual``): the second output is ``x`` itself (autograd
+    hands back a view), and the gradient its user sends back arrives here with the norm's, to be added inside the
+    backward kernel. Profiler ranges: the op names of ``layer_norm_mul``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        with op_range("gr_models::layer_norm_mul"):
+            y, mean, rstd = _forward_body(x, None, weight, bias, eps, out_dtype)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return y, x
+
+    @staticmethod
+    def backward(ctx, dy: Tensor | None, dres: Tensor | None):  # type: ignore[override]
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        if dy is None:  # the normalised output was not used: x's gradient is the residual's alone
+            return dres, None, None, None, None
+        with op_range("gr_models::layer_norm_mul_bwd"):
+            dx, _, dw, db = _backward_body(dy, x, None, weight, bias, mean, rstd, dres)
+        return dx, dw, db, None, None
+
+
+def _checked_out_dtype(
+    x: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor, out_dtype: torch.dtype | None
+) -> torch.dtype:
+    """The output dtype of ``layer_norm_mul(x, u, weight, bias, out_dtype=out_dtype)``, after checking the operands."""
     if x.dim() != 2 or (u is not None and u.shape != x.shape):
         got = "None" if u is None else tuple(u.shape)
         raise ValueError(f"layer_norm_mul needs x and u of one [n, D] shape, got {tuple(x.shape)} and {got}")
@@ -232,8 +262,35 @@ def layer_norm_mul(
         raise TypeError(f"layer_norm_mul supports {SUPPORTED_DTYPES}, got x {x.dtype} and u {u_dtype}")
     if not (x.device == weight.device == bias.device and (u is None or u.device == x.device)):
         raise ValueError("layer_norm_mul tensors must share a device")
-    if out_dtype is None:
-        out_dtype = compute_dtype(x, x.dtype, u_dtype)
+    return compute_dtype(x, x.dtype, u_dtype) if out_dtype is None else out_dtype
+
+
+def layer_norm_mul(
+    x: Tensor,
+    u: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float = 1e-5,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``u * LayerNorm(x; weight, bias, eps)`` over the last dim of ``x`` / ``u`` (``[n, D]``, rows may be strided,
+    e.g. a column slice of a projection), fp32 inside; ``u=None``: the LayerNorm alone. ``out_dtype``: under autocast
+    on their device the autocast dtype (what a following ``nn.Linear`` casts to), else the promoted dtype of ``x``
+    and ``u``."""
+    out_dtype = _checked_out_dtype(x, u, weight, bias, out_dtype)
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return _layer_norm_mul_op(x, u, weight, bias, float(eps), out_dtype)[0]
     return EagerLayerNormMul.apply(x, u, weight, bias, float(eps), out_dtype)
+
+
+def layer_norm_residual(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(LayerNorm(x), x)``: the norm (as ``layer_norm_mul(x, None, ...)``) and ``x`` for its other use, e.g. the
+    HSTU block's residual. Eagerly, the gradient that other use sends back is added to the norm's input gradient
+    inside the backward kernel, where autograd would add the two ``[n, D]`` gradients in a pass of its own. Compiled
+    and exported code get ``(layer_norm_mul(x, None, ...), x)``."""
+    out_dtype = _checked_out_dtype(x, None, weight, bias, out_dtype)
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return _layer_norm_mul_op(x, None, weight, bias, float(eps), out_dtype)[0], x
+    return EagerLayerNormResidual.apply(x, weight, bias, float(eps), out_dtype)

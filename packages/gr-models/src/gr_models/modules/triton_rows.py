@@ -37,6 +37,19 @@ def whole_row_tiles(d: int, device: torch.device) -> tuple[int, int]:
     return max(1, 4096 // block_d), block_d
 
 
+def partial_sum_rows(n: int, block_rows: int, device: torch.device, min_programs: int = 1024) -> int:
+    """Rows per program of a whole-row kernel that also sums its rows' columns (one fp32 partial row per program for
+    the caller to add up): on the GPU ``block_rows`` times the largest power of two up to 32 that still leaves
+    ``min_programs`` programs (several per SM of an H200; fewer, larger programs write and re-read fewer partial rows);
+    in the interpreter two steps of ``block_rows``, so small tests cover the loop."""
+    if device.type != "cuda":
+        return 2 * block_rows
+    steps = 1
+    while steps < 32 and n // (block_rows * steps * 2) >= min_programs:
+        steps *= 2
+    return block_rows * steps
+
+
 def unit_stride_rows(t: Tensor) -> Tensor:
     """``t`` if its rows are contiguous (any row stride), else a contiguous copy."""
     return t if t.stride(-1) == 1 else t.contiguous()
