@@ -228,10 +228,13 @@ def check_fused_norms(ctx) -> None:
     with (
         mock.patch.object(norm_mul, "INTERPRET_ON_CPU", True),
         mock.patch.object(hstu, "layer_norm_mul", wraps=norm_mul.layer_norm_mul) as fused,
+        mock.patch.object(hstu, "layer_norm_residual", wraps=norm_mul.layer_norm_residual) as fused_input,
     ):
         check_parity(ctx, config, [5, 8, 1, 6], 3)
-    # reference: 2 blocks x 2 norms, forward only; TP: 2 blocks x the input norm.
-    assert fused.call_count == 2 * 2 + 2, fused.call_count
+    # reference: 2 blocks x 2 norms (the input norm as layer_norm_residual: fused_residual), forward only; TP: 2 blocks
+    # x the input norm (layer_norm_mul).
+    assert fused.call_count + fused_input.call_count == 2 * 2 + 2, (fused.call_count, fused_input.call_count)
+    assert fused_input.call_count == 2, fused_input.call_count
 
 
 def check_training(ctx, config, optimizer: str, steps: int = 3) -> None:
