@@ -60,6 +60,7 @@ struct BwdTile<64, kRab> {
   static constexpr bool kDqTma = true;
   static constexpr bool kDqInStage = false;
   static constexpr bool kRsDkv = GR_HSTU_BWD_RS_DKV != 0 && (!kRab || GR_HSTU_BWD_RS_RAB != 0);
+  static constexpr bool kEarlyS = false;  // measured 0-3% slower here (H200, B=32, T=4096), 7% with a bias
 };
 // Overridable at compile time (-D) to check another register plan without editing (tools/kernel_resources.py).
 #ifndef GR_HSTU_BWD_HDIM128_BLOCK_N
@@ -67,6 +68,14 @@ struct BwdTile<64, kRab> {
 #endif
 #ifndef GR_HSTU_BWD_HDIM128_RAB_BLOCK_N
 #define GR_HSTU_BWD_HDIM128_RAB_BLOCK_N 64
+#endif
+// kEarlyS (RS plan): each query tile issues the next tile's S^T = K Q^T as soon as its dQ has left, so that GEMM
+// queues behind the tile's dK on the tensor cores instead of starting after it (mainloop_bwd.cuh, mma_rs). H200,
+// B=32, T=4096, causal: 363-369 -> 373-376 TFLOP/s uniform, 314-317 -> 319-325 jagged. A third Q / dO stage on top
+// measured no faster (368-371). ptxas serialises every GMMA of this kernel for want of registers (C7512, 0 spills):
+// the gain is measured with that. -D GR_HSTU_BWD_EARLY_S=0: the schedule before.
+#ifndef GR_HSTU_BWD_EARLY_S
+#define GR_HSTU_BWD_EARLY_S 1
 #endif
 template <bool kRab>
 struct BwdTile<128, kRab> {
@@ -81,6 +90,7 @@ struct BwdTile<128, kRab> {
   static constexpr bool kDqTma = true;
   static constexpr bool kDqInStage = false;
   static constexpr bool kRsDkv = !kRab && kBlockN == 128 && GR_HSTU_BWD_RS_DKV != 0;
+  static constexpr bool kEarlyS = kRsDkv && GR_HSTU_BWD_EARLY_S != 0;
 };
 // -D GR_HSTU_BWD_HDIM256_DQ_IN_STAGE=0 keeps float2 dQ atomics in the bias-free head-dim-256 kernel (the bias kernel
 // always stages). Staged, that kernel spills 152 B / 260 B (tools/kernel_resources.py) yet measured 0-5% faster than
@@ -99,6 +109,9 @@ struct BwdTile<256, kRab> {
   static constexpr bool kDqTma = kRab || GR_HSTU_BWD_HDIM256_DQ_IN_STAGE != 0;
   static constexpr bool kDqInStage = kDqTma;
   static constexpr bool kRsDkv = false;  // the warpgroups split the head dim of dK / dV, not the keys
+  // kEarlyS is an RS-plan schedule. Its SS counterpart here (the next tile's S under this tile's dQ staging, and the
+  // pointwise pass split around dP) spilled 56 B / 92 B and measured 300 -> 193 TFLOP/s (H200, T=4096).
+  static constexpr bool kEarlyS = false;
 };
 
 template <typename Element_, int kHeadDim_, bool kRab_ = false>
@@ -120,7 +133,9 @@ struct BwdTraits {
   static constexpr bool kDqTma = BwdTile<kHeadDim, kRab>::kDqTma;
   static constexpr bool kDqInStage = BwdTile<kHeadDim, kRab>::kDqInStage;
   static constexpr bool kRsDkv = BwdTile<kHeadDim, kRab>::kRsDkv;
+  static constexpr bool kEarlyS = BwdTile<kHeadDim, kRab>::kEarlyS;
   static_assert(!kDqInStage || kDkvAtomM == 1, "dQ in the Q/dO stage needs dK / dV split by head dim");
+  static_assert(!kEarlyS || kRsDkv, "the next tile's S^T is issued early by the RS plan only");
   static_assert(!kRsDkv || (kDkvAtomM == kConsumerWarpGroups && kBlockM == 64 && kDqTma && !kDqInStage),
                 "RS dK / dV: each warpgroup owns the keys of its S^T rows");
   // The bias through TMA into stages of its own (the RS plan's bias kernels): loaded with the Q tile.

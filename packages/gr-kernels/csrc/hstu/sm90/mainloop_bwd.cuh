@@ -262,7 +262,8 @@ struct BwdMainloop {
   }
 
   // kRsDkv (no bias): per query tile
-  //   S^T = K Q^T, dP^T = V dO^T (issued back to back; M = keys: each warpgroup its own 64 keys);
+  //   S^T = K Q^T, dP^T = V dO^T (issued back to back; M = keys: each warpgroup its own 64 keys; with kEarlyS the
+  //   previous tile has issued S^T already, behind its dK);
   //   once S^T lands: P^T = SiLU(z) * mask / N into registers (16-bit, the A operand of the next GMMA) and
   //   SiLU'(z) * mask * alpha / N in place of S^T; dV += P^T dO issued (RS) at once;
   //   once dP^T lands (dV may still run): dX^T = dP^T * SiLU'(...) into registers and, through transposing stmatrix,
@@ -330,29 +331,52 @@ struct BwdMainloop {
     const int q_base = get<1>(tStcS(0));
 
     PipelineState state;  // consumers start at stage 0, phase 0
+    PipelineState prev;   // the previous tile's stage: released once its dK GEMM has landed
     int buf = 0;
-    auto tile = [&](int m0, auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
+    // S^T = K Q^T (accumulated onto tStS, which the caller has cleared) and dP^T = V dO^T of the tile in stage
+    // `state`. With Traits::kEarlyS each tile issues the next tile's S^T as soon as its own dQ has left, so it queues
+    // behind the tile's dK on the tensor cores instead of waiting for it; dP^T follows when the next tile starts.
+    constexpr bool kEarlyS = Traits::kEarlyS;
+    auto issue_s = [&]() __attribute__((always_inline)) {
       auto [sQ, sQt, sdO, sdOt, sK, sKt, sV, sdX, sdXt] = smem_views(*detail::opaque(&ss));
-      Tensor tStrK = thr_sdp.partition_fragment_A(sK);      // (MMA, keys, K)
-      Tensor tStrQ = thr_sdp.partition_fragment_B(sQ);      // (MMA, queries, K, stage)
+      Tensor tStrK = thr_sdp.partition_fragment_A(sK);  // (MMA, keys, K)
+      Tensor tStrQ = thr_sdp.partition_fragment_B(sQ);  // (MMA, queries, K, stage)
+      pipeline_q.consumer_wait(state);
+      warpgroup_gemm_ss<false>(mma_sdp, tStrK, tStrQ(_, _, _, state.index()), tStS);
+    };
+    auto issue_dp = [&]() __attribute__((always_inline)) {
+      auto [sQ, sQt, sdO, sdOt, sK, sKt, sV, sdX, sdXt] = smem_views(*detail::opaque(&ss));
       Tensor tStrV = thr_sdp.partition_fragment_A(sV);
       Tensor tStrdO = thr_sdp.partition_fragment_B(sdO);
+      clear(tStdP);  // fresh accumulators end the previous tile's live ranges (see mma_ss)
+      pipeline_do.consumer_wait(state);
+      warpgroup_gemm_ss<false>(mma_sdp, tStrV, tStrdO(_, _, _, state.index()), tStdP);
+    };
+    // kEarlyS: in flight when a tile starts are the previous tile's dK and this tile's S^T (none for the first tile).
+    // Otherwise nothing.
+    auto tile = [&](int m0, auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
+      auto [sQ, sQt, sdO, sdOt, sK, sKt, sV, sdX, sdXt] = smem_views(*detail::opaque(&ss));
       Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);  // (MMA, dim, queries, stage)
       Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
       Tensor tdQrdX = thr_dq.partition_fragment_A(sdX);     // (MMA, queries, keys, buffer)
       Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);     // (MMA, dim, keys)
       Tensor tXsdX = smem_copy_dx.partition_D(sdXt);        // (CPY, CPY_M, CPY_N, buffer)
-      clear(tStS);  // fresh accumulators end the previous tile's live ranges (see mma_ss)
-      clear(tStdP);
-      pipeline_q.consumer_wait(state);
-      warpgroup_gemm_ss<false>(mma_sdp, tStrK, tStrQ(_, _, _, state.index()), tStS);
-      pipeline_do.consumer_wait(state);
-      warpgroup_gemm_ss<false>(mma_sdp, tStrV, tStrdO(_, _, _, state.index()), tStdP);
-      if constexpr (kHasRab) {  // the stage landed with Q (consumer_wait above); read while S^T runs
+      if (!kEarlyS || m0 == m_begin) {
+        clear(tStS);
+        issue_s();
+      }
+      issue_dp();
+      if constexpr (kHasRab) {  // the stage landed with Q (consumer_wait in issue_s); read while S^T runs
         Tensor sRabt = make_tensor(make_smem_ptr(detail::opaque(ss.rab.data())), typename Traits::SmemLayoutRabt{});
         copy(smem_tiled_copy_rab, smem_copy_rab.partition_S(sRabt)(_, _, _, state.index()), tXrRab);
       }
-      warpgroup_wait<1>();  // S^T has landed; dP^T may still run
+      warpgroup_wait<1>();  // [the previous tile's dK and] S^T have landed; dP^T may still run
+      if (kEarlyS && m0 != m_begin) {  // the previous tile's GEMMs are done with its stage and its dX^T registers
+        warpgroup_fence_operand(tdKrdK);
+        warpgroup_fence_operand(tdKrdX);
+        pipeline_q.consumer_release(prev);
+        pipeline_do.consumer_release(prev);
+      }
       warpgroup_fence_operand(tStS);
       [[maybe_unused]] const CausalThresholds thresholds = causal_thresholds(mask, m0 + q_base, n0 + k_base);
       CUTE_UNROLL
@@ -390,6 +414,9 @@ struct BwdMainloop {
       for (int t = 0; t < kFrag / 2; ++t) {
         dx_words[t] = detail::pack2<Element_>(tStdP(2 * t) * tStS(2 * t), tStdP(2 * t + 1) * tStS(2 * t + 1));
       }
+      // kEarlyS: the next tile's S^T accumulates onto this: cleared here, before dK is issued (cleared next to its
+      // GMMA, with dK in flight, ptxas serialised every GMMA of the kernel: C7515).
+      if constexpr (kEarlyS) clear(tStS);
       copy(smem_tiled_copy_dx, tXrdX, tXsdX(_, _, _, buf));
       // Generic-proxy stores -> visible to the GMMA (async proxy); then every key of dX is in place. The previous
       // tile's dQ reduce-add has read the dQ tile before anyone passes this barrier (this tile rewrites it).
@@ -404,16 +431,21 @@ struct BwdMainloop {
       }
       warpgroup_wait<1>();  // dV and dQ have landed; dK may still run
       warpgroup_fence_operand(tdQrdQ);
-      store_and_reduce_dq(args, ss, thr_dq, tdQrdQ, tidx, seq_start, head, m0);
-      warpgroup_wait<0>();
       warpgroup_fence_operand(tdVrdV);
-      warpgroup_fence_operand(tdKrdK);
-      warpgroup_fence_operand(tdVrP);  // their registers are rewritten only after the GMMAs that read them
-      warpgroup_fence_operand(tdKrdX);
-      pipeline_q.consumer_release(state);
-      pipeline_do.consumer_release(state);
+      warpgroup_fence_operand(tdVrP);  // rewritten only after the GMMA that read it
+      store_and_reduce_dq(args, ss, thr_dq, tdQrdQ, tidx, seq_start, head, m0);
+      prev = state;
       ++state;
       buf ^= 1;
+      if (kEarlyS && m0 + kBlockM < m_end) {
+        issue_s();  // the next tile's S^T, behind this tile's dK
+      } else {
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tdKrdK);
+        warpgroup_fence_operand(tdKrdX);
+        pipeline_q.consumer_release(prev);
+        pipeline_do.consumer_release(prev);
+      }
     };
 
     for_each_query_tile(p, mask, n0, m_begin, m_end, tile);
