@@ -60,7 +60,8 @@ struct BwdTile<64, kRab> {
   static constexpr bool kDqTma = true;
   static constexpr bool kDqInStage = false;
   static constexpr bool kRsDkv = GR_HSTU_BWD_RS_DKV != 0 && (!kRab || GR_HSTU_BWD_RS_RAB != 0);
-  static constexpr bool kEarlyS = false;  // measured 0-3% slower here (H200, B=32, T=4096), 7% with a bias
+  // Measured 0-3% slower here (7% with a bias) with the three tile bodies (see BwdTile<128>); not re-measured with one.
+  static constexpr bool kEarlyS = false;
 };
 // Overridable at compile time (-D) to check another register plan without editing (tools/kernel_resources.py).
 #ifndef GR_HSTU_BWD_HDIM128_BLOCK_N
@@ -71,9 +72,10 @@ struct BwdTile<64, kRab> {
 #endif
 // kEarlyS (RS plan): each query tile issues the next tile's S^T = K Q^T as soon as its dQ has left, so that GEMM
 // queues behind the tile's dK on the tensor cores instead of starting after it (mainloop_bwd.cuh, mma_rs). H200,
-// B=32, T=4096, causal: 363-369 -> 373-376 TFLOP/s uniform, 314-317 -> 319-325 jagged. A third Q / dO stage on top
-// measured no faster (368-371). ptxas serialises every GMMA of this kernel for want of registers (C7512, 0 spills):
-// the gain is measured with that. -D GR_HSTU_BWD_EARLY_S=0: the schedule before.
+// B=32, T=4096, causal, first with the three tile bodies of for_each_query_tile (ptxas then serialised every GMMA for
+// want of registers, C7512): 363-369 -> 373-376 TFLOP/s uniform, 314-317 -> 319-325 jagged; then with one tile body
+// whose S^T pointwise pass alone branches (GMMAs asynchronous again): 376 -> 492 uniform, 319 -> 427 jagged. A third
+// Q / dO stage measured no faster (with three bodies). -D GR_HSTU_BWD_EARLY_S=0: the schedule before.
 #ifndef GR_HSTU_BWD_EARLY_S
 #define GR_HSTU_BWD_EARLY_S 1
 #endif

@@ -354,30 +354,10 @@ struct BwdMainloop {
     };
     // kEarlyS: in flight when a tile starts are the previous tile's dK and this tile's S^T (none for the first tile).
     // Otherwise nothing.
-    auto tile = [&](int m0, auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
-      auto [sQ, sQt, sdO, sdOt, sK, sKt, sV, sdX, sdXt] = smem_views(*detail::opaque(&ss));
-      Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);  // (MMA, dim, queries, stage)
-      Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
-      Tensor tdQrdX = thr_dq.partition_fragment_A(sdX);     // (MMA, queries, keys, buffer)
-      Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);     // (MMA, dim, keys)
-      Tensor tXsdX = smem_copy_dx.partition_D(sdXt);        // (CPY, CPY_M, CPY_N, buffer)
-      if (!kEarlyS || m0 == m_begin) {
-        clear(tStS);
-        issue_s();
-      }
-      issue_dp();
-      if constexpr (kHasRab) {  // the stage landed with Q (consumer_wait in issue_s); read while S^T runs
-        Tensor sRabt = make_tensor(make_smem_ptr(detail::opaque(ss.rab.data())), typename Traits::SmemLayoutRabt{});
-        copy(smem_tiled_copy_rab, smem_copy_rab.partition_S(sRabt)(_, _, _, state.index()), tXrRab);
-      }
-      warpgroup_wait<1>();  // [the previous tile's dK and] S^T have landed; dP^T may still run
-      if (kEarlyS && m0 != m_begin) {  // the previous tile's GEMMs are done with its stage and its dX^T registers
-        warpgroup_fence_operand(tdKrdK);
-        warpgroup_fence_operand(tdKrdX);
-        pipeline_q.consumer_release(prev);
-        pipeline_do.consumer_release(prev);
-      }
-      warpgroup_fence_operand(tStS);
+    // The pointwise pass over S^T per kind of tile (compile-time flags; see for_each_query_tile). Only it branches:
+    // the GMMAs in flight across the tile boundary (kEarlyS) must see one code path. With for_each_query_tile's three
+    // tile bodies ptxas serialised every GMMA of the kernel for want of registers (C7512; 376 against 492 TFLOP/s).
+    auto pointwise_s = [&](int m0, auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
       [[maybe_unused]] const CausalThresholds thresholds = causal_thresholds(mask, m0 + q_base, n0 + k_base);
       CUTE_UNROLL
       for (int t = 0; t < kFrag / 2; ++t) {
@@ -406,6 +386,39 @@ struct BwdMainloop {
         p_words[t] = detail::pack2<Element_>(f0, f1);
         tStS(2 * t) = d0;  // SiLU'(z) * mask * alpha / N, for dX once dP^T lands
         tStS(2 * t + 1) = d1;
+      }
+    };
+    const bool fast_mask = causal_fast<false>(p, mask, 0);
+    auto tile = [&](int m0) __attribute__((always_inline)) {
+      auto [sQ, sQt, sdO, sdOt, sK, sKt, sV, sdX, sdXt] = smem_views(*detail::opaque(&ss));
+      Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);  // (MMA, dim, queries, stage)
+      Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
+      Tensor tdQrdX = thr_dq.partition_fragment_A(sdX);     // (MMA, queries, keys, buffer)
+      Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);     // (MMA, dim, keys)
+      Tensor tXsdX = smem_copy_dx.partition_D(sdXt);        // (CPY, CPY_M, CPY_N, buffer)
+      if (!kEarlyS || m0 == m_begin) {
+        clear(tStS);
+        issue_s();
+      }
+      issue_dp();
+      if constexpr (kHasRab) {  // the stage landed with Q (consumer_wait in issue_s); read while S^T runs
+        Tensor sRabt = make_tensor(make_smem_ptr(detail::opaque(ss.rab.data())), typename Traits::SmemLayoutRabt{});
+        copy(smem_tiled_copy_rab, smem_copy_rab.partition_S(sRabt)(_, _, _, state.index()), tXrRab);
+      }
+      warpgroup_wait<1>();  // [the previous tile's dK and] S^T have landed; dP^T may still run
+      if (kEarlyS && m0 != m_begin) {  // the previous tile's GEMMs are done with its stage and its dX^T registers
+        warpgroup_fence_operand(tdKrdK);
+        warpgroup_fence_operand(tdKrdX);
+        pipeline_q.consumer_release(prev);
+        pipeline_do.consumer_release(prev);
+      }
+      warpgroup_fence_operand(tStS);
+      if (mask_free_tile(p, mask, m0, n0)) {
+        pointwise_s(m0, cute::true_type{}, cute::false_type{});
+      } else if (fast_mask) {
+        pointwise_s(m0, cute::false_type{}, cute::true_type{});
+      } else {
+        pointwise_s(m0, cute::false_type{}, cute::false_type{});
       }
       warpgroup_gemm_issue<false, true>(mma_dkv, tdVrP, tdVrdOt(_, _, _, state.index()), tdVrdV);
       warpgroup_wait<1>();  // dP^T has landed; dV may still run
@@ -448,7 +461,7 @@ struct BwdMainloop {
       }
     };
 
-    for_each_query_tile(p, mask, n0, m_begin, m_end, tile);
+    for (int m0 = m_begin; m0 < m_end; m0 += kBlockM) tile(m0);
     if (dq_thread) tma_store_wait<0>();  // the last reduce-add has read its tile before the CTA's smem goes away
   }
 
