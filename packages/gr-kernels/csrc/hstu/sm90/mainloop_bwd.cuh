@@ -177,23 +177,34 @@ struct BwdMainloop {
                       make_tensor(make_smem_ptr(s.dx.data()), typename Traits::SmemLayoutPt{}));
   }
 
-  // Runs tile(m0, full_tile, causal_fast_tile) over the CTA's query tiles [m_begin, m_end): mask-free tiles without
-  // mask code, the masked tiles of plain causal sequences (causal_fast.h; every query tile starts at a position >= 0
-  // here) with the two-compare test, the rest with the general mask. Only the masked tile body is compiled twice.
+  // Calls fn(full_tile, causal_fast_tile) with the compile-time kind of query tile m0: mask-free (no mask code), a
+  // masked tile of a plain causal sequence (fast_mask = causal_fast<false>(p, mask, 0); causal_fast.h: every query
+  // tile starts at a position >= 0 here) with the two-compare test, or the general mask.
+  template <typename Fn>
+  __device__ __forceinline__ static void with_tile_kind(const HstuFwdParams& p, const SequenceMask& mask, int m0,
+                                                        int n0, bool fast_mask, Fn&& fn) {
+    using True = cute::true_type;
+    using False = cute::false_type;
+    if (mask_free_tile(p, mask, m0, n0)) {
+      fn(True{}, False{});
+    } else if (fast_mask) {
+      fn(False{}, True{});
+    } else {
+      fn(False{}, False{});
+    }
+  }
+
+  // Runs tile(m0, full_tile, causal_fast_tile) over the CTA's query tiles [m_begin, m_end), each kind of tile
+  // (with_tile_kind) a tile body of its own. Only the masked tile body is compiled twice.
   template <typename TileFn>
   __device__ __forceinline__ static void for_each_query_tile(const HstuFwdParams& p, const SequenceMask& mask, int n0,
                                                              int m_begin, int m_end, TileFn& tile) {
-    using True = cute::true_type;
-    using False = cute::false_type;
     const bool fast_mask = causal_fast<false>(p, mask, 0);
     for (int m0 = m_begin; m0 < m_end; m0 += kBlockM) {
-      if (mask_free_tile(p, mask, m0, n0)) {
-        tile(m0, True{}, False{});
-      } else if (fast_mask) {
-        tile(m0, False{}, True{});
-      } else {
-        tile(m0, False{}, False{});
-      }
+      auto run = [&](auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
+        tile(m0, full_tile, causal_fast_tile);
+      };
+      with_tile_kind(p, mask, m0, n0, fast_mask, run);
     }
   }
 
@@ -352,11 +363,9 @@ struct BwdMainloop {
       pipeline_do.consumer_wait(state);
       warpgroup_gemm_ss<false>(mma_sdp, tStrV, tStrdO(_, _, _, state.index()), tStdP);
     };
-    // kEarlyS: in flight when a tile starts are the previous tile's dK and this tile's S^T (none for the first tile).
-    // Otherwise nothing.
-    // The pointwise pass over S^T per kind of tile (compile-time flags; see for_each_query_tile). Only it branches:
-    // the GMMAs in flight across the tile boundary (kEarlyS) must see one code path. With for_each_query_tile's three
-    // tile bodies ptxas serialised every GMMA of the kernel for want of registers (C7512; 376 against 492 TFLOP/s).
+    // The pointwise pass over S^T per kind of tile (compile-time flags; with_tile_kind). Only it branches: the GMMAs
+    // in flight across the tile boundary (kEarlyS) must see one code path. With for_each_query_tile's three tile
+    // bodies ptxas serialised every GMMA of the kernel for want of registers (C7512; 376 against 492 TFLOP/s).
     auto pointwise_s = [&](int m0, auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
       [[maybe_unused]] const CausalThresholds thresholds = causal_thresholds(mask, m0 + q_base, n0 + k_base);
       CUTE_UNROLL
@@ -388,7 +397,16 @@ struct BwdMainloop {
         tStS(2 * t + 1) = d1;
       }
     };
+    // The previous tile's dK has landed: its stage goes back to the producer, its dX^T registers may be rewritten.
+    auto release_prev = [&]() __attribute__((always_inline)) {
+      warpgroup_fence_operand(tdKrdK);
+      warpgroup_fence_operand(tdKrdX);
+      pipeline_q.consumer_release(prev);
+      pipeline_do.consumer_release(prev);
+    };
     const bool fast_mask = causal_fast<false>(p, mask, 0);
+    // kEarlyS: in flight when a tile starts are the previous tile's dK and this tile's S^T (none for the first tile).
+    // Otherwise nothing.
     auto tile = [&](int m0) __attribute__((always_inline)) {
       auto [sQ, sQt, sdO, sdOt, sK, sKt, sV, sdX, sdXt] = smem_views(*detail::opaque(&ss));
       Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);  // (MMA, dim, queries, stage)
@@ -406,20 +424,12 @@ struct BwdMainloop {
         copy(smem_tiled_copy_rab, smem_copy_rab.partition_S(sRabt)(_, _, _, state.index()), tXrRab);
       }
       warpgroup_wait<1>();  // [the previous tile's dK and] S^T have landed; dP^T may still run
-      if (kEarlyS && m0 != m_begin) {  // the previous tile's GEMMs are done with its stage and its dX^T registers
-        warpgroup_fence_operand(tdKrdK);
-        warpgroup_fence_operand(tdKrdX);
-        pipeline_q.consumer_release(prev);
-        pipeline_do.consumer_release(prev);
-      }
+      if (kEarlyS && m0 != m_begin) release_prev();
       warpgroup_fence_operand(tStS);
-      if (mask_free_tile(p, mask, m0, n0)) {
-        pointwise_s(m0, cute::true_type{}, cute::false_type{});
-      } else if (fast_mask) {
-        pointwise_s(m0, cute::false_type{}, cute::true_type{});
-      } else {
-        pointwise_s(m0, cute::false_type{}, cute::false_type{});
-      }
+      auto run_pointwise = [&](auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
+        pointwise_s(m0, full_tile, causal_fast_tile);
+      };
+      with_tile_kind(p, mask, m0, n0, fast_mask, run_pointwise);
       warpgroup_gemm_issue<false, true>(mma_dkv, tdVrP, tdVrdOt(_, _, _, state.index()), tdVrdV);
       warpgroup_wait<1>();  // dP^T has landed; dV may still run
       warpgroup_fence_operand(tStdP);
@@ -454,10 +464,7 @@ struct BwdMainloop {
         issue_s();  // the next tile's S^T, behind this tile's dK
       } else {
         warpgroup_wait<0>();
-        warpgroup_fence_operand(tdKrdK);
-        warpgroup_fence_operand(tdKrdX);
-        pipeline_q.consumer_release(prev);
-        pipeline_do.consumer_release(prev);
+        release_prev();
       }
     };
 
