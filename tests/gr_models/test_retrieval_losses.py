@@ -109,6 +109,40 @@ def test_in_batch_gather_equals_lookup(
     torch.testing.assert_close(g_q, w_q, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("bf16", ["autocast", "operands"])
+def test_in_batch_bf16_scores_the_positive_like_the_negatives(dense: bool, bf16: str) -> None:
+    """With bf16 operands (autocast's, or the caller's own) the positive is scored from the same bf16 rows as its
+    negatives (one gather of 1 + K rows), and the softmax gets fp32 logits: the loss equals that formula computed by
+    hand in fp32."""
+    n, k, d, temperature = 24, 5, 16, 0.05
+    g = torch.Generator().manual_seed(3)
+    q = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    t = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    targets = torch.randint(7, (n,), generator=g)
+    loss_fn = SampledSoftmaxLoss(7, num_negatives=k, temperature=temperature, negatives="in_batch")
+    saved = gl.DENSE_MAX_ELEMENTS
+    gl.DENSE_MAX_ELEMENTS = saved if dense else 0
+    torch.manual_seed(11)
+    try:
+        if bf16 == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = loss_fn(q, targets, target_embeddings=t)
+        else:
+            got = loss_fn(q.bfloat16(), targets, target_embeddings=t.bfloat16())
+    finally:
+        gl.DENSE_MAX_ELEMENTS = saved
+    torch.manual_seed(11)
+    positions = loss_fn.sample_negative_positions(targets)
+    qb, tb = q.bfloat16().float(), t.bfloat16().float()
+    scores = (qb @ tb.T).bfloat16().float()  # the gather's output dtype is its operands' (bf16)
+    pos = scores.diagonal().unsqueeze(1)
+    neg = scores.gather(1, positions).masked_fill(targets[positions] == targets.unsqueeze(1), float("-inf"))
+    want = F.cross_entropy(torch.cat([pos, neg], 1) / temperature, torch.zeros_like(targets))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_in_batch_without_item_embeddings_and_overridden_draws() -> None:
     q = F.normalize(torch.randn(6, 4), dim=-1)
     targets = torch.tensor([1, 2, 3, 1, 2, 9])

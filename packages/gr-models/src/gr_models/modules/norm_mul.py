@@ -119,7 +119,9 @@ def _layer_norm_mul_bwd_op(
     dy: Tensor, x: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, du, dweight, dbias)``; ``du`` is empty (``[0]``) without ``u``."""
-    return _backward_body(dy, x, u, weight, bias, mean, rstd)
+    dx, du, dw, db = _backward_body(dy, x, u, weight, bias, mean, rstd)
+    # The body's dweight and dbias can be views of one buffer; a custom op's outputs must not alias each other.
+    return dx, du, dw.clone(), db.clone()
 
 
 def _backward_body(
@@ -152,8 +154,9 @@ def _backward_body(
         block_rows, num_warps, min_programs = max(1, 1024 // block_d), 8, 1024
     rows_per_program = partial_sum_rows(n, block_rows, x.device, min_programs)
     programs = -(-n // rows_per_program)
-    dw_part = torch.empty((programs, d), dtype=torch.float32, device=x.device)
-    db_part = torch.empty((programs, d), dtype=torch.float32, device=x.device)
+    # dweight's and dbias' per-program partial rows in one buffer: one reduction adds both up.
+    partials = torch.empty((2, programs, d), dtype=torch.float32, device=x.device)
+    dw_part, db_part = partials[0], partials[1]
     if n:
         with device_scope(x):
             kernels.layer_norm_mul_bwd_kernel[(programs,)](
@@ -164,7 +167,8 @@ def _backward_body(
                 D=d, BLOCK_ROWS=block_rows, BLOCK_D=block_d, ROWS_PER_PROGRAM=rows_per_program,
                 HAS_U=u is not None, HAS_RES=dres is not None, num_warps=num_warps,
             )  # fmt: skip
-    return dx, du, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype)
+    dw, db = partials.sum(1)
+    return dx, du, dw.to(weight.dtype), db.to(bias.dtype)
 
 
 @_layer_norm_mul_bwd_op.register_fake

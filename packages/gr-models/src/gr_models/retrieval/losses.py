@@ -114,6 +114,17 @@ class SampledSoftmaxLoss(nn.Module):
             raise ValueError(
                 f"target_embeddings {tuple(target_embeddings.shape)} must match queries {tuple(queries.shape)}"
             )
+        if not given and self.gathers_in_batch():
+            positions = self.sample_negative_positions(targets)
+            negatives = targets[positions]
+            # The positive is the query's own target row: one gather of 1 + K rows scores it with the negatives,
+            # from the same operands (under autocast, the same bf16 rows). A separate fp32 product for it cost the
+            # H200 training step of tools/bench_parallel.py ~0.4 ms of kernels (its multiply and sum, their
+            # backward, and the two [N, D] fp32 gradient sums it adds), against ~0.17 ms more of gathering.
+            own = torch.arange(targets.numel(), device=positions.device).unsqueeze(1)
+            # fp32 logits into the softmax, as when the fp32 positive promoted the concatenation.
+            scored = in_batch_logits(queries, target_embeddings, torch.cat([own, positions], dim=1)).float()
+            return self._cross_entropy(scored[:, :1], scored[:, 1:], negatives, targets)
         pos_logits = (queries * target_embeddings).sum(-1, keepdim=True)
         if given:
             n, d = queries.shape
@@ -123,13 +134,16 @@ class SampledSoftmaxLoss(nn.Module):
                     f"{tuple(negatives.shape)} and {tuple(negative_embeddings.shape)}"  # type: ignore[union-attr]
                 )
             neg_logits = torch.einsum("nd,nkd->nk", queries, negative_embeddings)
-        elif self.gathers_in_batch():
-            positions = self.sample_negative_positions(targets)
-            negatives = targets[positions]
-            neg_logits = in_batch_logits(queries, target_embeddings, positions)
         else:
             negatives = self.sample_negatives(targets)
             neg_logits = self._looked_up_logits(queries, negatives, item_embeddings)  # type: ignore[arg-type]
+        return self._cross_entropy(pos_logits, neg_logits, negatives, targets)
+
+    def _cross_entropy(
+        self, pos_logits: torch.Tensor, neg_logits: torch.Tensor, negatives: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """The loss from the positives' ``[N, 1]`` and the negatives' ``[N, K]`` dot products, accidental hits (a
+        negative id equal to its position's target) masked out."""
         neg_logits = neg_logits.masked_fill(negatives == targets.unsqueeze(1), float("-inf"))
         logits = torch.cat([pos_logits, neg_logits], dim=1) / self.temperature
         return F.cross_entropy(logits, torch.zeros_like(targets))
