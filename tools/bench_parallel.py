@@ -223,6 +223,27 @@ class _GcPauses:
         return {f"gen{g}": f"{len(p)}x, {sum(p) * 1e3:.1f} ms" for g, p in self.pauses.items()}
 
 
+def profiled_kernel_time(table, pool: list, args: argparse.Namespace, gpus: int) -> dict[str, float]:
+    """From the profiler's ``key_averages()`` of the --profile-steps profiled steps: their device time a step (every
+    kernel, copy and memset, summed over streams) and the model TFLOP/s per GPU of those steps' batches at that time.
+    The profiled steps run the batches after the timed ones and PROFILE_LEAD_IN more (the pool cycles)."""
+    from torch.autograd import DeviceType
+
+    # As the profiler table's "Self CUDA time total": device-side events only (CPU ops report their kernels' time as
+    # well), user annotations' GPU ranges left out.
+    device_us = sum(
+        e.self_device_time_total
+        for e in table
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    )
+    first = args.warmup + args.steps + PROFILE_LEAD_IN
+    flops = sum(pool[s % len(pool)].flops for s in range(first, first + args.profile_steps))
+    return {
+        "profiled_kernel_ms": round(device_us / 1e3 / args.profile_steps, 2),
+        "profiled_kernel_tflops_per_gpu": round(flops / (device_us / 1e6) / gpus / 1e12, 2) if device_us else None,
+    }
+
+
 def build_pool(args: argparse.Namespace, ctx, net, loss_fn, hstu, size: int) -> list[PoolEntry]:
     """``size`` distinct global batches of ``seqs_per_rank * dp`` sequences, each split over the DP ranks by
     ``args.balance``; this rank's share as a ready step (KJTs built, uniform negatives drawn, pinned on CUDA). Built
@@ -375,6 +396,7 @@ def worker(args: argparse.Namespace) -> None:
             f"graph breaks {dict(counters['graph_break']) or 0}",
             flush=True,
         )
+    profiled: dict[str, float] | None = None
     if args.profile:
         # Two unprofiled steps first (the queue refills after the sync above, as in the timed loop), then
         # --profile-steps profiled steps on every rank (the collectives need them all); rank r > 0 writes its trace
@@ -392,6 +414,12 @@ def worker(args: argparse.Namespace) -> None:
             table = prof.key_averages()
             if ctx.device.type == "cuda":
                 print(table.table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
+                profiled = profiled_kernel_time(table, pool, args, ctx.world_size)
+                print(
+                    f"profiled steps: {profiled['profiled_kernel_ms']} ms of device time a step, "
+                    f"{profiled['profiled_kernel_tflops_per_gpu']} TFLOP/s per GPU if the GPU set the pace",
+                    flush=True,
+                )
             print(table.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)  # the host's share
         if args.trace:
             path = Path(args.trace)
@@ -444,6 +472,9 @@ def worker(args: argparse.Namespace) -> None:
             "step_device_ms": gpu_ms or None,
             "table_lookups_per_step": 1,
             "steps": args.steps,
+            # --profile on CUDA: device time of the profiled steps (kernels, copies, memsets summed) and the
+            # throughput a GPU-paced step would have; wall-clock steps are paced by the host wherever it is slower.
+            **(profiled or {"profiled_kernel_ms": None, "profiled_kernel_tflops_per_gpu": None}),
             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1)
             if ctx.device.type == "cuda"
             else None,
@@ -680,7 +711,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=str(REPO / "docs/benchmarks/parallel"))
     ap.add_argument("--replot", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="print rank 0's CUDA kernel table of one extra step")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="print rank 0's CUDA kernel table of --profile-steps extra steps, and record their device time a step "
+        "(profiled_kernel_ms) and the TFLOP/s per GPU a GPU-paced step would have (profiled_kernel_tflops_per_gpu)",
+    )
     ap.add_argument(
         "--profile-steps", type=int, default=1, help="with --profile: how many consecutive steps the profile spans"
     )

@@ -80,3 +80,28 @@ def test_markdown_shows_the_split_and_reads_old_records() -> None:
     md = bench.markdown([run], [old, new])
     assert "| own draw per rank | - |" in md
     assert "| balanced (FLOPs) | 1.001 |" in md
+
+
+def test_profiled_kernel_time_counts_device_events_once() -> None:
+    """Device time of the profiled steps as the profiler table's total: kernel/copy rows only (CPU ops, which carry
+    their kernels' time too, and user-annotation ranges left out), over the batches the profiled steps ran."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def row(device_type, us: float, annotation: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(device_type=device_type, self_device_time_total=us, is_user_annotation=annotation)
+
+    table = [
+        row(DeviceType.CUDA, 3000.0),  # a kernel
+        row(DeviceType.CUDA, 1000.0),  # a copy
+        row(DeviceType.CPU, 3000.0),  # the op that launched the kernel
+        row(DeviceType.CUDA, 5000.0, annotation=True),  # an op range on the GPU timeline
+    ]
+    pool = [SimpleNamespace(flops=f) for f in (1e12, 2e12, 3e12)]
+    args = SimpleNamespace(warmup=1, steps=2, profile_steps=2)
+    # Profiled steps: indices 1 + 2 + PROFILE_LEAD_IN (= 5) and 6, i.e. pool entries 2 and 0.
+    assert bench.PROFILE_LEAD_IN == 2
+    got = bench.profiled_kernel_time(table, pool, args, gpus=2)
+    assert got == {"profiled_kernel_ms": 2.0, "profiled_kernel_tflops_per_gpu": round(4e12 / 4e-3 / 2 / 1e12, 2)}
+    assert bench.profiled_kernel_time([], pool, args, gpus=1)["profiled_kernel_tflops_per_gpu"] is None
