@@ -170,8 +170,8 @@ def parse(report: str, source: str, listing: str = "") -> list[dict]:
     sass = sass_counts(listing) if listing else {}
     for row in rows:
         row["wgmma_warnings"] = notes.get(row["kernel"], []) + notes.get("", [])
-        if listing:
-            row.update(sass.get(row["kernel"], dict.fromkeys(SASS_COUNTS, 0)))
+        if row["kernel"] in sass:  # a kernel the listing lacks shows "?", not zero counts
+            row.update(sass[row["kernel"]])
     for row, name in zip(rows, demangle([r["kernel"] for r in rows]), strict=True):
         row["kernel"] = name
     return rows

@@ -80,3 +80,11 @@ def test_nvdisasm_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_
         kernel_resources.nvdisasm()
     monkeypatch.setenv("GR_KERNELS_NVDISASM", "/opt/x/nvdisasm")
     assert kernel_resources.nvdisasm() == "/opt/x/nvdisasm"
+
+
+def test_kernel_missing_from_the_listing_shows_unknown_counts() -> None:
+    only_foo = LISTING.split("\t.section\t.text._Z3barv")[0]
+    rows = kernel_resources.parse(REPORT, "csrc/hstu/x.cu", only_foo)
+    counted = [r for r in rows if "gmma" in r]
+    assert len(counted) == 1 and counted[0]["gmma"] == 2
+    assert "| ? | ? | ? | ? |" in kernel_resources.table(rows)
