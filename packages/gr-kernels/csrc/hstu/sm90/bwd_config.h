@@ -14,13 +14,21 @@
 #define GR_HSTU_BWD_RS_RAB 1
 #endif
 
+// -D GR_HSTU_BWD_HDIM128_RS_RAB=1: the bias kernel of head dim 128 on the RS plan as well (128-key tiles, the bias
+// through TMA, kEarlyS and the one-body tile loop of the bias-free kernel). Measured no faster than the 64-key SS
+// tiles before kEarlyS and the one-body loop existed (kernel_traits_bwd.h); off until measured with them.
+#ifndef GR_HSTU_BWD_HDIM128_RS_RAB
+#define GR_HSTU_BWD_HDIM128_RS_RAB 0
+#endif
+
 namespace gr_kernels {
 namespace sm90 {
 
 // Whether the Hopper backward with a bias at this head dim loads the bias through TMA (then its rows must be 16-byte
 // aligned: base and max_seq_len * 2 bytes).
 constexpr bool bwd_rab_via_tma(int head_dim) {
-  return head_dim == 64 && GR_HSTU_BWD_RS_DKV != 0 && GR_HSTU_BWD_RS_RAB != 0;
+  return (head_dim == 64 || (head_dim == 128 && GR_HSTU_BWD_HDIM128_RS_RAB != 0)) && GR_HSTU_BWD_RS_DKV != 0 &&
+         GR_HSTU_BWD_RS_RAB != 0;
 }
 
 }  // namespace sm90

@@ -53,6 +53,9 @@ struct BwdTile;
 // (query tile, key tile) of the bias with the Q tile through TMA (bias rows 16-byte aligned: the host dispatch), and
 // the consumers read it transposed (ldmatrix .trans) in the S^T accumulator's element order. Without it: the SS plan
 // with per-thread bias loads.
+#ifndef GR_HSTU_BWD_HDIM64_EARLY_S
+#define GR_HSTU_BWD_HDIM64_EARLY_S 0
+#endif
 template <bool kRab>
 struct BwdTile<64, kRab> {
   static constexpr int kBlockN = 128;
@@ -60,8 +63,9 @@ struct BwdTile<64, kRab> {
   static constexpr bool kDqTma = true;
   static constexpr bool kDqInStage = false;
   static constexpr bool kRsDkv = GR_HSTU_BWD_RS_DKV != 0 && (!kRab || GR_HSTU_BWD_RS_RAB != 0);
-  // Measured 0-3% slower here (7% with a bias) with the three tile bodies (see BwdTile<128>); not re-measured with one.
-  static constexpr bool kEarlyS = false;
+  // Measured 0-3% slower here (7% with a bias) with the three tile bodies (see BwdTile<128>); not re-measured with one:
+  // -D GR_HSTU_BWD_HDIM64_EARLY_S=1 builds it.
+  static constexpr bool kEarlyS = kRsDkv && GR_HSTU_BWD_HDIM64_EARLY_S != 0;
 };
 // Overridable at compile time (-D) to check another register plan without editing (tools/kernel_resources.py).
 #ifndef GR_HSTU_BWD_HDIM128_BLOCK_N
@@ -87,11 +91,14 @@ struct BwdTile<128, kRab> {
   // (H200: 201-207 against 242 TFLOP/s). The RS plan with the bias through TMA (as at head dim 64) fits here too
   // (ptxas: 16 B / 20 B of spills) but measured no faster than these 64-key SS tiles (250 against 248 uniform, 213
   // against 223 jagged, B=32, T=4096), so the bias kernel keeps them.
-  static constexpr int kBlockN = kRab ? GR_HSTU_BWD_HDIM128_RAB_BLOCK_N : GR_HSTU_BWD_HDIM128_BLOCK_N;
+  // GR_HSTU_BWD_HDIM128_RS_RAB (bwd_config.h): the bias kernel on the RS plan too (bwd_rab_via_tma(128)).
+  static constexpr bool kRsRab = kRab && bwd_rab_via_tma(128);
+  static constexpr int kBlockN =
+      kRab && !kRsRab ? GR_HSTU_BWD_HDIM128_RAB_BLOCK_N : GR_HSTU_BWD_HDIM128_BLOCK_N;
   static constexpr int kDkvAtomM = kBlockN == 128 ? 2 : 1;  // 64 keys: warpgroups split the head dim
   static constexpr bool kDqTma = true;
   static constexpr bool kDqInStage = false;
-  static constexpr bool kRsDkv = !kRab && kBlockN == 128 && GR_HSTU_BWD_RS_DKV != 0;
+  static constexpr bool kRsDkv = (!kRab || kRsRab) && kBlockN == 128 && GR_HSTU_BWD_RS_DKV != 0;
   static constexpr bool kEarlyS = kRsDkv && GR_HSTU_BWD_EARLY_S != 0;
 };
 // -D GR_HSTU_BWD_HDIM256_DQ_IN_STAGE=0 keeps float2 dQ atomics in the bias-free head-dim-256 kernel (the bias kernel
