@@ -131,6 +131,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("rab_tma_rows") = true,
         "Whether hstu_bwd takes the Hopper kernel for this head dim on the current device (then drab is 16-bit); "
         "rab_tma_rows: no bias, or one with 16-byte aligned rows");
+  m.def("hstu_bwd_rab_via_tma", &gr_kernels::hstu_bwd_rab_via_tma, py::arg("head_dim"),
+        "Whether the Hopper bias backward of this head dim loads the bias through TMA (rows of a multiple of 8 "
+        "elements; other bias rows take the SM80 kernel)");
   m.def("compiled_archs", &gr_kernels::compiled_archs, "CUDA architectures this build holds code for");
   m.def(
       "sm90_fwd_self_check",

@@ -143,6 +143,15 @@ bool hstu_bwd_runs_sm90(int head_dim, bool delta_q, bool rab_tma_rows) {
 #endif
 }
 
+bool hstu_bwd_rab_via_tma(int head_dim) {
+#ifdef GR_KERNELS_SM90
+  return sm90::bwd_rab_via_tma(head_dim);
+#else
+  (void)head_dim;
+  return false;
+#endif
+}
+
 // No bias, or one whose rows TMA can load: a 16-byte aligned base and rows of a multiple of 8 elements.
 static bool rab_tma_rows(const HstuBwdParams& p) {
   return p.rab == nullptr || (reinterpret_cast<std::uintptr_t>(p.rab) % 16 == 0 && p.max_seq_len % 8 == 0);

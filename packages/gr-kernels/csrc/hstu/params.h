@@ -75,6 +75,8 @@ struct HstuBwdParams : HstuFwdParams {
 // rab_tma_rows: the call has no bias, or one with 16-byte aligned rows (base and max_seq_len * 2 bytes); the Hopper
 // bias kernel of head dim 64 loads it through TMA and leaves other calls to the SM80 kernel.
 bool hstu_bwd_runs_sm90(int head_dim, bool delta_q, bool rab_tma_rows = true);
+// Whether this build's Hopper bias backward of this head dim loads the bias through TMA (sm90/bwd_config.h).
+bool hstu_bwd_rab_via_tma(int head_dim);
 
 const char* hstu_bwd(const HstuBwdParams& params, void* stream);
 
