@@ -408,11 +408,10 @@ def test_backward_kernels_agree(dim: int, mask: str) -> None:
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize(("n", "offset"), [(136, 0), (136, 1), (133, 0)])
 def test_backward_bias_rows_pick_the_kernel(dim: int, n: int, offset: int) -> None:
-    # A Hopper bias backward that loads the bias through TMA (head dim 64; 128 too when built with
-    # GR_HSTU_BWD_HDIM128_RS_RAB): rows of a multiple of 8 elements run it, others (133) the SM80 kernel; the other
-    # head dims read the bias per thread either way. A bias view starting 2 bytes
-    # into its storage (offset 1: contiguous, misaligned) reaches the kernels as an aligned copy. All within the
-    # parity bound.
+    # A Hopper bias backward that loads the bias through TMA (head dims 64 and 128 unless built with
+    # -D GR_HSTU_BWD_HDIM128_RS_RAB=0): rows of a multiple of 8 elements run it, others (133) the SM80 kernel; the
+    # other head dims read the bias per thread either way. A bias view starting 2 bytes into its storage (offset 1:
+    # contiguous, misaligned) reaches the kernels as an aligned copy. All within the parity bound.
     from gr_kernels.cutlass_backend import _C, _kernel_bias
 
     assert _C.hstu_bwd_runs_sm90(dim, False, True)

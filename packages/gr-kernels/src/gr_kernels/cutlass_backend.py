@@ -196,8 +196,8 @@ def _drab_buffers(rab: Tensor | None, q: Tensor, delta_q: bool) -> tuple[Tensor 
 
 def _kernel_bias(rab: Tensor, dtype: torch.dtype) -> Tensor:
     """``rab`` as the kernels read it: in ``dtype``, contiguous, from a 16-byte aligned address (bias pairs are read as
-    32-bit words, and the Hopper backward of head dim 64 loads bias rows through TMA); a copy only where ``rab`` is
-    not already that (e.g. a view starting inside its storage)."""
+    32-bit words, and the Hopper backward of head dims 64 and 128 loads bias rows through TMA); a copy only where
+    ``rab`` is not already that (e.g. a view starting inside its storage)."""
     bias = rab.to(dtype).contiguous()
     return bias if bias.data_ptr() % 16 == 0 else bias.clone()
 

@@ -49,12 +49,12 @@ struct BwdTile;
 // and dX^T of its own 64 keys in registers, in the layout of the A operand of dV += P^T dO and dK += dX^T Q: those
 // two GEMMs read A from registers (RS) and P never goes to shared memory; dX still does (dQ needs every key of it),
 // through transposing stmatrix. Switches: bwd_config.h (GR_HSTU_BWD_RS_DKV=0: the all-SS plan).
-// With GR_HSTU_BWD_RS_RAB (bwd_config.h) the bias kernel of head dim 64 takes the RS plan too: the producer loads each
-// (query tile, key tile) of the bias with the Q tile through TMA (bias rows 16-byte aligned: the host dispatch), and
-// the consumers read it transposed (ldmatrix .trans) in the S^T accumulator's element order. Without it: the SS plan
-// with per-thread bias loads.
+// With GR_HSTU_BWD_RS_RAB (bwd_config.h) the bias kernels of head dims 64 and 128 take the RS plan too: the producer
+// loads each (query tile, key tile) of the bias with the Q tile through TMA (bias rows 16-byte aligned: the host
+// dispatch), and the consumers read it transposed (ldmatrix .trans) in the S^T accumulator's element order. Without
+// it: the SS plan with per-thread bias loads.
 #ifndef GR_HSTU_BWD_HDIM64_EARLY_S
-#define GR_HSTU_BWD_HDIM64_EARLY_S 0
+#define GR_HSTU_BWD_HDIM64_EARLY_S 1
 #endif
 template <bool kRab>
 struct BwdTile<64, kRab> {
@@ -63,8 +63,9 @@ struct BwdTile<64, kRab> {
   static constexpr bool kDqTma = true;
   static constexpr bool kDqInStage = false;
   static constexpr bool kRsDkv = GR_HSTU_BWD_RS_DKV != 0 && (!kRab || GR_HSTU_BWD_RS_RAB != 0);
-  // Measured 0-3% slower here (7% with a bias) with the three tile bodies (see BwdTile<128>); not re-measured with one:
-  // -D GR_HSTU_BWD_HDIM64_EARLY_S=1 builds it.
+  // kEarlyS measured 0-3% slower here (7% with a bias) with the three tile bodies (see BwdTile<128>); with one (H200,
+  // B=32, T=4096, two alternating runs) 345 / 346 -> 349 / 351 uniform, 296 / 296 -> 302 / 305 jagged, with a bias
+  // unchanged (261 / 262, 206 / 207). -D GR_HSTU_BWD_HDIM64_EARLY_S=0: without it.
   static constexpr bool kEarlyS = kRsDkv && GR_HSTU_BWD_HDIM64_EARLY_S != 0;
 };
 // Overridable at compile time (-D) to check another register plan without editing (tools/kernel_resources.py).
@@ -88,10 +89,9 @@ struct BwdTile<128, kRab> {
   // 128 keys: each warpgroup owns 64 keys of dK / dV (128 registers a thread). With dQ atomics that spilled and made
   // ptxas serialise the GMMAs (the atomics' addresses stayed live next to the in-flight dK / dV); with dQ through
   // shared memory it fits. With a bias loaded per thread (SS plan), 128 keys spilled more and ran slower than 64
-  // (H200: 201-207 against 242 TFLOP/s). The RS plan with the bias through TMA (as at head dim 64) fits here too
-  // (ptxas: 16 B / 20 B of spills) but measured no faster than these 64-key SS tiles (250 against 248 uniform, 213
-  // against 223 jagged, B=32, T=4096), so the bias kernel keeps them.
-  // GR_HSTU_BWD_HDIM128_RS_RAB (bwd_config.h): the bias kernel on the RS plan too (bwd_rab_via_tma(128)).
+  // (H200: 201-207 against 242 TFLOP/s). The bias kernel runs the RS plan with the bias through TMA, as at head dim 64
+  // (ptxas: 16-24 B of spills, no serialised GMMA; GR_HSTU_BWD_HDIM128_RS_RAB in bwd_config.h has the A/B against
+  // the 64-key SS tiles that -D GR_HSTU_BWD_HDIM128_RS_RAB=0 still builds).
   static constexpr bool kRsRab = kRab && bwd_rab_via_tma(128);
   static constexpr int kBlockN =
       kRab && !kRsRab ? GR_HSTU_BWD_HDIM128_RAB_BLOCK_N : GR_HSTU_BWD_HDIM128_BLOCK_N;
