@@ -81,6 +81,50 @@ def test_hstu_encoder_checks_offsets_once_per_pass(monkeypatch: pytest.MonkeyPat
         enc(torch.randn(5, 8), torch.tensor([0, 4, 2]), 3, t, t + 1)  # decreasing offsets
 
 
+def _index_dtypes_seen(monkeypatch: pytest.MonkeyPatch, device: str, offsets_dtype: torch.dtype):
+    """(the output, and the dtypes of the offsets and target counts each block's attention op got) of a 3-block
+    encoder on ``device`` with offsets and targets of ``offsets_dtype``."""
+    import gr_kernels
+
+    torch.manual_seed(0)
+    enc = HSTUEncoder(HSTUConfig(embedding_dim=8, num_heads=2, num_blocks=3, max_seq_len=6, dropout=0.0))
+    enc = enc.eval().to(device)
+    seen = []
+    real = gr_kernels.hstu_attention
+
+    def spy(q, k, v, seq_offsets, *args, **kwargs):
+        seen.append((seq_offsets.dtype, kwargs["num_targets"].dtype))
+        return real(q, k, v, seq_offsets, *args, **kwargs)
+
+    monkeypatch.setattr(gr_kernels, "hstu_attention", spy)
+    t = torch.arange(5, device=device) * 10
+    offsets = torch.tensor([0, 2, 5], dtype=offsets_dtype, device=device)
+    targets = torch.tensor([1, 2], dtype=offsets_dtype, device=device)
+    with torch.no_grad():
+        y = enc(torch.randn(5, 8, device=device), offsets, 3, t, t + 1, num_targets=targets)
+    return y, seen
+
+
+def test_hstu_encoder_passes_cpu_offsets_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU the blocks get the caller's offsets and targets (the PyTorch reference indexes with int64)."""
+    from gr_models.modules.hstu import kernel_index
+
+    _, seen = _index_dtypes_seen(monkeypatch, "cpu", torch.int64)
+    assert seen == [(torch.int64, torch.int64)] * 3
+    assert kernel_index(None, torch.zeros(2, 8)) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hstu_encoder_converts_cuda_offsets_to_int32_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA every block's attention gets int32 offsets and targets (what its kernels read), converted once per
+    pass, and the output equals the one from int32 offsets given by the caller."""
+    y64, seen = _index_dtypes_seen(monkeypatch, "cuda", torch.int64)
+    assert seen == [(torch.int32, torch.int32)] * 3
+    y32, _ = _index_dtypes_seen(monkeypatch, "cuda", torch.int32)
+    torch.testing.assert_close(y64, y32, rtol=0, atol=0)
+
+
 def test_aligned_bias_len_rounds_up_within_the_bias_table() -> None:
     assert [aligned_bias_len(n, 200) for n in (1, 8, 13, 199, 200)] == [8, 8, 16, 200, 200]
     assert [aligned_bias_len(n, 203) for n in (201, 203)] == [203, 203]  # capped by the table, never below n

@@ -140,11 +140,37 @@ def test_fallback_is_f_normalize_bit_for_bit(monkeypatch: pytest.MonkeyPatch) ->
 @needs_triton
 def test_opcheck() -> None:
     x = _input((6, 16), torch.float32, 0, strided=True, eps=1e-3)[1].detach().requires_grad_()
-    torch.library.opcheck(l2_norm._l2_normalize_op, (x, 1e-3))
-    y, norm = l2_norm._l2_normalize_op(x, 1e-3)
+    torch.library.opcheck(l2_norm._l2_normalize_op, (x, 1e-3, torch.float32))
+    y, norm = l2_norm._l2_normalize_op(x, 1e-3, torch.float32)
     dy = torch.randn(6, 16)
-    torch.library.opcheck(l2_norm._l2_normalize_bwd_op, (dy, y.detach(), norm.detach(), 1e-3))  # no derivative
-    torch.library.opcheck(l2_norm._l2_normalize_op, (torch.randn(0, 5), 1e-12))
+    args = (dy, y.detach(), norm.detach(), 1e-3, torch.float32)
+    torch.library.opcheck(l2_norm._l2_normalize_bwd_op, args)  # no derivative
+    torch.library.opcheck(l2_norm._l2_normalize_op, (torch.randn(0, 5), 1e-12, torch.float32))
+    torch.library.opcheck(l2_norm._l2_normalize_op, (x, 1e-3, torch.bfloat16))  # y in another dtype than x
+
+
+@needs_triton
+@pytest.mark.parametrize("fused", [True, False])
+def test_out_dtype_writes_y_in_it_and_the_gradient_in_x_dtype(monkeypatch: pytest.MonkeyPatch, fused: bool) -> None:
+    """``out_dtype=bf16`` on fp32 rows (the retrieval loss's operands under autocast): y is F.normalize's within bf16
+    rounding, and the fp32 gradient equals the one through ``F.normalize(x).to(bf16)`` up to the bf16 y the backward
+    reads (the kernels, and the F.normalize fallback)."""
+    monkeypatch.setattr(l2_norm, "INTERPRET_ON_CPU", fused)
+    leaf, x = _input((9, 24), torch.float32, 3, strided=True, eps=1e-3)
+    y = l2_normalize(x, 1e-3, out_dtype=torch.bfloat16)
+    want = F.normalize(x, dim=-1, eps=1e-3)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    torch.testing.assert_close(y.float(), want, rtol=2**-7, atol=1e-7)  # a bf16 ulp (the interpreter may truncate)
+    dy = torch.randn(9, 24).to(torch.bfloat16)
+    (dx,) = torch.autograd.grad(y, leaf, dy)
+    (want_dx,) = torch.autograd.grad(want, leaf, dy.float())
+    assert dx.dtype == torch.float32
+    scale = dy.float().abs().amax() / x.detach().norm(dim=-1).clamp_min(1e-3).min()
+    assert (dx - want_dx).abs().max() <= 1e-2 * scale
+    same = l2_normalize(x, 1e-3, out_dtype=torch.float32)
+    torch.testing.assert_close(same, want, rtol=1e-6, atol=1e-6)  # the input's own dtype: the plain op
+    with pytest.raises(ValueError, match="floating-point"):
+        l2_normalize(x, out_dtype=torch.int32)
 
 
 @needs_triton
@@ -163,7 +189,7 @@ def test_eager_calls_skip_the_op_dispatch_and_equal_it() -> None:
     names = {e.name for e in prof.events()}
     assert names >= OP_NAMES
     assert not any(n.startswith("GeneratedBackwardFor_gr_models") for n in names)
-    through_the_op = run(lambda: l2_norm._l2_normalize_op(x, 1e-12)[0])
+    through_the_op = run(lambda: l2_norm._l2_normalize_op(x, 1e-12, torch.float32)[0])
     for a, c in zip(eager, through_the_op, strict=True):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
 
@@ -258,6 +284,22 @@ def test_compiled_kernels_match_f_normalize(dtype: torch.dtype) -> None:
     assert (dx.float() - want_dx).abs().max() <= rel * want_dx.abs().max()
     _check((4099, 512), dtype, 1, rel=rel, device="cuda")
     _check((33, 7, 100), dtype, 2, rel=rel, eps=1e-3, device="cuda", strided=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_compiled_kernels_write_bf16_rows_of_fp32_input() -> None:
+    """``out_dtype=bf16`` at the training shape: F.normalize's values rounded to bf16, an fp32 gradient."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(65536, 512, generator=g, device="cuda").requires_grad_()
+    dy = torch.randn(65536, 512, generator=g, device="cuda").to(torch.bfloat16)
+    y = l2_normalize(x, out_dtype=torch.bfloat16)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    want = F.normalize(x, dim=-1)
+    (want_dx,) = torch.autograd.grad(want, x, dy.float())
+    assert y.dtype == torch.bfloat16 and dx.dtype == torch.float32
+    torch.testing.assert_close(y.float(), want, rtol=2**-8, atol=1e-7)
+    assert (dx - want_dx).abs().max() <= 1.6e-2 * want_dx.abs().max()
 
 
 @pytest.mark.gpu

@@ -114,6 +114,44 @@ def test_one_lookup_equals_separate_lookups(lengths: list[int], negatives: str, 
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("negatives", ["in_batch", "uniform"])
+def test_under_autocast_the_embeddings_come_in_its_dtype(negatives: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under (CPU) bf16 autocast, ``training_forward`` normalises straight into bf16 (what the loss's gather and
+    matmuls read): the values are the fp32 normalised embeddings rounded, the loss and the fp32 parameters' gradients
+    within bf16 rounding of the run that normalises into fp32 (and casts inside the loss)."""
+    from gr_models.retrieval import model as model_module
+
+    torch.manual_seed(0)
+    model = RetrievalModel(config())
+    batch = make_batch([6, 3, 9], 1)
+    loss_fn = SampledSoftmaxLoss(NUM_ITEMS, num_negatives=4, temperature=0.1, negatives=negatives)  # type: ignore[arg-type]
+    negative_ids = loss_fn.sample_negatives(batch.target_items) if negatives == "uniform" else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for out_dtype in (torch.bfloat16, None):
+        if out_dtype is None:  # fp32 embeddings from the same autocast encoder
+            monkeypatch.setattr(model_module, "_autocast_dtype", lambda t: None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            emb = model.training_forward(batch, negatives=negative_ids)
+            torch.manual_seed(1)
+            loss = loss_fn(
+                emb.queries, batch.target_items, target_embeddings=emb.targets, negatives=negative_ids,
+                negative_embeddings=emb.negatives,
+            )  # fmt: skip
+        assert emb.queries.dtype == emb.targets.dtype == (out_dtype or torch.float32)
+        results.append((emb, loss, torch.autograd.grad(loss, params, allow_unused=True)))
+    (emb, loss, grads), (emb32, loss32, grads32) = results
+    for got, want in zip(emb, emb32, strict=True):
+        if want is not None:
+            torch.testing.assert_close(got.float(), want.detach(), rtol=2**-8, atol=1e-7)  # half a bf16 ulp
+    torch.testing.assert_close(loss, loss32, rtol=2e-2, atol=2e-2)
+    for g, w in zip(grads, grads32, strict=True):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-2 * w.abs().max().item())
+
+
 def test_one_lookup_features_and_errors() -> None:
     model = RetrievalModel(config())
     batch = make_batch([3, 2], 0)

@@ -324,6 +324,16 @@ class HSTUBlock(nn.Module):
         return self.finish(x, u, attn)
 
 
+def kernel_index(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """Offsets or target counts ``t`` for every block's attention over the rows ``x``: int32 on CUDA (where the
+    native and Triton kernels read int32, so each block's op, forward and backward, would otherwise convert them
+    again: 16 small casts and their launches per 8-block training step); as given elsewhere (the PyTorch reference
+    indexes with int64) and when the row count does not fit int32 (int32 offsets could not hold it)."""
+    if t is None or not x.is_cuda or t.dtype != torch.int64 or x.shape[0] >= 2**31:
+        return t
+    return t.to(torch.int32)
+
+
 def concat_rows(
     a_offsets: torch.Tensor, b_offsets: torch.Tensor, a_total: int, b_total: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -424,13 +434,14 @@ class HSTUEncoder(nn.Module):
             rab = self.relative_bias(timestamps, query_timestamps, seq_offsets, max_seq_len, positions).to(x.dtype)
         # Every block sees the same offsets and targets: the op checks them (a host sync on a GPU) in the first only,
         # unless the caller checked them on the host.
+        attn_offsets, attn_targets = kernel_index(seq_offsets, x), kernel_index(num_targets, x)
         for i, block in enumerate(self.blocks):
             x = block(
                 x,
-                seq_offsets,
+                attn_offsets,
                 max_seq_len,
                 rab,
-                num_targets=num_targets,
+                num_targets=attn_targets,
                 contextual_seq_len=contextual_seq_len,
                 validate=validate and i == 0,
             )

@@ -125,7 +125,8 @@ class SampledSoftmaxLoss(nn.Module):
             # fp32 logits into the softmax, as when the fp32 positive promoted the concatenation.
             scored = in_batch_logits(queries, target_embeddings, torch.cat([own, positions], dim=1)).float()
             return self._cross_entropy(scored[:, :1], scored[:, 1:], negatives, targets)
-        pos_logits = (queries * target_embeddings).sum(-1, keepdim=True)
+        # fp32 products (embeddings may come in autocast's bf16: RetrievalModel.training_forward).
+        pos_logits = (queries.float() * target_embeddings.float()).sum(-1, keepdim=True)
         if given:
             n, d = queries.shape
             if negatives.dim() != 2 or negatives.size(0) != n or negative_embeddings.shape != (n, negatives.size(1), d):  # type: ignore[union-attr]

@@ -108,7 +108,10 @@ class RetrievalModel(nn.Module):
         ``self.item_embeddings(targets)`` and ``self.item_embeddings(negatives)``, but a fused table optimizer takes
         one step per training step instead of one per lookup, and a sharded table runs one input and one output
         all-to-all. Feed them to ``SampledSoftmaxLoss(..., target_embeddings=..., negatives=...,
-        negative_embeddings=...)``; in-batch negatives need no ``negatives`` here (they are target rows)."""
+        negative_embeddings=...)``; in-batch negatives need no ``negatives`` here (they are target rows).
+
+        Under autocast they come in its dtype (bf16), the dtype the loss's matmuls and gathers read them in, written
+        so by the normalisation itself (the gradients still reach the fp32 encoder output and rows in fp32)."""
         if features is None:
             features = self.training_features(batch, negatives)
         n = batch.target_items.numel()
@@ -116,18 +119,19 @@ class RetrievalModel(nn.Module):
         x, _, rows = self.input_embedding.forward_with_ids(
             features, batch.seq_offsets, batch.max_seq_len, n * (1 + k), batch.features.values().numel()
         )
-        rows = l2_normalize(rows)
+        dtype = _autocast_dtype(rows)
+        rows = l2_normalize(rows, out_dtype=dtype)
         target_emb, negative_emb = rows.split([n, n * k])
         return TrainingEmbeddings(
-            self._queries(x, batch), target_emb, None if negatives is None else negative_emb.view(n, k, -1)
+            self._queries(x, batch, dtype), target_emb, None if negatives is None else negative_emb.view(n, k, -1)
         )
 
-    def _queries(self, x: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
+    def _queries(self, x: torch.Tensor, batch: SequenceBatch, dtype: torch.dtype | None = None) -> torch.Tensor:
         q_ts = query_timestamps(batch.timestamps, batch.seq_offsets, request_timestamps(batch))
         h = self.encoder(
             x, batch.seq_offsets, batch.max_seq_len, batch.timestamps, q_ts, validate=not batch.offsets_checked
         )
-        return l2_normalize(h)
+        return l2_normalize(h, out_dtype=dtype)
 
     def item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:
         """L2-normalised output-side item embeddings (shared with the input table), any id shape."""
@@ -136,6 +140,12 @@ class RetrievalModel(nn.Module):
     def all_item_embeddings(self) -> torch.Tensor:
         device = self.input_embedding.position_embeddings.weight.device
         return self.item_embeddings(torch.arange(self.config.num_items, device=device))
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """Autocast's dtype on ``t``'s device when it is on there, else None."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def build_retrieval_model(config: RetrievalModelConfig) -> RetrievalModel:
