@@ -321,12 +321,14 @@ def worker(args: argparse.Namespace) -> None:
         gathered from the targets' rows."""
         with pm.autocast():
             emb = net.training_forward(bb.batch, bb.features, bb.negatives)
+            # The embeddings as training_forward gives them (bf16 under autocast): the loss's gather and matmuls
+            # read that dtype, so casting them here would add [N, D] copies each way.
             return loss_fn(
-                emb.queries.float(),
+                emb.queries,
                 bb.batch.target_items,
-                target_embeddings=emb.targets.float(),
+                target_embeddings=emb.targets,
                 negatives=bb.negatives,
-                negative_embeddings=None if emb.negatives is None else emb.negatives.float(),
+                negative_embeddings=emb.negatives,
             )
 
     def before_step() -> None:
