@@ -130,7 +130,7 @@ def test_under_autocast_the_embeddings_come_in_its_dtype(negatives: str, monkeyp
     results = []
     for out_dtype in (torch.bfloat16, None):
         if out_dtype is None:  # fp32 embeddings from the same autocast encoder
-            monkeypatch.setattr(model_module, "_autocast_dtype", lambda t: None)
+            monkeypatch.setattr(model_module, "compute_dtype", lambda t, *dtypes: t.dtype)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             emb = model.training_forward(batch, negatives=negative_ids)
             torch.manual_seed(1)

@@ -73,7 +73,7 @@ struct HstuBwdParams : HstuFwdParams {
 // that drab (not drab_accum) is the buffer to give it; hstu_bwd makes the same choice (given 16-byte aligned q, k, v
 // and dout rows, else it fails on a 16-bit drab).
 // rab_tma_rows: the call has no bias, or one with 16-byte aligned rows (base and max_seq_len * 2 bytes); the Hopper
-// bias kernels of head dims 64 and 128 load it through TMA and leaves other calls to the SM80 kernel.
+// bias kernels of head dims 64 and 128 load it through TMA and leave other calls to the SM80 kernel.
 bool hstu_bwd_runs_sm90(int head_dim, bool delta_q, bool rab_tma_rows = true);
 // Whether this build's Hopper bias backward of this head dim loads the bias through TMA (sm90/bwd_config.h).
 bool hstu_bwd_rab_via_tma(int head_dim);

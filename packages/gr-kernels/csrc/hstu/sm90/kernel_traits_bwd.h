@@ -62,13 +62,14 @@ struct BwdTile<64, kRab> {
   static constexpr int kDkvAtomM = 2;  // dK/dV: warpgroups split the keys
   static constexpr bool kDqTma = true;
   static constexpr bool kDqInStage = false;
-  static constexpr bool kRsDkv = GR_HSTU_BWD_RS_DKV != 0 && (!kRab || GR_HSTU_BWD_RS_RAB != 0);
+  static constexpr bool kRsDkv = kRab ? bwd_rab_via_tma(64) : GR_HSTU_BWD_RS_DKV != 0;
   // kEarlyS measured 0-3% slower here (7% with a bias) with the three tile bodies (see BwdTile<128>); with one (H200,
   // B=32, T=4096, two alternating runs) 345 / 346 -> 349 / 351 uniform, 296 / 296 -> 302 / 305 jagged, with a bias
   // unchanged (261 / 262, 206 / 207). -D GR_HSTU_BWD_HDIM64_EARLY_S=0: without it.
   static constexpr bool kEarlyS = kRsDkv && GR_HSTU_BWD_HDIM64_EARLY_S != 0;
 };
-// Overridable at compile time (-D) to check another register plan without editing (tools/kernel_resources.py).
+// Overridable at compile time (-D) to check another register plan without editing (tools/kernel_resources.py); 64
+// keys with a bias also need -D GR_HSTU_BWD_HDIM128_RS_RAB=0 (the RS bias plan is 128 keys: BwdTraits asserts it).
 #ifndef GR_HSTU_BWD_HDIM128_BLOCK_N
 #define GR_HSTU_BWD_HDIM128_BLOCK_N 128
 #endif
@@ -149,6 +150,10 @@ struct BwdTraits {
                 "RS dK / dV: each warpgroup owns the keys of its S^T rows");
   // The bias through TMA into stages of its own (the RS plan's bias kernels): loaded with the Q tile.
   static constexpr bool kRabTma = kRab && kRsDkv;
+  // The host dispatch (api.cu) sends a bias call here only with TMA-loadable rows when bwd_rab_via_tma says so.
+  static_assert(!kRab || kRabTma == bwd_rab_via_tma(kHeadDim),
+                "bias backward: the traits' bias path and bwd_rab_via_tma (bwd_config.h) disagree, e.g. a key-tile "
+                "override without -D GR_HSTU_BWD_HDIM128_RS_RAB=0");
   static_assert(kHeadDim % 64 == 0 && kBlockN % 64 == 0, "tiles must be whole 128-byte swizzle rows");
 
   using _M = cute::Int<kBlockM>;

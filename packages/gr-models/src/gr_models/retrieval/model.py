@@ -15,6 +15,7 @@ from gr_models.modules.hstu import HSTUConfig, HSTUEncoder
 from gr_models.modules.input_embedding import DynamicItemTableConfig, ItemInputEmbedding
 from gr_models.modules.l2_norm import l2_normalize
 from gr_models.modules.sasrec import SASRecConfig, SASRecEncoder
+from gr_models.modules.triton_rows import compute_dtype
 
 
 @dataclass
@@ -119,19 +120,17 @@ class RetrievalModel(nn.Module):
         x, _, rows = self.input_embedding.forward_with_ids(
             features, batch.seq_offsets, batch.max_seq_len, n * (1 + k), batch.features.values().numel()
         )
-        dtype = _autocast_dtype(rows)
-        rows = l2_normalize(rows, out_dtype=dtype)
+        rows = l2_normalize(rows, out_dtype=compute_dtype(rows, rows.dtype))  # autocast's, else the rows' own
         target_emb, negative_emb = rows.split([n, n * k])
-        return TrainingEmbeddings(
-            self._queries(x, batch, dtype), target_emb, None if negatives is None else negative_emb.view(n, k, -1)
-        )
+        queries = self._queries(x, batch, in_compute_dtype=True)
+        return TrainingEmbeddings(queries, target_emb, None if negatives is None else negative_emb.view(n, k, -1))
 
-    def _queries(self, x: torch.Tensor, batch: SequenceBatch, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def _queries(self, x: torch.Tensor, batch: SequenceBatch, in_compute_dtype: bool = False) -> torch.Tensor:
         q_ts = query_timestamps(batch.timestamps, batch.seq_offsets, request_timestamps(batch))
         h = self.encoder(
             x, batch.seq_offsets, batch.max_seq_len, batch.timestamps, q_ts, validate=not batch.offsets_checked
         )
-        return l2_normalize(h, out_dtype=dtype)
+        return l2_normalize(h, out_dtype=compute_dtype(h, h.dtype) if in_compute_dtype else None)
 
     def item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:
         """L2-normalised output-side item embeddings (shared with the input table), any id shape."""
@@ -140,12 +139,6 @@ class RetrievalModel(nn.Module):
     def all_item_embeddings(self) -> torch.Tensor:
         device = self.input_embedding.position_embeddings.weight.device
         return self.item_embeddings(torch.arange(self.config.num_items, device=device))
-
-
-def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
-    """Autocast's dtype on ``t``'s device when it is on there, else None."""
-    device = t.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def build_retrieval_model(config: RetrievalModelConfig) -> RetrievalModel:
