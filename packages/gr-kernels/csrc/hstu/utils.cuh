@@ -27,6 +27,19 @@ __device__ __forceinline__ int opaque(int value) {
   return value;
 }
 
+// threadIdx.x read where it is used: a volatile read is not hoisted out of a loop, so values derived from it do not
+// stay live (and spill) across the loop.
+__device__ __forceinline__ int thread_index_x() {
+  int x;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(x));
+  return x;
+}
+
+// One 8-byte store to a 32-bit shared-memory address (st.shared: no generic-address translation).
+__device__ __forceinline__ void st_shared_f32x2(uint32_t addr, float a, float b) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(a), "f"(b) : "memory");
+}
+
 __device__ __forceinline__ float fast_sigmoid(float x) {
   // sigmoid(x) = 0.5 tanh(x / 2) + 0.5: one MUFU.TANH instead of an exp and a reciprocal.
   float t;

@@ -63,7 +63,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(cons
   pipe_params.transaction_bytes = Traits::kTmaBytesQ;
   pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pipe_params.is_leader = threadIdx.x == 0;
-  pipe_params.num_consumers = Traits::kConsumerThreads;
+  // kDqInStage: one arrival more on the empty barriers, the dQ writer's once the stage's dQ has been read.
+  pipe_params.num_consumers = Traits::kConsumerThreads + (Traits::kDqInStage ? 1 : 0);
   Pipeline pipeline_do(ss.pipeline_do, pipe_params, cute::Shape<cute::_1, cute::_1, cute::_1>{});
   pipe_params.transaction_bytes += Traits::kTmaBytesRab;  // kRabTma: the bias tile rides with the Q tile
   Pipeline pipeline_q(ss.pipeline_q, pipe_params, cute::Shape<cute::_1, cute::_1, cute::_1>{});
@@ -79,6 +80,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(cons
       if constexpr (Traits::kRabTma) cute::prefetch_tma_descriptor(args.tma_rab.get_tma_descriptor());
       const int rab_plane = kHasRab ? detail::rab_plane(p, b, head) : 0;
       Mainloop::load(args, ss, pipeline_q, pipeline_do, seq_start, head, n_block, m_begin, m_end, rab_plane);
+    }
+    if constexpr (Traits::kDqInStage) {
+      if (threadIdx.x / 32 == 1 && any_tile) {  // warp 1: the dQ writer
+        Mainloop::reduce_dq(args, ss, pipeline_q, pipeline_do, seq_start, head, m_begin, m_end);
+      }
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();

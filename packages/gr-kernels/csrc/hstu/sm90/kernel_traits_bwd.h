@@ -2,8 +2,8 @@
 //
 // A CTA owns kBlockN keys of one (sequence, head) and walks the kBlockM-row query tiles that can see them. Three
 // warpgroups: warpgroup 0 is the TMA producer (K and V once, then Q and dO tiles through two kStages-deep mbarrier
-// pipelines); warpgroups 1 and 2 issue the five GEMMs of a query tile as warpgroup MMAs (all SS: both operands in
-// shared memory):
+// pipelines; with kDqInStage its warp 1 also issues the dQ reduce-adds); warpgroups 1 and 2 issue the five GEMMs
+// of a query tile as warpgroup MMAs (all SS: both operands in shared memory):
 //   S  = Q K^T   and  dP = dO V^T     (M = queries, N = keys, K = head dim; the warpgroups split the keys)
 //   dV += P^T dO and  dK += dX^T Q    (M = keys, N = head dim, K = queries; P and dX read transposed from smem)
 //   dQ  = dX K                        (M = queries, N = head dim, K = keys; the warpgroups split the head dim)
@@ -19,7 +19,7 @@
 // dims 64 and 128 (each warpgroup owns 64 keys of dK/dV: 128 registers a thread at 128; 64 keys at 128 with a bias),
 // 64 keys at 256 (each warpgroup owns half of the head dim of all 64 keys). dQ leaves through shared memory and TMA
 // reduce-adds (kDqTma), which keeps the atomics' addresses out of the registers: at 64 and 128 from a tile of its own,
-// at 256 (no shared memory left) from the tile's Q / dO stage once dK and dV have read it (kDqInStage).
+// at 256 (no shared memory left) from the tile's Q / dO stage once dV and dK have read it (kDqInStage).
 #pragma once
 
 #include <type_traits>
@@ -114,8 +114,8 @@ struct BwdTile<256, kRab> {
   static constexpr int kDkvAtomM = 1;  // dK/dV: warpgroups split the head dim
   // Q, dO, K, V, P, dX already take 224 KB: no room for a dQ tile of its own. kDqInStage: each warpgroup's half of
   // dQ (64 x 128 fp32) is staged in its own halves of the tile's Q and dO stage (2 x 16 KB), which only its own dK and
-  // dV GEMMs read once S and dP are done (the warpgroups split the head dim of dK / dV); the stage goes back to the
-  // producer when the reduce-add has read it.
+  // dV GEMMs read once S and dP are done (the warpgroups split the head dim of dK / dV); the dQ writer warp issues
+  // the reduce-adds and hands the stage back to the producer when they have read it (mainloop_bwd.cuh, reduce_dq).
   static constexpr bool kDqTma = kRab || GR_HSTU_BWD_HDIM256_DQ_IN_STAGE != 0;
   static constexpr bool kDqInStage = kDqTma;
   static constexpr bool kRsDkv = false;  // the warpgroups split the head dim of dK / dV, not the keys

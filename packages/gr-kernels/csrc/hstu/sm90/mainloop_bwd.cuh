@@ -9,16 +9,17 @@
 //              and (with drab) one thread issues the TMA reduce-add of the dX tile into drab (drab = dX); dQ is added
 //              into the fp32 dq buffer: with kDqTma (head dims 64, 128) it is written to its own shared-memory tile
 //              while dV and dK still run and, after a second barrier, one thread issues its TMA reduce-add; with
-//              kDqInStage (256) each warpgroup writes its half into its halves of the tile's Q / dO stage once its
-//              dK / dV have read them, and its first thread issues the reduce-adds (the stage goes back to the
-//              producer in the next tile, when they have read it); else (256 built with
+//              kDqInStage (256; dV, dQ, dK issued in that order) each warpgroup writes its half into its halves of
+//              the tile's Q / dO stage, the dO half once its dV has read it (dK still running), the Q half after dK,
+//              and announces it to the dQ writer (warp 1 of the producer warpgroup, reduce_dq), which issues the
+//              reduce-adds and hands the stage back to the producer once they have read it; else (256 built with
 //              GR_HSTU_BWD_HDIM256_DQ_IN_STAGE=0, no bias) each thread adds its elements with float2 atomics while dV
 //              and dK still run. The two consumer warpgroups move in step (dQ needs every
 //              key of dX).
 // P / dX use two shared-memory buffers (alternating per tile): a warpgroup writing tile t + 1's buffer has passed
 // the barrier of tile t, which the other warpgroup reached only after its GEMMs of tile t - 1 (same buffer) retired,
 // and which the TMA thread reached only after the reduce-adds of tile t - 1 had read their dX / dQ (bulk
-// wait_group.read). The one dQ buffer is rewritten after that barrier too.
+// wait_group.read). The one dQ buffer (kDqTma, not in stage) is rewritten after that barrier too.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -61,8 +62,8 @@ struct BwdMainloop {
   using PipelineState = typename Traits::PipelineState;
   // User barrier id 0 (hardware barrier 8: CUTLASS reserves 0..7): both consumer warpgroups, once per tile.
   static constexpr int kPdxBarrier = 0;
-  // kDqTma: every dQ element of the tile is in shared memory (both warpgroups); kDqInStage: ids 1 + w, warpgroup w's
-  // half only.
+  // kDqTma: every dQ element of the tile is in shared memory (both warpgroups); kDqInStage: ids 1..4, one per
+  // (warpgroup, stage): dq_stage_barrier.
   static constexpr int kDqBarrier = 1;
 
   // Query rows [m_begin, m_end) whose tiles can see keys [n0, n0 + kBlockN): causal rows look back only, except
@@ -156,6 +157,58 @@ struct BwdMainloop {
       }
       pipeline_do.producer_acquire(state);
       copy(args.tma_do.with(*pipeline_do.producer_get_barrier(state), 0), tOgO(_, m_block), tOsO(_, state.index()));
+      ++state;
+    }
+  }
+
+  // kDqInStage: the named barrier (ids 1..4) on which consumer warpgroup w announces that its half of the dQ of the
+  // tile in Q / dO stage `stage` is in that stage, and the dQ writer waits. One per (warpgroup, stage): a warpgroup
+  // reaches the barrier of a stage again only after the writer has released the stage, i.e. after its sync there.
+  __host__ __device__ __forceinline__ static constexpr int dq_stage_barrier(int warp_group, int stage) {
+    return kDqBarrier + stage * Traits::kConsumerWarpGroups + warp_group;
+  }
+
+  // kDqInStage, the dQ writer (warp 1 of the producer warpgroup, all 32 lanes): for every query tile, in the
+  // consumers' order, waits until each consumer warpgroup has staged its half of the tile's dQ in the tile's Q / dO
+  // stage and issues its two TMA reduce-adds into dq_accum; once they have read the stage it releases the stage
+  // (the +1 arrival of the pipelines' empty barriers, after the consumers' own), so the producer refills it only
+  // then. The consumers never wait for a reduce-add or issue one. Rows past the sequence end add zeros (their dX is
+  // masked) into the next sequence's rows, rows past the tensor end are clipped by TMA.
+  __device__ static void reduce_dq(const BwdArgs<Traits>& args, SharedStorage& ss, Pipeline& pipeline_q,
+                                   Pipeline& pipeline_do, int seq_start, int head, int m_begin, int m_end) {
+    using namespace cute;
+    static_assert(Traits::kDqInStage, "the dQ writer serves dQ staged in the Q / dO stages");
+    const HstuBwdParams& p = args.p;
+    using Quarter = typename Traits::SmemLayoutDqQuarter;
+    constexpr int kTileElems = kBlockM * kHeadDim;
+    constexpr int kQuarterElems = cute::cosize_v<Quarter>;
+    const bool lane0 = threadIdx.x % 32 == 0;
+    if (lane0) prefetch_tma_descriptor(args.tma_dq.get_tma_descriptor());
+    Tensor mdQ = args.tma_dq.get_tma_tensor(make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads)));
+    auto tma_dq = args.tma_dq.get_slice(_0{});
+    PipelineState state;  // the consumers' sequence of stages: stage 0, phase 0 first
+    for (int m_block = m_begin / kBlockM; m_block * kBlockM < m_end; ++m_block) {
+      Tensor gdQ = local_tile(domain_offset(make_coord(seq_start, _0{}), mdQ(_, _, head)),
+                              Shape<Int<kBlockM>, _64>{}, make_coord(m_block, _));  // (M, 64, quarter)
+      CUTE_UNROLL
+      for (int w = 0; w < Traits::kConsumerWarpGroups; ++w) {
+        cutlass::arch::NamedBarrier::sync(128 + 32, dq_stage_barrier(w, state.index()));
+        if (lane0) {
+          float* q_half = reinterpret_cast<float*>(ss.q.data() + state.index() * kTileElems) + w * kQuarterElems;
+          float* do_half = reinterpret_cast<float*>(ss.dout.data() + state.index() * kTileElems) + w * kQuarterElems;
+          copy(args.tma_dq, tma_dq.partition_S(make_tensor(make_smem_ptr(q_half), Quarter{})),
+               tma_dq.partition_D(gdQ(_, _, 2 * w)));
+          copy(args.tma_dq, tma_dq.partition_S(make_tensor(make_smem_ptr(do_half), Quarter{})),
+               tma_dq.partition_D(gdQ(_, _, 2 * w + 1)));
+        }
+      }
+      if (lane0) {
+        tma_store_arrive();
+        tma_store_wait<0>();  // both warpgroups' reduce-adds have read the stage
+        pipeline_q.consumer_release(state);
+        pipeline_do.consumer_release(state);
+      }
+      __syncwarp();
       ++state;
     }
   }
@@ -515,32 +568,12 @@ struct BwdMainloop {
     const bool rab_pairs = (p.max_seq_len % 2) == 0;  // 32-bit bias loads need even rows
     // One thread moves the dX tiles into drab (after the tile's barrier: every key of dX is written and fenced).
     const bool drab_thread = kHasRab && drab_plane >= 0 && tidx == 0;
-    // With kDqTma, thread 0 also issues each tile's dQ reduce-add (after the tile's second barrier); with kDqInStage
-    // the first thread of each warpgroup issues its warpgroup's half.
-    const int warp_group = tidx / 128;
-    const bool dq_leader = Traits::kDqInStage ? tidx % 128 == 0 : tidx == 0;
+    // With kDqTma (not in stage), thread 0 also issues each tile's dQ reduce-add (after the tile's second barrier);
+    // kDqInStage leaves the reduce-adds to the dQ writer warp (reduce_dq).
+    const bool dq_leader = !Traits::kDqInStage && tidx == 0;
     const bool tma_thread = (Traits::kDqTma && dq_leader) || drab_thread;
     if (drab_thread) prefetch_tma_descriptor(args.tma_drab.get_tma_descriptor());
     if (Traits::kDqTma && dq_leader) prefetch_tma_descriptor(args.tma_dq.get_tma_descriptor());
-    // The reduce-adds of tile m0's dQ from shared memory: rows past the sequence end add zeros (their dX is masked)
-    // into the next sequence's rows, rows past the tensor end are clipped by TMA.
-    // kDqInStage: this warpgroup's half of tile m0's dQ, from its halves of Q / dO stage `stage` (quarters 2w, 2w+1).
-    auto reduce_dq_in_stage = [&](int m0, int stage) {
-      using Quarter = typename Traits::SmemLayoutDqQuarter;
-      constexpr int kTileElems = kBlockM * kHeadDim;
-      constexpr int kQuarterElems = cute::cosize_v<Quarter>;
-      float* q_half = reinterpret_cast<float*>(ss.q.data() + stage * kTileElems) + warp_group * kQuarterElems;
-      float* do_half = reinterpret_cast<float*>(ss.dout.data() + stage * kTileElems) + warp_group * kQuarterElems;
-      Tensor mdQ = args.tma_dq.get_tma_tensor(make_shape(int32_t(p.total_rows), int32_t(kHeadDim), int32_t(p.heads)));
-      Tensor gdQ = local_tile(domain_offset(make_coord(seq_start, _0{}), mdQ(_, _, head)), Shape<M, _64>{},
-                              make_coord(m0 / kBlockM, _));  // (M, 64, quarter)
-      auto tma_dq = args.tma_dq.get_slice(_0{});
-      copy(args.tma_dq, tma_dq.partition_S(make_tensor(make_smem_ptr(q_half), Quarter{})),
-           tma_dq.partition_D(gdQ(_, _, 2 * warp_group)));
-      copy(args.tma_dq, tma_dq.partition_S(make_tensor(make_smem_ptr(do_half), Quarter{})),
-           tma_dq.partition_D(gdQ(_, _, 2 * warp_group + 1)));
-      tma_store_arrive();
-    };
     float* dq_base = p.dq_accum + (int64_t(seq_start) * p.heads + head) * kHeadDim;
     const int64_t dq_row = int64_t(p.heads) * kHeadDim;
 
@@ -575,9 +608,6 @@ struct BwdMainloop {
 
     PipelineState state;  // consumers start at stage 0, phase 0
     int buf = 0;
-    // kDqInStage: the dQ leader hands a stage back only once its reduce-add has read it, during the next tile.
-    PipelineState pending;
-    bool has_pending = false;
     // causal_fast_tile (compile-time; masked tiles of plain causal sequences only): the two-compare test of
     // causal_fast.h instead of the general mask.
     auto tile = [&](int m0, auto full_tile, auto causal_fast_tile) __attribute__((always_inline)) {
@@ -602,18 +632,12 @@ struct BwdMainloop {
       // operand even when told to overwrite it, which would keep S, dP and dQ alive across the loop).
       clear(tSrS);
       clear(tSrdP);
+      // Both stages before either GEMM: with the dO wait (a try_wait loop) between them, ptxas made dP's GMMAs
+      // wait for S's to retire (a WARPGROUP.DEPBAR between the two, seen in the head-dim-256 SASS).
       pipeline_q.consumer_wait(state);
-      warpgroup_gemm_ss<false>(mma_sdp, tSrQ(_, _, _, state.index()), tSrK, tSrS);
       pipeline_do.consumer_wait(state);
+      warpgroup_gemm_ss<false>(mma_sdp, tSrQ(_, _, _, state.index()), tSrK, tSrS);
       warpgroup_gemm_ss<false>(mma_sdp, tdPrdO(_, _, _, state.index()), tdPrV, tSrdP);
-      if constexpr (Traits::kDqInStage) {
-        if (has_pending) {  // the previous tile's dQ has been read from its stage: the producer may refill it
-          tma_store_wait<0>();
-          pipeline_q.consumer_release(pending);
-          pipeline_do.consumer_release(pending);
-          has_pending = false;
-        }
-      }
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
       warpgroup_fence_operand(tSrdP);
@@ -661,39 +685,62 @@ struct BwdMainloop {
       cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, kPdxBarrier);
 
       clear(tdQrdQ);
-      warpgroup_gemm_ss<false>(mma_dq, tdQrdX(_, _, _, buf), tdQrKt, tdQrdQ);
-      warpgroup_gemm_ss<false>(mma_dkv, tdVrPt(_, _, _, buf), tdVrdOt(_, _, _, state.index()), tdVrdV);
-      warpgroup_gemm_ss<false>(mma_dkv, tdKrdXt(_, _, _, buf), tdKrQt(_, _, _, state.index()), tdKrdK);
-      if (drab_thread) reduce_drab(args, sdX, drab_plane, m0, n0, buf);  // reads dX alongside the GEMMs
-      warpgroup_wait<2>();  // dQ has landed; dV and dK may still run
-      warpgroup_fence_operand(tdQrdQ);
       if constexpr (Traits::kDqInStage) {
-        warpgroup_wait<0>();  // dV and dK have read this warpgroup's halves of the Q and dO stage
+        // dV, dQ, dK: once dV and dQ have landed, the warpgroup's half of the dO stage is free for half of its dQ
+        // while dK still runs; the Q half takes the rest after dK.
+        warpgroup_gemm_ss<false>(mma_dkv, tdVrPt(_, _, _, buf), tdVrdOt(_, _, _, state.index()), tdVrdV);
+        warpgroup_gemm_ss<false>(mma_dq, tdQrdX(_, _, _, buf), tdQrKt, tdQrdQ);
+        warpgroup_gemm_ss<false>(mma_dkv, tdKrdXt(_, _, _, buf), tdKrQt(_, _, _, state.index()), tdKrdK);
+      } else {
+        warpgroup_gemm_ss<false>(mma_dq, tdQrdX(_, _, _, buf), tdQrKt, tdQrdQ);
+        warpgroup_gemm_ss<false>(mma_dkv, tdVrPt(_, _, _, buf), tdVrdOt(_, _, _, state.index()), tdVrdV);
+        warpgroup_gemm_ss<false>(mma_dkv, tdKrdXt(_, _, _, buf), tdKrQt(_, _, _, state.index()), tdKrdK);
+      }
+      if (drab_thread) reduce_drab(args, sdX, drab_plane, m0, n0, buf);  // reads dX alongside the GEMMs
+      if constexpr (Traits::kDqInStage) {
+        warpgroup_wait<1>();  // dV and dQ have landed; dK may still run
+        warpgroup_fence_operand(tdQrdQ);
+        warpgroup_fence_operand(tdVrdV);
         // The warpgroup's dQ columns [128 w, 128 w + 128): the first 64 into its half of the Q stage, the rest into
         // its half of the dO stage. A thread's columns are its first column (< 128 w + 8) plus compile-time
-        // multiples of 8, so which quarter an element goes to is known at compile time.
+        // multiples of 8, so which quarter an element goes to is known at compile time. 32-bit shared addresses
+        // (st.shared): through generic pointers these were generic stores, slower to issue and to fence.
         using Quarter = typename Traits::SmemLayoutDqQuarter;
-        constexpr int kTileElems = kBlockM * kHeadDim;
-        float* q_half = reinterpret_cast<float*>(detail::opaque(ss.q.data()) + state.index() * kTileElems) +
-                        warp_group * cute::cosize_v<Quarter>;
-        float* do_half = reinterpret_cast<float*>(detail::opaque(ss.dout.data()) + state.index() * kTileElems) +
-                         warp_group * cute::cosize_v<Quarter>;
+        constexpr int kTileBytes = kBlockM * kHeadDim * int(sizeof(Element));
+        constexpr int kQuarterBytes = cute::cosize_v<Quarter> * int(sizeof(float));
+        const int wg = detail::thread_index_x() / 128 - 1;  // warp_group, not kept live across the loop (it spilled)
+        const uint32_t q_half = cute::cast_smem_ptr_to_uint(detail::opaque(ss.q.data())) +
+                                state.index() * kTileBytes + wg * kQuarterBytes;
+        const uint32_t do_half = cute::cast_smem_ptr_to_uint(detail::opaque(ss.dout.data())) +
+                                 state.index() * kTileBytes + wg * kQuarterBytes;
         // Opaque here: the per-thread offsets derived from them were hoisted out of the loop and spilled.
         const int row0 = detail::opaque(int(get<0>(tdQcdQ(0))));
-        const int col0 = detail::opaque(int(get<1>(tdQcdQ(0))) - warp_group * (kHeadDim / 2));
-        CUTE_UNROLL
-        for (int t = 0; t < decltype(size(tdQrdQ))::value / 2; ++t) {
-          const int dr = get<0>(tdQcdQ(2 * t)) - get<0>(tdQcdQ(0));  // compile-time after folding
-          const int dc = get<1>(tdQcdQ(2 * t)) - get<1>(tdQcdQ(0));
-          float* dst = (dc < 64 ? q_half : do_half) + dq_quarter_offset(row0, col0, dr, dc);
-          *reinterpret_cast<float2*>(dst) = make_float2(tdQrdQ(2 * t), tdQrdQ(2 * t + 1));
-        }
+        const int col0 = detail::opaque(int(get<1>(tdQcdQ(0))) - wg * (kHeadDim / 2));
+        auto store_quarter = [&](auto in_do_half) __attribute__((always_inline)) {
+          CUTE_UNROLL
+          for (int t = 0; t < decltype(size(tdQrdQ))::value / 2; ++t) {
+            const int dr = get<0>(tdQcdQ(2 * t)) - get<0>(tdQcdQ(0));  // compile-time after folding
+            const int dc = get<1>(tdQcdQ(2 * t)) - get<1>(tdQcdQ(0));
+            if ((dc >= 64) == decltype(in_do_half)::value) {
+              const uint32_t base = decltype(in_do_half)::value ? do_half : q_half;
+              detail::st_shared_f32x2(base + 4 * dq_quarter_offset(row0, col0, dr, dc), tdQrdQ(2 * t),
+                                      tdQrdQ(2 * t + 1));
+            }
+          }
+        };
+        store_quarter(cute::true_type{});
+        warpgroup_wait<0>();  // dK has read this warpgroup's half of the Q stage
+        store_quarter(cute::false_type{});
+        // Visible to TMA (async proxy), then announced to the dQ writer without waiting for it.
         cutlass::arch::fence_view_async_shared();
-        cutlass::arch::NamedBarrier::sync(128, kDqBarrier + warp_group);  // this warpgroup's half only
-        if (dq_leader) reduce_dq_in_stage(m0, state.index());
+        cutlass::arch::NamedBarrier::arrive(128 + 32, dq_stage_barrier(wg, state.index()));
       } else if constexpr (Traits::kDqTma) {
+        warpgroup_wait<2>();  // dQ has landed; dV and dK may still run
+        warpgroup_fence_operand(tdQrdQ);
         store_and_reduce_dq(args, ss, thr_dq, tdQrdQ, tidx, seq_start, head, m0);
       } else {
+        warpgroup_wait<2>();
+        warpgroup_fence_operand(tdQrdQ);
         // Rows past the sequence end hold zeros (their dX is masked) and belong to the next sequence: skipped.
         Tensor gdQ =
             make_tensor(make_gmem_ptr(dq_base + m0 * dq_row), make_layout(Shape<M, D>{}, make_stride(dq_row, _1{})));
@@ -708,13 +755,9 @@ struct BwdMainloop {
       warpgroup_wait<0>();
       warpgroup_fence_operand(tdVrdV);
       warpgroup_fence_operand(tdKrdK);
-      if (Traits::kDqInStage && dq_leader) {
-        pending = state;
-        has_pending = true;
-      } else {
-        pipeline_q.consumer_release(state);
-        pipeline_do.consumer_release(state);
-      }
+      // kDqInStage: the stage is refilled only after the dQ writer's release too (reduce_dq).
+      pipeline_q.consumer_release(state);
+      pipeline_do.consumer_release(state);
       ++state;
       buf ^= 1;
     };
