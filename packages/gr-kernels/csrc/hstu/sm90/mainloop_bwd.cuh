@@ -577,11 +577,10 @@ struct BwdMainloop {
     float* dq_base = p.dq_accum + (int64_t(seq_start) * p.heads + head) * kHeadDim;
     const int64_t dq_row = int64_t(p.heads) * kHeadDim;
 
-    // Bias of one tile into registers. Up to head dim 128 issued one tile ahead (right after the previous tile's
-    // pointwise pass has used the registers), so the loads fly behind its dQ / dV / dK and this tile's S / dP GEMMs;
-    // at 256 (dK + dV take 128 registers) holding them through those GEMMs spilled (ptxas -v, also when issued after
-    // dQ), so there they are issued at the tile's start, behind its S / dP GEMMs only.
-    constexpr bool kRabAhead = kBlockN * kHeadDim <= 64 * 128;
+    // Bias of one tile into registers, issued one tile ahead (right after the previous tile's pointwise pass has used
+    // the registers), so the loads fly behind its dQ / dV / dK and this tile's S / dP GEMMs. At head dim 256 they
+    // were issued at the tile's start (held through dQ / dV / dK they had spilled, before the dQ staging lost its
+    // spills): there the pointwise pass waited for them, 14% of the bias kernel's warp samples (Nsight Compute).
     uint32_t rab_bits[kHasRab ? kFrag / 2 : 1];
     auto load_rab = [&](int m0) __attribute__((always_inline)) {
       const bool inside = m0 + kBlockM <= mask.length && n0 + kBlockN <= mask.length;  // no bounds checks needed
@@ -627,7 +626,6 @@ struct BwdMainloop {
       Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);     // (MMA, dim, keys)
       Tensor tPsP = smem_copy_p.partition_D(sP);            // (CPY, CPY_M, CPY_N, buffer)
       Tensor tPsdX = smem_copy_p.partition_D(sdX);
-      if constexpr (kHasRab && !kRabAhead) load_rab(m0);
       // Fresh accumulators: cleared registers end the previous tile's live ranges (the GMMA asm reads its C
       // operand even when told to overwrite it, which would keep S, dP and dQ alive across the loop).
       clear(tSrS);
@@ -672,7 +670,7 @@ struct BwdMainloop {
         p_words[t] = detail::pack2<Element_>(f0, f1);
         dx_words[t] = detail::pack2<Element_>(x0, x1);
       }
-      if constexpr (kHasRab && kRabAhead) {
+      if constexpr (kHasRab) {
         if (m0 + kBlockM < m_end) load_rab(m0 + kBlockM);  // the next tile's bias
       }
       copy(smem_tiled_copy_p, tPrP, tPsP(_, _, _, buf));
@@ -762,7 +760,7 @@ struct BwdMainloop {
       buf ^= 1;
     };
 
-    if constexpr (kHasRab && kRabAhead) load_rab(m_begin);  // the first tile's bias (the caller has >= 1 tile)
+    if constexpr (kHasRab) load_rab(m_begin);  // the first tile's bias (the caller has >= 1 tile)
     for_each_query_tile(p, mask, n0, m_begin, m_end, tile);
     if (tma_thread) tma_store_wait<0>();  // the last reduce-adds have read their tiles before the CTA's smem goes away
   }
