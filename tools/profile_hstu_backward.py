@@ -40,7 +40,7 @@ def main() -> int:
     offsets = torch.arange(0, rows + 1, args.seq_len, device="cuda")
     rab = None
     if args.rab:
-        rab = (torch.randn(args.batch, 1, args.seq_len, args.seq_len, device="cuda", dtype=torch.bfloat16) * 0.1)
+        rab = torch.randn(args.batch, 1, args.seq_len, args.seq_len, device="cuda", dtype=torch.bfloat16) * 0.1
         rab.requires_grad_()
     out = gr_kernels.hstu_attention(
         q, k, v, offsets, args.seq_len, alpha=args.dim**-0.5, rab=rab, backend="cutlass", validate=False

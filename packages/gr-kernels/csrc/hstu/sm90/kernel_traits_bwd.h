@@ -103,8 +103,10 @@ struct BwdTile<128, kRab> {
   static constexpr bool kEarlyS = kRsDkv && GR_HSTU_BWD_EARLY_S != 0;
 };
 // -D GR_HSTU_BWD_HDIM256_DQ_IN_STAGE=0 keeps float2 dQ atomics in the bias-free head-dim-256 kernel (the bias kernel
-// always stages). Staged, that kernel spills 152 B / 260 B (tools/kernel_resources.py) yet measured 0-5% faster than
-// the atomics (H200, T=4096 and 8192, docs/benchmarks/hstu_attention_bwd_d256_staged.md).
+// always stages). Staged, that kernel first spilled 152 B / 260 B (tools/kernel_resources.py) yet measured 0-5% faster
+// than the atomics (H200, T=4096 and 8192, docs/benchmarks/hstu_attention_bwd_d256_staged.md); with st.shared stores
+// and the dQ writer warp (mainloop_bwd.cuh) it has no spills and measured 304 -> 388 TFLOP/s
+// (docs/benchmarks/hstu_attention_bwd_d256_writer.md).
 #ifndef GR_HSTU_BWD_HDIM256_DQ_IN_STAGE
 #define GR_HSTU_BWD_HDIM256_DQ_IN_STAGE 1
 #endif
