@@ -442,10 +442,11 @@ def test_backward_bias_rows_pick_the_kernel(dim: int, n: int, offset: int) -> No
 @pytest.mark.parametrize("n", [200, 333])
 @pytest.mark.parametrize("dim", [64, 256])
 def test_backward_drab_buffer_follows_the_kernel(kernel: str, n: int, dim: int) -> None:
-    # The Hopper backward reduce-adds 16-bit dX tiles into rows padded to 16 bytes (n = 333: padded, sliced back off);
-    # the SM80-MMA one (and any delta-q call) accumulates fp32. Either way drab comes back contiguous in rab's shape.
-    # Head dim 64 loads the bias through TMA: rows of 333 elements are not 16-byte aligned, so that call takes the SM80
-    # kernel whatever the switch says (head dim 256, which has only the Hopper kernel, loads the bias per thread).
+    # The Hopper backward writes 16-bit dX tiles into rows padded to 16 bytes (n = 333: padded, sliced back off); the
+    # SM80-MMA one (and any delta-q call) accumulates fp32 into a zeroed buffer. Either way drab comes back contiguous
+    # in rab's shape. Head dim 64 loads the bias through TMA: rows of 333 elements are not 16-byte aligned, so that
+    # call takes the SM80 kernel whatever the switch says (head dim 256, which has only the Hopper kernel, loads the
+    # bias per thread).
     from gr_kernels.cutlass_backend import _drab_buffers
 
     if dim == 256 and kernel == "sm80":
@@ -459,11 +460,44 @@ def test_backward_drab_buffer_follows_the_kernel(kernel: str, n: int, dim: int) 
     assert delta_rows is None and delta_accum is not None and delta_accum.dtype == torch.float32
     if kernel == "sm90" and (n % 8 == 0 or dim == 256):
         assert accum is None and rows is not None and rows.dtype == torch.bfloat16
-        assert rows.shape == (3, 1, n, -(-n // 8) * 8) and rows.count_nonzero() == 0
+        assert rows.shape == (3, 1, n, -(-n // 8) * 8)
     else:
         assert rows is None and accum is not None and accum.dtype == torch.float32 and accum.shape == rab.shape
+        assert accum.count_nonzero() == 0
     assert drab.is_contiguous() and drab.shape == rab.shape and drab.dtype == torch.bfloat16
     assert drab.abs().sum() > 0
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("rab_heads", [1, 2])
+@pytest.mark.parametrize("mask", ["causal", "window", "window_full", "context_targets_window"])
+def test_backward_writes_every_drab_element(
+    monkeypatch: pytest.MonkeyPatch, dim: int, rab_heads: int, mask: str
+) -> None:
+    # The Hopper backward takes its 16-bit drab unzeroed: the CTAs that own a plane's key columns (per-head planes:
+    # all; a plane the heads share: the first head's CTA to start) store their dX tiles, the other heads add theirs
+    # after the owner's stores, and the rows no tile covers get zeros. Poisoned with NaN, the buffer must come back all
+    # written: sequences of 0 and 1 tokens, max_seq_len past every length (key tiles no sequence reaches) and a last
+    # key tile of 8 columns (264).
+    from gr_kernels import cutlass_backend
+
+    fill_drab = cutlass_backend._drab_buffers
+    poisoned = []
+
+    def nan_drab_buffers(*args, **kwargs):
+        accum, rows = fill_drab(*args, **kwargs)
+        if rows is not None:
+            poisoned.append(rows.fill_(float("nan")))
+        return accum, rows
+
+    monkeypatch.setattr(cutlass_backend, "_drab_buffers", nan_drab_buffers)
+    with _backward_kernel("sm90"):
+        _check_backward(
+            [0, 1, 130, 77, 200, 0], 2, dim, torch.bfloat16, rab_heads=rab_heads, max_seq_len=264, **MASKS[mask]
+        )
+    assert poisoned, "the Hopper backward did not run"
 
 
 @needs_sm90

@@ -95,7 +95,7 @@ void hstu_fwd(std::uintptr_t out, py::tuple o_strides, std::uintptr_t stream, st
 
 void hstu_bwd(std::uintptr_t dout, py::tuple do_strides, std::uintptr_t dq_accum, std::uintptr_t dk,
               std::uintptr_t dv, std::uintptr_t drab_accum, std::uintptr_t drab, int64_t drab_row_stride,
-              std::uintptr_t stream, std::uintptr_t q, std::uintptr_t k,
+              std::uintptr_t drab_sync, std::uintptr_t stream, std::uintptr_t q, std::uintptr_t k,
               std::uintptr_t v, py::tuple q_strides, py::tuple k_strides, py::tuple v_strides,
               std::uintptr_t seq_offsets, std::uintptr_t num_targets, std::uintptr_t rab, int rab_heads, int batch,
               int heads, int head_dim, int max_seq_len, float alpha, int scaling_seqlen, bool causal,
@@ -114,6 +114,7 @@ void hstu_bwd(std::uintptr_t dout, py::tuple do_strides, std::uintptr_t dq_accum
   p.drab_accum = as_ptr<float>(drab_accum);
   p.drab = as_ptr<void>(drab);
   p.drab_row_stride = drab_row_stride;
+  p.drab_sync = as_ptr<int32_t>(drab_sync);
   check(gr_kernels::hstu_bwd(p, as_ptr<void>(stream)), "hstu_bwd");
 }
 
@@ -126,7 +127,12 @@ PYBIND11_MODULE(_C, m) {
         "fp32 workspace [num_splits, total_q, heads, dim] (0 when num_splits == 1) and num_splits");
   m.def("hstu_bwd", &hstu_bwd,
         "HSTU attention backward: dq (fp32, accumulated), dk, dv, and drab either fp32-accumulated (drab_accum, the "
-        "SM80-MMA kernel) or 16-bit with its row stride (drab, the Hopper kernel; see hstu_bwd_runs_sm90)");
+        "SM80-MMA kernel, zeroed by the caller) or 16-bit with its row stride (drab, the Hopper kernel, which writes "
+        "all of it; with planes shared by the heads it takes drab_sync: hstu_bwd_drab_sync_words zeroed int32 words, "
+        "else 0)");
+  m.def("hstu_bwd_drab_sync_words", &gr_kernels::hstu_bwd_drab_sync_words, py::arg("batch"), py::arg("heads"),
+        py::arg("rab_heads"), py::arg("max_seq_len"),
+        "Zeroed int32 words the Hopper backward takes as drab_sync for a trainable bias of this shape (0: none)");
   m.def("hstu_bwd_runs_sm90", &gr_kernels::hstu_bwd_runs_sm90, py::arg("head_dim"), py::arg("delta_q"),
         py::arg("rab_tma_rows") = true,
         "Whether hstu_bwd takes the Hopper kernel for this head dim on the current device (then drab is 16-bit); "

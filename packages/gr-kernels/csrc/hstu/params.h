@@ -54,8 +54,10 @@ struct HstuFwdParams {
 
 // Backward: the forward's arguments plus the output gradient and the gradient buffers. dq is an fp32 accumulator
 // (zero-initialised by the caller) that several CTAs add into; dk and dv are written once, in q's dtype. drab (with
-// rab) depends on the kernel (hstu_bwd_runs_sm90): the SM80-MMA kernel adds into the fp32 drab_accum, the Hopper
-// kernel bulk reduce-adds 16-bit tiles into drab; the caller zeroes the one the kernel takes and leaves the other null.
+// rab) depends on the kernel (hstu_bwd_runs_sm90): the SM80-MMA kernel adds into the fp32 drab_accum, which the
+// caller zeroes; the Hopper kernel writes every element of the 16-bit drab itself (no zeroing: each plane's owner
+// CTAs store their dX tiles and zeros, the heads sharing the plane add theirs after them, ordered through
+// drab_sync). The caller leaves the buffer the kernel does not take null.
 struct HstuBwdParams : HstuFwdParams {
   const void* dout = nullptr;  // [total_q, heads, dim], same strides rule as q
   int64_t do_row_stride = 0, do_head_stride = 0;
@@ -67,6 +69,9 @@ struct HstuBwdParams : HstuFwdParams {
   // drab_row_stride >= max_seq_len is a multiple of 8 (the caller pads and slices off the extra columns).
   void* drab = nullptr;
   int64_t drab_row_stride = 0;
+  // Hopper kernel, drab planes shared by several heads (rab_heads == 1 < heads): hstu_bwd_drab_sync_words zeroed
+  // 32-bit words (per sequence an owner counter per key tile and a flag per dX tile of its plane); null otherwise.
+  int32_t* drab_sync = nullptr;
 };
 
 // Whether hstu_bwd serves a call of this head dim (delta q or not) on the current device with the Hopper kernel, so
@@ -77,6 +82,9 @@ struct HstuBwdParams : HstuFwdParams {
 bool hstu_bwd_runs_sm90(int head_dim, bool delta_q, bool rab_tma_rows = true);
 // Whether this build's Hopper bias backward of this head dim loads the bias through TMA (sm90/bwd_config.h).
 bool hstu_bwd_rab_via_tma(int head_dim);
+// The zeroed words the Hopper backward needs as drab_sync for a call with a trainable bias of this shape (0: none,
+// the call's drab planes are not shared by several heads).
+int64_t hstu_bwd_drab_sync_words(int batch, int heads, int rab_heads, int max_seq_len);
 
 const char* hstu_bwd(const HstuBwdParams& params, void* stream);
 

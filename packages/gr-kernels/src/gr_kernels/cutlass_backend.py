@@ -8,8 +8,9 @@ Status: forward native for head dims 64/128/256 (the Hopper WGMMA/TMA kernel on 
 selects the SM80-MMA kernel); backward native for 64/128 (the Hopper WGMMA/TMA kernel on sm90,
 ``GR_KERNELS_BWD_KERNEL=sm80`` selects the SM80-MMA kernel) and, in builds with sm90a code, for 256 (only the Hopper
 backward exists there). dq
-accumulates in an fp32 buffer, cast once at the end; drab is written 16-bit by the Hopper backward (TMA reduce-adds
-of its dX tiles) and accumulated in fp32 by the SM80-MMA one (``_drab_buffers``). A head-dim-256 backward without
+accumulates in an fp32 buffer, cast once at the end; drab is written 16-bit by the Hopper backward (TMA stores and
+reduce-adds of its dX tiles, every element written: no zeroing) and accumulated in fp32 by the SM80-MMA one
+(``_drab_buffers``). A head-dim-256 backward without
 the sm90a build, or with delta q, runs the PyTorch reference (``reference_backward``).
 
 Delta q (``q_offsets``: queries are the last tokens of each sequence) is in all three native kernels (SM80-MMA
@@ -152,12 +153,18 @@ class CutlassBackend:
             )
             return reference_backward(grad_out, q, k, v, seq_offsets, num_targets, rab, params, q_offsets, need_drab)
         q, k, v, grad_out = (_aligned(t) for t in (q, k, v, grad_out))
-        # dq (and grad_out) have q's rows, total_q with delta q; dk and dv every key row (zero where no query looks).
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.empty(k.shape, dtype=q.dtype, device=q.device)
-        dv = torch.empty(v.shape, dtype=q.dtype, device=q.device)
         # A frozen bias (need_drab False) is still read; the kernels skip drab when given no buffer for it.
         drab_accum, drab = _drab_buffers(rab if need_drab else None, q, q_offsets is not None)
+        # The Hopper kernel orders the heads that share a drab plane through zeroed words (a ticket and per-tile
+        # flags); they ride behind dq's fp32 accumulator, which is zeroed anyway (one memset for both).
+        sync_words = 0
+        if drab is not None:
+            sync_words = _C.hstu_bwd_drab_sync_words(drab.shape[0], q.shape[1], drab.shape[1], drab.shape[2])
+        # dq (and grad_out) have q's rows, total_q with delta q; dk and dv every key row (zero where no query looks).
+        dq_and_sync = torch.zeros(q.numel() + sync_words, dtype=torch.float32, device=q.device)
+        dq = dq_and_sync[: q.numel()].view(q.shape)
+        dk = torch.empty(k.shape, dtype=q.dtype, device=q.device)
+        dv = torch.empty(v.shape, dtype=q.dtype, device=q.device)
         args, _ = _common_args(q, k, v, seq_offsets, num_targets, rab, params, q_offsets)
         _C.hstu_bwd(
             grad_out.data_ptr(),
@@ -168,6 +175,7 @@ class CutlassBackend:
             0 if drab_accum is None else drab_accum.data_ptr(),
             0 if drab is None else drab.data_ptr(),
             0 if drab is None else drab.stride(2),
+            dq_and_sync[q.numel() :].data_ptr() if sync_words else 0,
             _stream(q),
             *args,
         )
@@ -178,11 +186,12 @@ class CutlassBackend:
 
 
 def _drab_buffers(rab: Tensor | None, q: Tensor, delta_q: bool) -> tuple[Tensor | None, Tensor | None]:
-    """The zeroed drab buffer of the kernel that ``_C.hstu_bwd`` will run, as (fp32 accumulator, 16-bit rows).
+    """The drab buffer of the kernel that ``_C.hstu_bwd`` will run, as (fp32 accumulator, 16-bit rows).
 
-    The SM80-MMA backward adds fp32 atomics into [B, H_rab, N, N]; the Hopper one bulk reduce-adds 16-bit dX tiles
-    (q's dtype) through TMA, which wants 16-byte rows: its [B, H_rab, N, N_pad] rows are padded to a multiple of 8
-    elements (the caller slices the padding off).
+    The SM80-MMA backward adds fp32 atomics into [B, H_rab, N, N], zeroed here; the Hopper one writes 16-bit dX tiles
+    (q's dtype) through TMA stores and reduce-adds and zeroes what no tile covers, so its buffer is left unset. TMA
+    wants 16-byte rows: its [B, H_rab, N, N_pad] rows are padded to a multiple of 8 elements (the caller slices the
+    padding, which the kernel does not write, off).
     """
     if rab is None:
         return None, None
@@ -191,7 +200,7 @@ def _drab_buffers(rab: Tensor | None, q: Tensor, delta_q: bool) -> tuple[Tensor 
         return torch.zeros(rab.shape, dtype=torch.float32, device=q.device), None
     n = rab.shape[-1]
     padded = (*rab.shape[:-1], -(-n // 8) * 8)
-    return None, torch.zeros(padded, dtype=q.dtype, device=q.device)
+    return None, torch.empty(padded, dtype=q.dtype, device=q.device)
 
 
 def _kernel_bias(rab: Tensor, dtype: torch.dtype) -> Tensor:

@@ -6,9 +6,12 @@
 // Warp-specialised: warpgroup 0 loads (TMA: K, V once, Q and dO tiles through mbarrier pipelines), warpgroups 1-2
 // compute (WGMMA) and write. Pieces: kernel_traits_bwd.h (tiles, layouts, types), mainloop_bwd.cuh (loads, GEMMs,
 // SiLU and its derivative, masks, rab/drab, dQ accumulation), epilogue_bwd.cuh (dK, dV rows). dq_accum is an fp32
-// buffer the caller zeroed (the key tiles add into it). drab is 16-bit (q's dtype, zeroed by the caller): each
-// (query tile, key tile) of dX leaves shared memory as one TMA bulk reduce-add, so only heads sharing a bias plane
-// add into the same elements (a 16-bit sum over those heads, like the 16-bit bias itself).
+// buffer the caller zeroed (the key tiles add into it). drab is 16-bit (q's dtype) and needs no zeroing: each
+// (query tile, key tile) of dX leaves shared memory through the drab writer warp (mainloop_bwd.cuh, write_drab) as
+// one TMA store by the CTA that owns the plane's key columns (per-head planes: every CTA; a plane shared by the
+// heads: the first of their CTAs to start) and as one TMA reduce-add by each other head of a shared plane once the
+// owner's tile has landed (a 16-bit sum over those heads, like the 16-bit bias itself); the rows no tile covers get
+// zeros from the producer warpgroup's spare warps (shared among the heads of a shared plane).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -29,6 +32,10 @@
 namespace gr_kernels {
 namespace sm90 {
 
+// drab_sync (hstu_bwd_drab_sync_words): per sequence, one owner counter per 64 keys, then per sequence and 64 keys
+// one flag per 64 query rows. Blocks of 64: the query tiles' rows and a divisor of every key tile (static_assert).
+__host__ __device__ __forceinline__ int64_t drab_sync_blocks(int max_seq_len) { return (int64_t(max_seq_len) + 63) / 64; }
+
 template <typename Element_, typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(const __grid_constant__ BwdArgs<Traits> args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -48,7 +55,21 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(cons
   const int seq_start = p.seq_offsets[b];
   const int length = p.seq_offsets[b + 1] - seq_start;
   const int n0 = n_block * Traits::kBlockN;
-  if (n0 >= length) return;  // the whole CTA leaves before any barrier exists
+  // With a drab, the rows [r0, r1) of the plane's key columns [n0, n0 + kBlockN) that no dX tile covers get zeros
+  // from this CTA's threads [lane, lanes): all of them with a per-head plane; with a plane the heads share, each head's
+  // CTA its 1 / heads of the rows (no CTA writes them otherwise, so they need no order).
+  auto zero_drab_share = [&](int r0, int r1, int lane, int lanes) {
+    if (p.rab_heads == 1 && p.heads > 1) {
+      const int share = (r1 - r0 + p.heads - 1) / p.heads;
+      r0 += head * share;
+      r1 = r0 + share < r1 ? r0 + share : r1;
+    }
+    Mainloop::zero_drab_rows(p, detail::rab_plane(p, b, head), n0, r0, r1, lane, lanes);
+  };
+  if (n0 >= length) {  // the whole CTA leaves before any barrier exists; no dX tile reaches these key columns
+    if (kHasRab && p.drab != nullptr) zero_drab_share(0, p.max_seq_len, threadIdx.x, Traits::kThreads);
+    return;
+  }
 
   const SequenceMask mask = SequenceMask::of_sequence(p, b, length);
   int m_begin, m_end;
@@ -58,6 +79,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(cons
   const int warp_group = __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
   if (threadIdx.x == 0) {
     ss.barrier_kv.init(1);
+    if (kHasRab && p.drab_sync != nullptr) {
+      // A drab plane shared by the heads: the first of their CTAs to get here for these key columns owns them (it
+      // stores its dX tiles, the others add theirs after its stores), so a CTA only ever waits for one that is
+      // already running (the hardware's launch order is no promise).
+      ss.drab_role = atomicAdd(p.drab_sync + int64_t(b) * drab_sync_blocks(p.max_seq_len) + n_block, 1);
+    }
   }
   typename Pipeline::Params pipe_params;
   pipe_params.transaction_bytes = Traits::kTmaBytesQ;
@@ -69,6 +96,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(cons
   pipe_params.transaction_bytes += Traits::kTmaBytesRab;  // kRabTma: the bias tile rides with the Q tile
   Pipeline pipeline_q(ss.pipeline_q, pipe_params, cute::Shape<cute::_1, cute::_1, cute::_1>{});
   __syncthreads();  // barriers initialised and visible to every warpgroup
+  // With a drab, whether this CTA stores its dX tiles into its plane's key columns [n0, n0 + kBlockN) (the others
+  // add theirs after its stores): every CTA of a per-head plane, the first of the heads sharing one to start.
+  const bool drab_owner =
+      kHasRab && p.drab != nullptr && (p.drab_sync == nullptr ? p.rab_heads != 1 || head == 0 : ss.drab_role == 0);
 
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
@@ -86,6 +117,31 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(cons
         Mainloop::reduce_dq(args, ss, pipeline_q, pipeline_do, seq_start, head, m_begin, m_end);
       }
     }
+    if constexpr (kHasRab) {
+      const int warp = threadIdx.x / 32;
+      if (warp == 2 && any_tile) {  // the drab writer (with a frozen bias it only meets the consumers' barriers)
+        static_assert(Traits::kBlockM == 64 && Traits::kBlockN % 64 == 0,
+                      "drab_sync holds one flag per 64 x 64 block of a plane (hstu_bwd_drab_sync_words)");
+        int* flags = nullptr;  // this key tile's flags: one word per 64-row query tile (hstu_bwd_drab_sync_words)
+        if (p.drab_sync != nullptr) {
+          const int64_t blocks = drab_sync_blocks(p.max_seq_len);
+          flags = p.drab_sync + p.batch * blocks + (b * blocks + n_block) * blocks;
+        }
+        Mainloop::write_drab(args, ss, detail::rab_plane(p, b, head), drab_owner, flags, n0, m_begin, m_end);
+      }
+      // The rows of these key columns that no dX tile covers get zeros from warp 3 (and warp 1 unless it writes dQ).
+      constexpr int kZeroLanes = Traits::kDqInStage ? 32 : 64;
+      if (p.drab != nullptr && (warp == 3 || (!Traits::kDqInStage && warp == 1))) {
+        const int lane = threadIdx.x % 32 + (warp == 3 ? 0 : 32);
+        if (any_tile) {
+          const int covered = m_begin + (m_end - m_begin + Traits::kBlockM - 1) / Traits::kBlockM * Traits::kBlockM;
+          zero_drab_share(0, m_begin, lane, kZeroLanes);
+          zero_drab_share(covered < p.max_seq_len ? covered : p.max_seq_len, p.max_seq_len, lane, kZeroLanes);
+        } else {
+          zero_drab_share(0, p.max_seq_len, lane, kZeroLanes);
+        }
+      }
+    }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
     const int tidx = int(threadIdx.x) - 128;
@@ -96,14 +152,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(cons
     cute::clear(tdKrdK);
     if (any_tile) {
       const Element_* rab = nullptr;
-      int drab_plane = -1;  // the drab plane the dX tiles go to (the TMA tensor's third mode); -1: no drab
-      if constexpr (kHasRab) {
-        rab = static_cast<const Element_*>(p.rab) + detail::rab_plane_offset(p, b, head);
-        if (p.drab != nullptr) drab_plane = detail::rab_plane(p, b, head);
-      }
+      if constexpr (kHasRab) rab = static_cast<const Element_*>(p.rab) + detail::rab_plane_offset(p, b, head);
       ss.barrier_kv.wait(0);
       Mainloop::template mma<kHasRab>(args, ss, pipeline_q, pipeline_do, tdVrdV, tdKrdK, tidx, mask, seq_start, head,
-                                       n0, m_begin, m_end, rab, drab_plane);
+                                       n0, m_begin, m_end, rab);
     }
     Epilogue::store(p, tdKrdK, tdVrdV, tidx, seq_start, head, n0, length);
   }
@@ -135,6 +187,7 @@ const char* launch_hstu_bwd_sm90(const HstuBwdParams& p, cudaStream_t stream) {
       make_tma_copy(SM90_TMA_LOAD{}, gmem(p.v, p.v_row_stride, p.v_head_stride), typename Traits::SmemLayoutV{},
                     tile_kv, _1{}),
       {},  // tma_drab: set below when drab is written
+      {},  // tma_drab_store: likewise
       {},  // tma_dq: set below with kDqTma
       {},  // tma_rab: set below with kRabTma
   };
@@ -168,6 +221,8 @@ const char* launch_hstu_bwd_sm90(const HstuBwdParams& p, cudaStream_t stream) {
                                           make_stride(p.drab_row_stride, _1{}, n * p.drab_row_stride)));
     args.tma_drab = make_tma_copy(SM90_TMA_REDUCE_ADD{}, g_drab, take<0, 2>(typename Traits::SmemLayoutP{}),
                                   Shape<Int<Traits::kBlockM>, Int<Traits::kBlockN>>{}, _1{});
+    args.tma_drab_store = make_tma_copy(SM90_TMA_STORE{}, g_drab, take<0, 2>(typename Traits::SmemLayoutP{}),
+                                        Shape<Int<Traits::kBlockM>, Int<Traits::kBlockN>>{}, _1{});
   }
   const dim3 grid((p.max_seq_len + Traits::kBlockN - 1) / Traits::kBlockN, p.heads, p.batch);
   return launch_kernel(hstu_bwd_sm90_kernel<Element_, Traits>, grid, Traits::kThreads, Traits::kSmemBytes, args,
@@ -187,7 +242,19 @@ const char* run_hstu_bwd_sm90(const HstuBwdParams& p, cudaStream_t stream) {
     return "the Hopper backward's drab needs a 16-byte aligned base and a row stride >= max_seq_len that is a "
            "multiple of 8 elements";
   }
-  if (p.batch == 0 || p.total_rows == 0) return "";
+  if (p.drab != nullptr && p.rab_heads != 1 && p.rab_heads != p.heads) {
+    return "the Hopper backward's drab planes are one per sequence (rab_heads 1) or per head (rab_heads == heads)";
+  }
+  if (p.drab != nullptr && p.rab_heads == 1 && p.heads > 1 && p.drab_sync == nullptr) {
+    return "the Hopper backward needs drab_sync (hstu_bwd_drab_sync_words zeroed words) when the heads share a drab "
+           "plane";
+  }
+  if (p.batch == 0) return "";
+  if (p.total_rows == 0) {  // no CTA runs, yet drab (not zeroed by the caller) must come back zero
+    if (p.drab == nullptr) return "";
+    const size_t bytes = size_t(p.batch) * p.rab_heads * p.max_seq_len * p.drab_row_stride * sizeof(Element_);
+    return cudaMemsetAsync(p.drab, 0, bytes, stream) == cudaSuccess ? "" : "cudaMemsetAsync of drab failed";
+  }
   return p.rab != nullptr ? launch_hstu_bwd_sm90<Element_, kHeadDim, true>(p, stream)
                           : launch_hstu_bwd_sm90<Element_, kHeadDim, false>(p, stream);
 }

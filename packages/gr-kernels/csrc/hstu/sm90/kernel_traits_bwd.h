@@ -2,7 +2,9 @@
 //
 // A CTA owns kBlockN keys of one (sequence, head) and walks the kBlockM-row query tiles that can see them. Three
 // warpgroups: warpgroup 0 is the TMA producer (K and V once, then Q and dO tiles through two kStages-deep mbarrier
-// pipelines; with kDqInStage its warp 1 also issues the dQ reduce-adds); warpgroups 1 and 2 issue the five GEMMs
+// pipelines; with kDqInStage its warp 1 also issues the dQ reduce-adds; with a bias its warp 2 writes the dX tiles
+// into drab and warp 3 (and warp 1 if free) zeroes the rows of drab no tile covers); warpgroups 1 and 2 issue the
+// five GEMMs
 // of a query tile as warpgroup MMAs (all SS: both operands in shared memory):
 //   S  = Q K^T   and  dP = dO V^T     (M = queries, N = keys, K = head dim; the warpgroups split the keys)
 //   dV += P^T dO and  dK += dX^T Q    (M = keys, N = head dim, K = queries; P and dX read transposed from smem)
@@ -221,6 +223,10 @@ struct BwdTraits {
   using TmaDrab = decltype(cute::make_tma_copy(
       cute::SM90_TMA_REDUCE_ADD{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<Element*>(nullptr)), GmemLayout{}),
       cute::take<0, 2>(SmemLayoutP{}), cute::Shape<_M, _N>{}, cute::_1{}));
+  // The plane's owner (mainloop_bwd.cuh, write_drab) stores its dX tiles (plain TMA store) where the others add.
+  using TmaDrabStore = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_STORE{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<Element*>(nullptr)), GmemLayout{}),
+      cute::take<0, 2>(SmemLayoutP{}), cute::Shape<_M, _N>{}, cute::_1{}));
 
   // dQ (fp32, queries x head dim) staged for its TMA reduce-add into dq_accum [total, heads, dim] (fp32): 128-byte
   // swizzled rows of 32 floats, so the accumulator's float2 stores spread over the banks.
@@ -266,6 +272,7 @@ struct BwdTraits {
     alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_kv;
     typename Pipeline::SharedStorage pipeline_q;
     typename Pipeline::SharedStorage pipeline_do;
+    int drab_role;  // with drab planes shared by the heads: 0 for the CTA that owns its key columns (bwd_kernel.cuh)
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "shared memory budget of one sm90 CTA exceeded");
@@ -280,6 +287,7 @@ struct BwdArgs {
   typename Traits::TmaKV tma_k;
   typename Traits::TmaKV tma_v;
   typename Traits::TmaDrab tma_drab;  // set only when p.drab is given
+  typename Traits::TmaDrabStore tma_drab_store;  // likewise
   typename Traits::TmaDq tma_dq;      // set only with Traits::kDqTma
   typename Traits::TmaRab tma_rab;    // set only with Traits::kRabTma
 };

@@ -6,7 +6,7 @@
 //   consumer : S = Q K^T, dP = dO V^T (issued back to back); then, element by element,
 //              P = SiLU(alpha (S + rab)) * mask / N and dX = dP * SiLU'(z) * mask * alpha / N, both to shared
 //              memory (stmatrix); both warpgroups sync; dQ = dX K, dV += P^T dO, dK += dX^T Q are issued together,
-//              and (with drab) one thread issues the TMA reduce-add of the dX tile into drab (drab = dX); dQ is added
+//              and (bias kernels) the drab writer warp moves the dX tile into drab (write_drab); dQ is added
 //              into the fp32 dq buffer: with kDqTma (head dims 64, 128) it is written to its own shared-memory tile
 //              while dV and dK still run and, after a second barrier, one thread issues its TMA reduce-add; with
 //              kDqInStage (256; dV, dQ, dK issued in that order) each warpgroup writes its half into its halves of
@@ -18,8 +18,8 @@
 //              key of dX).
 // P / dX use two shared-memory buffers (alternating per tile): a warpgroup writing tile t + 1's buffer has passed
 // the barrier of tile t, which the other warpgroup reached only after its GEMMs of tile t - 1 (same buffer) retired,
-// and which the TMA thread reached only after the reduce-adds of tile t - 1 had read their dX / dQ (bulk
-// wait_group.read). The one dQ buffer (kDqTma, not in stage) is rewritten after that barrier too.
+// and which the TMA thread and the drab writer reached only after the reduce-adds (stores) of tile t - 1 had read
+// their dX / dQ (bulk wait_group.read). The one dQ buffer (kDqTma, not in stage) is rewritten after that barrier too.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -65,6 +65,11 @@ struct BwdMainloop {
   // kDqTma: every dQ element of the tile is in shared memory (both warpgroups); kDqInStage: ids 1..4, one per
   // (warpgroup, stage): dq_stage_barrier.
   static constexpr int kDqBarrier = 1;
+
+  // The threads of the per-tile dX barrier (kPdxBarrier): both consumer warpgroups, plus in the bias kernels the drab
+  // writer warp (write_drab; it only keeps step when the bias is frozen). A compile-time count: a runtime one (drab
+  // given or not) made ptxas spill at head dim 256.
+  static constexpr int kPdxThreads = Traits::kConsumerThreads + (Traits::kRab ? 32 : 0);
 
   // Query rows [m_begin, m_end) whose tiles can see keys [n0, n0 + kBlockN): causal rows look back only, except
   // context rows (which come first); a window without context or targets bounds both ends. m_begin is a multiple
@@ -292,36 +297,97 @@ struct BwdMainloop {
     }
   }
 
-  // drab += the (query tile m0, key tile n0) of dX from dX buffer `from` (one TMA reduce-add into plane drab_plane):
-  // rows and keys past max_seq_len are clipped by TMA, the rest past the sequence end are masked zeros.
-  template <typename SmemDx>
-  __device__ __forceinline__ static void reduce_drab(const BwdArgs<Traits>& args, SmemDx const& sdX, int drab_plane,
-                                                     int m0, int n0, int from) {
+  // The drab writer (warp 2 of the producer warpgroup, all 32 lanes; bias kernels): for every query tile, in the
+  // consumers' order, it meets them at the tile's dX barrier (kPdxBarrier, kPdxThreads = theirs + 32), which it
+  // reaches only once the previous tile's dX has left its buffer (the buffer the consumers write next), then moves
+  // the tile's dX (when a drab is wanted) into plane drab_plane. The CTA that owns these key columns of the plane
+  // (every CTA of a per-head plane, the first of the heads sharing one: bwd_kernel.cuh) stores it with a plain TMA
+  // store; the other heads of a shared plane reduce-add theirs once the owner has raised the tile's flag (flags: this
+  // key tile's words of drab_sync, one per 64-row query tile), which the owner does once its store has landed, checked
+  // one tile later (so the owner never waits for a store to land; the others trail it by about a tile). So drab needs
+  // no zeroing. Rows and keys past max_seq_len are clipped by TMA; the rest past the sequence end are masked zeros.
+  __device__ static void write_drab(const BwdArgs<Traits>& args, SharedStorage& ss, int drab_plane, bool owner,
+                                    int* flags, int n0, int m_begin, int m_end) {
     using namespace cute;
     const HstuBwdParams& p = args.p;
+    const bool lane0 = threadIdx.x % 32 == 0;
+    if (lane0 && p.drab != nullptr) {
+      prefetch_tma_descriptor(owner ? args.tma_drab_store.get_tma_descriptor() : args.tma_drab.get_tma_descriptor());
+    }
     const int n = p.max_seq_len;
+    Tensor sdX = make_tensor(make_smem_ptr(ss.dx.data()), typename Traits::SmemLayoutP{});
     Tensor mDrab = args.tma_drab.get_tma_tensor(make_shape(n, n, int32_t(p.batch) * p.rab_heads))(_, _, drab_plane);
-    Tensor gDrab = local_tile(mDrab, Shape<Int<kBlockM>, Int<kBlockN>>{}, make_coord(m0 / kBlockM, n0 / kBlockN));
-    auto tma_drab = args.tma_drab.get_slice(_0{});
-    copy(args.tma_drab, tma_drab.partition_S(sdX)(_, _, _, from), tma_drab.partition_D(gDrab));
-    tma_store_arrive();
+    int buf = 0;
+    for (int m0 = m_begin; m0 < m_end; m0 += kBlockM) {
+      cutlass::arch::NamedBarrier::sync(kPdxThreads, kPdxBarrier);  // the tile's dX is in buffer `buf`
+      if (lane0 && p.drab != nullptr) {
+        Tensor gDrab = local_tile(mDrab, Shape<Int<kBlockM>, Int<kBlockN>>{}, make_coord(m0 / kBlockM, n0 / kBlockN));
+        int* flag = flags == nullptr ? nullptr : flags + m0 / kBlockM;
+        if (owner) {
+          auto tma = args.tma_drab_store.get_slice(_0{});
+          copy(args.tma_drab_store, tma.partition_S(sdX)(_, _, _, buf), tma.partition_D(gDrab));
+          tma_store_arrive();
+          if (flag != nullptr && m0 != m_begin) {
+            // The previous tile's flag, once its store is in global memory (all but this tile's store complete):
+            // it has had a tile's time to land, so this rarely waits. The owner never waits for its own flag here.
+            detail::bulk_wait_complete<1>();
+            detail::fence_proxy_async_global();
+            detail::store_release_gpu(flag - 1, 1);
+          }
+          tma_store_wait<0>();  // read out of the buffer, which the consumers rewrite after the next barrier
+        } else {
+          detail::wait_flag_acquire_gpu(flag);
+          detail::fence_proxy_async_global();  // the owner's tile before this reduce-add (async proxy)
+          auto tma = args.tma_drab.get_slice(_0{});
+          copy(args.tma_drab, tma.partition_S(sdX)(_, _, _, buf), tma.partition_D(gDrab));
+          tma_store_arrive();
+          tma_store_wait<0>();
+        }
+      }
+      __syncwarp();
+      buf ^= 1;
+    }
+    if (lane0 && p.drab != nullptr && owner && flags != nullptr && m_begin < m_end) {  // the last tile's flag
+      detail::bulk_wait_complete<0>();
+      detail::fence_proxy_async_global();
+      detail::store_release_gpu(flags + (m_end - 1) / kBlockM, 1);
+    }
+  }
+
+  // Zeroes rows [r0, r1) of the key columns [n0, n0 + kBlockN) of drab plane `plane` (rows that no dX tile covers),
+  // 16 bytes per store by threads [lane, lanes) of the caller (lanes a multiple of kBlockN / 8).
+  // Columns past max_seq_len up to the next multiple of 8 are row padding (drab_row_stride), sliced off by the caller.
+  // Streaming stores: these zeros are output, not worth a place in L2.
+  __device__ static void zero_drab_rows(const HstuBwdParams& p, int plane, int n0, int r0, int r1, int lane,
+                                        int lanes) {
+    constexpr int kChunks = kBlockN / 8;  // 16-byte chunks of a row's key tile
+    const int chunk = lane % kChunks;
+    if (chunk * 8 >= p.max_seq_len - n0 || r0 >= r1) return;
+    // One pointer walks the rows (the producer warps run on few registers).
+    const int64_t row_bytes = p.drab_row_stride * int64_t(sizeof(Element));
+    char* plane_base = static_cast<char*>(p.drab) + int64_t(plane) * p.max_seq_len * row_bytes +
+                             (n0 + chunk * 8) * int64_t(sizeof(Element));
+    const char* end = plane_base + r1 * row_bytes;
+    const int64_t step = (lanes / kChunks) * row_bytes;
+    for (char* row = plane_base + (r0 + lane / kChunks) * row_bytes; row < end; row += step) {
+      __stcs(reinterpret_cast<int4*>(row), make_int4(0, 0, 0, 0));
+    }
   }
 
   // Consumers (both warpgroups, tidx in [0, 256)): accumulate dV and dK of the CTA's keys over the query tiles of
   // [m_begin, m_end), and add each tile's dQ into p.dq_accum (rows from seq_start). K and V are in shared memory.
-  // With rab, drab_plane >= 0 names the plane of args.tma_drab that the dX tiles are reduce-added into.
   template <bool kHasRab, typename FragDkv>
   __device__ __forceinline__ static void mma(const BwdArgs<Traits>& args, SharedStorage& ss, Pipeline& pipeline_q,
                                              Pipeline& pipeline_do, FragDkv& tdVrdV, FragDkv& tdKrdK, int tidx,
                                              const SequenceMask& mask, int seq_start, int head, int n0, int m_begin,
-                                             int m_end, const Element_* rab, int drab_plane) {
+                                             int m_end, const Element_* rab) {
     if constexpr (Traits::kRsDkv) {
       static_assert(kHasRab == Traits::kRabTma, "the RS plan reads its bias from the TMA stages");
       mma_rs<kHasRab>(args, ss, pipeline_q, pipeline_do, tdVrdV, tdKrdK, tidx, mask, seq_start, head, n0, m_begin,
-                      m_end, drab_plane);
+                      m_end);
     } else {
       mma_ss<kHasRab>(args, ss, pipeline_q, pipeline_do, tdVrdV, tdKrdK, tidx, mask, seq_start, head, n0, m_begin,
-                      m_end, rab, drab_plane);
+                      m_end, rab);
     }
   }
 
@@ -336,12 +402,12 @@ struct BwdMainloop {
   // P never touches shared memory and no barrier stands between P and dV.
   // kHasRab: z = alpha (S^T + rab^T), the bias tile read from its TMA stage (the Q stage's index) by transposing
   // ldmatrix in the S^T accumulator's element order just before the pointwise pass; drab = dX leaves the tile's dX
-  // buffer as one TMA reduce-add after the barrier (drab_plane >= 0), as in the SS plan.
+  // buffer through the drab writer warp (write_drab), as in the SS plan.
   template <bool kHasRab, typename FragDkv>
   __device__ __forceinline__ static void mma_rs(const BwdArgs<Traits>& args, SharedStorage& ss, Pipeline& pipeline_q,
                                                 Pipeline& pipeline_do, FragDkv& tdVrdV, FragDkv& tdKrdK, int tidx,
                                                 const SequenceMask& mask, int seq_start, int head, int n0,
-                                                int m_begin, int m_end, int drab_plane) {
+                                                int m_begin, int m_end) {
     using namespace cute;
     const HstuBwdParams& p = args.p;
     using M = Int<kBlockM>;
@@ -377,12 +443,8 @@ struct BwdMainloop {
     // P = SiLU(alpha x) / N and SiLU'(alpha x) * alpha / N (the dX factor) by detail::silu_and_grad_scaled.
     const float half_alpha = 0.5f * p.alpha;
     const float coef = half_alpha * p.inv_scaling_seqlen;
-    const bool dq_thread = tidx == 0;  // issues each tile's dQ (and drab) reduce-adds
+    const bool dq_thread = tidx == 0;  // issues each tile's dQ reduce-add
     if (dq_thread) prefetch_tma_descriptor(args.tma_dq.get_tma_descriptor());
-    [[maybe_unused]] const bool drab_thread = kHasRab && drab_plane >= 0 && dq_thread;
-    if constexpr (kHasRab) {
-      if (drab_thread) prefetch_tma_descriptor(args.tma_drab.get_tma_descriptor());
-    }
     // kHasRab: the bias stage -> registers, transposed 8x8 blocks in the S^T accumulator's element order.
     auto smem_tiled_copy_rab = make_tiled_copy_C(Copy_Atom<SM75_U16x8_LDSM_T, Element>{}, mma_sdp);
     auto smem_copy_rab = smem_tiled_copy_rab.get_thread_slice(tidx);
@@ -498,13 +560,10 @@ struct BwdMainloop {
       // tile's dQ reduce-add has read the dQ tile before anyone passes this barrier (this tile rewrites it).
       cutlass::arch::fence_view_async_shared();
       if (dq_thread) tma_store_wait<0>();
-      cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, kPdxBarrier);
+      cutlass::arch::NamedBarrier::sync(kPdxThreads, kPdxBarrier);
       clear(tdQrdQ);
       warpgroup_gemm_ss<false>(mma_dq, tdQrdX(_, _, _, buf), tdQrKt, tdQrdQ);
       warpgroup_gemm_issue<false, true>(mma_dkv, tdKrdX, tdKrQt(_, _, _, state.index()), tdKrdK);
-      if constexpr (kHasRab) {
-        if (drab_thread) reduce_drab(args, sdX, drab_plane, m0, n0, buf);  // reads dX alongside the GEMMs
-      }
       warpgroup_wait<1>();  // dV and dQ have landed; dK may still run
       warpgroup_fence_operand(tdQrdQ);
       warpgroup_fence_operand(tdVrdV);
@@ -530,7 +589,7 @@ struct BwdMainloop {
   __device__ __forceinline__ static void mma_ss(const BwdArgs<Traits>& args, SharedStorage& ss, Pipeline& pipeline_q,
                                                 Pipeline& pipeline_do, FragDkv& tdVrdV, FragDkv& tdKrdK, int tidx,
                                                 const SequenceMask& mask, int seq_start, int head, int n0,
-                                                int m_begin, int m_end, const Element_* rab, int drab_plane) {
+                                                int m_begin, int m_end, const Element_* rab) {
     using namespace cute;
     const HstuBwdParams& p = args.p;
     using M = Int<kBlockM>;
@@ -566,13 +625,10 @@ struct BwdMainloop {
     const float half_alpha = 0.5f * p.alpha;
     const float coef = half_alpha * p.inv_scaling_seqlen;
     const bool rab_pairs = (p.max_seq_len % 2) == 0;  // 32-bit bias loads need even rows
-    // One thread moves the dX tiles into drab (after the tile's barrier: every key of dX is written and fenced).
-    const bool drab_thread = kHasRab && drab_plane >= 0 && tidx == 0;
-    // With kDqTma (not in stage), thread 0 also issues each tile's dQ reduce-add (after the tile's second barrier);
-    // kDqInStage leaves the reduce-adds to the dQ writer warp (reduce_dq).
+    // With kDqTma (not in stage), thread 0 issues each tile's dQ reduce-add (after the tile's second barrier);
+    // kDqInStage leaves the reduce-adds to the dQ writer warp (reduce_dq), and drab is the drab writer's (write_drab).
     const bool dq_leader = !Traits::kDqInStage && tidx == 0;
-    const bool tma_thread = (Traits::kDqTma && dq_leader) || drab_thread;
-    if (drab_thread) prefetch_tma_descriptor(args.tma_drab.get_tma_descriptor());
+    const bool tma_thread = Traits::kDqTma && dq_leader;
     if (Traits::kDqTma && dq_leader) prefetch_tma_descriptor(args.tma_dq.get_tma_descriptor());
     float* dq_base = p.dq_accum + (int64_t(seq_start) * p.heads + head) * kHeadDim;
     const int64_t dq_row = int64_t(p.heads) * kHeadDim;
@@ -677,10 +733,10 @@ struct BwdMainloop {
       copy(smem_tiled_copy_p, tPrdX, tPsdX(_, _, _, buf));
       // Generic-proxy stores -> visible to the GMMA (async proxy); then every key of P / dX is in place.
       cutlass::arch::fence_view_async_shared();
-      // The previous tile's reduce-adds have read its dX and dQ before anyone passes this barrier (the next tile
-      // rewrites those buffers).
+      // The previous tile's reduce-adds (and the drab writer) have read its dX and dQ before anyone passes this
+      // barrier (the next tile rewrites those buffers).
       if (tma_thread) tma_store_wait<0>();
-      cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, kPdxBarrier);
+      cutlass::arch::NamedBarrier::sync(kPdxThreads, kPdxBarrier);
 
       clear(tdQrdQ);
       if constexpr (Traits::kDqInStage) {
@@ -694,7 +750,6 @@ struct BwdMainloop {
         warpgroup_gemm_ss<false>(mma_dkv, tdVrPt(_, _, _, buf), tdVrdOt(_, _, _, state.index()), tdVrdV);
         warpgroup_gemm_ss<false>(mma_dkv, tdKrdXt(_, _, _, buf), tdKrQt(_, _, _, state.index()), tdKrdK);
       }
-      if (drab_thread) reduce_drab(args, sdX, drab_plane, m0, n0, buf);  // reads dX alongside the GEMMs
       if constexpr (Traits::kDqInStage) {
         warpgroup_wait<1>();  // dV and dQ have landed; dK may still run
         warpgroup_fence_operand(tdQrdQ);
