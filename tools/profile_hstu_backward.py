@@ -73,12 +73,20 @@ def main() -> int:
 
 
 def print_kernel_times(call, calls: int) -> None:
-    """Runs ``call`` once to warm up, then ``calls`` times under the profiler; prints each GPU kernel's mean time per
-    call, the largest first, and their sum."""
+    """Runs ``call`` once to warm up, ``calls`` times timed by CUDA events (the stream's time per call, gaps between
+    kernels included), then ``calls`` times under the profiler; prints each GPU kernel's mean time per call, the
+    largest first, their sum and the timed calls' mean."""
     from torch.profiler import ProfilerActivity, profile
 
     call()
     torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    stream_ms = start.elapsed_time(end) / calls
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             call()
@@ -95,6 +103,7 @@ def print_kernel_times(call, calls: int) -> None:
     for ms, launches, name in rows:
         print(f"{ms:10.3f} {launches:9.1f}  {name[:100]}")
     print(f"{sum(r[0] for r in rows):10.3f} {'':9}  all kernels")
+    print(f"{stream_ms:10.3f} {'':9}  one call on the stream (CUDA events, without the profiler)")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,12 @@ struct BwdMainloop {
   // writer warp (write_drab; it only keeps step when the bias is frozen). A compile-time count: a runtime one (drab
   // given or not) made ptxas spill at head dim 256.
   static constexpr int kPdxThreads = Traits::kConsumerThreads + (Traits::kRab ? 32 : 0);
+  // The drab owner raises a tile's flag one tile late (write_drab): at head dim 64, whose tiles take about as long as
+  // a bulk store takes to land, not at 128 / 256, where the other heads' slack matters more. H200, B=32, T=4096,
+  // trainable bias, late everywhere against at once everywhere (each with its zeroing plan, packages/gr-kernels
+  // README): head dim 64 jagged 231 against 213 TFLOP/s; the kernel at 128 3.26 against 3.17 ms, at 256 8.18 against
+  // 8.08 (tools/profile_hstu_backward.py --kernel-times).
+  static constexpr bool kDrabFlagLate = kHeadDim == 64;
 
   // Query rows [m_begin, m_end) whose tiles can see keys [n0, n0 + kBlockN): causal rows look back only, except
   // context rows (which come first); a window without context or targets bounds both ends. m_begin is a multiple
@@ -303,9 +309,10 @@ struct BwdMainloop {
   // the tile's dX (when a drab is wanted) into plane drab_plane. The CTA that owns these key columns of the plane
   // (every CTA of a per-head plane, the first of the heads sharing one: bwd_kernel.cuh) stores it with a plain TMA
   // store; the other heads of a shared plane reduce-add theirs once the owner has raised the tile's flag (flags: this
-  // key tile's words of drab_sync, one per 64-row query tile), which the owner does once its store has landed, checked
-  // one tile later (so the owner never waits for a store to land; the others trail it by about a tile). So drab needs
-  // no zeroing. Rows and keys past max_seq_len are clipped by TMA; the rest past the sequence end are masked zeros.
+  // key tile's words of drab_sync, one per 64-row query tile), which the owner does once its store has landed: at
+  // once, or with kDrabFlagLate one tile later (then the owner never waits for a store to land, and the others trail
+  // it by about a tile). So drab needs no zeroing. Rows and keys past max_seq_len are clipped by TMA; the rest past
+  // the sequence end are masked zeros.
   __device__ static void write_drab(const BwdArgs<Traits>& args, SharedStorage& ss, int drab_plane, bool owner,
                                     int* flags, int n0, int m_begin, int m_end) {
     using namespace cute;
@@ -327,12 +334,18 @@ struct BwdMainloop {
           auto tma = args.tma_drab_store.get_slice(_0{});
           copy(args.tma_drab_store, tma.partition_S(sdX)(_, _, _, buf), tma.partition_D(gDrab));
           tma_store_arrive();
-          if (flag != nullptr && m0 != m_begin) {
-            // The previous tile's flag, once its store is in global memory (all but this tile's store complete):
-            // it has had a tile's time to land, so this rarely waits. The owner never waits for its own flag here.
-            detail::bulk_wait_complete<1>();
+          if constexpr (kDrabFlagLate) {
+            if (flag != nullptr && m0 != m_begin) {
+              // The previous tile's flag, once its store is in global memory (all but this tile's store complete):
+              // it has had a tile's time to land, so this rarely waits.
+              detail::bulk_wait_complete<1>();
+              detail::fence_proxy_async_global();
+              detail::store_release_gpu(flag - 1, 1);
+            }
+          } else if (flag != nullptr) {
+            detail::bulk_wait_complete<0>();  // this tile's store is in global memory
             detail::fence_proxy_async_global();
-            detail::store_release_gpu(flag - 1, 1);
+            detail::store_release_gpu(flag, 1);
           }
           tma_store_wait<0>();  // read out of the buffer, which the consumers rewrite after the next barrier
         } else {
@@ -347,7 +360,8 @@ struct BwdMainloop {
       __syncwarp();
       buf ^= 1;
     }
-    if (lane0 && p.drab != nullptr && owner && flags != nullptr && m_begin < m_end) {  // the last tile's flag
+    // kDrabFlagLate: the last tile's flag.
+    if (kDrabFlagLate && lane0 && p.drab != nullptr && owner && flags != nullptr && m_begin < m_end) {
       detail::bulk_wait_complete<0>();
       detail::fence_proxy_async_global();
       detail::store_release_gpu(flags + (m_end - 1) / kBlockM, 1);
