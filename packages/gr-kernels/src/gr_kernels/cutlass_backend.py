@@ -155,7 +155,7 @@ class CutlassBackend:
         q, k, v, grad_out = (_aligned(t) for t in (q, k, v, grad_out))
         # A frozen bias (need_drab False) is still read; the kernels skip drab when given no buffer for it.
         drab_accum, drab = _drab_buffers(rab if need_drab else None, q, q_offsets is not None)
-        # The Hopper kernel orders the heads that share a drab plane through zeroed words (a ticket and per-tile
+        # The Hopper kernel orders the heads that share a drab plane through zeroed words (owner counters and per-tile
         # flags); they ride behind dq's fp32 accumulator, which is zeroed anyway (one memset for both).
         sync_words = 0
         if drab is not None:
