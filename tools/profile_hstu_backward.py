@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools modules
+from bench_outputs import cuda_time_ms
 
 
 def main() -> int:
@@ -78,15 +82,7 @@ def print_kernel_times(call, calls: int) -> None:
     largest first, their sum and the timed calls' mean."""
     from torch.profiler import ProfilerActivity, profile
 
-    call()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        call()
-    end.record()
-    torch.cuda.synchronize()
-    stream_ms = start.elapsed_time(end) / calls
+    stream_ms = cuda_time_ms(call, reps=calls, warmup=1)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             call()
