@@ -41,32 +41,34 @@ __device__ __forceinline__ void st_shared_f32x2(uint32_t addr, float a, float b)
 }
 
 // Inter-CTA ordering of bulk (TMA) stores, for a CTA whose TMA writes must land before another CTA's TMA touches the
-// same memory: the writer waits for its bulk stores to complete (not only to have read shared memory), fences the
-// async proxy against the generic one and raises a flag with release semantics; the reader acquires the flag and
-// fences again before issuing its own bulk operation. sm90 only (cp.async.bulk).
-// Waits until at most kPending of this thread's bulk async-groups are incomplete (their writes not yet performed).
+// same memory (sm90 only: cp.async.bulk). The writer raises a flag once its stores are in global memory
+// (release_flag_after_bulk_stores); the reader waits for the flag before issuing its own bulk operation
+// (acquire_flag_before_bulk_ops).
+
+// Once at most kPending of this thread's bulk async-groups are incomplete (the others' writes performed, not only
+// their shared-memory reads), fences the async proxy against the generic one and sets *flag = 1 with release
+// semantics at GPU scope.
 template <int kPending>
-__device__ __forceinline__ void bulk_wait_complete() {
+__device__ __forceinline__ void release_flag_after_bulk_stores(int* flag) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kPending) : "memory");
-#endif
-}
-__device__ __forceinline__ void fence_proxy_async_global() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("fence.proxy.async.global;" ::: "memory");
 #endif
+  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(flag), "r"(1) : "memory");
 }
-__device__ __forceinline__ void store_release_gpu(int* flag, int value) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(flag), "r"(value) : "memory");
-}
-// Spins (with short sleeps) until *flag != 0, then returns with acquire semantics.
-__device__ __forceinline__ void wait_flag_acquire_gpu(const int* flag) {
+
+// Spins (with short sleeps) until *flag != 0, acquiring at GPU scope, then fences the generic proxy against the async
+// one, so that the bulk operations this thread issues next see the writes the flag released.
+__device__ __forceinline__ void acquire_flag_before_bulk_ops(const int* flag) {
   int value;
   for (;;) {
     asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(value) : "l"(flag) : "memory");
-    if (value != 0) return;
+    if (value != 0) break;
     __nanosleep(32);
   }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.global;" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ float fast_sigmoid(float x) {

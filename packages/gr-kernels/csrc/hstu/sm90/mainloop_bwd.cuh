@@ -335,22 +335,15 @@ struct BwdMainloop {
           copy(args.tma_drab_store, tma.partition_S(sdX)(_, _, _, buf), tma.partition_D(gDrab));
           tma_store_arrive();
           if constexpr (kDrabFlagLate) {
-            if (flag != nullptr && m0 != m_begin) {
-              // The previous tile's flag, once its store is in global memory (all but this tile's store complete):
-              // it has had a tile's time to land, so this rarely waits.
-              detail::bulk_wait_complete<1>();
-              detail::fence_proxy_async_global();
-              detail::store_release_gpu(flag - 1, 1);
-            }
+            // The previous tile's flag, once its store is in global memory (all but this tile's store complete): it
+            // has had a tile's time to land, so this rarely waits.
+            if (flag != nullptr && m0 != m_begin) detail::release_flag_after_bulk_stores<1>(flag - 1);
           } else if (flag != nullptr) {
-            detail::bulk_wait_complete<0>();  // this tile's store is in global memory
-            detail::fence_proxy_async_global();
-            detail::store_release_gpu(flag, 1);
+            detail::release_flag_after_bulk_stores<0>(flag);  // once this tile's store is in global memory
           }
           tma_store_wait<0>();  // read out of the buffer, which the consumers rewrite after the next barrier
         } else {
-          detail::wait_flag_acquire_gpu(flag);
-          detail::fence_proxy_async_global();  // the owner's tile before this reduce-add (async proxy)
+          detail::acquire_flag_before_bulk_ops(flag);  // the owner's tile before this reduce-add
           auto tma = args.tma_drab.get_slice(_0{});
           copy(args.tma_drab, tma.partition_S(sdX)(_, _, _, buf), tma.partition_D(gDrab));
           tma_store_arrive();
@@ -362,9 +355,7 @@ struct BwdMainloop {
     }
     // kDrabFlagLate: the last tile's flag.
     if (kDrabFlagLate && lane0 && p.drab != nullptr && owner && flags != nullptr && m_begin < m_end) {
-      detail::bulk_wait_complete<0>();
-      detail::fence_proxy_async_global();
-      detail::store_release_gpu(flags + (m_end - 1) / kBlockM, 1);
+      detail::release_flag_after_bulk_stores<0>(flags + (m_end - 1) / kBlockM);
     }
   }
 
@@ -380,7 +371,7 @@ struct BwdMainloop {
     // One pointer walks the rows (the producer warps run on few registers).
     const int64_t row_bytes = p.drab_row_stride * int64_t(sizeof(Element));
     char* plane_base = static_cast<char*>(p.drab) + int64_t(plane) * p.max_seq_len * row_bytes +
-                             (n0 + chunk * 8) * int64_t(sizeof(Element));
+                       (n0 + chunk * 8) * int64_t(sizeof(Element));
     const char* end = plane_base + r1 * row_bytes;
     const int64_t step = (lanes / kChunks) * row_bytes;
     for (char* row = plane_base + (r0 + lane / kChunks) * row_bytes; row < end; row += step) {
