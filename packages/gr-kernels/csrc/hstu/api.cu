@@ -152,12 +152,11 @@ bool hstu_bwd_rab_via_tma(int head_dim) {
 #endif
 }
 
-// Per sequence, an owner counter per 64 keys and a flag per 64 x 64 block of its shared plane: the Hopper kernels'
-// query tiles are 64 rows and their key tiles multiples of 64 keys (static_assert in sm90/bwd_kernel.cuh), so this
-// bounds every one's words.
+// Per sequence, an owner counter per 64 keys and a flag per 64 x 64 block of its shared plane (the layout:
+// sm90::drab_sync_blocks).
 int64_t hstu_bwd_drab_sync_words(int batch, int heads, int rab_heads, int max_seq_len) {
   if (rab_heads != 1 || heads <= 1 || batch <= 0 || max_seq_len <= 0) return 0;
-  const int64_t blocks = (int64_t(max_seq_len) + 63) / 64;
+  const int64_t blocks = sm90::drab_sync_blocks(max_seq_len);
   return int64_t(batch) * blocks * (1 + blocks);
 }
 

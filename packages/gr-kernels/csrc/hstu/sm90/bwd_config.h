@@ -1,5 +1,6 @@
 // Compile-time switches of the Hopper backward's plans, shared by its traits (kernel_traits_bwd.h) and the host
-// dispatch (api.cu), which must know whether a bias kernel loads the bias through TMA.
+// dispatch (api.cu), which must know whether a bias kernel loads the bias through TMA and how many drab_sync words
+// the kernel reads.
 #pragma once
 
 // RS dK / dV on 128-key tiles (kernel_traits_bwd.h, BwdTile): S^T and dP^T with the keys as M, so P^T and dX^T stay
@@ -21,8 +22,17 @@
 #define GR_HSTU_BWD_HDIM128_RS_RAB 1
 #endif
 
+#include <cstdint>
+
 namespace gr_kernels {
 namespace sm90 {
+
+// drab_sync (hstu_bwd_drab_sync_words in api.cu, read by bwd_kernel.cuh): per sequence, one owner counter per 64
+// keys, then per sequence and 64 keys one flag per 64 query rows. Blocks of 64: the query tiles' rows and a divisor
+// of every key tile (static_assert in bwd_kernel.cuh).
+__host__ __device__ __forceinline__ int64_t drab_sync_blocks(int max_seq_len) {
+  return (int64_t(max_seq_len) + 63) / 64;
+}
 
 // Whether the Hopper backward with a bias at this head dim loads the bias through TMA (then its rows must be 16-byte
 // aligned: base and max_seq_len * 2 bytes).

@@ -32,12 +32,6 @@
 namespace gr_kernels {
 namespace sm90 {
 
-// drab_sync (hstu_bwd_drab_sync_words): per sequence, one owner counter per 64 keys, then per sequence and 64 keys
-// one flag per 64 query rows. Blocks of 64: the query tiles' rows and a divisor of every key tile (static_assert).
-__host__ __device__ __forceinline__ int64_t drab_sync_blocks(int max_seq_len) {
-  return (int64_t(max_seq_len) + 63) / 64;
-}
-
 template <typename Element_, typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(const __grid_constant__ BwdArgs<Traits> args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
