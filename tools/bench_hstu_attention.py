@@ -26,14 +26,17 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_outputs import TIMINGS, clock_state_time_ms  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 TOKENS_PER_BATCH = 32 * 4096  # batch = TOKENS_PER_BATCH // max_seq_len: B=32 at T=4096
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 REFERENCE_MAX_BYTES = 4 * 2**30  # the reference materialises [B, H, N, N] scores several times: skip larger
 # Benchmark names that run a registered backend under kernel switches: name -> (backend, environment).
 VARIANTS = {
@@ -51,19 +54,6 @@ def lengths_for(batch: int, max_len: int, jagged: bool) -> list[int]:
     return torch.randint(1, max_len + 1, (batch,), generator=gen).tolist()
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def hstu_case(
     backend: str,
     lengths: list[int],
@@ -74,10 +64,11 @@ def hstu_case(
     direction: str,
     rab_heads: int = 1,
     rab_grad: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
 ):
     import gr_kernels
 
-    dev, dtype = "cuda", torch.bfloat16
+    dev = "cuda"
     # The bias side (max_seq_len, an upper bound of the lengths) rounded up to 8 elements, as gr-models' encoder and
     # scorer pass it: 16-byte bias rows go through TMA (a jagged batch's longest length is rarely a multiple of 8).
     n = -(-max(lengths) // 8) * 8
@@ -114,11 +105,11 @@ def hstu_case(
     return with_switches
 
 
-def sdpa_case(kind: str, lengths: list[int], heads: int, dim: int, direction: str):
+def sdpa_case(kind: str, lengths: list[int], heads: int, dim: int, direction: str, dtype: torch.dtype = torch.bfloat16):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[kind]
-    dev, dtype = "cuda", torch.bfloat16
+    dev = "cuda"
     if len(set(lengths)) != 1:
         # Jagged: SDPA's varlen path is the nested-tensor one; time the padded batch instead would inflate FLOPs,
         # so jagged SDPA cases are run as nested tensors (FLASH supports them; cuDNN may not).
@@ -147,6 +138,13 @@ def main() -> int:
     ap.add_argument("--backends", nargs="+", default=["cutlass", "triton", "reference", "sdpa_flash", "sdpa_cudnn"])
     ap.add_argument("--directions", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument(
+        "--timing",
+        default="burst",
+        choices=sorted(TIMINGS),
+        help="clock state each case is timed in: " + "; ".join(f"{k}: {v}" for k, v in TIMINGS.items()),
+    )
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="q/k/v (and bias) element type")
     ap.add_argument("--dims", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--max-lens", type=int, nargs="+", default=None, help="default: 1024 4096 (--quick), 256..8192")
     ap.add_argument("--masks", nargs="+", default=["causal", "causal_targets"], choices=["causal", "causal_targets"])
@@ -174,7 +172,7 @@ def main() -> int:
         return 2
     import gr_kernels
 
-    dims = args.dims
+    dims, dtype = args.dims, DTYPES[args.dtype]
     max_lens = args.max_lens or ([1024, 4096] if args.quick else [256, 512, 1024, 2048, 4096, 8192])
     records = []
     for dim in dims:
@@ -196,7 +194,7 @@ def main() -> int:
                                 rec = dict(
                                     backend=backend,
                                     device=torch.cuda.get_device_name(0),
-                                    dtype="bfloat16",
+                                    dtype=args.dtype,
                                     batch=batch,
                                     heads=args.heads,
                                     head_dim=dim,
@@ -210,7 +208,7 @@ def main() -> int:
                                 )
                                 try:
                                     if is_sdpa:
-                                        fn = sdpa_case(backend, lengths, args.heads, dim, direction)
+                                        fn = sdpa_case(backend, lengths, args.heads, dim, direction, dtype)
                                     else:
                                         fn = hstu_case(
                                             backend,
@@ -222,8 +220,9 @@ def main() -> int:
                                             direction,
                                             args.rab_heads,
                                             rab_grad,
+                                            dtype,
                                         )
-                                    ms = time_ms(fn)
+                                    ms = clock_state_time_ms(fn, args.timing)
                                 except Exception as e:  # a backend that cannot run a case is recorded, not fatal
                                     rec.update(ms=None, tflops=None, error=f"{type(e).__name__}: {e}"[:300])
                                 else:
@@ -246,6 +245,7 @@ def main() -> int:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
         "flops": "fwd = 2*H*D*sum(L_i^2); bwd = 2.5 x fwd",
+        "timing": f"{args.timing}: {TIMINGS[args.timing]}",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -259,11 +259,11 @@ def main() -> int:
 
 def markdown(meta: dict, records: list[dict]) -> str:
     lines = [
-        "# HSTU attention benchmark (bf16, TFLOP/s)",
+        f"# HSTU attention benchmark ({', '.join(_dtypes(records))}, TFLOP/s)",
         "",
         f"Command: `{meta['command']}`  ",
         f"Device: {meta['device']}; torch {meta['torch']} (CUDA {meta['cuda']}); gr-kernels {meta['gr_kernels']}; "
-        f"{meta['date']}. FLOPs: {meta['flops']}.",
+        f"{meta['date']}. FLOPs: {meta['flops']}. Timing: {meta.get('timing', 'back-to-back calls after 3 warmup ones')}.",
         "",
         "| head dim | max len | batch | jagged | mask | rab | dir | " + " | ".join(_backends(records)) + " |",
         "|---|---|---|---|---|---|---|" + "---|" * len(_backends(records)),
@@ -284,6 +284,10 @@ def markdown(meta: dict, records: list[dict]) -> str:
             cells.append("-" if r is None else ("err" if r["tflops"] is None else f"{r['tflops']:.0f}"))
         lines.append("| " + " | ".join(str(x) for x in key) + " | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _dtypes(records: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r.get("dtype", "bfloat16") for r in records))
 
 
 def _backends(records: list[dict]) -> list[str]:

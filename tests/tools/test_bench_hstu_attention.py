@@ -45,3 +45,44 @@ def test_rab_heads_must_be_one_or_the_head_count(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(SystemExit) as err:
         bench.main()
     assert err.value.code == 2  # argparse's usage error
+
+
+def test_markdown_names_the_dtype_and_the_timing() -> None:
+    meta = {**META, "timing": "burst: after 0.5 s idle"}
+    head = bench.markdown(meta, [record(False, 250.0, dtype="float16")]).splitlines()
+    assert head[0] == "# HSTU attention benchmark (float16, TFLOP/s)"
+    assert "Timing: burst: after 0.5 s idle." in head[3]
+
+
+class FakeClock:
+    """Stands in for the CUDA-event timer and the idle pause: records each window's warmup and reps."""
+
+    def __init__(self, per_call_ms: float) -> None:
+        self.per_call_ms, self.windows, self.slept = per_call_ms, [], 0.0
+
+    def time_ms(self, fn, reps: int, warmup: int = 2) -> float:
+        self.windows.append((warmup, reps))
+        return self.per_call_ms
+
+    def sleep(self, seconds: float) -> None:
+        self.slept += seconds
+
+
+@pytest.mark.parametrize(("per_call_ms", "burst_reps"), [(3.0, 8), (8.0, 3), (0.01, 100)])
+def test_clock_states_size_their_windows(monkeypatch: pytest.MonkeyPatch, per_call_ms: float, burst_reps: int) -> None:
+    outputs = sys.modules["bench_outputs"]
+    clock, calls = FakeClock(per_call_ms), []
+    monkeypatch.setattr(outputs, "cuda_time_ms", clock.time_ms)
+    monkeypatch.setattr(outputs.time, "sleep", clock.sleep)
+    assert outputs.clock_state_time_ms(lambda: calls.append(1), "burst") == per_call_ms
+    # three untimed calls, one sizing call, then (after the idle pause) the window alone
+    assert len(calls) == 3 and clock.windows == [(0, 1), (0, burst_reps)] and clock.slept == outputs.BURST_COOLDOWN_S
+    clock.windows.clear()
+    outputs.clock_state_time_ms(lambda: None, "sustained")
+    (_, _), (warmup, reps) = clock.windows
+    assert warmup * per_call_ms >= outputs.SUSTAINED_WARMUP_S * 1e3 and reps * per_call_ms >= outputs.SUSTAINED_WINDOW_MS
+
+
+def test_unknown_timing_is_refused() -> None:
+    with pytest.raises(ValueError, match="timing must be one of"):
+        sys.modules["bench_outputs"].clock_state_time_ms(lambda: None, "fast")
