@@ -125,13 +125,21 @@ def test_unsupported_calls_name_the_reason(dtype: torch.dtype, dim: int, reason:
 
 
 # ----------------------------------------------------------------------------------------------------- GPU parity
+def _on_grid(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` rounded to ``dtype``'s values, kept in fp32: the exact reference then computes on the very inputs the
+    kernel and the low-precision reference get, so both errors are their computation's alone. (On unrounded fp32
+    inputs the rounding of the inputs counts as error too; in a one-token case the fp16 reference's own roundings
+    can cancel it by chance, and the 5x bound then fell under an error the kernel cannot avoid.)"""
+    return t.to(dtype).float()
+
+
 def _inputs(lengths, heads, dim, dtype, seed, rab_heads, num_targets, max_seq_len=None):
     gen = torch.Generator().manual_seed(seed)
     n = max_seq_len or max([*lengths, 1])
     total = sum(lengths)
-    q, k, v = (torch.randn(total, heads, dim, generator=gen) for _ in range(3))
+    q, k, v = (_on_grid(torch.randn(total, heads, dim, generator=gen), dtype) for _ in range(3))
     offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
-    rab = torch.randn(len(lengths), rab_heads, n, n, generator=gen) if rab_heads else None
+    rab = _on_grid(torch.randn(len(lengths), rab_heads, n, n, generator=gen), dtype) if rab_heads else None
     targets = None
     if num_targets:
         targets = torch.tensor([min(num_targets, max(length - 1, 0)) for length in lengths], dtype=torch.int64)
@@ -147,7 +155,9 @@ def _inputs(lengths, heads, dim, dtype, seed, rab_heads, num_targets, max_seq_le
     )
 
 
-def _check_forward(lengths, heads, dim, dtype, *, seed=0, rab_heads=0, num_targets=0, max_seq_len=None, **kw):
+def _check_forward(
+    lengths, heads, dim, dtype, *, seed=0, rab_heads=0, num_targets=0, max_seq_len=None, factor=2.0, **kw
+):
     (q, k, v), (q32, k32, v32), offsets, n, rab, targets = _inputs(
         lengths, heads, dim, dtype, seed, rab_heads, num_targets, max_seq_len
     )
@@ -163,8 +173,8 @@ def _check_forward(lengths, heads, dim, dtype, *, seed=0, rab_heads=0, num_targe
         return
     err = (out.float() - exact).abs().max().item()
     ref_err = (ref_low.float() - exact).abs().max().item()
-    assert err <= 2 * ref_err + rounding_floor(exact, dtype), (
-        f"kernel error {err:.3e} > 2 x reference-{dtype} error {ref_err:.3e}"
+    assert err <= factor * ref_err + rounding_floor(exact, dtype), (
+        f"kernel error {err:.3e} > {factor} x reference-{dtype} error {ref_err:.3e}"
     )
 
 
@@ -311,7 +321,7 @@ def _backward_case(lengths, heads, dim, dtype, *, seed=0, rab_heads=0, num_targe
         lengths, heads, dim, dtype, seed, rab_heads, num_targets, max_seq_len
     )
     alpha = kw.pop("alpha", 1.0 / dim**0.5)
-    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(q.device)
+    grad = _on_grid(torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)), dtype).to(q.device)
 
     def grads(backend: str, low: bool = True) -> list[torch.Tensor]:
         tensors, bias, g = ([q, k, v], None if rab is None else rab.to(dtype), grad.to(dtype)) if low else (
@@ -325,21 +335,21 @@ def _backward_case(lengths, heads, dim, dtype, *, seed=0, rab_heads=0, num_targe
     return grads
 
 
-def _check_backward(lengths, heads, dim, dtype, **kw):
+def _check_backward(lengths, heads, dim, dtype, factor=5.0, **kw):
     """dq, dk, dv (and drab) of the kernel vs an fp32 reference: error <= 5x the reference's own error in ``dtype``."""
     grads = _backward_case(lengths, heads, dim, dtype, **kw)
-    _assert_backward_parity(grads("cutlass"), grads("reference"), grads("reference", low=False), dtype)
+    _assert_backward_parity(grads("cutlass"), grads("reference"), grads("reference", low=False), dtype, factor)
 
 
-def _assert_backward_parity(got, ref_low, exact, dtype: torch.dtype) -> None:
+def _assert_backward_parity(got, ref_low, exact, dtype: torch.dtype, factor: float = 5.0) -> None:
     for name, g_, r_, e_ in zip(["dq", "dk", "dv", "drab"], got, ref_low, exact, strict=False):
         assert g_.dtype == r_.dtype and g_.shape == e_.shape, name
         if e_.numel() == 0:
             continue
         err = (g_.float() - e_).abs().max().item()
         ref_err = (r_.float() - e_).abs().max().item()
-        assert err <= 5 * ref_err + rounding_floor(e_, dtype), (
-            f"{name}: kernel error {err:.3e} > 5 x reference-{dtype} error {ref_err:.3e} (max |exact| "
+        assert err <= factor * ref_err + rounding_floor(e_, dtype), (
+            f"{name}: kernel error {err:.3e} > {factor} x reference-{dtype} error {ref_err:.3e} (max |exact| "
             f"{e_.abs().max().item():.3e})"
         )
 
@@ -421,7 +431,7 @@ def test_backward_bias_rows_pick_the_kernel(dim: int, n: int, offset: int) -> No
     storage = torch.zeros(offset + rab.numel(), device="cuda", dtype=torch.bfloat16)
     bias = storage[offset:].view(rab.shape).copy_(rab)
     assert _kernel_bias(bias, torch.bfloat16).data_ptr() % 16 == 0
-    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(q.device)
+    grad = _on_grid(torch.randn(q.shape, generator=torch.Generator().manual_seed(2)), torch.bfloat16).to(q.device)
 
     def grads(tensors, b, g, backend):
         leaves = [t.detach().clone().requires_grad_() for t in tensors]
@@ -535,6 +545,23 @@ def test_backward_hypothesis(data: st.DataObject) -> None:
     dim = data.draw(st.sampled_from([64, 128, 256]))
     heads, dtype, kw = _draw_call(data)
     _check_backward(lengths, heads, dim, dtype, **kw)
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["sm90", "sm80"])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_fp16_parity_at_large_scores(kernel: str, dim: int) -> None:
+    # alpha 1 on unit-variance q / k: scores of several sqrt(dim), where sigmoid(z) is near 0 and tanh.approx's
+    # absolute error would be several fp16 ulps of P and dX (hypothesis found lengths [0, 1], head dim 64, 1 head);
+    # fp16 kernels take an exact sigmoid (kExactSigmoid in hstu/utils.cuh), so they, fp32 inside, are at least as
+    # accurate as PyTorch's fp16 computation (factor 1; with tanh.approx dq was 2.9x the reference's error in the
+    # first case). sm80 at head dim 256: the Hopper backward.
+    with _forward_kernel(kernel), _backward_kernel(kernel):
+        for lengths in ([0, 1], [3, 77, 130, 1]):
+            kw = dict(rab_heads=1, alpha=1.0, causal=False, seed=0, factor=1.0)
+            _check_forward(lengths, 1, dim, torch.float16, **kw)
+            _check_backward(lengths, 1, dim, torch.float16, **kw)
 
 
 @needs_sm90

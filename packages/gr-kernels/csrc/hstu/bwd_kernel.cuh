@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_kernel(const HstuBw
         const int64_t rab_idx = int64_t(i) * p.max_seq_len + j;
         if (rab != nullptr && valid) x += detail::to_float(rab[rab_idx]);
         float f, df;
-        detail::silu_and_grad(p.alpha * x, f, df);
+        detail::silu_and_grad<Element>(p.alpha * x, f, df);
         pv[e] = valid ? f * p.inv_scaling_seqlen : 0.f;
         xv[e] = valid ? dpt[t][e] * df * dx_scale : 0.f;
         if (drab != nullptr && valid) atomicAdd(drab + rab_idx, xv[e]);

@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const HstuFw
         const bool valid = full_tile || mask(i, j);
         if (rab != nullptr && valid) x += detail::to_float(rab[int64_t(i) * p.max_seq_len + j]);
         const float z = p.alpha * x;
-        pv[e] = valid ? z * detail::fast_sigmoid(z) * p.inv_scaling_seqlen : 0.f;
+        pv[e] = valid ? z * detail::sigmoid<Element>(z) * p.inv_scaling_seqlen : 0.f;
       }
       pa[t / 2][(t & 1) * 2 + 0] = detail::pack2<Element>(pv[0], pv[1]);
       pa[t / 2][(t & 1) * 2 + 1] = detail::pack2<Element>(pv[2], pv[3]);

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cute/arch/copy_sm80.hpp>
 
@@ -71,27 +72,56 @@ __device__ __forceinline__ void acquire_flag_before_bulk_ops(const int* flag) {
 #endif
 }
 
-__device__ __forceinline__ float fast_sigmoid(float x) {
-  // sigmoid(x) = 0.5 tanh(x / 2) + 0.5: one MUFU.TANH instead of an exp and a reciprocal.
-  float t;
-  asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(0.5f * x));
-  return fmaf(0.5f, t, 0.5f);
+// The SiLU's sigmoid follows the element type. bf16 (8-bit mantissa): 0.5 tanh(z / 2) + 0.5, one MUFU.TANH, whose
+// relative error (~2^-11) sits 8x under bf16's rounding. fp16 (11-bit mantissa) would see that error at one ulp of
+// P, and more at negative z, where sigmoid(z) is small but tanh's absolute error is not: there (kExactSigmoid)
+// 1 / (1 + 2^(-z log2 e)), MUFU.EX2 + MUFU.RCP, relative error ~2^-21 (one more special-function op per element).
+template <typename Element>
+inline constexpr bool kExactSigmoid = std::is_same_v<Element, __half>;
+
+__device__ __forceinline__ float tanh_approx(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 1 / (1 + 2^m) = sigmoid(-m ln 2); 2^m -> inf at large m gives 0, 2^m -> 0 gives 1.
+__device__ __forceinline__ float sigmoid_of_exp2_arg(float m) {
+  float t, s;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(t) : "f"(m));
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(s) : "f"(1.f + t));
+  return s;
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename Element>
+__device__ __forceinline__ float sigmoid(float x) {
+  if constexpr (kExactSigmoid<Element>) {
+    return sigmoid_of_exp2_arg(x * -kLog2e);
+  } else {
+    return fmaf(0.5f, tanh_approx(0.5f * x), 0.5f);
+  }
 }
 
 // f = SiLU(z) and f'(z) = s (1 + z (1 - s)), s = sigmoid(z).
+template <typename Element>
 __device__ __forceinline__ void silu_and_grad(float z, float& f, float& df) {
-  const float s = fast_sigmoid(z);
+  const float s = sigmoid<Element>(z);
   f = z * s;
   df = s * fmaf(z, 1.f - s, 1.f);
 }
 
 // SiLU(alpha x) = x * (alpha / 2) (1 + tanh(alpha x / 2)): three instructions and one MUFU (the forward's P; the
-// caller passes half_alpha = alpha / 2).
+// caller passes half_alpha = alpha / 2). kExactSigmoid: x * alpha * sigmoid(alpha x).
+template <typename Element>
 __device__ __forceinline__ float silu_scaled(float x, float half_alpha) {
-  const float w = half_alpha * x;
-  float h;
-  asm("tanh.approx.f32 %0, %1;" : "=f"(h) : "f"(w));
-  return x * fmaf(half_alpha, h, half_alpha);
+  if constexpr (kExactSigmoid<Element>) {
+    const float alpha = half_alpha + half_alpha;  // loop-invariant, like the constants below
+    return x * alpha * sigmoid_of_exp2_arg(x * (alpha * -kLog2e));
+  } else {
+    return x * fmaf(half_alpha, tanh_approx(half_alpha * x), half_alpha);
+  }
 }
 
 // The backward's pair at z = alpha x, already scaled: f = SiLU(z) * scale and g = d f / d x = SiLU'(z) * alpha * scale
@@ -99,14 +129,24 @@ __device__ __forceinline__ float silu_scaled(float x, float half_alpha) {
 // (z / 2) (1 - h), both share e = coef (1 + h), coef = alpha * scale / 2:
 //   f = x e,   g = e (1 + (z / 2) (1 - h)).
 // Six instructions (one MUFU) per element where SiLU, its derivative and the two scalings take ten (the compiler may
-// not re-associate the products); the caller passes half_alpha = alpha / 2 and coef.
+// not re-associate the products); the caller passes half_alpha = alpha / 2 and coef. kExactSigmoid: the same with
+// s = sigmoid(z) from EX2 + RCP, e = 2 coef s and g = e (1 + z (1 - s)).
+template <typename Element>
 __device__ __forceinline__ void silu_and_grad_scaled(float x, float half_alpha, float coef, float& f, float& g) {
-  const float w = half_alpha * x;  // z / 2
-  float h;
-  asm("tanh.approx.f32 %0, %1;" : "=f"(h) : "f"(w));
-  const float e = fmaf(coef, h, coef);
-  f = x * e;
-  g = fmaf(e, fmaf(-w, h, w), e);
+  if constexpr (kExactSigmoid<Element>) {
+    const float alpha = half_alpha + half_alpha;
+    const float s = sigmoid_of_exp2_arg(x * (alpha * -kLog2e));
+    const float e = (coef + coef) * s;
+    const float z = alpha * x;
+    f = x * e;
+    g = fmaf(e, fmaf(-z, s, z), e);
+  } else {
+    const float w = half_alpha * x;  // z / 2
+    const float h = tanh_approx(w);
+    const float e = fmaf(coef, h, coef);
+    f = x * e;
+    g = fmaf(e, fmaf(-w, h, w), e);
+  }
 }
 
 template <typename Element>

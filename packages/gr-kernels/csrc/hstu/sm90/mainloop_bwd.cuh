@@ -494,8 +494,8 @@ struct BwdMainloop {
         float b0 = 0.f, b1 = 0.f;
         if constexpr (kHasRab) unpack2<Element_>(rab_words[t], b0, b1);
         float f0, f1, d0, d1;
-        detail::silu_and_grad_scaled(tStS(2 * t) + b0, half_alpha, coef, f0, d0);
-        detail::silu_and_grad_scaled(tStS(2 * t + 1) + b1, half_alpha, coef, f1, d1);
+        detail::silu_and_grad_scaled<Element_>(tStS(2 * t) + b0, half_alpha, coef, f0, d0);
+        detail::silu_and_grad_scaled<Element_>(tStS(2 * t + 1) + b1, half_alpha, coef, f1, d1);
         if (!bool(full_tile)) {  // compile-time flag: mask-free tiles carry no mask code
           bool v0, v1;
           if constexpr (decltype(causal_fast_tile)::value) {
@@ -708,8 +708,8 @@ struct BwdMainloop {
         float b0 = 0.f, b1 = 0.f;
         if constexpr (kHasRab) unpack2<Element_>(rab_bits[t], b0, b1);
         float f0, f1, d0, d1;
-        detail::silu_and_grad_scaled(tSrS(2 * t) + b0, half_alpha, coef, f0, d0);
-        detail::silu_and_grad_scaled(tSrS(2 * t + 1) + b1, half_alpha, coef, f1, d1);
+        detail::silu_and_grad_scaled<Element_>(tSrS(2 * t) + b0, half_alpha, coef, f0, d0);
+        detail::silu_and_grad_scaled<Element_>(tSrS(2 * t + 1) + b1, half_alpha, coef, f1, d1);
         float x0 = tSrdP(2 * t) * d0;
         float x1 = tSrdP(2 * t + 1) * d1;
         const int i = m0 + get<0>(tScS(2 * t));

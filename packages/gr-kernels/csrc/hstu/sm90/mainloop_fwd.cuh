@@ -262,8 +262,8 @@ struct FwdMainloop {
           const int dc = get<1>(tScS(2 * t)) - get<1>(tScS(0));
           unpack2<Element_>(*reinterpret_cast<const uint32_t*>(rab_stage + rab_word_offset(rab_base, dr, dc)), b0, b1);
         }
-        float p0 = detail::silu_scaled(tSrS(2 * t) + b0, half_alpha);
-        float p1 = detail::silu_scaled(tSrS(2 * t + 1) + b1, half_alpha);
+        float p0 = detail::silu_scaled<Element_>(tSrS(2 * t) + b0, half_alpha);
+        float p1 = detail::silu_scaled<Element_>(tSrS(2 * t + 1) + b1, half_alpha);
         if (!bool(full_tile)) {  // a compile-time flag folds away; a runtime one branches per tile
           if constexpr (decltype(causal_fast_tile)::value) {
             const int dr = get<0>(tScS(2 * t)) - r_base;  // compile-time after folding
