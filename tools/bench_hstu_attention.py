@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_outputs import TIMINGS, clock_state_time_ms  # noqa: E402
+from bench_outputs import TIMINGS, clock_state_time_ms
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS_PER_BATCH = 32 * 4096  # batch = TOKENS_PER_BATCH // max_seq_len: B=32 at T=4096
@@ -263,7 +263,8 @@ def markdown(meta: dict, records: list[dict]) -> str:
         "",
         f"Command: `{meta['command']}`  ",
         f"Device: {meta['device']}; torch {meta['torch']} (CUDA {meta['cuda']}); gr-kernels {meta['gr_kernels']}; "
-        f"{meta['date']}. FLOPs: {meta['flops']}. Timing: {meta.get('timing', 'back-to-back calls after 3 warmup ones')}.",
+        f"{meta['date']}. FLOPs: {meta['flops']}. "
+        f"Timing: {meta.get('timing', 'back-to-back calls after 3 warmup ones')}.",
         "",
         "| head dim | max len | batch | jagged | mask | rab | dir | " + " | ".join(_backends(records)) + " |",
         "|---|---|---|---|---|---|---|" + "---|" * len(_backends(records)),
