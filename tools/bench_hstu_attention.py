@@ -5,9 +5,11 @@ our backends (``cutlass``, ``triton``, ``reference``) and torch's ``scaled_dot_p
 softmax, FLASH and CUDNN backends; no rab or targets, so only for the plain causal cases), and reports TFLOP/s with
 FLOPs = 2 * H * D * sum(L_i^2) forward (the causal half of 4 * H * D * L^2) and 2.5x that backward.
 
-Writes ``docs/benchmarks/hstu_attention.{json,md,png}`` (``--out`` prefix) and prints the table.
+Writes ``docs/benchmarks/hstu_attention.{json,md,png}`` (``--out`` prefix) and prints the table. Every case is timed
+from one clock state (``--timing``, bench_outputs.TIMINGS): ``burst`` (default) after an idle pause at the boost clock,
+``sustained`` after a second of calls with the clock settled under the GPU's power cap.
 
-    python tools/bench_hstu_attention.py                      # the full grid (an H200 takes a few minutes)
+    python tools/bench_hstu_attention.py                      # the full grid (several minutes: each case idles 0.5 s)
     python tools/bench_hstu_attention.py --quick              # head dims 128/256, lengths 1024/4096
     python tools/bench_hstu_attention.py --backends cutlass_sm90 cutlass_sm80 --dims 256 --max-lens 4096 \
         --directions fwd
