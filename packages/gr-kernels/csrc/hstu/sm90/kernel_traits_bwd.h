@@ -4,8 +4,7 @@
 // warpgroups: warpgroup 0 is the TMA producer (K and V once, then Q and dO tiles through two kStages-deep mbarrier
 // pipelines; with kDqInStage its warp 1 also issues the dQ reduce-adds; with a bias its warp 2 writes the dX tiles
 // into drab and warp 3 (and warp 1 if free) zeroes the rows of drab no tile covers); warpgroups 1 and 2 issue the
-// five GEMMs
-// of a query tile as warpgroup MMAs (all SS: both operands in shared memory):
+// five GEMMs of a query tile as warpgroup MMAs (all SS: both operands in shared memory):
 //   S  = Q K^T   and  dP = dO V^T     (M = queries, N = keys, K = head dim; the warpgroups split the keys)
 //   dV += P^T dO and  dK += dX^T Q    (M = keys, N = head dim, K = queries; P and dX read transposed from smem)
 //   dQ  = dX K                        (M = queries, N = head dim, K = keys; the warpgroups split the head dim)
