@@ -11,7 +11,8 @@
 // one TMA store by the CTA that owns the plane's key columns (per-head planes: every CTA; a plane shared by the
 // heads: the first of their CTAs to start) and as one TMA reduce-add by each other head of a shared plane once the
 // owner's tile has landed (a 16-bit sum over those heads, like the 16-bit bias itself); the rows no tile covers get
-// zeros from the producer warpgroup's spare warps (shared among the heads of a shared plane).
+// zeros from the producer warpgroup's spare warps (shared among the heads of a shared plane), and the key strips past
+// a sequence's end zero their columns row by row (each row's zeros one run), with all threads of those CTAs.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -63,7 +64,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) hstu_bwd_sm90_kernel(cons
     Mainloop::zero_drab_rows(p, detail::rab_plane(p, b, head), n0, r0, r1, lane, lanes);
   };
   if (n0 >= length) {  // the whole CTA leaves before any barrier exists; no dX tile reaches these key columns
-    if (kHasRab && p.drab != nullptr) zero_drab_share(0, p.max_seq_len, threadIdx.x, Traits::kThreads);
+    if (kHasRab && p.drab != nullptr) {
+      // The key strips past the sequence's end zero the plane's columns [first * kBlockN, max_seq_len) together, a
+      // share of the rows each (with a plane shared by the heads, every head's CTAs of those strips): whole row
+      // runs, not 2 * kBlockN-byte pieces one row apart.
+      const int first = (length + Traits::kBlockN - 1) / Traits::kBlockN;
+      const int per_strip = p.rab_heads == 1 && p.heads > 1 ? p.heads : 1;
+      const int ctas = (int(gridDim.x) - first) * per_strip;
+      const int rank = (n_block - first) * per_strip + (per_strip > 1 ? head : 0);
+      const int rows = (p.max_seq_len + ctas - 1) / ctas;
+      const int r0 = rank * rows;
+      Mainloop::zero_drab_columns(p, detail::rab_plane(p, b, head), first * Traits::kBlockN, r0,
+                                  r0 + rows < p.max_seq_len ? r0 + rows : p.max_seq_len, threadIdx.x,
+                                  Traits::kThreads);
+    }
     return;
   }
 

@@ -379,6 +379,21 @@ struct BwdMainloop {
     }
   }
 
+  // Zeroes columns [c0, max_seq_len) of rows [r0, r1) of drab plane `plane` (key strips no query tile reaches), row
+  // by row with 16-byte streaming stores by threads [tid, threads) of the caller: each row's zeros are one contiguous
+  // run. c0 is a multiple of 8; a row's last chunk may reach into its padding (drab_row_stride, sliced off).
+  __device__ static void zero_drab_columns(const HstuBwdParams& p, int plane, int c0, int r0, int r1, int tid,
+                                           int threads) {
+    const int chunks = (p.max_seq_len - c0 + 7) / 8;  // 16-byte chunks of a row's zeros
+    if (chunks <= 0 || r0 >= r1) return;
+    Element* first = static_cast<Element*>(p.drab) + (int64_t(plane) * p.max_seq_len + r0) * p.drab_row_stride + c0;
+    const int64_t total = int64_t(r1 - r0) * chunks;
+    for (int64_t k = tid; k < total; k += threads) {
+      const int64_t row = k / chunks;
+      __stcs(reinterpret_cast<int4*>(first + row * p.drab_row_stride + (k - row * chunks) * 8), make_int4(0, 0, 0, 0));
+    }
+  }
+
   // Consumers (both warpgroups, tidx in [0, 256)): accumulate dV and dK of the CTA's keys over the query tiles of
   // [m_begin, m_end), and add each tile's dQ into p.dq_accum (rows from seq_start). K and V are in shared memory.
   template <bool kHasRab, typename FragDkv>
@@ -638,13 +653,29 @@ struct BwdMainloop {
     float* dq_base = p.dq_accum + (int64_t(seq_start) * p.heads + head) * kHeadDim;
     const int64_t dq_row = int64_t(p.heads) * kHeadDim;
 
-    // Bias of one tile into registers, issued one tile ahead (right after the previous tile's pointwise pass has used
-    // the registers), so the loads fly behind its dQ / dV / dK and this tile's S / dP GEMMs. At head dim 256 they
-    // were issued at the tile's start (held through dQ / dV / dK they had spilled, before the dQ staging lost its
-    // spills): there the pointwise pass waited for them, 14% of the bias kernel's warp samples (Nsight Compute).
+    // Bias of one tile into registers, issued one tile ahead, right after the previous tile's dQ / dV / dK GEMMs, so
+    // the loads fly behind those and this tile's S / dP GEMMs. Not before the P / dX barrier: the proxy fence there
+    // (MEMBAR.ALL.CTA in the SASS) made the warps wait for the loads in flight, in the open, every tile (H200 A/B at
+    // head dim 256, B=32, T=4096: frozen bias 336-339 -> 345-349 TFLOP/s with the loads moved here, 358-359 with the
+    // one-pointer form below). At the tile's start the pointwise pass waited for them (14% of warp samples).
+    // This thread's S element 0 is its lowest row and column; the others sit at compile-time offsets from it.
+    const int r_base = get<0>(tScS(0));
+    const int c_base = get<1>(tScS(0));
     uint32_t rab_bits[kHasRab ? kFrag / 2 : 1];
     auto load_rab = [&](int m0) __attribute__((always_inline)) {
       const bool inside = m0 + kBlockM <= mask.length && n0 + kBlockN <= mask.length;  // no bounds checks needed
+      if (inside && rab_pairs) {
+        // One pointer, the loads at compile-time offsets from it (a row offset times max_seq_len, a column offset):
+        // fewer instructions next to the GEMMs than an address and a bounds test per element.
+        const Element_* base = rab + int64_t(m0 + r_base) * p.max_seq_len + (n0 + c_base);
+        CUTE_UNROLL
+        for (int t = 0; t < kFrag / 2; ++t) {
+          const int dr = get<0>(tScS(2 * t)) - r_base;
+          const int dc = get<1>(tScS(2 * t)) - c_base;
+          rab_bits[t] = __ldg(reinterpret_cast<const unsigned int*>(base + int64_t(dr) * p.max_seq_len + dc));
+        }
+        return;
+      }
       CUTE_UNROLL
       for (int t = 0; t < kFrag / 2; ++t) {
         const int i = m0 + get<0>(tScS(2 * t));
@@ -662,9 +693,6 @@ struct BwdMainloop {
       }
     };
 
-    // This thread's S element 0 is its lowest row and column; the others sit at compile-time offsets from it.
-    const int r_base = get<0>(tScS(0));
-    const int c_base = get<1>(tScS(0));
 
     PipelineState state;  // consumers start at stage 0, phase 0
     int buf = 0;
@@ -731,9 +759,6 @@ struct BwdMainloop {
         p_words[t] = detail::pack2<Element_>(f0, f1);
         dx_words[t] = detail::pack2<Element_>(x0, x1);
       }
-      if constexpr (kHasRab) {
-        if (m0 + kBlockM < m_end) load_rab(m0 + kBlockM);  // the next tile's bias
-      }
       copy(smem_tiled_copy_p, tPrP, tPsP(_, _, _, buf));
       copy(smem_tiled_copy_p, tPrdX, tPsdX(_, _, _, buf));
       // Generic-proxy stores -> visible to the GMMA (async proxy); then every key of P / dX is in place.
@@ -754,6 +779,9 @@ struct BwdMainloop {
         warpgroup_gemm_ss<false>(mma_dq, tdQrdX(_, _, _, buf), tdQrKt, tdQrdQ);
         warpgroup_gemm_ss<false>(mma_dkv, tdVrPt(_, _, _, buf), tdVrdOt(_, _, _, state.index()), tdVrdV);
         warpgroup_gemm_ss<false>(mma_dkv, tdKrdXt(_, _, _, buf), tdKrQt(_, _, _, state.index()), tdKrdK);
+      }
+      if constexpr (kHasRab) {
+        if (m0 + kBlockM < m_end) load_rab(m0 + kBlockM);  // the next tile's bias
       }
       if constexpr (Traits::kDqInStage) {
         warpgroup_wait<1>();  // dV and dQ have landed; dK may still run
