@@ -655,7 +655,7 @@ struct BwdMainloop {
 
     // Bias of one tile into registers, issued one tile ahead, right after the previous tile's dQ / dV / dK GEMMs, so
     // the loads fly behind those and this tile's S / dP GEMMs. Not before the P / dX barrier: the proxy fence there
-    // (MEMBAR.ALL.CTA in the SASS) made the warps wait for the loads in flight, in the open, every tile (H200 A/B at
+    // (MEMBAR.ALL.CTA in the SASS) apparently made the warps wait for the loads in flight, every tile (H200 A/B at
     // head dim 256, B=32, T=4096: frozen bias 336-339 -> 345-349 TFLOP/s with the loads moved here, 358-359 with the
     // one-pointer form below). At the tile's start the pointwise pass waited for them (14% of warp samples).
     // This thread's S element 0 is its lowest row and column; the others sit at compile-time offsets from it.
@@ -692,7 +692,6 @@ struct BwdMainloop {
         }
       }
     };
-
 
     PipelineState state;  // consumers start at stage 0, phase 0
     int buf = 0;
